@@ -1,0 +1,301 @@
+"""The model layer: build or load a causal LM, prefill to a ``KVCache``, continue, score, generate.
+
+Real checkpoints load from a local Hugging Face directory; tiny random models of real architectures are
+built from named configs for tests. transformers 5.x cache API only (``cache=``, ``DynamicCache.layers``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+from bus.errors import ModelError
+from fusion.kvcache import KVCache
+from fusion.tokenizer import byte_level_tokenizer
+
+log = logging.getLogger(__name__)
+
+CONFIGS = {"qwen3": Qwen3Config, "llama": LlamaConfig, "qwen2": Qwen2Config}  # architectures we build and test
+DEFAULT_MAX_POSITIONS = 512  # tokens; toy prompts are far shorter
+# Bookkeeping that saving/loading changes without changing the model.
+_VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype"})
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape of a small decoder-only model."""
+
+    hidden_size: int = 64  # residual width
+    num_layers: int = 2  # decoder blocks
+    num_heads: int = 4  # query heads
+    num_kv_heads: int = 2  # key/value heads (GQA when < num_heads)
+    head_dim: int = 16  # per-head width
+    intermediate_size: int = 128  # MLP width
+    max_positions: int = DEFAULT_MAX_POSITIONS  # longest sequence
+
+
+TINY_MODELS: dict[str, tuple[str, ModelSpec]] = {
+    "tiny-qwen3": ("qwen3", ModelSpec(64, 2, 4, 2, 16, 128)),
+    "tiny-llama": ("llama", ModelSpec(48, 3, 4, 2, 12, 96)),
+    "tiny-qwen2": ("qwen2", ModelSpec(64, 2, 4, 1, 16, 128)),
+}
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids of a text and the character span ``(start, end)`` of each token."""
+
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+
+
+@dataclass
+class Prefill:
+    """A prompt run through a model: its cache, tokens, offsets and next-token logits."""
+
+    cache: KVCache
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+    logits: torch.Tensor  # (vocab,) at the last prompt position
+
+
+def make_config(arch: str, spec: ModelSpec, tokenizer: PreTrainedTokenizerFast):
+    """A transformers config of ``arch`` with ``spec``'s shape and the tokenizer's vocabulary."""
+    if arch not in CONFIGS:
+        raise ModelError(f"unknown architecture {arch!r}; choose one of {sorted(CONFIGS)}", arch=arch)
+    return CONFIGS[arch](
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim,
+        max_position_embeddings=spec.max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class LanguageModel:
+    """A causal LM with its tokenizer and the cache operations FedRefine needs."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, name: str) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.arch: str = model.config.model_type
+        self.fingerprint = fingerprint(model, tokenizer)
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        arch: str,
+        spec: ModelSpec,
+        tokenizer: PreTrainedTokenizerFast | None = None,
+        seed: int = 0,
+        name: str | None = None,
+        device: torch.device | str | None = None,
+    ) -> LanguageModel:
+        """A fresh randomly initialised model of ``arch`` (deterministic per seed)."""
+        tokenizer = tokenizer or byte_level_tokenizer()
+        config = make_config(arch, spec, tokenizer)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config)
+        return cls(model.to(device or default_device()), tokenizer, name or f"{arch}-random")
+
+    @classmethod
+    def load(cls, name_or_path: str | Path, device: torch.device | str | None = None) -> LanguageModel:
+        """A local Hugging Face checkpoint directory, or a named tiny random model (``tiny-qwen3`` ...)."""
+        key = str(name_or_path)
+        if key in TINY_MODELS:
+            arch, spec = TINY_MODELS[key]
+            return cls.build(arch, spec, seed=0, name=key, device=device)
+        path = Path(key).expanduser()
+        if not path.exists():
+            raise ModelError(
+                f"no model at {key!r}: give a local checkpoint directory or one of {sorted(TINY_MODELS)}",
+                path=key,
+            )
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{key!r} is not a Hugging Face checkpoint directory (no config.json)", path=key)
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        if model_type not in CONFIGS:
+            raise ModelError(
+                f"{key!r} has architecture {model_type!r}; supported: {sorted(CONFIGS)}", path=key, arch=model_type
+            )
+        try:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"cannot load the checkpoint at {key!r}: {exc}", path=key) from exc
+        return cls(model.to(device or default_device()), tokenizer, path.name)
+
+    def save(self, path: str | Path) -> Path:
+        """Write config, weights and tokenizer so ``LanguageModel.load(path)`` reads them back."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        return path
+
+    # ---- facts --------------------------------------------------------------------------------
+    @property
+    def config(self):
+        """The transformers config."""
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live."""
+        return next(self.model.parameters()).device
+
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers (= cache layers)."""
+        return self.config.num_hidden_layers
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads per layer."""
+        return self.config.num_key_value_heads
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width of K and V."""
+        return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+
+    @property
+    def num_params(self) -> int:
+        """Parameter count."""
+        return sum(p.numel() for p in self.model.parameters())
+
+    def __repr__(self) -> str:
+        return f"LanguageModel({self.name!r}, arch={self.arch}, layers={self.num_layers}, fp={self.fingerprint})"
+
+    # ---- tokens -------------------------------------------------------------------------------
+    def encode(self, text: str) -> Encoded:
+        """Token ids and character offsets of ``text`` (no special tokens)."""
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return Encoded(list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]])
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of token ids."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_id(self, text: str) -> int:
+        """The id of a text that must be exactly one token (e.g. ``" A"``)."""
+        ids = self.encode(text).ids
+        if len(ids) != 1:
+            raise ModelError(f"{text!r} is {len(ids)} tokens for {self.name}, expected one", text=text)
+        return ids[0]
+
+    # ---- forward passes -----------------------------------------------------------------------
+    @torch.no_grad()
+    def forward_ids(self, ids: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
+        """Logits ``(B, T, vocab)`` and the full cache after running ``ids`` ``(B, T)`` from ``cache``."""
+        dyn = cache.to_dynamic(self.config) if cache is not None else None
+        out = self.model(input_ids=ids.to(self.device), cache=dyn, use_cache=True)
+        return out.logits, KVCache.from_dynamic(out.cache)
+
+    def _ids(self, text_or_ids: str | list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+        if isinstance(text_or_ids, str):
+            enc = self.encode(text_or_ids)
+            ids, offsets = enc.ids, enc.offsets
+        else:
+            ids, offsets = list(text_or_ids), []
+        if not ids:
+            raise ModelError("cannot run an empty prompt")
+        return ids, offsets
+
+    def prefill(self, text_or_ids: str | list[int]) -> Prefill:
+        """Run a prompt: its cache ``(1, heads, T, head_dim)`` per layer and next-token logits."""
+        ids, offsets = self._ids(text_or_ids)
+        logits, cache = self.forward_ids(torch.tensor([ids]))
+        return Prefill(cache, ids, offsets, logits[0, -1])
+
+    def forward_from(self, cache: KVCache, ids: list[int]) -> torch.Tensor:
+        """Logits ``(len(ids), vocab)`` continuing from ``cache`` (which is never modified)."""
+        logits, _ = self.forward_ids(torch.tensor([ids]), cache)
+        return logits[0]
+
+    def _as_prefill(self, prompt: str | Prefill) -> Prefill:
+        return prompt if isinstance(prompt, Prefill) else self.prefill(prompt)
+
+    def next_token_logprobs(self, prompt: str | Prefill) -> torch.Tensor:
+        """Log-probabilities ``(vocab,)`` of the token after the prompt."""
+        return torch.log_softmax(self._as_prefill(prompt).logits.float(), dim=-1)
+
+    def score_options(self, prompt: str | Prefill, options: list[str]) -> torch.Tensor:
+        """Summed log-likelihood ``(n,)`` of each option's tokens right after the prompt."""
+        pre = self._as_prefill(prompt)
+        first = torch.log_softmax(pre.logits.float(), dim=-1)
+        scores = []
+        for option in options:
+            ids = self.encode(option).ids
+            if not ids:
+                raise ModelError(f"option {option!r} has no tokens")
+            total = first[ids[0]]
+            if len(ids) > 1:
+                logp = torch.log_softmax(self.forward_from(pre.cache, ids[:-1]).float(), dim=-1)
+                total = total + logp.gather(1, torch.tensor(ids[1:], device=logp.device)[:, None]).sum()
+            scores.append(total)
+        return torch.stack(scores).cpu()
+
+    @torch.no_grad()
+    def generate(self, prompt: str | Prefill, max_new_tokens: int = 32, stop: str | None = "\n") -> str:
+        """Greedy continuation of the prompt, cut at ``stop`` or end of text."""
+        pre = self._as_prefill(prompt)
+        cache, logits, out_ids = pre.cache, pre.logits, []
+        eos = self.tokenizer.eos_token_id
+        for _ in range(max_new_tokens):
+            token = int(logits.argmax())
+            if token == eos:
+                break
+            out_ids.append(token)
+            text = self.decode(out_ids)
+            if stop and stop in text:
+                return text.split(stop, 1)[0]
+            step_logits, cache = self.forward_ids(torch.tensor([[token]]), cache)
+            logits = step_logits[0, -1]
+        return self.decode(out_ids)
+
+
+def fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> str:
+    """A 16-hex-digit id of config, tokenizer and weights (a sample of every tensor, so it stays fast on 1B models)."""
+    h = hashlib.sha256()
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    h.update(tokenizer.backend_tokenizer.to_str().encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        sample = torch.cat([flat[:64], flat[-64:]]).float().cpu().numpy().tobytes()
+        h.update(name.encode() + str(tuple(tensor.shape)).encode() + sample)
+    return h.hexdigest()[:16]
+
+
+def spec_dict(spec: ModelSpec) -> dict:
+    """A spec as a plain dict (for manifests and hashes)."""
+    return asdict(spec)

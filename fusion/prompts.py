@@ -1,0 +1,138 @@
+"""Prompt formats shared by the zoo, fusion, the text-to-text baseline and privacy.
+
+Every model of the toy world is trained on exactly these strings, so every part of the system that
+talks to a model builds its prompts here. The formats follow OpenBookQA: the four options are listed
+in the prompt and the answer is one letter token (``" A"`` .. ``" D"``), or ``" none"`` when a
+transmitter does not know the fact (see TOYWORLD.md, lesson 3).
+
+- ``format_question(stem, options)`` -> ``"Q: <stem> A) x B) y C) z D) w\\nAnswer:"`` -> ``" C"``
+- ``format_with_hint(hint, stem, options)`` -> ``"Fact: <hint>\\n" + format_question(...)``
+- ``format_hint_request(stem)`` -> ``"Q: <stem>\\nFact:"`` -> ``" The color of Zorbin is red."``
+- ``format_rephrase_request(stem)`` -> ``"Rephrase: <stem>\\nPlain:"`` -> ``" Which color does Zorbin have?"``
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from bus.errors import SchemaError
+
+LETTERS: tuple[str, ...] = ("A", "B", "C", "D")
+NONE_ANSWER = "none"  # what a transmitter answers (and hints) when it does not know the fact
+NUM_OPTIONS = len(LETTERS)
+ANSWER_PREFIX = "Answer:"  # the last characters of every question prompt
+HINT_PREFIX = "Fact:"  # the last characters of a hint request
+REPHRASE_PREFIX = "Plain:"  # the last characters of a rephrase request
+STOP = "\n"  # generated hints and paraphrases end at the first newline
+
+
+class Question(BaseModel):
+    """One four-option question about one fact of the toy world (or any OpenBookQA-style item)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(min_length=1)
+    stem: str = Field(min_length=1)  # the question as the asker wrote it (may carry personal details)
+    options: tuple[str, str, str, str]
+    answer: int = Field(ge=0, lt=NUM_OPTIONS)  # index into options
+    fact_id: str = ""  # the fact the question is about ("" outside the toy world)
+    entity: str = ""
+    attribute: str = ""
+    phrasing: str = ""  # id of the stem template
+    pii: tuple[str, ...] = ()  # personal details planted in the stem, verbatim
+
+    @field_validator("options")
+    @classmethod
+    def _distinct_options(cls, options: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(options)) != len(options) or any(not o.strip() for o in options):
+            raise ValueError(f"options must be {NUM_OPTIONS} distinct non-empty strings, got {options!r}")
+        return options
+
+    @model_validator(mode="after")
+    def _pii_in_stem(self) -> Question:
+        missing = [p for p in self.pii if p not in self.stem]
+        if missing:
+            raise ValueError(f"planted details {missing!r} do not occur in the stem")
+        return self
+
+    @property
+    def answer_letter(self) -> str:
+        """The answer as a letter (``"A"`` .. ``"D"``)."""
+        return LETTERS[self.answer]
+
+    @property
+    def answer_text(self) -> str:
+        """The correct option's text."""
+        return self.options[self.answer]
+
+    def prompt(self) -> str:
+        """This question formatted for a model (``format_question``)."""
+        return format_question(self.stem, self.options)
+
+
+def _check_stem(stem: str) -> str:
+    stem = " ".join(stem.split())
+    if not stem:
+        raise SchemaError("question stem is empty")
+    return stem
+
+
+def _check_options(options: Sequence[str]) -> list[str]:
+    opts = [" ".join(str(o).split()) for o in options]
+    if len(opts) != NUM_OPTIONS or any(not o for o in opts):
+        raise SchemaError(f"a question needs {NUM_OPTIONS} non-empty options, got {len(opts)}: {list(options)!r}")
+    return opts
+
+
+def format_options(options: Sequence[str]) -> str:
+    """``"A) x B) y C) z D) w"``: the options on one line, each letter preceded by a space in context."""
+    opts = _check_options(options)
+    return " ".join(f"{letter}) {text}" for letter, text in zip(LETTERS, opts, strict=True))
+
+
+def format_question(stem: str, options: Sequence[str]) -> str:
+    """The multiple-choice prompt; the model's next token is the answer letter (``" A"`` .. ``" D"``)."""
+    return f"Q: {_check_stem(stem)} {format_options(options)}\n{ANSWER_PREFIX}"
+
+
+def format_with_hint(hint: str, stem: str, options: Sequence[str]) -> str:
+    """A question preceded by a one-sentence fact in context (the text-to-text baseline's message)."""
+    hint = " ".join(hint.split())
+    if not hint:
+        return format_question(stem, options)
+    return f"{HINT_PREFIX} {hint}\n{format_question(stem, options)}"
+
+
+def format_hint_request(stem: str) -> str:
+    """The prompt a transmitter completes with one fact sentence (or ``" none"``), ending at a newline."""
+    return f"Q: {_check_stem(stem)}\n{HINT_PREFIX}"
+
+
+def format_rephrase_request(stem: str) -> str:
+    """The prompt the receiver completes with the question reworded and without personal details."""
+    return f"Rephrase: {_check_stem(stem)}\n{REPHRASE_PREFIX}"
+
+
+def answer_token_text(letter: str) -> str:
+    """The exact text of an answer token: ``"A"`` -> ``" A"``, ``"none"`` -> ``" none"``."""
+    if letter not in LETTERS and letter != NONE_ANSWER:
+        raise SchemaError(f"unknown answer {letter!r}; expected one of {LETTERS + (NONE_ANSWER,)}")
+    return f" {letter}"
+
+
+def answer_texts(with_none: bool = False) -> tuple[str, ...]:
+    """The answer token texts in letter order, optionally followed by ``" none"``."""
+    texts = tuple(answer_token_text(letter) for letter in LETTERS)
+    return texts + ((answer_token_text(NONE_ANSWER),) if with_none else ())
+
+
+def parse_completion(text: str) -> str:
+    """The first line of a generated completion, stripped (a hint, a paraphrase or ``"none"``)."""
+    return text.split(STOP, 1)[0].strip()
+
+
+def is_none(text: str) -> bool:
+    """Whether a generated hint or answer says "I don't know"."""
+    return parse_completion(text).rstrip(".").lower() == NONE_ANSWER
