@@ -1,0 +1,121 @@
+"""The cache-to-cache data path shared by fuser training, gate training and ``refine()``.
+
+What gets fused (TOYWORLD lesson 1): both models prefill the same prompt ``P = format_question(q', options)``;
+the receiver keeps the cache of *all of P but its last token* (the prefix), the transmitter sends the cache
+of all of P, aligned onto the receiver's prefix tokens. The receiver then feeds, from the fused prefix:
+
+- plain mode: the last token of P, and reads the answer letter;
+- private mode: the last token of P, then ``"\\n" + format_question(q, options)`` (the original question,
+  which never left the receiver), and reads the answer letter.
+
+The answer is scored over the four letter tokens only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from bus.errors import FusionError
+from fusion.align import TokenAlignment, align_tokens
+from fusion.kvcache import KVCache
+from fusion.models import LanguageModel
+from fusion.prompts import LETTERS, answer_token_text, format_question
+
+PRIVATE_JOIN = "\n"  # between the rephrased prompt and the original question in private mode
+
+
+def letter_ids(model: LanguageModel) -> list[int]:
+    """Token ids of ``" A"`` .. ``" D"`` (for a vocabulary that splits them, as byte-level test models do: the last)."""
+    ids = [model.encode(answer_token_text(letter)).ids[-1] for letter in LETTERS]
+    if len(set(ids)) != len(ids):
+        raise FusionError(f"{model.name} has no distinct tokens for the answer letters {LETTERS}")
+    return ids
+
+
+def none_id(model: LanguageModel) -> int | None:
+    """Token id of ``" none"``, or None when the vocabulary has no such single token."""
+    ids = model.encode(answer_token_text("none")).ids
+    return ids[0] if len(ids) == 1 else None
+
+
+@dataclass(frozen=True)
+class ReceiverView:
+    """What the receiver prefills (the prefix) and what it reads after the fused prefix (the continuation)."""
+
+    prefix_ids: list[int]  # tokens of P but the last
+    prefix_offsets: list[tuple[int, int]]  # their character spans in P
+    continuation_ids: list[int]  # the last token of P, then (private) the original question
+    shared_text: str  # P, the text the transmitters prefill
+
+
+def receiver_view(receiver: LanguageModel, shared_text: str, original_text: str | None = None) -> ReceiverView:
+    """Split ``shared_text`` (P) for the receiver; ``original_text`` (private mode) is read after it."""
+    enc = receiver.encode(shared_text)
+    if len(enc.ids) < 2:
+        raise FusionError(f"prompt {shared_text!r} is too short to fuse ({len(enc.ids)} tokens)")
+    continuation = enc.ids[-1:]
+    if original_text is not None:
+        continuation = continuation + receiver.encode(PRIVATE_JOIN + original_text).ids
+    return ReceiverView(enc.ids[:-1], list(enc.offsets[:-1]), continuation, shared_text)
+
+
+def question_texts(stem: str, options: Sequence[str], shared_stem: str | None = None) -> tuple[str, str | None]:
+    """``(P, original)``: P is the prompt of ``shared_stem`` (q') if given, and then the original prompt follows."""
+    if shared_stem is None:
+        return format_question(stem, options), None
+    return format_question(shared_stem, options), format_question(stem, options)
+
+
+def prefix_alignment(view: ReceiverView, transmitter_offsets: Sequence[tuple[int, int]]) -> TokenAlignment:
+    """Align the receiver's prefix tokens to the transmitter's tokens of the same text P."""
+    return align_tokens(view.prefix_offsets, transmitter_offsets)
+
+
+@torch.no_grad()
+def prefix_cache(receiver: LanguageModel, view: ReceiverView) -> KVCache:
+    """The receiver's own cache of the prefix."""
+    return receiver.prefill(view.prefix_ids).cache
+
+
+def letter_logits(receiver: LanguageModel, cache: KVCache, view: ReceiverView) -> torch.Tensor:
+    """Logits ``(4,)`` of the answer letters after reading the continuation from ``cache``."""
+    logits = receiver.forward_from(cache, view.continuation_ids)[-1]  # (vocab,)
+    return logits[letter_ids(receiver)].float().cpu()
+
+
+def batch_letter_logits(
+    receiver: LanguageModel,
+    caches: KVCache,
+    prefix_lengths: torch.Tensor,
+    continuations: Sequence[Sequence[int]],
+    letters: torch.Tensor,
+) -> torch.Tensor:
+    """Letter logits ``(B, 4)`` for a right-padded batch, with gradients (training).
+
+    ``caches`` holds B prefixes padded to a common length T (``prefix_lengths`` the true ones); each row's
+    continuation is fed at its own positions, with padded prefix slots and padded continuation tokens masked.
+    """
+    B, T = caches.batch_size, caches.num_tokens
+    C = max(len(c) for c in continuations)
+    device = caches.layers[0][0].device
+    pad = receiver.tokenizer.pad_token_id or 0
+    ids = torch.full((B, C), pad, dtype=torch.long, device=device)
+    mask = torch.zeros((B, T + C), dtype=torch.long, device=device)
+    for i, cont in enumerate(continuations):
+        ids[i, : len(cont)] = torch.tensor(list(cont), device=device)
+        mask[i, : int(prefix_lengths[i])] = 1
+        mask[i, T : T + len(cont)] = 1
+    positions = prefix_lengths.to(device)[:, None] + torch.arange(C, device=device)[None, :]  # (B, C)
+    out = receiver.model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        cache=caches.to_dynamic(receiver.config),
+        use_cache=True,
+    )
+    last = torch.tensor([len(c) - 1 for c in continuations], device=device)
+    final = out.logits[torch.arange(B, device=device), last]  # (B, vocab)
+    return final[:, letters.to(device)]  # (B, 4)

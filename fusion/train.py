@@ -1,0 +1,295 @@
+"""Training a pair fuser with both language models frozen.
+
+Loss: the receiver's cross-entropy over the four answer letters after it reads its continuation from the
+fused prefix cache (``fusion.c2c``). Both models' prompt caches are computed once; batches are right-padded
+(masked, with true positions), so prompts of any length mix. Progress bar, checkpoints every N steps
+(``train_fuser(..., checkpoint=path)`` resumes from one), and the whole run is a function of the seed.
+
+What the items say is the caller's business; TOYWORLD's lessons for a good fuser: letter answers, and
+"keep-targets" (also train on facts the receiver knows, with its correct answer) so fusion does not
+wreck what the receiver already knows.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from bus.errors import FusionError
+from fusion.align import align_cache
+from fusion.c2c import batch_letter_logits, letter_ids, prefix_alignment, prefix_cache, question_texts, receiver_view
+from fusion.fuser import FuserConfig, PairFuser, apply_deltas
+from fusion.kvcache import KV, KVCache
+from fusion.models import LanguageModel
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FusionItem:
+    """One training question: what both models read, and the letter the fused receiver should answer."""
+
+    stem: str  # the original question q
+    options: tuple[str, ...]  # four options, in prompt order
+    target: int  # index of the letter to answer
+    shared_stem: str | None = None  # q' for the private format (transmitter sees q', receiver then reads q)
+
+
+@dataclass
+class PreparedExample:
+    """An item with its frozen-model caches: the receiver prefix and the aligned transmitter layers."""
+
+    prefix: KVCache  # (1, H_r, T, D_r) per layer
+    aligned: dict[int, KV]  # transmitter layer -> (1, H_t, T, D_t) gathered onto receiver tokens
+    continuation: list[int]  # receiver tokens read after the fused prefix
+    target: int
+
+
+@dataclass(frozen=True)
+class FuserTrainConfig:
+    """Optimisation of one pair fuser (defaults from TOYWORLD: hidden 128, AdamW 1e-3, wd 0.05, ~600 steps)."""
+
+    steps: int = 600  # optimiser steps
+    batch_size: int = 32  # examples per step
+    lr: float = 1e-3  # peak AdamW learning rate (linear warm-up, cosine decay to 10%)
+    warmup: int = 20  # steps of linear warm-up
+    weight_decay: float = 0.05  # AdamW weight decay (not on the layer gates)
+    gate_lr_scale: float = 30.0  # the layer gates learn this much faster (TOYWORLD lesson 4: else they never move)
+    tau_start: float = 1.0  # Gumbel-sigmoid temperature at step 0
+    tau_end: float = 0.1  # ... annealed geometrically to this at the last step
+    hidden: int = 128  # fuser MLP width
+    layer_strategy: str = "terminal"  # layer alignment (fusion.align)
+    seed: int = 0  # initialisation, batch order and gate noise
+    checkpoint_every: int = 100  # steps between checkpoints (when a checkpoint path is given)
+
+
+@dataclass
+class TrainedFuser:
+    """A trained fuser and how its training went."""
+
+    fuser: PairFuser
+    losses: list[float] = field(default_factory=list)  # mean loss per step
+    seconds: float = 0.0  # wall time of this call (excluding resumed steps)
+    resumed_from: int = 0  # step the run resumed at (0: fresh)
+    num_examples: int = 0
+
+    def meta(self) -> dict:
+        """Facts saved with the fuser in the registry."""
+        head, tail = self.losses[:20], self.losses[-20:]
+        return {
+            "steps": len(self.losses),
+            "examples": self.num_examples,
+            "loss_first": float(sum(head) / max(len(head), 1)),
+            "loss_last": float(sum(tail) / max(len(tail), 1)),
+            "seconds": round(self.seconds, 2),
+        }
+
+
+@torch.no_grad()
+def prepare_examples(
+    receiver: LanguageModel,
+    transmitter: LanguageModel,
+    items: Sequence[FusionItem],
+    progress: bool = False,
+) -> list[PreparedExample]:
+    """Run both frozen models over every item once: the receiver's prefix cache and the aligned transmitter cache."""
+    out = []
+    for item in tqdm(items, desc=f"caches {transmitter.name}->{receiver.name}", disable=not progress, leave=False):
+        shared, original = question_texts(item.stem, item.options, item.shared_stem)
+        view = receiver_view(receiver, shared, original)
+        t_pre = transmitter.prefill(shared)
+        aligned = align_cache(t_pre.cache, prefix_alignment(view, t_pre.offsets))
+        out.append(PreparedExample(prefix_cache(receiver, view), aligned, view.continuation_ids, item.target))
+    return out
+
+
+def pad_tokens(tensors: Sequence[torch.Tensor], length: int) -> torch.Tensor:
+    """Right-pad ``(1, H, T_i, D)`` tensors along tokens to ``length`` and stack to ``(B, H, length, D)``."""
+    return torch.cat([F.pad(t, (0, 0, 0, length - t.shape[2])) for t in tensors], dim=0)
+
+
+def pad_layers(layers: Sequence[KV], length: int) -> KV:
+    """Right-pad and stack one layer's (K, V) of several examples."""
+    return pad_tokens([k for k, _ in layers], length), pad_tokens([v for _, v in layers], length)
+
+
+Batch = tuple[KVCache, dict[int, KV], torch.Tensor, list[list[int]], torch.Tensor]
+
+
+def collate(examples: Sequence[PreparedExample]) -> Batch:
+    """A padded batch: receiver prefixes, aligned transmitter layers, true prefix lengths, continuations, targets."""
+    lengths = torch.tensor([e.prefix.num_tokens for e in examples])
+    T = int(lengths.max())
+    num_layers = examples[0].prefix.num_layers
+    prefix = KVCache([pad_layers([e.prefix.layers[i] for e in examples], T) for i in range(num_layers)])
+    aligned = {layer: pad_layers([e.aligned[layer] for e in examples], T) for layer in examples[0].aligned}
+    targets = torch.tensor([e.target for e in examples])
+    return prefix, aligned, lengths, [e.continuation for e in examples], targets
+
+
+def _lr_factor(step: int, cfg: FuserTrainConfig) -> float:
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _tau(step: int, cfg: FuserTrainConfig) -> float:
+    return cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(cfg.steps - 1, 1))
+
+
+def new_fuser(receiver: LanguageModel, transmitter: LanguageModel, cfg: FuserTrainConfig) -> PairFuser:
+    """A freshly initialised fuser for this pair (deterministic per ``cfg.seed``)."""
+    config = FuserConfig.for_models(receiver, transmitter, hidden=cfg.hidden, layer_strategy=cfg.layer_strategy)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return PairFuser(config).to(receiver.device)
+
+
+def _optimizer(fuser: PairFuser, cfg: FuserTrainConfig) -> torch.optim.AdamW:
+    rest = [p for n, p in fuser.named_parameters() if n != "gate_logits"]
+    groups = [
+        {"params": rest, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "scale": 1.0},
+        {
+            "params": [fuser.gate_logits],
+            "lr": cfg.lr * cfg.gate_lr_scale,
+            "weight_decay": 0.0,
+            "scale": cfg.gate_lr_scale,
+        },
+    ]
+    return torch.optim.AdamW(groups)
+
+
+def _checkpoint_key(receiver: LanguageModel, transmitter: LanguageModel, cfg: FuserTrainConfig, n: int) -> dict:
+    return {"receiver": receiver.fingerprint, "transmitter": transmitter.fingerprint, "config": asdict(cfg), "n": n}
+
+
+def _save_checkpoint(path: Path, key: dict, step: int, fuser, opt, gens, losses) -> None:
+    blob = {
+        "version": CHECKPOINT_VERSION,
+        "key": key,
+        "step": step,
+        "fuser": fuser.state_dict(),
+        "optimizer": opt.state_dict(),
+        "generators": [g.get_state() for g in gens],
+        "losses": torch.tensor(losses, dtype=torch.float64),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, key: dict) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torn or foreign file: start over rather than fail
+        log.warning("ignoring unreadable checkpoint %s (%s)", path, type(exc).__name__)
+        return None
+    if blob.get("version") != CHECKPOINT_VERSION or blob.get("key") != key:
+        log.warning("ignoring checkpoint %s: it belongs to another run", path)
+        return None
+    return blob
+
+
+def train_fuser(
+    receiver: LanguageModel,
+    transmitter: LanguageModel,
+    data: Sequence[FusionItem] | Sequence[PreparedExample],
+    cfg: FuserTrainConfig | None = None,
+    *,
+    checkpoint: str | Path | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> TrainedFuser:
+    """Train the ``transmitter -> receiver`` fuser on ``data`` (items, or examples already prepared).
+
+    With ``checkpoint``, state is saved every ``cfg.checkpoint_every`` steps and a matching checkpoint is
+    resumed. ``stop_after`` ends the call after that many total steps (to test resuming).
+    """
+    cfg = cfg or FuserTrainConfig()
+    if not data:
+        raise FusionError("cannot train a fuser on no examples")
+    examples = (
+        list(data) if isinstance(data[0], PreparedExample) else prepare_examples(receiver, transmitter, data, progress)
+    )
+    letters = torch.tensor(letter_ids(receiver))
+    for p in receiver.model.parameters():
+        p.requires_grad_(False)
+    fuser = new_fuser(receiver, transmitter, cfg)
+    opt = _optimizer(fuser, cfg)
+    batch_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 1)
+    noise_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 2)
+    losses: list[float] = []
+    start = 0
+    path = Path(checkpoint) if checkpoint is not None else None
+    key = _checkpoint_key(receiver, transmitter, cfg, len(examples))
+    if path is not None and (blob := _load_checkpoint(path, key)) is not None:
+        fuser.load_state_dict(blob["fuser"])
+        opt.load_state_dict(blob["optimizer"])
+        batch_gen.set_state(blob["generators"][0])
+        noise_gen.set_state(blob["generators"][1])
+        losses = [float(x) for x in blob["losses"]]
+        start = int(blob["step"])
+        log.info("resuming %s at step %d", path, start)
+    end = min(cfg.steps, stop_after) if stop_after is not None else cfg.steps
+    t0 = time.perf_counter()
+    fuser.train()
+    bar = tqdm(range(start, end), desc=f"fuser {transmitter.name}->{receiver.name}", disable=not progress, leave=False)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * group["scale"] * _lr_factor(step, cfg)
+        fuser.tau = _tau(step, cfg)
+        pick = torch.randint(len(examples), (min(cfg.batch_size, len(examples)),), generator=batch_gen)
+        prefix, aligned, lengths, conts, targets = collate([examples[int(i)] for i in pick])
+        fused = apply_deltas(prefix, [fuser.deltas(prefix, aligned, 1.0, generator=noise_gen)])
+        logits = batch_letter_logits(receiver, fused, lengths, conts, letters)  # (B, 4)
+        loss = F.cross_entropy(logits, targets.to(logits.device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(fuser.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+        if path is not None and (step + 1) % cfg.checkpoint_every == 0:
+            _save_checkpoint(path, key, step + 1, fuser, opt, (batch_gen, noise_gen), losses)
+    if path is not None and end > start:
+        _save_checkpoint(path, key, end, fuser, opt, (batch_gen, noise_gen), losses)
+    fuser.eval()
+    return TrainedFuser(fuser, losses, time.perf_counter() - t0, start, len(examples))
+
+
+@torch.no_grad()
+def fused_predictions(
+    receiver: LanguageModel, fuser: PairFuser | None, examples: Sequence[PreparedExample], batch_size: int = 64
+) -> torch.Tensor:
+    """Predicted letter index per example with the fuser applied (``None``: the receiver alone on its prefix)."""
+    letters = torch.tensor(letter_ids(receiver))
+    preds = []
+    for i in range(0, len(examples), batch_size):
+        prefix, aligned, lengths, conts, _ = collate(examples[i : i + batch_size])
+        cache = fuser.eval()(prefix, aligned) if fuser is not None else prefix
+        preds.append(batch_letter_logits(receiver, cache, lengths, conts, letters).argmax(-1).cpu())
+    return torch.cat(preds)
+
+
+def fused_accuracy(receiver: LanguageModel, fuser: PairFuser | None, examples: Sequence[PreparedExample]) -> float:
+    """Share of examples whose target letter the (fused) receiver picks."""
+    if not examples:
+        return float("nan")
+    preds = fused_predictions(receiver, fuser, examples)
+    return float((preds == torch.tensor([e.target for e in examples])).float().mean())
