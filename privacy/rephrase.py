@@ -1,0 +1,82 @@
+"""Receiver-side rephrasing: q -> q' with personal details removed, reworded by the receiver model.
+
+Order of work: rules redact first (names, emails, phones, account ids, long numbers), then the receiver
+model rewords the redacted stem (it was trained to in the zoo). The model's output is accepted only if it
+is a sensible one-line question that reintroduces none of the removed details; otherwise the rule-redacted
+stem is used. Nothing here sends anything: the caller decides what leaves the receiver side.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+from bus.errors import PrivacyError
+from fusion.prompts import format_rephrase_request, parse_completion
+from privacy.redact import Detail, leak_rate, ngram_overlap, redact
+
+__all__ = ["Rephrased", "rephrase", "passthrough", "ngram_overlap", "leak_rate"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS = 40  # tokens of paraphrase the receiver may generate
+MAX_LENGTH_RATIO = 2.0  # a paraphrase longer than this times the redacted stem is rejected
+
+
+class Generator(Protocol):
+    """What the rephraser needs from a model: greedy generation (``fusion.models.LanguageModel``)."""
+
+    def generate(self, prompt: str, max_new_tokens: int = ..., stop: str | None = ...) -> str: ...
+
+
+@dataclass(frozen=True)
+class Rephrased:
+    """A rephrased question, what was removed from it, and how it was made."""
+
+    text: str  # q': the only form of the question that may leave the receiver side
+    original: str  # q
+    removed: list[Detail] = field(default_factory=list)
+    method: Literal["model", "rules", "none"] = "rules"
+
+    @property
+    def removed_values(self) -> list[str]:
+        """The removed personal details, verbatim."""
+        return [d.value for d in self.removed]
+
+
+def _acceptable(candidate: str, redacted: str, removed: list[Detail]) -> bool:
+    if not candidate or "\n" in candidate:
+        return False
+    if len(candidate) > MAX_LENGTH_RATIO * max(len(redacted), 1):
+        return False
+    if any(d.value.lower() in candidate.lower() for d in removed):
+        return False
+    # The paraphrase must not smuggle in a detail the rules would remove.
+    return not redact(candidate).removed
+
+
+def rephrase(question: str, model: Generator | None = None, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Rephrased:
+    """q -> q': redact personal details by rules, then reword with ``model`` when given (rules as fallback)."""
+    if not question or not question.strip():
+        raise PrivacyError("cannot rephrase an empty question")
+    redaction = redact(question)
+    redacted = " ".join(redaction.text.split())
+    if model is None:
+        return Rephrased(redacted, question, list(redaction.removed), "rules")
+    try:
+        candidate = parse_completion(model.generate(format_rephrase_request(redacted), max_new_tokens, "\n"))
+    except Exception as exc:  # a broken model must never leak the raw question: fall back to rules
+        log.warning("rephrasing model failed (%s); using rule redaction", exc)
+        return Rephrased(redacted, question, list(redaction.removed), "rules")
+    if _acceptable(candidate, redacted, list(redaction.removed)):
+        return Rephrased(candidate, question, list(redaction.removed), "model")
+    log.debug("model paraphrase %r rejected; using rule redaction", candidate)
+    return Rephrased(redacted, question, list(redaction.removed), "rules")
+
+
+def passthrough(question: str) -> Rephrased:
+    """q' = q, for queries not marked private."""
+    if not question or not question.strip():
+        raise PrivacyError("cannot send an empty question")
+    return Rephrased(" ".join(question.split()), question, [], "none")
