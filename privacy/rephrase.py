@@ -56,7 +56,9 @@ def _acceptable(candidate: str, redacted: str, removed: list[Detail]) -> bool:
     return not redact(candidate).removed
 
 
-def rephrase(question: str, model: Generator | None = None, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Rephrased:
+def rephrase(
+    question: str, model: Generator | None = None, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+) -> Rephrased:
     """q -> q': redact personal details by rules, then reword with ``model`` when given (rules as fallback)."""
     if not question or not question.strip():
         raise PrivacyError("cannot rephrase an empty question")
