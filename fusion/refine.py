@@ -1,0 +1,324 @@
+"""FedRefine in process: one question, one receiver, any transmitters, every mode of the paper's comparison.
+
+The work is split into the pieces the agents call over the bus, so both paths run the same code:
+
+1. receiver side: ``shared_prompt`` (q' when private) -- what leaves the receiver;
+2. transmitter: ``transmitter_prefill`` -> its cache, token offsets and an ``OfferSummary``;
+3. gate: ``plan`` -> per transmitter a weight and the layers to send (from the offers alone);
+4. transmitter: ``select_layers`` then ``fusion.wire.transmit`` at the plan's precision;
+5. receiver: ``receiver_answer`` fuses what arrived into its own prefix and reads the answer letter.
+
+Modes: ``receiver`` (alone), ``transmitter`` (the first transmitter alone), ``t2t`` (each transmitter writes a
+one-sentence hint the receiver reads), ``c2c`` (fusers weighted by the gating network), ``c2c-uniform``
+(every transmitter at weight 1), ``c2c-shuffled`` (each transmitter's cache of a different question).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from bus.errors import FusionError
+from fusion.align import align_tokens, gather_tokens
+from fusion.c2c import letter_ids, prefix_cache, question_texts, receiver_view
+from fusion.fuser import PairFuser, apply_deltas
+from fusion.gate import GateNetwork, GateScore, OfferSummary, summarize_offer, uniform_scores
+from fusion.kvcache import KV, KVCache
+from fusion.models import LanguageModel
+from fusion.prompts import (
+    HINT_PREFIX,
+    LETTERS,
+    Question,
+    format_hint_request,
+    format_question,
+    is_none,
+    parse_completion,
+)
+from fusion.wire import transmit
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["receiver", "transmitter", "t2t", "c2c", "c2c-uniform", "c2c-shuffled"]
+MODES: tuple[str, ...] = ("receiver", "transmitter", "t2t", "c2c", "c2c-uniform", "c2c-shuffled")
+DEFAULT_HINT_TOKENS = 24  # longest hint a transmitter writes in text-to-text mode
+
+
+@dataclass(frozen=True)
+class TransmitterPrefill:
+    """A transmitter's prefill of the shared prompt: what it can send and what it offers."""
+
+    name: str
+    shared_text: str  # the prompt it prefilled (must equal the receiver's shared prompt to align)
+    cache: KVCache
+    offsets: list[tuple[int, int]]  # character span of each of its tokens (travels with the cache)
+    offer: OfferSummary
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Received:
+    """What arrived from one transmitter: some of its layers (already decoded) and its token offsets."""
+
+    fingerprint: str
+    layers: dict[int, KV]
+    offsets: list[tuple[int, int]]
+    weight: float = 1.0
+
+
+@dataclass
+class RefineResult:
+    """The answer and how it came about."""
+
+    answer: str  # "A" .. "D"
+    probs: list[float]  # over the four letters
+    mode: str
+    shared_text: str  # what left the receiver (the prompt of q or q')
+    used: dict[str, list[int]] = field(default_factory=dict)  # transmitter name -> layers used
+    weights: dict[str, float] = field(default_factory=dict)  # transmitter name -> gate weight
+    hints: dict[str, str] = field(default_factory=dict)  # t2t: transmitter name -> hint text
+    bytes_sent: int = 0  # cache bytes (c2c) or hint text bytes (t2t) that travelled
+    tokens_sent: int = 0  # cache tokens x transmitters (c2c) or hint tokens (t2t)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+    @property
+    def index(self) -> int:
+        """The answer as an option index."""
+        return LETTERS.index(self.answer)
+
+
+# ---- the pieces ---------------------------------------------------------------------------------
+
+
+def shared_prompt(stem: str, options: Sequence[str], private_stem: str | None = None) -> tuple[str, str | None]:
+    """``(P, original)``: the prompt that leaves the receiver (of q' when private) and, when private, q's prompt."""
+    return question_texts(stem, options, private_stem)
+
+
+@torch.no_grad()
+def transmitter_prefill(name: str, model: LanguageModel, shared_text: str) -> TransmitterPrefill:
+    """Prefill the shared prompt and summarise it into an offer (the transmitter agent's first step)."""
+    t0 = time.perf_counter()
+    pre = model.prefill(shared_text)
+    offer = summarize_offer(model, pre)
+    return TransmitterPrefill(name, shared_text, pre.cache, list(pre.offsets), offer, time.perf_counter() - t0)
+
+
+def plan(
+    offers: Mapping[str, OfferSummary], gate: GateNetwork | None, profiles: Mapping[str, Sequence[float]] | None = None
+) -> dict[str, GateScore]:
+    """Per transmitter: the gate's weight and layer importance (``gate=None``: uniform weights, all used layers)."""
+    names = list(offers)
+    listed = [offers[n] for n in names]
+    scores = gate.score(listed) if gate is not None else uniform_scores(listed, profiles)
+    return dict(zip(names, scores, strict=True))
+
+
+def select_layers(prefill: TransmitterPrefill, layers: Sequence[int]) -> dict[int, KV]:
+    """The planned layers of a transmitter's cache (what it streams)."""
+    bad = [m for m in layers if not 0 <= m < prefill.cache.num_layers]
+    if bad:
+        raise FusionError(f"plan asks {prefill.name} for layers {bad}; it has {prefill.cache.num_layers}")
+    return {m: prefill.cache.layers[m] for m in sorted(layers)}
+
+
+@torch.no_grad()
+def receiver_answer(
+    receiver: LanguageModel,
+    shared_text: str,
+    original_text: str | None,
+    received: Mapping[str, Received],
+    fusers: Mapping[str, PairFuser],
+) -> tuple[torch.Tensor, dict[str, list[int]]]:
+    """Letter probabilities ``(4,)`` after fusing what arrived into the receiver's prefix, and the layers used.
+
+    ``fusers`` maps a transmitter fingerprint to its fuser for this receiver.
+    """
+    view = receiver_view(receiver, shared_text, original_text)
+    prefix = prefix_cache(receiver, view)
+    contributions, used = [], {}
+    for name, got in received.items():
+        if got.weight <= 0 or not got.layers:
+            continue
+        if got.fingerprint not in fusers:
+            raise FusionError(f"no fuser for transmitter {name} ({got.fingerprint}) into {receiver.name}")
+        fuser = fusers[got.fingerprint]
+        aligned = gather_tokens(got.layers, align_tokens(view.prefix_offsets, got.offsets).index)
+        contributions.append(fuser.eval().deltas(prefix, aligned, got.weight))
+        used[name] = sorted(got.layers)
+    cache = apply_deltas(prefix, contributions) if contributions else prefix
+    logits = receiver.forward_from(cache, view.continuation_ids)[-1][letter_ids(receiver)].float().cpu()
+    return torch.softmax(logits, -1), used
+
+
+@torch.no_grad()
+def letter_probs(model: LanguageModel, prompt: str) -> torch.Tensor:
+    """A model's probabilities ``(4,)`` over the letters after a prompt."""
+    logits = model.prefill(prompt).logits[letter_ids(model)].float().cpu()
+    return torch.softmax(logits, -1)
+
+
+@torch.no_grad()
+def write_hint(model: LanguageModel, stem: str, max_new_tokens: int = DEFAULT_HINT_TOKENS) -> str:
+    """A transmitter's one-sentence hint for a question, or "" when it says it does not know."""
+    hint = parse_completion(model.generate(format_hint_request(stem), max_new_tokens=max_new_tokens, stop="\n"))
+    return "" if not hint or is_none(hint) else hint
+
+
+def with_hints(hints: Sequence[str], stem: str, options: Sequence[str]) -> str:
+    """The receiver's text-to-text prompt: one ``Fact:`` line per hint, then the question."""
+    lines = "".join(f"{HINT_PREFIX} {' '.join(h.split())}\n" for h in hints if h.strip())
+    return lines + format_question(stem, options)
+
+
+# ---- the whole thing ----------------------------------------------------------------------------
+
+
+def _result(probs: torch.Tensor, mode: str, shared: str, **kw) -> RefineResult:
+    return RefineResult(LETTERS[int(probs.argmax())], [round(float(p), 6) for p in probs], mode, shared, **kw)
+
+
+def refine(
+    question: Question,
+    receiver: LanguageModel,
+    transmitters: Mapping[str, LanguageModel],
+    *,
+    mode: str = "c2c",
+    fusers: Mapping[str, PairFuser] | None = None,
+    gate: GateNetwork | None = None,
+    private: bool = False,
+    private_stem: str | None = None,
+    precision: str = "fp32",
+    donors: Mapping[str, Question] | None = None,
+    profiles: Mapping[str, Sequence[float]] | None = None,
+) -> RefineResult:
+    """Answer ``question`` with the receiver helped by ``transmitters`` (name -> model) in ``mode``.
+
+    ``fusers``: transmitter fingerprint -> pair fuser into this receiver. ``private``: only q' (``private_stem``,
+    else the rule rephraser's output) reaches the transmitters. ``donors`` (c2c-shuffled): per transmitter,
+    the other question whose cache it sends. ``precision``: the bus codec precision of transmitted caches.
+    """
+    if mode not in MODES:
+        raise FusionError(f"unknown mode {mode!r}; choose one of {MODES}", mode=mode)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    if private and private_stem is None:
+        from privacy.rephrase import rephrase
+
+        private_stem = rephrase(question.stem, receiver).text
+        timings["rephrase"] = time.perf_counter() - t_start
+    shared, original = shared_prompt(question.stem, question.options, private_stem if private else None)
+    if mode == "receiver":
+        probs = letter_probs(receiver, format_question(question.stem, question.options))
+        timings["total"] = time.perf_counter() - t_start
+        return _result(probs, mode, "", timings=timings)
+    if not transmitters:
+        raise FusionError(f"mode {mode!r} needs at least one transmitter")
+    if mode == "transmitter":
+        name, model = next(iter(transmitters.items()))
+        probs = letter_probs(model, shared)
+        timings["total"] = time.perf_counter() - t_start
+        return _result(probs, mode, shared, used={name: []}, timings=timings)
+    if mode == "t2t":
+        q_private = private_stem if private else None
+        return _text_to_text(question, receiver, transmitters, shared, q_private, timings, t_start)
+    return _cache_to_cache(
+        question,
+        receiver,
+        transmitters,
+        mode,
+        fusers or {},
+        gate,
+        shared,
+        original,
+        precision,
+        donors,
+        profiles,
+        timings,
+        t_start,
+    )
+
+
+def _text_to_text(question, receiver, transmitters, shared, private_stem, timings, t_start) -> RefineResult:
+    t0 = time.perf_counter()
+    hints = {name: write_hint(model, private_stem or question.stem) for name, model in transmitters.items()}
+    timings["transmitters"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    probs = letter_probs(receiver, with_hints(list(hints.values()), question.stem, question.options))
+    timings["receiver"] = time.perf_counter() - t1
+    timings["total"] = time.perf_counter() - t_start
+    sent = [h for h in hints.values() if h]
+    return _result(
+        probs,
+        "t2t",
+        shared,
+        hints=hints,
+        used={n: [] for n, h in hints.items() if h},
+        bytes_sent=sum(len(h.encode()) for h in sent),
+        tokens_sent=sum(len(transmitters[n].encode(" " + h).ids) for n, h in hints.items() if h),
+        timings=timings,
+    )
+
+
+def _cache_to_cache(
+    question,
+    receiver,
+    transmitters,
+    mode,
+    fusers,
+    gate,
+    shared,
+    original,
+    precision,
+    donors,
+    profiles,
+    timings,
+    t_start,
+) -> RefineResult:
+    t0 = time.perf_counter()
+    prefills: dict[str, TransmitterPrefill] = {}
+    for name, model in transmitters.items():
+        text = shared
+        if mode == "c2c-shuffled":
+            if donors is None or name not in donors:
+                raise FusionError(f"c2c-shuffled needs a donor question for transmitter {name}")
+            donor = donors[name]
+            text = format_question(donor.stem, donor.options)
+        prefills[name] = transmitter_prefill(name, model, text)
+    timings["transmitters"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    use_gate = gate if mode in ("c2c", "c2c-shuffled") else None
+    profiles = profiles if profiles is not None else (gate.profiles if gate is not None else None)
+    scores = plan({n: p.offer for n, p in prefills.items()}, use_gate, profiles)
+    timings["gate"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    received: dict[str, Received] = {}
+    nbytes = ntokens = 0
+    for name, pre in prefills.items():
+        score = scores[name]
+        layers = score.layers()
+        if score.weight <= 0 or not layers:
+            continue
+        decoded, size = transmit(select_layers(pre, layers), precision)
+        nbytes += size
+        ntokens += pre.cache.num_tokens
+        received[name] = Received(pre.offer.fingerprint, decoded, pre.offsets, score.weight)
+    timings["transfer"] = time.perf_counter() - t2
+    t3 = time.perf_counter()
+    probs, used = receiver_answer(receiver, shared, original, received, fusers)
+    timings["receiver"] = time.perf_counter() - t3
+    timings["total"] = time.perf_counter() - t_start
+    return _result(
+        probs,
+        mode,
+        shared,
+        used=used,
+        weights={n: round(s.weight, 4) for n, s in scores.items()},
+        bytes_sent=nbytes,
+        tokens_sent=ntokens,
+        timings=timings,
+    )

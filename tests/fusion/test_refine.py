@@ -1,0 +1,93 @@
+"""In-process FedRefine on tiny random models: every mode runs, answers are deterministic, pieces compose."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bus.errors import CodecError, FusionError
+from fusion.fuser import FuserConfig, PairFuser
+from fusion.models import LanguageModel
+from fusion.prompts import Question
+from fusion.refine import MODES, refine, transmitter_prefill
+from fusion.wire import transmit
+
+Q = Question(
+    id="q1",
+    stem="Hi, I'm Mara Velt (account ACC-123456). What is the color of Zorbin?",
+    options=("red", "blue", "green", "pink"),
+    answer=2,
+    pii=("Mara Velt", "ACC-123456"),
+)
+DONOR = Question(id="q2", stem="Which pet does Kalu have?", options=("cat", "dog", "owl", "fox"), answer=0)
+
+
+@pytest.fixture(scope="module")
+def world():
+    receiver = LanguageModel.load("tiny-qwen3")
+    transmitters = {"t-llama": LanguageModel.load("tiny-llama"), "t-qwen2": LanguageModel.load("tiny-qwen2")}
+    fusers = {}
+    for i, model in enumerate(transmitters.values()):
+        torch.manual_seed(i)
+        fusers[model.fingerprint] = PairFuser(
+            FuserConfig.for_models(receiver, model, hidden=16, delta_init_std=0.5)
+        ).eval()
+    return receiver, transmitters, fusers
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_is_deterministic(world, mode) -> None:
+    receiver, transmitters, fusers = world
+    kw = dict(mode=mode, fusers=fusers, donors={n: DONOR for n in transmitters})
+    a = refine(Q, receiver, transmitters, **kw)
+    b = refine(Q, receiver, transmitters, **kw)
+    assert a.answer in "ABCD" and abs(sum(a.probs) - 1) < 1e-4
+    assert (a.answer, a.probs, a.used, a.bytes_sent, a.hints) == (b.answer, b.probs, b.used, b.bytes_sent, b.hints)
+
+
+def test_c2c_changes_the_receiver_and_reports_bytes(world) -> None:
+    receiver, transmitters, fusers = world
+    alone = refine(Q, receiver, transmitters, mode="receiver")
+    fused = refine(Q, receiver, transmitters, mode="c2c-uniform", fusers=fusers)
+    assert fused.probs != alone.probs
+    assert set(fused.used) == set(transmitters)
+    assert fused.bytes_sent > 0 and fused.tokens_sent > 0
+    assert fused.weights == {n: 1.0 for n in transmitters}
+
+
+def test_private_mode_sends_only_the_rephrased_question(world) -> None:
+    receiver, transmitters, fusers = world
+    res = refine(Q, receiver, transmitters, mode="c2c-uniform", fusers=fusers, private=True)
+    assert "Mara" not in res.shared_text and "ACC-123456" not in res.shared_text
+    again = refine(Q, receiver, transmitters, mode="c2c-uniform", fusers=fusers, private=True)
+    assert res.probs == again.probs
+
+
+def test_precision_goes_through_the_codec(world) -> None:
+    receiver, transmitters, fusers = world
+    sizes = {
+        p: refine(Q, receiver, transmitters, mode="c2c-uniform", fusers=fusers, precision=p).bytes_sent
+        for p in ("fp32", "fp16", "int8", "int4")
+    }
+    assert sizes["fp32"] > sizes["fp16"] > sizes["int8"] > sizes["int4"]
+    pre = transmitter_prefill("t", transmitters["t-llama"], Q.prompt())
+    layers = pre.cache.as_mapping()
+    same, _ = transmit(layers, "fp32")
+    assert all(torch.equal(same[i][0], layers[i][0]) for i in layers)
+    int8, _ = transmit(layers, "int8")
+    k, k8 = layers[0][0], int8[0][0]
+    assert (k - k8).abs().max() <= (k.amax() - k.amin()) / 255 + 1e-5
+    with pytest.raises(CodecError):
+        transmit(layers, "int3")
+
+
+def test_bad_requests_are_clear_errors(world) -> None:
+    receiver, transmitters, fusers = world
+    with pytest.raises(FusionError, match="unknown mode"):
+        refine(Q, receiver, transmitters, mode="telepathy")
+    with pytest.raises(FusionError, match="no fuser"):
+        refine(Q, receiver, transmitters, mode="c2c-uniform", fusers={})
+    with pytest.raises(FusionError, match="donor"):
+        refine(Q, receiver, transmitters, mode="c2c-shuffled", fusers=fusers)
+    with pytest.raises(FusionError, match="at least one transmitter"):
+        refine(Q, receiver, {}, mode="c2c")
