@@ -182,6 +182,27 @@ def _result(probs: torch.Tensor, mode: str, shared: str, **kw) -> RefineResult:
     return RefineResult(LETTERS[int(probs.argmax())], [round(float(p), 6) for p in probs], mode, shared, **kw)
 
 
+@dataclass
+class _Request:
+    """One refine() call's inputs after validation (internal)."""
+
+    question: Question
+    receiver: LanguageModel
+    transmitters: Mapping[str, LanguageModel]
+    mode: str
+    shared: str  # the prompt that leaves the receiver
+    original: str | None  # private mode: the original prompt, read after the fused prefix
+    hint_stem: str  # the stem transmitters see in text-to-text mode
+    fusers: Mapping[str, PairFuser]
+    gate: GateNetwork | None
+    precision: str
+    donors: Mapping[str, Question]
+    profiles: Mapping[str, Sequence[float]] | None
+    prefilled: Mapping[str, TransmitterPrefill]
+    timings: dict[str, float]
+    t_start: float
+
+
 def refine(
     question: Question,
     receiver: LanguageModel,
@@ -195,12 +216,15 @@ def refine(
     precision: str = "fp32",
     donors: Mapping[str, Question] | None = None,
     profiles: Mapping[str, Sequence[float]] | None = None,
+    prefilled: Mapping[str, TransmitterPrefill] | None = None,
 ) -> RefineResult:
     """Answer ``question`` with the receiver helped by ``transmitters`` (name -> model) in ``mode``.
 
     ``fusers``: transmitter fingerprint -> pair fuser into this receiver. ``private``: only q' (``private_stem``,
-    else the rule rephraser's output) reaches the transmitters. ``donors`` (c2c-shuffled): per transmitter,
+    else the receiver's rephraser output) reaches the transmitters. ``donors`` (c2c-shuffled): per transmitter,
     the other question whose cache it sends. ``precision``: the bus codec precision of transmitted caches.
+    ``profiles``: per transmitter fingerprint, the layers worth sending when no gate scores them (default: the
+    gate's). ``prefilled``: transmitter prefills already made (reused when their prompt is the one needed).
     """
     if mode not in MODES:
         raise FusionError(f"unknown mode {mode!r}; choose one of {MODES}", mode=mode)
@@ -211,7 +235,8 @@ def refine(
 
         private_stem = rephrase(question.stem, receiver).text
         timings["rephrase"] = time.perf_counter() - t_start
-    shared, original = shared_prompt(question.stem, question.options, private_stem if private else None)
+    q_private = private_stem if private else None
+    shared, original = shared_prompt(question.stem, question.options, q_private)
     if mode == "receiver":
         probs = letter_probs(receiver, format_question(question.stem, question.options))
         timings["total"] = time.perf_counter() - t_start
@@ -223,78 +248,71 @@ def refine(
         probs = letter_probs(model, shared)
         timings["total"] = time.perf_counter() - t_start
         return _result(probs, mode, shared, used={name: []}, timings=timings)
-    if mode == "t2t":
-        q_private = private_stem if private else None
-        return _text_to_text(question, receiver, transmitters, shared, q_private, timings, t_start)
-    return _cache_to_cache(
-        question,
-        receiver,
-        transmitters,
-        mode,
-        fusers or {},
-        gate,
-        shared,
-        original,
-        precision,
-        donors,
-        profiles,
-        timings,
-        t_start,
+    req = _Request(
+        question=question,
+        receiver=receiver,
+        transmitters=transmitters,
+        mode=mode,
+        shared=shared,
+        original=original,
+        hint_stem=q_private or question.stem,
+        fusers=fusers or {},
+        gate=gate,
+        precision=precision,
+        donors=donors or {},
+        profiles=profiles if profiles is not None else (gate.profiles if gate is not None else None),
+        prefilled=prefilled or {},
+        timings=timings,
+        t_start=t_start,
     )
+    return _text_to_text(req) if mode == "t2t" else _cache_to_cache(req)
 
 
-def _text_to_text(question, receiver, transmitters, shared, private_stem, timings, t_start) -> RefineResult:
+def _text_to_text(req: _Request) -> RefineResult:
     t0 = time.perf_counter()
-    hints = {name: write_hint(model, private_stem or question.stem) for name, model in transmitters.items()}
-    timings["transmitters"] = time.perf_counter() - t0
+    hints = {name: write_hint(model, req.hint_stem) for name, model in req.transmitters.items()}
+    req.timings["transmitters"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    probs = letter_probs(receiver, with_hints(list(hints.values()), question.stem, question.options))
-    timings["receiver"] = time.perf_counter() - t1
-    timings["total"] = time.perf_counter() - t_start
-    sent = [h for h in hints.values() if h]
+    prompt = with_hints(list(hints.values()), req.question.stem, req.question.options)
+    probs = letter_probs(req.receiver, prompt)
+    req.timings["receiver"] = time.perf_counter() - t1
+    req.timings["total"] = time.perf_counter() - req.t_start
+    sent = {n: h for n, h in hints.items() if h}
     return _result(
         probs,
         "t2t",
-        shared,
+        req.shared,
         hints=hints,
-        used={n: [] for n, h in hints.items() if h},
-        bytes_sent=sum(len(h.encode()) for h in sent),
-        tokens_sent=sum(len(transmitters[n].encode(" " + h).ids) for n, h in hints.items() if h),
-        timings=timings,
+        used={n: [] for n in sent},
+        bytes_sent=sum(len(h.encode()) for h in sent.values()),
+        tokens_sent=sum(len(req.transmitters[n].encode(" " + h).ids) for n, h in sent.items()),
+        timings=req.timings,
     )
 
 
-def _cache_to_cache(
-    question,
-    receiver,
-    transmitters,
-    mode,
-    fusers,
-    gate,
-    shared,
-    original,
-    precision,
-    donors,
-    profiles,
-    timings,
-    t_start,
-) -> RefineResult:
+def _transmitter_text(req: _Request, name: str) -> str:
+    if req.mode != "c2c-shuffled":
+        return req.shared
+    if name not in req.donors:
+        raise FusionError(f"c2c-shuffled needs a donor question for transmitter {name}")
+    donor = req.donors[name]
+    return format_question(donor.stem, donor.options)
+
+
+def _cache_to_cache(req: _Request) -> RefineResult:
     t0 = time.perf_counter()
     prefills: dict[str, TransmitterPrefill] = {}
-    for name, model in transmitters.items():
-        text = shared
-        if mode == "c2c-shuffled":
-            if donors is None or name not in donors:
-                raise FusionError(f"c2c-shuffled needs a donor question for transmitter {name}")
-            donor = donors[name]
-            text = format_question(donor.stem, donor.options)
-        prefills[name] = transmitter_prefill(name, model, text)
-    timings["transmitters"] = time.perf_counter() - t0
+    for name, model in req.transmitters.items():
+        text = _transmitter_text(req, name)
+        ready = req.prefilled.get(name)
+        prefills[name] = (
+            ready if ready is not None and ready.shared_text == text else transmitter_prefill(name, model, text)
+        )
+    req.timings["transmitters"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    use_gate = gate if mode in ("c2c", "c2c-shuffled") else None
-    profiles = profiles if profiles is not None else (gate.profiles if gate is not None else None)
-    scores = plan({n: p.offer for n, p in prefills.items()}, use_gate, profiles)
-    timings["gate"] = time.perf_counter() - t1
+    gate = req.gate if req.mode in ("c2c", "c2c-shuffled") else None
+    scores = plan({n: p.offer for n, p in prefills.items()}, gate, req.profiles)
+    req.timings["gate"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     received: dict[str, Received] = {}
     nbytes = ntokens = 0
@@ -303,22 +321,22 @@ def _cache_to_cache(
         layers = score.layers()
         if score.weight <= 0 or not layers:
             continue
-        decoded, size = transmit(select_layers(pre, layers), precision)
+        decoded, size = transmit(select_layers(pre, layers), req.precision)
         nbytes += size
         ntokens += pre.cache.num_tokens
         received[name] = Received(pre.offer.fingerprint, decoded, pre.offsets, score.weight)
-    timings["transfer"] = time.perf_counter() - t2
+    req.timings["transfer"] = time.perf_counter() - t2
     t3 = time.perf_counter()
-    probs, used = receiver_answer(receiver, shared, original, received, fusers)
-    timings["receiver"] = time.perf_counter() - t3
-    timings["total"] = time.perf_counter() - t_start
+    probs, used = receiver_answer(req.receiver, req.shared, req.original, received, req.fusers)
+    req.timings["receiver"] = time.perf_counter() - t3
+    req.timings["total"] = time.perf_counter() - req.t_start
     return _result(
         probs,
-        mode,
-        shared,
+        req.mode,
+        req.shared,
         used=used,
         weights={n: round(s.weight, 4) for n, s in scores.items()},
         bytes_sent=nbytes,
         tokens_sent=ntokens,
-        timings=timings,
+        timings=req.timings,
     )
