@@ -1,0 +1,168 @@
+"""NATS connection helpers: bounded connect retries, quiet error routing, raised subscription limits.
+
+Large KV transfers want two connections per agent (one publishes, one subscribes) so a big outgoing
+cache never delays incoming control messages; :class:`BusConnections` holds such a pair.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from bus.errors import ConnectError, TransportError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONNECT_RETRIES = 3  # attempts before giving up on the first connection
+DEFAULT_RETRY_WAIT = 0.2  # seconds between first-connection attempts
+DEFAULT_CONNECT_TIMEOUT = 2.0  # seconds per TCP attempt
+DEFAULT_MAX_RECONNECT_ATTEMPTS = 60  # after a connection was up; -1 = forever
+DEFAULT_RECONNECT_WAIT = 0.5  # seconds between reconnect attempts
+DEFAULT_SUB_PENDING_BYTES = 512 * 1024 * 1024  # bytes a subscription may buffer before nats-py drops (slow consumer)
+DEFAULT_SUB_PENDING_MSGS = 1_000_000  # messages a subscription may buffer
+DEFAULT_FLUSH_TIMEOUT = 10.0  # seconds for a PING/PONG round trip
+
+ErrorCallback = Callable[[Exception], Awaitable[None]]
+
+
+def _quiet_error_cb(name: str) -> ErrorCallback:
+    async def error_cb(exc: Exception) -> None:
+        log.debug("nats client %s: %s: %s", name, type(exc).__name__, exc)
+
+    return error_cb
+
+
+async def connect(
+    url: str | list[str],
+    *,
+    name: str | None = None,
+    retries: int = DEFAULT_CONNECT_RETRIES,
+    retry_wait: float = DEFAULT_RETRY_WAIT,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    allow_reconnect: bool = True,
+    max_reconnect_attempts: int = DEFAULT_MAX_RECONNECT_ATTEMPTS,
+    reconnect_wait: float = DEFAULT_RECONNECT_WAIT,
+    error_cb: ErrorCallback | None = None,
+    **options: Any,
+) -> Client:
+    """Connect to NATS, trying ``retries`` times; raise :class:`ConnectError` with one line if nobody answers.
+
+    The first connection is retried here (bounded); reconnects after a loss follow ``allow_reconnect``.
+    Extra keyword ``options`` go to ``nats.connect`` unchanged.
+    """
+    if retries < 1:
+        raise ConnectError(f"retries must be >= 1, got {retries}", url=url)
+    label = name or "fedrefine"
+    last: BaseException | None = None
+    for attempt in range(1, retries + 1):
+        try:
+            nc = await nats.connect(
+                url,
+                name=name,
+                allow_reconnect=False,  # our loop bounds the first connection; switched below
+                connect_timeout=connect_timeout,
+                max_reconnect_attempts=max_reconnect_attempts,
+                reconnect_time_wait=reconnect_wait,
+                error_cb=error_cb or _quiet_error_cb(label),
+                **options,
+            )
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            last = exc
+            log.debug("connect %s attempt %d/%d failed: %s", url, attempt, retries, exc)
+            if attempt < retries:
+                await asyncio.sleep(retry_wait)
+            continue
+        nc.options["allow_reconnect"] = allow_reconnect
+        return nc
+    raise ConnectError(f"no NATS server answers at {url} ({retries} attempts): {last}", url=url) from last
+
+
+def max_payload(nc: Client) -> int:
+    """The connected server's ``max_payload`` in bytes (headers count against it)."""
+    if not nc.is_connected:
+        raise TransportError("not connected to NATS")
+    return int(nc.max_payload)
+
+
+async def subscribe(
+    nc: Client,
+    subject: str,
+    cb: Callable[[Msg], Awaitable[None]] | None = None,
+    *,
+    queue: str = "",
+    pending_bytes_limit: int = DEFAULT_SUB_PENDING_BYTES,
+    pending_msgs_limit: int = DEFAULT_SUB_PENDING_MSGS,
+) -> Subscription:
+    """Subscribe with pending limits raised for bulk KV traffic; nats errors become :class:`TransportError`."""
+    try:
+        return await nc.subscribe(
+            subject,
+            queue=queue,
+            cb=cb,
+            pending_bytes_limit=pending_bytes_limit,
+            pending_msgs_limit=pending_msgs_limit,
+        )
+    except nats.errors.Error as exc:
+        raise TransportError(f"cannot subscribe to {subject!r}: {exc}", subject=subject) from exc
+
+
+async def flush(nc: Client, timeout: float = DEFAULT_FLUSH_TIMEOUT) -> None:
+    """Round-trip a PING so everything published so far has reached the server."""
+    try:
+        await nc.flush(timeout=timeout)
+    except (TimeoutError, nats.errors.Error) as exc:
+        raise TransportError(f"flush failed: {exc or type(exc).__name__}") from exc
+
+
+async def close(nc: Client) -> None:
+    """Drain and close a connection, ignoring one that is already closed."""
+    if nc.is_closed:
+        return
+    try:
+        await nc.drain()
+    except (TimeoutError, nats.errors.Error, OSError) as exc:
+        log.debug("drain failed (%s); closing", exc)
+        await nc.close()
+
+
+class BusConnections:
+    """A publishing and a subscribing connection to the same server; ``async with`` closes both."""
+
+    def __init__(self, url: str, *, name: str = "fedrefine", **options: Any) -> None:
+        self.url = url
+        self.name = name
+        self.options = options
+        self.pub: Client | None = None
+        self.sub: Client | None = None
+
+    async def open(self) -> BusConnections:
+        """Open both connections (publisher first)."""
+        self.pub = await connect(self.url, name=f"{self.name}-pub", **self.options)
+        try:
+            self.sub = await connect(self.url, name=f"{self.name}-sub", **self.options)
+        except BaseException:
+            await close(self.pub)
+            raise
+        return self
+
+    async def close(self) -> None:
+        """Drain and close both connections."""
+        for nc in (self.sub, self.pub):
+            if nc is not None:
+                await close(nc)
+
+    async def __aenter__(self) -> BusConnections:
+        return await self.open()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()

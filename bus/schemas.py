@@ -1,0 +1,365 @@
+"""Versioned pydantic models for every message of the query protocol (see DESIGN.md, "query protocol").
+
+Every message is frozen, forbids unknown fields, carries ``schema_version`` and a ``kind`` tag, and
+validates ids against ``[A-Za-z0-9_-]{1,64}`` so an id can never inject NATS subject tokens
+(``.``, ``*``, ``>``, whitespace). Tensors never travel as JSON: :class:`KVChunkHeader` describes raw
+bytes that follow it in the same NATS message (see ``bus.codec``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from bus.errors import SchemaError
+
+SCHEMA_VERSION = 1
+ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+FINGERPRINT_PATTERN = re.compile(r"[A-Za-z0-9_.:+-]{1,128}")
+MAX_TEXT_CHARS = 16_000  # characters in a question, query or answer text
+MAX_OPTIONS = 26  # answer options (A..Z)
+MAX_SUMMARY_DIM = 8192  # floats in an offer's pooled summary vector
+MAX_LAYER_INDEX = 1023  # highest layer index a KV chunk may name
+MAX_CHUNKS = 1 << 20  # chunks per tensor the schema admits (the reassembler's limit is lower)
+MAX_DIM = 1 << 24  # largest single dimension of a KV tensor shape
+CRC_MAX = 0xFFFFFFFF
+
+Precision = Literal["fp32", "fp16", "bf16", "int8", "int4"]
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "int4")
+Role = Literal["receiver", "transmitter", "gate", "rephraser"]
+ROLES: tuple[str, ...] = ("receiver", "transmitter", "gate", "rephraser")
+SourceDtype = Literal["float32", "float16", "bfloat16"]
+ScaleAxis = Literal["none", "channel", "token"]
+
+
+def validate_id(value: str, what: str = "id") -> str:
+    """Return ``value`` if it is a safe id (``[A-Za-z0-9_-]{1,64}``), else raise :class:`SchemaError`."""
+    if not isinstance(value, str) or ID_PATTERN.fullmatch(value) is None:
+        raise SchemaError(f"invalid {what} {value!r}: use 1-64 characters from A-Z a-z 0-9 _ -", value=value)
+    return value
+
+
+def _id(value: str) -> str:
+    if ID_PATTERN.fullmatch(value) is None:
+        raise ValueError("ids are 1-64 characters from A-Z a-z 0-9 _ - (no '.', '*', '>', whitespace)")
+    return value
+
+
+def _fingerprint(value: str) -> str:
+    if FINGERPRINT_PATTERN.fullmatch(value) is None:
+        raise ValueError("fingerprints are 1-128 characters from A-Z a-z 0-9 _ . : + -")
+    return value
+
+
+def _finite(values: tuple[float, ...]) -> tuple[float, ...]:
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError("values must be finite")
+    return values
+
+
+Id = Annotated[str, AfterValidator(_id)]
+Fingerprint = Annotated[str, AfterValidator(_fingerprint)]
+Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
+Option = Annotated[str, Field(min_length=1, max_length=2000)]
+Crc = Annotated[int, Field(ge=0, le=CRC_MAX)]
+Rate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class Message(BaseModel):
+    """Base of all protocol messages: frozen, no unknown fields, versioned, JSON on the wire."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+    def to_bytes(self) -> bytes:
+        """Serialise to compact JSON bytes."""
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls: type[M], data: bytes | bytearray | memoryview | str) -> M:
+        """Parse and validate; any problem becomes one :class:`SchemaError` line."""
+        return decode_message(data, cls)
+
+
+M = TypeVar("M", bound=Message)
+
+
+class Ask(Message):
+    """A user's question to the federation (request/reply on ``fr.ask``)."""
+
+    kind: Literal["ask"] = "ask"
+    question: Text
+    options: tuple[Option, ...] = Field(default=(), max_length=MAX_OPTIONS)
+    private: bool = False
+    deadline_s: float = Field(default=30.0, gt=0, le=3600, allow_inf_nan=False)  # seconds from now
+    byte_budget: int | None = Field(default=None, ge=0)  # bytes of KV the asker allows in total
+    link_rate_bps: Rate | None = None  # hint: receiver-side link rate in bytes/s
+    ask_id: Id | None = None
+
+
+class Query(Message):
+    """The (possibly rephrased) query q' the receiver side publishes to transmitters."""
+
+    kind: Literal["query"] = "query"
+    query_id: Id
+    receiver_id: Id
+    text: Text
+    options: tuple[Option, ...] = Field(default=(), max_length=MAX_OPTIONS)
+    deadline_unix: float = Field(gt=0, allow_inf_nan=False)  # absolute, seconds since the epoch
+
+
+class Offer(Message):
+    """A transmitter's small offer to the gate after prefilling q'."""
+
+    kind: Literal["offer"] = "offer"
+    query_id: Id
+    transmitter_id: Id
+    model_fingerprint: Fingerprint
+    n_tokens: int = Field(ge=1)
+    n_layers: int = Field(ge=1, le=MAX_LAYER_INDEX + 1)
+    kv_heads: int = Field(ge=1)
+    head_dim: int = Field(ge=1)
+    bytes_per_layer: int = Field(ge=0)  # K+V of one layer at fp16, before compression
+    summary: Annotated[tuple[float, ...], AfterValidator(_finite)] = Field(default=(), max_length=MAX_SUMMARY_DIM)
+    confidence: float = Field(ge=0.0, le=1.0)  # e.g. 1 - P("I don't know")
+    precisions: tuple[Precision, ...] = PRECISIONS
+    link_rate_bps: Rate | None = None  # the transmitter's own estimate of its uplink
+
+
+class PlanEntry(BaseModel):
+    """What one chosen transmitter must send."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    transmitter_id: Id
+    layers: tuple[Annotated[int, Field(ge=0, le=MAX_LAYER_INDEX)], ...] = Field(min_length=1)
+    precision: Precision
+    weight: float = Field(ge=0.0, allow_inf_nan=False)
+    byte_budget: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _unique_layers(self) -> PlanEntry:
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError("layers must be unique")
+        return self
+
+
+class Plan(Message):
+    """The gate's decision for one query: which transmitters send which layers, how and how much."""
+
+    kind: Literal["plan"] = "plan"
+    query_id: Id
+    receiver_id: Id
+    deadline_unix: float = Field(gt=0, allow_inf_nan=False)
+    entries: tuple[PlanEntry, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_transmitters(self) -> Plan:
+        ids = [e.transmitter_id for e in self.entries]
+        if len(set(ids)) != len(ids):
+            raise ValueError("a transmitter appears twice in the plan")
+        return self
+
+
+def expected_raw_bytes(shape: tuple[int, ...], precision: str, scale_axis: str) -> int:
+    """Bytes of a quantized tensor before compression: data plus fp16 scales (see ``bus.quant``)."""
+    b, h, t, d = shape
+    n = b * h * t * d
+    if precision == "fp32":
+        return 4 * n
+    if precision in ("fp16", "bf16"):
+        return 2 * n
+    groups = b * h * d if scale_axis == "channel" else b * h * t
+    data = n if precision == "int8" else (n + 1) // 2
+    return data + 2 * groups
+
+
+class KVChunkHeader(Message):
+    """Metadata of one chunk of one K or V tensor; the chunk's raw bytes follow it in the NATS payload.
+
+    ``chunk_crc`` is CRC-32 of the payload seeded with every other header field, so a header mutated in
+    flight fails the check; ``blob_crc`` is CRC-32 of the whole (compressed) tensor blob.
+    """
+
+    kind: Literal["kv_chunk"] = "kv_chunk"
+    query_id: Id
+    sender: Id
+    layer: int = Field(ge=0, le=MAX_LAYER_INDEX)
+    tensor: Literal["k", "v"]
+    chunk: int = Field(ge=0)
+    n_chunks: int = Field(ge=1, le=MAX_CHUNKS)
+    chunk_size: int = Field(ge=1)  # bytes in every chunk but the last
+    dtype: SourceDtype  # the sender's tensor dtype (informational)
+    shape: tuple[
+        Annotated[int, Field(ge=1, le=MAX_DIM)],
+        Annotated[int, Field(ge=1, le=MAX_DIM)],
+        Annotated[int, Field(ge=1, le=MAX_DIM)],
+        Annotated[int, Field(ge=1, le=MAX_DIM)],
+    ]  # (batch, kv_heads, tokens, head_dim)
+    precision: Precision
+    shuffle: bool
+    compression: Literal["none", "lz4"]
+    scale_axis: ScaleAxis  # int formats: "channel" (K, KIVI) or "token" (V); floats: "none"
+    scale_dtype: Literal["float16"] | None
+    raw_bytes: int = Field(ge=1)  # quantized data + scales, before compression
+    blob_bytes: int = Field(ge=1)  # what the chunks carry in total
+    layers_total: int = Field(ge=1, le=MAX_LAYER_INDEX + 1)  # layers in this send
+    chunk_crc: Crc
+    blob_crc: Crc
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KVChunkHeader:
+        if self.chunk >= self.n_chunks:
+            raise ValueError(f"chunk {self.chunk} out of range for n_chunks={self.n_chunks}")
+        if self.n_chunks != -(-self.blob_bytes // self.chunk_size):
+            raise ValueError("n_chunks does not match blob_bytes / chunk_size")
+        is_int = self.precision in ("int8", "int4")
+        if is_int != (self.scale_axis != "none") or is_int != (self.scale_dtype is not None):
+            raise ValueError(f"scale_axis/scale_dtype do not fit precision {self.precision}")
+        if self.raw_bytes != expected_raw_bytes(self.shape, self.precision, self.scale_axis):
+            raise ValueError("raw_bytes does not match shape and precision")
+        if self.compression == "none" and self.blob_bytes != self.raw_bytes:
+            raise ValueError("uncompressed blob must be raw_bytes long")
+        if self.compression == "lz4" and self.blob_bytes > self.raw_bytes + self.raw_bytes // 64 + 1024:
+            raise ValueError("compressed blob larger than LZ4 can produce")
+        return self
+
+    @property
+    def payload_len(self) -> int:
+        """Bytes this chunk's payload must have."""
+        if self.chunk < self.n_chunks - 1:
+            return self.chunk_size
+        return self.blob_bytes - self.chunk_size * (self.n_chunks - 1)
+
+    @property
+    def tensor_fields(self) -> tuple[Any, ...]:
+        """Fields every chunk of the same tensor shares (duplicates and conflicts are judged on them)."""
+        return (
+            self.query_id,
+            self.sender,
+            self.layer,
+            self.tensor,
+            self.n_chunks,
+            self.chunk_size,
+            self.dtype,
+            self.shape,
+            self.precision,
+            self.shuffle,
+            self.compression,
+            self.scale_axis,
+            self.scale_dtype,
+            self.raw_bytes,
+            self.blob_bytes,
+            self.blob_crc,
+        )
+
+    def crc_seed(self) -> bytes:
+        """Canonical bytes of every field but ``chunk_crc``; ``chunk_crc`` covers them and the payload."""
+        fields = self.model_dump(exclude={"chunk_crc"})
+        return "|".join(f"{k}={v}" for k, v in fields.items()).encode()
+
+
+class Presence(Message):
+    """A heartbeat on ``fr.presence.<role>.<id>``."""
+
+    kind: Literal["presence"] = "presence"
+    role: Role
+    agent_id: Id
+    model_fingerprint: Fingerprint | None = None
+    capabilities: tuple[Annotated[str, Field(max_length=64)], ...] = Field(default=(), max_length=64)
+    load: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)  # queries in progress
+    link_rate_bps: Rate | None = None  # measured or configured uplink, bytes/s
+    interval_s: float = Field(default=2.0, gt=0, allow_inf_nan=False)  # next heartbeat expected within
+    sent_unix: float = Field(gt=0, allow_inf_nan=False)
+
+
+class Goodbye(Message):
+    """Sent on a clean stop on the agent's presence subject."""
+
+    kind: Literal["goodbye"] = "goodbye"
+    role: Role
+    agent_id: Id
+    reason: str = Field(default="", max_length=200)
+
+
+OmissionReason = Literal["left", "late", "not_chosen", "no_fuser", "error"]
+
+
+class TransmitterUse(BaseModel):
+    """Provenance: one transmitter whose cache went into the answer."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    transmitter_id: Id
+    layers: tuple[Annotated[int, Field(ge=0, le=MAX_LAYER_INDEX)], ...]
+    precision: Precision
+    bytes: int = Field(ge=0)
+    weight: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
+
+
+class Omission(BaseModel):
+    """Provenance: one transmitter that did not contribute, and why."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    transmitter_id: Id
+    reason: OmissionReason
+    detail: str = Field(default="", max_length=500)
+
+
+class Answer(Message):
+    """The receiver's reply to an ask, with provenance."""
+
+    kind: Literal["answer"] = "answer"
+    query_id: Id
+    receiver_id: Id
+    text: str = Field(max_length=MAX_TEXT_CHARS)
+    choice: str | None = Field(default=None, max_length=8)  # option letter when options were given
+    used: tuple[TransmitterUse, ...] = ()
+    omitted: tuple[Omission, ...] = ()
+    latency_s: float = Field(ge=0.0, allow_inf_nan=False)
+    bytes_received: int = Field(default=0, ge=0)
+
+
+class ErrorReply(Message):
+    """A typed failure reply (to an ask, or on a query's error subject)."""
+
+    kind: Literal["error"] = "error"
+    code: Literal["bad_request", "timeout", "unavailable", "limit", "internal"]
+    message: str = Field(max_length=500)
+    query_id: Id | None = None
+
+
+AnyMessage = Annotated[
+    Ask | Query | Offer | Plan | KVChunkHeader | Presence | Goodbye | Answer | ErrorReply,
+    Field(discriminator="kind"),
+]
+_ANY = TypeAdapter(AnyMessage)
+
+
+def decode_message(data: bytes | bytearray | memoryview | str, expected: type[M] | None = None) -> M | Message:
+    """Parse JSON into the message its ``kind`` names (or into ``expected``); raise :class:`SchemaError`."""
+    raw = bytes(data) if isinstance(data, bytearray | memoryview) else data
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SchemaError(f"message is not JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise SchemaError("message is not a JSON object")
+    version = obj.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise SchemaError(f"unsupported schema_version {version!r} (this build speaks {SCHEMA_VERSION})")
+    try:
+        if expected is not None:
+            return expected.model_validate(obj)
+        return _ANY.validate_python(obj)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "message"
+        name = expected.__name__ if expected is not None else obj.get("kind", "message")
+        raise SchemaError(f"invalid {name}: {where}: {first['msg']}", errors=exc.errors()) from exc

@@ -1,0 +1,284 @@
+"""An embedded ``nats-server``: find the binary, configure, start, wait until ready, stop.
+
+Usable synchronously (``start()`` / ``stop()``, ``with NatsServer() as s``) and as an async context
+manager (``async with NatsServer() as s``). The server listens on 127.0.0.1 only; without a port it
+lets ``nats-server`` pick a free one (``-1``), so two servers never race for the same port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from pathlib import Path
+from types import TracebackType
+
+from bus.errors import ServerError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_MAX_PAYLOAD = 8 * 1024 * 1024  # bytes per message, headers included (nats-server's own default: 1 MB)
+DEFAULT_STARTUP_TIMEOUT = 10.0  # seconds until "Server is ready"
+DEFAULT_STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL
+DEFAULT_POLL_INTERVAL = 0.01  # seconds between readiness checks
+MAX_PAYLOAD_LIMIT = 64 * 1024 * 1024  # bytes; nats-server refuses more
+BINARY_ENV = "FEDREFINE_NATS_SERVER"
+
+_LISTEN_RE = re.compile(r"Listening for client connections on ([0-9.]+):(\d+)")
+_READY_MARK = "Server is ready"
+_LIVE_SERVERS: weakref.WeakSet[NatsServer] = weakref.WeakSet()
+
+
+def find_nats_server(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """Locate ``nats-server``: ``explicit``, the venv's ``bin/``, ``PATH``, then ``$FEDREFINE_NATS_SERVER``."""
+    candidates: list[Path] = []
+    if explicit is not None:
+        candidates.append(Path(explicit))
+    candidates.append(Path(sys.executable).parent / "nats-server")
+    on_path = shutil.which("nats-server")
+    if on_path:
+        candidates.append(Path(on_path))
+    env = os.environ.get(BINARY_ENV)
+    if env:
+        candidates.append(Path(env))
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    if explicit is not None:
+        raise ServerError(f"nats-server binary not found or not executable: {explicit}", path=str(explicit))
+    raise ServerError(
+        f"nats-server binary not found (looked in {Path(sys.executable).parent}, PATH and ${BINARY_ENV}); "
+        "run `make install` or set FEDREFINE_NATS_SERVER",
+        path=None,
+    )
+
+
+def port_is_free(port: int, host: str = DEFAULT_HOST) -> bool:
+    """True when nothing listens on ``host:port`` and it can be bound."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+class NatsServer:
+    """One ``nats-server`` process on 127.0.0.1, with its config and logs in a private temp dir."""
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        jetstream_dir: str | os.PathLike[str] | None = None,
+        max_pending: int | None = None,
+        binary: str | os.PathLike[str] | None = None,
+        startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
+        host: str = DEFAULT_HOST,
+    ) -> None:
+        if port is not None and not 0 < port < 65536:
+            raise ServerError(f"port must be 1..65535, got {port}", port=port)
+        if not 0 < max_payload <= MAX_PAYLOAD_LIMIT:
+            raise ServerError(f"max_payload must be 1..{MAX_PAYLOAD_LIMIT} bytes, got {max_payload}")
+        self.requested_port = port
+        self.max_payload = max_payload
+        self.jetstream_dir = Path(jetstream_dir) if jetstream_dir is not None else None
+        self.max_pending = max_pending
+        self.binary = binary
+        self.startup_timeout = startup_timeout
+        self.host = host
+        self.port: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._log_path: Path | None = None
+        self._out_path: Path | None = None
+        self._deadline = 0.0
+
+    # -- public surface -------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """``nats://127.0.0.1:PORT`` of the running server."""
+        if self.port is None:
+            raise ServerError("nats-server is not running")
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the server, or None when not started."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        """True while the server process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> NatsServer:
+        """Start the server and block until it accepts connections."""
+        self._spawn()
+        try:
+            while not self._check_ready():
+                time.sleep(DEFAULT_POLL_INTERVAL)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    async def astart(self) -> NatsServer:
+        """Start the server and wait (without blocking the event loop) until it accepts connections."""
+        self._spawn()
+        try:
+            while not self._check_ready():
+                await asyncio.sleep(DEFAULT_POLL_INTERVAL)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
+        """Stop the server: SIGTERM, then SIGKILL after ``timeout`` seconds; idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    log.warning("nats-server pid %d ignored SIGTERM; killing it", proc.pid)
+                    proc.kill()
+                    proc.wait()
+            log.debug("nats-server pid %d stopped (rc=%s)", proc.pid, proc.returncode)
+        _LIVE_SERVERS.discard(self)
+        self.port = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def log_text(self) -> str:
+        """The server's log so far (empty when not started)."""
+        parts = []
+        for path in (self._log_path, self._out_path):
+            if path is not None and path.exists():
+                parts.append(path.read_text(errors="replace"))
+        return "".join(parts)
+
+    def __enter__(self) -> NatsServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> NatsServer:
+        return await self.astart()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = f"url={self.url}" if self.port is not None else "stopped"
+        return f"NatsServer({state}, max_payload={self.max_payload})"
+
+    # -- internals ------------------------------------------------------------------------------------
+
+    def _config_text(self, log_path: Path) -> str:
+        port = self.requested_port if self.requested_port is not None else -1
+        lines = [
+            f'listen: "{self.host}:{port}"',
+            f"max_payload: {self.max_payload}",
+            f'log_file: "{log_path}"',
+        ]
+        if self.max_pending is not None:
+            lines.append(f"max_pending: {self.max_pending}")
+        if self.jetstream_dir is not None:
+            lines.append(f'jetstream {{ store_dir: "{self.jetstream_dir.resolve()}" }}')
+        return "\n".join(lines) + "\n"
+
+    def _spawn(self) -> None:
+        if self._proc is not None:
+            raise ServerError(f"nats-server already started ({self!r})")
+        binary = find_nats_server(self.binary)
+        if self.requested_port is not None and not port_is_free(self.requested_port, self.host):
+            raise ServerError(f"port {self.requested_port} is already in use", port=self.requested_port)
+        if self.jetstream_dir is not None:
+            try:
+                self.jetstream_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ServerError(f"cannot create JetStream dir {self.jetstream_dir}: {exc}") from exc
+        self._tmp = tempfile.TemporaryDirectory(prefix="fedrefine-nats-")
+        tmp = Path(self._tmp.name)
+        self._log_path = tmp / "nats-server.log"
+        self._out_path = tmp / "nats-server.out"
+        config = tmp / "nats-server.conf"
+        config.write_text(self._config_text(self._log_path))
+        with open(self._out_path, "wb") as out:
+            try:
+                self._proc = subprocess.Popen(
+                    [str(binary), "-c", str(config)], stdin=subprocess.DEVNULL, stdout=out, stderr=out
+                )
+            except OSError as exc:
+                self._tmp.cleanup()
+                self._tmp = None
+                raise ServerError(f"cannot run {binary}: {exc}", path=str(binary)) from exc
+        _LIVE_SERVERS.add(self)
+        self._deadline = time.monotonic() + self.startup_timeout
+        log.debug("nats-server pid %d starting with %s", self._proc.pid, config)
+
+    def _check_ready(self) -> bool:
+        """One readiness poll: True when ready; raises ServerError on exit or timeout."""
+        assert self._proc is not None
+        text = self.log_text()
+        if self._proc.poll() is not None:
+            message = self._failure_line(text)
+            self.stop()
+            raise ServerError(message, port=self.requested_port)
+        if _READY_MARK in text:
+            match = _LISTEN_RE.search(text)
+            if match is None:
+                self.stop()
+                raise ServerError("nats-server is ready but did not report its client port")
+            port = int(match.group(2))
+            if _accepts(self.host, port):
+                self.port = port
+                log.info("nats-server pid %d ready at %s", self._proc.pid, self.url)
+                return True
+        if time.monotonic() > self._deadline:
+            self.stop()
+            raise ServerError(f"nats-server did not become ready within {self.startup_timeout:.0f} s")
+        return False
+
+    def _failure_line(self, text: str) -> str:
+        if "address already in use" in text:
+            return f"port {self.requested_port} is already in use"
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        errors = [ln for ln in lines if "[FTL]" in ln or "[ERR]" in ln or "error" in ln.lower()]
+        last = (errors or lines or ["no output"])[-1]
+        return f"nats-server exited at start: {last}"
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    """Never leave a server behind when the interpreter exits without stopping it."""
+    for server in list(_LIVE_SERVERS):
+        server.stop(timeout=1.0)
