@@ -1,0 +1,283 @@
+"""Reassemble KV chunks (any order, duplicates tolerated) into decoded layers, within limits.
+
+State is kept per query, then per sender (a *stream*), then per layer and tensor. A bad chunk raises
+a :class:`ChunkError` or :class:`LimitError` and changes nothing else; a tensor whose assembled blob
+fails its checksum is dropped whole (its chunks can be sent again). Queries are freed when taken,
+closed, or past their deadline (``expire``); chunks for a closed query are refused as late.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from bus.codec import KVPair, decode_blob, identity_seed, parse_frame
+from bus.errors import ChunkError, LimitError
+from bus.schemas import KVChunkHeader
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BYTES_PER_QUERY = 1 << 30  # bytes: blobs in flight plus decoded tensors, all senders of a query
+DEFAULT_MAX_QUERIES = 64  # queries with state at once
+DEFAULT_MAX_SENDERS_PER_QUERY = 32  # transmitters per query
+DEFAULT_MAX_CHUNKS_PER_TENSOR = 65536  # chunks one K or V tensor may be split into
+DEFAULT_TTL = 120.0  # seconds a query's state lives without an explicit deadline
+DEFAULT_CLOSED_MEMORY = 4096  # recently closed query ids remembered to refuse late chunks
+
+
+@dataclass(frozen=True)
+class ReassemblyLimits:
+    """Bounds that keep a receiver's memory safe from a faulty or hostile sender."""
+
+    max_bytes_per_query: int = DEFAULT_MAX_BYTES_PER_QUERY
+    max_queries: int = DEFAULT_MAX_QUERIES
+    max_senders_per_query: int = DEFAULT_MAX_SENDERS_PER_QUERY
+    max_chunks_per_tensor: int = DEFAULT_MAX_CHUNKS_PER_TENSOR
+    ttl: float = DEFAULT_TTL
+
+
+@dataclass(frozen=True)
+class LayerDone:
+    """One layer whose K and V both arrived, verified and decoded."""
+
+    query_id: str
+    sender: str
+    layer: int
+    k: torch.Tensor  # (B, kv_heads, T, head_dim)
+    v: torch.Tensor  # (B, kv_heads, T, head_dim)
+    layers_total: int
+
+
+@dataclass
+class _Tensor:
+    first: KVChunkHeader
+    buf: bytearray | None
+    crcs: dict[int, int] = field(default_factory=dict)  # chunk index -> chunk_crc
+    decoded: torch.Tensor | None = None
+    reserved: int = 0  # bytes charged to the query
+
+
+@dataclass
+class _Stream:
+    tensors: dict[tuple[int, str], _Tensor] = field(default_factory=dict)
+    complete: dict[int, KVPair] = field(default_factory=dict)
+    layers_total: int = 0
+
+
+@dataclass
+class _Query:
+    deadline: float
+    streams: dict[str, _Stream] = field(default_factory=dict)
+    bytes: int = 0
+
+
+class Reassembler:
+    """Turns chunk frames into complete, decoded layers per (query_id, sender)."""
+
+    def __init__(
+        self,
+        limits: ReassemblyLimits | None = None,
+        *,
+        out_dtype: torch.dtype = torch.float32,
+        on_layer: Callable[[LayerDone], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise LimitError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+        self.limits = limits or ReassemblyLimits()
+        self.out_dtype = out_dtype
+        self.on_layer = on_layer
+        self.clock = clock
+        self._queries: dict[str, _Query] = {}
+        self._closed: OrderedDict[str, None] = OrderedDict()
+
+    # -- feeding --------------------------------------------------------------------------------------
+
+    def feed(self, frame: bytes | bytearray | memoryview) -> list[LayerDone]:
+        """Parse one frame and add it; return the layers it completed."""
+        header, payload = parse_frame(frame)
+        return self.add(header, payload)
+
+    def add(self, header: KVChunkHeader, payload: bytes | memoryview) -> list[LayerDone]:
+        """Add a parsed chunk (payload already checked against ``chunk_crc``); return completed layers."""
+        h = header
+        if h.query_id in self._closed:
+            raise ChunkError(f"late chunk for closed query {h.query_id}", reason="late", query_id=h.query_id)
+        if h.n_chunks > self.limits.max_chunks_per_tensor:
+            raise LimitError(
+                f"{h.n_chunks} chunks per tensor exceeds the limit {self.limits.max_chunks_per_tensor}",
+                reason="chunks",
+                query_id=h.query_id,
+            )
+        stream = self._stream(h)
+        key = (h.layer, h.tensor)
+        state = stream.tensors.get(key)
+        if state is None:
+            state = self._new_tensor(h)
+            stream.tensors[key] = state
+        elif state.first.tensor_fields != h.tensor_fields:
+            raise ChunkError(
+                f"chunk {h.chunk} of layer {h.layer} {h.tensor} from {h.sender} conflicts with "
+                "earlier chunks (shape, dtype, size or checksum differ)",
+                reason="conflict",
+                query_id=h.query_id,
+            )
+        if h.chunk in state.crcs:
+            if state.crcs[h.chunk] == h.chunk_crc:
+                return []  # exact duplicate: same header, payload matched the same checksum
+            raise ChunkError(
+                f"conflicting duplicate of chunk {h.chunk} of layer {h.layer} {h.tensor}",
+                reason="conflict",
+                query_id=h.query_id,
+            )
+        assert state.buf is not None
+        state.buf[h.chunk * h.chunk_size : h.chunk * h.chunk_size + len(payload)] = payload
+        state.crcs[h.chunk] = h.chunk_crc
+        stream.layers_total = max(stream.layers_total, h.layers_total)
+        if len(state.crcs) < h.n_chunks:
+            return []
+        self._finish_tensor(h, stream, key, state)
+        return self._maybe_layer(h, stream)
+
+    def _stream(self, h: KVChunkHeader) -> _Stream:
+        query = self._queries.get(h.query_id)
+        if query is None:
+            if len(self._queries) >= self.limits.max_queries:
+                raise LimitError(
+                    f"{len(self._queries)} queries in flight; limit {self.limits.max_queries}",
+                    reason="queries",
+                    query_id=h.query_id,
+                )
+            query = _Query(deadline=self.clock() + self.limits.ttl)
+            self._queries[h.query_id] = query
+        stream = query.streams.get(h.sender)
+        if stream is None:
+            if len(query.streams) >= self.limits.max_senders_per_query:
+                raise LimitError(
+                    f"query {h.query_id} already has {len(query.streams)} senders",
+                    reason="senders",
+                    query_id=h.query_id,
+                )
+            stream = _Stream()
+            query.streams[h.sender] = stream
+        return stream
+
+    def _new_tensor(self, h: KVChunkHeader) -> _Tensor:
+        query = self._queries[h.query_id]
+        decoded = h.shape[0] * h.shape[1] * h.shape[2] * h.shape[3] * self.out_dtype.itemsize
+        need = h.blob_bytes + h.raw_bytes + decoded  # blob, a decompressed copy, the output tensor
+        if query.bytes + need > self.limits.max_bytes_per_query:
+            raise LimitError(
+                f"query {h.query_id} would hold {query.bytes + need} bytes; limit {self.limits.max_bytes_per_query}",
+                reason="bytes",
+                query_id=h.query_id,
+            )
+        query.bytes += need
+        return _Tensor(first=h, buf=bytearray(h.blob_bytes), reserved=need)
+
+    def _finish_tensor(self, h: KVChunkHeader, stream: _Stream, key: tuple[int, str], state: _Tensor) -> None:
+        query = self._queries[h.query_id]
+        blob, state.buf = state.buf, None
+        assert blob is not None
+        try:
+            seed = identity_seed(h.query_id, h.sender, h.layer, h.tensor)
+            if zlib.crc32(blob, zlib.crc32(seed)) != h.blob_crc:
+                raise ChunkError(
+                    f"blob checksum mismatch for layer {h.layer} {h.tensor} from {h.sender}",
+                    reason="checksum",
+                    query_id=h.query_id,
+                )
+            state.decoded = decode_blob(blob, h, self.out_dtype)
+        except ChunkError:
+            del stream.tensors[key]  # drop it whole so a resend can start clean
+            query.bytes -= state.reserved
+            raise
+        keep = state.decoded.numel() * state.decoded.element_size()
+        query.bytes -= state.reserved - keep
+        state.reserved = keep
+
+    def _maybe_layer(self, h: KVChunkHeader, stream: _Stream) -> list[LayerDone]:
+        k_state = stream.tensors.get((h.layer, "k"))
+        v_state = stream.tensors.get((h.layer, "v"))
+        if k_state is None or v_state is None or k_state.decoded is None or v_state.decoded is None:
+            return []
+        k, v = k_state.decoded, v_state.decoded
+        if k.shape[:3] != v.shape[:3]:
+            raise ChunkError(
+                f"layer {h.layer} from {h.sender}: K {tuple(k.shape)} and V {tuple(v.shape)} "
+                "disagree on batch, heads or tokens",
+                reason="shape",
+                query_id=h.query_id,
+            )
+        stream.complete[h.layer] = (k, v)
+        done = LayerDone(h.query_id, h.sender, h.layer, k, v, stream.layers_total)
+        if self.on_layer is not None:
+            self.on_layer(done)
+        return [done]
+
+    # -- reading and freeing --------------------------------------------------------------------------
+
+    def completed(self, query_id: str, sender: str) -> dict[int, KVPair]:
+        """Complete layers of one stream so far (a copy of the mapping; tensors are shared)."""
+        stream = self._get_stream(query_id, sender)
+        return dict(sorted(stream.complete.items())) if stream else {}
+
+    def is_complete(self, query_id: str, sender: str) -> bool:
+        """True when a stream delivered as many complete layers as its sender announced."""
+        stream = self._get_stream(query_id, sender)
+        return bool(stream and stream.layers_total and len(stream.complete) >= stream.layers_total)
+
+    def senders(self, query_id: str) -> list[str]:
+        """Senders with state for a query."""
+        query = self._queries.get(query_id)
+        return list(query.streams) if query else []
+
+    def query_bytes(self, query_id: str) -> int:
+        """Bytes currently charged to a query."""
+        query = self._queries.get(query_id)
+        return query.bytes if query else 0
+
+    @property
+    def queries_in_flight(self) -> int:
+        """Queries holding state."""
+        return len(self._queries)
+
+    def set_deadline(self, query_id: str, deadline: float) -> None:
+        """Free the query's state at ``deadline`` (same clock as ``clock``), even before any chunk arrived."""
+        query = self._queries.get(query_id)
+        if query is None:
+            if len(self._queries) >= self.limits.max_queries:
+                raise LimitError(
+                    f"{len(self._queries)} queries in flight; limit {self.limits.max_queries}",
+                    reason="queries",
+                    query_id=query_id,
+                )
+            query = self._queries[query_id] = _Query(deadline=deadline)
+        query.deadline = deadline
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Close every query past its deadline; return their ids."""
+        now = self.clock() if now is None else now
+        gone = [qid for qid, q in self._queries.items() if q.deadline <= now]
+        for qid in gone:
+            log.debug("query %s expired with %d bytes of state", qid, self._queries[qid].bytes)
+            self.close(qid)
+        return gone
+
+    def close(self, query_id: str) -> None:
+        """Free a query's state and refuse its later chunks."""
+        self._queries.pop(query_id, None)
+        self._closed[query_id] = None
+        self._closed.move_to_end(query_id)
+        while len(self._closed) > DEFAULT_CLOSED_MEMORY:
+            self._closed.popitem(last=False)
+
+    def _get_stream(self, query_id: str, sender: str) -> _Stream | None:
+        query = self._queries.get(query_id)
+        return query.streams.get(sender) if query else None

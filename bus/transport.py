@@ -1,0 +1,312 @@
+"""Move KV caches over NATS: :func:`send_cache` publishes chunk frames with flow control, :class:`KVReceiver`
+subscribes, reassembles and hands out complete layers per (query_id, sender).
+
+Flow control: the sender encodes the next layer in a worker thread while it publishes the current one,
+and round-trips a PING every ``flush_every`` bytes, so it never runs further ahead of the server than
+that; the receiving subscription's pending limits are raised (``bus.connect``) so a 64 MB cache is
+buffered, not dropped as a slow consumer. An optional :class:`~bus.shaper.LinkShaper` paces publishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import nats
+import torch
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from bus import connect as busconn
+from bus.codec import KVPair, Layers, check_layers, encode_layer_frames, parse_frame
+from bus.errors import FedRefineError, SchemaError, TransportError
+from bus.quant import get_format
+from bus.reassembler import LayerDone, Reassembler, ReassemblyLimits
+from bus.schemas import KVChunkHeader, validate_id
+from bus.shaper import LinkShaper
+from bus.subjects import Subjects
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FLUSH_EVERY = 8 * 1024 * 1024  # bytes published between PING/PONG round trips
+DEFAULT_EXPIRE_INTERVAL = 1.0  # seconds between the receiver's deadline sweeps
+DEFAULT_ERROR_MEMORY = 100  # recent receive errors a KVReceiver keeps
+
+
+@dataclass(frozen=True)
+class SendReport:
+    """What :func:`send_cache` put on the wire."""
+
+    query_id: str
+    sender: str
+    subject: str
+    layers: tuple[int, ...]
+    precision: str
+    chunks: int
+    wire_bytes: int  # frame bytes published, headers included
+    seconds: float
+
+
+async def _publish(nc: Client, subject: str, frame: bytes) -> None:
+    try:
+        await nc.publish(subject, frame)
+    except nats.errors.MaxPayloadError as exc:
+        raise TransportError(f"{len(frame)}-byte frame exceeds the server's max_payload {nc.max_payload}") from exc
+    except (nats.errors.Error, OSError) as exc:
+        raise TransportError(f"publish to {subject!r} failed: {exc or type(exc).__name__}", subject=subject) from exc
+
+
+async def send_cache(
+    nc: Client,
+    subject: str,
+    layers: Layers,
+    *,
+    precision: str = "fp16",
+    query_id: str,
+    sender: str,
+    compress: bool = True,
+    chunk_bytes: int | None = None,
+    flush_every: int = DEFAULT_FLUSH_EVERY,
+    shaper: LinkShaper | None = None,
+    max_payload: int | None = None,
+) -> SendReport:
+    """Send ``layers`` (``{layer: (K, V)}``, in the mapping's order) to ``subject`` as KV chunk frames.
+
+    Chunks fit the connected server's ``max_payload`` (or the smaller ``max_payload`` given).
+    """
+    validate_id(query_id, "query id")
+    validate_id(sender, "sender id")
+    get_format(precision)
+    check_layers(layers)
+    if flush_every < 1:
+        raise TransportError(f"flush_every must be positive, got {flush_every}")
+    limit = busconn.max_payload(nc)
+    if max_payload is not None:
+        limit = min(limit, max_payload)
+    order = list(layers)
+    opts: dict[str, Any] = dict(
+        precision=precision,
+        query_id=query_id,
+        sender=sender,
+        layers_total=len(order),
+        max_payload=limit,
+        compress=compress,
+        chunk_bytes=chunk_bytes,
+    )
+
+    def encode(i: int) -> Awaitable[list[bytes]]:
+        k, v = layers[order[i]]
+        return asyncio.ensure_future(asyncio.to_thread(encode_layer_frames, order[i], k, v, **opts))
+
+    start = time.perf_counter()
+    chunks = wire = since_flush = 0
+    pending = encode(0)
+    try:
+        for i in range(len(order)):
+            frames = await pending
+            pending = encode(i + 1) if i + 1 < len(order) else None
+            for frame in frames:
+                if shaper is not None:
+                    await shaper.acquire(len(frame))
+                await _publish(nc, subject, frame)
+                chunks += 1
+                wire += len(frame)
+                since_flush += len(frame)
+                if since_flush >= flush_every:
+                    await busconn.flush(nc)
+                    since_flush = 0
+        await busconn.flush(nc)
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+    seconds = time.perf_counter() - start
+    log.debug(
+        "sent %d layers of %s/%s: %d chunks, %d bytes in %.3f s", len(order), query_id, sender, chunks, wire, seconds
+    )
+    return SendReport(query_id, sender, subject, tuple(order), precision, chunks, wire, seconds)
+
+
+LayerCallback = Callable[[LayerDone], Any]
+ErrorCallback = Callable[[FedRefineError, str], Any]
+
+
+class KVReceiver:
+    """Subscribes to a KV subject (or wildcard), reassembles chunks, exposes complete layers per stream."""
+
+    def __init__(
+        self,
+        nc: Client,
+        subject: str,
+        *,
+        limits: ReassemblyLimits | None = None,
+        out_dtype: torch.dtype = torch.float32,
+        subjects: Subjects | None = None,
+        on_layer: LayerCallback | None = None,
+        on_error: ErrorCallback | None = None,
+        pending_bytes_limit: int = busconn.DEFAULT_SUB_PENDING_BYTES,
+        expire_interval: float = DEFAULT_EXPIRE_INTERVAL,
+    ) -> None:
+        self.nc = nc
+        self.subject = subject
+        self.reassembler = Reassembler(limits, out_dtype=out_dtype)
+        self.subjects = subjects
+        self.on_layer = on_layer
+        self.on_error = on_error
+        self.pending_bytes_limit = pending_bytes_limit
+        self.expire_interval = expire_interval
+        self.errors: deque[tuple[str, FedRefineError]] = deque(maxlen=DEFAULT_ERROR_MEMORY)
+        self.stats = {"frames": 0, "bytes": 0, "layers": 0, "errors": 0}
+        self._sub: Subscription | None = None
+        self._cond = asyncio.Condition()
+        self._listeners: list[asyncio.Queue[LayerDone]] = []
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> KVReceiver:
+        """Subscribe (with raised pending limits) and start the deadline sweeper."""
+        if self._sub is not None:
+            raise TransportError(f"receiver on {self.subject!r} already started")
+        self._sub = await busconn.subscribe(
+            self.nc, self.subject, self._on_msg, pending_bytes_limit=self.pending_bytes_limit
+        )
+        await busconn.flush(self.nc)  # the server knows the subscription before anyone sends
+        self._sweeper = asyncio.create_task(self._sweep(), name=f"kv-sweeper:{self.subject}")
+        return self
+
+    async def stop(self) -> None:
+        """Unsubscribe and stop the sweeper; state already received stays readable."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
+    async def __aenter__(self) -> KVReceiver:
+        return await self.start()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    # -- receiving ------------------------------------------------------------------------------------
+
+    async def _on_msg(self, msg: Msg) -> None:
+        self.stats["frames"] += 1
+        self.stats["bytes"] += len(msg.data)
+        try:
+            header, payload = parse_frame(msg.data)
+            self._check_subject(msg.subject, header)
+            done = self.reassembler.add(header, payload)
+        except FedRefineError as exc:
+            await self._error(exc, msg.subject)
+            return
+        if not done:
+            return
+        self.stats["layers"] += len(done)
+        for ev in done:
+            for queue in self._listeners:
+                queue.put_nowait(ev)
+            if self.on_layer is not None:
+                try:
+                    result = self.on_layer(ev)
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception as exc:  # a user callback must not kill the subscription
+                    log.exception("on_layer callback failed for %s/%s layer %d", ev.query_id, ev.sender, ev.layer)
+                    await self._error(TransportError(f"on_layer callback failed: {exc}"), msg.subject)
+        async with self._cond:
+            self._cond.notify_all()
+
+    def _check_subject(self, subject: str, header: KVChunkHeader) -> None:
+        """With ``subjects`` set, a chunk must name the query and sender its subject names (no spoofing)."""
+        if self.subjects is None:
+            return
+        parts = self.subjects.parse(subject)
+        if parts.kind != "kv" or parts.query_id != header.query_id or parts.sender != header.sender:
+            raise SchemaError(f"chunk for {header.query_id}/{header.sender} arrived on {subject!r}; dropped")
+
+    async def _error(self, exc: FedRefineError, subject: str) -> None:
+        self.stats["errors"] += 1
+        self.errors.append((subject, exc))
+        log.debug("KV receive error on %s: %s", subject, exc)
+        if self.on_error is not None:
+            try:
+                result = self.on_error(exc, subject)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("on_error callback failed")
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.expire_interval)
+            try:
+                self.reassembler.expire()
+            except Exception:  # never let the sweeper die silently
+                log.exception("deadline sweep failed")
+
+    # -- reading --------------------------------------------------------------------------------------
+
+    def completed(self, query_id: str, sender: str) -> dict[int, KVPair]:
+        """Complete layers of one stream so far."""
+        return self.reassembler.completed(query_id, sender)
+
+    def is_complete(self, query_id: str, sender: str) -> bool:
+        """True once a stream delivered every layer its sender announced."""
+        return self.reassembler.is_complete(query_id, sender)
+
+    async def wait_complete(
+        self, query_id: str, sender: str, *, layers: Iterable[int] | None = None, timeout: float
+    ) -> dict[int, KVPair]:
+        """Wait for the given layers (default: all announced) of one stream; TransportError on timeout."""
+        wanted = set(layers) if layers is not None else None
+
+        def ready() -> bool:
+            if wanted is None:
+                return self.is_complete(query_id, sender)
+            return wanted <= set(self.completed(query_id, sender))
+
+        try:
+            async with self._cond:
+                await asyncio.wait_for(self._cond.wait_for(ready), timeout)
+        except TimeoutError as exc:
+            have = sorted(self.completed(query_id, sender))
+            raise TransportError(
+                f"timed out after {timeout:.1f} s waiting for {query_id}/{sender}; complete layers: {have}",
+                query_id=query_id,
+                sender=sender,
+            ) from exc
+        return self.completed(query_id, sender)
+
+    async def iter_layers(self) -> AsyncIterator[LayerDone]:
+        """Yield every layer completed from now on, as it completes."""
+        queue: asyncio.Queue[LayerDone] = asyncio.Queue()
+        self._listeners.append(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._listeners.remove(queue)
+
+    def set_deadline(self, query_id: str, seconds_from_now: float) -> None:
+        """Free the query's state ``seconds_from_now`` seconds from now."""
+        self.reassembler.set_deadline(query_id, self.reassembler.clock() + seconds_from_now)
+
+    def close_query(self, query_id: str) -> None:
+        """Free a query's state now and refuse its late chunks."""
+        self.reassembler.close(query_id)
