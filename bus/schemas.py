@@ -26,6 +26,8 @@ MAX_SUMMARY_DIM = 8192  # floats in an offer's pooled summary vector
 MAX_LAYER_INDEX = 1023  # highest layer index a KV chunk may name
 MAX_CHUNKS = 1 << 20  # chunks per tensor the schema admits (the reassembler's limit is lower)
 MAX_DIM = 1 << 24  # largest single dimension of a KV tensor shape
+MAX_OFFER_TOKENS = 8192  # token offsets an offer may carry
+MAX_NOTES = 16  # free-text notes on an answer
 CRC_MAX = 0xFFFFFFFF
 
 Precision = Literal["fp32", "fp16", "bf16", "int8", "int4"]
@@ -129,6 +131,23 @@ class Offer(Message):
     confidence: float = Field(ge=0.0, le=1.0)  # e.g. 1 - P("I don't know")
     precisions: tuple[Precision, ...] = PRECISIONS
     link_rate_bps: Rate | None = None  # the transmitter's own estimate of its uplink
+    # What the gating network reads besides ``summary`` (fusion.gate.OfferSummary), exactly, not via confidence:
+    p_none: float | None = Field(default=None, ge=0.0, le=1.0)  # P(" none") among the five answer tokens
+    p_top: float | None = Field(default=None, ge=0.0, le=1.0)  # P(most likely letter) among the five
+    entropy: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)  # nats, over the five
+    # Character span (start, end) in the prompt of q' of each of the transmitter's tokens: the receiver aligns
+    # the transmitter's cache onto its own tokens with them. Empty, or exactly n_tokens spans.
+    offsets: tuple[tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]], ...] = Field(
+        default=(), max_length=MAX_OFFER_TOKENS
+    )
+
+    @model_validator(mode="after")
+    def _offsets_fit(self) -> Offer:
+        if self.offsets and len(self.offsets) != self.n_tokens:
+            raise ValueError(f"{len(self.offsets)} token offsets for n_tokens={self.n_tokens}")
+        if any(start > end for start, end in self.offsets):
+            raise ValueError("a token offset ends before it starts")
+        return self
 
 
 class PlanEntry(BaseModel):
@@ -157,6 +176,7 @@ class Plan(Message):
     receiver_id: Id
     deadline_unix: float = Field(gt=0, allow_inf_nan=False)
     entries: tuple[PlanEntry, ...] = ()
+    omitted: tuple[Omission, ...] = Field(default=(), max_length=256)  # transmitters not planned, and why
 
     @model_validator(mode="after")
     def _unique_transmitters(self) -> Plan:
@@ -324,6 +344,11 @@ class Answer(Message):
     omitted: tuple[Omission, ...] = ()
     latency_s: float = Field(ge=0.0, allow_inf_nan=False)
     bytes_received: int = Field(default=0, ge=0)
+    probs: tuple[Annotated[float, Field(ge=0.0, le=1.0)], ...] = Field(default=(), max_length=MAX_OPTIONS)
+    notes: tuple[Annotated[str, Field(max_length=500)], ...] = Field(default=(), max_length=MAX_NOTES)
+
+
+Plan.model_rebuild()  # ``omitted`` refers to Omission, defined below Plan
 
 
 class ErrorReply(Message):

@@ -10,6 +10,7 @@ Layout under a configurable prefix (default ``fr``)::
     fr.presence.<role>.<agent_id>           heartbeats and goodbyes
     fr.answer.<query_id>                    the answer (besides the reply to the ask)
     fr.error.<query_id>                     typed errors about one query
+    fr.rephrase.<receiver_id>               receiver side only: request/reply to that receiver's rephraser
 
 Every id is checked with :func:`bus.schemas.validate_id`, so no caller can smuggle ``.``, ``*`` or
 ``>`` into a subject.
@@ -26,7 +27,7 @@ from bus.schemas import ROLES, validate_id
 
 DEFAULT_PREFIX = "fr"
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_-]{1,32}(\.[A-Za-z0-9_-]{1,32}){0,3}")
-KINDS = ("ask", "query", "offer", "plan", "kv", "presence", "answer", "error")
+KINDS = ("ask", "query", "offer", "plan", "kv", "presence", "answer", "error", "rephrase")
 
 
 class SubjectParts(BaseModel):
@@ -119,6 +120,10 @@ class Subjects:
         """Subject of typed errors about one query."""
         return f"{self.prefix}.error.{validate_id(query_id, 'query id')}"
 
+    def rephrase(self, receiver_id: str) -> str:
+        """Receiver-side subject of one receiver's rephraser (request/reply: Ask in, Query of q' out)."""
+        return f"{self.prefix}.rephrase.{validate_id(receiver_id, 'receiver id')}"
+
     # -- parser ---------------------------------------------------------------------------------------
 
     def parse(self, subject: str) -> SubjectParts:
@@ -128,6 +133,7 @@ class Subjects:
             raise SchemaError(f"subject {subject!r} is not under prefix {self.prefix!r}", subject=subject)
         kind, rest = tokens[self._n], tokens[self._n + 1 :]
         expected = {"ask": 0, "query": 0, "offer": 1, "plan": 1, "kv": 3, "presence": 2, "answer": 1, "error": 1}
+        expected["rephrase"] = 1
         if kind not in expected:
             raise SchemaError(f"unknown subject kind {kind!r} in {subject!r}", subject=subject)
         if len(rest) != expected[kind]:
@@ -141,6 +147,8 @@ class Subjects:
                 query_id=validate_id(rest[1], "query id"),
                 sender=validate_id(rest[2], "sender id"),
             )
+        if kind == "rephrase":
+            return SubjectParts(kind=kind, receiver_id=validate_id(rest[0], "receiver id"))
         if kind == "presence":
             return SubjectParts(kind=kind, role=_role(rest[0]), agent_id=validate_id(rest[1], "agent id"))
         return SubjectParts(kind=kind, query_id=validate_id(rest[0], "query id"))
