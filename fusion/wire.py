@@ -1,10 +1,9 @@
 """What a transmitted cache looks like after the trip: the bus codec at a chosen precision, in process.
 
-``transmit(layers, precision)`` encodes a ``{layer: (K, V)}`` mapping the way the bus would and decodes it
-again, returning the tensors the receiver would get and the bytes that would travel. It uses
-``bus.codec`` when that module offers an encode/decode pair; until then (or if its API changes) a local
-stand-in quantises exactly as DESIGN.md specifies (fp16/bf16 casts; int8/int4 with per-channel scales
-for K and per-token scales for V, asymmetric) and counts the raw quantised bytes plus scales.
+``transmit(layers, precision)`` encodes a ``{layer: (K, V)}`` mapping with the bus codec (quantise, shuffle,
+LZ4, checksummed frames), decodes the frames again, and returns the tensors the receiver would get and the
+bytes that would travel. Without ``bus.codec`` a local stand-in quantises as DESIGN.md specifies (fp16/bf16
+casts; int8/int4 asymmetric with per-channel scales for K, per-token for V) and counts raw bytes plus scales.
 """
 
 from __future__ import annotations
@@ -55,29 +54,34 @@ def _local_roundtrip(layers: Mapping[int, KV], precision: str) -> tuple[dict[int
 
 
 def _bus_codec():
-    """``(encode, decode)`` from ``bus.codec`` if it exposes a cache-level pair, else None."""
+    """``(encode_cache, decode_frames)`` from ``bus.codec``, or None when it is not importable."""
     try:
         codec = importlib.import_module("bus.codec")
     except ImportError:
         return None
-    encode, decode = getattr(codec, "encode_cache", None), getattr(codec, "decode_cache", None)
-    if callable(encode) and callable(decode):
-        return encode, decode
-    return None
+    encode, decode = getattr(codec, "encode_cache", None), getattr(codec, "decode_frames", None)
+    return (encode, decode) if callable(encode) and callable(decode) else None
 
 
-def transmit(layers: Mapping[int, KV], precision: str = "fp32") -> tuple[dict[int, KV], int]:
-    """The layers as the receiver gets them after encoding at ``precision``, and the bytes that travelled."""
+def transmit(
+    layers: Mapping[int, KV], precision: str = "fp32", *, query_id: str = "local", sender: str = "local"
+) -> tuple[dict[int, KV], int]:
+    """The layers as the receiver gets them after the bus codec at ``precision``, and the bytes that travelled.
+
+    Bytes are whole frames (header + compressed payload), exactly what would be published.
+    """
     if precision not in PRECISIONS:
         raise CodecError(f"unknown precision {precision!r}; choose one of {PRECISIONS}", precision=precision)
     if not layers:
         return {}, 0
     codec = _bus_codec()
-    if codec is not None:
-        encode, decode = codec
-        blob = encode(dict(layers), precision=precision)
-        decoded = decode(blob)
-        nbytes = sum(len(b) for b in blob) if isinstance(blob, list | tuple) else len(blob)
-        dtype = next(iter(layers.values()))[0].dtype
-        return {i: (k.to(dtype), v.to(dtype)) for i, (k, v) in decoded.items()}, nbytes
-    return _local_roundtrip(layers, precision)
+    if codec is None:
+        return _local_roundtrip(layers, precision)
+    encode, decode = codec
+    dtype = next(iter(layers.values()))[0].dtype
+    frames = list(encode(dict(layers), precision=precision, query_id=query_id, sender=sender))
+    decoded = decode(frames, out_dtype=dtype)
+    missing = sorted(set(layers) - set(decoded))
+    if missing:
+        raise CodecError(f"the codec lost layers {missing} on a local round trip")
+    return {i: decoded[i] for i in sorted(layers)}, sum(len(f) for f in frames)
