@@ -6,7 +6,6 @@ cache never delays incoming control messages; :class:`BusConnections` holds such
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -53,36 +52,32 @@ async def connect(
     error_cb: ErrorCallback | None = None,
     **options: Any,
 ) -> Client:
-    """Connect to NATS, trying ``retries`` times; raise :class:`ConnectError` with one line if nobody answers.
+    """Connect to NATS, trying about ``retries`` times (at least twice); raise :class:`ConnectError` if nobody answers.
 
-    The first connection is retried here (bounded); reconnects after a loss follow ``allow_reconnect``.
-    Extra keyword ``options`` go to ``nats.connect`` unchanged.
+    The first connection is bounded here; reconnects after a loss follow ``allow_reconnect``,
+    ``max_reconnect_attempts`` and ``reconnect_wait``. Extra ``options`` go to ``nats.connect`` unchanged.
     """
     if retries < 1:
         raise ConnectError(f"retries must be >= 1, got {retries}", url=url)
     label = name or "fedrefine"
-    last: BaseException | None = None
-    for attempt in range(1, retries + 1):
-        try:
-            nc = await nats.connect(
-                url,
-                name=name,
-                allow_reconnect=False,  # our loop bounds the first connection; switched below
-                connect_timeout=connect_timeout,
-                max_reconnect_attempts=max_reconnect_attempts,
-                reconnect_time_wait=reconnect_wait,
-                error_cb=error_cb or _quiet_error_cb(label),
-                **options,
-            )
-        except (TimeoutError, OSError, nats.errors.Error) as exc:
-            last = exc
-            log.debug("connect %s attempt %d/%d failed: %s", url, attempt, retries, exc)
-            if attempt < retries:
-                await asyncio.sleep(retry_wait)
-            continue
-        nc.options["allow_reconnect"] = allow_reconnect
-        return nc
-    raise ConnectError(f"no NATS server answers at {url} ({retries} attempts): {last}", url=url) from last
+    try:
+        # nats-py retries the first connection itself, max_reconnect_attempts + 1 times (0 would mean forever)
+        nc = await nats.connect(
+            url,
+            name=name,
+            allow_reconnect=False,
+            connect_timeout=connect_timeout,
+            max_reconnect_attempts=max(1, retries - 1),
+            reconnect_time_wait=retry_wait,
+            error_cb=error_cb or _quiet_error_cb(label),
+            **options,
+        )
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
+        raise ConnectError(f"no NATS server answers at {url}: {exc or type(exc).__name__}", url=url) from exc
+    nc.options["allow_reconnect"] = allow_reconnect
+    nc.options["max_reconnect_attempts"] = max_reconnect_attempts
+    nc.options["reconnect_time_wait"] = reconnect_wait
+    return nc
 
 
 def max_payload(nc: Client) -> int:

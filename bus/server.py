@@ -42,10 +42,12 @@ _LIVE_SERVERS: weakref.WeakSet[NatsServer] = weakref.WeakSet()
 
 def find_nats_server(explicit: str | os.PathLike[str] | None = None) -> Path:
     """Locate ``nats-server``: ``explicit``, the venv's ``bin/``, ``PATH``, then ``$FEDREFINE_NATS_SERVER``."""
-    candidates: list[Path] = []
     if explicit is not None:
-        candidates.append(Path(explicit))
-    candidates.append(Path(sys.executable).parent / "nats-server")
+        path = Path(explicit)
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+        raise ServerError(f"nats-server binary not found or not executable: {explicit}", path=str(explicit))
+    candidates = [Path(sys.executable).parent / "nats-server"]
     on_path = shutil.which("nats-server")
     if on_path:
         candidates.append(Path(on_path))
@@ -55,8 +57,6 @@ def find_nats_server(explicit: str | os.PathLike[str] | None = None) -> Path:
     for path in candidates:
         if path.is_file() and os.access(path, os.X_OK):
             return path
-    if explicit is not None:
-        raise ServerError(f"nats-server binary not found or not executable: {explicit}", path=str(explicit))
     raise ServerError(
         f"nats-server binary not found (looked in {Path(sys.executable).parent}, PATH and ${BINARY_ENV}); "
         "run `make install` or set FEDREFINE_NATS_SERVER",

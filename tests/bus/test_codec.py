@@ -1,0 +1,167 @@
+"""KV codec round trips: every precision x shapes, error bounds, sizes, chunking, subsets, bad input."""
+
+from __future__ import annotations
+
+import random
+import zlib
+
+import pytest
+import torch
+
+from bus.codec import (
+    build_frame,
+    decode_frames,
+    encode_cache,
+    encode_tensor,
+    parse_frame,
+)
+from bus.errors import ChunkError, CodecError
+from bus.schemas import PRECISIONS, expected_raw_bytes
+
+SHAPES = {
+    "batch2": (2, 4, 16, 64),
+    "odd_head_dim": (1, 3, 7, 33),  # odd element count for int4 packing
+    "one_token": (1, 2, 1, 8),
+    "many_layers": (1, 2, 5, 16),
+}
+# relative L2 error bounds on gaussian data; fp32 is exact
+REL_L2_BOUND = {"fp32": 0.0, "fp16": 1e-3, "bf16": 6e-3, "int8": 1e-2, "int4": 0.2}
+
+
+def _cache(shape: tuple[int, int, int, int], n_layers: int, seed: int, dtype=torch.float32) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    channel_scale = torch.exp(torch.randn(shape[3], generator=gen))  # outlier-ish channels, as in real K
+    return {
+        i: (
+            (torch.randn(shape, generator=gen) * channel_scale).to(dtype),
+            torch.randn(shape, generator=gen).to(dtype),
+        )
+        for i in range(n_layers)
+    }
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("compress", [True, False], ids=["lz4", "raw"])
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_round_trip(precision: str, shape_name: str, compress: bool) -> None:
+    shape = SHAPES[shape_name]
+    n_layers = 24 if shape_name == "many_layers" else 2
+    cache = _cache(shape, n_layers, seed=zlib.crc32(f"{precision}{shape_name}".encode()))
+    frames = list(
+        encode_cache(cache, precision=precision, query_id="q", sender="s", compress=compress, chunk_bytes=700)
+    )
+    random.Random(0).shuffle(frames)
+    out = decode_frames(frames)
+    assert sorted(out) == sorted(cache)
+    for layer, (k, v) in cache.items():
+        k2, v2 = out[layer]
+        assert k2.shape == k.shape and v2.shape == v.shape and k2.dtype == torch.float32
+        for x, y in ((k, k2), (v, v2)):
+            if precision == "fp32":
+                assert torch.equal(x, y)
+            else:
+                assert _rel(y, x) <= REL_L2_BOUND[precision]
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_int_error_within_half_step(precision: str) -> None:
+    """Each value is off by at most half a quantization step of its group (per channel K, per token V)."""
+    qmax = 127 if precision == "int8" else 7
+    k, v = _cache((2, 3, 9, 17), 1, seed=3)[0]
+    out = decode_frames(encode_cache({0: (k, v)}, precision=precision, query_id="q", sender="s"))
+    k2, v2 = out[0]
+    for x, y, dim in ((k, k2, 2), (v, v2, 3)):
+        step = x.abs().amax(dim=dim, keepdim=True) / qmax
+        assert bool(((y - x).abs() <= step * 0.5 * 1.01 + 1e-6).all())
+
+
+def test_decoded_dtype_options() -> None:
+    cache = _cache((1, 2, 3, 4), 1, seed=1, dtype=torch.bfloat16)
+    frames = list(encode_cache(cache, precision="fp16", query_id="q", sender="s"))
+    assert decode_frames(frames, out_dtype=torch.float16)[0][0].dtype == torch.float16
+    assert decode_frames(frames)[0][1].dtype == torch.float32
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_sizes_count_scales(precision: str) -> None:
+    shape = (1, 8, 128, 128)
+    k, v = _cache(shape, 1, seed=2)[0]
+    fp16 = 2 * k.numel()
+    enc_k = encode_tensor(k, precision, tensor="k", compress=False)
+    enc_v = encode_tensor(v, precision, tensor="v", compress=False)
+    assert len(enc_k.blob) == expected_raw_bytes(shape, precision, enc_k.scale_axis)
+    ratio = 2 * fp16 / (len(enc_k.blob) + len(enc_v.blob))
+    expected = {"fp32": 0.5, "fp16": 1.0, "bf16": 1.0, "int8": 1.95, "int4": 3.8}[precision]
+    assert ratio >= expected
+    if precision in ("int8", "int4"):
+        assert (enc_k.scale_axis, enc_v.scale_axis) == ("channel", "token")
+
+
+def test_int4_odd_count_packs_to_ceil_half() -> None:
+    x = torch.randn(1, 1, 3, 5)  # 15 elements
+    enc = encode_tensor(x, "int4", tensor="v", compress=False)
+    assert len(enc.blob) == 8 + 2 * 3  # ceil(15 / 2) data bytes + one fp16 scale per token
+
+
+@pytest.mark.parametrize("max_payload", [4096, 64 * 1024, 1024 * 1024])
+def test_frames_fit_max_payload_including_header(max_payload: int) -> None:
+    cache = _cache((1, 8, 300, 64), 3, seed=4)
+    frames = list(encode_cache(cache, precision="fp32", query_id="q" * 64, sender="s" * 64, max_payload=max_payload))
+    assert all(len(f) <= max_payload for f in frames)
+    if max_payload < 300 * 64 * 8 * 4:
+        assert max(len(f) for f in frames) > max_payload * 0.9  # and chunks are not needlessly small
+
+
+def test_subset_of_layers_is_a_message() -> None:
+    cache = _cache((1, 2, 4, 8), 6, seed=5)
+    subset = {5: cache[5], 2: cache[2]}
+    frames = list(encode_cache(subset, precision="fp16", query_id="q", sender="s"))
+    out = decode_frames(frames)
+    assert sorted(out) == [2, 5]
+    assert parse_frame(frames[0])[0].layers_total == 2
+
+
+def test_parse_frame_reports_header() -> None:
+    frames = list(encode_cache(_cache((1, 2, 4, 8), 1, seed=6), precision="int8", query_id="q", sender="s"))
+    header, payload = parse_frame(frames[0])
+    assert (header.layer, header.tensor, header.precision, header.scale_axis) == (0, "k", "int8", "channel")
+    assert len(payload) == header.payload_len
+    assert build_frame(header, payload) == frames[0]
+
+
+def test_bad_inputs_are_codec_errors() -> None:
+    good = torch.randn(1, 2, 3, 4)
+    nan = good.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    cases = [
+        ({}, "fp16"),
+        ({0: (good,)}, "fp16"),
+        ({-1: (good, good)}, "fp16"),
+        ({0: (good, good)}, "fp8"),
+        ({0: (good[0], good)}, "fp16"),
+        ({0: (good.to(torch.int32), good)}, "fp16"),
+        ({0: (nan, good)}, "int8"),
+        ({0: (nan, good)}, "fp16"),
+        ({0: (good * 1e6, good)}, "fp16"),
+        ({0: ("tensor", good)}, "fp16"),
+        ({0: (torch.empty(1, 2, 0, 4), good)}, "fp16"),
+    ]
+    for layers, precision in cases:
+        with pytest.raises(CodecError):
+            list(encode_cache(layers, precision=precision, query_id="q", sender="s"))
+    with pytest.raises(Exception, match="query id"):
+        list(encode_cache({0: (good, good)}, precision="fp16", query_id="q.>", sender="s"))
+
+
+def test_frames_of_two_streams_refused_by_decode_frames() -> None:
+    cache = _cache((1, 2, 4, 8), 1, seed=7)
+    frames = list(encode_cache(cache, precision="fp16", query_id="q", sender="a"))
+    frames += list(encode_cache(cache, precision="fp16", query_id="q", sender="b"))
+    with pytest.raises(CodecError):
+        decode_frames(frames)
+    with pytest.raises(ChunkError):
+        parse_frame(b"FRKV")

@@ -1,0 +1,155 @@
+"""KV caches over a real nats-server: big caches through 1 MB and 8 MB servers, interleaving, checks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from bus.codec import encode_cache
+from bus.connect import BusConnections, close, connect, subscribe
+from bus.errors import ConnectError, SchemaError, TransportError
+from bus.server import NatsServer
+from bus.subjects import Subjects
+from bus.transport import KVReceiver, send_cache
+
+MB = 1024 * 1024
+
+
+def _cache(total_bytes: int, n_layers: int = 28, seed: int = 0) -> dict:
+    """An fp16 cache of about ``total_bytes`` shaped like Qwen3-0.6B (8 kv heads, head_dim 128)."""
+    tokens = max(1, total_bytes // (n_layers * 2 * 8 * 128 * 2))
+    gen = torch.Generator().manual_seed(seed)
+    shape = (1, 8, tokens, 128)
+    return {
+        i: (torch.randn(shape, generator=gen).half(), torch.randn(shape, generator=gen).half()) for i in range(n_layers)
+    }
+
+
+async def _send_and_receive(server: NatsServer, subject: str, cache: dict, **kw) -> tuple[dict, KVReceiver]:
+    async with BusConnections(server.url, name="t") as conns:
+        assert conns.pub is not None and conns.sub is not None
+        async with KVReceiver(conns.sub, subject, out_dtype=torch.float16) as rx:
+            report = await send_cache(conns.pub, subject, cache, query_id="q1", sender="tx", **kw)
+            out = await rx.wait_complete("q1", "tx", timeout=60)
+            assert report.chunks == rx.stats["frames"]
+            return out, rx
+
+
+@pytest.mark.parametrize("which", ["1mb", "8mb"])
+async def test_16mb_cache_through_server(which: str, nats_server, nats_server_1mb, subject: str) -> None:
+    server = nats_server_1mb if which == "1mb" else nats_server
+    cache = _cache(16 * MB)
+    out, rx = await _send_and_receive(server, subject, cache, precision="fp16", compress=False)
+    assert rx.stats["errors"] == 0
+    assert sorted(out) == sorted(cache)
+    assert all(torch.equal(out[i][0], cache[i][0]) and torch.equal(out[i][1], cache[i][1]) for i in cache)
+    if which == "1mb":
+        assert rx.stats["frames"] > 16  # really chunked below the 1 MB limit
+
+
+async def test_64mb_cache_no_slow_consumer_drops(nats_server, subject: str) -> None:
+    cache = _cache(64 * MB, n_layers=8)
+    out, rx = await _send_and_receive(nats_server, subject, cache, precision="fp16", compress=False)
+    assert rx.stats["errors"] == 0 and len(out) == 8
+    assert all(torch.equal(out[i][1], cache[i][1]) for i in cache)
+
+
+async def test_int4_compressed_cache_round_trip(nats_server_1mb, subject: str) -> None:
+    cache = _cache(2 * MB, n_layers=4)
+    out, _ = await _send_and_receive(nats_server_1mb, subject, cache, precision="int4")
+    for i, (k, _v) in cache.items():
+        rel = float((out[i][0].float() - k.float()).norm() / k.float().norm())
+        assert rel < 0.2
+
+
+async def test_two_caches_interleaved_on_one_subscription(nats_server, subject: str) -> None:
+    a, b = _cache(MB, n_layers=6, seed=1), _cache(MB, n_layers=4, seed=2)
+    async with BusConnections(nats_server.url) as conns:
+        assert conns.pub is not None and conns.sub is not None
+        async with KVReceiver(conns.sub, f"{subject}.>", out_dtype=torch.float16) as rx:
+            frames_a = list(encode_cache(a, precision="fp16", query_id="qa", sender="ta", chunk_bytes=64 * 1024))
+            frames_b = list(encode_cache(b, precision="int8", query_id="qb", sender="tb", chunk_bytes=64 * 1024))
+            for i in range(max(len(frames_a), len(frames_b))):  # strictly alternating chunks
+                if i < len(frames_a):
+                    await conns.pub.publish(f"{subject}.a", frames_a[i])
+                if i < len(frames_b):
+                    await conns.pub.publish(f"{subject}.b", frames_b[i])
+            out_a = await rx.wait_complete("qa", "ta", timeout=30)
+            out_b = await rx.wait_complete("qb", "tb", timeout=30)
+    assert sorted(out_a) == list(range(6)) and sorted(out_b) == list(range(4))
+    assert all(torch.equal(out_a[i][0], a[i][0]) for i in a)
+    assert all(float((out_b[i][1].float() - b[i][1].float()).norm() / b[i][1].float().norm()) < 0.01 for i in b)
+
+
+async def test_layers_stream_out_as_they_complete(nats_client, subject: str) -> None:
+    cache = _cache(MB, n_layers=5)
+    order = [4, 0, 3, 1, 2]  # most important first, as a policy would send them
+    seen = []
+    async with KVReceiver(nats_client, subject, on_layer=lambda d: seen.append(d.layer)) as rx:
+
+        async def collect() -> list[int]:
+            got = []
+            async for done in rx.iter_layers():
+                got.append(done.layer)
+                if len(got) == 5:
+                    return got
+            return got
+
+        task = asyncio.create_task(collect())
+        await asyncio.sleep(0)
+        await send_cache(nats_client, subject, {i: cache[i] for i in order}, precision="bf16", query_id="q", sender="t")
+        assert await asyncio.wait_for(task, 30) == order
+    assert seen == order
+
+
+async def test_subject_must_match_header(nats_client) -> None:
+    subjects = Subjects("fuzzy")
+    cache = _cache(64 * 1024, n_layers=1)
+    errors = []
+    sub = subjects.kv_for_receiver("rx")
+    async with KVReceiver(nats_client, sub, subjects=subjects, on_error=lambda e, s: errors.append(e)) as rx:
+        # a transmitter claiming to be "tx" but publishing on mallory's subject
+        await send_cache(nats_client, subjects.kv("rx", "q", "mallory"), cache, query_id="q", sender="tx")
+        await send_cache(nats_client, subjects.kv("rx", "q2", "tx"), cache, query_id="q2", sender="tx")
+        await rx.wait_complete("q2", "tx", timeout=10)
+    assert errors and all(isinstance(e, SchemaError) for e in errors)
+    assert rx.completed("q", "tx") == {}
+
+
+async def test_wait_timeout_is_transport_error(nats_client, subject: str) -> None:
+    async with KVReceiver(nats_client, subject) as rx:
+        with pytest.raises(TransportError, match="timed out"):
+            await rx.wait_complete("nobody", "nothing", timeout=0.2)
+
+
+async def test_garbage_on_subject_is_counted_not_fatal(nats_client, subject: str) -> None:
+    cache = _cache(64 * 1024, n_layers=2)
+    async with KVReceiver(nats_client, subject) as rx:
+        await nats_client.publish(subject, b"not a frame")
+        await send_cache(nats_client, subject, cache, query_id="q", sender="t", precision="int8")
+        out = await rx.wait_complete("q", "t", timeout=10)
+    assert len(out) == 2 and rx.stats["errors"] == 1
+
+
+async def test_send_rejects_bad_arguments(nats_client, subject: str) -> None:
+    cache = _cache(64 * 1024, n_layers=1)
+    with pytest.raises(SchemaError):
+        await send_cache(nats_client, subject, cache, query_id="a.b", sender="t")
+    with pytest.raises(Exception, match="precision"):
+        await send_cache(nats_client, subject, cache, query_id="q", sender="t", precision="fp8")
+
+
+async def test_connect_errors_are_one_line() -> None:
+    with pytest.raises(ConnectError) as info:
+        await connect("nats://127.0.0.1:1", retries=2, retry_wait=0.01, connect_timeout=0.5)
+    assert "\n" not in str(info.value)
+
+
+async def test_subscribe_helper_raises_limits(nats_client, subject: str) -> None:
+    sub = await subscribe(nats_client, subject)
+    assert sub._pending_bytes_limit >= 256 * MB  # noqa: SLF001 - nats-py has no public getter
+    await sub.unsubscribe()
+    await close(nats_client)
+    await close(nats_client)  # closing twice is fine
