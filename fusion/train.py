@@ -30,10 +30,12 @@ from fusion.c2c import batch_letter_logits, letter_ids, prefix_alignment, prefix
 from fusion.fuser import FuserConfig, PairFuser, apply_deltas
 from fusion.kvcache import KV, KVCache
 from fusion.models import LanguageModel
+from fusion.prompts import format_question
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
+KEEP_OWN = -1  # item target meaning "the receiver's own answer without fusion" (mismatched-cache items)
 
 
 @dataclass(frozen=True)
@@ -42,8 +44,9 @@ class FusionItem:
 
     stem: str  # the original question q
     options: tuple[str, ...]  # four options, in prompt order
-    target: int  # index of the letter to answer
+    target: int  # index of the letter to answer; KEEP_OWN: whatever the receiver answers alone
     shared_stem: str | None = None  # q' for the private format (transmitter sees q', receiver then reads q)
+    donor: tuple[str, tuple[str, ...]] | None = None  # (stem, options) of another question the transmitter reads
 
 
 @dataclass
@@ -105,12 +108,18 @@ def prepare_examples(
 ) -> list[PreparedExample]:
     """Run both frozen models over every item once: the receiver's prefix cache and the aligned transmitter cache."""
     out = []
+    letters = letter_ids(receiver)
     for item in tqdm(items, desc=f"caches {transmitter.name}->{receiver.name}", disable=not progress, leave=False):
         shared, original = question_texts(item.stem, item.options, item.shared_stem)
         view = receiver_view(receiver, shared, original)
-        t_pre = transmitter.prefill(shared)
+        t_text = format_question(*item.donor) if item.donor is not None else shared
+        t_pre = transmitter.prefill(t_text)
         aligned = align_cache(t_pre.cache, prefix_alignment(view, t_pre.offsets))
-        out.append(PreparedExample(prefix_cache(receiver, view), aligned, view.continuation_ids, item.target))
+        prefix = prefix_cache(receiver, view)
+        target = item.target
+        if target == KEEP_OWN:
+            target = int(receiver.forward_from(prefix, view.continuation_ids)[-1][letters].argmax())
+        out.append(PreparedExample(prefix, aligned, view.continuation_ids, target))
     return out
 
 
