@@ -1,0 +1,473 @@
+"""``python -m ops.report [--in DIR] [--out DIR]``: the paper's figures as PNG plots and a markdown summary.
+
+Reads whichever benchmark JSON files exist in ``--in`` (``codec.json``, ``bus.json``, ``standalone.json``,
+``accuracy.json``, ``latency.json``, ``e2e.json``, ``bandwidth.json``, as written by
+``python -m ops.bench NAME --json DIR/NAME.json``) and writes ``--out/REPORT.md`` plus one PNG per figure:
+accuracy vs number of transmitters (Fig. 3a), accuracy per transmitter (Fig. 3b), latency of text-to-text
+vs C2C vs private C2C (Fig. 3c), accuracy and deadline-met vs link rate per policy, bytes per token per
+precision against text. A missing file makes its section say how to measure it; nothing is invented.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+from bus.errors import ConfigError, FedRefineError  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+DEFAULT_IN = Path("out/bench")  # where `python -m ops.bench NAME --json out/bench/NAME.json` leaves results
+DEFAULT_OUT = Path("out/report")
+BENCHES = ("codec", "bus", "standalone", "accuracy", "latency", "e2e", "bandwidth")
+DPI = 120  # dots per inch of the PNGs
+UNSHAPED_LABEL = "unshaped"
+PRECISION_ORDER = ("fp32", "fp16", "bf16", "int8", "int4")
+ADAPTIVE_EXCLUDED = ("keep-all", "t2t")  # rows that are baselines, not adaptive policies
+TARGET_MET = 0.95  # bandwidth target: deadlines the best adaptive policy meets where keep-all misses half
+TARGET_GAIN = 0.80  # ... keeping this share of keep-all's accuracy gain over the receiver alone
+Data = dict[str, Any]
+Section = tuple[str, list[Path]]  # markdown, PNGs written
+
+
+def load_results(directory: Path) -> dict[str, Data]:
+    """``{bench: parsed JSON}`` for every benchmark file present; a corrupt file is a ConfigError."""
+    found: dict[str, Data] = {}
+    for name in BENCHES:
+        path = directory / f"{name}.json"
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read benchmark result {path}: {exc}", path=str(path)) from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"benchmark result {path} is not a JSON object", path=str(path))
+        found[name] = data
+    return found
+
+
+def _missing(bench: str) -> str:
+    extra = " --quick" if bench in ("standalone", "accuracy", "e2e", "bandwidth") else ""
+    return f"not measured (run `python -m ops.bench {bench}{extra} --json {DEFAULT_IN}/{bench}.json`)\n"
+
+
+def _pct(x: Any) -> str:
+    return "–" if x is None else f"{100 * float(x):.1f}%"
+
+
+def _num(x: Any, digits: int = 1) -> str:
+    if x is None:
+        return "–"
+    return f"{float(x):,.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _save(fig: plt.Figure, out: Path, name: str) -> Path:
+    path = out / name
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _names(row: Data) -> list[str]:
+    t = row.get("transmitters") or []
+    return [t] if isinstance(t, str) else list(t)
+
+
+def _ci(row: Data) -> float:
+    ci = row.get("ci95")
+    if isinstance(ci, list | tuple) and len(ci) == 2:  # an interval: half its width
+        return abs(float(ci[1]) - float(ci[0])) / 2
+    return float(ci or 0.0)
+
+
+# ---- accuracy (Fig. 3a, 3b) -------------------------------------------------------------------------------
+
+
+def _acc_rows(acc: Data, mode: str, private: bool = False) -> list[Data]:
+    rows = [r for r in acc.get("rows", []) if r.get("mode") == mode and bool(r.get("private", False)) == private]
+    fp16 = [r for r in rows if r.get("precision") in (None, "fp16", "fp32")]
+    return fp16 or rows
+
+
+def _receiver_acc(results: dict[str, Data]) -> float | None:
+    for r in results.get("accuracy", {}).get("rows", []):
+        if r.get("mode") == "receiver":
+            return float(r["accuracy"])
+    bw = results.get("bandwidth", {}).get("receiver_alone_accuracy")
+    return None if bw is None else float(bw)
+
+
+def _chain(rows: list[Data]) -> list[Data]:
+    """C2C rows with 1..N transmitters, each adding one to the previous (the Fig. 3a curve)."""
+    if not rows:
+        return []
+    longest = max(rows, key=lambda r: len(_names(r)))
+    order = _names(longest)
+    out = []
+    for n in range(1, len(order) + 1):
+        exact = [r for r in rows if _names(r) == order[:n]]
+        same_n = [r for r in rows if len(_names(r)) == n]
+        pick = exact or sorted(same_n, key=lambda r: -float(r["accuracy"]))[:1]
+        out.extend(pick[:1])
+    return out
+
+
+def section_fig3a(results: dict[str, Data], out: Path) -> Section:
+    """Accuracy vs number of transmitters."""
+    text = "## Accuracy vs number of transmitters (Fig. 3a)\n\n"
+    if "accuracy" not in results:
+        return text + _missing("accuracy"), []
+    acc = results["accuracy"]
+    base = _receiver_acc(results)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows_md = []
+    for mode, private, style, label in (
+        ("c2c", False, "o-", "C2C (gate)"),
+        ("c2c", True, "s--", "C2C private"),
+        ("c2c-uniform", False, "^:", "C2C uniform weights"),
+        ("c2c-shuffled", False, "x:", "C2C shuffled control"),
+    ):
+        chain = _chain(_acc_rows(acc, mode, private))
+        if not chain:
+            continue
+        xs = [0] + [len(_names(r)) for r in chain] if base is not None else [len(_names(r)) for r in chain]
+        ys = ([base] if base is not None else []) + [float(r["accuracy"]) for r in chain]
+        errs = ([0.0] if base is not None else []) + [_ci(r) for r in chain]
+        ax.errorbar(xs, ys, yerr=errs, fmt=style, capsize=3, label=label)
+        rows_md += [
+            [label, str(len(_names(r))), ", ".join(_names(r)), _pct(r["accuracy"]), _pct(_ci(r))] for r in chain
+        ]
+    t2t = _chain(_acc_rows(acc, "t2t"))
+    if t2t:
+        r = t2t[-1]
+        ax.plot([len(_names(r))], [float(r["accuracy"])], "D", color="gray", label="text-to-text")
+        rows_md.append(["text-to-text", str(len(_names(r))), ", ".join(_names(r)), _pct(r["accuracy"]), _pct(_ci(r))])
+    if base is not None:
+        ax.axhline(base, color="k", lw=0.8, ls="--", label=f"receiver alone ({100 * base:.1f}%)")
+    ax.axhline(0.25, color="r", lw=0.6, ls=":", label="chance")
+    ax.set(xlabel="transmitters", ylabel="accuracy", title="Accuracy vs number of transmitters", ylim=(0, 1.02))
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=8)
+    png = _save(fig, out, "fig3a_accuracy_vs_transmitters.png")
+    text += f"![Fig. 3a]({png.name})\n\nReceiver alone: {_pct(base)}.\n\n"
+    text += _table(["mode", "n", "transmitters", "accuracy", "±ci95"], rows_md)
+    known = acc.get("receiver_known_after_fusion")
+    if known is not None:
+        text += f"\nReceiver on facts it knows, with fusion on: {_pct(known)}.\n"
+    return text, [png]
+
+
+def section_fig3b(results: dict[str, Data], out: Path) -> Section:
+    """Accuracy per transmitter: the transmitter alone and C2C with that one transmitter."""
+    text = "## Accuracy per transmitter (Fig. 3b)\n\n"
+    if "accuracy" not in results:
+        return text + _missing("accuracy"), []
+    acc = results["accuracy"]
+    alone = {_names(r)[0]: r for r in _acc_rows(acc, "transmitter") if _names(r)}
+    fused = {_names(r)[0]: r for r in _acc_rows(acc, "c2c") if len(_names(r)) == 1}
+    names = sorted(set(alone) | set(fused))
+    if not names:
+        return text + "no single-transmitter rows in accuracy.json\n", []
+    base = _receiver_acc(results)
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(names) + 2), 4))
+    width = 0.38
+    for k, (rows, label) in enumerate(((alone, "transmitter alone"), (fused, "receiver + C2C"))):
+        xs = [i + (k - 0.5) * width for i in range(len(names))]
+        ys = [float(rows[n]["accuracy"]) if n in rows else math.nan for n in names]
+        errs = [_ci(rows[n]) if n in rows else 0.0 for n in names]
+        ax.bar(xs, ys, width, yerr=errs, capsize=3, label=label)
+    if base is not None:
+        ax.axhline(base, color="k", lw=0.8, ls="--", label=f"receiver alone ({100 * base:.1f}%)")
+    ax.set_xticks(range(len(names)), names, rotation=15)
+    ax.set(ylabel="accuracy", title="Accuracy per transmitter", ylim=(0, 1.05))
+    ax.legend(fontsize=8)
+    png = _save(fig, out, "fig3b_accuracy_per_transmitter.png")
+    md = [[n, _pct(alone[n]["accuracy"]) if n in alone else "–", _pct(fused[n]["accuracy"]) if n in fused else "–"]
+          for n in names]  # fmt: skip
+    return text + f"![Fig. 3b]({png.name})\n\n" + _table(["transmitter", "alone", "receiver + C2C"], md), [png]
+
+
+# ---- latency (Fig. 3c) and bytes per token ----------------------------------------------------------------
+
+
+def section_fig3c(results: dict[str, Data], out: Path) -> Section:
+    """Latency of text-to-text vs C2C vs private C2C (in-process, and over the bus when e2e exists)."""
+    text = "## Latency: text-to-text vs C2C vs private C2C (Fig. 3c)\n\n"
+    if "latency" not in results:
+        return text + _missing("latency"), []
+    rows = [r for r in results["latency"].get("rows", []) if r.get("p50_ms") is not None]
+    e2e = results.get("e2e")
+    if e2e and e2e.get("bus_p50_ms") is not None:
+        rows = rows + [{"mode": "C2C over NATS (e2e)", "p50_ms": e2e["bus_p50_ms"], "p95_ms": None}]
+    if not rows:
+        return text + "latency.json has no rows\n", []
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(rows) + 2), 4))
+    labels = [str(r["mode"]) for r in rows]
+    p50 = [float(r["p50_ms"]) for r in rows]
+    up = [max(0.0, float(r["p95_ms"]) - float(r["p50_ms"])) if r.get("p95_ms") is not None else 0.0 for r in rows]
+    bars = ax.bar(labels, p50, yerr=[[0.0] * len(rows), up], capsize=4, color="tab:blue")
+    ax.bar_label(bars, [f"{v:.0f}" for v in p50], label_type="center", color="white", fontsize=9)
+    ax.set(ylabel="ms per question (p50, whisker p95)", title="Latency per question")
+    ax.tick_params(axis="x", rotation=15)
+    png = _save(fig, out, "fig3c_latency.png")
+    md = [[str(r["mode"]), _num(r.get("p50_ms")), _num(r.get("p95_ms")), _num(r.get("bytes_per_token"))] for r in rows]
+    return text + f"![Fig. 3c]({png.name})\n\n" + _table(["mode", "p50 ms", "p95 ms", "bytes/token"], md), [png]
+
+
+def _text_bytes_per_token(results: dict[str, Data]) -> float | None:
+    for r in results.get("latency", {}).get("rows", []):
+        if r.get("mode") == "t2t" and r.get("bytes_per_token") is not None:
+            return float(r["bytes_per_token"])
+    vals = [r["bytes_per_token"] for r in results.get("bandwidth", {}).get("rows", []) if r.get("policy") == "t2t"]
+    vals = [float(v) for v in vals if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def section_bytes(results: dict[str, Data], out: Path) -> Section:
+    """Bytes per token of the cache per precision (codec) against the text baseline."""
+    text = "## Bytes per token: cache per precision vs text\n\n"
+    if "codec" not in results:
+        return text + _missing("codec"), []
+    codec_rows = results["codec"].get("rows", [])
+    best: dict[str, Data] = {}
+    for r in codec_rows:  # the compressed variant when both are present
+        p = r.get("precision")
+        if p is not None and (p not in best or r.get("bytes_per_token", math.inf) < best[p]["bytes_per_token"]):
+            best[p] = r
+    order = [p for p in PRECISION_ORDER if p in best] + sorted(set(best) - set(PRECISION_ORDER))
+    labels = [f"cache {p}" for p in order]
+    values = [float(best[p]["bytes_per_token"]) for p in order]
+    text_bpt = _text_bytes_per_token(results)
+    if text_bpt is not None:
+        labels.append("text (t2t)")
+        values.append(text_bpt)
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(labels) + 2), 4))
+    bars = ax.bar(labels, values, color=["tab:blue"] * len(order) + ["tab:gray"] * (len(labels) - len(order)))
+    ax.bar_label(bars, [f"{v:,.0f}" for v in values], fontsize=8)
+    ax.set_yscale("log")
+    ax.set(ylabel="bytes per token (log)", title="Bytes per token on the wire")
+    ax.tick_params(axis="x", rotation=15)
+    png = _save(fig, out, "bytes_per_token.png")
+    md = [[p, _num(best[p].get("bytes_per_token"), 0), _num(best[p].get("ratio_vs_fp16"), 2),
+           _num(best[p].get("rel_l2_error"), 4)] for p in order]  # fmt: skip
+    if text_bpt is not None:
+        md.append(["text (t2t)", _num(text_bpt, 1), "–", "–"])
+    text += f"![bytes per token]({png.name})\n\n" + _table(["format", "bytes/token", "ratio vs fp16", "rel L2"], md)
+    return text, [png]
+
+
+# ---- bandwidth ----------------------------------------------------------------------------------------------
+
+
+def _rate_axis(rows: list[Data]) -> tuple[dict[float | None, float], list[float], list[str]]:
+    """x position per link rate on a log axis, unshaped placed right of the fastest shaped rate."""
+    shaped = sorted({float(r["link_mbps"]) for r in rows if r.get("link_mbps") is not None})
+    pos: dict[float | None, float] = {m: m for m in shaped}
+    pos[None] = (shaped[-1] * 4) if shaped else 1.0
+    ticks = shaped + [pos[None]]
+    labels = [f"{m:g}" for m in shaped] + [UNSHAPED_LABEL]
+    return pos, ticks, labels
+
+
+def bandwidth_target(bw: Data) -> list[str]:
+    """Sentences on the issue's target: where keep-all misses >= half the deadlines, how the best policy does."""
+    rows = bw.get("rows", [])
+    base = bw.get("receiver_alone_accuracy")
+    keep = {r.get("link_mbps"): r for r in rows if r.get("policy") == "keep-all"}
+    full = keep.get(None) or (keep[max((k for k in keep if k is not None), default=None)] if keep else None)
+    if not keep or full is None or base is None:
+        return ["target: not checkable (needs keep-all rows and receiver_alone_accuracy)"]
+    gain = float(full["accuracy"]) - float(base)
+    out = []
+    for rate, k in sorted(keep.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
+        if k.get("deadline_met") is None or float(k["deadline_met"]) > 0.5:
+            continue
+        cands = [r for r in rows if r.get("link_mbps") == rate and r.get("policy") not in ADAPTIVE_EXCLUDED]
+        if not cands:
+            continue
+        best = max(cands, key=lambda r: (float(r.get("deadline_met") or 0), float(r.get("accuracy") or 0)))
+        kept = (float(best["accuracy"]) - float(base)) / gain if gain > 0 else math.nan
+        ok = float(best["deadline_met"]) >= TARGET_MET and kept >= TARGET_GAIN
+        out.append(
+            f"at {rate if rate is not None else UNSHAPED_LABEL} MB/s keep-all meets {_pct(k['deadline_met'])} of "
+            f"deadlines; best adaptive `{best['policy']}` meets {_pct(best['deadline_met'])} and keeps "
+            f"{_pct(kept)} of keep-all's gain ({'met' if ok else 'NOT met'}: needs >= {_pct(TARGET_MET)} and "
+            f">= {_pct(TARGET_GAIN)})"
+        )
+    return out or ["keep-all meets more than half of the deadlines at every measured rate: target not exercised"]
+
+
+def section_bandwidth(results: dict[str, Data], out: Path) -> Section:
+    """Accuracy, deadline-met and bytes per query vs link rate, one line per policy."""
+    text = "## Bandwidth: accuracy and deadlines vs link rate per policy\n\n"
+    if "bandwidth" not in results:
+        return text + _missing("bandwidth"), []
+    bw = results["bandwidth"]
+    rows = [r for r in bw.get("rows", []) if r.get("policy")]
+    if not rows:
+        return text + "bandwidth.json has no rows\n", []
+    pos, ticks, labels = _rate_axis(rows)
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    base = bw.get("receiver_alone_accuracy")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = (("accuracy", "accuracy", False), ("deadline_met", "deadlines met", False),
+              ("bytes_per_query", "bytes per query (log)", True))  # fmt: skip
+    for ax, (key, ylabel, log_y) in zip(axes, panels, strict=True):
+        for policy in policies:
+            pts = sorted(
+                (pos[r.get("link_mbps")], float(r[key]))
+                for r in rows
+                if r["policy"] == policy and r.get(key) is not None
+            )
+            if pts:
+                style = "--" if policy in ADAPTIVE_EXCLUDED else "-"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=policy)
+        ax.set_xscale("log")
+        ax.set_xticks(ticks, labels)
+        ax.minorticks_off()
+        ax.set(xlabel="link rate (MB/s)", ylabel=ylabel)
+        if log_y:
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(-0.02, 1.05)
+    if base is not None:
+        axes[0].axhline(float(base), color="k", lw=0.8, ls=":", label=f"receiver alone ({100 * float(base):.1f}%)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Bandwidth-adaptive policies on shaped links")
+    png = _save(fig, out, "bandwidth_vs_link_rate.png")
+    ordered = sorted(
+        rows, key=lambda r: (r.get("link_mbps") is None, r.get("link_mbps") or 0, policies.index(r["policy"]))
+    )
+    md = [
+        [
+            UNSHAPED_LABEL if r.get("link_mbps") is None else f"{float(r['link_mbps']):g}",
+            str(r["policy"]),
+            _pct(r.get("accuracy")),
+            _pct(r.get("deadline_met")),
+            _num(r.get("bytes_per_query"), 0),
+            _num(r.get("bytes_per_token"), 1),
+            _num(r.get("p50_ms"), 0),
+        ]
+        for r in ordered
+    ]
+    text += f"![bandwidth]({png.name})\n\nReceiver alone: {_pct(base)}.\n\n"
+    text += _table(["MB/s", "policy", "accuracy", "deadline met", "bytes/query", "bytes/token", "p50 ms"], md)
+    text += "\n" + "".join(f"- {line}\n" for line in bandwidth_target(bw))
+    return text, [png]
+
+
+# ---- plain tables ---------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, kind: str) -> str:
+    """One table cell: ``pct``, ``int``, ``f1``/``f2`` (decimals) or ``str``."""
+    if kind == "pct":
+        return _pct(value)
+    if kind == "str":
+        return "–" if value is None else str(value)
+    return _num(value, 0 if kind == "int" else int(kind[1:]))
+
+
+# (title, benchmark, rows key or None for one flat object, [(column, field, kind)])
+TABLES: tuple[tuple[str, str, str | None, list[tuple[str, str, str]]], ...] = (
+    ("Models alone", "standalone", "models",
+     [("model", "name", "str"), ("role", "role", "str"), ("arch", "arch", "str"), ("params", "params", "int"),
+      ("known", "acc_known", "pct"), ("unknown", "acc_unknown", "pct"), ("all", "acc_all", "pct"), ("n", "n", "str")]),
+    ("Bus throughput", "bus", None,
+     [("cache bytes", "cache_bytes", "int"), ("raw nats-py MB/s", "raw_nats_mb_s", "f1"),
+      ("KV transfer MB/s", "kv_transfer_mb_s", "f1"), ("ratio", "ratio", "f2")]),
+    ("Agents over NATS vs in process", "e2e", None,
+     [("queries", "queries", "str"), ("answered", "answered", "str"), ("parity", "parity", "pct"),
+      ("bus p50 ms", "bus_p50_ms", "f1"), ("in-process p50 ms", "inproc_p50_ms", "f1"),
+      ("overhead", "overhead_ratio", "f2"), ("bytes/query", "bytes_per_query", "int")]),
+)  # fmt: skip
+
+
+def section_tables(results: dict[str, Data], out: Path) -> Section:
+    """Standalone models, bus throughput and end-to-end parity as tables."""
+    text = ""
+    for title, bench, key, columns in TABLES:
+        text += f"\n## {title}\n\n"
+        if bench not in results:
+            text += _missing(bench)
+            continue
+        rows = results[bench].get(key, []) if key else [results[bench]]
+        md = [[_fmt(r.get(field), kind) for _, field, kind in columns] for r in rows]
+        text += _table([c for c, _, _ in columns], md)
+    return text, []
+
+
+SECTIONS: tuple[Callable[[dict[str, Data], Path], Section], ...] = (
+    section_fig3a,
+    section_fig3b,
+    section_fig3c,
+    section_bandwidth,
+    section_bytes,
+    section_tables,
+)
+
+
+def build_report(in_dir: Path, out_dir: Path) -> tuple[Path, list[Path]]:
+    """Write ``REPORT.md`` and the PNGs for whatever results exist; return the markdown path and the PNGs."""
+    if not in_dir.is_dir():
+        raise ConfigError(
+            f"no benchmark results folder {in_dir} (run `python -m ops.bench NAME --json {in_dir}/NAME.json`)"
+        )
+    results = load_results(in_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create report folder {out_dir}: {exc}") from exc
+    parts = [f"# FedRefine results\n\nFrom {len(results)} benchmark file(s) in `{in_dir}`: "
+             f"{', '.join(sorted(results)) or 'none'}.\n"]  # fmt: skip
+    pngs: list[Path] = []
+    for section in SECTIONS:
+        try:
+            text, written = section(results, out_dir)
+        except (KeyError, TypeError, ValueError) as exc:
+            name = section.__name__.removeprefix("section_")
+            raise ConfigError(f"benchmark results do not fit the {name} section: {exc!r}") from exc
+        parts.append(text)
+        pngs += written
+    md = out_dir / "REPORT.md"
+    md.write_text("\n".join(parts))
+    return md, pngs
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: build the report, print where it is; one ``error:`` line and exit 2 on failure."""
+    parser = argparse.ArgumentParser(prog="python -m ops.report", description=__doc__.splitlines()[0])
+    parser.add_argument("--in", dest="in_dir", type=Path, default=DEFAULT_IN, help=f"results folder ({DEFAULT_IN})")
+    parser.add_argument("--out", dest="out_dir", type=Path, default=DEFAULT_OUT, help=f"report folder ({DEFAULT_OUT})")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        md, pngs = build_report(args.in_dir, args.out_dir)
+    except FedRefineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {md} and {len(pngs)} plot(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
