@@ -23,6 +23,7 @@ saves ~0-10% on fp16 KV and ~nothing on int8/int4 (DESIGN.md), so the estimate i
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from abc import ABC, abstractmethod
@@ -393,15 +394,23 @@ POLICIES: dict[str, type[BandwidthPolicy]] = {
 ALIASES = {"keep": "keep-all", "drop": "drop-by-importance", "ladder": "precision-ladder", "deadline": "deadline-aware"}
 
 
-def make_policy(name: str, **params: Any) -> BandwidthPolicy:
-    """The policy called ``name`` (or a short alias) built with ``params``; PolicyError on anything unknown."""
+def make_policy(name: str, *, ignore_unused: bool = False, **params: Any) -> BandwidthPolicy:
+    """The policy called ``name`` (or a short alias) built with ``params``; PolicyError on anything unknown.
+
+    ``ignore_unused=True`` drops parameters this policy does not take (an agent configures every knob once
+    and lets the chosen policy use the ones it knows); unknown names are still errors.
+    """
     if not isinstance(name, str):
         raise PolicyError(f"policy name must be a string, got {name!r}")
     key = ALIASES.get(name.strip().lower(), name.strip().lower())
     if key not in POLICIES:
         raise PolicyError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}", name=name)
+    cls = POLICIES[key]
+    if ignore_unused:
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        params = {k: v for k, v in params.items() if k in accepted}
     try:
-        return POLICIES[key](**params)
+        return cls(**params)
     except TypeError as exc:
         raise PolicyError(f"bad parameters for policy {key}: {exc}", name=key) from exc
 

@@ -237,5 +237,9 @@ def test_factory_aliases_and_decide():
     assert all(isinstance(make_policy(n), BandwidthPolicy) for n in POLICIES)
     plan = decide("deadline", layers=layer_costs([0.2, 0.8], SHAPE), link_rate_bps=1e6, time_left_s=1.0)
     assert plan.policy == "deadline-aware" and plan.pairs()[0][0] == 1
+    lenient = make_policy("ladder", ignore_unused=True, precision="fp16", safety=0.5, ladder=("int8", "int4"))
+    assert lenient.ladder == ("int8", "int4")
+    with pytest.raises(PolicyError, match="unknown policy"):
+        make_policy("nope", ignore_unused=True)
     assume = make_policy("deadline", assumed_rate_bps=1e6).plan(request(time_left_s=1.0))
     assert 0 < assume.expected_bytes <= 0.8e6
