@@ -1,0 +1,345 @@
+"""The small base every agent shares: connect, heartbeat, route errors, drain and leave.
+
+Life cycle (``async with agent:`` or ``start()`` / ``stop()``)::
+
+    start: connect pub + sub (bounded first attempts; after that reconnects forever with exponential
+           backoff, resubscribing and heartbeating again when the server returns) -> setup() subscribes
+           -> first heartbeat on <prefix>.presence.<role>.<id>
+    stop:  stop taking new work (unsubscribe the intake subjects) -> wait for in-flight work (drain_s)
+           -> goodbye on the presence subject -> teardown() -> close both connections
+
+Error routing: a message handler that raises a :class:`FedRefineError` (bad JSON, wrong schema, hostile id,
+oversized) costs one logged warning; any other exception is logged with its traceback; the subscription
+keeps serving either way. Forward passes run on a one-thread executor per agent, so heartbeats and I/O
+keep flowing while the model works and the agent never uses more than one core for model math.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from types import TracebackType
+from typing import Any, ClassVar, TypeVar
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from agents.config import AgentConfig
+from agents.roster import Roster
+from bus import connect as busconn
+from bus.errors import AgentError, FedRefineError, SchemaError
+from bus.schemas import Goodbye, Message, Presence, decode_message
+from bus.subjects import Subjects
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FIRST_RETRY_WAIT = 0.5  # seconds between first-connection attempts
+DEFAULT_BACKOFF_BASE_S = 0.1  # first reconnect wait; doubles per failed attempt up to backoff_max_s
+DEFAULT_REASON_CHARS = 200  # a rejection reason is cut to this many characters in the log
+
+T = TypeVar("T")
+M = TypeVar("M", bound=Message)
+Handler = Callable[[Msg], Awaitable[None]]
+
+
+def decode(msg: Msg, cls: type[M]) -> M:
+    """Parse a control message as ``cls``; :class:`SchemaError` on anything else."""
+    return decode_message(msg.data, cls)  # type: ignore[return-value]
+
+
+class Agent:
+    """Base of the four roles; subclasses set ``role`` and implement ``setup()`` (and optionally more hooks)."""
+
+    role: ClassVar[str] = ""
+    tracks_presence: ClassVar[bool] = False  # keep a roster of every agent's heartbeats
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        if not cfg.id:
+            raise AgentError("agent config has no id (build it with agents.config.make_config)")
+        self.cfg = cfg
+        self.id = cfg.id
+        self.subjects = Subjects(cfg.prefix)
+        self.pub: Client | None = None
+        self.sub: Client | None = None
+        self.roster = Roster()
+        self.rejected: Counter[str] = Counter()  # warnings per subject kind (tests and stats read it)
+        self.model_fingerprint: str | None = None
+        self.link_rate_bps: float | None = None
+        self.draining = False
+        self._intake: list[Subscription] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.role}-compute")
+        self._started = False
+        self._stopped = False
+
+    # ---- hooks for subclasses -----------------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        """Subscribe to the role's subjects (called once connected)."""
+
+    async def teardown(self) -> None:
+        """Release role resources after the goodbye (connections are still open)."""
+
+    async def drain_wait(self, until: float) -> None:
+        """Wait (until the monotonic time ``until``) for work that is not a tracked task, e.g. plans not yet in."""
+
+    def capabilities(self) -> tuple[str, ...]:
+        """What this agent advertises in its heartbeats."""
+        return ()
+
+    # ---- life cycle ---------------------------------------------------------------------------------------
+
+    async def start(self) -> Agent:
+        """Connect, subscribe, start heartbeating."""
+        if self._started:
+            raise AgentError(f"{self.role} {self.id} already started")
+        self._started = True
+        self.pub = await self._connect("pub")
+        try:
+            self.sub = await self._connect("sub")
+            if self.tracks_presence:
+                await self.listen(self.subjects.presence_all(), self._on_presence, intake=False)
+            await self.setup()
+            await busconn.flush(self.sub)
+        except BaseException:
+            await self._close_connections()
+            raise
+        self._background.add(asyncio.create_task(self._heartbeat_loop(), name=f"{self.id}-heartbeat"))
+        await self.publish_presence()
+        log.info("%s %s serving on %s (prefix %s)", self.role, self.id, self.cfg.nats, self.cfg.prefix)
+        return self
+
+    async def stop(self, reason: str = "stopped") -> None:
+        """Stop taking work, finish what is in flight (up to ``drain_s``), say goodbye, disconnect."""
+        if self._stopped or not self._started:
+            return
+        self._stopped = True
+        self.draining = True
+        for sub in self._intake:
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await sub.unsubscribe()
+        until = time.monotonic() + self.cfg.drain_s
+        if self._tasks:
+            log.info("%s %s draining %d task(s)", self.role, self.id, len(self._tasks))
+            await asyncio.wait(set(self._tasks), timeout=self.cfg.drain_s)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.drain_wait(until), timeout=max(0.0, until - time.monotonic()))
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._goodbye(reason)
+        try:
+            await self.teardown()
+        finally:
+            await self._close_connections()
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        log.info("%s %s stopped (%s)", self.role, self.id, reason)
+
+    async def __aenter__(self) -> Agent:
+        return await self.start()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop("stopped" if exc is None else f"error: {type(exc).__name__}")
+
+    # ---- connections --------------------------------------------------------------------------------------
+
+    def _backoff(self, servers: list[Any], info: dict[str, Any]) -> tuple[None, float]:
+        """nats-py reconnect hook: exponential backoff with jitter, capped at ``backoff_max_s``."""
+        attempts = max((getattr(s, "reconnects", 0) for s in servers), default=0)
+        delay = min(self.cfg.backoff_max_s, DEFAULT_BACKOFF_BASE_S * 2 ** min(attempts, 16))
+        return None, delay * random.uniform(0.8, 1.2)
+
+    async def _connect(self, which: str) -> Client:
+        async def disconnected() -> None:
+            if not self._stopped:
+                log.warning("%s %s (%s) lost the NATS connection; reconnecting", self.role, self.id, which)
+
+        async def reconnected() -> None:
+            log.info("%s %s (%s) reconnected to %s", self.role, self.id, which, self.cfg.nats)
+            if which == "pub":
+                with contextlib.suppress(FedRefineError):
+                    await self.publish_presence()
+
+        return await busconn.connect(
+            self.cfg.nats,
+            name=f"{self.id}-{which}",
+            retries=self.cfg.connect_retries,
+            retry_wait=DEFAULT_FIRST_RETRY_WAIT,
+            max_reconnect_attempts=-1,
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+            reconnect_to_server_handler=self._backoff,
+        )
+
+    async def _close_connections(self) -> None:
+        for nc in (self.sub, self.pub):
+            if nc is not None:
+                with contextlib.suppress(Exception):
+                    await busconn.close(nc)
+
+    # ---- messaging ----------------------------------------------------------------------------------------
+
+    async def listen(self, subject: str, handler: Handler, *, queue: str = "", intake: bool = False) -> Subscription:
+        """Subscribe ``handler`` with size checks and error routing; ``intake`` subscriptions end at drain."""
+        if self.sub is None:
+            raise AgentError(f"{self.role} {self.id} is not connected")
+        limit = self.cfg.max_control_bytes
+
+        async def callback(msg: Msg) -> None:
+            if len(msg.data) > limit:
+                self.reject(msg.subject, f"{len(msg.data)}-byte message exceeds the {limit}-byte limit")
+                return
+            try:
+                await handler(msg)
+            except FedRefineError as exc:
+                self.reject(msg.subject, str(exc))
+            except Exception:  # a bug in a handler must not end the subscription
+                log.exception("%s %s: handler for %s failed", self.role, self.id, msg.subject)
+
+        sub = await busconn.subscribe(self.sub, subject, callback, queue=queue)
+        if intake:
+            self._intake.append(sub)
+        return sub
+
+    def reject(self, subject: str, reason: str) -> None:
+        """One warning for a message we will not act on; the agent keeps serving."""
+        kind = subject.removeprefix(self.subjects.prefix + ".").split(".", 1)[0]
+        self.rejected[kind] += 1
+        log.warning("%s %s rejected a message on %s: %s", self.role, self.id, subject, reason[:DEFAULT_REASON_CHARS])
+
+    async def publish(self, subject: str, message: Message) -> None:
+        """Publish a control message on the publishing connection."""
+        if self.pub is None:
+            raise AgentError(f"{self.role} {self.id} is not connected")
+        try:
+            await self.pub.publish(subject, message.to_bytes())
+        except (nats.errors.Error, OSError) as exc:
+            raise AgentError(f"publish to {subject} failed: {exc or type(exc).__name__}", subject=subject) from exc
+
+    async def respond(self, msg: Msg, message: Message) -> None:
+        """Reply to a request (no-op when the request had no reply subject)."""
+        if not msg.reply:
+            return
+        await self.publish(msg.reply, message)
+
+    # ---- work ---------------------------------------------------------------------------------------------
+
+    @property
+    def load(self) -> int:
+        """Tasks in flight."""
+        return len(self._tasks)
+
+    def accepting(self) -> bool:
+        """Whether new work may start (not draining, below ``max_inflight``)."""
+        return not self.draining and len(self._tasks) < self.cfg.max_inflight
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run ``coro`` as tracked in-flight work; its failure is logged, never raised into a subscription."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            if t.cancelled():
+                return
+            exc = t.exception()
+            if isinstance(exc, FedRefineError):
+                log.warning("%s %s: %s failed: %s", self.role, self.id, name, exc)
+            elif exc is not None:
+                log.error("%s %s: %s crashed", self.role, self.id, name, exc_info=exc)
+
+        task.add_done_callback(done)
+        return task
+
+    async def compute(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a CPU-bound call (a forward pass) on this agent's one compute thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    # ---- presence -----------------------------------------------------------------------------------------
+
+    def presence(self) -> Presence:
+        """This agent's heartbeat."""
+        return Presence(
+            role=self.role,  # type: ignore[arg-type]
+            agent_id=self.id,
+            model_fingerprint=self.model_fingerprint,
+            capabilities=self.capabilities(),
+            load=float(self.load),
+            link_rate_bps=self.link_rate_bps,
+            interval_s=self.cfg.heartbeat_s,
+            sent_unix=time.time(),
+        )
+
+    async def publish_presence(self) -> None:
+        """Send one heartbeat now."""
+        if self.pub is None or self.pub.is_closed or self._stopped:
+            return
+        await self.publish(self.subjects.presence(self.role, self.id), self.presence())
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat_s)
+            try:
+                await self.publish_presence()
+            except FedRefineError as exc:  # disconnected: nats-py buffers or we try again next beat
+                log.debug("heartbeat failed: %s", exc)
+            if self.tracks_presence:
+                self.roster.expire()
+
+    async def _goodbye(self, reason: str) -> None:
+        if self.pub is None or not self.pub.is_connected:
+            return
+        try:
+            bye = Goodbye(role=self.role, agent_id=self.id, reason=reason[:200])  # type: ignore[arg-type]
+            await self.publish(self.subjects.presence(self.role, self.id), bye)
+            await busconn.flush(self.pub, timeout=2.0)
+        except FedRefineError as exc:
+            log.debug("goodbye not delivered: %s", exc)
+
+    async def _on_presence(self, msg: Msg) -> None:
+        parts = self.subjects.parse(msg.subject)
+        beat = decode_message(msg.data)
+        if not isinstance(beat, Presence | Goodbye):
+            raise SchemaError(f"a {beat.kind} message on a presence subject")
+        if (beat.role, beat.agent_id) != (parts.role, parts.agent_id):
+            raise SchemaError(f"{beat.role} {beat.agent_id} heartbeat on another agent's subject")
+        if beat.agent_id == self.id and beat.role == self.role:
+            return
+        self.roster.update(beat)
+
+
+async def serve(agent: Agent) -> None:
+    """Run ``agent`` until SIGINT or SIGTERM, then stop it cleanly (a second signal exits at once)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second signal: leaving without draining")
+            raise SystemExit(130)
+        log.info("%s %s: %s received, draining", agent.role, agent.id, signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await agent.start()
+    try:
+        await stop.wait()
+    finally:
+        await agent.stop("signal")

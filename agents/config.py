@@ -1,0 +1,231 @@
+"""Agent configuration: one pydantic model per role, built once at the entry point from flags and environment.
+
+Every field ``some_name`` is the flag ``--some-name`` and the environment variable ``FEDREFINE_SOME_NAME``;
+a flag wins over the environment, the environment over the default. A bad value (flag or environment) is a
+:class:`~bus.errors.ConfigError` with one line; the CLIs print it as ``error: ...`` and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import types
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, NoReturn, TypeVar, Union, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bus.errors import ConfigError
+from bus.schemas import PRECISIONS, validate_id
+from bus.subjects import DEFAULT_PREFIX, Subjects
+
+ENV_PREFIX = "FEDREFINE_"
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+DEFAULT_HEARTBEAT_S = 1.0  # seconds between presence heartbeats
+DEFAULT_EXPIRY_BEATS = 3.0  # an agent is gone after this many heartbeat intervals of silence
+DEFAULT_DRAIN_S = 10.0  # seconds a stopping agent waits for its in-flight work
+DEFAULT_CONNECT_RETRIES = 5  # first-connection attempts before an agent gives up
+DEFAULT_BACKOFF_MAX_S = 2.0  # longest wait between reconnect attempts (exponential from 0.1 s)
+DEFAULT_MAX_CONTROL_BYTES = 256 * 1024  # a control message (JSON) larger than this is rejected unread
+DEFAULT_OFFER_SHARE = 0.3  # gate: share of the time left it waits for offers from live transmitters
+DEFAULT_PLAN_SHARE = 0.5  # receiver: share of the deadline after which a missing plan means "gate down"
+DEFAULT_REPHRASE_SHARE = 0.3  # receiver: share of the deadline it waits for its rephraser
+DEFAULT_ANSWER_RESERVE_S = 0.25  # receiver: seconds kept free before the deadline to fuse and read the answer
+DEFAULT_ASSUMED_RATE_MBPS = 1000.0  # gate: link rate assumed for a transmitter that reports none (loopback)
+DEFAULT_MAX_INFLIGHT = 64  # queries one agent works on at once; more are refused (transmitter: skipped)
+
+Level = Literal["debug", "info", "warning", "error"]
+C = TypeVar("C", bound="AgentConfig")
+
+
+def default_id(role: str) -> str:
+    """A fresh agent id like ``transmitter-3f9a1c``."""
+    return f"{role}-{uuid.uuid4().hex[:6]}"
+
+
+class AgentConfig(BaseModel):
+    """What every agent needs: where the bus is, who it is, how it heartbeats and stops."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    nats: str = Field(default=DEFAULT_NATS_URL, description="NATS server URL")
+    id: str = Field(default="", description="agent id (A-Z a-z 0-9 _ -, at most 64); default: <role>-<random>")
+    prefix: str = Field(default=DEFAULT_PREFIX, description="subject prefix of the federation")
+    heartbeat_s: float = Field(default=DEFAULT_HEARTBEAT_S, gt=0, le=60, description="seconds between heartbeats")
+    drain_s: float = Field(default=DEFAULT_DRAIN_S, ge=0, le=600, description="seconds to finish work when stopping")
+    connect_retries: int = Field(default=DEFAULT_CONNECT_RETRIES, ge=1, le=1000, description="first-connect attempts")
+    backoff_max_s: float = Field(default=DEFAULT_BACKOFF_MAX_S, gt=0, le=60, description="longest reconnect wait")
+    max_control_bytes: int = Field(default=DEFAULT_MAX_CONTROL_BYTES, ge=1024, description="largest control message")
+    max_inflight: int = Field(default=DEFAULT_MAX_INFLIGHT, ge=1, le=10_000, description="queries at once")
+    log_level: Level = Field(default="info", description="logging level")
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if value:
+            validate_id(value, "agent id")
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        Subjects(value)  # raises SchemaError with one line
+        return value
+
+    @field_validator("nats")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if "://" not in value:
+            raise ValueError(f"{value!r} is not a URL like nats://127.0.0.1:4222")
+        return value
+
+
+class ModelAgentConfig(AgentConfig):
+    """An agent that runs a language model."""
+
+    model: str = Field(description="local Hugging Face checkpoint directory, or a tiny test model name")
+    threads: int = Field(default=1, ge=1, le=256, description="torch threads for this agent's forward passes")
+
+
+class TransmitterConfig(ModelAgentConfig):
+    """``python -m agents.transmitter``."""
+
+    link_mbps: float | None = Field(default=None, gt=0, description="shape the uplink to this many Mbit/s")
+
+
+class ReceiverConfig(ModelAgentConfig):
+    """``python -m agents.receiver``."""
+
+    fusers: str | None = Field(default=None, description="directory of pair fusers (fusion.registry layout)")
+    answer_reserve_s: float = Field(
+        default=DEFAULT_ANSWER_RESERVE_S, ge=0, le=60, description="seconds kept to fuse and answer"
+    )
+    plan_share: float = Field(default=DEFAULT_PLAN_SHARE, gt=0, lt=1, description="deadline share to wait for a plan")
+    rephrase_share: float = Field(
+        default=DEFAULT_REPHRASE_SHARE, gt=0, lt=1, description="deadline share to wait for the rephraser"
+    )
+
+
+class GateAgentConfig(AgentConfig):
+    """``python -m agents.gate``."""
+
+    gate: str | None = Field(default=None, description="gating network file (fusion.gate.save_gate); none: uniform")
+    policy: str = Field(default="deadline-aware", description="bandwidth policy (bus.policy)")
+    precision: Literal["fp32", "fp16", "bf16", "int8", "int4"] = Field(
+        default="fp16", description="precision for policies that use one (keep-all, drop-by-importance)"
+    )
+    offer_share: float = Field(default=DEFAULT_OFFER_SHARE, gt=0, lt=1, description="time share to wait for offers")
+    assumed_rate_mbps: float = Field(
+        default=DEFAULT_ASSUMED_RATE_MBPS, gt=0, description="link rate of transmitters that report none"
+    )
+    answer_reserve_s: float = Field(
+        default=DEFAULT_ANSWER_RESERVE_S, ge=0, le=60, description="seconds the receiver keeps after the last byte"
+    )
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, value: str) -> str:
+        if value not in PRECISIONS:
+            raise ValueError(f"unknown precision {value!r}")
+        return value
+
+
+class RephraserConfig(ModelAgentConfig):
+    """``python -m agents.rephraser`` (runs the receiver's model, on the receiver side)."""
+
+    model: str = Field(default="", description="the receiver's model (directory or tiny name); not with --rules-only")
+    receiver_id: str | None = Field(default=None, description="serve only this receiver (default: every receiver)")
+    rules_only: bool = Field(default=False, description="redact by rules only, never reword with the model")
+
+    @model_validator(mode="after")
+    def _needs_model(self) -> RephraserConfig:
+        if not self.model and not self.rules_only:
+            raise ValueError("--model is required unless --rules-only")
+        return self
+
+    @field_validator("receiver_id")
+    @classmethod
+    def _rid(cls, value: str | None) -> str | None:
+        if value is not None:
+            validate_id(value, "receiver id")
+        return value
+
+
+# ---- flags and environment ----------------------------------------------------------------------------------
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one ``error: ...`` line and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _is_bool(annotation: Any) -> bool:
+    if annotation is bool:
+        return True
+    if get_origin(annotation) in (Union, types.UnionType):
+        return any(a is bool for a in get_args(annotation))
+    return False
+
+
+def build_parser(cls: type[AgentConfig], prog: str, description: str) -> argparse.ArgumentParser:
+    """An argument parser with one flag per config field (help shows the default and the environment name)."""
+    parser = _OneLineParser(prog=prog, description=description)
+    for name, field in cls.model_fields.items():
+        env = ENV_PREFIX + name.upper()
+        default = "required" if field.is_required() else f"default {field.default!r}"
+        help_text = f"{field.description or name} ({default}; env {env})"
+        if _is_bool(field.annotation):
+            parser.add_argument(
+                _flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        else:
+            parser.add_argument(_flag(name), dest=name, default=None, metavar=name.upper(), help=help_text)
+    return parser
+
+
+def _env_values(cls: type[AgentConfig], env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in cls.model_fields:
+        value = env.get(ENV_PREFIX + name.upper())
+        if value is not None and value != "":
+            out[name] = value
+    return out
+
+
+def make_config(cls: type[C], values: Mapping[str, Any], role: str) -> C:
+    """Validate ``values`` into ``cls`` (filling a default id); any problem is one :class:`ConfigError` line."""
+    data = dict(values)
+    try:
+        cfg = cls(**data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = _flag(str(first["loc"][0])) if first["loc"] else "config"
+        msg = str(first["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"{where}: {msg}", errors=exc.errors()) from exc
+    if not cfg.id:
+        cfg = cfg.model_copy(update={"id": default_id(role)})
+    return cfg
+
+
+def parse_config(
+    cls: type[C],
+    role: str,
+    argv: Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    description: str = "",
+) -> C:
+    """Flags (``argv``) over ``FEDREFINE_*`` variables (``env``, default ``os.environ``) over defaults."""
+    parser = build_parser(cls, f"python -m agents.{role}", description)
+    args = parser.parse_args(argv)
+    values = _env_values(cls, os.environ if env is None else env)
+    values.update({k: v for k, v in vars(args).items() if v is not None})
+    return make_config(cls, values, role)

@@ -1,0 +1,212 @@
+"""Gate agent: hold the roster, collect offers per query, score them, publish the plan.
+
+``python -m agents.gate --nats URL [--gate FILE] [--policy NAME] [--offer-share F]``
+
+Per query (``fr.query``): the transmitters live at that moment are expected to offer on ``fr.offer.<query_id>``;
+the gate plans as soon as all of them did, or when ``offer_share`` of the time left has passed, whichever
+comes first (one that leaves meanwhile is no longer waited for). Offers are scored by the gating network
+(``--gate``; uniform weights without one) through ``agents.planning.build_plan``, and the
+:class:`~bus.schemas.Plan` goes to ``fr.plan.<query_id>``. A transmitter whose model has no fuser into the
+receiver's (the receiver lists its fusers in its heartbeat) is never planned; the gate says so once per pair.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from nats.aio.msg import Msg
+
+from agents.base import Agent, decode
+from agents.cli import run_agent
+from agents.config import GateAgentConfig
+from agents.planning import build_plan, build_policy
+from agents.roster import Member
+from bus.errors import SchemaError
+from bus.schemas import Offer, Query
+from fusion.gate import GateNetwork, load_gate
+
+log = logging.getLogger(__name__)
+
+FUSERS_CAPABILITY = "fusers"  # a receiver that lists its fusers says so with this capability
+FUSER_PREFIX = "fuser:"  # then one capability per transmitter fingerprint it can fuse
+DEFAULT_EARLY_OFFERS = 1024  # offers kept for queries the gate has not seen yet
+DEFAULT_EARLY_TTL_S = 10.0  # seconds such an offer is kept
+DEFAULT_PLANNED_MEMORY = 4096  # recently planned query ids remembered (late offers are recognised, not warned)
+MBPS = 125_000.0  # bytes per second in one Mbit/s
+
+
+@dataclass
+class _Collecting:
+    """Offers for one query while the gate waits."""
+
+    query: Query
+    expected: set[str]
+    window_s: float
+    offers: dict[str, Offer] = field(default_factory=dict)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class GateAgent(Agent):
+    """The fusion gate."""
+
+    role = "gate"
+    tracks_presence = True
+
+    def __init__(self, cfg: GateAgentConfig, gate: GateNetwork | None = None) -> None:
+        super().__init__(cfg)
+        self.cfg: GateAgentConfig = cfg
+        self.gate = gate if gate is not None else (load_gate(cfg.gate) if cfg.gate else None)
+        self.policy = build_policy(
+            cfg.policy,
+            precision=cfg.precision,
+            reserve_s=cfg.answer_reserve_s,
+            assumed_rate_bps=cfg.assumed_rate_mbps * MBPS,
+        )
+        self.collecting: dict[str, _Collecting] = {}
+        self.planned: OrderedDict[str, None] = OrderedDict()
+        self.early: OrderedDict[str, tuple[float, list[Offer]]] = OrderedDict()
+        self.warned_no_fuser: set[tuple[str, str, str]] = set()
+        self.plans_published = 0
+        self.roster.listen(self._on_roster)
+
+    def capabilities(self) -> tuple[str, ...]:
+        """Whether a trained gating network scores offers, and the policy."""
+        return ("gate" if self.gate is not None else "uniform", f"policy:{self.policy.name}")
+
+    async def setup(self) -> None:
+        """Queries (intake) and offers."""
+        await self.listen(self.subjects.query(), self._on_query, intake=True)
+        await self.listen(self.subjects.offers_all(), self._on_offer)
+
+    # ---- collecting ---------------------------------------------------------------------------------------
+
+    async def _on_query(self, msg: Msg) -> None:
+        query = decode(msg, Query)
+        qid = query.query_id
+        if qid in self.collecting or qid in self.planned:
+            raise SchemaError(f"duplicate query id {qid}")
+        left = query.deadline_unix - time.time()
+        if left <= 0:
+            raise SchemaError(f"query {qid} arrived {-left:.2f} s after its deadline")
+        expected = set(self.roster.live("transmitter"))
+        state = _Collecting(query, expected, window_s=self.cfg.offer_share * left)
+        for offer in self.early.pop(qid, (0.0, []))[1]:
+            state.offers.setdefault(offer.transmitter_id, offer)
+        self.collecting[qid] = state
+        if not expected or expected <= set(state.offers):
+            await self._finish(qid)
+            return
+        self.spawn(self._window(state), name=f"window-{qid}")
+
+    async def _window(self, state: _Collecting) -> None:
+        try:
+            await asyncio.wait_for(state.done.wait(), timeout=state.window_s)
+        except TimeoutError:
+            await self._finish(state.query.query_id)
+
+    async def _on_offer(self, msg: Msg) -> None:
+        offer = decode(msg, Offer)
+        parts = self.subjects.parse(msg.subject)
+        if parts.query_id != offer.query_id:
+            raise SchemaError(f"offer for {offer.query_id} on the subject of {parts.query_id}")
+        qid = offer.query_id
+        state = self.collecting.get(qid)
+        if state is None:
+            if qid in self.planned:
+                log.info("late offer from %s for %s (already planned)", offer.transmitter_id, qid)
+            else:
+                self._keep_early(offer)
+            return
+        if offer.transmitter_id in state.offers:
+            raise SchemaError(f"second offer from {offer.transmitter_id} for {qid}")
+        state.offers[offer.transmitter_id] = offer
+        if state.expected <= set(state.offers):
+            await self._finish(qid)
+
+    def _keep_early(self, offer: Offer) -> None:
+        now = time.monotonic()
+        while self.early and next(iter(self.early.values()))[0] < now - DEFAULT_EARLY_TTL_S:
+            self.early.popitem(last=False)
+        stamp, offers = self.early.setdefault(offer.query_id, (now, []))
+        if len(offers) < 64:
+            offers.append(offer)
+        while len(self.early) > DEFAULT_EARLY_OFFERS:
+            self.early.popitem(last=False)
+
+    def _on_roster(self, change: str, member: Member) -> None:
+        if member.role != "transmitter" or change not in ("left", "expired"):
+            return
+        for qid, state in list(self.collecting.items()):
+            if member.agent_id in state.expected and member.agent_id not in state.offers:
+                state.expected.discard(member.agent_id)
+                if state.expected <= set(state.offers):
+                    self.spawn(self._finish(qid), name=f"finish-{qid}")
+
+    # ---- planning -----------------------------------------------------------------------------------------
+
+    def _fusable(self, receiver_id: str, offer: Offer) -> bool:
+        receiver = self.roster.get("receiver", receiver_id)
+        if receiver is None or FUSERS_CAPABILITY not in receiver.presence.capabilities:
+            return True  # the receiver did not list its fusers: let it decide (it omits with "no_fuser")
+        if FUSER_PREFIX + offer.model_fingerprint in receiver.presence.capabilities:
+            return True
+        key = (offer.transmitter_id, offer.model_fingerprint, receiver_id)
+        if key not in self.warned_no_fuser:
+            self.warned_no_fuser.add(key)
+            log.warning(
+                "transmitter %s (model %s) has no fuser into receiver %s (model %s): it will not be planned "
+                "for this receiver until such a fuser is installed",
+                offer.transmitter_id,
+                offer.model_fingerprint,
+                receiver_id,
+                receiver.presence.model_fingerprint,
+            )
+        return False
+
+    async def _finish(self, qid: str) -> None:
+        state = self.collecting.pop(qid, None)
+        if state is None:
+            return
+        state.done.set()
+        self.planned[qid] = None
+        while len(self.planned) > DEFAULT_PLANNED_MEMORY:
+            self.planned.popitem(last=False)
+        rates = {
+            tid: m.presence.link_rate_bps
+            for tid, m in self.roster.live("transmitter").items()
+            if m.presence.link_rate_bps is not None
+        }
+        plan = build_plan(
+            state.query,
+            state.offers,
+            gate=self.gate,
+            policy=self.policy,
+            precision=self.cfg.precision,
+            expected=state.expected,
+            fusable=lambda offer: self._fusable(state.query.receiver_id, offer),
+            rates=rates,
+            assumed_rate_bps=self.cfg.assumed_rate_mbps * MBPS,
+            window_s=state.window_s,
+        )
+        await self.publish(self.subjects.plan(qid), plan)
+        self.plans_published += 1
+        log.debug(
+            "plan %s: %s; omitted %s",
+            qid,
+            [(e.transmitter_id, len(e.layers), e.precision, round(e.weight, 3)) for e in plan.entries],
+            [(o.transmitter_id, o.reason) for o in plan.omitted],
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m agents.gate``."""
+    return run_agent("gate", GateAgentConfig, GateAgent, argv, __doc__.splitlines()[0])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

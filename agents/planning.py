@@ -1,0 +1,137 @@
+"""The gate's decision for one query, as a pure function of the query, the offers and the roster's facts.
+
+Scoring is ``fusion.refine.plan`` (the gating network, or uniform weights without one: the same call
+``refine()`` makes in process); what to send under the link and the deadline is a ``bus.policy`` policy. A
+transmitter appears in the plan's ``entries`` (layers most important first, precision, weight, byte budget)
+or in its ``omitted`` with a reason: ``no_fuser``, ``not_chosen`` (weight 0, no useful layer, nothing fits the
+deadline), ``late`` (no offer in the window) or ``error``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+
+from bus.errors import FusionError, PolicyError
+from bus.policy import LADDER, BandwidthPolicy, PolicyRequest, layer_costs, make_policy
+from bus.schemas import PRECISIONS, Offer, Omission, Plan, PlanEntry, Query
+from fusion.gate import GateNetwork, OfferSummary
+from fusion.refine import plan as score_offers
+
+log = logging.getLogger(__name__)
+
+
+def offer_summary(offer: Offer) -> OfferSummary:
+    """The gate's view of an offer, exactly as ``fusion.gate.summarize_offer`` made it on the transmitter."""
+    p_none = offer.p_none if offer.p_none is not None else 1.0 - offer.confidence
+    return OfferSummary(
+        fingerprint=offer.model_fingerprint,
+        num_layers=offer.n_layers,
+        num_tokens=offer.n_tokens,
+        p_none=p_none,
+        p_top=offer.p_top if offer.p_top is not None else 0.0,
+        entropy=offer.entropy if offer.entropy is not None else 0.0,
+        summary=offer.summary,
+    )
+
+
+def build_policy(name: str, *, precision: str, reserve_s: float, assumed_rate_bps: float) -> BandwidthPolicy:
+    """The configured policy with the parameters it takes (PolicyError on an unknown name)."""
+    return make_policy(
+        name, ignore_unused=True, precision=precision, reserve_s=reserve_s, assumed_rate_bps=assumed_rate_bps
+    )
+
+
+def _entry(
+    tid: str,
+    offer: Offer,
+    weight: float,
+    importance: tuple[float, ...],
+    layers: list[int],
+    policy: BandwidthPolicy,
+    rate_bps: float,
+    time_left_s: float,
+    precision: str,
+) -> PlanEntry | Omission:
+    shape = (1, offer.kv_heads, offer.n_tokens, offer.head_dim)
+    offered = [p for p in PRECISIONS if p in offer.precisions]
+    wanted = tuple(dict.fromkeys((precision, *LADDER)))
+    precisions = tuple(p for p in wanted if p in offered) or tuple(offered)
+    costs = layer_costs([importance[m] for m in layers], shape, layers=layers, precisions=precisions)
+    try:
+        req = PolicyRequest(layers=costs, link_rate_bps=rate_bps, time_left_s=time_left_s, precisions=precisions)
+        sent = policy.plan(req)
+    except PolicyError as exc:
+        return Omission(transmitter_id=tid, reason="not_chosen", detail=f"policy {policy.name}: {exc}"[:500])
+    if not sent.items or sent.precision is None:
+        detail = f"nothing fits the deadline at {rate_bps / 1e6:.2f} MB/s with {time_left_s:.2f} s left"
+        return Omission(transmitter_id=tid, reason="not_chosen", detail=detail)
+    return PlanEntry(
+        transmitter_id=tid,
+        layers=sent.layers,
+        precision=sent.precision,  # type: ignore[arg-type]
+        weight=weight,
+        byte_budget=sent.expected_bytes,
+    )
+
+
+def build_plan(
+    query: Query,
+    offers: Mapping[str, Offer],
+    *,
+    gate: GateNetwork | None,
+    policy: BandwidthPolicy,
+    precision: str,
+    expected: Iterable[str] = (),
+    fusable: Callable[[Offer], bool] = lambda offer: True,
+    rates: Mapping[str, float] | None = None,
+    assumed_rate_bps: float,
+    window_s: float = 0.0,
+    now_unix: float | None = None,
+) -> Plan:
+    """The plan for ``query`` from the offers that arrived (by transmitter id); see the module docstring."""
+    now = time.time() if now_unix is None else now_unix
+    omitted: list[Omission] = []
+    usable: dict[str, Offer] = {}
+    for tid in sorted(offers):
+        offer = offers[tid]
+        if fusable(offer):
+            usable[tid] = offer
+        else:
+            detail = f"receiver {query.receiver_id} has no fuser for model {offer.model_fingerprint}"
+            omitted.append(Omission(transmitter_id=tid, reason="no_fuser", detail=detail))
+    scores = {}
+    if usable:
+        summaries = {tid: offer_summary(o) for tid, o in usable.items()}
+        try:
+            scores = score_offers(summaries, gate)
+        except FusionError as exc:
+            log.warning("gate network cannot score query %s (%s); using uniform weights", query.query_id, exc)
+            scores = score_offers(summaries, None)
+    entries: list[PlanEntry] = []
+    time_left = query.deadline_unix - now
+    for tid, offer in usable.items():
+        score = scores[tid]
+        layers = score.layers()
+        if score.weight <= 0 or not layers:
+            detail = f"gate weight {score.weight:.3f}" + ("" if layers else ", no useful layer")
+            omitted.append(Omission(transmitter_id=tid, reason="not_chosen", detail=detail))
+            continue
+        if time_left <= 0:
+            omitted.append(Omission(transmitter_id=tid, reason="late", detail="no time left to send"))
+            continue
+        rate = offer.link_rate_bps or (rates or {}).get(tid) or assumed_rate_bps
+        item = _entry(tid, offer, score.weight, score.layer_importance, layers, policy, rate, time_left, precision)
+        (entries if isinstance(item, PlanEntry) else omitted).append(item)  # type: ignore[arg-type]
+    for tid in sorted(set(expected) - set(offers)):
+        detail = f"no offer within {window_s:.2f} s" if math.isfinite(window_s) else "no offer"
+        omitted.append(Omission(transmitter_id=tid, reason="late", detail=detail))
+    return Plan(
+        query_id=query.query_id,
+        receiver_id=query.receiver_id,
+        deadline_unix=query.deadline_unix,
+        entries=tuple(entries),
+        omitted=tuple(omitted[:256]),
+    )

@@ -1,0 +1,367 @@
+"""Receiver agent: owns the user's question, gathers the planned caches, fuses them, answers by the deadline.
+
+``python -m agents.receiver --model NAME_OR_PATH --fusers DIR --nats URL [--id ID]``
+
+Per ask (request/reply on ``fr.ask``, a queue group shared by receivers): q' from the rephraser when private
+(``fr.rephrase.<id>``; rules-only redaction here if it does not answer) -> :class:`~bus.schemas.Query` on
+``fr.query`` -> the plan on ``fr.plan.<query_id>`` (none in time: the gate is down, answer alone) -> the
+planned KV streams on ``fr.kv.<id>.<query_id>.*`` until every planned layer arrived, its sender left, or only
+the answer reserve is left before the deadline -> ``fusion.refine.receiver_answer`` on whatever arrived
+complete -> :class:`~bus.schemas.Answer` with provenance (used: transmitters and layers; omitted: left, late,
+not chosen, no fuser, error) as the reply and on ``fr.answer.<query_id>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import nats
+from nats.aio.msg import Msg
+
+from agents.base import Agent, decode
+from agents.cli import run_agent
+from agents.config import ReceiverConfig
+from agents.gate import FUSER_PREFIX, FUSERS_CAPABILITY
+from agents.kvintake import GuardedKVReceiver
+from agents.roster import Member
+from bus.errors import FedRefineError, FuserError, FusionError, LimitError, SchemaError
+from bus.schemas import Answer, Ask, ErrorReply, Offer, Omission, Plan, Query, TransmitterUse, decode_message
+from bus.transport import LayerDone
+from fusion.fuser import PairFuser
+from fusion.models import LanguageModel
+from fusion.prompts import LETTERS
+from fusion.refine import Received, receiver_answer, shared_prompt
+from fusion.registry import FuserRegistry
+from privacy.rephrase import rephrase
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KV_GRACE_S = 2.0  # seconds past the deadline the reassembler keeps a query's partial state
+DEFAULT_CLOSED_MEMORY = 4096  # answered query ids remembered (their late KV is ignored quietly)
+DEFAULT_RESERVE_FACTOR = 1.5  # reserve = factor x mean answer time x (answers queued + 1), at least the floor
+MAX_FUSER_CAPABILITIES = 60  # more pairs than this are not listed in heartbeats (the gate then plans them all)
+
+
+@dataclass
+class _Open:
+    """One ask in progress."""
+
+    query_id: str
+    ask: Ask
+    t0: float  # monotonic
+    deadline: float  # monotonic
+    deadline_unix: float
+    offers: dict[str, Offer] = field(default_factory=dict)
+    plan: Plan | None = None
+    plan_seen: asyncio.Event = field(default_factory=asyncio.Event)
+    progress: asyncio.Event = field(default_factory=asyncio.Event)
+    left: set[str] = field(default_factory=set)
+
+
+class ReceiverAgent(Agent):
+    """Answers asks with its model, fused with what the planned transmitters sent."""
+
+    role = "receiver"
+    tracks_presence = True
+
+    def __init__(
+        self,
+        cfg: ReceiverConfig,
+        model: LanguageModel | None = None,
+        fusers: Mapping[str, PairFuser] | None = None,
+    ) -> None:
+        super().__init__(cfg)
+        self.cfg: ReceiverConfig = cfg
+        self.model = model if model is not None else LanguageModel.load(cfg.model)
+        self.model_fingerprint = self.model.fingerprint
+        self.registry = FuserRegistry(cfg.fusers) if cfg.fusers else None
+        self.fusers: dict[str, PairFuser] = dict(fusers or {})
+        self.open: dict[str, _Open] = {}
+        self.closed: OrderedDict[str, None] = OrderedDict()
+        self.kv: GuardedKVReceiver | None = None
+        self.answered = 0
+        self._answer_s = cfg.answer_reserve_s / 4  # running mean of fuse + read time
+        self._answering = 0
+        self.roster.listen(self._on_roster)
+
+    # ---- fusers -------------------------------------------------------------------------------------------
+
+    def fusable(self) -> list[str]:
+        """Transmitter fingerprints this receiver has a fuser for."""
+        fps = set(self.fusers)
+        if self.registry is not None:
+            fps |= {t for t, r in self.registry.pairs() if r == self.model_fingerprint}
+        return sorted(fps)
+
+    def fuser_for(self, fingerprint: str) -> PairFuser | None:
+        """The pair fuser from a transmitter model into this receiver, or None."""
+        if fingerprint not in self.fusers and self.registry is not None:
+            try:
+                self.fusers[fingerprint] = self.registry.load(fingerprint, self.model_fingerprint)
+            except FuserError as exc:
+                log.debug("no fuser: %s", exc)
+                return None
+        return self.fusers.get(fingerprint)
+
+    def capabilities(self) -> tuple[str, ...]:
+        """``answer``, and the transmitter models it can fuse (so the gate never plans the others)."""
+        fps = self.fusable()
+        if len(fps) > MAX_FUSER_CAPABILITIES:
+            return ("answer",)
+        return ("answer", FUSERS_CAPABILITY, *(FUSER_PREFIX + fp for fp in fps))
+
+    # ---- subscriptions ------------------------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        """KV intake first (nothing may arrive unheard), then offers, plans, and asks last (intake)."""
+        assert self.sub is not None
+        self.kv = GuardedKVReceiver(
+            self.sub,
+            self.subjects.kv_for_receiver(self.id),
+            subjects=self.subjects,
+            on_layer=self._on_layer,
+            on_error=lambda exc, subject: self.reject(subject, str(exc)),
+            guard=self._kv_guard,
+            is_late=lambda qid: qid in self.closed,
+        )
+        await self.kv.start()
+        await self.listen(self.subjects.offers_all(), self._on_offer)
+        await self.listen(self.subjects.plans_all(), self._on_plan)
+        await self.listen(self.subjects.ask(), self._on_ask, queue=f"{self.cfg.prefix}-receivers", intake=True)
+
+    async def teardown(self) -> None:
+        """Stop the KV intake."""
+        if self.kv is not None:
+            await self.kv.stop()
+
+    def _kv_guard(self, query_id: str, sender: str) -> str | None:
+        q = self.open.get(query_id)
+        if q is None:
+            return f"KV for query {query_id}, which this receiver has not opened"
+        if q.plan is not None and all(e.transmitter_id != sender for e in q.plan.entries):
+            return f"KV from {sender}, which the plan of {query_id} does not name"
+        return None
+
+    def _on_layer(self, done: LayerDone) -> None:
+        q = self.open.get(done.query_id)
+        if q is not None:
+            q.progress.set()
+
+    def _on_roster(self, change: str, member: Member) -> None:
+        if member.role != "transmitter" or change not in ("left", "expired"):
+            return
+        for q in self.open.values():
+            q.left.add(member.agent_id)
+            q.progress.set()
+
+    async def _on_offer(self, msg: Msg) -> None:
+        parts = self.subjects.parse(msg.subject)
+        q = self.open.get(parts.query_id or "")
+        if q is None:
+            return  # another receiver's query (or one already answered)
+        offer = decode(msg, Offer)
+        if offer.query_id != parts.query_id:
+            raise SchemaError(f"offer for {offer.query_id} on the subject of {parts.query_id}")
+        if offer.transmitter_id in q.offers:
+            raise SchemaError(f"second offer from {offer.transmitter_id} for {offer.query_id}")
+        q.offers[offer.transmitter_id] = offer
+
+    async def _on_plan(self, msg: Msg) -> None:
+        parts = self.subjects.parse(msg.subject)
+        q = self.open.get(parts.query_id or "")
+        if q is None:
+            return
+        plan = decode(msg, Plan)
+        if plan.query_id != parts.query_id or plan.receiver_id != self.id:
+            raise SchemaError(f"plan for {plan.query_id}/{plan.receiver_id} on {msg.subject}")
+        if q.plan is not None:
+            raise SchemaError(f"second plan for {plan.query_id}")
+        q.plan = plan
+        q.plan_seen.set()
+
+    async def _on_ask(self, msg: Msg) -> None:
+        try:
+            ask = decode(msg, Ask)
+            if len(ask.options) != len(LETTERS):
+                raise SchemaError(f"this receiver answers {len(LETTERS)}-option questions; got {len(ask.options)}")
+            shared_prompt(ask.question, ask.options)  # empty or blank stem/options: SchemaError now
+        except SchemaError as exc:
+            await self.respond(msg, ErrorReply(code="bad_request", message=str(exc)[:500]))
+            raise
+        if not self.accepting():
+            await self.respond(msg, ErrorReply(code="unavailable", message=f"receiver {self.id} is busy or stopping"))
+            return
+        self.spawn(self._serve(msg, ask), name="ask")
+
+    # ---- one ask ------------------------------------------------------------------------------------------
+
+    async def _serve(self, msg: Msg, ask: Ask) -> None:
+        t0 = time.monotonic()
+        qid = uuid.uuid4().hex[:16]
+        q = _Open(qid, ask, t0, t0 + ask.deadline_s, time.time() + ask.deadline_s)
+        assert self.kv is not None
+        try:
+            self.kv.set_deadline(qid, ask.deadline_s + DEFAULT_KV_GRACE_S)
+        except LimitError as exc:
+            await self.respond(msg, ErrorReply(code="limit", message=str(exc)[:500]))
+            return
+        self.open[qid] = q
+        try:
+            answer = await self._answer(q)
+        except FedRefineError as exc:
+            log.warning("receiver %s: query %s failed: %s", self.id, qid, exc)
+            await self.respond(msg, ErrorReply(code="internal", message=str(exc)[:500], query_id=qid))
+            return
+        finally:
+            self.open.pop(qid, None)
+            self.closed[qid] = None
+            while len(self.closed) > DEFAULT_CLOSED_MEMORY:
+                self.closed.popitem(last=False)
+            self.kv.forget(qid)
+        self.answered += 1
+        await self.respond(msg, answer)
+        await self.publish(self.subjects.answer(qid), answer)
+
+    def _reserve(self) -> float:
+        return max(self.cfg.answer_reserve_s, DEFAULT_RESERVE_FACTOR * self._answer_s * (self._answering + 1))
+
+    async def _rephrase(self, q: _Open, notes: list[str]) -> str:
+        """q' from this receiver's rephraser; rules-only redaction here when it does not answer in time."""
+        wait = self.cfg.rephrase_share * q.ask.deadline_s
+        request = Ask(question=q.ask.question, options=q.ask.options, private=True, deadline_s=wait, ask_id=q.query_id)
+        assert self.pub is not None
+        try:
+            reply = await self.pub.request(self.subjects.rephrase(self.id), request.to_bytes(), timeout=wait)
+            got = decode_message(reply.data)
+            if isinstance(got, Query) and got.query_id == q.query_id:
+                return got.text
+            why = got.message if isinstance(got, ErrorReply) else f"unexpected {got.kind} reply"
+        except (TimeoutError, nats.errors.Error) as exc:
+            why = f"{type(exc).__name__}" if not str(exc) else str(exc)
+        except SchemaError as exc:
+            why = str(exc)
+        notes.append(f"rephraser unavailable ({why[:120]}); personal details removed by rules only")
+        return (await self.compute(rephrase, q.ask.question, None)).text
+
+    async def _answer(self, q: _Open) -> Answer:
+        notes: list[str] = []
+        ask = q.ask
+        text = await self._rephrase(q, notes) if ask.private else ask.question
+        shared, original = shared_prompt(ask.question, ask.options, text if ask.private else None)
+        query = Query(
+            query_id=q.query_id, receiver_id=self.id, text=text, options=ask.options, deadline_unix=q.deadline_unix
+        )
+        await self.publish(self.subjects.query(), query)
+        plan_until = min(q.t0 + self.cfg.plan_share * ask.deadline_s, q.deadline - self._reserve())
+        try:
+            await asyncio.wait_for(q.plan_seen.wait(), timeout=max(0.0, plan_until - time.monotonic()))
+        except TimeoutError:
+            notes.append(f"no plan from the gate within {plan_until - q.t0:.2f} s (gate down?); answered alone")
+        if q.plan is not None:
+            await self._await_streams(q, q.plan)
+        received, uses, omitted = self._gather(q, notes)
+        self._answering += 1
+        started = time.monotonic()
+        try:
+            fusers = {r.fingerprint: self.fusers[r.fingerprint] for r in received.values()}
+            try:
+                probs, used = await self.compute(receiver_answer, self.model, shared, original, received, fusers)
+            except FusionError as exc:
+                notes.append(f"fusion failed ({exc}); answered alone")
+                omitted += [Omission(transmitter_id=t, reason="error", detail=str(exc)[:500]) for t in received]
+                received, uses = {}, {}
+                probs, used = await self.compute(receiver_answer, self.model, shared, original, {}, {})
+        finally:
+            self._answering -= 1
+            self._answer_s = 0.8 * self._answer_s + 0.2 * (time.monotonic() - started)
+        choice = LETTERS[int(probs.argmax())]
+        return Answer(
+            query_id=q.query_id,
+            receiver_id=self.id,
+            text=f"{choice}) {ask.options[LETTERS.index(choice)]}",
+            choice=choice,
+            used=tuple(uses[t].model_copy(update={"layers": tuple(used[t])}) for t in sorted(used)),
+            omitted=tuple(omitted),
+            latency_s=time.monotonic() - q.t0,
+            bytes_received=sum(u.bytes for u in uses.values()),
+            probs=tuple(min(1.0, max(0.0, round(float(p), 6))) for p in probs),
+            notes=tuple(n[:500] for n in notes[:16]),
+        )
+
+    async def _await_streams(self, q: _Open, plan: Plan) -> None:
+        """Until every planned layer arrived or its sender left, or the answer reserve is all that is left."""
+        assert self.kv is not None
+        while True:
+            waiting = [
+                e
+                for e in plan.entries
+                if e.transmitter_id not in q.left
+                and not set(e.layers) <= set(self.kv.completed(q.query_id, e.transmitter_id))
+            ]
+            left = q.deadline - self._reserve() - time.monotonic()
+            if not waiting or left <= 0:
+                return
+            q.progress.clear()
+            try:
+                await asyncio.wait_for(q.progress.wait(), timeout=left)
+            except TimeoutError:
+                return
+
+    def _gather(self, q: _Open, notes: list[str]) -> tuple[dict[str, Received], dict[str, TransmitterUse], list]:
+        """What arrived complete, per planned transmitter, and why the others are not used."""
+        assert self.kv is not None
+        received: dict[str, Received] = {}
+        uses: dict[str, TransmitterUse] = {}
+        omitted: list[Omission] = []
+        plan = q.plan
+        for entry in plan.entries if plan is not None else ():
+            tid = entry.transmitter_id
+            done = self.kv.completed(q.query_id, tid)
+            got = sorted(set(entry.layers) & set(done))
+            offer = q.offers.get(tid)
+            why: tuple[str, str] | None = None
+            if not got:
+                reason = "left" if tid in q.left else "late"
+                why = (reason, f"0 of {len(entry.layers)} planned layers complete by the deadline")
+            elif offer is None or len(offer.offsets) != offer.n_tokens:
+                why = ("error", "no offer with token offsets seen for this query")
+            elif self.fuser_for(offer.model_fingerprint) is None:
+                why = ("no_fuser", f"no fuser for model {offer.model_fingerprint} into {self.model_fingerprint}")
+            if why is not None:
+                omitted.append(Omission(transmitter_id=tid, reason=why[0], detail=why[1]))  # type: ignore[arg-type]
+                continue
+            assert offer is not None
+            if len(got) < len(entry.layers):
+                notes.append(f"{tid}: {len(got)} of {len(entry.layers)} planned layers arrived by the deadline")
+            received[tid] = Received(
+                offer.model_fingerprint, {m: done[m] for m in got}, list(offer.offsets), entry.weight
+            )
+            uses[tid] = TransmitterUse(
+                transmitter_id=tid,
+                layers=tuple(got),
+                precision=entry.precision,
+                bytes=self.kv.stream_bytes.get((q.query_id, tid), 0),
+                weight=entry.weight,
+            )
+        if plan is not None:
+            omitted.extend(plan.omitted)
+            if not plan.entries and not plan.omitted:
+                notes.append("no live transmitter offered; answered alone")
+            elif not received:
+                notes.append("no transmitter's cache was usable; answered alone")
+        return dict(sorted(received.items())), uses, omitted
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m agents.receiver``."""
+    return run_agent("receiver", ReceiverConfig, ReceiverAgent, argv, __doc__.splitlines()[0])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,195 @@
+"""Transmitter agent: prefill every query q' with its own model, offer, and stream the layers the gate plans.
+
+``python -m agents.transmitter --model NAME_OR_PATH --nats URL [--id ID] [--link-mbps R]``
+
+Per query: ``fr.query`` -> ``fusion.refine.transmitter_prefill`` (same code as in process) -> an
+:class:`~bus.schemas.Offer` on ``fr.offer.<query_id>`` -> wait for ``fr.plan.<query_id>`` -> if the plan names
+this transmitter, ``bus.transport.send_cache`` of exactly the planned layers, in the plan's order (most
+important first), at the plan's precision, to ``fr.kv.<receiver_id>.<query_id>.<id>``; otherwise the prefill is
+dropped. ``--link-mbps`` paces every KV publish with a :class:`~bus.shaper.LinkShaper`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from nats.aio.msg import Msg
+
+from agents.base import Agent, decode
+from agents.cli import run_agent
+from agents.config import TransmitterConfig
+from bus.errors import SchemaError
+from bus.schemas import Offer, Plan, PlanEntry, Query
+from bus.shaper import LinkShaper
+from bus.transport import send_cache
+from fusion.models import LanguageModel
+from fusion.refine import TransmitterPrefill, select_layers, shared_prompt, transmitter_prefill
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SEND_GRACE_S = 1.0  # seconds past the deadline a stream may still run before it is cut
+MBPS = 125_000.0  # bytes per second in one Mbit/s
+
+
+@dataclass
+class _Pending:
+    """A prefill waiting for its plan."""
+
+    query: Query
+    prefill: TransmitterPrefill
+    expires: float  # monotonic
+
+
+class TransmitterAgent(Agent):
+    """Offers its cache of every query and streams the planned layers."""
+
+    role = "transmitter"
+
+    def __init__(self, cfg: TransmitterConfig, model: LanguageModel | None = None) -> None:
+        super().__init__(cfg)
+        self.cfg: TransmitterConfig = cfg
+        self.model = model if model is not None else LanguageModel.load(cfg.model)
+        self.model_fingerprint = self.model.fingerprint
+        self.link_rate_bps = cfg.link_mbps * MBPS if cfg.link_mbps else None
+        self.shaper = LinkShaper(self.link_rate_bps) if self.link_rate_bps else None
+        self.pending: dict[str, _Pending] = {}
+        self.sent = {"queries": 0, "offers": 0, "streams": 0, "bytes": 0}
+
+    def capabilities(self) -> tuple[str, ...]:
+        """Precisions it can send."""
+        return ("kv", "fp32", "fp16", "bf16", "int8", "int4")
+
+    async def setup(self) -> None:
+        """Queries (intake) and plans."""
+        await self.listen(self.subjects.query(), self._on_query, intake=True)
+        await self.listen(self.subjects.plans_all(), self._on_plan)
+
+    # ---- offers -------------------------------------------------------------------------------------------
+
+    async def _on_query(self, msg: Msg) -> None:
+        query = decode(msg, Query)
+        left = query.deadline_unix - time.time()
+        if left <= 0:
+            raise SchemaError(f"query {query.query_id} arrived {-left:.2f} s after its deadline")
+        if query.query_id in self.pending:
+            raise SchemaError(f"duplicate query id {query.query_id}")
+        if not self.accepting():
+            log.info("transmitter %s skips query %s (busy or draining)", self.id, query.query_id)
+            return
+        shared, _ = shared_prompt(query.text, query.options)  # SchemaError for bad options
+        self.sent["queries"] += 1
+        self.spawn(self._offer(query, shared, left), name=f"offer-{query.query_id}")
+
+    async def _offer(self, query: Query, shared: str, left: float) -> None:
+        pre = await self.compute(transmitter_prefill, self.id, self.model, shared)
+        if time.time() >= query.deadline_unix:
+            log.info("transmitter %s: prefill of %s finished after its deadline; no offer", self.id, query.query_id)
+            return
+        self.pending[query.query_id] = _Pending(query, pre, time.monotonic() + left + DEFAULT_SEND_GRACE_S)
+        cache, summary = pre.cache, pre.offer
+        offer = Offer(
+            query_id=query.query_id,
+            transmitter_id=self.id,
+            model_fingerprint=summary.fingerprint,
+            n_tokens=cache.num_tokens,
+            n_layers=cache.num_layers,
+            kv_heads=cache.kv_heads,
+            head_dim=cache.head_dim,
+            bytes_per_layer=2 * cache.kv_heads * cache.num_tokens * cache.head_dim * 2,
+            summary=summary.summary,
+            confidence=min(1.0, max(0.0, 1.0 - summary.p_none)),
+            link_rate_bps=self.link_rate_bps,
+            p_none=summary.p_none,
+            p_top=summary.p_top,
+            entropy=summary.entropy,
+            offsets=tuple(pre.offsets),
+        )
+        await self.publish(self.subjects.offer(query.query_id), offer)
+        self.sent["offers"] += 1
+        self._forget_expired()
+
+    def _forget_expired(self) -> None:
+        now = time.monotonic()
+        for qid in [q for q, p in self.pending.items() if p.expires <= now]:
+            del self.pending[qid]
+
+    # ---- plans and streams --------------------------------------------------------------------------------
+
+    async def _on_plan(self, msg: Msg) -> None:
+        plan = decode(msg, Plan)
+        parts = self.subjects.parse(msg.subject)
+        if parts.query_id != plan.query_id:
+            raise SchemaError(f"plan for {plan.query_id} on the subject of {parts.query_id}")
+        pending = self.pending.get(plan.query_id)
+        if pending is None:
+            return  # a query this transmitter did not offer on (or already planned)
+        if plan.receiver_id != pending.query.receiver_id:
+            raise SchemaError(
+                f"plan sends {plan.query_id} to {plan.receiver_id}; the query came from {pending.query.receiver_id}"
+            )
+        del self.pending[plan.query_id]
+        entry = next((e for e in plan.entries if e.transmitter_id == self.id), None)
+        if entry is None:
+            return  # not chosen: the prefill is dropped
+        self.spawn(self._stream(plan, entry, pending), name=f"stream-{plan.query_id}")
+
+    async def _stream(self, plan: Plan, entry: PlanEntry, pending: _Pending) -> None:
+        layers = ordered_layers(pending.prefill, entry.layers)
+        budget = plan.deadline_unix - time.time() + DEFAULT_SEND_GRACE_S
+        if budget <= 0:
+            log.info("transmitter %s: plan for %s arrived after its deadline", self.id, plan.query_id)
+            return
+        assert self.pub is not None
+        try:
+            report = await asyncio.wait_for(
+                send_cache(
+                    self.pub,
+                    self.subjects.kv(plan.receiver_id, plan.query_id, self.id),
+                    layers,
+                    precision=entry.precision,
+                    query_id=plan.query_id,
+                    sender=self.id,
+                    shaper=self.shaper,
+                ),
+                timeout=budget,
+            )
+        except TimeoutError:
+            log.warning("transmitter %s: stream of %s cut at its deadline", self.id, plan.query_id)
+            return
+        self.sent["streams"] += 1
+        self.sent["bytes"] += report.wire_bytes
+        log.debug(
+            "transmitter %s sent %s: layers %s, %d bytes, %.3f s",
+            self.id,
+            plan.query_id,
+            report.layers,
+            report.wire_bytes,
+            report.seconds,
+        )
+
+    async def drain_wait(self, until: float) -> None:
+        """Offers out but no plan yet: wait for their plans (or deadlines) before leaving."""
+        while self.pending and time.monotonic() < until:
+            self._forget_expired()
+            await asyncio.sleep(0.05)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=max(0.0, until - time.monotonic()))
+
+
+def ordered_layers(prefill: TransmitterPrefill, layers: Sequence[int]) -> dict:
+    """The planned layers of a prefill in the plan's order (``select_layers`` checks the indices)."""
+    selected = select_layers(prefill, layers)
+    return {m: selected[m] for m in layers}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m agents.transmitter``."""
+    return run_agent("transmitter", TransmitterConfig, TransmitterAgent, argv, __doc__.splitlines()[0])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
