@@ -37,7 +37,7 @@ from agents.config import AgentConfig
 from agents.roster import Roster
 from bus import connect as busconn
 from bus.errors import AgentError, FedRefineError, SchemaError
-from bus.schemas import Goodbye, Message, Presence, decode_message
+from bus.schemas import ErrorReply, Goodbye, Message, Presence, decode_message
 from bus.subjects import Subjects
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,10 @@ class Agent:
 
         async def callback(msg: Msg) -> None:
             if len(msg.data) > limit:
-                self.reject(msg.subject, f"{len(msg.data)}-byte message exceeds the {limit}-byte limit")
+                why = f"{len(msg.data)}-byte message exceeds the {limit}-byte limit"
+                self.reject(msg.subject, why)
+                with contextlib.suppress(FedRefineError):
+                    await self.respond(msg, ErrorReply(code="limit", message=why))
                 return
             try:
                 await handler(msg)

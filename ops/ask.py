@@ -1,0 +1,273 @@
+"""Push questions to a running federation and print the answers with their provenance.
+
+    python -m ops.ask "What is the color of Zorbin?" --option red --option blue --option green --option pink
+    python -m ops.ask --file questions.jsonl [--concurrency 8] [--private]
+
+One question: the answer letter and text, which transmitters (and layers) went into it, which did not and
+why. ``--file``: one JSON object per line (``stem`` or ``question``, four ``options``, optionally ``answer``
+as an index or letter and ``private``); pushes them all and prints accuracy, latency and bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+import nats
+from nats.aio.client import Client
+from pydantic import ValidationError
+
+from bus.connect import close, connect
+from bus.errors import ConfigError, ConnectError, FedRefineError, SchemaError
+from bus.schemas import Answer, Ask, ErrorReply, decode_message
+from bus.subjects import DEFAULT_PREFIX, Subjects
+from fusion.prompts import LETTERS
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+DEFAULT_DEADLINE_MS = 10_000  # milliseconds the federation has to answer
+DEFAULT_CONCURRENCY = 4  # questions in flight at once with --file
+DEFAULT_REPLY_SLACK_S = 2.0  # seconds past the deadline the client still waits for the reply
+
+Reply = Answer | ErrorReply
+
+
+@dataclass(frozen=True)
+class Item:
+    """One question to push (``answer``: the right option's index, when known)."""
+
+    stem: str
+    options: tuple[str, ...]
+    private: bool = False
+    answer: int | None = None
+    id: str = ""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What came back for one item, and how long the round trip took."""
+
+    item: Item
+    reply: Reply
+    seconds: float
+
+    @property
+    def answered(self) -> bool:
+        """Whether an answer (not an error) came back."""
+        return isinstance(self.reply, Answer)
+
+    @property
+    def correct(self) -> bool | None:
+        """Whether the answer is right (None when the item has no known answer or none came back)."""
+        if self.item.answer is None or not isinstance(self.reply, Answer) or self.reply.choice is None:
+            return None
+        return LETTERS.index(self.reply.choice) == self.item.answer
+
+
+async def ask_once(nc: Client, subjects: Subjects, item: Item, deadline_s: float) -> Reply:
+    """Send one Ask (request/reply) and return the Answer, or an ErrorReply for every kind of failure."""
+    try:
+        ask = Ask(question=item.stem, options=item.options, private=item.private, deadline_s=deadline_s)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return ErrorReply(code="bad_request", message=f"{where}: {first['msg']}"[:500])
+    try:
+        msg = await nc.request(subjects.ask(), ask.to_bytes(), timeout=deadline_s + DEFAULT_REPLY_SLACK_S)
+    except nats.errors.NoRespondersError:
+        return ErrorReply(code="unavailable", message=f"no receiver is serving {subjects.ask()}")
+    except TimeoutError:
+        return ErrorReply(code="timeout", message=f"no answer within {deadline_s + DEFAULT_REPLY_SLACK_S:.1f} s")
+    except nats.errors.Error as exc:
+        return ErrorReply(code="unavailable", message=f"request failed: {exc or type(exc).__name__}"[:500])
+    try:
+        reply = decode_message(msg.data)
+    except SchemaError as exc:
+        return ErrorReply(code="internal", message=f"unreadable reply: {exc}"[:500])
+    if not isinstance(reply, Answer | ErrorReply):
+        return ErrorReply(code="internal", message=f"unexpected {reply.kind} reply")
+    return reply
+
+
+async def push_many(
+    nc: Client,
+    subjects: Subjects,
+    items: Sequence[Item],
+    *,
+    deadline_s: float,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    on_done: Callable[[Outcome], None] | None = None,
+) -> list[Outcome]:
+    """Push every item, ``concurrency`` at a time; outcomes in item order."""
+    if concurrency < 1:
+        raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(item: Item) -> Outcome:
+        async with gate:
+            t0 = time.perf_counter()
+            reply = await ask_once(nc, subjects, item, deadline_s)
+            outcome = Outcome(item, reply, time.perf_counter() - t0)
+        if on_done is not None:
+            on_done(outcome)
+        return outcome
+
+    return list(await asyncio.gather(*(one(i) for i in items)))
+
+
+def _percentile(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def summarize(outcomes: Sequence[Outcome]) -> dict:
+    """Accuracy, latency percentiles, bytes per query and per-transmitter usage of a batch."""
+    answers = [o for o in outcomes if o.answered]
+    graded = [o.correct for o in answers if o.correct is not None]
+    lat = [o.seconds for o in answers]
+    used: Counter[str] = Counter()
+    omitted: Counter[str] = Counter()
+    for o in answers:
+        assert isinstance(o.reply, Answer)
+        used.update(u.transmitter_id for u in o.reply.used)
+        omitted.update(f"{m.transmitter_id}:{m.reason}" for m in o.reply.omitted)
+    errors = Counter(o.reply.code for o in outcomes if isinstance(o.reply, ErrorReply))
+    p50, p95 = _percentile(lat, 0.5), _percentile(lat, 0.95)
+    return {
+        "queries": len(outcomes),
+        "answered": len(answers),
+        "accuracy": round(sum(graded) / len(graded), 4) if graded else None,
+        "latency_p50_ms": round(1000 * p50, 1) if p50 is not None else None,
+        "latency_p95_ms": round(1000 * p95, 1) if p95 is not None else None,
+        "bytes_per_query": round(statistics.fmean(o.reply.bytes_received for o in answers)) if answers else 0,  # type: ignore[union-attr]
+        "used": dict(sorted(used.items())),
+        "omitted": dict(sorted(omitted.items())),
+        "errors": dict(errors),
+    }
+
+
+def describe(reply: Reply) -> str:
+    """A few lines a person reads: the answer, then its provenance."""
+    if isinstance(reply, ErrorReply):
+        return f"error ({reply.code}): {reply.message}"
+    lines = [f"answer: {reply.text}    ({1000 * reply.latency_s:.0f} ms, {reply.bytes_received} bytes of KV)"]
+    for use in reply.used:
+        layers = ",".join(map(str, use.layers))
+        lines.append(
+            f"  used     {use.transmitter_id}: layers {layers} at {use.precision}, weight {use.weight:.2f}, "
+            f"{use.bytes} bytes"
+        )
+    for miss in reply.omitted:
+        lines.append(f"  omitted  {miss.transmitter_id}: {miss.reason}" + (f" ({miss.detail})" if miss.detail else ""))
+    if not reply.used:
+        lines.append("  the receiver answered alone")
+    lines.extend(f"  note: {note}" for note in reply.notes)
+    return "\n".join(lines)
+
+
+def load_items(path: Path, private: bool = False) -> list[Item]:
+    """Questions from a JSONL file (see the module docstring); ConfigError names the bad line."""
+    items = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            stem = row.get("stem") or row["question"]
+            options = tuple(str(o) for o in row["options"])
+            answer = row.get("answer")
+            if isinstance(answer, str):
+                answer = LETTERS.index(answer.strip().upper())
+            items.append(Item(str(stem), options, bool(row.get("private", private)), answer, str(row.get("id", n))))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError(f"{path}:{n}: not a question line ({type(exc).__name__}: {exc})") from exc
+    return items
+
+
+# ---- the command --------------------------------------------------------------------------------------------
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags."""
+    p = _OneLineParser(prog="python -m ops.ask", description=__doc__.splitlines()[0])
+    p.add_argument("question", nargs="?", help="the question (or use --file)")
+    p.add_argument("--option", action="append", default=[], help="an answer option (give four)")
+    p.add_argument("--file", type=Path, help="JSONL file of questions to push")
+    p.add_argument("--private", action="store_true", help="rephrase before anything leaves the receiver side")
+    p.add_argument("--deadline-ms", type=int, default=DEFAULT_DEADLINE_MS, help="answer deadline (milliseconds)")
+    p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="questions in flight with --file")
+    p.add_argument("--limit", type=int, default=None, help="push only the first N questions of --file")
+    p.add_argument("--nats", default=os.environ.get("FEDREFINE_NATS", DEFAULT_NATS_URL), help="NATS server URL")
+    p.add_argument("--prefix", default=os.environ.get("FEDREFINE_PREFIX", DEFAULT_PREFIX), help="subject prefix")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return p
+
+
+async def _run(args: argparse.Namespace) -> int:
+    subjects = Subjects(args.prefix)
+    if args.deadline_ms <= 0:
+        raise ConfigError(f"--deadline-ms must be positive, got {args.deadline_ms}")
+    deadline_s = args.deadline_ms / 1000
+    if args.file is None:
+        if not args.question:
+            raise ConfigError("give a question, or --file FILE")
+        items = [Item(args.question, tuple(args.option), args.private)]
+    else:
+        items = load_items(args.file, args.private)[: args.limit]
+    try:
+        nc = await connect(args.nats, name="ops.ask", retries=1)
+    except ConnectError as exc:
+        raise ConnectError(f"no NATS server at {args.nats}; start one with `python -m ops.server`") from exc
+    try:
+        if args.file is None:
+            reply = await ask_once(nc, subjects, items[0], deadline_s)
+            print(reply.model_dump_json(indent=2) if args.json else describe(reply))
+            return 0 if isinstance(reply, Answer) else 1
+        from tqdm import tqdm
+
+        with tqdm(total=len(items), desc="questions", unit="q", disable=args.json) as bar:
+            outcomes = await push_many(
+                nc, subjects, items, deadline_s=deadline_s, concurrency=args.concurrency, on_done=lambda o: bar.update()
+            )
+        summary = summarize(outcomes)
+        print(json.dumps(summary, indent=2))
+        return 0 if summary["answered"] == summary["queries"] else 1
+    finally:
+        await close(nc)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ops.ask``: 0 all answered, 1 some not, 2 bad input or no server."""
+    args = build_parser().parse_args(argv)
+    try:
+        return asyncio.run(_run(args))
+    except FedRefineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

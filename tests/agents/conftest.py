@@ -1,0 +1,191 @@
+"""Agents on tiny random models: a session-wide fuser registry and gate, and a ``fleet`` of in-process agents.
+
+Each test gets its own subject prefix, so tests sharing the session's nats-server never see each other's
+traffic. Agents run as asyncio tasks in the test's event loop (fast); tests that must kill a process use
+``agents.launch`` instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from nats.aio.client import Client
+
+from agents.base import Agent
+from agents.config import GateAgentConfig, ReceiverConfig, RephraserConfig, TransmitterConfig, make_config
+from agents.gate import GateAgent
+from agents.receiver import ReceiverAgent
+from agents.rephraser import RephraserAgent
+from agents.transmitter import TransmitterAgent
+from bus.connect import close, connect
+from bus.schemas import Answer, ErrorReply
+from bus.server import NatsServer
+from bus.subjects import Subjects
+from fusion.fuser import FuserConfig, PairFuser
+from fusion.gate import GateConfig, GateNetwork, save_gate
+from fusion.models import LanguageModel, ModelSpec
+from fusion.prompts import Question
+from fusion.registry import FuserRegistry
+from ops.ask import Item, ask_once
+
+QUESTIONS = [
+    Question(
+        id="q1",
+        stem="Hi, I'm Mara Velt (account ACC-123456). What is the color of Zorbin?",
+        options=("red", "blue", "green", "pink"),
+        answer=2,
+        pii=("Mara Velt", "ACC-123456"),
+    ),
+    Question(id="q2", stem="Which pet does Kalu have?", options=("cat", "dog", "owl", "fox"), answer=0),
+    Question(id="q3", stem="Where does Brenna Tol live?", options=("Oslo", "Lima", "Pune", "Kyiv"), answer=3),
+    Question(
+        id="q4",
+        stem="My email is tova.lind@example.com. What does Quorr eat?",
+        options=("fish", "rice", "kelp", "figs"),
+        answer=1,
+        pii=("tova.lind@example.com",),
+    ),
+]
+
+
+@dataclass
+class TinyWorld:
+    """Tiny random models, a fuser registry for two transmitter models, a gate, and one model without a fuser."""
+
+    receiver: LanguageModel
+    models: dict[str, LanguageModel]  # model name -> model (transmitters)
+    fusers_dir: Path
+    gate_path: Path
+    orphan: LanguageModel  # a transmitter model no fuser exists for
+
+    def fusers(self) -> dict[str, PairFuser]:
+        """Fingerprint -> fuser, loaded from the registry (what refine() in process gets)."""
+        reg = FuserRegistry(self.fusers_dir)
+        return {m.fingerprint: reg.load(m.fingerprint, self.receiver.fingerprint) for m in self.models.values()}
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
+    """Built once per session (well under a second)."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("tiny-zoo")
+    receiver = LanguageModel.load("tiny-qwen3")
+    models = {name: LanguageModel.load(name) for name in ("tiny-llama", "tiny-qwen2")}
+    registry = FuserRegistry(root / "fusers")
+    for i, model in enumerate(models.values()):
+        torch.manual_seed(i)
+        fuser = PairFuser(FuserConfig.for_models(receiver, model, hidden=16, delta_init_std=0.5)).eval()
+        registry.save(fuser, model.fingerprint, receiver.fingerprint)
+    torch.manual_seed(7)
+    profiles = {m.fingerprint: [1.0] * m.num_layers for m in models.values()}
+    gate_path = save_gate(
+        GateNetwork(GateConfig(hidden=8), profiles), registry.gate_path(receiver.fingerprint), receiver.fingerprint
+    )
+    orphan = LanguageModel.build("qwen3", ModelSpec(48, 2, 4, 2, 12, 96), seed=11, name="tiny-orphan")
+    return TinyWorld(receiver, models, root / "fusers", gate_path, orphan)
+
+
+@dataclass
+class Fleet:
+    """In-process agents of one test, under their own prefix; ``close()`` stops them all."""
+
+    url: str
+    world: TinyWorld
+    prefix: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:10]}")
+    agents: dict[str, Agent] = field(default_factory=dict)
+    client: Client | None = None
+
+    @property
+    def subjects(self) -> Subjects:
+        """The test's subjects."""
+        return Subjects(self.prefix)
+
+    def _base(self, agent_id: str, **extra: Any) -> dict[str, Any]:
+        return {"nats": self.url, "id": agent_id, "prefix": self.prefix, "heartbeat_s": 0.5, "drain_s": 3.0, **extra}
+
+    async def _start(self, agent: Agent) -> Agent:
+        await agent.start()
+        self.agents[agent.id] = agent
+        return agent
+
+    async def receiver(self, agent_id: str = "rx", fusers: Path | None = None, **extra: Any) -> ReceiverAgent:
+        """Start the receiver (tiny-qwen3, the session's fusers unless ``fusers`` names another registry)."""
+        fusers_dir = str(fusers or self.world.fusers_dir)
+        cfg = make_config(
+            ReceiverConfig, self._base(agent_id, model="tiny-qwen3", fusers=fusers_dir, **extra), "receiver"
+        )
+        return await self._start(ReceiverAgent(cfg, model=self.world.receiver))  # type: ignore[return-value]
+
+    async def rephraser(self, agent_id: str = "reph", receiver_id: str = "rx") -> RephraserAgent:
+        """Start the rephraser for ``receiver_id`` (the receiver's model)."""
+        cfg = make_config(
+            RephraserConfig, self._base(agent_id, model="tiny-qwen3", receiver_id=receiver_id), "rephraser"
+        )
+        return await self._start(RephraserAgent(cfg, model=self.world.receiver))  # type: ignore[return-value]
+
+    async def gate(self, agent_id: str = "gate", trained: bool = True, **extra: Any) -> GateAgent:
+        """Start the gate (the session's random gating network unless ``trained=False``)."""
+        gate = str(self.world.gate_path) if trained else None
+        cfg = make_config(GateAgentConfig, self._base(agent_id, gate=gate, **extra), "gate")
+        return await self._start(GateAgent(cfg))  # type: ignore[return-value]
+
+    async def transmitter(self, agent_id: str, model: str | LanguageModel, **extra: Any) -> TransmitterAgent:
+        """Start a transmitter with one of the session's models (by name) or any model."""
+        lm = model if isinstance(model, LanguageModel) else self.world.models[model]
+        cfg = make_config(TransmitterConfig, self._base(agent_id, model=lm.name, **extra), "transmitter")
+        return await self._start(TransmitterAgent(cfg, model=lm))  # type: ignore[return-value]
+
+    async def standard(self, transmitters: dict[str, str] | None = None) -> None:
+        """Receiver, rephraser, gate, transmitters (default t1 = tiny-llama, t2 = tiny-qwen2); wait for the roster."""
+        transmitters = {"t1": "tiny-llama", "t2": "tiny-qwen2"} if transmitters is None else transmitters
+        await self.receiver()
+        await self.rephraser()
+        await self.gate()
+        for tid, name in transmitters.items():
+            await self.transmitter(tid, name)
+        await self.wait_roster("gate", "transmitter", set(transmitters))
+        await self.wait_roster("gate", "receiver", {"rx"})
+
+    async def wait_roster(self, observer: str, role: str, ids: set[str], timeout: float = 10.0) -> None:
+        """Until agent ``observer`` sees exactly... at least ``ids`` of ``role`` live."""
+        agent = self.agents[observer]
+        end = time.monotonic() + timeout
+        while not ids <= set(agent.roster.live(role)):
+            assert time.monotonic() < end, f"{observer} never saw {role}s {ids - set(agent.roster.live(role))}"
+            await asyncio.sleep(0.05)
+
+    async def ask(self, question: Question, *, private: bool = False, deadline_s: float = 5.0) -> Answer | ErrorReply:
+        """Push one question and return the reply."""
+        if self.client is None:
+            self.client = await connect(self.url, name="pytest-asker")
+        item = Item(question.stem, question.options, private, question.answer, question.id)
+        return await ask_once(self.client, self.subjects, item, deadline_s)
+
+    async def stop(self, agent_id: str) -> None:
+        """Stop one agent cleanly (it says goodbye)."""
+        await self.agents.pop(agent_id).stop()
+
+    async def close(self) -> None:
+        """Stop every agent and the client."""
+        for agent_id in list(self.agents)[::-1]:
+            await self.agents.pop(agent_id).stop()
+        if self.client is not None:
+            await close(self.client)
+
+
+@pytest.fixture
+async def fleet(nats_server: NatsServer, tiny: TinyWorld) -> AsyncIterator[Fleet]:
+    """An empty fleet on the session's server; every agent it started is stopped afterwards."""
+    f = Fleet(nats_server.url, tiny)
+    try:
+        yield f
+    finally:
+        await f.close()

@@ -1,0 +1,191 @@
+"""Malformed and hostile messages on every subject: each is rejected with a logged warning, every agent serves on."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+import pytest
+import torch
+
+from bus.codec import encode_layer_frames
+from bus.connect import close, connect
+from bus.schemas import Answer, ErrorReply, Plan, Query, decode_message
+from tests.agents.conftest import QUESTIONS, Fleet
+
+OK_QUERY = {"query_id": "q0", "receiver_id": "rx", "text": "hi?", "options": ["a", "b", "c", "d"]}
+
+
+def _json(obj: dict) -> bytes:
+    return json.dumps(obj).encode()
+
+
+async def test_garbage_on_every_subject_is_rejected_and_everyone_keeps_serving(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    await fleet.standard()
+    caplog.set_level(logging.WARNING)
+    s = fleet.subjects
+    nc = await connect(fleet.url, name="attacker")
+    future = time.time() + 60
+    try:
+        # fr.ask: bad JSON, other schema version, injected id, three options, oversized -> error replies
+        for payload in (
+            b"{not json",
+            _json({"schema_version": 2, "kind": "ask", "question": "x?", "options": ["a", "b", "c", "d"]}),
+            _json({"question": "x?", "options": ["a", "b", "c", "d"], "ask_id": "a.>"}),
+            _json({"question": "x?", "options": ["a", "b", "c"]}),
+            _json({"question": "x" * 300_000, "options": ["a", "b", "c", "d"]}),
+        ):
+            reply = await nc.request(s.ask(), payload, timeout=5)
+            err = decode_message(reply.data)
+            assert isinstance(err, ErrorReply) and err.code in ("bad_request", "limit")
+        # fr.rephrase.<rx>: not an ask, or an ask without the query id
+        reply = await nc.request(s.rephrase("rx"), b"[1, 2]", timeout=5)
+        assert decode_message(reply.data).kind == "error"
+        reply = await nc.request(
+            s.rephrase("rx"), _json({"question": "x?", "options": ["a", "b", "c", "d"]}), timeout=5
+        )
+        assert decode_message(reply.data).kind == "error"
+        # fr.query: transmitters and the gate
+        for payload in (
+            b"\xff\xfe",
+            _json({**OK_QUERY, "deadline_unix": future, "query_id": "x.*"}),
+            _json({**OK_QUERY, "deadline_unix": future, "schema_version": 9}),
+            _json({**OK_QUERY, "deadline_unix": 1.0}),
+            _json(
+                {**OK_QUERY, "deadline_unix": future, "receiver_id": "rx", "text": "hi", "options": ["", "", "", ""]}
+            ),
+        ):
+            await nc.publish(s.query(), payload)
+        # fr.offer.<qid>: gate and receiver
+        await nc.publish(s.offer("q1"), b"null")
+        await nc.publish(
+            s.offer("q1"),
+            _json(
+                {
+                    "kind": "offer",
+                    "query_id": "q2",
+                    "transmitter_id": "t",
+                    "model_fingerprint": "ab",
+                    "n_tokens": 2,
+                    "n_layers": 1,
+                    "kv_heads": 1,
+                    "head_dim": 1,
+                    "bytes_per_layer": 1,
+                    "confidence": 0.5,
+                    "offsets": [[0, 1]],
+                }
+            ),
+        )
+        # fr.plan.<qid>: transmitters and receiver
+        await nc.publish(s.plan("q1"), b"{}")
+        await nc.publish(
+            s.plan("q1"),
+            _json(
+                {
+                    "query_id": "q1",
+                    "receiver_id": "rx",
+                    "deadline_unix": future,
+                    "entries": [
+                        {"transmitter_id": "t1", "layers": [0, 0], "precision": "fp16", "weight": 1, "byte_budget": 1}
+                    ],
+                }
+            ),
+        )
+        # fr.presence: not a heartbeat, and a heartbeat for another agent's subject
+        await nc.publish(s.presence("transmitter", "t1"), b"[]")
+        await nc.publish(
+            s.presence("transmitter", "t1"), _json({"kind": "goodbye", "role": "transmitter", "agent_id": "t2"})
+        )
+        # fr.kv.<rx>.<qid>.<sender>: garbage, and a well-formed frame for a query the receiver never opened
+        await nc.publish(s.kv("rx", "q1", "t1"), b"FRKV\x00\x00\x00\x05hello")
+        k = torch.randn(1, 2, 3, 4)
+        for frame in encode_layer_frames(
+            0,
+            k,
+            k,
+            precision="fp16",
+            query_id="q1",
+            sender="t1",
+            layers_total=1,
+            max_payload=1 << 20,
+            compress=True,
+            chunk_bytes=None,
+        ):
+            await nc.publish(s.kv("rx", "q1", "t1"), frame)
+        await nc.flush()
+        await asyncio.sleep(0.5)
+    finally:
+        await close(nc)
+    rejected = {aid: dict(agent.rejected) for aid, agent in fleet.agents.items()}
+    assert {"ask", "kv", "presence"} <= set(rejected["rx"]), rejected  # offers/plans of unknown queries: ignored
+    assert {"query", "offer", "presence"} <= set(rejected["gate"]), rejected
+    assert {"query", "plan"} <= set(rejected["t1"]), rejected
+    assert {"rephrase"} <= set(rejected["reph"]), rejected
+    warned = {
+        r.getMessage().split(" rejected")[0] for r in caplog.records if " rejected a message on " in r.getMessage()
+    }
+    assert {"receiver rx", "gate gate", "transmitter t1", "transmitter t2", "rephraser reph"} <= warned
+    assert fleet.agents["gate"].roster.is_live("transmitter", "t2")  # the spoofed goodbye changed nothing
+    a = await fleet.ask(QUESTIONS[0], private=True)
+    assert isinstance(a, Answer) and [u.transmitter_id for u in a.used] == ["t1", "t2"]
+
+
+async def test_chunks_from_a_sender_not_in_the_plan_are_rejected(fleet: Fleet) -> None:
+    await fleet.receiver()
+    await fleet.rephraser()
+    await fleet.gate()
+    await fleet.transmitter("t1", "tiny-llama", link_mbps=0.4)  # slow: the query stays open while we attack
+    await fleet.wait_roster("gate", "transmitter", {"t1"})
+    s = fleet.subjects
+    nc = await connect(fleet.url, name="rogue")
+    sent = asyncio.Event()
+
+    async def on_plan(msg) -> None:
+        plan = decode_message(msg.data)
+        assert isinstance(plan, Plan)
+        k = torch.randn(1, 2, 30, 16)
+        for frame in encode_layer_frames(
+            0,
+            k,
+            k,
+            precision="fp16",
+            query_id=plan.query_id,
+            sender="rogue",
+            layers_total=1,
+            max_payload=1 << 20,
+            compress=True,
+            chunk_bytes=None,
+        ):
+            await nc.publish(s.kv("rx", plan.query_id, "rogue"), frame)
+        await nc.publish(msg.subject, msg.data)  # a second plan for the open query
+        await nc.publish(s.offer(plan.query_id), b'{"kind": "offer"}')
+        await nc.flush()
+        sent.set()
+
+    await nc.subscribe(s.plans_all(), cb=on_plan)
+    await nc.flush()
+    try:
+        a = await fleet.ask(QUESTIONS[1], deadline_s=8.0)
+    finally:
+        await close(nc)
+    assert sent.is_set()
+    assert isinstance(a, Answer) and [u.transmitter_id for u in a.used] == ["t1"]
+    rejected = fleet.agents["rx"].rejected
+    assert rejected["kv"] >= 1 and rejected["plan"] >= 1 and rejected["offer"] >= 1, rejected
+
+
+async def test_queries_that_collide_or_are_late_do_not_disturb_the_next(fleet: Fleet) -> None:
+    await fleet.standard()
+    nc = await connect(fleet.url, name="replayer")
+    try:
+        late = Query(query_id="old", receiver_id="rx", text="x?", options=("a", "b", "c", "d"), deadline_unix=1.0)
+        await nc.publish(fleet.subjects.query(), late.to_bytes())
+        await nc.flush()
+    finally:
+        await close(nc)
+    a = await fleet.ask(QUESTIONS[3])
+    assert isinstance(a, Answer) and len(a.used) == 2

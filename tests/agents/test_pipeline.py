@@ -1,0 +1,115 @@
+"""The pipeline over a real nats-server: answers, parity with refine(), joins, fallbacks, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from bus.schemas import Answer
+from fusion.gate import load_gate
+from fusion.refine import refine
+from tests.agents.conftest import QUESTIONS, Fleet
+
+
+def _answer(reply) -> Answer:
+    assert isinstance(reply, Answer), f"expected an answer, got {reply!r}"
+    return reply
+
+
+async def test_end_to_end_answer_with_provenance(fleet: Fleet) -> None:
+    await fleet.standard()
+    q = QUESTIONS[1]
+    a = _answer(await fleet.ask(q))
+    assert a.choice in "ABCD" and a.text == f"{a.choice}) {q.options['ABCD'.index(a.choice)]}"
+    assert {u.transmitter_id for u in a.used} | {o.transmitter_id for o in a.omitted} == {"t1", "t2"}
+    for use in a.used:
+        assert use.layers and use.bytes > 0 and use.precision == "fp16"
+    assert a.bytes_received == sum(u.bytes for u in a.used)
+    assert len(a.probs) == 4 and abs(sum(a.probs) - 1) < 1e-3
+
+
+@pytest.mark.parametrize("private", [False, True])
+async def test_over_the_bus_equals_refine_in_process(fleet: Fleet, private: bool) -> None:
+    await fleet.standard()
+    world = fleet.world
+    gate = load_gate(world.gate_path)
+    transmitters = {"t1": world.models["tiny-llama"], "t2": world.models["tiny-qwen2"]}  # sorted by id, as the bus
+    for q in QUESTIONS:
+        a = _answer(await fleet.ask(q, private=private))
+        ref = refine(
+            q,
+            world.receiver,
+            transmitters,
+            mode="c2c",
+            fusers=world.fusers(),
+            gate=gate,
+            private=private,
+            precision="fp16",
+        )
+        assert a.choice == ref.answer, q.id
+        assert a.probs == pytest.approx(ref.probs, abs=1e-5), q.id
+        assert {u.transmitter_id: list(u.layers) for u in a.used} == ref.used
+
+
+async def test_no_transmitter_at_all_the_receiver_answers_alone_and_says_so(fleet: Fleet) -> None:
+    await fleet.standard(transmitters={})
+    a = _answer(await fleet.ask(QUESTIONS[1]))
+    assert a.used == () and a.omitted == ()
+    assert any("no live transmitter" in n for n in a.notes)
+
+
+async def test_gate_down_receiver_falls_back_within_the_deadline(fleet: Fleet) -> None:
+    await fleet.receiver()
+    await fleet.rephraser()
+    await fleet.transmitter("t1", "tiny-llama")
+    a = _answer(await fleet.ask(QUESTIONS[0], private=True, deadline_s=2.0))
+    assert a.used == ()
+    assert any("no plan from the gate" in n for n in a.notes)
+    assert a.latency_s <= 2.0
+
+
+async def test_a_transmitter_joining_is_used_from_the_next_query(fleet: Fleet) -> None:
+    await fleet.standard(transmitters={"t1": "tiny-llama"})
+    first = _answer(await fleet.ask(QUESTIONS[1]))
+    assert [u.transmitter_id for u in first.used] == ["t1"]
+    await fleet.transmitter("t2", "tiny-qwen2")
+    await fleet.wait_roster("gate", "transmitter", {"t1", "t2"})
+    second = _answer(await fleet.ask(QUESTIONS[1]))
+    assert [u.transmitter_id for u in second.used] == ["t1", "t2"]
+
+
+async def test_a_transmitter_without_a_fuser_is_never_planned_and_the_gate_says_so_once(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    await fleet.standard(transmitters={"t1": "tiny-llama"})
+    await fleet.transmitter("t9", fleet.world.orphan)
+    await fleet.wait_roster("gate", "transmitter", {"t1", "t9"})
+    caplog.set_level(logging.WARNING, logger="agents.gate")
+    for _ in range(3):
+        a = _answer(await fleet.ask(QUESTIONS[2]))
+        assert [u.transmitter_id for u in a.used] == ["t1"]
+        assert [(o.transmitter_id, o.reason) for o in a.omitted] == [("t9", "no_fuser")]
+    said = [r for r in caplog.records if r.name == "agents.gate" and "no fuser" in r.getMessage()]
+    assert len(said) == 1 and "t9" in said[0].getMessage()
+
+
+async def test_a_transmitter_that_leaves_is_dropped_and_queries_go_on(fleet: Fleet) -> None:
+    await fleet.standard()
+    await fleet.stop("t2")
+    await asyncio.sleep(0.1)
+    a = _answer(await fleet.ask(QUESTIONS[1]))
+    assert [u.transmitter_id for u in a.used] == ["t1"]
+    assert "t2" not in fleet.agents["gate"].roster.live("transmitter")
+
+
+async def test_twenty_concurrent_queries_are_all_answered(fleet: Fleet) -> None:
+    await fleet.standard()
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(20)]
+    replies = await asyncio.gather(
+        *(fleet.ask(q, private=i % 3 == 0, deadline_s=20.0) for i, q in enumerate(questions))
+    )
+    answers = [_answer(r) for r in replies]
+    assert len({a.query_id for a in answers}) == 20
+    assert all(a.used for a in answers)

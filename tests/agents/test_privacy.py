@@ -1,0 +1,39 @@
+"""Private mode: a subscriber on ``>`` outside the receiver side never sees the raw question or its personal details."""
+
+from __future__ import annotations
+
+import asyncio
+
+from bus.connect import close, connect
+from bus.schemas import Answer, Query, decode_message
+from tests.agents.conftest import QUESTIONS, Fleet
+
+
+async def test_a_wildcard_listener_sees_only_the_rephrased_question(fleet: Fleet) -> None:
+    await fleet.standard()
+    seen: list[tuple[str, bytes]] = []
+    spy = await connect(fleet.url, name="spy")
+
+    async def record(msg) -> None:
+        seen.append((msg.subject, bytes(msg.data)))
+
+    await spy.subscribe(">", cb=record)
+    await spy.flush()
+    private = [q for q in QUESTIONS if q.pii]
+    try:
+        for q in private:
+            a = await fleet.ask(q, private=True)
+            assert isinstance(a, Answer) and a.used
+        await asyncio.sleep(0.2)
+    finally:
+        await close(spy)
+    receiver_side = {fleet.subjects.ask(), fleet.subjects.rephrase("rx")}
+    outside = [(subject, data) for subject, data in seen if subject not in receiver_side]
+    queries = [decode_message(d) for s, d in outside if s == fleet.subjects.query()]
+    assert len(queries) == len(private) and all(isinstance(m, Query) for m in queries)
+    assert any(fleet.subjects.kv("rx", m.query_id, "t1") == s for m in queries for s, _ in outside)
+    for q in private:
+        assert any(q.stem.encode() in d for s, d in seen if s == fleet.subjects.ask())  # the spy does see asks
+        for secret in (q.stem, *q.pii):
+            leaks = [s for s, d in outside if secret.encode() in d]
+            assert not leaks, f"{secret!r} seen on {leaks}"
