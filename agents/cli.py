@@ -39,6 +39,8 @@ def run_agent(
     except FedRefineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except SystemExit as exc:  # --help (0) or a bad flag (2, already reported on one line)
+        return int(exc.code or 0)
     setup_logging(cfg.log_level)
     if isinstance(cfg, ModelAgentConfig):
         import torch

@@ -1,0 +1,106 @@
+"""Command lines: help, one-line errors with exit status 2, flags over environment over defaults, ops.ask."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agents import gate, receiver, rephraser, transmitter
+from agents.config import GateAgentConfig, ReceiverConfig, RephraserConfig, TransmitterConfig, parse_config
+from bus.errors import ConfigError
+from bus.schemas import Answer, ErrorReply, Omission, TransmitterUse
+from ops import ask
+from tests.agents.conftest import QUESTIONS, Fleet
+
+MODULES = {"transmitter": transmitter, "receiver": receiver, "gate": gate, "rephraser": rephraser}
+
+
+@pytest.mark.parametrize("role", sorted(MODULES))
+def test_every_agent_has_help(role: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert MODULES[role].main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert f"python -m agents.{role}" in out and "--nats" in out and "FEDREFINE_NATS" in out
+
+
+@pytest.mark.parametrize(
+    ("role", "argv", "needle"),
+    [
+        ("gate", ["--bogus"], "unrecognized arguments: --bogus"),
+        ("gate", ["--offer-share", "3"], "--offer-share"),
+        ("transmitter", ["--model", "x", "--link-mbps", "-1"], "--link-mbps"),
+        ("transmitter", ["--model", "x", "--id", "a.b"], "invalid agent id"),
+        ("receiver", [], "--model"),
+        ("rephraser", [], "--model is required unless --rules-only"),
+        ("transmitter", ["--model", "no/such/dir", "--nats", "nats://127.0.0.1:1"], "no model at"),
+    ],
+)
+def test_bad_input_is_one_line_and_status_2(
+    role: str, argv: list[str], needle: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("FEDREFINE_MODEL", "FEDREFINE_NATS"):
+        monkeypatch.delenv(var, raising=False)
+    assert MODULES[role].main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and needle in err and "\n" not in err
+
+
+def test_flags_win_over_environment_over_defaults() -> None:
+    env = {"FEDREFINE_NATS": "nats://10.0.0.1:4222", "FEDREFINE_LINK_MBPS": "8", "FEDREFINE_MODEL": "m"}
+    cfg = parse_config(TransmitterConfig, "transmitter", ["--link-mbps", "2"], env=env)
+    assert (cfg.nats, cfg.link_mbps, cfg.model) == ("nats://10.0.0.1:4222", 2.0, "m")
+    assert cfg.id.startswith("transmitter-") and cfg.heartbeat_s == 1.0
+    g = parse_config(GateAgentConfig, "gate", [], env={"FEDREFINE_POLICY": "keep-all", "FEDREFINE_ID": "g1"})
+    assert (g.policy, g.id) == ("keep-all", "g1")
+    r = parse_config(RephraserConfig, "rephraser", ["--rules-only"], env={})
+    assert r.rules_only and r.model == ""
+    with pytest.raises(ConfigError, match="--heartbeat-s"):
+        parse_config(ReceiverConfig, "receiver", [], env={"FEDREFINE_MODEL": "m", "FEDREFINE_HEARTBEAT_S": "soon"})
+
+
+def test_ask_without_a_server_says_how_to_start_one(capsys: pytest.CaptureFixture[str]) -> None:
+    assert ask.main(["What?", "--nats", "nats://127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: no NATS server at nats://127.0.0.1:1; start one with `python -m ops.server`"
+
+
+async def test_ask_pushes_a_file_and_reports_accuracy(fleet: Fleet, tmp_path: Path) -> None:
+    await fleet.standard()
+    path = tmp_path / "q.jsonl"
+    path.write_text("\n".join(q.model_dump_json() for q in QUESTIONS) + "\n")
+    items = ask.load_items(path)
+    assert [i.answer for i in items] == [q.answer for q in QUESTIONS]
+    assert fleet.client is None
+    await fleet.ask(QUESTIONS[0])  # opens the fleet's client
+    outcomes = await ask.push_many(fleet.client, fleet.subjects, items, deadline_s=5.0, concurrency=3)
+    summary = ask.summarize(outcomes)
+    assert summary["queries"] == summary["answered"] == len(QUESTIONS)
+    assert 0.0 <= summary["accuracy"] <= 1.0 and summary["bytes_per_query"] > 0
+    assert set(summary["used"]) == {"t1", "t2"}
+    json.dumps(summary)
+
+
+def test_load_items_names_the_bad_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"stem": "a?", "options": ["1", "2", "3", "4"], "answer": "B"}\n{"options": []}\n')
+    with pytest.raises(ConfigError, match="bad.jsonl:2"):
+        ask.load_items(path)
+
+
+def test_describe_shows_the_provenance() -> None:
+    a = Answer(
+        query_id="q",
+        receiver_id="rx",
+        text="C) green",
+        choice="C",
+        used=(TransmitterUse(transmitter_id="t1", layers=(0, 2), precision="fp16", bytes=1000, weight=0.8),),
+        omitted=(Omission(transmitter_id="t2", reason="late", detail="0 of 3 layers"),),
+        latency_s=0.05,
+        bytes_received=1000,
+        notes=("n1",),
+    )
+    text = ask.describe(a)
+    assert "answer: C) green" in text and "t1: layers 0,2 at fp16" in text and "t2: late (0 of 3 layers)" in text
+    assert "note: n1" in text
+    assert ask.describe(ErrorReply(code="timeout", message="slow")) == "error (timeout): slow"

@@ -1,0 +1,103 @@
+"""The gate's pure decision and the roster, without a bus."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from agents.planning import build_plan, build_policy, offer_summary
+from agents.roster import Roster
+from bus.errors import PolicyError
+from bus.schemas import Goodbye, Offer, Presence, Query
+
+NOW = 1_000_000.0
+
+
+def _offer(tid: str, fp: str = "aa", p_none: float = 0.1, rate: float | None = None, layers: int = 3) -> Offer:
+    return Offer(
+        query_id="q",
+        transmitter_id=tid,
+        model_fingerprint=fp,
+        n_tokens=4,
+        n_layers=layers,
+        kv_heads=2,
+        head_dim=8,
+        bytes_per_layer=256,
+        summary=(0.5,) * 8,
+        confidence=1 - p_none,
+        p_none=p_none,
+        p_top=0.7,
+        entropy=0.9,
+        offsets=((0, 1), (1, 2), (2, 3), (3, 4)),
+        link_rate_bps=rate,
+    )
+
+
+def _query(left_s: float = 5.0) -> Query:
+    return Query(query_id="q", receiver_id="rx", text="x?", options=("a", "b", "c", "d"), deadline_unix=NOW + left_s)
+
+
+def _plan(offers, policy="deadline-aware", **kw):
+    pol = build_policy(policy, precision="fp16", reserve_s=0.25, assumed_rate_bps=1.25e8)
+    kw.setdefault("assumed_rate_bps", 1.25e8)
+    return build_plan(
+        _query(kw.pop("left_s", 5.0)),
+        {o.transmitter_id: o for o in offers},
+        gate=None,
+        policy=pol,
+        precision="fp16",
+        now_unix=NOW,
+        **kw,
+    )
+
+
+def test_offer_summary_round_trips_the_gate_features_exactly() -> None:
+    s = offer_summary(_offer("t1", p_none=0.123456789))
+    assert (s.p_none, s.p_top, s.entropy, s.num_tokens, s.num_layers) == (0.123456789, 0.7, 0.9, 4, 3)
+
+
+def test_uniform_plan_sends_every_layer_at_fp16_when_the_link_is_ample() -> None:
+    plan = _plan([_offer("t2"), _offer("t1")])
+    assert [e.transmitter_id for e in plan.entries] == ["t1", "t2"]
+    assert all(e.layers == (0, 1, 2) and e.precision == "fp16" and e.weight == 1.0 for e in plan.entries)
+    assert plan.omitted == ()
+
+
+def test_reasons_for_leaving_transmitters_out() -> None:
+    offers = [_offer("t1"), _offer("t2", fp="bb"), _offer("t3", rate=10.0)]
+    plan = _plan(offers, expected={"t1", "t2", "t3", "t4"}, fusable=lambda o: o.model_fingerprint != "bb", window_s=1.5)
+    reasons = {o.transmitter_id: (o.reason, o.detail) for o in plan.omitted}
+    assert [e.transmitter_id for e in plan.entries] == ["t1"]
+    assert reasons["t2"][0] == "no_fuser" and "bb" in reasons["t2"][1]
+    assert reasons["t3"][0] == "not_chosen" and "nothing fits" in reasons["t3"][1]
+    assert reasons["t4"] == ("late", "no offer within 1.50 s")
+
+
+def test_a_slow_link_gets_a_cheaper_precision_not_a_stall() -> None:
+    plan = _plan([_offer("t1", rate=3000.0)], left_s=1.0)
+    (entry,) = plan.entries
+    assert entry.precision in ("int8", "int4") and entry.byte_budget > 0
+
+
+def test_unknown_policy_is_a_policy_error() -> None:
+    with pytest.raises(PolicyError, match="unknown policy"):
+        build_policy("yolo", precision="fp16", reserve_s=0.1, assumed_rate_bps=1.0)
+
+
+def test_roster_joins_leaves_and_expires() -> None:
+    clock = [0.0]
+    roster = Roster(expiry_beats=3, clock=lambda: clock[0])
+    changes: list[tuple[str, str]] = []
+    roster.listen(lambda change, m: changes.append((change, m.agent_id)))
+    beat = {"role": "transmitter", "interval_s": 1.0, "sent_unix": time.time()}
+    assert roster.update(Presence(agent_id="a", **beat)) == "joined"
+    assert roster.update(Presence(agent_id="b", **beat)) == "joined"
+    assert roster.update(Presence(agent_id="a", **beat)) == "seen"
+    assert roster.update(Goodbye(role="transmitter", agent_id="a")) == "left"
+    clock[0] = 2.9
+    assert roster.expire() == []
+    clock[0] = 3.1
+    assert [m.agent_id for m in roster.expire()] == ["b"]
+    assert changes == [("joined", "a"), ("joined", "b"), ("left", "a"), ("expired", "b")]
+    assert roster.live("transmitter") == {}
