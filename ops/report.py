@@ -104,8 +104,9 @@ def _ci(row: Data) -> float:
 
 def _acc_rows(acc: Data, mode: str, private: bool = False) -> list[Data]:
     rows = [r for r in acc.get("rows", []) if r.get("mode") == mode and bool(r.get("private", False)) == private]
-    fp16 = [r for r in rows if r.get("precision") in (None, "fp16", "fp32")]
-    return fp16 or rows
+    precisions = [r["precision"] for r in rows if r.get("precision")]
+    main = max(set(precisions), key=precisions.count) if precisions else None  # the run's default precision
+    return [r for r in rows if r.get("precision") in (None, main)]
 
 
 def _receiver_acc(results: dict[str, Data]) -> float | None:
