@@ -192,6 +192,7 @@ class GateAgent(Agent):
             rates=rates,
             assumed_rate_bps=self.cfg.assumed_rate_mbps * MBPS,
             window_s=state.window_s,
+            reserve_s=self.cfg.answer_reserve_s,
         )
         await self.publish(self.subjects.plan(qid), plan)
         self.plans_published += 1

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 
 from bus.errors import FusionError, PolicyError
-from bus.policy import LADDER, BandwidthPolicy, PolicyRequest, layer_costs, make_policy
+from bus.policy import DEFAULT_SAFETY, LADDER, BandwidthPolicy, PolicyRequest, layer_costs, link_budget, make_policy
 from bus.schemas import PRECISIONS, Offer, Omission, Plan, PlanEntry, Query
 from fusion.gate import GateNetwork, OfferSummary
 from fusion.refine import plan as score_offers
@@ -54,6 +54,7 @@ def _entry(
     rate_bps: float,
     time_left_s: float,
     precision: str,
+    reserve_s: float = 0.0,
 ) -> PlanEntry | Omission:
     shape = (1, offer.kv_heads, offer.n_tokens, offer.head_dim)
     offered = [p for p in PRECISIONS if p in offer.precisions]
@@ -61,7 +62,12 @@ def _entry(
     precisions = tuple(p for p in wanted if p in offered) or tuple(offered)
     costs = layer_costs([importance[m] for m in layers], shape, layers=layers, precisions=precisions)
     try:
-        req = PolicyRequest(layers=costs, link_rate_bps=rate_bps, time_left_s=time_left_s, precisions=precisions)
+        # The byte budget the link allows by the deadline: what drop-by-importance and the ladder work to
+        # (deadline-aware derives the same from the rate itself; keep-all ignores it).
+        budget = link_budget(rate_bps, time_left_s, safety=DEFAULT_SAFETY, reserve_s=reserve_s)
+        req = PolicyRequest(
+            layers=costs, budget_bytes=budget, link_rate_bps=rate_bps, time_left_s=time_left_s, precisions=precisions
+        )
         sent = policy.plan(req)
     except PolicyError as exc:
         return Omission(transmitter_id=tid, reason="not_chosen", detail=f"policy {policy.name}: {exc}"[:500])
@@ -90,6 +96,7 @@ def build_plan(
     assumed_rate_bps: float,
     window_s: float = 0.0,
     now_unix: float | None = None,
+    reserve_s: float = 0.0,
 ) -> Plan:
     """The plan for ``query`` from the offers that arrived (by transmitter id); see the module docstring."""
     now = time.time() if now_unix is None else now_unix
@@ -123,7 +130,9 @@ def build_plan(
             omitted.append(Omission(transmitter_id=tid, reason="late", detail="no time left to send"))
             continue
         rate = offer.link_rate_bps or (rates or {}).get(tid) or assumed_rate_bps
-        item = _entry(tid, offer, score.weight, score.layer_importance, layers, policy, rate, time_left, precision)
+        item = _entry(
+            tid, offer, score.weight, score.layer_importance, layers, policy, rate, time_left, precision, reserve_s
+        )
         (entries if isinstance(item, PlanEntry) else omitted).append(item)  # type: ignore[arg-type]
     for tid in sorted(set(expected) - set(offers)):
         detail = f"no offer within {window_s:.2f} s" if math.isfinite(window_s) else "no offer"

@@ -7,6 +7,11 @@ Per query: ``fr.query`` -> ``fusion.refine.transmitter_prefill`` (same code as i
 this transmitter, ``bus.transport.send_cache`` of exactly the planned layers, in the plan's order (most
 important first), at the plan's precision, to ``fr.kv.<receiver_id>.<query_id>.<id>``; otherwise the prefill is
 dropped. ``--link-mbps`` paces every KV publish with a :class:`~bus.shaper.LinkShaper`.
+
+Link estimate (:class:`~bus.linkest.LinkEstimator`): every finished stream is a throughput sample, every
+heartbeat times a flush round trip; a stream cut at its deadline, or a new stream starting while others are
+still going (backlog growth), counts as load. Offers and heartbeats carry the usable rate; the gate plans
+with it.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from nats.aio.msg import Msg
 from agents.base import Agent, decode
 from agents.cli import run_agent
 from agents.config import TransmitterConfig
-from bus.errors import SchemaError
+from bus import connect as busconn
+from bus.errors import FedRefineError, SchemaError
+from bus.linkest import LinkEstimator
 from bus.schemas import Offer, Plan, PlanEntry, Query
 from bus.shaper import LinkShaper
 from bus.transport import send_cache
@@ -56,6 +63,8 @@ class TransmitterAgent(Agent):
         self.model_fingerprint = self.model.fingerprint
         self.link_rate_bps = cfg.link_mbps * MBPS if cfg.link_mbps else None
         self.shaper = LinkShaper(self.link_rate_bps) if self.link_rate_bps else None
+        self.link = LinkEstimator(configured_rate_bps=self.link_rate_bps)
+        self._inflight_bytes = 0  # planned bytes of streams still being sent
         self.pending: dict[str, _Pending] = {}
         self.sent = {"queries": 0, "offers": 0, "streams": 0, "bytes": 0}
 
@@ -102,7 +111,7 @@ class TransmitterAgent(Agent):
             bytes_per_layer=2 * cache.kv_heads * cache.num_tokens * cache.head_dim * 2,
             summary=summary.summary,
             confidence=min(1.0, max(0.0, 1.0 - summary.p_none)),
-            link_rate_bps=self.link_rate_bps,
+            link_rate_bps=self.link.usable_rate_bps,
             p_none=summary.p_none,
             p_top=summary.p_top,
             entropy=summary.entropy,
@@ -144,6 +153,9 @@ class TransmitterAgent(Agent):
             log.info("transmitter %s: plan for %s arrived after its deadline", self.id, plan.query_id)
             return
         assert self.pub is not None
+        planned = entry.byte_budget
+        self.link.observe_backlog(self._inflight_bytes)  # bytes of other streams ahead of this one
+        self._inflight_bytes += planned
         try:
             report = await asyncio.wait_for(
                 send_cache(
@@ -158,8 +170,14 @@ class TransmitterAgent(Agent):
                 timeout=budget,
             )
         except TimeoutError:
+            self.link.observe_slow_consumer()  # the link could not carry what was planned in time
             log.warning("transmitter %s: stream of %s cut at its deadline", self.id, plan.query_id)
             return
+        finally:
+            self._inflight_bytes -= planned
+            self.link_rate_bps = self.link.usable_rate_bps
+        self.link.observe_send(report.wire_bytes, report.seconds)
+        self.link_rate_bps = self.link.usable_rate_bps
         self.sent["streams"] += 1
         self.sent["bytes"] += report.wire_bytes
         log.debug(
@@ -170,6 +188,18 @@ class TransmitterAgent(Agent):
             report.wire_bytes,
             report.seconds,
         )
+
+    async def publish_presence(self) -> None:
+        """Time a flush round trip for the link estimate, then heartbeat with the usable rate."""
+        if self.pub is not None and self.pub.is_connected and not self._stopped:
+            t0 = time.perf_counter()
+            try:
+                await busconn.flush(self.pub, timeout=1.0)
+                self.link.observe_rtt(time.perf_counter() - t0)
+            except FedRefineError as exc:
+                log.debug("transmitter %s: no round trip measured: %s", self.id, exc)
+        self.link_rate_bps = self.link.usable_rate_bps
+        await super().publish_presence()
 
     async def drain_wait(self, until: float) -> None:
         """Offers out but no plan yet: wait for their plans (or deadlines) before leaving."""
