@@ -1,0 +1,302 @@
+"""The main job: a whole federation on this machine, answering the sample questions.
+
+    python -m ops.demo [--full | --quick | --tiny] [--questions N] [--deadline-ms N] [--concurrency N]
+
+Starts an embedded nats-server, builds or loads the zoo (the quick zoo unless the full one is already built;
+``--full`` builds it), starts the receiver, the rephraser, the gate and four transmitters as separate
+processes, pushes held-out test questions (those with personal details as private queries) with a progress
+bar, prints accuracy, latency, bytes per query and per-transmitter usage, and stops everything cleanly,
+also on Ctrl-C. ``--tiny`` runs the same thing on tiny random models in seconds (a smoke test: accuracy is
+chance there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import random
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import NoReturn
+
+from agents.launch import AgentSpec, Federation
+from bus.connect import close, connect
+from bus.errors import ConfigError, FedRefineError
+from bus.schemas import Answer
+from bus.server import NatsServer
+from bus.subjects import Subjects
+from fusion.prompts import Question
+from ops.ask import Item, Outcome, push_many, summarize
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUESTIONS = 60  # held-out questions pushed by default
+DEFAULT_DEADLINE_MS = 10_000  # per question
+DEFAULT_CONCURRENCY = 4  # questions in flight
+DEFAULT_LINKS_MBPS = (None, 50.0, 10.0, 2.0)  # uplinks of the four transmitters: LAN, laptop, phone, weak phone
+TINY_TRANSMITTERS = ("tiny-llama", "tiny-qwen2", "tiny-llama", "tiny-qwen2")
+
+
+@dataclass
+class Setup:
+    """What the agents run (model paths, fusers, gate) and what to ask."""
+
+    name: str
+    receiver: str  # model directory or tiny model name
+    transmitters: dict[str, str]  # agent id -> model directory or tiny model name
+    fusers: str  # fuser registry directory
+    gate: str | None  # gating network file (None: uniform weights)
+    questions: list[Question] = field(default_factory=list)
+    links_mbps: dict[str, float | None] = field(default_factory=dict)
+
+    def specs(self, receiver_id: str = "receiver") -> list[AgentSpec]:
+        """The seven agents of the demo."""
+        specs = [
+            AgentSpec("receiver", receiver_id, ("--model", self.receiver, "--fusers", self.fusers)),
+            AgentSpec("rephraser", "rephraser", ("--model", self.receiver, "--receiver-id", receiver_id)),
+            AgentSpec("gate", "gate", ("--gate", self.gate) if self.gate else ()),
+        ]
+        for tid, model in self.transmitters.items():
+            link = self.links_mbps.get(tid)
+            specs.append(
+                AgentSpec("transmitter", tid, ("--model", model) + (("--link-mbps", str(link)) if link else ()))
+            )
+        return specs
+
+
+# ---- setups -------------------------------------------------------------------------------------------------
+
+
+def tiny_setup(root: Path, n_questions: int = 12, seed: int = 0) -> Setup:
+    """Tiny random models with untrained fusers and gate, and synthetic questions (a third of them private)."""
+    import torch
+
+    from fusion.fuser import FuserConfig, PairFuser
+    from fusion.gate import GateConfig, GateNetwork, save_gate
+    from fusion.models import LanguageModel
+    from fusion.registry import FuserRegistry
+
+    receiver = LanguageModel.load("tiny-qwen3")
+    registry = FuserRegistry(root / "fusers")
+    profiles = {}
+    for i, name in enumerate(sorted(set(TINY_TRANSMITTERS))):
+        model = LanguageModel.load(name)
+        torch.manual_seed(seed + i)
+        fuser = PairFuser(FuserConfig.for_models(receiver, model, hidden=16, delta_init_std=0.5))
+        registry.save(fuser, model.fingerprint, receiver.fingerprint)
+        profiles[model.fingerprint] = [1.0] * model.num_layers
+    torch.manual_seed(seed)
+    gate = save_gate(
+        GateNetwork(GateConfig(hidden=8), profiles), registry.gate_path(receiver.fingerprint), receiver.fingerprint
+    )
+    rng = random.Random(seed)
+    names = ["Zorbin", "Kalu", "Brenna", "Quorr", "Mirelle", "Tavik"]
+    attributes = {"color": ("red", "blue", "green", "pink"), "pet": ("cat", "dog", "owl", "fox")}
+    questions = []
+    for i in range(n_questions):
+        attr, values = rng.choice(sorted(attributes.items()))
+        stem = f"What is the {attr} of {rng.choice(names)}?"
+        pii: tuple[str, ...] = ()
+        if i % 3 == 0:
+            stem, pii = f"I'm Mara Velt, account ACC-{100000 + i}. {stem}", ("Mara Velt", f"ACC-{100000 + i}")
+        options = tuple(rng.sample(values, 4))
+        questions.append(Question(id=f"tiny{i}", stem=stem, options=options, answer=rng.randrange(4), pii=pii))
+    tids = [f"t{i + 1}-{name}" for i, name in enumerate(TINY_TRANSMITTERS)]
+    return Setup(
+        name="tiny random models",
+        receiver="tiny-qwen3",
+        transmitters=dict(zip(tids, TINY_TRANSMITTERS, strict=True)),
+        fusers=str(registry.root),
+        gate=str(gate),
+        questions=questions,
+        links_mbps=dict(zip(tids, DEFAULT_LINKS_MBPS, strict=True)),
+    )
+
+
+def zoo_setup(full: bool | None, n_questions: int) -> Setup:
+    """The quick or full zoo (``full=None``: the full one if already built, else the quick one), built if needed."""
+    try:
+        from ops import zoo as zoo_pkg
+
+        load_zoo = zoo_pkg.load_zoo  # type: ignore[attr-defined]
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError("the zoo builder (ops.zoo.load_zoo) is not available in this checkout; try --tiny") from exc
+    raise ConfigError(f"zoo support pending ({load_zoo})")
+
+
+def items_of(questions: Sequence[Question]) -> list[Item]:
+    """Questions as pushable items: those carrying personal details go private."""
+    return [Item(q.stem, q.options, private=bool(q.pii), answer=q.answer, id=q.id) for q in questions]
+
+
+# ---- running ------------------------------------------------------------------------------------------------
+
+
+async def _drive(fed: Federation, setup: Setup, deadline_s: float, concurrency: int, quiet: bool) -> list[Outcome]:
+    from tqdm import tqdm
+
+    _say(f"starting {len(fed.procs)} agents (logs in {fed.log_dir}) ...", quiet)
+    t0 = time.monotonic()
+    await fed.wait_ready()
+    _say(f"all agents up in {time.monotonic() - t0:.1f} s; pushing {len(setup.questions)} questions", quiet)
+    nc = await connect(fed.url, name="ops.demo")
+    try:
+        items = items_of(setup.questions)
+        with tqdm(total=len(items), desc="questions", unit="q", disable=quiet, file=sys.stderr) as bar:
+            return await push_many(
+                nc,
+                Subjects(fed.prefix),
+                items,
+                deadline_s=deadline_s,
+                concurrency=concurrency,
+                on_done=lambda o: bar.update(),
+            )
+    finally:
+        await close(nc)
+
+
+def run_demo(
+    setup: Setup,
+    *,
+    deadline_s: float = DEFAULT_DEADLINE_MS / 1000,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    log_dir: Path | None = None,
+    quiet: bool = False,
+) -> list[Outcome]:
+    """Server and agents up, questions pushed, everything stopped (also on KeyboardInterrupt)."""
+    server = NatsServer().start()
+    fed = Federation(server.url, setup.specs(), log_dir=log_dir)
+    try:
+        fed.start()
+        return asyncio.run(_drive(fed, setup, deadline_s, concurrency, quiet))
+    finally:
+        _say("stopping agents ...", quiet)
+        statuses = fed.stop()
+        server.stop()
+        unclean = {aid: rc for aid, rc in statuses.items() if rc not in (0, None)}
+        if unclean:
+            log.warning("agents that did not exit cleanly: %s (logs in %s)", unclean, fed.log_dir)
+
+
+def receiver_alone(setup: Setup) -> float | None:
+    """Accuracy of the receiver alone on the questions (in process), for comparison."""
+    from fusion.models import LanguageModel
+    from fusion.refine import letter_probs
+
+    if not setup.questions:
+        return None
+    model = LanguageModel.load(setup.receiver)
+    right = sum(int(letter_probs(model, q.prompt()).argmax()) == q.answer for q in setup.questions)
+    return right / len(setup.questions)
+
+
+def table(setup: Setup, outcomes: Sequence[Outcome], alone: float | None) -> str:
+    """The demo's report."""
+    s = summarize(outcomes)
+    n_private = sum(o.item.private for o in outcomes)
+    lines = [
+        f"FedRefine demo: {setup.name}; {len(setup.transmitters)} transmitters; {s['queries']} questions "
+        f"({n_private} private)",
+        f"  answered          {s['answered']}/{s['queries']}" + (f"   errors {s['errors']}" if s["errors"] else ""),
+        f"  accuracy          {_fmt(s['accuracy'])}"
+        + (f"   (receiver alone: {alone:.3f})" if alone is not None else ""),
+        f"  latency           p50 {_fmt(s['latency_p50_ms'])} ms   p95 {_fmt(s['latency_p95_ms'])} ms",
+        f"  KV bytes / query  {s['bytes_per_query']:,}",
+        "",
+        f"  {'transmitter':<18} {'model':<14} {'link':>9} {'used':>5} {'KV bytes':>11}  not used (reason: count)",
+    ]
+    reasons: dict[str, Counter[str]] = {t: Counter() for t in setup.transmitters}
+    nbytes: Counter[str] = Counter()
+    for o in outcomes:
+        if isinstance(o.reply, Answer):
+            for u in o.reply.used:
+                nbytes[u.transmitter_id] += u.bytes
+            for m in o.reply.omitted:
+                reasons.setdefault(m.transmitter_id, Counter())[m.reason] += 1
+    for tid, model in setup.transmitters.items():
+        link = setup.links_mbps.get(tid)
+        why = ", ".join(f"{r}: {c}" for r, c in sorted(reasons[tid].items())) or "-"
+        lines.append(
+            f"  {tid:<18} {Path(model).name[:14]:<14} {(f'{link:g} Mb/s' if link else 'LAN'):>9} "
+            f"{s['used'].get(tid, 0):>5} {nbytes[tid]:>11,}  {why}"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) and value <= 1 else f"{value}"
+
+
+def _say(text: str, quiet: bool) -> None:
+    if not quiet:
+        print(text, file=sys.stderr, flush=True)
+
+
+# ---- the command --------------------------------------------------------------------------------------------
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The demo's flags."""
+    p = _OneLineParser(prog="python -m ops.demo", description=__doc__.splitlines()[0])
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--full", action="store_true", help="build (if needed) and use the full zoo")
+    which.add_argument("--quick", action="store_true", help="use the quick zoo even if the full one is built")
+    which.add_argument("--tiny", action="store_true", help="tiny random models: a smoke run in seconds")
+    p.add_argument("--questions", type=int, default=DEFAULT_QUESTIONS, help="how many test questions to push")
+    p.add_argument("--deadline-ms", type=int, default=DEFAULT_DEADLINE_MS, help="per-question deadline")
+    p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="questions in flight at once")
+    p.add_argument("--log-dir", type=Path, default=None, help="where the agents' logs go (default: a temp dir)")
+    p.add_argument("-q", "--quiet", action="store_true", help="only the final table")
+    return p
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops the demo like Ctrl-C: agents drain and leave
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ops.demo``: 0 every question answered, 1 some not, 2 bad input, 130 interrupted."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        if args.questions < 1 or args.deadline_ms < 1 or args.concurrency < 1:
+            raise ConfigError("--questions, --deadline-ms and --concurrency must be positive")
+        if args.tiny:
+            setup = tiny_setup(Path(tempfile.mkdtemp(prefix="fedrefine-tiny-")), args.questions)
+        else:
+            setup = zoo_setup(True if args.full else False if args.quick else None, args.questions)
+        alone = None if args.tiny else receiver_alone(setup)
+        outcomes = run_demo(
+            setup,
+            deadline_s=args.deadline_ms / 1000,
+            concurrency=args.concurrency,
+            log_dir=args.log_dir,
+            quiet=args.quiet,
+        )
+    except FedRefineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; every agent and the server were stopped", file=sys.stderr)
+        return 130
+    print(table(setup, outcomes, alone))
+    return 0 if all(o.answered for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
