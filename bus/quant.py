@@ -13,6 +13,8 @@ Blob layout before shuffle/compression: ``[scales fp16][data]`` (int) or ``[data
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -30,6 +32,18 @@ def _reduce_dim(axis: str) -> int:
     if axis == "token":
         return 3  # reduce over head_dim -> one scale per (B, head, token)
     raise CodecError(f"integer formats need scale_axis 'channel' or 'token', got {axis!r}", reason="malformed")
+
+
+def _tensor(arr: np.ndarray) -> torch.Tensor:
+    """A tensor over ``arr``'s memory, also when that memory is a received message (read-only ``bytes``).
+
+    Such a tensor may be written: the message buffer has no other owner once the chunk was taken.
+    """
+    if arr.flags.writeable:
+        return torch.from_numpy(arr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch warns about non-writable buffers
+        return torch.from_numpy(arr)
 
 
 def _as_u8(t: torch.Tensor) -> np.ndarray:
@@ -53,7 +67,8 @@ class FloatFormat:
         data = _as_u8(x.to(self.dtype))
         exp_mask = _EXPONENT_MASKS[self.dtype]
         words = data.view(np.uint32 if self.itemsize == 4 else np.uint16)
-        if np.any((words & exp_mask) == exp_mask):  # all exponent bits set: inf or NaN after the cast
+        sign = 0x80000000 if self.itemsize == 4 else 0x8000
+        if int((words & (sign - 1)).max()) >= exp_mask:  # |x| bits at or above all-ones exponent: inf or NaN
             raise CodecError(f"tensor holds NaN/inf or values beyond the range of {self.name}", reason="range")
         return [(data, self.itemsize)]
 
@@ -65,7 +80,7 @@ class FloatFormat:
         self, sections: list[np.ndarray], shape: tuple[int, int, int, int], axis: str, out_dtype: torch.dtype
     ) -> torch.Tensor:
         """Rebuild the tensor in ``out_dtype`` from the (unshuffled) data section."""
-        data = torch.from_numpy(sections[0]).view(self.dtype).reshape(shape)  # (B, heads, T, head_dim)
+        data = _tensor(sections[0]).view(self.dtype).reshape(shape)  # (B, heads, T, head_dim)
         return data if data.dtype == out_dtype else data.to(out_dtype)
 
 
@@ -116,9 +131,9 @@ class IntFormat:
         """Dequantize the scale and data sections into ``out_dtype``."""
         b, h, t, d = shape
         scale_shape = (b, h, 1, d) if _reduce_dim(axis) == 2 else (b, h, t, 1)
-        scale = torch.from_numpy(sections[0]).view(torch.float16).reshape(scale_shape).float()
+        scale = _tensor(sections[0]).view(torch.float16).reshape(scale_shape).float()
         n = b * h * t * d
-        raw = torch.from_numpy(sections[1])
+        raw = _tensor(sections[1])
         if self.bits == 8:
             q = raw.view(torch.int8)
         else:

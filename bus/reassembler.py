@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import logging
 import time
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from bus.codec import KVPair, decode_blob, identity_seed, parse_frame
+from bus.codec import KVPair, decode_blob
 from bus.errors import ChunkError, LimitError
+from bus.frames import Buffer, Chunk, blob_crc, identity_seed, read_frame
 from bus.schemas import KVChunkHeader
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,8 @@ class LayerDone:
 @dataclass
 class _Tensor:
     first: KVChunkHeader
-    buf: bytearray | None
-    crcs: dict[int, int] = field(default_factory=dict)  # chunk index -> chunk_crc
+    buf: bytearray | memoryview | None
+    crcs: dict[int, tuple[int, int]] = field(default_factory=dict)  # chunk index -> (chunk_crc, payload crc)
     decoded: torch.Tensor | None = None
     reserved: int = 0  # bytes charged to the query
 
@@ -99,14 +99,13 @@ class Reassembler:
 
     # -- feeding --------------------------------------------------------------------------------------
 
-    def feed(self, frame: bytes | bytearray | memoryview) -> list[LayerDone]:
-        """Parse one frame and add it; return the layers it completed."""
-        header, payload = parse_frame(frame)
-        return self.add(header, payload)
+    def feed(self, frame: Buffer) -> list[LayerDone]:
+        """Parse and check one frame, add it; return the layers it completed."""
+        return self.add(read_frame(frame))
 
-    def add(self, header: KVChunkHeader, payload: bytes | memoryview) -> list[LayerDone]:
-        """Add a parsed chunk (payload already checked against ``chunk_crc``); return completed layers."""
-        h = header
+    def add(self, chunk: Chunk) -> list[LayerDone]:
+        """Add a chunk checked by ``bus.frames.read_frame``; return the layers it completed."""
+        h, payload = chunk.header, chunk.payload
         if h.query_id in self._closed:
             raise ChunkError(f"late chunk for closed query {h.query_id}", reason="late", query_id=h.query_id)
         if h.n_chunks > self.limits.max_chunks_per_tensor:
@@ -129,16 +128,18 @@ class Reassembler:
                 query_id=h.query_id,
             )
         if h.chunk in state.crcs:
-            if state.crcs[h.chunk] == h.chunk_crc:
+            if state.crcs[h.chunk][0] == h.chunk_crc:
                 return []  # exact duplicate: same header, payload matched the same checksum
             raise ChunkError(
                 f"conflicting duplicate of chunk {h.chunk} of layer {h.layer} {h.tensor}",
                 reason="conflict",
                 query_id=h.query_id,
             )
-        assert state.buf is not None
-        state.buf[h.chunk * h.chunk_size : h.chunk * h.chunk_size + len(payload)] = payload
-        state.crcs[h.chunk] = h.chunk_crc
+        state.crcs[h.chunk] = (h.chunk_crc, chunk.payload_crc)
+        if state.buf is None:
+            state.buf = payload
+        else:
+            state.buf[h.chunk * h.chunk_size : h.chunk * h.chunk_size + len(payload)] = payload
         stream.layers_total = max(stream.layers_total, h.layers_total)
         if len(state.crcs) < h.n_chunks:
             return []
@@ -179,7 +180,8 @@ class Reassembler:
                 query_id=h.query_id,
             )
         query.bytes += need
-        return _Tensor(first=h, buf=bytearray(h.blob_bytes), reserved=need)
+        # a one-chunk tensor decodes straight from its message (no copy); others assemble into a buffer
+        return _Tensor(first=h, buf=bytearray(h.blob_bytes) if h.n_chunks > 1 else None, reserved=need)
 
     def _finish_tensor(self, h: KVChunkHeader, stream: _Stream, key: tuple[int, str], state: _Tensor) -> None:
         query = self._queries[h.query_id]
@@ -187,7 +189,7 @@ class Reassembler:
         assert blob is not None
         try:
             seed = identity_seed(h.query_id, h.sender, h.layer, h.tensor)
-            if zlib.crc32(blob, zlib.crc32(seed)) != h.blob_crc:
+            if blob_crc([state.crcs[i][1] for i in range(h.n_chunks)], seed) != h.blob_crc:
                 raise ChunkError(
                     f"blob checksum mismatch for layer {h.layer} {h.tensor} from {h.sender}",
                     reason="checksum",

@@ -202,8 +202,8 @@ def expected_raw_bytes(shape: tuple[int, ...], precision: str, scale_axis: str) 
 class KVChunkHeader(Message):
     """Metadata of one chunk of one K or V tensor; the chunk's raw bytes follow it in the NATS payload.
 
-    ``chunk_crc`` is CRC-32 of the payload seeded with every other header field, so a header mutated in
-    flight fails the check; ``blob_crc`` is CRC-32 of the whole (compressed) tensor blob.
+    ``chunk_crc`` is CRC-32 of the payload followed by every other header field, so a header mutated in
+    flight fails the check; ``blob_crc`` covers the whole tensor blob (see ``bus.frames`` for both).
     """
 
     kind: Literal["kv_chunk"] = "kv_chunk"

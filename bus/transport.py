@@ -27,8 +27,9 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from bus import connect as busconn
-from bus.codec import KVPair, Layers, check_layers, encode_layer_frames, parse_frame
+from bus.codec import KVPair, Layers, check_layers, encode_layer_frames
 from bus.errors import FedRefineError, SchemaError, TransportError
+from bus.frames import read_frame
 from bus.quant import get_format
 from bus.reassembler import LayerDone, Reassembler, ReassemblyLimits
 from bus.schemas import KVChunkHeader, validate_id
@@ -209,9 +210,9 @@ class KVReceiver:
         self.stats["frames"] += 1
         self.stats["bytes"] += len(msg.data)
         try:
-            header, payload = parse_frame(msg.data)
-            self._check_subject(msg.subject, header)
-            done = self.reassembler.add(header, payload)
+            chunk = read_frame(msg.data)
+            self._check_subject(msg.subject, chunk.header)
+            done = self.reassembler.add(chunk)
         except FedRefineError as exc:
             await self._error(exc, msg.subject)
             return

@@ -8,14 +8,9 @@ import zlib
 import pytest
 import torch
 
-from bus.codec import (
-    build_frame,
-    decode_frames,
-    encode_cache,
-    encode_tensor,
-    parse_frame,
-)
+from bus.codec import decode_frames, encode_cache, encode_tensor
 from bus.errors import ChunkError, CodecError
+from bus.frames import build_frame, parse_frame
 from bus.schemas import PRECISIONS, expected_raw_bytes
 
 SHAPES = {
@@ -165,3 +160,22 @@ def test_frames_of_two_streams_refused_by_decode_frames() -> None:
         decode_frames(frames)
     with pytest.raises(ChunkError):
         parse_frame(b"FRKV")
+
+
+def test_payload_is_16_aligned_in_every_frame() -> None:
+    for qid in ("q", "q1", "query-with-a-longer-id"):
+        for frame in encode_cache(_cache((1, 2, 3, 5), 2, seed=8), precision="int4", query_id=qid, sender="s"):
+            header_len = int.from_bytes(frame[4:8], "big")
+            assert (8 + header_len) % 16 == 0
+
+
+def test_one_chunk_tensor_decodes_in_place_and_is_writable() -> None:
+    """A one-chunk fp16 tensor decoded to fp16 shares the message's memory; writing to it is fine."""
+    cache = _cache((1, 2, 4, 8), 1, seed=9, dtype=torch.float16)
+    frames = list(encode_cache(cache, precision="fp16", query_id="q", sender="s", compress=False))
+    assert len(frames) == 2
+    k, v = decode_frames(frames, out_dtype=torch.float16)[0]
+    assert torch.equal(k, cache[0][0])
+    k.add_(1)
+    v.mul_(0)
+    assert torch.equal(k, cache[0][0] + 1) and not v.any()

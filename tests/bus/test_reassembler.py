@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import random
+import zlib
 
 import pytest
 import torch
 
-from bus.codec import build_frame, encode_cache, parse_frame
+from bus.codec import encode_cache
 from bus.errors import ChunkError, LimitError
+from bus.frames import build_frame, parse_frame, read_frame, seal
 from bus.reassembler import LayerDone, Reassembler, ReassemblyLimits
 
 
@@ -62,16 +64,14 @@ def test_conflicting_duplicate_rejected_state_kept() -> None:
     frames = _frames(_cache())
     reasm = Reassembler()
     reasm.feed(frames[0])
-    header, payload = parse_frame(frames[0])
-    other = parse_frame(_frames(_cache(seed=9))[0])  # same identity, other data
+    other = read_frame(_frames(_cache(seed=9))[0])  # same identity, other data
     with pytest.raises(ChunkError) as info:
-        reasm.add(*other)
+        reasm.add(other)
     assert info.value.reason == "conflict"
     assert reasm.feed(frames[0]) == []  # the original chunk is still there and still a duplicate
     for frame in frames[1:]:
         reasm.feed(frame)
     assert reasm.is_complete("q", "s")
-    del header, payload
 
 
 def test_errors_do_not_disturb_other_queries() -> None:
@@ -159,15 +159,7 @@ def test_reassembled_header_fields_must_agree() -> None:
     reasm = Reassembler()
     reasm.feed(frames[0])
     header, payload = parse_frame(frames[1])
-    forged = header.model_copy(update={"blob_crc": header.blob_crc ^ 1})
-    forged = forged.model_copy(update={"chunk_crc": _crc(forged, payload)})
+    forged = seal(header.model_copy(update={"blob_crc": header.blob_crc ^ 1}), zlib.crc32(payload))
     with pytest.raises(ChunkError) as info:
         reasm.feed(build_frame(forged, payload))
     assert info.value.reason == "conflict"
-
-
-def _crc(header, payload) -> int:
-    import zlib
-
-    unsigned = header.model_copy(update={"chunk_crc": 0})
-    return zlib.crc32(payload, zlib.crc32(unsigned.crc_seed()))
