@@ -1,0 +1,163 @@
+"""``python -m ops.bench bus``: raw nats-py publishes vs a KV cache through our transport, same bytes, one run.
+
+Both legs use the same embedded server, the same two connections (publisher, subscriber) in one
+process, and the same message size. Raw: the cache's fp16 bytes are published as plain messages and
+counted at a subscriber. KV: ``send_cache`` (fp16, no compression: the same bytes) to a ``KVReceiver``
+until every layer is reassembled, checksummed and decoded. Legs alternate after a warm-up; medians are
+reported. Extra rows show other precisions (throughput counted in fp16-cache bytes, i.e. effective).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+import uuid
+
+import torch
+
+from bus.connect import BusConnections, subscribe
+from bus.errors import TransportError
+from bus.frames import header_budget
+from bus.server import DEFAULT_MAX_PAYLOAD, NatsServer
+from bus.transport import DEFAULT_FLUSH_EVERY, KVReceiver, send_cache
+from ops.bench.codec import make_cache
+
+TARGET_RATIO = 0.7
+DEFAULT_TIMEOUT = 120.0  # seconds for one leg
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Cache size, repeats, server."""
+    parser.add_argument("--tokens", type=int, default=512, help="tokens of the Qwen3-0.6B-shaped cache (512 = 59 MB)")
+    parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--repeats", type=int, default=5, help="alternating timed runs per leg; medians reported")
+    parser.add_argument("--max-payload", type=int, default=DEFAULT_MAX_PAYLOAD, help="embedded server max_payload")
+    parser.add_argument("--nats", default=None, help="use this server instead of an embedded one")
+    parser.add_argument("--extra", default="fp16+lz4,int8,int4", help="extra KV rows (precision[+lz4]), or ''")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+
+
+async def _raw_leg(conns: BusConnections, blobs: list[bytes], chunk: int) -> float:
+    """Publish every blob in ``chunk``-byte messages; seconds until the subscriber has all bytes."""
+    assert conns.pub is not None and conns.sub is not None
+    subject = f"bench.raw.{uuid.uuid4().hex}"
+    total = sum(len(b) for b in blobs)
+    got = 0
+    done = asyncio.Event()
+    kept = []
+
+    async def on_msg(msg) -> None:
+        nonlocal got
+        kept.append(msg.data)  # a consumer keeps what it receives, as the KV receiver keeps the cache
+        got += len(msg.data)
+        if got >= total:
+            done.set()
+
+    sub = await subscribe(conns.sub, subject, on_msg)
+    await conns.sub.flush()
+    start = time.perf_counter()
+    since_flush = 0
+    for blob in blobs:
+        view = memoryview(blob)
+        for at in range(0, len(blob), chunk):
+            message = blob if len(blob) <= chunk else bytes(view[at : at + chunk])
+            await conns.pub.publish(subject, message)
+            since_flush += len(message)
+            if since_flush >= DEFAULT_FLUSH_EVERY:  # the same cadence as send_cache: a fair, loss-free baseline
+                await conns.pub.flush()
+                since_flush = 0
+    await conns.pub.flush()
+    try:
+        await asyncio.wait_for(done.wait(), DEFAULT_TIMEOUT)
+    except TimeoutError as exc:
+        raise TransportError(f"raw leg lost messages: {got} of {total} bytes arrived") from exc
+    seconds = time.perf_counter() - start
+    await sub.unsubscribe()
+    return seconds
+
+
+async def _kv_leg(conns: BusConnections, cache: dict, precision: str, compress: bool) -> tuple[float, int]:
+    """Send the cache through our transport; seconds until every layer is decoded, and wire bytes."""
+    assert conns.pub is not None and conns.sub is not None
+    subject = f"bench.kv.{uuid.uuid4().hex}"
+    async with KVReceiver(conns.sub, subject, out_dtype=torch.float16) as rx:
+        start = time.perf_counter()
+        report = await send_cache(
+            conns.pub, subject, cache, precision=precision, compress=compress, query_id="bench", sender="tx"
+        )
+        await rx.wait_complete("bench", "tx", timeout=DEFAULT_TIMEOUT)
+        seconds = time.perf_counter() - start
+        if rx.stats["errors"]:
+            raise TransportError(f"KV leg had {rx.stats['errors']} receive errors: {rx.errors[0][1]}")
+        rx.close_query("bench")
+    return seconds, report.wire_bytes
+
+
+async def _bench(args: argparse.Namespace, url: str) -> dict:
+    cache = make_cache(args.layers, 1, 8, args.tokens, 128, seed=0)
+    blobs = [t.contiguous().view(torch.uint8).numpy().tobytes() for kv in cache.values() for t in kv]
+    cache_bytes = sum(len(b) for b in blobs)
+    async with BusConnections(url, name="bench") as conns:
+        assert conns.pub is not None
+        chunk = header_budget(conns.pub.max_payload)  # the payload our chunks carry, for equal message counts
+        await _raw_leg(conns, blobs, chunk)  # warm-up both legs
+        await _kv_leg(conns, cache, "fp16", False)
+        raw_s, kv_s = [], []
+        wire = 0
+        for _ in range(args.repeats):
+            raw_s.append(await _raw_leg(conns, blobs, chunk))
+            seconds, wire = await _kv_leg(conns, cache, "fp16", False)
+            kv_s.append(seconds)
+        extra = []
+        for spec in [s for s in args.extra.split(",") if s]:
+            precision, _, comp = spec.partition("+")
+            runs = [await _kv_leg(conns, cache, precision, comp == "lz4") for _ in range(args.repeats)]
+            med = statistics.median(r[0] for r in runs)
+            extra.append(
+                {
+                    "precision": spec,
+                    "wire_bytes": runs[0][1],
+                    "seconds": round(med, 4),
+                    "effective_mb_s": round(cache_bytes / med / 1e6, 1),
+                }
+            )
+        server_payload = conns.pub.max_payload
+    raw_mb_s = cache_bytes / statistics.median(raw_s) / 1e6
+    kv_mb_s = cache_bytes / statistics.median(kv_s) / 1e6
+    return {
+        "benchmark": "bus",
+        "cache_bytes": cache_bytes,
+        "raw_nats_mb_s": round(raw_mb_s, 1),
+        "kv_transfer_mb_s": round(kv_mb_s, 1),
+        "ratio": round(kv_mb_s / raw_mb_s, 3),
+        "target_ratio_ge_0.7": kv_mb_s / raw_mb_s >= TARGET_RATIO,
+        "kv_wire_bytes": wire,
+        "message_payload_bytes": chunk,
+        "server_max_payload": server_payload,
+        "repeats": args.repeats,
+        "raw_seconds": [round(s, 4) for s in raw_s],
+        "kv_seconds": [round(s, 4) for s in kv_s],
+        "extra_kv": extra,
+        "cache": {"layers": args.layers, "kv_heads": 8, "tokens": args.tokens, "head_dim": 128, "dtype": "float16"},
+        "notes": (
+            "one process, publisher and subscriber connections on one event loop, server on loopback; "
+            "MB/s = 1e6 bytes of the fp16 cache per second, first publish to last byte (raw) or last layer "
+            "decoded (KV); KV = fp16 without compression (the same bytes) incl. chunk headers, CRCs, reassembly"
+        ),
+        "torch_threads": args.threads,
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run both legs on an embedded server (or ``--nats URL``) and return the comparison."""
+    torch.set_num_threads(args.threads)
+    if args.nats:
+        return asyncio.run(_bench(args, args.nats))
+
+    async def embedded() -> dict:
+        async with NatsServer(max_payload=args.max_payload) as server:
+            return await _bench(args, server.url)
+
+    return asyncio.run(embedded())
