@@ -93,6 +93,9 @@ class TransmitterConfig(ModelAgentConfig):
     """``python -m agents.transmitter``."""
 
     link_mbps: float | None = Field(default=None, gt=0, description="shape the uplink to this many Mbit/s")
+    link_burst_bytes: int | None = Field(
+        default=None, ge=1, description="bytes the shaped link lets through at once (default: bus.shaper's)"
+    )
 
 
 class ReceiverConfig(ModelAgentConfig):

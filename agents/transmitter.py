@@ -62,7 +62,7 @@ class TransmitterAgent(Agent):
         self.model = model if model is not None else LanguageModel.load(cfg.model)
         self.model_fingerprint = self.model.fingerprint
         self.link_rate_bps = cfg.link_mbps * MBPS if cfg.link_mbps else None
-        self.shaper = LinkShaper(self.link_rate_bps) if self.link_rate_bps else None
+        self.shaper = LinkShaper(self.link_rate_bps, cfg.link_burst_bytes) if self.link_rate_bps else None
         self.link = LinkEstimator(configured_rate_bps=self.link_rate_bps)
         self._inflight_bytes = 0  # planned bytes of streams still being sent
         self.pending: dict[str, _Pending] = {}
