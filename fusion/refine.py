@@ -127,19 +127,28 @@ def select_layers(prefill: TransmitterPrefill, layers: Sequence[int]) -> dict[in
 
 
 @torch.no_grad()
+def receiver_prefix(receiver: LanguageModel, shared_text: str) -> KVCache:
+    """The receiver's own cache of the shared prompt's prefix (what ``receiver_answer`` fuses into)."""
+    return prefix_cache(receiver, receiver_view(receiver, shared_text))
+
+
+@torch.no_grad()
 def receiver_answer(
     receiver: LanguageModel,
     shared_text: str,
     original_text: str | None,
     received: Mapping[str, Received],
     fusers: Mapping[str, PairFuser],
+    prefix: KVCache | None = None,
 ) -> tuple[torch.Tensor, dict[str, list[int]]]:
     """Letter probabilities ``(4,)`` after fusing what arrived into the receiver's prefix, and the layers used.
 
-    ``fusers`` maps a transmitter fingerprint to its fuser for this receiver.
+    ``fusers`` maps a transmitter fingerprint to its fuser for this receiver. ``prefix``: the receiver's own
+    cache of the prefix when already made (``receiver_prefix``; the agent prefills it while caches travel).
     """
     view = receiver_view(receiver, shared_text, original_text)
-    prefix = prefix_cache(receiver, view)
+    if prefix is None:
+        prefix = prefix_cache(receiver, view)
     contributions, used = [], {}
     for name, got in received.items():
         if got.weight <= 0 or not got.layers:
