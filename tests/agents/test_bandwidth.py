@@ -92,3 +92,42 @@ async def test_adaptive_policy_meets_the_deadline_keep_all_misses(fleet: Fleet, 
     assert _complete(answer, plan), (answer.used, answer.omitted, answer.notes)
     assert [u.transmitter_id for u in answer.used] == ["t-slow"]
     assert answer.latency_s <= DEADLINE_S
+
+
+# ---- the benchmark's pieces (python -m ops.bench bandwidth) ---------------------------------------------------
+
+
+def test_bench_rates_parse_and_reject_nonsense() -> None:
+    from bus.errors import ConfigError
+    from ops.bench.bandwidth import parse_rates
+
+    assert parse_rates("0.25, 1,unshaped") == [0.25, 1.0, None]
+    for bad in ("", "fast", "-1", "0", "nan"):
+        with pytest.raises(ConfigError, match="--rates"):
+            parse_rates(bad)
+
+
+def test_bench_t2t_row_adds_the_link_time_and_falls_back_when_late() -> None:
+    from ops.bench.bandwidth import HintRun, t2t_row
+
+    runs = [HintRun({"a": (0.1, 1000, 10), "b": (0.2, 10, 1)}, read_s=0.05, right_with=True, right_alone=False)]
+    fast = t2t_row(runs, None, deadline_s=1.0)
+    assert fast["p50_ms"] == pytest.approx(250.0) and fast["accuracy"] == 1.0 and fast["deadline_met"] == 1.0
+    assert fast["bytes_per_query"] == 1010 and fast["bytes_per_token"] == pytest.approx(1010 / 11, abs=0.01)
+    slow = t2t_row(runs, 0.001, deadline_s=1.0)  # 1000 bytes at 1 KB/s: 1.1 s + read
+    assert slow["p50_ms"] == pytest.approx(1150.0) and slow["deadline_met"] == 0.0 and slow["accuracy"] == 0.0
+
+
+async def test_bench_cell_on_tiny_models(fleet: Fleet, tmp_path: Path) -> None:
+    from ops.bench.bandwidth import World, run_cell
+    from ops.demo import tiny_setup
+
+    setup = tiny_setup(tmp_path, 2)
+    world = fleet.world
+    models = {"tiny-llama": world.models["tiny-llama"], "tiny-qwen2": world.models["tiny-qwen2"]}
+    txs = {tid: models[name] for tid, name in sorted(setup.transmitters.items())}
+    bench_world = World(setup, world.receiver, txs, list(setup.questions))
+    row = await run_cell(fleet.url, bench_world, "deadline-aware", 0.008, deadline_s=DEADLINE_S)
+    assert row["answered"] == row["n"] == 2 and row["link_mbps"] == 0.008
+    assert row["deadline_met"] == 1.0 and row["precisions"]
+    assert 0 < row["bytes_per_query"] <= row["planned_bytes_per_query"]

@@ -1,0 +1,337 @@
+"""Link rate x bandwidth policy through the agents over NATS, plus text-to-text at the same rates.
+
+    python -m ops.bench bandwidth [--quick | --tiny] [--questions N] [--deadline-s S] [--rates ...] [--json F]
+
+For every link rate (MB/s = 1e6 bytes/s; ``unshaped`` = loopback) and policy, a fresh federation of in-process
+agents (receiver, gate running that policy, every transmitter shaped to that rate) answers the same questions
+one at a time on one embedded nats-server; the models are loaded once. ``deadline_met`` is the share of
+questions answered by the deadline with every planned layer arrived (a stream cut by the deadline, or no plan,
+is a miss); ``accuracy`` counts the answer whatever arrived. ``bytes_per_query`` is the KV the receiver got and
+used, ``bytes_per_token`` that over the tokens of the transmitters' caches used. Text-to-text (``policy``
+``t2t``) runs ``fusion.refine``'s hint pieces in process once per question; each transmitter writes its hint
+in parallel with the others, so its latency is the slowest (generation + hint bytes / rate) plus the
+receiver's read; a question whose hints miss the deadline is answered by the receiver alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import math
+import statistics
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bus.errors import AgentError, ConfigError
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("keep-all", "drop-by-importance", "precision-ladder", "deadline-aware")
+# MB/s. The issue's 0.25-16 plus slower ones: the toy zoo's caches are tens of KB per transmitter, not the
+# ~88 KB per token of Qwen3-0.6B, so the link only binds well below 0.25 MB/s here.
+DEFAULT_RATES = "0.004,0.008,0.016,0.03,0.06,0.125,0.25,1,4,16,unshaped"
+DEFAULT_QUESTIONS = 24  # per cell (full zoo)
+QUICK_QUESTIONS = 8  # per cell with --quick / --tiny
+DEFAULT_DEADLINE_S = 1.0  # per question
+MBIT_PER_MB = 8.0  # the transmitters' --link-mbps is Mbit/s; rows give MB/s
+BURST_SECONDS = 0.01  # shaper bucket: 10 ms of traffic (at least MIN_BURST_BYTES), so small caches are paced
+MIN_BURST_BYTES = 1024
+ROSTER_TIMEOUT_S = 30.0  # seconds for a cell's agents to see each other
+DRAIN_S = 2.0  # seconds an agent of a finished cell waits for its in-flight work
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``python -m ops.bench bandwidth``."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--quick", action="store_true", help="the quick zoo and fewer questions")
+    which.add_argument("--tiny", action="store_true", help="tiny random models (a smoke run)")
+    parser.add_argument("--questions", type=int, default=None, help="questions per cell")
+    parser.add_argument("--deadline-s", type=float, default=DEFAULT_DEADLINE_S, help="per-question deadline")
+    parser.add_argument("--rates", default=DEFAULT_RATES, help="comma-separated MB/s, 'unshaped' for loopback")
+    parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated bus.policy names")
+    parser.add_argument("--no-t2t", action="store_true", help="skip the text-to-text rows")
+
+
+def parse_rates(text: str) -> list[float | None]:
+    """``"0.25,1,unshaped"`` -> ``[0.25, 1.0, None]``; ConfigError on anything else."""
+    rates: list[float | None] = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if part.lower() in ("unshaped", "none", "inf"):
+            rates.append(None)
+            continue
+        try:
+            value = float(part)
+        except ValueError as exc:
+            raise ConfigError(f"--rates: {part!r} is not a number of MB/s or 'unshaped'") from exc
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"--rates: {part!r} must be a positive number of MB/s")
+        rates.append(value)
+    if not rates:
+        raise ConfigError("--rates: give at least one rate")
+    return rates
+
+
+@dataclass
+class World:
+    """The setup's models, loaded once and shared by every cell's agents."""
+
+    setup: Any  # ops.demo.Setup
+    receiver: Any  # LanguageModel
+    transmitters: dict[str, Any]  # agent id -> LanguageModel
+    questions: list[Any]  # fusion.prompts.Question
+
+
+def load_world(args: argparse.Namespace) -> World:
+    """The tiny setup or the zoo (quick / full) with its questions."""
+    from fusion.models import LanguageModel
+    from ops.demo import tiny_setup, zoo_setup
+
+    n = args.questions or (QUICK_QUESTIONS if args.quick or args.tiny else DEFAULT_QUESTIONS)
+    if n < 1:
+        raise ConfigError("--questions must be at least 1")
+    if args.tiny:
+        setup = tiny_setup(Path(tempfile.mkdtemp(prefix="fedrefine-bw-")), n)
+    else:
+        setup = zoo_setup(False if args.quick else None, n)
+    cache: dict[str, LanguageModel] = {}
+    for model in {setup.receiver, *setup.transmitters.values()}:
+        cache[model] = LanguageModel.load(model)
+    transmitters = {tid: cache[setup.transmitters[tid]] for tid in sorted(setup.transmitters)}
+    return World(setup, cache[setup.receiver], transmitters, list(setup.questions)[:n])
+
+
+# ---- one cell: a rate and a policy through the agents ----------------------------------------------------------
+
+
+async def _start_agents(url: str, prefix: str, world: World, policy: str, rate: float | None) -> list:
+    from agents.config import GateAgentConfig, ReceiverConfig, TransmitterConfig, make_config
+    from agents.gate import GateAgent
+    from agents.receiver import ReceiverAgent
+    from agents.transmitter import TransmitterAgent
+
+    base = {"nats": url, "prefix": prefix, "heartbeat_s": 0.5, "drain_s": DRAIN_S, "log_level": "warning"}
+    setup = world.setup
+    agents: list = []
+    rx_cfg = make_config(ReceiverConfig, {**base, "id": "rx", "model": setup.receiver, "fusers": setup.fusers}, "rx")
+    agents.append(ReceiverAgent(rx_cfg, model=world.receiver))
+    gate_cfg = make_config(GateAgentConfig, {**base, "id": "gate", "gate": setup.gate, "policy": policy}, "gate")
+    agents.append(GateAgent(gate_cfg))
+    link: dict[str, Any] = {}
+    if rate is not None:
+        burst = max(MIN_BURST_BYTES, int(rate * 1e6 * BURST_SECONDS))
+        link = {"link_mbps": rate * MBIT_PER_MB, "link_burst_bytes": burst}
+    for tid, model in world.transmitters.items():
+        cfg = make_config(TransmitterConfig, {**base, "id": tid, "model": setup.transmitters[tid], **link}, "tx")
+        agents.append(TransmitterAgent(cfg, model=model))
+    started = []
+    try:
+        for agent in agents:
+            await agent.start()
+            started.append(agent)
+        gate = agents[1]
+        end = time.monotonic() + ROSTER_TIMEOUT_S
+        while not (set(world.transmitters) <= set(gate.roster.live("transmitter")) and gate.roster.live("receiver")):
+            if time.monotonic() > end:
+                raise AgentError(f"the gate did not see every agent within {ROSTER_TIMEOUT_S:.0f} s")
+            await asyncio.sleep(0.05)
+    except BaseException:
+        await _stop(started)
+        raise
+    return started
+
+
+async def _stop(agents: list) -> None:
+    for agent in reversed(agents):
+        try:
+            await agent.stop()
+        except Exception:  # a cell's teardown must not hide its result
+            log.exception("stopping %s failed", agent.id)
+
+
+async def run_cell(url: str, world: World, policy: str, rate: float | None, deadline_s: float) -> dict:
+    """One row: every question through a fresh federation running ``policy`` on links of ``rate`` MB/s."""
+    from bus.connect import close, connect
+    from bus.schemas import Answer, Offer, Plan
+    from bus.subjects import Subjects
+    from ops.ask import Item, ask_once
+
+    prefix = f"bw{uuid.uuid4().hex[:10]}"
+    subjects = Subjects(prefix)
+    agents = await _start_agents(url, prefix, world, policy, rate)
+    plans: dict[str, Plan] = {}
+    tokens: dict[tuple[str, str], int] = {}
+
+    async def on_plan(msg: Any) -> None:
+        plan = Plan.from_bytes(msg.data)
+        plans[plan.query_id] = plan
+
+    async def on_offer(msg: Any) -> None:
+        offer = Offer.from_bytes(msg.data)
+        tokens[(offer.query_id, offer.transmitter_id)] = offer.n_tokens
+
+    nc = await connect(url, name="bench-bandwidth")
+    rows = []
+    try:
+        await nc.subscribe(subjects.plans_all(), cb=on_plan)
+        await nc.subscribe(subjects.offers_all(), cb=on_offer)
+        await nc.flush()
+        for q in world.questions:
+            t0 = time.perf_counter()
+            reply = await ask_once(nc, subjects, Item(q.stem, q.options, False, q.answer, q.id), deadline_s)
+            rows.append((q, reply, time.perf_counter() - t0))
+        await asyncio.sleep(0.05)  # the spy's last callbacks
+    finally:
+        await close(nc)
+        await _stop(agents)
+    return _summarize(rows, plans, tokens, policy, rate, deadline_s, Answer)
+
+
+def _summarize(rows, plans, tokens, policy, rate, deadline_s, answer_cls) -> dict:
+    right = met = 0
+    got_bytes, got_tokens, planned, seconds, precisions = [], 0, [], [], []
+    for q, reply, secs in rows:
+        seconds.append(secs)
+        if not isinstance(reply, answer_cls):
+            continue
+        right += reply.choice == q.answer_letter
+        plan = plans.get(reply.query_id)
+        used = {u.transmitter_id: set(u.layers) for u in reply.used}
+        if plan is not None and reply.latency_s <= deadline_s:
+            met += all(set(e.layers) <= used.get(e.transmitter_id, set()) for e in plan.entries)
+        if plan is not None:
+            planned.append(sum(e.byte_budget for e in plan.entries))
+            precisions += [e.precision for e in plan.entries]
+        got_bytes.append(reply.bytes_received)
+        got_tokens += sum(tokens.get((reply.query_id, u.transmitter_id), 0) for u in reply.used)
+    n = len(rows)
+    return {
+        "link_mbps": rate,
+        "policy": policy,
+        "accuracy": round(right / n, 4),
+        "deadline_met": round(met / n, 4),
+        "bytes_per_query": round(statistics.fmean(got_bytes)) if got_bytes else 0,
+        "bytes_per_token": round(sum(got_bytes) / got_tokens, 1) if got_tokens else None,
+        "p50_ms": round(1000 * statistics.median(seconds), 1),
+        "planned_bytes_per_query": round(statistics.fmean(planned)) if planned else 0,
+        "precisions": {p: precisions.count(p) for p in sorted(set(precisions))},
+        "answered": sum(isinstance(r, answer_cls) for _, r, _ in rows),
+        "n": n,
+    }
+
+
+# ---- text-to-text --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HintRun:
+    """One question's text-to-text pieces, timed: per transmitter (seconds, bytes, tokens) and the receiver."""
+
+    hints: dict[str, tuple[float, int, int]]
+    read_s: float
+    right_with: bool
+    right_alone: bool
+
+
+def measure_t2t(world: World) -> tuple[list[HintRun], float]:
+    """Hints and reads in process (``fusion.refine``'s pieces); also the receiver-alone accuracy."""
+    from tqdm import tqdm
+
+    from fusion.refine import letter_probs, with_hints, write_hint
+
+    runs = []
+    for q in tqdm(world.questions, desc="t2t", leave=False):
+        hints, texts = {}, []
+        for tid, model in world.transmitters.items():
+            t0 = time.perf_counter()
+            hint = write_hint(model, q.stem)
+            gen = time.perf_counter() - t0
+            texts.append(hint)
+            tokens = len(model.encode(" " + hint).ids) if hint else 0
+            hints[tid] = (gen, len(hint.encode()), tokens)
+        t0 = time.perf_counter()
+        with_answer = int(letter_probs(world.receiver, with_hints(texts, q.stem, q.options)).argmax()) == q.answer
+        read_s = time.perf_counter() - t0
+        alone = int(letter_probs(world.receiver, q.prompt()).argmax()) == q.answer
+        runs.append(HintRun(hints, read_s, with_answer, alone))
+    alone_acc = sum(r.right_alone for r in runs) / len(runs)
+    return runs, alone_acc
+
+
+def t2t_row(runs: list[HintRun], rate: float | None, deadline_s: float) -> dict:
+    """The text-to-text row at one link rate (hint transfer time = bytes / rate; parallel transmitters)."""
+    lat, right, met, nbytes, ntokens = [], 0, 0, 0, 0
+    for run in runs:
+        slowest = max((g + (b / (rate * 1e6) if rate else 0.0) for g, b, _ in run.hints.values()), default=0.0)
+        total = slowest + run.read_s
+        ok = total <= deadline_s
+        lat.append(total)
+        met += ok
+        right += run.right_with if ok else run.right_alone
+        nbytes += sum(b for _, b, _ in run.hints.values())
+        ntokens += sum(t for _, _, t in run.hints.values())
+    n = len(runs)
+    return {
+        "link_mbps": rate,
+        "policy": "t2t",
+        "accuracy": round(right / n, 4),
+        "deadline_met": round(met / n, 4),
+        "bytes_per_query": round(nbytes / n, 1),
+        "bytes_per_token": round(nbytes / ntokens, 2) if ntokens else None,
+        "p50_ms": round(1000 * statistics.median(lat), 1),
+        "n": n,
+    }
+
+
+# ---- the sweep -----------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The sweep; returns the issue's JSON (plus per-row extras and the settings)."""
+    import torch
+    from tqdm import tqdm
+
+    from bus.policy import make_policy
+    from bus.server import NatsServer
+
+    rates = parse_rates(args.rates)
+    policies = [make_policy(p.strip()).name for p in args.policies.split(",") if p.strip()]
+    if not policies:
+        raise ConfigError("--policies: give at least one policy")
+    if not (math.isfinite(args.deadline_s) and args.deadline_s > 0):
+        raise ConfigError("--deadline-s must be a positive number of seconds")
+    torch.set_num_threads(1)
+    t_start = time.perf_counter()
+    world = load_world(args)
+    runs, alone = measure_t2t(world)
+    rows: list[dict] = []
+    server = NatsServer().start()
+    try:
+        cells = [(r, p) for r in rates for p in policies]
+        for rate, policy in tqdm(cells, desc="bandwidth cells"):
+            rows.append(asyncio.run(run_cell(server.url, world, policy, rate, args.deadline_s)))
+    finally:
+        server.stop()
+    if not args.no_t2t:
+        rows += [t2t_row(runs, rate, args.deadline_s) for rate in rates]
+    fp16_bytes = [r["bytes_per_query"] for r in rows if r["policy"] == "keep-all" and r["link_mbps"] is None]
+    return {
+        "receiver_alone_accuracy": round(alone, 4),
+        "rows": rows,
+        "setup": world.setup.name,
+        "transmitters": len(world.transmitters),
+        "questions": len(world.questions),
+        "deadline_s": args.deadline_s,
+        "keep_all_unshaped_bytes_per_query": fp16_bytes[0] if fp16_bytes else None,
+        "notes": (
+            "link_mbps in MB/s (1e6 bytes/s), each transmitter on its own shaped uplink (token bucket, burst "
+            f"{BURST_SECONDS * 1000:.0f} ms of traffic, min {MIN_BURST_BYTES} B); agents in one process, one "
+            "question at a time; deadline_met = answered by the deadline with every planned layer in; t2t in "
+            "process with hint transfer time = bytes / rate"
+        ),
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
