@@ -16,7 +16,7 @@ from bus.errors import PrivacyError
 from fusion.prompts import format_rephrase_request, parse_completion
 from privacy.redact import Detail, leak_rate, ngram_overlap, redact
 
-__all__ = ["Rephrased", "rephrase", "passthrough", "ngram_overlap", "leak_rate"]
+__all__ = ["Rephrased", "rephrase", "passthrough", "ngram_overlap", "leak_rate", "detail_removal"]
 
 log = logging.getLogger(__name__)
 
@@ -82,3 +82,8 @@ def passthrough(question: str) -> Rephrased:
     if not question or not question.strip():
         raise PrivacyError("cannot send an empty question")
     return Rephrased(" ".join(question.split()), question, [], "none")
+
+
+def detail_removal(text: str, planted: list[str] | tuple[str, ...]) -> float:
+    """Share of planted personal details absent from ``text`` (1.0 when none were planted)."""
+    return 1.0 - leak_rate(text, planted)

@@ -1,4 +1,4 @@
-"""Dispatch ``python -m ops.bench <name>`` to ``ops.bench.<name>``."""
+"""Dispatch ``python -m ops.bench <name>`` to ``ops.bench.<name>`` (only that module is imported)."""
 
 from __future__ import annotations
 
@@ -13,26 +13,36 @@ from bus.errors import FedRefineError
 from ops.bench import BENCHMARKS
 
 
+def _usage() -> str:
+    lines = ["usage: python -m ops.bench NAME [--json FILE] [options]", "", "benchmarks:"]
+    lines += [f"  {name:<11} {text}" for name, text in BENCHMARKS.items()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse the benchmark name, run it, print (and optionally save) its JSON."""
-    parser = argparse.ArgumentParser(prog="python -m ops.bench", description=__doc__)
-    sub = parser.add_subparsers(dest="name", required=True, metavar="NAME")
-    modules = {}
-    for name, help_text in BENCHMARKS.items():
-        try:
-            module = importlib.import_module(f"ops.bench.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"ops.bench.{name}":
-                raise
-            continue  # not built yet
-        modules[name] = module
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--json", type=Path, default=None, help="also write the result to this file")
-        module.add_arguments(p)
-    args = parser.parse_args(argv)
+    """Run one benchmark, print its JSON and optionally save it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(_usage())
+        return 0 if argv else 2
+    name = argv[0]
+    if name not in BENCHMARKS:
+        print(f"error: unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    try:
+        module = importlib.import_module(f"ops.bench.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"ops.bench.{name}":
+            raise
+        print(f"error: benchmark {name!r} is not built yet", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(prog=f"python -m ops.bench {name}", description=BENCHMARKS[name])
+    parser.add_argument("--json", type=Path, default=None, help="also write the result to this file")
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        result = modules[args.name].run(args)
+        result = module.run(args)
     except FedRefineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
