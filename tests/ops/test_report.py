@@ -65,6 +65,11 @@ BANDWIDTH = {
 }  # fmt: skip
 
 
+for _row in BANDWIDTH["rows"]:  # the plan precisions the sweep records per row
+    if _row["policy"] != "t2t":
+        _row["precisions"] = {"int4" if _row["bytes_per_query"] < 900000 else "fp16": 4}
+
+
 def write(tmp: Path, **files: dict) -> Path:
     d = tmp / "bench"
     d.mkdir()
@@ -94,6 +99,7 @@ def test_full_report_has_plots_and_numbers(tmp_path):
     assert "| 0.25 | deadline-aware | 55.0% | 100.0%" in text
     assert "not measured (run `python -m ops.bench standalone" in text  # tables for absent results
     assert "keeps 80.0% of keep-all's gain (met" in text
+    assert "| agents int4 | 500.0 |" in text and "| agents fp16 | 3,000.0 |" in text
 
 
 def test_missing_results_say_how_to_measure_them(tmp_path):
@@ -116,6 +122,8 @@ def test_bandwidth_target_sentences():
     fine = {**BANDWIDTH, "rows": [r for r in BANDWIDTH["rows"] if r["link_mbps"] != 0.25]}
     assert "not exercised" in bandwidth_target(fine)[0]
     assert "not checkable" in bandwidth_target({"rows": []})[0]
+    no_gain = {**BANDWIDTH, "receiver_alone_accuracy": 0.7}
+    assert "gains -9.0 points" in bandwidth_target(no_gain)[0]
 
 
 def test_bad_input_is_one_error_line(tmp_path, capsys):
