@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_FIRST_RETRY_WAIT = 0.5  # seconds between first-connection attempts
 DEFAULT_BACKOFF_BASE_S = 0.1  # first reconnect wait; doubles per failed attempt up to backoff_max_s
+DEFAULT_CLOSE_TIMEOUT_S = 3.0  # seconds a connection may take to drain when the agent stops
 DEFAULT_REASON_CHARS = 200  # a rejection reason is cut to this many characters in the log
 
 T = TypeVar("T")
@@ -188,9 +189,14 @@ class Agent:
 
     async def _close_connections(self) -> None:
         for nc in (self.sub, self.pub):
-            if nc is not None:
+            if nc is None:
+                continue
+            try:
+                await asyncio.wait_for(busconn.close(nc), timeout=DEFAULT_CLOSE_TIMEOUT_S)
+            except Exception as exc:  # a drain that cannot finish must not keep the agent alive
+                log.debug("drain of %s failed (%s); closing", nc, type(exc).__name__)
                 with contextlib.suppress(Exception):
-                    await busconn.close(nc)
+                    await nc.close()
 
     # ---- messaging ----------------------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from bus.transport import LayerDone
 from fusion.fuser import PairFuser
 from fusion.models import LanguageModel
 from fusion.prompts import LETTERS
-from fusion.refine import Received, receiver_answer, shared_prompt
+from fusion.refine import Received, receiver_answer, receiver_prefix, shared_prompt
 from fusion.registry import FuserRegistry
 from privacy.rephrase import rephrase
 
@@ -258,29 +258,44 @@ class ReceiverAgent(Agent):
             query_id=q.query_id, receiver_id=self.id, text=text, options=ask.options, deadline_unix=q.deadline_unix
         )
         await self.publish(self.subjects.query(), query)
+        t_query = time.monotonic()
+        # its own prefix does not depend on what arrives: prefill it while the transmitters work
+        own_prefix = asyncio.ensure_future(self.compute(receiver_prefix, self.model, shared))
         plan_until = min(q.t0 + self.cfg.plan_share * ask.deadline_s, q.deadline - self._reserve())
         try:
             await asyncio.wait_for(q.plan_seen.wait(), timeout=max(0.0, plan_until - time.monotonic()))
         except TimeoutError:
             notes.append(f"no plan from the gate within {plan_until - q.t0:.2f} s (gate down?); answered alone")
+        t_plan = time.monotonic()
         if q.plan is not None:
             await self._await_streams(q, q.plan)
         received, uses, omitted = self._gather(q, notes)
         self._answering += 1
         started = time.monotonic()
         try:
+            prefix = await own_prefix
             fusers = {r.fingerprint: self.fusers[r.fingerprint] for r in received.values()}
             try:
-                probs, used = await self.compute(receiver_answer, self.model, shared, original, received, fusers)
+                probs, used = await self.compute(
+                    receiver_answer, self.model, shared, original, received, fusers, prefix=prefix
+                )
             except FusionError as exc:
                 notes.append(f"fusion failed ({exc}); answered alone")
                 omitted += [Omission(transmitter_id=t, reason="error", detail=str(exc)[:500]) for t in received]
                 received, uses = {}, {}
-                probs, used = await self.compute(receiver_answer, self.model, shared, original, {}, {})
+                probs, used = await self.compute(receiver_answer, self.model, shared, original, {}, {}, prefix=prefix)
         finally:
             self._answering -= 1
             self._answer_s = 0.8 * self._answer_s + 0.2 * (time.monotonic() - started)
         choice = LETTERS[int(probs.argmax())]
+        log.debug(
+            "query %s: query out %.1f ms, plan %.1f ms, streams %.1f ms, answer %.1f ms",
+            q.query_id,
+            1000 * (t_query - q.t0),
+            1000 * (t_plan - q.t0),
+            1000 * (started - q.t0),
+            1000 * (time.monotonic() - q.t0),
+        )
         return Answer(
             query_id=q.query_id,
             receiver_id=self.id,

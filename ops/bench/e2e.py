@@ -1,0 +1,151 @@
+"""The agents over NATS against ``fusion.refine()`` in process: same questions, same settings, one run.
+
+    python -m ops.bench e2e [--quick | --tiny] [--questions N] [--json F]
+
+Both paths answer every question with the gating network, fp16 caches and private mode for questions that
+carry personal details; questions alternate between the two paths so both see the same machine load. The bus
+path is the demo's: an embedded nats-server and every agent (receiver, rephraser, gate, transmitters) as its
+own process, one question at a time (latency, not throughput). Parity is the share of answered questions
+whose letter equals the in-process letter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from agents.launch import Federation
+from bus.connect import close, connect
+from bus.schemas import Answer
+from bus.server import NatsServer
+from bus.subjects import Subjects
+from ops.ask import ask_once
+from ops.demo import Setup, items_of, tiny_setup, zoo_setup
+
+DEFAULT_QUESTIONS = 40  # questions through each path
+DEFAULT_WARMUP = 2  # questions through each path before measuring
+DEFAULT_DEADLINE_S = 10.0  # generous: parity is measured where nothing is cut by the deadline
+PRECISION = "fp16"  # what the gate's policy picks on an ample link; refine() is told the same
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``python -m ops.bench e2e``."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--quick", action="store_true", help="the quick zoo (default: the full one if built)")
+    which.add_argument("--tiny", action="store_true", help="tiny random models (a smoke run)")
+    parser.add_argument("--questions", type=int, default=DEFAULT_QUESTIONS, help="questions through each path")
+    parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="unmeasured questions first")
+    parser.add_argument("--deadline-s", type=float, default=DEFAULT_DEADLINE_S, help="per-question deadline")
+
+
+class InProcess:
+    """The same models, fusers and gate as the agents, loaded here for ``refine()``."""
+
+    def __init__(self, setup: Setup) -> None:
+        from fusion.gate import load_gate
+        from fusion.models import LanguageModel
+        from fusion.registry import FuserRegistry
+
+        self.receiver = LanguageModel.load(setup.receiver)
+        cache: dict[str, LanguageModel] = {}
+        for model in setup.transmitters.values():
+            cache.setdefault(model, LanguageModel.load(model))
+        # sorted by agent id: the receiver fuses in that order, so floating-point sums match
+        self.transmitters = {tid: cache[setup.transmitters[tid]] for tid in sorted(setup.transmitters)}
+        registry = FuserRegistry(setup.fusers)
+        self.fusers = {
+            m.fingerprint: registry.load(m.fingerprint, self.receiver.fingerprint) for m in self.transmitters.values()
+        }
+        self.gate = load_gate(setup.gate) if setup.gate else None
+
+    def answer(self, question, private: bool):
+        """``refine()`` in c2c mode with the settings the agents use; returns (result, seconds)."""
+        from fusion.refine import refine
+
+        t0 = time.perf_counter()
+        result = refine(
+            question,
+            self.receiver,
+            self.transmitters,
+            mode="c2c",
+            fusers=self.fusers,
+            gate=self.gate,
+            private=private,
+            precision=PRECISION,
+        )
+        return result, time.perf_counter() - t0
+
+
+async def _compare(fed: Federation, setup: Setup, local: InProcess, warmup: int, deadline_s: float) -> dict:
+    from tqdm import tqdm
+
+    await fed.wait_ready()
+    nc = await connect(fed.url, name="bench-e2e")
+    subjects = Subjects(fed.prefix)
+    items = items_of(setup.questions)
+    bus_s, local_s, nbytes, local_bytes = [], [], [], []
+    answered = same = right_bus = right_local = 0
+    try:
+        for i, (question, item) in enumerate(tqdm(list(zip(setup.questions, items, strict=True)), desc="e2e")):
+            t0 = time.perf_counter()
+            reply = await ask_once(nc, subjects, item, deadline_s)
+            bus_time = time.perf_counter() - t0
+            ref, local_time = local.answer(question, item.private)
+            if i < warmup:
+                continue
+            local_s.append(local_time)
+            local_bytes.append(ref.bytes_sent)
+            right_local += ref.index == question.answer
+            if not isinstance(reply, Answer):
+                continue
+            answered += 1
+            bus_s.append(bus_time)
+            nbytes.append(reply.bytes_received)
+            same += reply.choice == ref.answer
+            right_bus += reply.choice == question.answer_letter
+    finally:
+        await close(nc)
+    n = len(local_s)
+    bus_p50 = statistics.median(bus_s) if bus_s else None
+    local_p50 = statistics.median(local_s) if local_s else None
+    return {
+        "queries": n,
+        "answered": answered,
+        "parity": round(same / answered, 4) if answered else None,
+        "bus_p50_ms": round(1000 * bus_p50, 1) if bus_p50 is not None else None,
+        "inproc_p50_ms": round(1000 * local_p50, 1) if local_p50 is not None else None,
+        "overhead_ratio": round(bus_p50 / local_p50, 3) if bus_p50 and local_p50 else None,
+        "bytes_per_query": round(statistics.fmean(nbytes)) if nbytes else 0,
+        "inproc_bytes_per_query": round(statistics.fmean(local_bytes)) if local_bytes else 0,
+        "accuracy_bus": round(right_bus / answered, 4) if answered else None,
+        "accuracy_inproc": round(right_local / n, 4) if n else None,
+        "private_queries": sum(it.private for it in items[warmup:]),
+        "setup": setup.name,
+        "transmitters": len(setup.transmitters),
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    """One run of both paths over the same questions."""
+    import torch
+
+    torch.set_num_threads(1)  # each agent process uses one thread for model math; so does refine() here
+    total = args.questions + args.warmup
+    if args.tiny:
+        setup = tiny_setup(Path(tempfile.mkdtemp(prefix="fedrefine-e2e-")), total)
+    else:
+        setup = zoo_setup(False if args.quick else None, total)
+    setup.links_mbps = {}  # loopback, unshaped: parity is measured where the link cuts nothing
+    local = InProcess(setup)
+    server = NatsServer().start()
+    fed = Federation(server.url, setup.specs())
+    try:
+        fed.start()
+        return asyncio.run(_compare(fed, setup, local, args.warmup, args.deadline_s))
+    finally:
+        fed.stop()
+        server.stop()
