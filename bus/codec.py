@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from bus.errors import ChunkError, CodecError
-from bus.frames import Buffer, blob_frames
+from bus.frames import Buffer, SealedChunk, seal_chunks
 from bus.quant import SCALE_DTYPE, Section, get_format
 from bus.schemas import MAX_LAYER_INDEX, KVChunkHeader, validate_id
 
@@ -130,7 +130,7 @@ def decode_blob(blob: Buffer, header: KVChunkHeader, out_dtype: torch.dtype = to
     return fmt.decode(sections, header.shape, header.scale_axis, out_dtype)
 
 
-def tensor_frames(
+def tensor_chunks(
     enc: EncodedTensor,
     *,
     query_id: str,
@@ -140,8 +140,8 @@ def tensor_frames(
     layers_total: int,
     max_payload: int,
     chunk_bytes: int | None = None,
-) -> Iterator[bytes]:
-    """Split an encoded tensor into sealed frames no longer than ``max_payload`` bytes."""
+) -> list[SealedChunk]:
+    """Split an encoded tensor into sealed chunks whose frames are no longer than ``max_payload`` bytes."""
     fields = dict(
         query_id=query_id,
         sender=sender,
@@ -157,7 +157,62 @@ def tensor_frames(
         raw_bytes=enc.raw_bytes,
         layers_total=layers_total,
     )
-    return blob_frames(enc.blob, fields, max_payload=max_payload, chunk_bytes=chunk_bytes)
+    return seal_chunks(enc.blob, fields, max_payload=max_payload, chunk_bytes=chunk_bytes)
+
+
+def tensor_frames(
+    enc: EncodedTensor,
+    *,
+    query_id: str,
+    sender: str,
+    layer: int,
+    tensor: str,
+    layers_total: int,
+    max_payload: int,
+    chunk_bytes: int | None = None,
+) -> Iterator[bytes]:
+    """Like :func:`tensor_chunks`, as standalone ``bytes`` frames (one copy of each payload)."""
+    chunks = tensor_chunks(
+        enc,
+        query_id=query_id,
+        sender=sender,
+        layer=layer,
+        tensor=tensor,
+        layers_total=layers_total,
+        max_payload=max_payload,
+        chunk_bytes=chunk_bytes,
+    )
+    return (sealed.frame() for sealed in chunks)
+
+
+def encode_layer_chunks(
+    layer: int,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    precision: str,
+    query_id: str,
+    sender: str,
+    layers_total: int,
+    max_payload: int = DEFAULT_MAX_PAYLOAD,
+    compress: bool = True,
+    chunk_bytes: int | None = None,
+) -> list[SealedChunk]:
+    """Encode one layer's K and V into sealed chunks (K first); payloads are views of the encoded blobs."""
+    chunks: list[SealedChunk] = []
+    for name, x in (("k", k), ("v", v)):
+        enc = encode_tensor(x, precision, tensor=name, compress=compress)
+        chunks += tensor_chunks(
+            enc,
+            query_id=query_id,
+            sender=sender,
+            layer=layer,
+            tensor=name,
+            layers_total=layers_total,
+            max_payload=max_payload,
+            chunk_bytes=chunk_bytes,
+        )
+    return chunks
 
 
 def encode_layer_frames(
@@ -173,23 +228,20 @@ def encode_layer_frames(
     compress: bool = True,
     chunk_bytes: int | None = None,
 ) -> list[bytes]:
-    """Encode one layer's K and V into frames (K first)."""
-    frames: list[bytes] = []
-    for name, x in (("k", k), ("v", v)):
-        enc = encode_tensor(x, precision, tensor=name, compress=compress)
-        frames.extend(
-            tensor_frames(
-                enc,
-                query_id=query_id,
-                sender=sender,
-                layer=layer,
-                tensor=name,
-                layers_total=layers_total,
-                max_payload=max_payload,
-                chunk_bytes=chunk_bytes,
-            )
-        )
-    return frames
+    """Like :func:`encode_layer_chunks`, as standalone ``bytes`` frames (one copy of each payload)."""
+    chunks = encode_layer_chunks(
+        layer,
+        k,
+        v,
+        precision=precision,
+        query_id=query_id,
+        sender=sender,
+        layers_total=layers_total,
+        max_payload=max_payload,
+        compress=compress,
+        chunk_bytes=chunk_bytes,
+    )
+    return [sealed.frame() for sealed in chunks]
 
 
 def encode_cache(

@@ -58,7 +58,7 @@ class LayerDone:
 class _Tensor:
     first: KVChunkHeader
     buf: bytearray | memoryview | None
-    crcs: dict[int, tuple[int, int]] = field(default_factory=dict)  # chunk index -> (chunk_crc, payload crc)
+    crcs: dict[int, tuple[int, int]] = field(default_factory=dict)  # chunk index -> (chunk_crc, payload hash)
     decoded: torch.Tensor | None = None
     reserved: int = 0  # bytes charged to the query
 
@@ -128,14 +128,14 @@ class Reassembler:
                 query_id=h.query_id,
             )
         if h.chunk in state.crcs:
-            if state.crcs[h.chunk][0] == h.chunk_crc:
-                return []  # exact duplicate: same header, payload matched the same checksum
+            if state.crcs[h.chunk] == (h.chunk_crc, chunk.payload_hash):
+                return []  # exact duplicate: same header checksum and the same 64-bit payload digest
             raise ChunkError(
                 f"conflicting duplicate of chunk {h.chunk} of layer {h.layer} {h.tensor}",
                 reason="conflict",
                 query_id=h.query_id,
             )
-        state.crcs[h.chunk] = (h.chunk_crc, chunk.payload_crc)
+        state.crcs[h.chunk] = (h.chunk_crc, chunk.payload_hash)
         if state.buf is None:
             state.buf = payload
         else:

@@ -5,6 +5,11 @@ Flow control: the sender encodes the next layer in a worker thread while it publ
 and round-trips a PING every ``flush_every`` bytes, so it never runs further ahead of the server than
 that; the receiving subscription's pending limits are raised (``bus.connect``) so a 64 MB cache is
 buffered, not dropped as a slow consumer. An optional :class:`~bus.shaper.LinkShaper` paces publishes.
+
+Copies: the worker thread hashes and seals chunks whose payloads are views of the encoded tensor (for
+uncompressed fp16/bf16/fp32 that is the caller's tensor memory itself), and each frame is assembled in one
+reused :class:`~bus.frames.FrameBuffer` right before its publish. On receipt, one-chunk tensors are decoded
+in place from the message bytes; multi-chunk tensors are copied once into their assembly buffer.
 """
 
 from __future__ import annotations
@@ -27,9 +32,9 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from bus import connect as busconn
-from bus.codec import KVPair, Layers, check_layers, encode_layer_frames
+from bus.codec import KVPair, Layers, check_layers, encode_layer_chunks
 from bus.errors import FedRefineError, SchemaError, TransportError
-from bus.frames import read_frame
+from bus.frames import Buffer, FrameBuffer, SealedChunk, read_frame
 from bus.quant import get_format
 from bus.reassembler import LayerDone, Reassembler, ReassemblyLimits
 from bus.schemas import KVChunkHeader, validate_id
@@ -57,7 +62,7 @@ class SendReport:
     seconds: float
 
 
-async def _publish(nc: Client, subject: str, frame: bytes) -> None:
+async def _publish(nc: Client, subject: str, frame: Buffer) -> None:
     try:
         await nc.publish(subject, frame)
     except nats.errors.MaxPayloadError as exc:
@@ -82,7 +87,8 @@ async def send_cache(
 ) -> SendReport:
     """Send ``layers`` (``{layer: (K, V)}``, in the mapping's order) to ``subject`` as KV chunk frames.
 
-    Chunks fit the connected server's ``max_payload`` (or the smaller ``max_payload`` given).
+    Chunks fit the connected server's ``max_payload`` (or the smaller ``max_payload`` given). The tensors
+    must not change until this returns: payloads are read from them at publish time.
     """
     validate_id(query_id, "query id")
     validate_id(sender, "sender id")
@@ -104,24 +110,25 @@ async def send_cache(
         chunk_bytes=chunk_bytes,
     )
 
-    def encode(i: int) -> Awaitable[list[bytes]]:
+    def encode(i: int) -> Awaitable[list[SealedChunk]]:
         k, v = layers[order[i]]
-        return asyncio.ensure_future(asyncio.to_thread(encode_layer_frames, order[i], k, v, **opts))
+        return asyncio.ensure_future(asyncio.to_thread(encode_layer_chunks, order[i], k, v, **opts))
 
     start = time.perf_counter()
     chunks = wire = since_flush = 0
+    buffer = FrameBuffer()  # nats-py copies a payload into its command before publish returns
     pending = encode(0)
     try:
         for i in range(len(order)):
-            frames = await pending
+            sealed = await pending
             pending = encode(i + 1) if i + 1 < len(order) else None
-            for frame in frames:
+            for chunk in sealed:
                 if shaper is not None:
-                    await shaper.acquire(len(frame))
-                await _publish(nc, subject, frame)
+                    await shaper.acquire(chunk.size)
+                await _publish(nc, subject, buffer.frame(chunk))
                 chunks += 1
-                wire += len(frame)
-                since_flush += len(frame)
+                wire += chunk.size
+                since_flush += chunk.size
                 if since_flush >= flush_every:
                     await busconn.flush(nc)
                     since_flush = 0

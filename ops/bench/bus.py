@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import statistics
 import time
 import uuid
@@ -116,6 +117,7 @@ async def _retry(lost: dict[str, int], name: str, leg: Callable[[], Awaitable[T]
 
 
 async def _bench(args: argparse.Namespace, url: str) -> dict:
+    load_before = os.getloadavg()[0]
     cache = make_cache(args.layers, 1, 8, args.tokens, 128, seed=0)
     blobs = [t.contiguous().view(torch.uint8).numpy().tobytes() for kv in cache.values() for t in kv]
     cache_bytes = sum(len(b) for b in blobs)
@@ -161,6 +163,8 @@ async def _bench(args: argparse.Namespace, url: str) -> dict:
         "message_payload_bytes": chunk,
         "server_max_payload": server_payload,
         "repeats": args.repeats,
+        "pair_ratios": [round(r / k, 3) for r, k in zip(raw_s, kv_s, strict=True)],
+        "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "raw_seconds": [round(s, 4) for s in raw_s],
         "kv_seconds": [round(s, 4) for s in kv_s],
         "extra_kv": extra,
@@ -169,7 +173,9 @@ async def _bench(args: argparse.Namespace, url: str) -> dict:
         "notes": (
             "one process, publisher and subscriber connections on one event loop, server on loopback; "
             "MB/s = 1e6 bytes of the fp16 cache per second, first publish to last byte (raw) or last layer "
-            "decoded (KV); KV = fp16 without compression (the same bytes) incl. chunk headers, CRCs, reassembly"
+            "decoded (KV); KV = fp16 without compression (the same bytes) incl. chunk headers, xxh3 checksums, "
+            "reassembly; "
+            "pair_ratios = raw/KV seconds of each alternating pair; load_avg = 1-min load before and after"
         ),
         "torch_threads": args.threads,
     }

@@ -10,7 +10,7 @@ import torch
 
 from bus.codec import decode_frames, encode_cache, encode_tensor
 from bus.errors import ChunkError, CodecError
-from bus.frames import build_frame, parse_frame
+from bus.frames import PREFIX, build_frame, parse_frame
 from bus.schemas import PRECISIONS, expected_raw_bytes
 
 SHAPES = {
@@ -165,8 +165,8 @@ def test_frames_of_two_streams_refused_by_decode_frames() -> None:
 def test_payload_is_16_aligned_in_every_frame() -> None:
     for qid in ("q", "q1", "query-with-a-longer-id"):
         for frame in encode_cache(_cache((1, 2, 3, 5), 2, seed=8), precision="int4", query_id=qid, sender="s"):
-            header_len = int.from_bytes(frame[4:8], "big")
-            assert (8 + header_len) % 16 == 0
+            header_len = PREFIX.unpack_from(frame)[-1]
+            assert (PREFIX.size + header_len) % 16 == 0
 
 
 def test_one_chunk_tensor_decodes_in_place_and_is_writable() -> None:

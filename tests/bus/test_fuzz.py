@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import json
 import random
-import struct
-import zlib
 
 import pytest
 import torch
 
 from bus.codec import encode_cache
 from bus.errors import CodecError
-from bus.frames import MAGIC, parse_frame, seal
+from bus.frames import FRAME_VERSION, MAGIC, PREFIX, parse_frame, payload_hash, seal
 from bus.reassembler import Reassembler
 
-_PREFIX = struct.Struct(">4sI")
 MUTATIONS = {
     "layer": lambda v, r: v + r.choice([1, -1, 7]),
     "tensor": lambda v, r: "v" if v == "k" else "k",
@@ -47,13 +44,13 @@ def _cache(seed: int) -> dict:
 
 
 def _split(frame: bytes) -> tuple[dict, bytes]:
-    _, hlen = _PREFIX.unpack_from(frame)
-    return json.loads(frame[8 : 8 + hlen]), frame[8 + hlen :]
+    hlen = PREFIX.unpack_from(frame)[-1]
+    return json.loads(frame[PREFIX.size : PREFIX.size + hlen]), frame[PREFIX.size + hlen :]
 
 
 def _join(header: dict, payload: bytes) -> bytes:
     head = json.dumps(header, separators=(",", ":")).encode()
-    return _PREFIX.pack(MAGIC, len(head)) + head + payload
+    return PREFIX.pack(MAGIC, FRAME_VERSION, 0, len(head)) + head + payload
 
 
 def _reference(frames: list[bytes]) -> dict:
@@ -83,12 +80,12 @@ def _mutate(kind: str, frame: bytes, r: random.Random) -> bytes:
         header, payload = parse_frame(frame)
         data = bytearray(payload)
         data[r.randrange(len(data))] ^= 1 << r.randrange(8)
-        resealed = seal(header, zlib.crc32(bytes(data)))
+        resealed = seal(header, payload_hash(data))
         return _join(json.loads(resealed.model_dump_json()), bytes(data))
     if kind == "forged_header":  # identity changed and chunk_crc recomputed: blob_crc is bound to identity
         header, payload = parse_frame(frame)
         update = r.choice([{"layer": (header.layer + 1) % 3}, {"tensor": "v" if header.tensor == "k" else "k"}])
-        forged = seal(header.model_copy(update=update), zlib.crc32(payload))
+        forged = seal(header.model_copy(update=update), payload_hash(payload))
         return _join(json.loads(forged.model_dump_json()), bytes(payload))
     raise AssertionError(kind)
 

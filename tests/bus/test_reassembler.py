@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import random
-import zlib
 
 import pytest
 import torch
 
 from bus.codec import encode_cache
 from bus.errors import ChunkError, LimitError
-from bus.frames import build_frame, parse_frame, read_frame, seal
+from bus.frames import build_frame, parse_frame, payload_hash, read_frame, seal
 from bus.reassembler import LayerDone, Reassembler, ReassemblyLimits
 
 
@@ -159,7 +158,7 @@ def test_reassembled_header_fields_must_agree() -> None:
     reasm = Reassembler()
     reasm.feed(frames[0])
     header, payload = parse_frame(frames[1])
-    forged = seal(header.model_copy(update={"blob_crc": header.blob_crc ^ 1}), zlib.crc32(payload))
+    forged = seal(header.model_copy(update={"blob_crc": header.blob_crc ^ 1}), payload_hash(payload))
     with pytest.raises(ChunkError) as info:
         reasm.feed(build_frame(forged, payload))
     assert info.value.reason == "conflict"

@@ -153,3 +153,43 @@ async def test_subscribe_helper_raises_limits(nats_client, subject: str) -> None
     await sub.unsubscribe()
     await close(nats_client)
     await close(nats_client)  # closing twice is fine
+
+
+async def test_publish_copies_the_payload_before_returning(nats_client, subject: str) -> None:
+    """send_cache reuses one FrameBuffer for every frame: that is only safe while nats-py copies on publish."""
+    got: list[bytes] = []
+    arrived = asyncio.Event()
+
+    async def on_msg(msg) -> None:
+        got.append(msg.data)
+        arrived.set()
+
+    sub = await subscribe(nats_client, subject, on_msg)
+    await nats_client.flush()
+    buffer = bytearray(b"a" * 4096)
+    await nats_client.publish(subject, memoryview(buffer))
+    buffer[:] = b"b" * 4096  # before anything was flushed to the socket
+    await nats_client.flush()
+    await asyncio.wait_for(arrived.wait(), 10)
+    await sub.unsubscribe()
+    assert got == [b"a" * 4096]
+
+
+async def test_send_cache_frames_equal_standalone_frames(nats_client, subject: str) -> None:
+    """Frames published through the reused buffer are byte-identical to encode_cache's frames."""
+    cache = _cache(256 * 1024, n_layers=3)
+    got: list[bytes] = []
+
+    async def on_msg(msg) -> None:
+        got.append(msg.data)
+
+    sub = await subscribe(nats_client, subject, on_msg)
+    await nats_client.flush()
+    report = await send_cache(nats_client, subject, cache, query_id="q", sender="t", chunk_bytes=40_000)
+    for _ in range(100):
+        if len(got) == report.chunks:
+            break
+        await asyncio.sleep(0.05)
+    await sub.unsubscribe()
+    expected = list(encode_cache(cache, precision="fp16", query_id="q", sender="t", chunk_bytes=40_000))
+    assert got == expected and report.wire_bytes == sum(map(len, expected))

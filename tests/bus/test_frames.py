@@ -1,0 +1,123 @@
+"""KV frames: the documented checksum recipe, versioning, the reused frame buffer, 64-bit duplicate checks."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+import xxhash
+
+from bus.codec import encode_cache, encode_layer_chunks
+from bus.errors import ChunkError
+from bus.frames import (
+    FRAME_VERSION,
+    MAGIC,
+    PREFIX,
+    Chunk,
+    FrameBuffer,
+    frame_head,
+    parse_frame,
+    payload_hash,
+    read_frame,
+    seal,
+)
+from bus.reassembler import Reassembler
+
+
+def _cache(seed: int = 0, shape=(1, 2, 6, 16), n_layers: int = 2) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    return {i: (torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)) for i in range(n_layers)}
+
+
+def _frames(**kw) -> list[bytes]:
+    return list(encode_cache(_cache(), precision="fp16", query_id="q", sender="s", **kw))
+
+
+def test_checksums_follow_the_documented_recipe() -> None:
+    """docs/PROTOCOL.md section 6, recomputed here with xxhash directly (no bus.frames helpers)."""
+    frames = _frames(chunk_bytes=40)
+    headers = [parse_frame(f) for f in frames]
+    h, payload = headers[0]
+    seed_text = "|".join(f"{k}={v}" for k, v in h.model_dump().items() if k != "chunk_crc")
+    assert seed_text.startswith("schema_version=1|kind=kv_chunk|query_id=q|sender=s|layer=0|tensor=k|chunk=0|")
+    assert "|shape=(1, 2, 6, 16)|" in seed_text and "|shuffle=False|" in seed_text and "|scale_dtype=None|" in seed_text
+    digest = xxhash.xxh3_64_intdigest(bytes(payload))
+    assert h.chunk_crc == xxhash.xxh3_64_intdigest(seed_text.encode(), seed=digest) & 0xFFFFFFFF
+    chunks = sorted(((x.chunk, bytes(p)) for x, p in headers if (x.layer, x.tensor) == (0, "k")))
+    assert len(chunks) == h.n_chunks > 1
+    words = b"".join(struct.pack(">Q", xxhash.xxh3_64_intdigest(p)) for _, p in chunks)
+    start = xxhash.xxh3_64_intdigest(b"1|q|s|0|k")
+    assert h.blob_crc == xxhash.xxh3_64_intdigest(words, seed=start) & 0xFFFFFFFF
+
+
+def test_prefix_layout_and_alignment() -> None:
+    for frame in _frames():
+        magic, version, reserved, hlen = struct.unpack_from(">4sBBH", frame)
+        assert (magic, version, reserved) == (MAGIC, FRAME_VERSION, 0)
+        assert (8 + hlen) % 16 == 0 and frame[8 + hlen - 1 : 8 + hlen] in (b" ", b"}")
+
+
+def test_version_1_frame_is_refused_as_version() -> None:
+    """A frame of format 1 (u32 header length, CRC-32) reads as version 0 and is refused by name."""
+    header, payload = parse_frame(_frames()[0])
+    head = header.model_dump_json().encode()
+    old = struct.pack(">4sI", MAGIC, len(head)) + head + bytes(payload)
+    with pytest.raises(ChunkError, match="frame version 0") as info:
+        read_frame(old)
+    assert info.value.reason == "version"
+    future = PREFIX.pack(MAGIC, FRAME_VERSION + 1, 0, len(head)) + head + bytes(payload)
+    with pytest.raises(ChunkError) as info:
+        read_frame(future)
+    assert info.value.reason == "version"
+    reserved = bytearray(_frames()[0])
+    reserved[5] = 1
+    with pytest.raises(ChunkError) as info:
+        read_frame(bytes(reserved))
+    assert info.value.reason == "malformed"
+
+
+def test_frame_buffer_builds_the_standalone_frames_and_grows() -> None:
+    k, v = _cache()[0]
+    small = encode_layer_chunks(0, k, v, precision="fp16", query_id="q", sender="s", layers_total=1, chunk_bytes=64)
+    big = encode_layer_chunks(1, k, v, precision="fp32", query_id="q", sender="s", layers_total=1)
+    buffer = FrameBuffer()
+    first = buffer.frame(small[0])
+    kept = bytes(first)
+    assert kept == small[0].frame() and len(first) == small[0].size
+    grown = buffer.frame(big[0])  # larger than anything before: a new buffer
+    assert bytes(grown) == big[0].frame()
+    assert bytes(first) == kept  # the old view still shows its frame
+    for chunk in small:  # smaller frames reuse the buffer and are exact
+        assert bytes(buffer.frame(chunk)) == chunk.frame()
+
+
+def test_payloads_are_views_of_the_tensor() -> None:
+    """Uncompressed fp16 of an fp16 tensor: the sealed payload is the tensor's memory, not a copy."""
+    k = torch.randn(1, 2, 6, 16).half()
+    (chunk_k, _chunk_v) = encode_layer_chunks(
+        0, k, k, precision="fp16", query_id="q", sender="s", layers_total=1, compress=False
+    )
+    k.view(-1)[0] = 7.0
+    assert bytes(chunk_k.payload[:2]) == k.view(-1)[:1].numpy().tobytes()
+
+
+def test_duplicate_index_with_other_payload_is_a_conflict_even_with_equal_chunk_crc() -> None:
+    """Exact duplicates are judged on the chunk checksum *and* the 64-bit payload digest."""
+    frames = _frames()
+    reasm = Reassembler()
+    chunk = read_frame(frames[0])
+    reasm.add(chunk)
+    other = bytearray(chunk.payload)
+    other[0] ^= 1
+    forged = Chunk(chunk.header, memoryview(bytes(other)), payload_hash(other))  # as if chunk_crc collided
+    with pytest.raises(ChunkError) as info:
+        reasm.add(forged)
+    assert info.value.reason == "conflict"
+    assert reasm.feed(frames[0]) == []  # the true duplicate is still fine
+
+
+def test_resealed_header_passes_the_chunk_check() -> None:
+    header, payload = parse_frame(_frames()[0])
+    resealed = seal(header.model_copy(update={"layers_total": 5}), payload_hash(payload))
+    assert read_frame(frame_head(resealed) + bytes(payload)).header.layers_total == 5
