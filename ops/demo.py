@@ -122,14 +122,38 @@ def tiny_setup(root: Path, n_questions: int = 12, seed: int = 0) -> Setup:
 
 
 def zoo_setup(full: bool | None, n_questions: int) -> Setup:
-    """The quick or full zoo (``full=None``: the full one if already built, else the quick one), built if needed."""
-    try:
-        from ops import zoo as zoo_pkg
+    """The quick or full zoo (``full=None``: the full one if already built, else the quick one), built if needed.
 
-        load_zoo = zoo_pkg.load_zoo  # type: ignore[attr-defined]
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError("the zoo builder (ops.zoo.load_zoo) is not available in this checkout; try --tiny") from exc
-    raise ConfigError(f"zoo support pending ({load_zoo})")
+    Fusers and the gate are trained into the zoo if it has none yet (``ops.zoo.fusers.zoo_step``).
+    """
+    from fusion.models import LanguageModel
+    from fusion.registry import FuserRegistry
+    from ops.zoo import load_zoo
+    from ops.zoo.fusers import FUSERS_DIR, zoo_step
+
+    if full is None:
+        try:
+            zoo = load_zoo(quick=False, build_if_missing=False)
+        except FedRefineError:
+            zoo = load_zoo(quick=True)
+    else:
+        zoo = load_zoo(quick=not full)
+    registry = FuserRegistry(zoo.root / FUSERS_DIR)
+    receiver_fp = LanguageModel.load(zoo.path(zoo.receiver)).fingerprint
+    gate = registry.gate_path(receiver_fp)
+    if not gate.is_file() or len([p for p in registry.pairs() if p[1] == receiver_fp]) < len(zoo.transmitters):
+        print(f"training the zoo's fusers and gate into {registry.root} (once) ...", file=sys.stderr, flush=True)
+        zoo_step(zoo)
+    tids = list(zoo.transmitters)
+    return Setup(
+        name=f"{zoo.manifest.spec.name} zoo ({zoo.root.name})",
+        receiver=str(zoo.path(zoo.receiver)),
+        transmitters={t: str(zoo.path(t)) for t in tids},
+        fusers=str(registry.root),
+        gate=str(gate),
+        questions=zoo.questions("test")[:n_questions],
+        links_mbps=dict(zip(tids, DEFAULT_LINKS_MBPS, strict=False)),
+    )
 
 
 def items_of(questions: Sequence[Question]) -> list[Item]:

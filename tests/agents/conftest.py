@@ -154,12 +154,18 @@ class Fleet:
         await self.wait_roster("gate", "transmitter", set(transmitters))
         await self.wait_roster("gate", "receiver", {"rx"})
 
-    async def wait_roster(self, observer: str, role: str, ids: set[str], timeout: float = 10.0) -> None:
-        """Until agent ``observer`` sees exactly... at least ``ids`` of ``role`` live."""
+    async def wait_roster(
+        self, observer: str, role: str, ids: set[str], timeout: float = 10.0, since: float = 0.0
+    ) -> None:
+        """Until agent ``observer`` sees at least ``ids`` of ``role`` live (heartbeating after monotonic ``since``)."""
         agent = self.agents[observer]
         end = time.monotonic() + timeout
-        while not ids <= set(agent.roster.live(role)):
-            assert time.monotonic() < end, f"{observer} never saw {role}s {ids - set(agent.roster.live(role))}"
+
+        def fresh() -> set[str]:
+            return {aid for aid, m in agent.roster.live(role).items() if m.last_seen >= since}
+
+        while not ids <= fresh():
+            assert time.monotonic() < end, f"{observer} never saw {role}s {ids - fresh()}"
             await asyncio.sleep(0.05)
 
     async def ask(self, question: Question, *, private: bool = False, deadline_s: float = 5.0) -> Answer | ErrorReply:

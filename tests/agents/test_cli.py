@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,16 @@ from ops import ask
 from tests.agents.conftest import QUESTIONS, Fleet
 
 MODULES = {"transmitter": transmitter, "receiver": receiver, "gate": gate, "rephraser": rephraser}
+
+
+@pytest.fixture(autouse=True)
+def _keep_logging():
+    """The CLIs configure the root logger (to the captured stderr of the moment); put it back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.mark.parametrize("role", sorted(MODULES))
