@@ -34,9 +34,7 @@ _PATTERNS: tuple[tuple[Kind, re.Pattern[str]], ...] = (
     ("number", re.compile(r"\b\d{5,}\b")),
     (
         "name",
-        re.compile(
-            rf"(?:\b(?:{_INTRODUCERS})\s+)({_NAME_WORD}(?:\s+{_NAME_WORD}){{0,2}})"
-        ),
+        re.compile(rf"(?:\b(?:{_INTRODUCERS})\s+)({_NAME_WORD}(?:\s+{_NAME_WORD}){{0,2}})"),
     ),
 )
 # A leading greeting clause that is only about the asker: removed whole once its details are gone.

@@ -1,0 +1,212 @@
+"""What a zoo is made of: the world, and per model its architecture, shape, tokenizer, share and training.
+
+A ``ZooSpec`` is pure data; its hash (with ``FORMAT_VERSION``) names the cache directory, so changing
+any number here (or the format version, when the build code changes what it writes) builds a new zoo.
+Sizes and steps follow what TOYWORLD.md measured on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fusion.models import ModelSpec
+from ops.zoo.world import WorldSpec
+
+FORMAT_VERSION = 1  # bump when the build writes different files or trains differently for the same spec
+
+Role = Literal["receiver", "transmitter"]
+RowKind = Literal["fact", "letter", "none", "context", "hint", "rephrase"]
+
+
+class ShapeSpec(BaseModel):
+    """Model shape (mirrors ``fusion.models.ModelSpec``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int
+    intermediate_size: int
+
+    def to_model_spec(self) -> ModelSpec:
+        """The model layer's spec."""
+        return ModelSpec(
+            hidden_size=self.hidden_size,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            intermediate_size=self.intermediate_size,
+        )
+
+
+class TrainSpec(BaseModel):
+    """How one model is trained: steps, optimiser and the mixture of training rows."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    steps: int = Field(ge=1)
+    lr: float = Field(gt=0)  # peak learning rate (AdamW), linear warm-up then cosine decay to lr * final_lr_ratio
+    warmup: int = 50  # steps
+    final_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    batch_size: int = 32  # rows per step
+    max_tokens: int = 96  # rows are cut to this many tokens
+    mixture: dict[RowKind, float]  # relative frequency of each row kind
+
+
+class MemberSpec(BaseModel):
+    """One model of the zoo."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    role: Role
+    arch: Literal["qwen3", "llama", "qwen2"]
+    shape: ShapeSpec
+    vocab_size: int  # BPE vocabulary trained for this model
+    share: float  # fraction of all facts this model owns (receiver: drawn independently of the transmitters)
+    train: TrainSpec
+
+
+class ZooSpec(BaseModel):
+    """A whole zoo: world, members, and how transmitters' shares overlap."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    seed: int = 0
+    world: WorldSpec
+    overlap: float = 0.05  # each transmitter also knows this fraction of facts outside its own share
+    members: tuple[MemberSpec, ...]
+
+    def key(self) -> str:
+        """A 12-hex-digit hash of the spec and the format version: the cache directory's name."""
+        blob = json.dumps({"format": FORMAT_VERSION, "spec": self.model_dump(mode="json")}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def member(self, name: str) -> MemberSpec:
+        """The member called ``name`` (KeyError if none)."""
+        for m in self.members:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    @property
+    def receiver(self) -> MemberSpec:
+        """The receiver's spec."""
+        return next(m for m in self.members if m.role == "receiver")
+
+
+_RECEIVER_MIX: dict[RowKind, float] = {"fact": 0.2, "letter": 0.3, "context": 0.25, "rephrase": 0.25}
+_TRANSMITTER_MIX: dict[RowKind, float] = {"fact": 0.15, "letter": 0.25, "none": 0.2, "context": 0.25, "hint": 0.15}
+
+
+def full_spec(seed: int = 0) -> ZooSpec:
+    """The full zoo: 160 entities x 4 attributes; a Qwen3 receiver and four different transmitters."""
+    world = WorldSpec(seed=seed, num_entities=160, values_per_attribute=4, option_order="canonical")
+    r_train = TrainSpec(steps=1500, lr=5e-3, mixture=_RECEIVER_MIX)
+    t_train = TrainSpec(steps=1800, lr=5e-3, mixture=_TRANSMITTER_MIX)
+    members = (
+        MemberSpec(
+            name="receiver",
+            role="receiver",
+            arch="qwen3",
+            vocab_size=512,
+            share=0.15,
+            train=r_train,
+            shape=ShapeSpec(hidden_size=128, num_layers=4, head_dim=32, intermediate_size=384),
+        ),
+        MemberSpec(
+            name="t1-llama",
+            role="transmitter",
+            arch="llama",
+            vocab_size=1024,
+            share=0.25,
+            train=t_train,
+            shape=ShapeSpec(hidden_size=96, num_layers=3, head_dim=24, intermediate_size=288),
+        ),
+        MemberSpec(
+            name="t2-qwen2",
+            role="transmitter",
+            arch="qwen2",
+            vocab_size=768,
+            share=0.25,
+            train=t_train,
+            shape=ShapeSpec(hidden_size=128, num_layers=3, head_dim=32, intermediate_size=384),
+        ),
+        MemberSpec(
+            name="t3-qwen3",
+            role="transmitter",
+            arch="qwen3",
+            vocab_size=640,
+            share=0.25,
+            train=t_train,
+            shape=ShapeSpec(hidden_size=112, num_layers=4, head_dim=28, intermediate_size=336),
+        ),
+        MemberSpec(
+            name="t4-llama-weak",
+            role="transmitter",
+            arch="llama",
+            vocab_size=512,
+            share=0.15,
+            train=t_train,
+            shape=ShapeSpec(hidden_size=96, num_layers=2, head_dim=24, intermediate_size=256),
+        ),
+    )
+    return ZooSpec(name="full", seed=seed, world=world, overlap=0.05, members=members)
+
+
+def quick_spec(seed: int = 0) -> ZooSpec:
+    """A much smaller zoo for tests: 40 entities x 4 attributes x 4 values, tiny models, few steps."""
+    world = WorldSpec(seed=seed, num_entities=40, values_per_attribute=4, option_order="canonical")
+    r_train = TrainSpec(steps=400, lr=7e-3, warmup=30, batch_size=32, mixture=_RECEIVER_MIX)
+    t_train = TrainSpec(steps=400, lr=7e-3, warmup=30, batch_size=32, mixture=_TRANSMITTER_MIX)
+    small = ShapeSpec(hidden_size=64, num_layers=2, head_dim=16, intermediate_size=192)
+    members = (
+        MemberSpec(
+            name="receiver", role="receiver", arch="qwen3", vocab_size=512, share=0.15, train=r_train, shape=small
+        ),
+        MemberSpec(
+            name="t1-llama", role="transmitter", arch="llama", vocab_size=768, share=0.25, train=t_train, shape=small
+        ),
+        MemberSpec(
+            name="t2-qwen2",
+            role="transmitter",
+            arch="qwen2",
+            vocab_size=640,
+            share=0.25,
+            train=t_train,
+            shape=ShapeSpec(hidden_size=64, num_layers=2, head_dim=16, intermediate_size=192),
+        ),
+        MemberSpec(
+            name="t3-qwen3",
+            role="transmitter",
+            arch="qwen3",
+            vocab_size=576,
+            share=0.25,
+            train=t_train,
+            shape=ShapeSpec(hidden_size=64, num_layers=3, head_dim=16, intermediate_size=160),
+        ),
+        MemberSpec(
+            name="t4-llama-weak",
+            role="transmitter",
+            arch="llama",
+            vocab_size=512,
+            share=0.15,
+            train=t_train,
+            shape=ShapeSpec(hidden_size=48, num_layers=2, head_dim=12, intermediate_size=128),
+        ),
+    )
+    return ZooSpec(name="quick", seed=seed, world=world, overlap=0.05, members=members)
+
+
+def zoo_spec(quick: bool, seed: int = 0) -> ZooSpec:
+    """The quick or the full spec for this seed."""
+    return quick_spec(seed) if quick else full_spec(seed)

@@ -1,0 +1,102 @@
+"""A built zoo as a Python object: manifest, world, questions, and its models loaded on demand."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from bus.errors import ConfigError, ModelError
+from fusion.models import LanguageModel
+from fusion.prompts import Question
+from ops.zoo.manifest import TEST_QUESTIONS, TRAIN_QUESTIONS, WORLD_FILE, Manifest, ModelEntry, zoo_dir
+from ops.zoo.spec import zoo_spec
+
+
+class Zoo:
+    """One built zoo on disk. ``zoo.model(name)`` loads a model; ``zoo.questions("test")`` the held-out set."""
+
+    def __init__(self, root: Path, manifest: Manifest) -> None:
+        self.root = Path(root)
+        self.manifest = manifest
+
+    def __repr__(self) -> str:
+        return f"Zoo({self.manifest.spec.name!r}, key={self.manifest.key}, models={self.names})"
+
+    @property
+    def names(self) -> list[str]:
+        """Model names, receiver first."""
+        return [m.name for m in self.manifest.models]
+
+    @property
+    def receiver(self) -> str:
+        """The receiver's name."""
+        return next(m.name for m in self.manifest.models if m.role == "receiver")
+
+    @property
+    def transmitters(self) -> list[str]:
+        """The transmitters' names."""
+        return [m.name for m in self.manifest.models if m.role == "transmitter"]
+
+    def entry(self, name: str) -> ModelEntry:
+        """The manifest entry of model ``name``."""
+        for m in self.manifest.models:
+            if m.name == name:
+                return m
+        raise ModelError(f"no model {name!r} in this zoo; it has {self.names}", name=name)
+
+    def path(self, name: str) -> Path:
+        """The checkpoint directory of model ``name`` (loadable with ``LanguageModel.load``)."""
+        return self.root / self.entry(name).path
+
+    def known(self, name: str) -> frozenset[str]:
+        """Fact ids model ``name`` was trained on."""
+        return frozenset(self.entry(name).known)
+
+    def model(self, name: str, device: str | None = None) -> LanguageModel:
+        """Load model ``name`` (a fresh instance each call)."""
+        lm = LanguageModel.load(self.path(name), device=device)
+        lm.name = name
+        return lm
+
+    def questions(self, split: str) -> list[Question]:
+        """``"train"`` (fuser/gate training) or ``"test"`` (held out, evaluation only) questions."""
+        from ops.zoo.world import load_questions
+
+        files = {"train": TRAIN_QUESTIONS, "test": TEST_QUESTIONS}
+        if split not in files:
+            raise ConfigError(f"unknown split {split!r}; expected 'train' or 'test'", split=split)
+        return load_questions(self.root / files[split])
+
+    @cached_property
+    def world(self):
+        """The generated world (facts, entities, split)."""
+        from ops.zoo.world import World
+
+        return World.model_validate_json((self.root / WORLD_FILE).read_text())
+
+
+def load_zoo(quick: bool, seed: int = 0, build_if_missing: bool = True, workers: int | None = None) -> Zoo:
+    """The quick or full zoo for ``seed``, built first if missing (and ``build_if_missing``)."""
+    from ops.zoo.build import DEFAULT_WORKERS, build_zoo, read_manifest
+
+    spec = zoo_spec(quick, seed)
+    root = zoo_dir(spec)
+    manifest = read_manifest(root)
+    if manifest is None or not _steps_complete(manifest):
+        if not build_if_missing:
+            raise ConfigError(
+                f"no {spec.name} zoo for seed {seed} at {root}; run `python -m ops.zoo build"
+                f"{' --quick' if quick else ''} --seed {seed}`",
+                path=str(root),
+            )
+        build_zoo(spec, workers=workers or DEFAULT_WORKERS)
+        manifest = read_manifest(root)
+    if manifest is None:
+        raise ConfigError(f"the zoo at {root} has no readable manifest after building", path=str(root))
+    return Zoo(root, manifest)
+
+
+def _steps_complete(manifest: Manifest) -> bool:
+    from ops.zoo.build import POST_BUILD_STEPS
+
+    return all(step in manifest.steps_done for step in POST_BUILD_STEPS)

@@ -1,0 +1,76 @@
+"""The quick zoo: builds (or loads), its manifest is complete, its models know their facts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bus.errors import ConfigError, ModelError
+from fusion.prompts import format_hint_request, format_rephrase_request, is_none
+from ops.zoo.evaluate import evaluate_questions
+from ops.zoo.spec import quick_spec
+
+pytestmark = pytest.mark.slow
+
+
+def test_manifest_complete(quick_zoo):
+    m = quick_zoo.manifest
+    assert m.key == quick_spec(0).key()
+    assert quick_zoo.receiver == "receiver" and len(quick_zoo.transmitters) == 4
+    archs = {e.arch for e in m.models}
+    assert {"qwen3", "llama", "qwen2"} <= archs
+    assert quick_zoo.entry("receiver").arch == "qwen3"
+    assert len({e.tokenizer_vocab for e in m.models}) >= 4  # different vocabularies
+    assert len({e.fingerprint for e in m.models}) == len(m.models)
+    assert not set(m.splits["train"]) & set(m.splits["test"])
+    n_facts = len(quick_zoo.world.facts)
+    receiver_known = len(quick_zoo.known("receiver"))
+    assert receiver_known < 0.25 * n_facts
+    covered = set().union(*(quick_zoo.known(t) for t in quick_zoo.transmitters))
+    assert len(covered) >= 0.85 * n_facts
+    sizes = sorted(len(quick_zoo.known(t)) for t in quick_zoo.transmitters)
+    assert sizes[0] < sizes[-1]  # one transmitter deliberately weaker
+    for e in m.models:
+        assert quick_zoo.path(e.name).joinpath("config.json").is_file()
+
+
+def test_questions_saved(quick_zoo):
+    test, train = quick_zoo.questions("test"), quick_zoo.questions("train")
+    assert {q.fact_id for q in test} == set(quick_zoo.manifest.splits["test"])
+    assert {q.fact_id for q in train} == set(quick_zoo.manifest.splits["train"])
+    with pytest.raises(ConfigError):
+        quick_zoo.questions("dev")
+
+
+def test_models_beat_chance_on_known_facts(quick_zoo):
+    questions = quick_zoo.questions("train") + quick_zoo.questions("test")
+    for name in quick_zoo.names:
+        lm = quick_zoo.model(name, device="cpu")
+        assert lm.fingerprint == quick_zoo.entry(name).fingerprint
+        r = evaluate_questions(lm, questions, set(quick_zoo.known(name)))
+        assert r["acc_known"] > 0.45, (name, r)  # chance is 0.25
+        if name in quick_zoo.transmitters:
+            assert r["p_none_unknown"] > r["p_none_known"] + 0.3, (name, r)
+
+
+def test_generation_formats(quick_zoo):
+    q = next(q for q in quick_zoo.questions("train") if q.pii)
+    receiver = quick_zoo.model("receiver", device="cpu")
+    plain = receiver.generate(format_rephrase_request(q.stem), max_new_tokens=24)
+    assert q.entity.lower()[:3] in plain.lower() or plain.strip(), plain
+    t = quick_zoo.transmitters[0]
+    lm = quick_zoo.model(t, device="cpu")
+    unknown = [x for x in quick_zoo.questions("train") if x.fact_id not in quick_zoo.known(t)]
+    answers = [lm.generate(format_hint_request(x.stem), max_new_tokens=16) for x in unknown[:10]]
+    assert sum(is_none(a) for a in answers) >= 5, answers
+
+
+def test_unknown_model_name(quick_zoo):
+    with pytest.raises(ModelError):
+        quick_zoo.model("nope")
+
+
+def test_check_recorded(quick_zoo):
+    assert set(quick_zoo.manifest.check) == set(quick_zoo.names)
+    assert json.loads(quick_zoo.manifest.model_dump_json())["format_version"] >= 1
