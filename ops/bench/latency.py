@@ -1,0 +1,89 @@
+"""Text-to-text vs cache-to-cache: wall time per question and bytes per token, in one run (Fig. 3c without the bus).
+
+Both modes use all transmitters of the zoo on the same held-out questions, alternating which mode goes
+first, in one process and one thread. Wall time is ``refine()`` end to end (transmitters run one after
+another here; over the bus they run in parallel). Bytes per token: text-to-text sends hint text
+(UTF-8 bytes per hint token); C2C sends cache frames through the bus codec at ``--precision`` (bytes per
+cache token, over all transmitters that sent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from fusion.refine import refine
+
+DEFAULT_QUESTIONS = 100
+DEFAULT_WARMUP = 5  # questions run first and not timed
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``python -m ops.bench latency``."""
+    parser.add_argument("--quick", action="store_true", help="use the quick zoo; default: the full zoo")
+    parser.add_argument("--seed", type=int, default=0, help="zoo seed")
+    parser.add_argument("--questions", type=int, default=DEFAULT_QUESTIONS, help="timed questions")
+    parser.add_argument("--precision", default="fp16", help="precision of transmitted caches")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-quantile (0..1) by linear interpolation."""
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    pos = q * (len(s) - 1)
+    lo, hi = int(pos), min(int(pos) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Time both modes on the same questions; return the issue's JSON."""
+    from ops.zoo import load_zoo
+    from ops.zoo.fusers import load_zoo_fusion
+
+    torch.set_num_threads(args.threads)
+    zoo = load_zoo(quick=args.quick, seed=args.seed)
+    kit = load_zoo_fusion(zoo)
+    pool = list(zoo.questions("test"))
+    questions = random.Random(f"bench-latency/{args.seed}").sample(
+        pool, min(args.questions + DEFAULT_WARMUP, len(pool))
+    )
+    modes = ("t2t", "c2c")
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    sent: dict[str, list[int]] = {m: [0, 0] for m in modes}  # bytes, tokens
+    hits: dict[str, int] = {m: 0 for m in modes}
+    for i, q in enumerate(tqdm(questions, desc="latency", leave=False)):
+        order = modes if i % 2 == 0 else modes[::-1]
+        for mode in order:
+            t0 = time.perf_counter()
+            res = refine(
+                q, kit.receiver, kit.transmitters, mode=mode, fusers=kit.fusers, gate=kit.gate, precision=args.precision
+            )
+            elapsed = time.perf_counter() - t0
+            if i < DEFAULT_WARMUP:
+                continue
+            times[mode].append(elapsed * 1000)
+            sent[mode][0] += res.bytes_sent
+            sent[mode][1] += res.tokens_sent
+            hits[mode] += res.index == q.answer
+    rows = []
+    for mode in modes:
+        n = len(times[mode])
+        rows.append(
+            {
+                "mode": mode,
+                "p50_ms": round(statistics.median(times[mode]), 2),
+                "p95_ms": round(percentile(times[mode], 0.95), 2),
+                "bytes_per_token": round(sent[mode][0] / sent[mode][1], 2) if sent[mode][1] else 0.0,
+                "bytes_per_question": round(sent[mode][0] / n, 1),
+                "accuracy": round(hits[mode] / n, 4),
+                "n": n,
+            }
+        )
+    return {"zoo": "quick" if args.quick else "full", "precision": args.precision, "rows": rows}

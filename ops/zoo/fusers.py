@@ -1,0 +1,253 @@
+"""Post-build step of the zoo: a fuser per transmitter -> receiver pair, one reverse pair, and the gating network.
+
+Training questions come only from the *train* pool of facts (held-out facts are never seen by a fuser or
+the gate). Per pair (TOYWORLD lessons 1-2): letter questions about the facts the transmitter knows, plus
+"keep-targets" questions about the facts the receiver knows, both answered with the true letter; a share
+of them in the private format (the transmitter reads q', a paraphrase or a rule redaction; the receiver
+then reads q). The gate trains on questions about facts some model knows, with the fusers frozen.
+Everything lands in a ``FuserRegistry`` under the zoo directory, keyed by model fingerprints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from fusion.gate import GateNetwork, load_gate, save_gate
+from fusion.gate_train import GateTrainConfig, prepare_gate_examples, train_gate
+from fusion.models import LanguageModel
+from fusion.prompts import Question
+from fusion.registry import FuserRegistry
+from fusion.train import KEEP_OWN, FuserTrainConfig, FusionItem, fused_accuracy, prepare_examples, train_fuser
+from ops.zoo.world import World, make_question, paraphrase
+from privacy.redact import redact
+
+log = logging.getLogger(__name__)
+
+FUSERS_DIR = "fusers"  # under the zoo directory
+SUMMARY_FILE = "fusion.json"
+
+
+@dataclass(frozen=True)
+class FusionBuildSpec:
+    """How the zoo's fusers and gate are trained."""
+
+    fuser: FuserTrainConfig
+    gate: GateTrainConfig
+    questions_per_fact: int = 4  # fresh questions (phrasing, option order, letter) per training fact
+    gate_questions_per_fact: int = 2
+    private_fraction: float = 0.3  # share of training questions in the private format
+    mismatch_fraction: float = 0.0  # extra items whose transmitter cache is of another question (target: keep own)
+    keep_boost: int = 2  # questions per fact on facts only the receiver knows, relative to questions_per_fact
+    unknown_fraction: float = 0.5  # share of the facts neither model knows used as "leave it alone" items
+    reverse: tuple[str, ...] = ("t1-llama",)  # transmitters that also get a fuser *from* the receiver (Co-C2C)
+    seed: int = 0
+
+
+def fusion_spec(quick: bool, seed: int = 0) -> FusionBuildSpec:
+    """TOYWORLD's measured settings: quick hidden 128 / 400 steps / lr 2e-3; full hidden 128 / 600 steps / lr 1e-3."""
+    if quick:
+        return FusionBuildSpec(
+            fuser=FuserTrainConfig(steps=400, lr=2e-3, hidden=128, seed=seed),
+            gate=GateTrainConfig(steps=200, seed=seed),
+            questions_per_fact=6,
+            seed=seed,
+        )
+    return FusionBuildSpec(
+        fuser=FuserTrainConfig(steps=600, lr=1e-3, hidden=128, seed=seed),
+        gate=GateTrainConfig(steps=300, seed=seed),
+        seed=seed,
+    )
+
+
+def private_stem(question: Question, rng: random.Random) -> str:
+    """A q' for training: the paraphrase the receiver's rephraser learned, or the rule redaction (its fallback)."""
+    if rng.random() < 0.5:
+        return paraphrase(question.entity, question.attribute, question.phrasing)
+    return " ".join(redact(question.stem).text.split())
+
+
+def _questions(world: World, fact_ids: Sequence[str], per_fact: int, tag: str, rng: random.Random) -> list[Question]:
+    return [
+        make_question(world, fact, rng, f"{tag}-{fact.id}-{j}")
+        for fact in world.facts_of(sorted(fact_ids))
+        for j in range(per_fact)
+    ]
+
+
+def _items(
+    world: World,
+    fact_ids: Sequence[str],
+    per_fact: int,
+    private_fraction: float,
+    tag: str,
+    seed: int,
+    keep_own: bool = False,
+) -> list[FusionItem]:
+    rng = random.Random(f"fusion-items/{tag}/{seed}")
+    items = []
+    for q in _questions(world, fact_ids, per_fact, tag, rng):
+        shared = private_stem(q, rng) if rng.random() < private_fraction else None
+        items.append(FusionItem(q.stem, tuple(q.options), KEEP_OWN if keep_own else q.answer, shared_stem=shared))
+    rng.shuffle(items)
+    return items
+
+
+def mismatch_items(world: World, receiver_known: set[str], count: int, tag: str, seed: int) -> list[FusionItem]:
+    """Items whose transmitter reads another question: the fuser must then leave the receiver's answer alone."""
+    rng = random.Random(f"fusion-mismatch/{tag}/{seed}")
+    pool = _questions(world, world.train_fact_ids, 1, f"{tag}-mis", rng)
+    items = []
+    for _ in range(count):
+        q, donor = rng.sample(pool, 2)
+        target = q.answer if q.fact_id in receiver_known else KEEP_OWN
+        items.append(FusionItem(q.stem, tuple(q.options), target, donor=(donor.stem, tuple(donor.options))))
+    return items
+
+
+def pair_items(
+    world: World, receiver_known: set[str], transmitter_known: set[str], spec: FusionBuildSpec, tag: str
+) -> list[FusionItem]:
+    """Training items of one pair, all on train-pool facts.
+
+    Facts the transmitter knows (true letter); facts only the receiver knows, ``keep_boost`` times as many
+    questions (keep-targets: its own true letter); facts neither knows (the receiver's own answer, so a
+    transmitter saying "I don't know" leaves it alone); and optionally mismatched caches.
+    """
+    train = set(world.train_fact_ids)
+    t_known, r_only = train & set(transmitter_known), (train & set(receiver_known)) - set(transmitter_known)
+    neither = sorted(train - set(transmitter_known) - set(receiver_known))
+    per, frac, seed = spec.questions_per_fact, spec.private_fraction, spec.seed
+    items = _items(world, sorted(t_known), per, frac, f"{tag}/t", seed)
+    items += _items(world, sorted(r_only), per * spec.keep_boost, frac, f"{tag}/r", seed)
+    rng = random.Random(f"fusion-neither/{tag}/{seed}")
+    picked = rng.sample(neither, round(spec.unknown_fraction * len(neither)))
+    items += _items(world, picked, max(per // 2, 1), frac, f"{tag}/n", seed, keep_own=True)
+    items += mismatch_items(world, receiver_known, round(spec.mismatch_fraction * len(items)), tag, seed)
+    return items
+
+
+def gate_items(world: World, known: Mapping[str, set[str]], spec: FusionBuildSpec) -> list[FusionItem]:
+    """Gate training items: train-pool facts at least one model knows."""
+    pool = set(world.train_fact_ids) & set().union(*known.values())
+    return _items(world, sorted(pool), spec.gate_questions_per_fact, spec.private_fraction, "gate", spec.seed + 1)
+
+
+def heldout_items(questions: Sequence[Question], keep: set[str]) -> list[FusionItem]:
+    """Test questions about the facts in ``keep``, as plain-format items (for evaluation only)."""
+    return [FusionItem(q.stem, tuple(q.options), q.answer) for q in questions if q.fact_id in keep]
+
+
+@dataclass
+class FusionKit:
+    """A receiver, its transmitters, their fusers (by transmitter fingerprint) and the gate, ready for refine()."""
+
+    receiver_name: str
+    receiver: LanguageModel
+    transmitters: dict[str, LanguageModel]  # zoo order: strongest first, the weak one last
+    fusers: dict[str, object] = field(default_factory=dict)
+    gate: GateNetwork | None = None
+    registry: FuserRegistry | None = None
+
+
+def _pair_report(receiver, transmitter, fuser, test_questions, known_r, known_t) -> dict:
+    gain = prepare_examples(receiver, transmitter, heldout_items(test_questions, known_t - known_r))
+    keep = prepare_examples(receiver, transmitter, heldout_items(test_questions, known_r))
+    return {
+        "heldout_t_knows_r_not": {
+            "n": len(gain),
+            "receiver": round(fused_accuracy(receiver, None, gain), 4),
+            "fused": round(fused_accuracy(receiver, fuser, gain), 4),
+        },
+        "heldout_r_knows": {
+            "n": len(keep),
+            "receiver": round(fused_accuracy(receiver, None, keep), 4),
+            "fused": round(fused_accuracy(receiver, fuser, keep), 4),
+        },
+    }
+
+
+def build_fusion(
+    world: World,
+    models: Mapping[str, LanguageModel],
+    receiver_name: str,
+    known: Mapping[str, set[str]],
+    test_questions: Sequence[Question],
+    out_dir: str | Path,
+    spec: FusionBuildSpec,
+    progress: bool = True,
+) -> dict:
+    """Train every pair fuser, the reverse pairs and the gate into ``out_dir`` (resumable); return a summary."""
+    torch.manual_seed(spec.seed)
+    out_dir = Path(out_dir)
+    registry = FuserRegistry(out_dir)
+    receiver = models[receiver_name]
+    names = [n for n in models if n != receiver_name]
+    summary: dict = {"spec": asdict(spec), "pairs": {}, "reverse": {}}
+    fusers = {}
+    pairs = [(t, receiver_name) for t in names] + [(receiver_name, t) for t in spec.reverse if t in models]
+    for t_name, r_name in pairs:
+        t_model, r_model = models[t_name], models[r_name]
+        t0 = time.perf_counter()
+        items = pair_items(world, known[r_name], known[t_name], spec, f"{t_name}->{r_name}")
+        ckpt = out_dir / "checkpoints" / f"{t_name}-to-{r_name}.ckpt"
+        res = train_fuser(r_model, t_model, items, spec.fuser, checkpoint=ckpt, progress=progress)
+        report = _pair_report(r_model, t_model, res.fuser, test_questions, known[r_name], known[t_name])
+        meta = {**res.meta(), "transmitter_name": t_name, "receiver_name": r_name, "eval": report}
+        meta["seconds_total"] = round(time.perf_counter() - t0, 1)
+        registry.save(res.fuser, t_model.fingerprint, r_model.fingerprint, meta)
+        (summary["pairs"] if r_name == receiver_name else summary["reverse"])[f"{t_name}->{r_name}"] = meta
+        if r_name == receiver_name:
+            fusers[t_name] = res.fuser
+        log.info("fuser %s -> %s: %s", t_name, r_name, report)
+    t0 = time.perf_counter()
+    g_items = gate_items(world, known, spec)
+    transmitters = {n: models[n] for n in names}
+    examples = prepare_gate_examples(receiver, transmitters, fusers, g_items, progress=progress)
+    trained = train_gate(receiver, examples, [fusers[n] for n in names], spec.gate, progress=progress)
+    save_gate(trained.gate, registry.gate_path(receiver.fingerprint), receiver.fingerprint, {"steps": spec.gate.steps})
+    summary["gate"] = {
+        "examples": len(examples),
+        "loss_first": round(sum(trained.losses[:20]) / max(len(trained.losses[:20]), 1), 4),
+        "loss_last": round(sum(trained.losses[-20:]) / max(len(trained.losses[-20:]), 1), 4),
+        "profiles": {n: list(trained.gate.profiles[models[n].fingerprint]) for n in names},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def load_fusion(models: Mapping[str, LanguageModel], receiver_name: str, out_dir: str | Path) -> FusionKit:
+    """The receiver, transmitters, fusers and gate saved by ``build_fusion`` (``FuserError`` if any is missing)."""
+    registry = FuserRegistry(out_dir)
+    receiver = models[receiver_name]
+    transmitters = {n: m for n, m in models.items() if n != receiver_name}
+    fusers = {m.fingerprint: registry.load(m.fingerprint, receiver.fingerprint) for m in transmitters.values()}
+    gate = load_gate(registry.gate_path(receiver.fingerprint), receiver.fingerprint)
+    return FusionKit(receiver_name, receiver, transmitters, fusers, gate, registry)
+
+
+def zoo_models(zoo) -> dict[str, LanguageModel]:
+    """Every model of a built zoo, receiver first, transmitters in zoo order."""
+    return {name: zoo.model(name) for name in [zoo.receiver, *zoo.transmitters]}
+
+
+def zoo_step(zoo) -> dict:
+    """The zoo's post-build step (``ops.zoo.build.POST_BUILD_STEPS``): train fusers and the gate for ``zoo``."""
+    torch.set_num_threads(1)
+    spec = fusion_spec(zoo.manifest.spec.name == "quick", zoo.manifest.spec.seed)
+    models = zoo_models(zoo)
+    known = {name: set(zoo.known(name)) for name in models}
+    return build_fusion(zoo.world, models, zoo.receiver, known, zoo.questions("test"), zoo.root / FUSERS_DIR, spec)
+
+
+def load_zoo_fusion(zoo) -> FusionKit:
+    """The zoo's receiver, transmitters, fusers and gate, ready for ``fusion.refine.refine``."""
+    return load_fusion(zoo_models(zoo), zoo.receiver, zoo.root / FUSERS_DIR)
