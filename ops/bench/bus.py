@@ -126,12 +126,16 @@ async def _bench(args: argparse.Namespace, url: str) -> dict:
         chunk = header_budget(conns.pub.max_payload)  # the payload our chunks carry, for equal message counts
         await _raw_leg(conns, blobs, chunk)  # warm-up both legs
         await _kv_leg(conns, cache, "fp16", False)
-        raw_s, kv_s = [], []
+        raw_s, kv_s, raw_cpu, kv_cpu = [], [], [], []
         wire = 0
         lost: dict[str, int] = {}
         for _ in range(args.repeats):
+            cpu = time.process_time()  # CPU of this process (all threads): less sensitive to a loaded machine
             raw_s.append(await _retry(lost, "raw", lambda: _raw_leg(conns, blobs, chunk)))
+            raw_cpu.append(time.process_time() - cpu)
+            cpu = time.process_time()
             seconds, wire = await _retry(lost, "kv", lambda: _kv_leg(conns, cache, "fp16", False))
+            kv_cpu.append(time.process_time() - cpu)
             kv_s.append(seconds)
         extra = []
         for spec in [s for s in args.extra.split(",") if s]:
@@ -164,6 +168,11 @@ async def _bench(args: argparse.Namespace, url: str) -> dict:
         "server_max_payload": server_payload,
         "repeats": args.repeats,
         "pair_ratios": [round(r / k, 3) for r, k in zip(raw_s, kv_s, strict=True)],
+        "client_cpu_ms": {
+            "raw": round(statistics.median(raw_cpu) * 1e3, 1),
+            "kv": round(statistics.median(kv_cpu) * 1e3, 1),
+            "ratio": round(statistics.median(raw_cpu) / statistics.median(kv_cpu), 3),
+        },
         "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "raw_seconds": [round(s, 4) for s in raw_s],
         "kv_seconds": [round(s, 4) for s in kv_s],
@@ -175,7 +184,9 @@ async def _bench(args: argparse.Namespace, url: str) -> dict:
             "MB/s = 1e6 bytes of the fp16 cache per second, first publish to last byte (raw) or last layer "
             "decoded (KV); KV = fp16 without compression (the same bytes) incl. chunk headers, xxh3 checksums, "
             "reassembly; "
-            "pair_ratios = raw/KV seconds of each alternating pair; load_avg = 1-min load before and after"
+            "pair_ratios = raw/KV seconds of each alternating pair; load_avg = 1-min load before and after; "
+            "client_cpu_ms = median CPU time of this process per leg (publisher, subscriber, encode thread; "
+            "setup and any re-run included; the server's CPU is not), raw/KV"
         ),
         "torch_threads": args.threads,
     }
