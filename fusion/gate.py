@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 SUMMARY_DIM = 8  # floats of pooled cache summary in an offer
 DEFAULT_MIN_WEIGHT = 0.1  # a transmitter weighted below this is left out of the plan
+DEFAULT_PRIOR_SCALE = 8.0  # P(none)=0.1 -> weight 0.96, P(none)=0.9 -> 0.04 before training
 SCALAR_FEATURES = 5  # p_none, logit(p_none), p_top, entropy, log tokens
 
 
@@ -99,6 +100,7 @@ class GateConfig:
     hidden: int = 32  # MLP width
     use_summary: bool = True  # read the pooled cache summary too (not only the confidence numbers)
     min_weight: float = DEFAULT_MIN_WEIGHT  # weights below this become 0 (the transmitter is not asked to send)
+    prior_scale: float = DEFAULT_PRIOR_SCALE  # initial slope of the weight logit in (0.5 - P(none))
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,11 @@ class GateNetwork(nn.Module):
             nn.GELU(),
             nn.Linear(cfg.hidden, 1),
         )
+        nn.init.zeros_(self.mlp[-1].weight)  # start from the prior alone; training learns the corrections
+        nn.init.zeros_(self.mlp[-1].bias)
         self.bias = nn.Parameter(torch.zeros(len(self.fingerprints) + 1))  # last slot: an unknown transmitter
+        # Prior (TOYWORLD lesson 3): a transmitter that says "I don't know" is weighted down. Learnable slope.
+        self.prior_scale = nn.Parameter(torch.tensor(float(cfg.prior_scale)))
         self.profiles = {fp: tuple(float(x) for x in profiles[fp]) for fp in self.fingerprints}
 
     def _slot(self, fingerprint: str) -> int:
@@ -146,7 +152,8 @@ class GateNetwork(nn.Module):
         """Unsquashed weights ``(N,)``."""
         x = offer_features(offers, self.cfg.use_summary).to(self.bias.device)  # (N, F)
         slots = torch.tensor([self._slot(o.fingerprint) for o in offers], device=self.bias.device)
-        return self.mlp(x).squeeze(-1) + self.bias[slots]  # (N,)
+        prior = self.prior_scale * (0.5 - x[:, 0])  # x[:, 0] is P(none)
+        return prior + self.mlp(x).squeeze(-1) + self.bias[slots]  # (N,)
 
     def forward(self, offers: Sequence[OfferSummary]) -> torch.Tensor:
         """Weights ``(N,)`` in (0, 1), differentiable (training)."""

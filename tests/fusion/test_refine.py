@@ -91,3 +91,37 @@ def test_bad_requests_are_clear_errors(world) -> None:
         refine(Q, receiver, transmitters, mode="c2c-shuffled", fusers=fusers)
     with pytest.raises(FusionError, match="at least one transmitter"):
         refine(Q, receiver, {}, mode="c2c")
+
+
+@pytest.mark.slow
+def test_refine_on_the_quick_zoo_is_deterministic() -> None:
+    from bus.errors import FuserError
+    from ops.zoo import load_zoo
+    from ops.zoo.fusers import load_zoo_fusion, zoo_step
+
+    torch.set_num_threads(1)
+    zoo = load_zoo(quick=True)
+    try:
+        kit = load_zoo_fusion(zoo)
+    except FuserError:  # fusers not trained into this zoo yet
+        zoo_step(zoo)
+        kit = load_zoo_fusion(zoo)
+    for q in zoo.questions("test")[:4]:
+        for mode, private in (("c2c", False), ("c2c", True), ("c2c-uniform", False)):
+            a, b = (
+                refine(
+                    q,
+                    kit.receiver,
+                    kit.transmitters,
+                    mode=mode,
+                    fusers=kit.fusers,
+                    gate=kit.gate,
+                    private=private,
+                    precision="int8",
+                )
+                for _ in range(2)
+            )
+            assert (a.answer, a.probs, a.used, a.weights) == (b.answer, b.probs, b.used, b.weights)
+            assert all(0.0 <= w <= 1.0 for w in a.weights.values())
+            if private:
+                assert not any(p in a.shared_text for p in q.pii)

@@ -66,3 +66,45 @@ def test_loss_falls_and_the_fuser_fits_its_targets(setup) -> None:
     res = train_fuser(receiver, transmitter, examples, cfg, progress=False)
     assert sum(res.losses[-10:]) / 10 < 0.85 * sum(res.losses[:10]) / 10
     assert fused_accuracy(receiver, res.fuser, examples) > fused_accuracy(receiver, None, examples)
+
+
+@pytest.fixture(scope="module")
+def quick_zoo():
+    from ops.zoo import load_zoo
+
+    torch.set_num_threads(1)
+    return load_zoo(quick=True)
+
+
+def _about(stem: str, entity: str, attribute: str) -> bool:
+    return f" {entity}" in f" {stem}".replace("?", " ").replace(".", " ") and f" {attribute} " in f" {stem} "
+
+
+@pytest.mark.slow
+def test_fuser_and_gate_items_never_use_held_out_facts(quick_zoo) -> None:
+    from ops.zoo.fusers import fusion_spec, gate_items, pair_items
+
+    zoo, spec = quick_zoo, fusion_spec(quick=True)
+    known = {n: set(zoo.known(n)) for n in zoo.names}
+    items = pair_items(zoo.world, known[zoo.receiver], known[zoo.transmitters[0]], spec, "test")
+    items += gate_items(zoo.world, known, spec)
+    held_out = zoo.world.facts_of(zoo.world.test_fact_ids)
+    for item in items:
+        for stem in filter(None, (item.stem, item.shared_stem, item.donor[0] if item.donor else None)):
+            assert not any(_about(stem, f.entity, f.attribute) for f in held_out), stem
+
+
+@pytest.mark.slow
+def test_training_loss_falls_on_the_quick_zoo(quick_zoo) -> None:
+    from ops.zoo.fusers import fusion_spec, pair_items
+
+    zoo = quick_zoo
+    receiver, transmitter = zoo.model(zoo.receiver), zoo.model(zoo.transmitters[0])
+    items = pair_items(
+        zoo.world, set(zoo.known(zoo.receiver)), set(zoo.known(zoo.transmitters[0])), fusion_spec(True), "test"
+    )
+    res = train_fuser(
+        receiver, transmitter, items, FuserTrainConfig(steps=60, batch_size=16, lr=2e-3, hidden=32), progress=False
+    )
+    first, last = sum(res.losses[:15]) / 15, sum(res.losses[-15:]) / 15
+    assert last < 0.8 * first, (first, last)
