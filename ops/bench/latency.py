@@ -1,10 +1,10 @@
 """Text-to-text vs cache-to-cache: wall time per question and bytes per token, in one run (Fig. 3c without the bus).
 
-Both modes use all transmitters of the zoo on the same held-out questions, alternating which mode goes
-first, in one process and one thread. Wall time is ``refine()`` end to end (transmitters run one after
-another here; over the bus they run in parallel). Bytes per token: text-to-text sends hint text
-(UTF-8 bytes per hint token); C2C sends cache frames through the bus codec at ``--precision`` (bytes per
-cache token, over all transmitters that sent).
+Text-to-text, C2C and private C2C (rephrasing included) use all transmitters of the zoo on the same held-out
+questions, alternating the order of the modes, in one process and one thread. Wall time is ``refine()`` end
+to end (transmitters run one after another here; over the bus they run in parallel). Bytes per token:
+text-to-text sends hint text (UTF-8 bytes per hint token); C2C sends cache frames through the bus codec at
+``--precision`` (bytes per cache token, over all transmitters that sent).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> dict:
     questions = random.Random(f"bench-latency/{args.seed}").sample(
         pool, min(args.questions + DEFAULT_WARMUP, len(pool))
     )
-    modes = ("t2t", "c2c")
+    modes = ("t2t", "c2c", "c2c-private")  # c2c-private includes rephrasing q on the receiver
     times: dict[str, list[float]] = {m: [] for m in modes}
     sent: dict[str, list[int]] = {m: [0, 0] for m in modes}  # bytes, tokens
     hits: dict[str, int] = {m: 0 for m in modes}
@@ -63,7 +63,14 @@ def run(args: argparse.Namespace) -> dict:
         for mode in order:
             t0 = time.perf_counter()
             res = refine(
-                q, kit.receiver, kit.transmitters, mode=mode, fusers=kit.fusers, gate=kit.gate, precision=args.precision
+                q,
+                kit.receiver,
+                kit.transmitters,
+                mode=mode.removesuffix("-private"),
+                private=mode.endswith("-private"),
+                fusers=kit.fusers,
+                gate=kit.gate,
+                precision=args.precision,
             )
             elapsed = time.perf_counter() - t0
             if i < DEFAULT_WARMUP:
