@@ -14,6 +14,7 @@ import importlib
 import json
 import logging
 import multiprocessing
+import resource
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -133,10 +134,16 @@ def _write_manifest(root: Path, manifest: Manifest) -> None:
     tmp.replace(root / MANIFEST_FILE)
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the build's machine-independent cost)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _build_models(spec: ZooSpec, root: Path, workers: int, echo: Callable[[str], None]) -> Manifest:
     from fusion.models import LanguageModel
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
     staging = root.with_name(root.name + ".building")
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "models").mkdir(parents=True)
@@ -174,12 +181,13 @@ def _build_models(spec: ZooSpec, root: Path, workers: int, echo: Callable[[str],
         splits={"train": world.train_fact_ids, "test": world.test_fact_ids},
         check=check,
         build_seconds=round(time.perf_counter() - start, 1),
+        cpu_seconds=round(_cpu_seconds() - cpu_start, 1),
     )
     _write_manifest(staging, manifest)
     shutil.rmtree(root, ignore_errors=True)
     staging.replace(root)
     echo(format_check_table(check))
-    echo(f"zoo built in {manifest.build_seconds:.0f} s at {root}")
+    echo(f"zoo built in {manifest.build_seconds:.0f} s ({manifest.cpu_seconds:.0f} CPU s) at {root}")
     return manifest
 
 
@@ -225,7 +233,7 @@ def manifest_summary(manifest: Manifest) -> str:
     """A short human-readable description of a zoo (for ``python -m ops.zoo info``)."""
     lines = [
         f"zoo {manifest.spec.name!r} key {manifest.key} (format {manifest.format_version}), "
-        f"built in {manifest.build_seconds:.0f} s",
+        f"built in {manifest.build_seconds:.0f} s ({manifest.cpu_seconds:.0f} CPU s)",
         f"facts: {len(manifest.splits['train'])} train-pool, {len(manifest.splits['test'])} held out",
         f"{'model':<16}{'role':<13}{'arch':<7}{'params':>9}{'vocab':>7}{'layers':>7}{'known':>7}  fingerprint",
     ]

@@ -45,7 +45,8 @@ class Manifest(BaseModel):
     models: tuple[ModelEntry, ...]
     splits: dict[str, tuple[str, ...]]  # "train" / "test" -> fact ids
     check: dict[str, dict]  # model name -> metrics measured right after training
-    build_seconds: float
+    build_seconds: float  # wall time
+    cpu_seconds: float = 0.0  # CPU time of the builder and its training processes
     steps_done: tuple[str, ...] = ()  # post-build steps that have completed
 
 

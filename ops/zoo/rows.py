@@ -59,9 +59,11 @@ class RowSampler:
         known: Sequence[str],
         mixture: dict[str, float],
         seed: int,
+        pii_fraction: float | None = None,
     ) -> None:
         self.world = world
         self.rng = random.Random(f"rows/{seed}")
+        self.pii_fraction = world.spec.pii_fraction if pii_fraction is None else pii_fraction
         known_set = set(known)
         self.known = world.facts_of(sorted(known_set))
         self.unknown = [f for f in world.facts if f.id not in known_set]
@@ -90,8 +92,11 @@ class RowSampler:
         fact = self.rng.choice(self.known)
         return Row("", fact.sentence(self.rng.randrange(len(FACT_TEMPLATES))), eos=True)
 
+    def _question(self, fact: Fact):
+        return make_question(self.world, fact, self.rng, "row", phrasing=random_phrasing(self.rng, self.pii_fraction))
+
     def _question_row(self, fact: Fact, answer: str, hint: str | None = None) -> Row:
-        q = make_question(self.world, fact, self.rng, "row")
+        q = self._question(fact)
         letter = q.answer_letter if answer == "letter" else NONE_ANSWER
         prompt = format_with_hint(hint, q.stem, q.options) if hint else format_question(q.stem, q.options)
         return Row(prompt, answer_token_text(letter))
@@ -119,7 +124,7 @@ class RowSampler:
         else:
             fact = self.rng.choice(self.known)
             target = fact.sentence(0)
-        q = make_question(self.world, fact, self.rng, "row")
+        q = self._question(fact)
         return Row(format_hint_request(q.stem), " " + target, eos=True)
 
     def _rephrase(self) -> Row:

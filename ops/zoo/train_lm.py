@@ -94,7 +94,7 @@ def train_member(
     )
     model = lm.model.train()
     spec = member.train
-    sampler = RowSampler(world, known, spec.mixture, seed=seed)
+    sampler = RowSampler(world, known, spec.mixture, seed=seed, pii_fraction=spec.pii_fraction)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(

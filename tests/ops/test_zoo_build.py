@@ -74,3 +74,21 @@ def test_unknown_model_name(quick_zoo):
 def test_check_recorded(quick_zoo):
     assert set(quick_zoo.manifest.check) == set(quick_zoo.names)
     assert json.loads(quick_zoo.manifest.model_dump_json())["format_version"] >= 1
+
+
+def test_standalone_benchmark(quick_zoo):
+    import argparse
+
+    from ops.bench import standalone
+
+    parser = argparse.ArgumentParser()
+    standalone.add_arguments(parser)
+    result = standalone.run(parser.parse_args(["--quick"]))
+    rows = {r["name"]: r for r in result["models"]}
+    assert set(rows) == set(quick_zoo.names)
+    for r in rows.values():
+        for key in ("name", "role", "arch", "params", "tokenizer_vocab", "acc_known", "acc_unknown", "acc_all", "n"):
+            assert key in r
+        assert r["n"] == len(quick_zoo.questions("test"))
+        assert 0.0 <= r["acc_all"] <= 1.0
+    assert rows["receiver"]["role"] == "receiver" and rows["receiver"]["p_none_known"] is not None
