@@ -33,6 +33,7 @@ DEFAULT_OUT = Path("out/report")
 BENCHES = ("codec", "bus", "standalone", "accuracy", "latency", "e2e", "bandwidth")
 DPI = 120  # dots per inch of the PNGs
 UNSHAPED_LABEL = "unshaped"
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 PRECISION_ORDER = ("fp32", "fp16", "bf16", "int8", "int4")
 ADAPTIVE_EXCLUDED = ("keep-all", "t2t")  # rows that are baselines, not adaptive policies
 TARGET_MET = 0.95  # bandwidth target: deadlines the best adaptive policy meets where keep-all misses half
@@ -348,17 +349,18 @@ def section_bandwidth(results: dict[str, Data], out: Path) -> Section:
     panels = (("accuracy", "accuracy", False), ("deadline_met", "deadlines met", False),
               ("bytes_per_query", "bytes per query (log)", True))  # fmt: skip
     for ax, (key, ylabel, log_y) in zip(axes, panels, strict=True):
-        for policy in policies:
+        for i, policy in enumerate(policies):
             pts = sorted(
                 (pos[r.get("link_mbps")], float(r[key]))
                 for r in rows
-                if r["policy"] == policy and r.get(key) is not None
+                if r["policy"] == policy and r.get(key) is not None and (float(r[key]) > 0 or not log_y)
             )
-            if pts:
+            if pts:  # shrinking markers of different shapes keep overlapping policies visible
                 style = "--" if policy in ADAPTIVE_EXCLUDED else "-"
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=policy)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=MARKERS[i % len(MARKERS)],
+                        markersize=max(3.0, 9.0 - 1.5 * i), lw=1.2, label=policy)  # fmt: skip
         ax.set_xscale("log")
-        ax.set_xticks(ticks, labels)
+        ax.set_xticks(ticks, labels, rotation=45, fontsize=8)
         ax.minorticks_off()
         ax.set(xlabel="link rate (MB/s)", ylabel=ylabel)
         if log_y:
