@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from bus.errors import FuserError
 from fusion.gate import GateNetwork, load_gate, save_gate
 from fusion.gate_train import GateTrainConfig, prepare_gate_examples, train_gate
 from fusion.models import LanguageModel
@@ -248,6 +249,13 @@ def zoo_step(zoo) -> dict:
     return build_fusion(zoo.world, models, zoo.receiver, known, zoo.questions("test"), zoo.root / FUSERS_DIR, spec)
 
 
-def load_zoo_fusion(zoo) -> FusionKit:
-    """The zoo's receiver, transmitters, fusers and gate, ready for ``fusion.refine.refine``."""
+def load_zoo_fusion(zoo, train_if_missing: bool = True) -> FusionKit:
+    """The zoo's receiver, transmitters, fusers and gate for ``fusion.refine.refine`` (trained once if missing)."""
+    try:
+        return load_fusion(zoo_models(zoo), zoo.receiver, zoo.root / FUSERS_DIR)
+    except FuserError:
+        if not train_if_missing:
+            raise
+    log.warning("no fusers in %s yet: training them (once)", zoo.root)
+    zoo_step(zoo)
     return load_fusion(zoo_models(zoo), zoo.receiver, zoo.root / FUSERS_DIR)
