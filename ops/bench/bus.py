@@ -25,7 +25,7 @@ from bus.connect import BusConnections, subscribe
 from bus.errors import TransportError
 from bus.frames import header_budget
 from bus.server import DEFAULT_MAX_PAYLOAD, NatsServer
-from bus.transport import DEFAULT_FLUSH_EVERY, KVReceiver, send_cache
+from bus.transport import DEFAULT_FLUSH_EVERY, KVReceiver, send_cache, subscribed
 from ops.bench.codec import make_cache
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ async def _raw_leg(conns: BusConnections, blobs: list[bytes], chunk: int) -> flo
             done.set()
 
     sub = await subscribe(conns.sub, subject, on_msg)
-    await conns.sub.flush()
+    await subscribed(conns.sub)  # as KVReceiver.start(): one flush can return before the server has the SUB
     start = time.perf_counter()
     since_flush = 0
     for blob in blobs:

@@ -193,3 +193,24 @@ async def test_send_cache_frames_equal_standalone_frames(nats_client, subject: s
     await sub.unsubscribe()
     expected = list(encode_cache(cache, precision="fp16", query_id="q", sender="t", chunk_bytes=40_000))
     assert got == expected and report.wire_bytes == sum(map(len, expected))
+
+
+async def test_receiver_is_subscribed_when_start_returns(nats_server, subject: str) -> None:
+    """A frame published right after start() from another connection always arrives (nats-py can send a flush's
+    PING ahead of the queued SUB; start() must not return before the server has the subscription)."""
+    async with BusConnections(nats_server.url, name="t") as conns:
+        assert conns.pub is not None and conns.sub is not None
+        lost = 0
+        for i in range(150):
+            rx = await KVReceiver(conns.sub, f"{subject}.{i}").start()
+            try:
+                await conns.pub.publish(f"{subject}.{i}", b"probe")
+                await conns.pub.flush()
+                for _ in range(100):
+                    if rx.stats["frames"]:
+                        break
+                    await asyncio.sleep(0.005)
+                lost += rx.stats["frames"] == 0
+            finally:
+                await rx.stop()
+    assert lost == 0
