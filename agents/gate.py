@@ -24,6 +24,7 @@ from nats.aio.msg import Msg
 from agents.base import Agent, decode
 from agents.cli import run_agent
 from agents.config import GateAgentConfig
+from agents.fuserbook import FUSER_PREFIX, FUSERS_CAPABILITY
 from agents.planning import build_plan, build_policy
 from agents.roster import Member
 from bus.errors import SchemaError
@@ -32,8 +33,6 @@ from fusion.gate import GateNetwork, load_gate
 
 log = logging.getLogger(__name__)
 
-FUSERS_CAPABILITY = "fusers"  # a receiver that lists its fusers says so with this capability
-FUSER_PREFIX = "fuser:"  # then one capability per transmitter fingerprint it can fuse
 DEFAULT_EARLY_OFFERS = 1024  # offers kept for queries the gate has not seen yet
 DEFAULT_EARLY_TTL_S = 10.0  # seconds such an offer is kept
 DEFAULT_PLANNED_MEMORY = 4096  # recently planned query ids remembered (late offers are recognised, not warned)

@@ -20,6 +20,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import nats
 from nats.aio.msg import Msg
@@ -27,17 +28,29 @@ from nats.aio.msg import Msg
 from agents.base import Agent, decode
 from agents.cli import run_agent
 from agents.config import ReceiverConfig
-from agents.gate import FUSER_PREFIX, FUSERS_CAPABILITY
+from agents.fuserbook import FuserBook
 from agents.kvintake import GuardedKVReceiver
 from agents.roster import Member
-from bus.errors import FedRefineError, FuserError, FusionError, LimitError, SchemaError
-from bus.schemas import Answer, Ask, ErrorReply, Offer, Omission, Plan, Query, TransmitterUse, decode_message
+from bus.errors import FedRefineError, FusionError, LimitError, SchemaError
+from bus.schemas import (
+    Answer,
+    Ask,
+    ErrorReply,
+    Offer,
+    Omission,
+    Plan,
+    PlanEntry,
+    Query,
+    TransmitterUse,
+    decode_message,
+)
 from bus.transport import LayerDone
+from fusion.c2c import ReceiverView, receiver_view
 from fusion.fuser import PairFuser
+from fusion.kvcache import KVCache
 from fusion.models import LanguageModel
 from fusion.prompts import LETTERS
-from fusion.refine import Received, receiver_answer, receiver_prefix, shared_prompt
-from fusion.registry import FuserRegistry
+from fusion.refine import Received, answer_from_deltas, receiver_prefix, shared_prompt, transmitter_deltas
 from privacy.rephrase import rephrase
 
 log = logging.getLogger(__name__)
@@ -45,7 +58,6 @@ log = logging.getLogger(__name__)
 DEFAULT_KV_GRACE_S = 2.0  # seconds past the deadline the reassembler keeps a query's partial state
 DEFAULT_CLOSED_MEMORY = 4096  # answered query ids remembered (their late KV is ignored quietly)
 DEFAULT_RESERVE_FACTOR = 1.5  # reserve = factor x mean answer time x (answers queued + 1), at least the floor
-MAX_FUSER_CAPABILITIES = 60  # more pairs than this are not listed in heartbeats (the gate then plans them all)
 
 
 @dataclass
@@ -62,6 +74,9 @@ class _Open:
     plan_seen: asyncio.Event = field(default_factory=asyncio.Event)
     progress: asyncio.Event = field(default_factory=asyncio.Event)
     left: set[str] = field(default_factory=set)
+    view: ReceiverView | None = None  # how the receiver reads the shared prompt (and q, when private)
+    prefix: asyncio.Future[KVCache] | None = None  # its own cache of the prefix, prefilled while caches travel
+    early: dict[str, tuple[tuple[int, ...], asyncio.Future[Any]]] = field(default_factory=dict)  # deltas so far
 
 
 class ReceiverAgent(Agent):
@@ -80,8 +95,7 @@ class ReceiverAgent(Agent):
         self.cfg: ReceiverConfig = cfg
         self.model = model if model is not None else LanguageModel.load(cfg.model)
         self.model_fingerprint = self.model.fingerprint
-        self.registry = FuserRegistry(cfg.fusers) if cfg.fusers else None
-        self.fusers: dict[str, PairFuser] = dict(fusers or {})
+        self.book = FuserBook(self.model_fingerprint, cfg.fusers, fusers)
         self.open: dict[str, _Open] = {}
         self.closed: OrderedDict[str, None] = OrderedDict()
         self.kv: GuardedKVReceiver | None = None
@@ -90,31 +104,9 @@ class ReceiverAgent(Agent):
         self._answering = 0
         self.roster.listen(self._on_roster)
 
-    # ---- fusers -------------------------------------------------------------------------------------------
-
-    def fusable(self) -> list[str]:
-        """Transmitter fingerprints this receiver has a fuser for."""
-        fps = set(self.fusers)
-        if self.registry is not None:
-            fps |= {t for t, r in self.registry.pairs() if r == self.model_fingerprint}
-        return sorted(fps)
-
-    def fuser_for(self, fingerprint: str) -> PairFuser | None:
-        """The pair fuser from a transmitter model into this receiver, or None."""
-        if fingerprint not in self.fusers and self.registry is not None:
-            try:
-                self.fusers[fingerprint] = self.registry.load(fingerprint, self.model_fingerprint)
-            except FuserError as exc:
-                log.debug("no fuser: %s", exc)
-                return None
-        return self.fusers.get(fingerprint)
-
     def capabilities(self) -> tuple[str, ...]:
         """``answer``, and the transmitter models it can fuse (so the gate never plans the others)."""
-        fps = self.fusable()
-        if len(fps) > MAX_FUSER_CAPABILITIES:
-            return ("answer",)
-        return ("answer", FUSERS_CAPABILITY, *(FUSER_PREFIX + fp for fp in fps))
+        return ("answer", *self.book.capabilities())
 
     # ---- subscriptions ------------------------------------------------------------------------------------
 
@@ -259,8 +251,9 @@ class ReceiverAgent(Agent):
         )
         await self.publish(self.subjects.query(), query)
         t_query = time.monotonic()
-        # its own prefix does not depend on what arrives: prefill it while the transmitters work
-        own_prefix = asyncio.ensure_future(self.compute(receiver_prefix, self.model, shared))
+        # what the receiver needs of its own does not depend on what arrives: prefill it while transmitters work
+        q.view = receiver_view(self.model, shared, original)
+        q.prefix = asyncio.ensure_future(self.compute(receiver_prefix, self.model, shared))
         plan_until = min(q.t0 + self.cfg.plan_share * ask.deadline_s, q.deadline - self._reserve())
         try:
             await asyncio.wait_for(q.plan_seen.wait(), timeout=max(0.0, plan_until - time.monotonic()))
@@ -273,20 +266,27 @@ class ReceiverAgent(Agent):
         self._answering += 1
         started = time.monotonic()
         try:
-            prefix = await own_prefix
-            fusers = {r.fingerprint: self.fusers[r.fingerprint] for r in received.values()}
-            try:
-                probs, used = await self.compute(
-                    receiver_answer, self.model, shared, original, received, fusers, prefix=prefix
-                )
-            except FusionError as exc:
-                notes.append(f"fusion failed ({exc}); answered alone")
-                omitted += [Omission(transmitter_id=t, reason="error", detail=str(exc)[:500]) for t in received]
-                received, uses = {}, {}
-                probs, used = await self.compute(receiver_answer, self.model, shared, original, {}, {}, prefix=prefix)
+            prefix = await q.prefix
+            contributions, used = [], {}
+            for tid, got in received.items():  # sorted by transmitter id: the sum's order is fixed
+                try:
+                    early = q.early.get(tid)
+                    same = early is not None and early[0] == tuple(sorted(got.layers))
+                    contributions.append(await early[1] if same else await self._deltas(q, got))  # type: ignore[index]
+                except FusionError as exc:
+                    notes.append(f"{tid}: fusion failed ({exc}); left out")
+                    omitted.append(Omission(transmitter_id=tid, reason="error", detail=str(exc)[:500]))
+                    continue
+                used[tid] = sorted(got.layers)
+            probs = await self.compute(answer_from_deltas, self.model, q.view, prefix, contributions)
         finally:
             self._answering -= 1
             self._answer_s = 0.8 * self._answer_s + 0.2 * (time.monotonic() - started)
+            for _, fut in q.early.values():
+                if not fut.done():
+                    fut.cancel()
+                elif not fut.cancelled():
+                    fut.exception()  # retrieved, so a failure left unused is not reported as never retrieved
         choice = LETTERS[int(probs.argmax())]
         log.debug(
             "query %s: query out %.1f ms, plan %.1f ms, streams %.1f ms, answer %.1f ms",
@@ -309,10 +309,37 @@ class ReceiverAgent(Agent):
             notes=tuple(n[:500] for n in notes[:16]),
         )
 
+    async def _deltas(self, q: _Open, got: Received) -> Any:
+        """One transmitter's deltas on this receiver's prefix (on the compute thread)."""
+        assert q.prefix is not None and q.view is not None
+        prefix = await q.prefix
+        return await self.compute(transmitter_deltas, q.view, prefix, got, self.book.get(got.fingerprint))
+
+    def _start_complete_streams(self, q: _Open, plan: Plan) -> None:
+        """Fuse each stream as soon as all its planned layers are in, while the others still travel."""
+        assert self.kv is not None
+        for entry in plan.entries:
+            tid = entry.transmitter_id
+            if tid in q.early:
+                continue
+            done = self.kv.completed(q.query_id, tid)
+            if not set(entry.layers) <= set(done):
+                continue
+            got = self._received(q, entry, done, sorted(entry.layers))
+            if got is not None:
+                q.early[tid] = (tuple(sorted(entry.layers)), asyncio.ensure_future(self._deltas(q, got)))
+
+    def _received(self, q: _Open, entry: PlanEntry, done: Mapping[int, Any], layers: list[int]) -> Received | None:
+        offer = q.offers.get(entry.transmitter_id)
+        if offer is None or len(offer.offsets) != offer.n_tokens or self.book.get(offer.model_fingerprint) is None:
+            return None
+        return Received(offer.model_fingerprint, {m: done[m] for m in layers}, list(offer.offsets), entry.weight)
+
     async def _await_streams(self, q: _Open, plan: Plan) -> None:
         """Until every planned layer arrived or its sender left, or the answer reserve is all that is left."""
         assert self.kv is not None
         while True:
+            self._start_complete_streams(q, plan)
             waiting = [
                 e
                 for e in plan.entries
@@ -346,7 +373,7 @@ class ReceiverAgent(Agent):
                 why = (reason, f"0 of {len(entry.layers)} planned layers complete by the deadline")
             elif offer is None or len(offer.offsets) != offer.n_tokens:
                 why = ("error", "no offer with token offsets seen for this query")
-            elif self.fuser_for(offer.model_fingerprint) is None:
+            elif self.book.get(offer.model_fingerprint) is None:
                 why = ("no_fuser", f"no fuser for model {offer.model_fingerprint} into {self.model_fingerprint}")
             if why is not None:
                 omitted.append(Omission(transmitter_id=tid, reason=why[0], detail=why[1]))  # type: ignore[arg-type]
@@ -354,9 +381,7 @@ class ReceiverAgent(Agent):
             assert offer is not None
             if len(got) < len(entry.layers):
                 notes.append(f"{tid}: {len(got)} of {len(entry.layers)} planned layers arrived by the deadline")
-            received[tid] = Received(
-                offer.model_fingerprint, {m: done[m] for m in got}, list(offer.offsets), entry.weight
-            )
+            received[tid] = self._received(q, entry, done, got)  # type: ignore[assignment]
             uses[tid] = TransmitterUse(
                 transmitter_id=tid,
                 layers=tuple(got),

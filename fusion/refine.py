@@ -25,7 +25,7 @@ import torch
 
 from bus.errors import FusionError
 from fusion.align import align_tokens, gather_tokens
-from fusion.c2c import letter_ids, prefix_cache, question_texts, receiver_view
+from fusion.c2c import ReceiverView, letter_ids, prefix_cache, question_texts, receiver_view
 from fusion.fuser import PairFuser, apply_deltas
 from fusion.gate import GateNetwork, GateScore, OfferSummary, summarize_offer, uniform_scores
 from fusion.kvcache import KV, KVCache
@@ -155,13 +155,29 @@ def receiver_answer(
             continue
         if got.fingerprint not in fusers:
             raise FusionError(f"no fuser for transmitter {name} ({got.fingerprint}) into {receiver.name}")
-        fuser = fusers[got.fingerprint]
-        aligned = gather_tokens(got.layers, align_tokens(view.prefix_offsets, got.offsets).index)
-        contributions.append(fuser.eval().deltas(prefix, aligned, got.weight))
+        contributions.append(transmitter_deltas(view, prefix, got, fusers[got.fingerprint]))
         used[name] = sorted(got.layers)
+    return answer_from_deltas(receiver, view, prefix, contributions), used
+
+
+@torch.no_grad()
+def transmitter_deltas(view: ReceiverView, prefix: KVCache, got: Received, fuser: PairFuser) -> dict[int, KV]:
+    """One transmitter's weighted deltas on the receiver's prefix (``receiver_answer`` sums them in its order).
+
+    The receiver agent computes them as each stream completes, while the others still travel.
+    """
+    aligned = gather_tokens(got.layers, align_tokens(view.prefix_offsets, got.offsets).index)
+    return fuser.eval().deltas(prefix, aligned, got.weight)
+
+
+@torch.no_grad()
+def answer_from_deltas(
+    receiver: LanguageModel, view: ReceiverView, prefix: KVCache, contributions: Sequence[Mapping[int, KV]]
+) -> torch.Tensor:
+    """Letter probabilities ``(4,)`` from the prefix plus the deltas (in the given order), read after ``view``."""
     cache = apply_deltas(prefix, contributions) if contributions else prefix
     logits = receiver.forward_from(cache, view.continuation_ids)[-1][letter_ids(receiver)].float().cpu()
-    return torch.softmax(logits, -1), used
+    return torch.softmax(logits, -1)
 
 
 @torch.no_grad()
