@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import tempfile
 import time
@@ -126,6 +127,8 @@ async def _compare(fed: Federation, setup: Setup, local: InProcess, warmup: int,
         "private_queries": sum(it.private for it in items[warmup:]),
         "setup": setup.name,
         "transmitters": len(setup.transmitters),
+        "load_avg_1m": round(os.getloadavg()[0], 2),  # this machine's load at the end (others' jobs slow the bus most)
+        "cpus": os.cpu_count(),
     }
 
 
