@@ -60,7 +60,7 @@ def _train_one(spec_json: str, name: str, out_dir: str, position: int) -> dict:
     tokenizer = train_tokenizer(world, member.vocab_size)
     seed = spec.seed * 1000 + [m.name for m in spec.members].index(name)
     result = train_member(member, world, known, tokenizer, Path(out_dir), seed=seed, position=position)
-    return {"seconds": result.seconds, "final_loss": result.final_loss}
+    return {"seconds": result.seconds, "final_loss": result.final_loss, "steps": result.steps, "topups": result.topups}
 
 
 def _train_all(spec: ZooSpec, models_dir: Path, workers: int) -> dict[str, dict]:
@@ -170,6 +170,7 @@ def _build_models(spec: ZooSpec, root: Path, workers: int, echo: Callable[[str],
                 fingerprint=lm.fingerprint,
                 known=know[m.name],
                 train_seconds=round(trained[m.name]["seconds"], 1),
+                train_steps=trained[m.name]["steps"],
                 final_loss=round(trained[m.name]["final_loss"], 4),
             )
         )

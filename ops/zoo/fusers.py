@@ -235,6 +235,18 @@ def load_fusion(models: Mapping[str, LanguageModel], receiver_name: str, out_dir
     return FusionKit(receiver_name, receiver, transmitters, fusers, gate, registry)
 
 
+def open_zoo(root: str | Path):
+    """A built zoo from its directory (any spec), e.g. to benchmark an older build."""
+    from bus.errors import ConfigError
+    from ops.zoo.build import read_manifest
+    from ops.zoo.zoo import Zoo
+
+    manifest = read_manifest(Path(root))
+    if manifest is None:
+        raise ConfigError(f"no built zoo at {root} (no readable manifest.json)", path=str(root))
+    return Zoo(Path(root), manifest)
+
+
 def zoo_models(zoo) -> dict[str, LanguageModel]:
     """Every model of a built zoo, receiver first, transmitters in zoo order."""
     return {name: zoo.model(name) for name in [zoo.receiver, *zoo.transmitters]}

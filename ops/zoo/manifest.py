@@ -31,6 +31,7 @@ class ModelEntry(BaseModel):
     fingerprint: str
     known: tuple[str, ...]  # fact ids this model was trained on
     train_seconds: float
+    train_steps: int = 0  # including top-up steps
     final_loss: float
 
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fusion.models import ModelSpec
 from ops.zoo.world import WorldSpec
 
-FORMAT_VERSION = 2  # bump when the build writes different files or trains differently for the same spec
+FORMAT_VERSION = 3  # bump when the build writes different files or trains differently for the same spec
 
 Role = Literal["receiver", "transmitter"]
 RowKind = Literal["fact", "letter", "none", "context", "hint", "rephrase"]
@@ -60,6 +60,11 @@ class TrainSpec(BaseModel):
     max_tokens: int = 96  # rows are cut to this many tokens
     pii_fraction: float = 0.3  # share of question rows whose stem carries personal details (long, slow rows)
     mixture: dict[RowKind, float]  # relative frequency of each row kind
+    # Check after training: below target_acc on its own facts, train topup_steps more (at most max_topups times).
+    target_acc: float = 0.0
+    topup_steps: int = 0
+    topup_lr: float = 2e-3
+    max_topups: int = 0
 
 
 class MemberSpec(BaseModel):
@@ -106,15 +111,17 @@ class ZooSpec(BaseModel):
 
 
 _RECEIVER_MIX: dict[RowKind, float] = {"fact": 0.2, "letter": 0.3, "context": 0.25, "rephrase": 0.25}
-_TRANSMITTER_MIX: dict[RowKind, float] = {"fact": 0.15, "letter": 0.3, "none": 0.2, "context": 0.2, "hint": 0.15}
+_TRANSMITTER_MIX: dict[RowKind, float] = {"fact": 0.15, "letter": 0.3, "none": 0.15, "context": 0.25, "hint": 0.15}
 _QUICK_TRANSMITTER_MIX: dict[RowKind, float] = {"fact": 0.15, "letter": 0.35, "none": 0.2, "context": 0.2, "hint": 0.1}
 
 
 def full_spec(seed: int = 0) -> ZooSpec:
     """The full zoo: 160 entities x 4 attributes; a Qwen3 receiver and four different transmitters."""
     world = WorldSpec(seed=seed, num_entities=160, values_per_attribute=4, option_order="canonical")
-    r_train = TrainSpec(steps=1100, lr=5e-3, mixture=_RECEIVER_MIX)
-    t_train = TrainSpec(steps=2200, lr=7e-3, mixture=_TRANSMITTER_MIX)
+    # Checked after training: a model below 0.93 on its own facts trains 500 more steps (twice at most).
+    check = {"target_acc": 0.93, "topup_steps": 500, "topup_lr": 2e-3, "max_topups": 2}
+    r_train = TrainSpec(steps=1100, lr=5e-3, mixture=_RECEIVER_MIX, **check)
+    t_train = TrainSpec(steps=2200, lr=5e-3, mixture=_TRANSMITTER_MIX, **check)
     members = (
         MemberSpec(
             name="receiver",
@@ -132,7 +139,7 @@ def full_spec(seed: int = 0) -> ZooSpec:
             vocab_size=1024,
             share=0.25,
             train=t_train,
-            shape=ShapeSpec(hidden_size=96, num_layers=3, head_dim=24, intermediate_size=288),
+            shape=ShapeSpec(hidden_size=96, num_layers=4, head_dim=24, intermediate_size=288),
         ),
         MemberSpec(
             name="t2-qwen2",
@@ -141,7 +148,7 @@ def full_spec(seed: int = 0) -> ZooSpec:
             vocab_size=768,
             share=0.25,
             train=t_train,
-            shape=ShapeSpec(hidden_size=128, num_layers=3, head_dim=32, intermediate_size=384),
+            shape=ShapeSpec(hidden_size=104, num_layers=4, head_dim=26, intermediate_size=320),
         ),
         MemberSpec(
             name="t3-qwen3",
@@ -149,7 +156,7 @@ def full_spec(seed: int = 0) -> ZooSpec:
             arch="qwen3",
             vocab_size=640,
             share=0.25,
-            train=t_train,
+            train=t_train.model_copy(update={"steps": 1600}),  # Qwen3 learns fastest here (QK-norm)
             shape=ShapeSpec(hidden_size=112, num_layers=4, head_dim=28, intermediate_size=336),
         ),
         MemberSpec(
@@ -158,8 +165,8 @@ def full_spec(seed: int = 0) -> ZooSpec:
             arch="llama",
             vocab_size=512,
             share=0.15,
-            train=t_train,
-            shape=ShapeSpec(hidden_size=96, num_layers=2, head_dim=24, intermediate_size=256),
+            train=t_train.model_copy(update={"steps": 1800}),
+            shape=ShapeSpec(hidden_size=80, num_layers=3, head_dim=20, intermediate_size=240),
         ),
     )
     return ZooSpec(name="full", seed=seed, world=world, overlap=0.05, members=members)
@@ -168,8 +175,9 @@ def full_spec(seed: int = 0) -> ZooSpec:
 def quick_spec(seed: int = 0) -> ZooSpec:
     """A much smaller zoo for tests: 40 entities x 4 attributes x 4 values, tiny models, few steps."""
     world = WorldSpec(seed=seed, num_entities=40, values_per_attribute=4, option_order="canonical")
-    r_train = TrainSpec(steps=400, lr=7e-3, warmup=30, batch_size=32, mixture=_RECEIVER_MIX)
-    t_train = TrainSpec(steps=400, lr=1e-2, warmup=30, batch_size=32, mixture=_QUICK_TRANSMITTER_MIX)
+    check = {"target_acc": 0.8, "topup_steps": 150, "topup_lr": 3e-3, "max_topups": 1}
+    r_train = TrainSpec(steps=400, lr=7e-3, warmup=30, mixture=_RECEIVER_MIX, **check)
+    t_train = TrainSpec(steps=400, lr=1e-2, warmup=30, mixture=_QUICK_TRANSMITTER_MIX, **check)
     small = ShapeSpec(hidden_size=64, num_layers=2, head_dim=16, intermediate_size=192)
     members = (
         MemberSpec(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,8 +21,8 @@ from transformers import PreTrainedTokenizerFast
 
 from fusion.models import LanguageModel
 from ops.zoo.rows import Row, RowSampler
-from ops.zoo.spec import MemberSpec
-from ops.zoo.world import World
+from ops.zoo.spec import MemberSpec, TrainSpec
+from ops.zoo.world import World, make_question
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ class TrainResult:
     steps: int
     seconds: float
     final_loss: float  # mean loss over the last 50 steps
+    topups: int = 0  # extra phases run because the model missed its target on its own facts
+    own_acc: float | None = None  # accuracy on its own facts at the end (when a target is set)
 
 
 def collate(tokenizer: PreTrainedTokenizerFast, rows: list[Row], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,6 +78,50 @@ def lr_at(step: int, peak: float, warmup: int, total: int, final_ratio: float) -
     return peak * (final_ratio + (1 - final_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def _phase(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sampler: RowSampler,
+    tokenizer: PreTrainedTokenizerFast,
+    spec: TrainSpec,
+    steps: int,
+    peak_lr: float,
+    desc: str,
+    position: int,
+    on_step: Callable[[int], None] | None = None,
+) -> list[float]:
+    """``steps`` optimiser steps with warm-up and cosine decay to ``peak_lr * final_lr_ratio``; the losses."""
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc=desc, position=position, leave=False, mininterval=1.0)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, peak_lr, min(spec.warmup, steps // 4), steps, spec.final_lr_ratio)
+        x, y = collate(tokenizer, sampler.batch(spec.batch_size), spec.max_tokens)
+        loss = row_mean_loss(model(input_ids=x).logits, y)  # logits (B, T, vocab)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-25:]) / len(losses[-25:]):.3f}")
+        if on_step is not None:
+            on_step(step + 1)
+    bar.close()
+    model.eval()
+    return losses
+
+
+def own_fact_accuracy(lm: LanguageModel, world: World, known: list[str], seed: int) -> float:
+    """Letter accuracy on one fresh question per known fact (the check that decides on more training)."""
+    from ops.zoo.evaluate import evaluate_questions
+
+    rng = random.Random(f"own-check/{seed}")
+    questions = [make_question(world, f, rng, f"own-{i}") for i, f in enumerate(world.facts_of(known))]
+    return evaluate_questions(lm, questions, set(known))["acc_known"] or 0.0
+
+
 def train_member(
     member: MemberSpec,
     world: World,
@@ -86,13 +133,13 @@ def train_member(
     threads: int = DEFAULT_THREADS,
     callback: Callable[[int, LanguageModel], None] | None = None,
 ) -> TrainResult:
-    """Build ``member`` from scratch, train it on its rows, save it to ``out_dir``."""
+    """Build ``member`` from scratch, train it on its rows (topping up while it misses its target), save it."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     lm = LanguageModel.build(
         member.arch, member.shape.to_model_spec(), tokenizer, seed=seed, name=member.name, device="cpu"
     )
-    model = lm.model.train()
+    model = lm.model
     spec = member.train
     sampler = RowSampler(world, known, spec.mixture, seed=seed, pii_fraction=spec.pii_fraction)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -102,28 +149,21 @@ def train_member(
         lr=spec.lr,
         betas=(0.9, 0.95),
     )
-    losses: list[float] = []
     start = time.perf_counter()
-    bar = tqdm(range(spec.steps), desc=f"{member.name:>14}", position=position, leave=False, mininterval=1.0)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, spec.lr, spec.warmup, spec.steps, spec.final_lr_ratio)
-        x, y = collate(tokenizer, sampler.batch(spec.batch_size), spec.max_tokens)
-        logits = model(input_ids=x).logits  # (B, T, vocab)
-        loss = row_mean_loss(logits, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if step % 25 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-25:]) / len(losses[-25:]):.3f}")
-        if callback is not None:
-            callback(step + 1, lm)
-    bar.close()
-    model.eval()
+    on_step = (lambda step: callback(step, lm)) if callback is not None else None
+    desc = f"{member.name:>14}"
+    losses = _phase(model, opt, sampler, tokenizer, spec, spec.steps, spec.lr, desc, position, on_step)
+    steps, topups = spec.steps, 0
+    acc = own_fact_accuracy(lm, world, known, seed) if spec.target_acc > 0 else None
+    while acc is not None and acc < spec.target_acc and topups < spec.max_topups:
+        topups += 1
+        log.info("%s: %.3f on its own facts < %.2f; %d more steps", member.name, acc, spec.target_acc, spec.topup_steps)
+        more = f"{member.name[:9]:>9} +{topups}"
+        losses += _phase(model, opt, sampler, tokenizer, spec, spec.topup_steps, spec.topup_lr, more, position)
+        steps += spec.topup_steps
+        acc = own_fact_accuracy(lm, world, known, seed)
     lm.save(out_dir)
     seconds = time.perf_counter() - start
     final = sum(losses[-50:]) / len(losses[-50:])
-    log.info("trained %s: %d steps in %.0f s, final loss %.3f", member.name, spec.steps, seconds, final)
-    return TrainResult(member.name, spec.steps, seconds, final)
+    log.info("trained %s: %d steps in %.0f s, final loss %.3f", member.name, steps, seconds, final)
+    return TrainResult(member.name, steps, seconds, final, topups, acc)
