@@ -1,15 +1,16 @@
 """Move KV caches over NATS: :func:`send_cache` publishes chunk frames with flow control, :class:`KVReceiver`
 subscribes, reassembles and hands out complete layers per (query_id, sender).
 
-Flow control: the sender encodes the next layer in a worker thread while it publishes the current one,
-and round-trips a PING every ``flush_every`` bytes, so it never runs further ahead of the server than
-that; the receiving subscription's pending limits are raised (``bus.connect``) so a 64 MB cache is
-buffered, not dropped as a slow consumer. An optional :class:`~bus.shaper.LinkShaper` paces publishes.
+Flow control: when it quantizes or compresses, the sender encodes the next layer in a worker thread while it
+publishes the current one (a plain float cast is encoded inline: cheaper than GIL hand-offs). It round-trips a
+PING every ``flush_every`` bytes, so it never runs further ahead of the server than that; the receiving
+subscription's pending limits are raised (``bus.connect``) so a 64 MB cache is buffered, not dropped as a slow
+consumer. An optional :class:`~bus.shaper.LinkShaper` paces publishes.
 
-Copies: the worker thread hashes and seals chunks whose payloads are views of the encoded tensor (for
-uncompressed fp16/bf16/fp32 that is the caller's tensor memory itself), and each frame is assembled in one
-reused :class:`~bus.frames.FrameBuffer` right before its publish. On receipt, one-chunk tensors are decoded
-in place from the message bytes; multi-chunk tensors are copied once into their assembly buffer.
+Copies: encoding hashes and seals chunks whose payloads are views of the encoded tensor (for uncompressed
+fp16/bf16/fp32 that is the caller's tensor memory itself), and each frame is assembled in one reused
+:class:`~bus.frames.FrameBuffer` right before its publish. On receipt, one-chunk tensors are decoded in place
+from the message bytes; multi-chunk tensors are copied once into their assembly buffer.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from bus import connect as busconn
 from bus.codec import KVPair, Layers, check_layers, encode_layer_chunks
 from bus.errors import FedRefineError, SchemaError, TransportError
 from bus.frames import Buffer, FrameBuffer, SealedChunk, read_frame
-from bus.quant import get_format
+from bus.quant import FloatFormat, get_format
 from bus.reassembler import LayerDone, Reassembler, ReassemblyLimits
 from bus.schemas import KVChunkHeader, validate_id
 from bus.shaper import LinkShaper
@@ -110,9 +111,17 @@ async def send_cache(
         chunk_bytes=chunk_bytes,
     )
 
+    # a plain float cast without LZ4 is a few Python calls and one hash per tensor: a worker thread would cost more
+    # (GIL hand-offs with the publishing loop) than it overlaps; quantizing and LZ4 release the GIL for long stretches
+    threaded = compress or not isinstance(get_format(precision), FloatFormat)
+
     def encode(i: int) -> Awaitable[list[SealedChunk]]:
         k, v = layers[order[i]]
-        return asyncio.ensure_future(asyncio.to_thread(encode_layer_chunks, order[i], k, v, **opts))
+        if threaded:
+            return asyncio.ensure_future(asyncio.to_thread(encode_layer_chunks, order[i], k, v, **opts))
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(encode_layer_chunks(order[i], k, v, **opts))
+        return done
 
     start = time.perf_counter()
     chunks = wire = since_flush = 0
