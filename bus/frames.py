@@ -212,7 +212,9 @@ def read_frame(frame: Buffer) -> Chunk:
         raise ChunkError(
             f"unsupported KV frame version {version}{old}; this build speaks {FRAME_VERSION}", reason="version"
         )
-    if reserved != 0 or hlen > MAX_HEADER_BYTES or PREFIX.size + hlen > len(view):
+    if reserved != 0:
+        raise ChunkError(f"reserved prefix byte is {reserved}, not 0", reason="malformed")
+    if hlen > MAX_HEADER_BYTES or PREFIX.size + hlen > len(view):
         raise ChunkError(f"header length {hlen} does not fit the {len(view)}-byte frame", reason="malformed")
     header = _parse_header(bytes(view[PREFIX.size : PREFIX.size + hlen]))
     payload = view[PREFIX.size + hlen :]
