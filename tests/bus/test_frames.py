@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,3 +122,14 @@ def test_resealed_header_passes_the_chunk_check() -> None:
     header, payload = parse_frame(_frames()[0])
     resealed = seal(header.model_copy(update={"layers_total": 5}), payload_hash(payload))
     assert read_frame(frame_head(resealed) + bytes(payload)).header.layers_total == 5
+
+
+def test_protocol_doc_example_checksums() -> None:
+    """The worked example in docs/PROTOCOL.md section 6 (seed text, chunk_crc, blob_crc) matches the code."""
+    k = torch.arange(24, dtype=torch.float32).reshape(1, 2, 3, 4)
+    frames = encode_cache({0: (k, k)}, precision="int8", query_id="q", sender="t", max_payload=1 << 20)
+    header, _ = parse_frame(frames[0])
+    seed = header.crc_seed().decode()
+    assert (header.chunk_crc, header.blob_crc) == (3643665365, 2547135168)
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md").read_text()
+    assert f"`{seed}`" in doc and "`chunk_crc` is 3643665365" in doc
