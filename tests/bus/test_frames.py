@@ -127,7 +127,7 @@ def test_resealed_header_passes_the_chunk_check() -> None:
 def test_protocol_doc_example_checksums() -> None:
     """The worked example in docs/PROTOCOL.md section 6 (seed text, chunk_crc, blob_crc) matches the code."""
     k = torch.arange(24, dtype=torch.float32).reshape(1, 2, 3, 4)
-    frames = encode_cache({0: (k, k)}, precision="int8", query_id="q", sender="t", max_payload=1 << 20)
+    frames = list(encode_cache({0: (k, k)}, precision="int8", query_id="q", sender="t", max_payload=1 << 20))
     header, _ = parse_frame(frames[0])
     seed = header.crc_seed().decode()
     assert (header.chunk_crc, header.blob_crc) == (3643665365, 2547135168)
