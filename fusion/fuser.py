@@ -48,6 +48,7 @@ class FuserConfig:
     layer_strategy: str = DEFAULT_LAYER_STRATEGY  # how receiver layers pick transmitter layers (fusion.align)
     gate_init: float = DEFAULT_GATE_INIT  # initial per-layer gate logit
     delta_init_std: float = DEFAULT_DELTA_INIT_STD  # std of the MLP's output layer at initialisation
+    window: int | None = None  # fuse only the last ``window`` prefix tokens (None: every token, as C2C)
 
     @classmethod
     def for_models(cls, receiver, transmitter, **kwargs) -> FuserConfig:
@@ -173,15 +174,19 @@ class PairFuser(nn.Module):
         transmitter: Mapping[int, KV],
         weight: float | torch.Tensor = 1.0,
         generator: torch.Generator | None = None,
+        lengths: torch.Tensor | None = None,
     ) -> dict[int, KV]:
         """Gated, weighted deltas per receiver layer, from the transmitter layers present (aligned to receiver tokens).
 
-        ``weight`` is a scalar or a ``(B,)`` tensor (one per batch row).
+        ``weight`` is a scalar or a ``(B,)`` tensor (one per batch row); ``lengths`` ``(B,)`` the true prefix
+        lengths of a right-padded batch (needed only with a ``window``).
         """
         self.check_shapes(receiver, transmitter)
         gates = self.gates(generator)  # (L_r,)
         w = torch.as_tensor(weight, dtype=receiver.layers[0][0].dtype, device=receiver.layers[0][0].device)
         w = w.reshape(-1, 1, 1, 1) if w.dim() == 1 else w  # (B, 1, 1, 1) or scalar
+        if self.cfg.window is not None:
+            w = w * self.window_mask(receiver, lengths)  # (B, 1, T, 1)
         out: dict[int, KV] = {}
         for layer, fuser in enumerate(self.layers):
             source = self.layer_map[layer]
@@ -191,6 +196,15 @@ class PairFuser(nn.Module):
             scale = w * gates[layer]
             out[layer] = (scale * dk, scale * dv)
         return out
+
+    def window_mask(self, receiver: KVCache, lengths: torch.Tensor | None) -> torch.Tensor:
+        """``(B, 1, T, 1)``: 1 on each row's last ``window`` real prefix tokens, else 0."""
+        B, T = receiver.batch_size, receiver.num_tokens
+        device = receiver.layers[0][0].device
+        ends = lengths.to(device) if lengths is not None else torch.full((B,), T, device=device)
+        pos = torch.arange(T, device=device)[None, :]  # (1, T)
+        keep = (pos < ends[:, None]) & (pos >= ends[:, None] - int(self.cfg.window))  # (B, T)
+        return keep[:, None, :, None].to(receiver.layers[0][0].dtype)
 
     def forward(self, receiver: KVCache, transmitter: Mapping[int, KV], weight: float | torch.Tensor = 1.0) -> KVCache:
         """The receiver cache with this transmitter fused in."""

@@ -49,6 +49,11 @@ class OfferSummary(BaseModel):
     summary: tuple[float, ...] = ()  # SUMMARY_DIM floats: its last layer's values, mean-pooled and projected
 
 
+def prior_weight(p_none: float, scale: float = DEFAULT_PRIOR_SCALE) -> float:
+    """The gate's prior weight of a transmitter that gives "I don't know" probability ``p_none``."""
+    return 1.0 / (1.0 + math.exp(-scale * (0.5 - p_none)))
+
+
 def _projection(width: int) -> torch.Tensor:
     """A fixed random projection ``(width, SUMMARY_DIM)``; the same on every machine for the same width."""
     gen = torch.Generator().manual_seed(7919 * width + SUMMARY_DIM)

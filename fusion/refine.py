@@ -24,8 +24,8 @@ from typing import Literal
 import torch
 
 from bus.errors import FusionError
-from fusion.align import align_tokens, gather_tokens
-from fusion.c2c import ReceiverView, letter_ids, prefix_cache, question_texts, receiver_view
+from fusion.align import gather_tokens
+from fusion.c2c import ReceiverView, letter_ids, prefix_alignment, prefix_cache, question_texts, receiver_view
 from fusion.fuser import PairFuser, apply_deltas
 from fusion.gate import GateNetwork, GateScore, OfferSummary, summarize_offer, uniform_scores
 from fusion.kvcache import KV, KVCache
@@ -166,7 +166,7 @@ def transmitter_deltas(view: ReceiverView, prefix: KVCache, got: Received, fuser
 
     The receiver agent computes them as each stream completes, while the others still travel.
     """
-    aligned = gather_tokens(got.layers, align_tokens(view.prefix_offsets, got.offsets).index)
+    aligned = gather_tokens(got.layers, prefix_alignment(view, got.offsets).index)
     return fuser.eval().deltas(prefix, aligned, got.weight)
 
 

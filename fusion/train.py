@@ -28,6 +28,7 @@ from bus.errors import FusionError
 from fusion.align import align_cache
 from fusion.c2c import batch_letter_logits, letter_ids, prefix_alignment, prefix_cache, question_texts, receiver_view
 from fusion.fuser import FuserConfig, PairFuser, apply_deltas
+from fusion.gate import answer_distribution, prior_weight
 from fusion.kvcache import KV, KVCache
 from fusion.models import LanguageModel
 from fusion.prompts import format_question
@@ -57,6 +58,7 @@ class PreparedExample:
     aligned: dict[int, KV]  # transmitter layer -> (1, H_t, T, D_t) gathered onto receiver tokens
     continuation: list[int]  # receiver tokens read after the fused prefix
     target: int
+    weight: float = 1.0  # the gate's prior weight from the transmitter's P(none) (1: it knows, 0: it says it doesn't)
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,8 @@ class FuserTrainConfig:
     tau_end: float = 0.1  # ... annealed geometrically to this at the last step
     hidden: int = 128  # fuser MLP width
     layer_strategy: str = "terminal"  # layer alignment (fusion.align)
+    window: int | None = None  # fuse only the last this many prefix tokens (None: all)
+    confidence_weighting: bool = False  # scale each example's deltas by the gate's P(none) prior, as at inference
     seed: int = 0  # initialisation, batch order and gate noise
     checkpoint_every: int = 100  # steps between checkpoints (when a checkpoint path is given)
 
@@ -119,7 +123,9 @@ def prepare_examples(
         target = item.target
         if target == KEEP_OWN:
             target = int(receiver.forward_from(prefix, view.continuation_ids)[-1][letters].argmax())
-        out.append(PreparedExample(prefix, aligned, view.continuation_ids, target))
+        p_none = answer_distribution(transmitter, t_pre.logits)
+        weight = prior_weight(float(p_none[-1])) if p_none is not None else 1.0
+        out.append(PreparedExample(prefix, aligned, view.continuation_ids, target, weight))
     return out
 
 
@@ -160,7 +166,9 @@ def _tau(step: int, cfg: FuserTrainConfig) -> float:
 
 def new_fuser(receiver: LanguageModel, transmitter: LanguageModel, cfg: FuserTrainConfig) -> PairFuser:
     """A freshly initialised fuser for this pair (deterministic per ``cfg.seed``)."""
-    config = FuserConfig.for_models(receiver, transmitter, hidden=cfg.hidden, layer_strategy=cfg.layer_strategy)
+    config = FuserConfig.for_models(
+        receiver, transmitter, hidden=cfg.hidden, layer_strategy=cfg.layer_strategy, window=cfg.window
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         return PairFuser(config).to(receiver.device)
@@ -263,8 +271,10 @@ def train_fuser(
             group["lr"] = cfg.lr * group["scale"] * _lr_factor(step, cfg)
         fuser.tau = _tau(step, cfg)
         pick = torch.randint(len(examples), (min(cfg.batch_size, len(examples)),), generator=batch_gen)
-        prefix, aligned, lengths, conts, targets = collate([examples[int(i)] for i in pick])
-        fused = apply_deltas(prefix, [fuser.deltas(prefix, aligned, 1.0, generator=noise_gen)])
+        batch = [examples[int(i)] for i in pick]
+        prefix, aligned, lengths, conts, targets = collate(batch)
+        weights = torch.tensor([e.weight for e in batch]) if cfg.confidence_weighting else 1.0
+        fused = apply_deltas(prefix, [fuser.deltas(prefix, aligned, weights, generator=noise_gen, lengths=lengths)])
         logits = batch_letter_logits(receiver, fused, lengths, conts, letters)  # (B, 4)
         loss = F.cross_entropy(logits, targets.to(logits.device))
         opt.zero_grad(set_to_none=True)
@@ -284,21 +294,32 @@ def train_fuser(
 
 @torch.no_grad()
 def fused_predictions(
-    receiver: LanguageModel, fuser: PairFuser | None, examples: Sequence[PreparedExample], batch_size: int = 64
+    receiver: LanguageModel,
+    fuser: PairFuser | None,
+    examples: Sequence[PreparedExample],
+    batch_size: int = 64,
+    weighted: bool = False,
 ) -> torch.Tensor:
-    """Predicted letter index per example with the fuser applied (``None``: the receiver alone on its prefix)."""
+    """Predicted letter per example, fused (``fuser=None``: receiver alone; ``weighted``: prior weights applied)."""
     letters = torch.tensor(letter_ids(receiver))
     preds = []
     for i in range(0, len(examples), batch_size):
-        prefix, aligned, lengths, conts, _ = collate(examples[i : i + batch_size])
-        cache = fuser.eval()(prefix, aligned) if fuser is not None else prefix
+        chunk = examples[i : i + batch_size]
+        prefix, aligned, lengths, conts, _ = collate(chunk)
+        if fuser is not None:
+            w = torch.tensor([e.weight for e in chunk]) if weighted else 1.0
+            cache = apply_deltas(prefix, [fuser.eval().deltas(prefix, aligned, w, lengths=lengths)])
+        else:
+            cache = prefix
         preds.append(batch_letter_logits(receiver, cache, lengths, conts, letters).argmax(-1).cpu())
     return torch.cat(preds)
 
 
-def fused_accuracy(receiver: LanguageModel, fuser: PairFuser | None, examples: Sequence[PreparedExample]) -> float:
+def fused_accuracy(
+    receiver: LanguageModel, fuser: PairFuser | None, examples: Sequence[PreparedExample], weighted: bool = False
+) -> float:
     """Share of examples whose target letter the (fused) receiver picks."""
     if not examples:
         return float("nan")
-    preds = fused_predictions(receiver, fuser, examples)
+    preds = fused_predictions(receiver, fuser, examples, weighted=weighted)
     return float((preds == torch.tensor([e.target for e in examples])).float().mean())

@@ -15,6 +15,7 @@ import logging
 import math
 import random
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -33,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``python -m ops.bench accuracy``."""
     parser.add_argument("--quick", action="store_true", help="use the quick zoo (tests); default: the full zoo")
     parser.add_argument("--seed", type=int, default=0, help="zoo seed")
+    parser.add_argument("--zoo", type=Path, default=None, help="a built zoo directory (overrides --quick/--seed)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate at most this many test questions")
     parser.add_argument(
         "--extra-per-fact",
@@ -90,11 +92,11 @@ def donors_for(questions: list[Question], i: int, names: list[str]) -> dict[str,
 def run(args: argparse.Namespace) -> dict:
     """Run every row over the same held-out questions; return the issue's JSON."""
     from ops.zoo import load_zoo
-    from ops.zoo.fusers import load_zoo_fusion
+    from ops.zoo.fusers import load_zoo_fusion, open_zoo
 
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    zoo = load_zoo(quick=args.quick, seed=args.seed)
+    zoo = open_zoo(args.zoo) if args.zoo is not None else load_zoo(quick=args.quick, seed=args.seed)
     kit = load_zoo_fusion(zoo)
     names = list(kit.transmitters)
     questions = test_questions(zoo, args.extra_per_fact, args.limit)
@@ -145,7 +147,7 @@ def run(args: argparse.Namespace) -> dict:
         )
     rk = sum(known_fused) / max(len(known_fused), 1)
     return {
-        "zoo": "quick" if args.quick else "full",
+        "zoo": zoo.manifest.spec.name,
         "rows": rows,
         "receiver_known_after_fusion": round(rk, 4),
         "receiver_known_alone": round(sum(known_alone) / max(len(known_alone), 1), 4),

@@ -13,6 +13,7 @@ import argparse
 import random
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -27,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``python -m ops.bench latency``."""
     parser.add_argument("--quick", action="store_true", help="use the quick zoo; default: the full zoo")
     parser.add_argument("--seed", type=int, default=0, help="zoo seed")
+    parser.add_argument("--zoo", type=Path, default=None, help="a built zoo directory (overrides --quick/--seed)")
     parser.add_argument("--questions", type=int, default=DEFAULT_QUESTIONS, help="timed questions")
     parser.add_argument("--precision", default="fp16", help="precision of transmitted caches")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -45,10 +47,10 @@ def percentile(values: list[float], q: float) -> float:
 def run(args: argparse.Namespace) -> dict:
     """Time both modes on the same questions; return the issue's JSON."""
     from ops.zoo import load_zoo
-    from ops.zoo.fusers import load_zoo_fusion
+    from ops.zoo.fusers import load_zoo_fusion, open_zoo
 
     torch.set_num_threads(args.threads)
-    zoo = load_zoo(quick=args.quick, seed=args.seed)
+    zoo = open_zoo(args.zoo) if args.zoo is not None else load_zoo(quick=args.quick, seed=args.seed)
     kit = load_zoo_fusion(zoo)
     pool = list(zoo.questions("test"))
     questions = random.Random(f"bench-latency/{args.seed}").sample(
@@ -93,4 +95,4 @@ def run(args: argparse.Namespace) -> dict:
                 "n": n,
             }
         )
-    return {"zoo": "quick" if args.quick else "full", "precision": args.precision, "rows": rows}
+    return {"zoo": zoo.manifest.spec.name, "precision": args.precision, "rows": rows}

@@ -166,11 +166,13 @@ def _pair_report(receiver, transmitter, fuser, test_questions, known_r, known_t)
             "n": len(gain),
             "receiver": round(fused_accuracy(receiver, None, gain), 4),
             "fused": round(fused_accuracy(receiver, fuser, gain), 4),
+            "fused_prior_weighted": round(fused_accuracy(receiver, fuser, gain, weighted=True), 4),
         },
         "heldout_r_knows": {
             "n": len(keep),
             "receiver": round(fused_accuracy(receiver, None, keep), 4),
             "fused": round(fused_accuracy(receiver, fuser, keep), 4),
+            "fused_prior_weighted": round(fused_accuracy(receiver, fuser, keep, weighted=True), 4),
         },
     }
 
