@@ -135,12 +135,8 @@ class Agent:
             await asyncio.wait(set(self._tasks), timeout=self.cfg.drain_s)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.drain_wait(until), timeout=max(0.0, until - time.monotonic()))
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for task in self._background:
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._cancel_all(self._tasks, "in-flight")
+        await self._cancel_all(self._background, "background")
         await self._goodbye(reason)
         try:
             await self.teardown()
@@ -148,6 +144,18 @@ class Agent:
             await self._close_connections()
             self._executor.shutdown(wait=False, cancel_futures=True)
         log.info("%s %s stopped (%s)", self.role, self.id, reason)
+
+    async def _cancel_all(self, tasks: set[asyncio.Task[Any]], kind: str) -> None:
+        """Cancel ``tasks`` and wait for them a bounded time: a task that will not end must not keep us alive."""
+        if not tasks:
+            return
+        for task in tasks:
+            task.cancel()
+        _, stuck = await asyncio.wait(set(tasks), timeout=DEFAULT_CLOSE_TIMEOUT_S)
+        for task in stuck:
+            log.warning(
+                "%s %s: %s task %s did not stop when cancelled; leaving it", self.role, self.id, kind, task.get_name()
+            )
 
     async def __aenter__(self) -> Agent:
         return await self.start()

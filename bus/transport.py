@@ -63,6 +63,17 @@ class SendReport:
     seconds: float
 
 
+def _honour_cancel() -> None:
+    """Re-raise a cancellation that nats-py swallowed.
+
+    ``Client.publish`` waits for its flusher when its pending buffer is full and catches ``CancelledError`` while
+    it does, so a cancelled sender would go on streaming. The task still counts the request (``cancelling()``).
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 async def _publish(nc: Client, subject: str, frame: Buffer) -> None:
     try:
         await nc.publish(subject, frame)
@@ -70,6 +81,7 @@ async def _publish(nc: Client, subject: str, frame: Buffer) -> None:
         raise TransportError(f"{len(frame)}-byte frame exceeds the server's max_payload {nc.max_payload}") from exc
     except (nats.errors.Error, OSError) as exc:
         raise TransportError(f"publish to {subject!r} failed: {exc or type(exc).__name__}", subject=subject) from exc
+    _honour_cancel()
 
 
 async def send_cache(
@@ -140,6 +152,7 @@ async def send_cache(
                 since_flush += chunk.size
                 if since_flush >= flush_every:
                     await busconn.flush(nc)
+                    _honour_cancel()
                     since_flush = 0
         await busconn.flush(nc)
     finally:

@@ -8,6 +8,7 @@ traffic. Agents run as asyncio tasks in the test's event loop (fast); tests that
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -35,6 +36,8 @@ from fusion.models import LanguageModel, ModelSpec
 from fusion.prompts import Question
 from fusion.registry import FuserRegistry
 from ops.ask import Item, ask_once
+
+STOP_LIMIT_S = 30.0  # an agent's stop is bounded by its drain (3 s) and close timeouts; far more is a hang
 
 QUESTIONS = [
     Question(
@@ -180,9 +183,16 @@ class Fleet:
         await self.agents.pop(agent_id).stop()
 
     async def close(self) -> None:
-        """Stop every agent and the client."""
+        """Stop every agent and the client; an agent that does not stop fails the test with every task's stack."""
         for agent_id in list(self.agents)[::-1]:
-            await self.agents.pop(agent_id).stop()
+            stopping = asyncio.create_task(self.agents.pop(agent_id).stop())
+            done, _ = await asyncio.wait({stopping}, timeout=STOP_LIMIT_S)
+            if not done:
+                stacks = io.StringIO()
+                for task in asyncio.all_tasks():
+                    task.print_stack(file=stacks)
+                pytest.fail(f"agent {agent_id} did not stop within {STOP_LIMIT_S} s; tasks:\n{stacks.getvalue()}")
+            stopping.result()
         if self.client is not None:
             await close(self.client)
 

@@ -214,3 +214,36 @@ async def test_receiver_is_subscribed_when_start_returns(nats_server, subject: s
             finally:
                 await rx.stop()
     assert lost == 0
+
+
+class _SwallowingClient:
+    """Publishes like nats-py's client when its pending buffer is full: a cancellation landing inside is swallowed."""
+
+    is_connected = True
+    max_payload = MB
+
+    def __init__(self) -> None:
+        self.published = 0
+
+    async def publish(self, subject: str, payload: bytes) -> None:
+        try:
+            await asyncio.sleep(0.002)
+        except asyncio.CancelledError:
+            pass
+        self.published += 1
+
+    async def flush(self, timeout: float) -> None:
+        await asyncio.sleep(0)
+
+
+async def test_a_cancelled_send_stops_even_when_the_client_swallows_the_cancel() -> None:
+    nc = _SwallowingClient()
+    cache = _cache(4 * MB, n_layers=8)
+    task = asyncio.create_task(send_cache(nc, "s", cache, query_id="q", sender="t", chunk_bytes=16_000))  # type: ignore[arg-type]
+    while nc.published < 3:
+        await asyncio.sleep(0.001)
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=5.0)
+    assert done and task.cancelled()
+    total = len(list(encode_cache(cache, precision="fp16", query_id="q", sender="t", chunk_bytes=16_000)))
+    assert nc.published < total // 2
