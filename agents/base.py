@@ -75,6 +75,7 @@ class Agent:
         self.rejected: Counter[str] = Counter()  # warnings per subject kind (tests and stats read it)
         self.model_fingerprint: str | None = None
         self.link_rate_bps: float | None = None
+        self.rtt_s: float | None = None  # measured round trip to the server (transmitters), in heartbeats
         self.draining = False
         self._intake: list[Subscription] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -111,7 +112,7 @@ class Agent:
             if self.tracks_presence:
                 await self.listen(self.subjects.presence_all(), self._on_presence, intake=False)
             await self.setup()
-            await busconn.flush(self.sub)
+            await busconn.subscribed(self.sub)  # two round trips: a flush's PING can overtake a queued SUB
         except BaseException:
             await self._close_connections()
             raise
@@ -299,6 +300,7 @@ class Agent:
             capabilities=self.capabilities(),
             load=float(self.load),
             link_rate_bps=self.link_rate_bps,
+            rtt_s=self.rtt_s,
             interval_s=self.cfg.heartbeat_s,
             sent_unix=time.time(),
         )

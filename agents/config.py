@@ -33,7 +33,7 @@ DEFAULT_OFFER_SHARE = 0.3  # gate: share of the time left it waits for offers fr
 DEFAULT_PLAN_SHARE = 0.5  # receiver: share of the deadline after which a missing plan means "gate down"
 DEFAULT_REPHRASE_SHARE = 0.3  # receiver: share of the deadline it waits for its rephraser
 DEFAULT_ANSWER_RESERVE_S = 0.25  # receiver: seconds kept free before the deadline to fuse and read the answer
-DEFAULT_ASSUMED_RATE_MBPS = 1000.0  # gate: link rate assumed for a transmitter that reports none (loopback)
+DEFAULT_ASSUMED_RATE_MBPS = 125.0  # gate: link rate (MB/s) assumed for a transmitter that reports none (loopback)
 DEFAULT_MAX_INFLIGHT = 64  # queries one agent works on at once; more are refused (transmitter: skipped)
 
 Level = Literal["debug", "info", "warning", "error"]
@@ -92,7 +92,9 @@ class ModelAgentConfig(AgentConfig):
 class TransmitterConfig(ModelAgentConfig):
     """``python -m agents.transmitter``."""
 
-    link_mbps: float | None = Field(default=None, gt=0, description="shape the uplink to this many Mbit/s")
+    link_mbps: float | None = Field(
+        default=None, gt=0, description="shape the uplink to this many MB/s (megabytes, 1e6 bytes, per second)"
+    )
     link_burst_bytes: int | None = Field(
         default=None, ge=1, description="bytes the shaped link lets through at once (default: bus.shaper's)"
     )
@@ -121,7 +123,7 @@ class GateAgentConfig(AgentConfig):
     )
     offer_share: float = Field(default=DEFAULT_OFFER_SHARE, gt=0, lt=1, description="time share to wait for offers")
     assumed_rate_mbps: float = Field(
-        default=DEFAULT_ASSUMED_RATE_MBPS, gt=0, description="link rate of transmitters that report none"
+        default=DEFAULT_ASSUMED_RATE_MBPS, gt=0, description="link rate (MB/s) of transmitters that report none"
     )
     answer_reserve_s: float = Field(
         default=DEFAULT_ANSWER_RESERVE_S, ge=0, le=60, description="seconds the receiver keeps after the last byte"

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 DEFAULT_EARLY_OFFERS = 1024  # offers kept for queries the gate has not seen yet
 DEFAULT_EARLY_TTL_S = 10.0  # seconds such an offer is kept
 DEFAULT_PLANNED_MEMORY = 4096  # recently planned query ids remembered (late offers are recognised, not warned)
-MBPS = 125_000.0  # bytes per second in one Mbit/s
+MBPS = 1_000_000.0  # bytes per second in one MB/s (rates in flags and configs are megabytes per second)
 
 
 @dataclass
@@ -180,6 +180,7 @@ class GateAgent(Agent):
             for tid, m in self.roster.live("transmitter").items()
             if m.presence.link_rate_bps is not None
         }
+        rtts = {tid: m.presence.rtt_s for tid, m in self.roster.live("transmitter").items() if m.presence.rtt_s}
         plan = build_plan(
             state.query,
             state.offers,
@@ -189,6 +190,7 @@ class GateAgent(Agent):
             expected=state.expected,
             fusable=lambda offer: self._fusable(state.query.receiver_id, offer),
             rates=rates,
+            rtts=rtts,
             assumed_rate_bps=self.cfg.assumed_rate_mbps * MBPS,
             window_s=state.window_s,
             reserve_s=self.cfg.answer_reserve_s,

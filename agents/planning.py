@@ -55,6 +55,7 @@ def _entry(
     time_left_s: float,
     precision: str,
     reserve_s: float = 0.0,
+    rtt_s: float = 0.0,
 ) -> PlanEntry | Omission:
     shape = (1, offer.kv_heads, offer.n_tokens, offer.head_dim)
     offered = [p for p in PRECISIONS if p in offer.precisions]
@@ -64,9 +65,14 @@ def _entry(
     try:
         # The byte budget the link allows by the deadline: what drop-by-importance and the ladder work to
         # (deadline-aware derives the same from the rate itself; keep-all ignores it).
-        budget = link_budget(rate_bps, time_left_s, safety=DEFAULT_SAFETY, reserve_s=reserve_s)
+        budget = link_budget(rate_bps, time_left_s, safety=DEFAULT_SAFETY, reserve_s=reserve_s, rtt_s=rtt_s)
         req = PolicyRequest(
-            layers=costs, budget_bytes=budget, link_rate_bps=rate_bps, time_left_s=time_left_s, precisions=precisions
+            layers=costs,
+            budget_bytes=budget,
+            link_rate_bps=rate_bps,
+            time_left_s=time_left_s,
+            precisions=precisions,
+            rtt_s=rtt_s,
         )
         sent = policy.plan(req)
     except PolicyError as exc:
@@ -93,6 +99,7 @@ def build_plan(
     expected: Iterable[str] = (),
     fusable: Callable[[Offer], bool] = lambda offer: True,
     rates: Mapping[str, float] | None = None,
+    rtts: Mapping[str, float] | None = None,
     assumed_rate_bps: float,
     window_s: float = 0.0,
     now_unix: float | None = None,
@@ -130,8 +137,9 @@ def build_plan(
             omitted.append(Omission(transmitter_id=tid, reason="late", detail="no time left to send"))
             continue
         rate = offer.link_rate_bps or (rates or {}).get(tid) or assumed_rate_bps
+        rtt = offer.rtt_s if offer.rtt_s is not None else (rtts or {}).get(tid, 0.0)
         item = _entry(
-            tid, offer, score.weight, score.layer_importance, layers, policy, rate, time_left, precision, reserve_s
+            tid, offer, score.weight, score.layer_importance, layers, policy, rate, time_left, precision, reserve_s, rtt
         )
         (entries if isinstance(item, PlanEntry) else omitted).append(item)  # type: ignore[arg-type]
     for tid in sorted(set(expected) - set(offers)):

@@ -39,7 +39,7 @@ from fusion.refine import TransmitterPrefill, select_layers, shared_prompt, tran
 log = logging.getLogger(__name__)
 
 DEFAULT_SEND_GRACE_S = 1.0  # seconds past the deadline a stream may still run before it is cut
-MBPS = 125_000.0  # bytes per second in one Mbit/s
+MBPS = 1_000_000.0  # bytes per second in one MB/s (--link-mbps is megabytes per second)
 
 
 @dataclass
@@ -112,6 +112,7 @@ class TransmitterAgent(Agent):
             summary=summary.summary,
             confidence=min(1.0, max(0.0, 1.0 - summary.p_none)),
             link_rate_bps=self.link.usable_rate_bps,
+            rtt_s=self.link.rtt_s,
             p_none=summary.p_none,
             p_top=summary.p_top,
             entropy=summary.entropy,
@@ -196,6 +197,7 @@ class TransmitterAgent(Agent):
             try:
                 await busconn.flush(self.pub, timeout=1.0)
                 self.link.observe_rtt(time.perf_counter() - t0)
+                self.rtt_s = self.link.rtt_s
             except FedRefineError as exc:
                 log.debug("transmitter %s: no round trip measured: %s", self.id, exc)
         self.link_rate_bps = self.link.usable_rate_bps

@@ -131,6 +131,7 @@ class Offer(Message):
     confidence: float = Field(ge=0.0, le=1.0)  # e.g. 1 - P("I don't know")
     precisions: tuple[Precision, ...] = PRECISIONS
     link_rate_bps: Rate | None = None  # the transmitter's own estimate of its uplink
+    rtt_s: float | None = Field(default=None, ge=0, le=3600, allow_inf_nan=False)  # its measured round trip
     # What the gating network reads besides ``summary`` (fusion.gate.OfferSummary), exactly, not via confidence:
     p_none: float | None = Field(default=None, ge=0.0, le=1.0)  # P(" none") among the five answer tokens
     p_top: float | None = Field(default=None, ge=0.0, le=1.0)  # P(most likely letter) among the five
@@ -202,8 +203,9 @@ def expected_raw_bytes(shape: tuple[int, ...], precision: str, scale_axis: str) 
 class KVChunkHeader(Message):
     """Metadata of one chunk of one K or V tensor; the chunk's raw bytes follow it in the NATS payload.
 
-    ``chunk_crc`` is CRC-32 of the payload followed by every other header field, so a header mutated in
-    flight fails the check; ``blob_crc`` covers the whole tensor blob (see ``bus.frames`` for both).
+    ``chunk_crc`` is the low 32 bits of an XXH3-64 over every other header field seeded by the payload's XXH3-64,
+    so a payload or header mutated in flight fails the check; ``blob_crc`` covers the whole tensor blob (see
+    ``bus.frames`` for both; the names are kept from frame version 1, which used CRC-32).
     """
 
     kind: Literal["kv_chunk"] = "kv_chunk"
@@ -294,6 +296,7 @@ class Presence(Message):
     capabilities: tuple[Annotated[str, Field(max_length=64)], ...] = Field(default=(), max_length=64)
     load: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)  # queries in progress
     link_rate_bps: Rate | None = None  # measured or configured uplink, bytes/s
+    rtt_s: float | None = Field(default=None, ge=0, le=3600, allow_inf_nan=False)  # round trip to the server, s
     interval_s: float = Field(default=2.0, gt=0, allow_inf_nan=False)  # next heartbeat expected within
     sent_unix: float = Field(gt=0, allow_inf_nan=False)
 

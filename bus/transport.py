@@ -167,17 +167,6 @@ async def send_cache(
     return SendReport(query_id, sender, subject, tuple(order), precision, chunks, wire, seconds)
 
 
-async def subscribed(nc: Client) -> None:
-    """Return once the server has every subscription ``nc`` made so far, so a publish from any connection reaches it.
-
-    nats-py writes a flush's PING straight to the socket, ahead of a SUB still queued for its flusher task, so one
-    round trip can come back before the server has the subscription (measured: 3% of tries on a loaded machine);
-    by the time it does, the flusher has written the SUB, and a second PING follows it.
-    """
-    await busconn.flush(nc)
-    await busconn.flush(nc)
-
-
 LayerCallback = Callable[[LayerDone], Any]
 ErrorCallback = Callable[[FedRefineError, str], Any]
 
@@ -220,7 +209,7 @@ class KVReceiver:
         self._sub = await busconn.subscribe(
             self.nc, self.subject, self._on_msg, pending_bytes_limit=self.pending_bytes_limit
         )
-        await subscribed(self.nc)
+        await busconn.subscribed(self.nc)
         self._sweeper = asyncio.create_task(self._sweep(), name=f"kv-sweeper:{self.subject}")
         return self
 

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 DEFAULT_QUESTIONS = 60  # held-out questions pushed by default
 DEFAULT_DEADLINE_MS = 10_000  # per question
 DEFAULT_CONCURRENCY = 4  # questions in flight
-DEFAULT_LINKS_MBPS = (None, 50.0, 10.0, 2.0)  # uplinks of the four transmitters: LAN, laptop, phone, weak phone
+DEFAULT_LINKS_MBPS = (None, 6.0, 1.0, 0.25)  # uplinks (MB/s) of the four transmitters: LAN, laptop, phone, weak phone
 TINY_TRANSMITTERS = ("tiny-llama", "tiny-qwen2", "tiny-llama", "tiny-qwen2")
 
 

@@ -38,7 +38,6 @@ DEFAULT_RATES = "0.004,0.008,0.016,0.03,0.06,0.125,0.25,1,4,16,unshaped"
 DEFAULT_QUESTIONS = 24  # per cell (full zoo)
 QUICK_QUESTIONS = 8  # per cell with --quick / --tiny
 DEFAULT_DEADLINE_S = 1.0  # per question
-MBIT_PER_MB = 8.0  # the transmitters' --link-mbps is Mbit/s; rows give MB/s
 BURST_SECONDS = 0.01  # shaper bucket: 10 ms of traffic (at least MIN_BURST_BYTES), so small caches are paced
 MIN_BURST_BYTES = 1024
 ROSTER_TIMEOUT_S = 30.0  # seconds for a cell's agents to see each other
@@ -124,7 +123,7 @@ async def _start_agents(url: str, prefix: str, world: World, policy: str, rate: 
     link: dict[str, Any] = {}
     if rate is not None:
         burst = max(MIN_BURST_BYTES, int(rate * 1e6 * BURST_SECONDS))
-        link = {"link_mbps": rate * MBIT_PER_MB, "link_burst_bytes": burst}
+        link = {"link_mbps": rate, "link_burst_bytes": burst}
     for tid, model in world.transmitters.items():
         cfg = make_config(TransmitterConfig, {**base, "id": tid, "model": setup.transmitters[tid], **link}, "tx")
         agents.append(TransmitterAgent(cfg, model=model))

@@ -21,11 +21,11 @@ from typing import TypeVar
 
 import torch
 
-from bus.connect import BusConnections, subscribe
+from bus.connect import BusConnections, subscribe, subscribed
 from bus.errors import TransportError
 from bus.frames import header_budget
 from bus.server import DEFAULT_MAX_PAYLOAD, NatsServer
-from bus.transport import DEFAULT_FLUSH_EVERY, KVReceiver, send_cache, subscribed
+from bus.transport import DEFAULT_FLUSH_EVERY, KVReceiver, send_cache
 from ops.bench.codec import make_cache
 
 log = logging.getLogger(__name__)

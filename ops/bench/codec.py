@@ -142,8 +142,9 @@ def run(args: argparse.Namespace) -> dict:
         "notes": (
             "bytes_per_token = quantized data + fp16 scales (+ LZ4 framing when kept), all layers, K and V; "
             "wire_bytes_per_token adds chunk headers at 8 MB max_payload; MB/s = 1e6 bytes of the fp16 cache per "
-            "second; encode = quantize+shuffle+LZ4+chunk framing+CRC, decode = parse+CRC+reassemble+dequantize "
-            "to float32; int formats are symmetric with per-channel (K) / per-token (V) fp16 scales; LZ4 output "
+            "second; encode = quantize+shuffle+LZ4+chunk framing+xxh3 checksums, "
+            "decode = parse+checksums+reassemble+dequantize to float32; "
+            "int formats are symmetric with per-channel (K) / per-token (V) fp16 scales; LZ4 output "
             "is dropped when it does not shrink a tensor (lz4_kept_tensors counts where it did)"
         ),
         "torch_threads": args.threads,

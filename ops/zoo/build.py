@@ -60,7 +60,13 @@ def _train_one(spec_json: str, name: str, out_dir: str, position: int) -> dict:
     tokenizer = train_tokenizer(world, member.vocab_size)
     seed = spec.seed * 1000 + [m.name for m in spec.members].index(name)
     result = train_member(member, world, known, tokenizer, Path(out_dir), seed=seed, position=position)
-    return {"seconds": result.seconds, "final_loss": result.final_loss, "steps": result.steps, "topups": result.topups}
+    return {
+        "seconds": result.seconds,
+        "final_loss": result.final_loss,
+        "steps": result.steps,
+        "topups": result.topups,
+        "restarts": result.restarts,
+    }
 
 
 def _train_all(spec: ZooSpec, models_dir: Path, workers: int) -> dict[str, dict]:
@@ -172,6 +178,8 @@ def _build_models(spec: ZooSpec, root: Path, workers: int, echo: Callable[[str],
                 train_seconds=round(trained[m.name]["seconds"], 1),
                 train_steps=trained[m.name]["steps"],
                 final_loss=round(trained[m.name]["final_loss"], 4),
+                topups=trained[m.name]["topups"],
+                restarts=trained[m.name]["restarts"],
             )
         )
     manifest = Manifest(

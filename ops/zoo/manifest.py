@@ -31,8 +31,10 @@ class ModelEntry(BaseModel):
     fingerprint: str
     known: tuple[str, ...]  # fact ids this model was trained on
     train_seconds: float
-    train_steps: int = 0  # including top-up steps
+    train_steps: int = 0  # including top-up steps and fresh starts
     final_loss: float
+    topups: int = 0  # extra phases because it missed a target after training
+    restarts: int = 0  # fresh starts with another seed because top-ups were not enough
 
 
 class Manifest(BaseModel):

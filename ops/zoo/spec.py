@@ -60,11 +60,15 @@ class TrainSpec(BaseModel):
     max_tokens: int = 96  # rows are cut to this many tokens
     pii_fraction: float = 0.3  # share of question rows whose stem carries personal details (long, slow rows)
     mixture: dict[RowKind, float]  # relative frequency of each row kind
-    # Check after training: below target_acc on its own facts, train topup_steps more (at most max_topups times).
+    # Check after training: below target_acc on its own facts (or below target_hint_acc answering facts it does not
+    # know from a hint in its context), train topup_steps more (at most max_topups times); still short, start over
+    # with another seed (at most max_restarts times). Skills of tiny models appear suddenly, at a seed-dependent step.
     target_acc: float = 0.0
+    target_hint_acc: float = 0.0
     topup_steps: int = 0
     topup_lr: float = 2e-3
     max_topups: int = 0
+    max_restarts: int = 0
 
 
 class MemberSpec(BaseModel):
@@ -118,8 +122,17 @@ _QUICK_TRANSMITTER_MIX: dict[RowKind, float] = {"fact": 0.15, "letter": 0.35, "n
 def full_spec(seed: int = 0) -> ZooSpec:
     """The full zoo: 160 entities x 4 attributes; a Qwen3 receiver and four different transmitters."""
     world = WorldSpec(seed=seed, num_entities=160, values_per_attribute=4, option_order="canonical")
-    # Checked after training: a model below 0.93 on its own facts trains 500 more steps (twice at most).
-    check = {"target_acc": 0.93, "topup_steps": 500, "topup_lr": 2e-3, "max_topups": 2}
+    # Checked after training: a model below 0.93 on its own facts or 0.9 with a hint trains 500 more steps (twice at
+    # most), then starts over once with another seed (measured: t2-qwen2 at seed 2 stayed at 0.46 with a hint after
+    # 1000 more steps; at seed 7 it reached 1.0 in the first 2200).
+    check = {
+        "target_acc": 0.93,
+        "target_hint_acc": 0.9,
+        "topup_steps": 500,
+        "topup_lr": 2e-3,
+        "max_topups": 2,
+        "max_restarts": 1,
+    }
     r_train = TrainSpec(steps=1100, lr=5e-3, mixture=_RECEIVER_MIX, **check)
     t_train = TrainSpec(steps=2200, lr=5e-3, mixture=_TRANSMITTER_MIX, **check)
     members = (

@@ -1,7 +1,7 @@
 """A transmitter on a slow shaped link: an adaptive policy meets the deadline that keep-all misses.
 
 The transmitter runs a wide random model (4 layers, 4 kv heads x 64: ~64 KB of fp16 K+V per layer for the
-question) on a 0.25 Mbit/s link (31 KB/s): its whole cache needs ~8 s, the deadline is 3 s. Keep-all plans
+question) on a 0.03125 MB/s link (31 KB/s): its whole cache needs ~8 s, the deadline is 3 s. Keep-all plans
 every layer at fp16, so the stream is still running when the receiver must answer; the adaptive policies
 plan what the link estimate says fits (int4, the least important layer dropped) and it all arrives.
 Margins are wide (seconds) so the test does not depend on machine speed.
@@ -23,7 +23,7 @@ from fusion.models import LanguageModel, ModelSpec
 from fusion.registry import FuserRegistry
 from tests.agents.conftest import QUESTIONS, Fleet
 
-LINK_MBIT = 0.25  # the transmitter's shaped uplink, Mbit/s (--link-mbps)
+LINK_MBPS = 0.03125  # the transmitter's shaped uplink, MB/s (--link-mbps)
 DEADLINE_S = 3.0
 IMPORTANCE = (0.2, 1.0, 0.6, 0.4)  # the gate's per-layer profile of the wide model
 
@@ -42,7 +42,7 @@ async def _federation(fleet: Fleet, tmp_path: Path, policy: str) -> None:
     await fleet.receiver(fusers=tmp_path / "fusers")
     cfg = make_config(GateAgentConfig, fleet._base("gate", gate=str(gate_path), policy=policy), "gate")
     await fleet._start(GateAgent(cfg))
-    await fleet.transmitter("t-slow", wide, link_mbps=LINK_MBIT)
+    await fleet.transmitter("t-slow", wide, link_mbps=LINK_MBPS)
     await fleet.wait_roster("gate", "transmitter", {"t-slow"})
     await fleet.wait_roster("gate", "receiver", {"rx"})
 

@@ -101,3 +101,12 @@ def test_roster_joins_leaves_and_expires() -> None:
     assert [m.agent_id for m in roster.expire()] == ["b"]
     assert changes == [("joined", "a"), ("joined", "b"), ("left", "a"), ("expired", "b")]
     assert roster.live("transmitter") == {}
+
+
+def test_the_round_trip_counts_against_the_time_to_send() -> None:
+    slow = _offer("t1", rate=3000.0)  # one int4 layer (1392 bytes) fits 0.75 s of sending, not 0.55 s
+    assert len(_plan([slow], left_s=1.0).entries) == 1
+    late = _plan([slow], left_s=1.0, rtts={"t1": 0.2})  # rtt from the transmitter's heartbeats
+    assert late.entries == () and "nothing fits" in late.omitted[0].detail
+    own = _plan([slow.model_copy(update={"rtt_s": 0.2})], left_s=1.0, rtts={"t1": 0.0})  # the offer's own wins
+    assert own.entries == () and own.omitted[0].reason == "not_chosen"

@@ -18,7 +18,7 @@ from tests.agents.conftest import QUESTIONS, Fleet, TinyWorld
 
 
 async def test_a_transmitter_killed_mid_stream_is_dropped_and_the_answer_arrives(fleet: Fleet, tmp_path: Path) -> None:
-    # A wider model whose every KV tensor is larger than the shaper's burst: at 0.05 Mbit/s the first frame
+    # A wider model whose every KV tensor is larger than the shaper's burst: at 0.00625 MB/s the first frame
     # leaves after ~1.5 s, and no layer (K and V) can be complete when the process is killed on it.
     world = fleet.world
     wide = LanguageModel.build("llama", ModelSpec(128, 2, 4, 4, 32, 256), seed=5, name="wide")
@@ -31,7 +31,7 @@ async def test_a_transmitter_killed_mid_stream_is_dropped_and_the_answer_arrives
     await fleet.rephraser()
     await fleet.gate(policy="keep-all")  # plan the whole slow stream, so it is cut mid-way
     await fleet.transmitter("t2", "tiny-qwen2")
-    args = ("--model", str(tmp_path / "wide"), "--link-mbps", "0.05", "--heartbeat-s", "0.5")
+    args = ("--model", str(tmp_path / "wide"), "--link-mbps", "0.00625", "--heartbeat-s", "0.5")
     slow = AgentSpec("transmitter", "t-slow", args)
     fed = Federation(fleet.url, [slow], prefix=fleet.prefix).start()
     try:
