@@ -1,83 +1,43 @@
-"""``python -m ops.report [--in DIR] [--out DIR]``: the paper's figures as PNG plots and a markdown summary.
+"""The report's figures: one section per plot, each writing a PNG and the markdown around it.
 
-Reads whichever benchmark JSON files exist in ``--in`` (``codec.json``, ``bus.json``, ``standalone.json``,
-``accuracy.json``, ``latency.json``, ``e2e.json``, ``bandwidth.json``, as written by
-``python -m ops.bench NAME --json DIR/NAME.json``) and writes ``--out/REPORT.md`` plus one PNG per figure:
-accuracy vs number of transmitters (Fig. 3a), accuracy per transmitter (Fig. 3b), latency of text-to-text
-vs C2C vs private C2C (Fig. 3c), accuracy and deadline-met vs link rate per policy, bytes per token per
-precision against text. A missing file makes its section say how to measure it; nothing is invented.
+Accuracy vs number of transmitters (Fig. 3a), accuracy per transmitter (Fig. 3b), latency of text-to-text vs
+C2C vs private C2C (Fig. 3c), bytes per token per precision against text, and accuracy, deadline-met and bytes
+per query vs link rate per policy. A section whose results are missing says how to measure them instead.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-from bus.errors import ConfigError, FedRefineError  # noqa: E402
+from ops.report.tables import (  # noqa: E402
+    ADAPTIVE_EXCLUDED,
+    UNSHAPED_LABEL,
+    Data,
+    Section,
+    _bus_bytes_per_token,
+    _ci,
+    _missing,
+    _names,
+    _num,
+    _pct,
+    _receiver_acc,
+    _table,
+    _text_bytes_per_token,
+    bandwidth_target,
+)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_IN = Path("out/bench")  # where `python -m ops.bench NAME --json out/bench/NAME.json` leaves results
-DEFAULT_OUT = Path("out/report")
-BENCHES = ("codec", "bus", "standalone", "accuracy", "latency", "e2e", "bandwidth")
 DPI = 120  # dots per inch of the PNGs
-UNSHAPED_LABEL = "unshaped"
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 PRECISION_ORDER = ("fp32", "fp16", "bf16", "int8", "int4")
-ADAPTIVE_EXCLUDED = ("keep-all", "t2t")  # rows that are baselines, not adaptive policies
-TARGET_MET = 0.95  # bandwidth target: deadlines the best adaptive policy meets where keep-all misses half
-TARGET_GAIN = 0.80  # ... keeping this share of keep-all's accuracy gain over the receiver alone
-Data = dict[str, Any]
-Section = tuple[str, list[Path]]  # markdown, PNGs written
-
-
-def load_results(directory: Path) -> dict[str, Data]:
-    """``{bench: parsed JSON}`` for every benchmark file present; a corrupt file is a ConfigError."""
-    found: dict[str, Data] = {}
-    for name in BENCHES:
-        path = directory / f"{name}.json"
-        if not path.is_file():
-            continue
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read benchmark result {path}: {exc}", path=str(path)) from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"benchmark result {path} is not a JSON object", path=str(path))
-        found[name] = data
-    return found
-
-
-def _missing(bench: str) -> str:
-    extra = " --quick" if bench in ("standalone", "accuracy", "e2e", "bandwidth") else ""
-    return f"not measured (run `python -m ops.bench {bench}{extra} --json {DEFAULT_IN}/{bench}.json`)\n"
-
-
-def _pct(x: Any) -> str:
-    return "–" if x is None else f"{100 * float(x):.1f}%"
-
-
-def _num(x: Any, digits: int = 1) -> str:
-    if x is None:
-        return "–"
-    return f"{float(x):,.{digits}f}"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
 
 
 def _save(fig: plt.Figure, out: Path, name: str) -> Path:
@@ -88,18 +48,6 @@ def _save(fig: plt.Figure, out: Path, name: str) -> Path:
     return path
 
 
-def _names(row: Data) -> list[str]:
-    t = row.get("transmitters") or []
-    return [t] if isinstance(t, str) else list(t)
-
-
-def _ci(row: Data) -> float:
-    ci = row.get("ci95")
-    if isinstance(ci, list | tuple) and len(ci) == 2:  # an interval: half its width
-        return abs(float(ci[1]) - float(ci[0])) / 2
-    return float(ci or 0.0)
-
-
 # ---- accuracy (Fig. 3a, 3b) -------------------------------------------------------------------------------
 
 
@@ -108,14 +56,6 @@ def _acc_rows(acc: Data, mode: str, private: bool = False) -> list[Data]:
     precisions = [r["precision"] for r in rows if r.get("precision")]
     main = max(set(precisions), key=precisions.count) if precisions else None  # the run's default precision
     return [r for r in rows if r.get("precision") in (None, main)]
-
-
-def _receiver_acc(results: dict[str, Data]) -> float | None:
-    for r in results.get("accuracy", {}).get("rows", []):
-        if r.get("mode") == "receiver":
-            return float(r["accuracy"])
-    bw = results.get("bandwidth", {}).get("receiver_alone_accuracy")
-    return None if bw is None else float(bw)
 
 
 def _chain(rows: list[Data]) -> list[Data]:
@@ -235,25 +175,6 @@ def section_fig3c(results: dict[str, Data], out: Path) -> Section:
     return text + f"![Fig. 3c]({png.name})\n\n" + _table(["mode", "p50 ms", "p95 ms", "bytes/token"], md), [png]
 
 
-def _text_bytes_per_token(results: dict[str, Data]) -> float | None:
-    for r in results.get("latency", {}).get("rows", []):
-        if r.get("mode") == "t2t" and r.get("bytes_per_token") is not None:
-            return float(r["bytes_per_token"])
-    vals = [r["bytes_per_token"] for r in results.get("bandwidth", {}).get("rows", []) if r.get("policy") == "t2t"]
-    vals = [float(v) for v in vals if v is not None]
-    return sum(vals) / len(vals) if vals else None
-
-
-def _bus_bytes_per_token(results: dict[str, Data]) -> dict[str, float]:
-    """Mean measured bytes per token through the agents, per plan precision (rows that used one precision)."""
-    per: dict[str, list[float]] = {}
-    for r in results.get("bandwidth", {}).get("rows", []):
-        precs = r.get("precisions") or {}
-        if len(precs) == 1 and r.get("bytes_per_token") is not None:
-            per.setdefault(next(iter(precs)), []).append(float(r["bytes_per_token"]))
-    return {p: sum(v) / len(v) for p, v in per.items()}
-
-
 def section_bytes(results: dict[str, Data], out: Path) -> Section:
     """Bytes per token per precision (codec on a Qwen3-0.6B-shaped cache; zoo caches through the agents) vs text."""
     text = "## Bytes per token: cache per precision vs text\n\n"
@@ -301,36 +222,6 @@ def _rate_axis(rows: list[Data]) -> tuple[dict[float | None, float], list[float]
     ticks = shaped + [pos[None]]
     labels = [f"{m:g}" for m in shaped] + [UNSHAPED_LABEL]
     return pos, ticks, labels
-
-
-def bandwidth_target(bw: Data) -> list[str]:
-    """Sentences on the issue's target: where keep-all misses >= half the deadlines, how the best policy does."""
-    rows = bw.get("rows", [])
-    base = bw.get("receiver_alone_accuracy")
-    keep = {r.get("link_mbps"): r for r in rows if r.get("policy") == "keep-all"}
-    full = keep.get(None) or (keep[max((k for k in keep if k is not None), default=None)] if keep else None)
-    if not keep or full is None or base is None:
-        return ["target: not checkable (needs keep-all rows and receiver_alone_accuracy)"]
-    gain = float(full["accuracy"]) - float(base)
-    if gain <= 0:
-        return [f"target: not checkable (keep-all gains {100 * gain:+.1f} points over the receiver alone)"]
-    out = []
-    for rate, k in sorted(keep.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
-        if k.get("deadline_met") is None or float(k["deadline_met"]) > 0.5:
-            continue
-        cands = [r for r in rows if r.get("link_mbps") == rate and r.get("policy") not in ADAPTIVE_EXCLUDED]
-        if not cands:
-            continue
-        best = max(cands, key=lambda r: (float(r.get("deadline_met") or 0), float(r.get("accuracy") or 0)))
-        kept = (float(best["accuracy"]) - float(base)) / gain
-        ok = float(best["deadline_met"]) >= TARGET_MET and kept >= TARGET_GAIN
-        out.append(
-            f"at {rate if rate is not None else UNSHAPED_LABEL} MB/s keep-all meets {_pct(k['deadline_met'])} of "
-            f"deadlines; best adaptive `{best['policy']}` meets {_pct(best['deadline_met'])} and keeps "
-            f"{_pct(kept)} of keep-all's gain ({'met' if ok else 'NOT met'}: needs >= {_pct(TARGET_MET)} and "
-            f">= {_pct(TARGET_GAIN)})"
-        )
-    return out or ["keep-all meets more than half of the deadlines at every measured rate: target not exercised"]
 
 
 def section_bandwidth(results: dict[str, Data], out: Path) -> Section:
@@ -391,101 +282,3 @@ def section_bandwidth(results: dict[str, Data], out: Path) -> Section:
     text += _table(["MB/s", "policy", "accuracy", "deadline met", "bytes/query", "bytes/token", "p50 ms"], md)
     text += "\n" + "".join(f"- {line}\n" for line in bandwidth_target(bw))
     return text, [png]
-
-
-# ---- plain tables ---------------------------------------------------------------------------------------------
-
-
-def _fmt(value: Any, kind: str) -> str:
-    """One table cell: ``pct``, ``int``, ``f1``/``f2`` (decimals) or ``str``."""
-    if kind == "pct":
-        return _pct(value)
-    if kind == "str":
-        return "–" if value is None else str(value)
-    return _num(value, 0 if kind == "int" else int(kind[1:]))
-
-
-# (title, benchmark, rows key or None for one flat object, [(column, field, kind)])
-TABLES: tuple[tuple[str, str, str | None, list[tuple[str, str, str]]], ...] = (
-    ("Models alone", "standalone", "models",
-     [("model", "name", "str"), ("role", "role", "str"), ("arch", "arch", "str"), ("params", "params", "int"),
-      ("known", "acc_known", "pct"), ("unknown", "acc_unknown", "pct"), ("all", "acc_all", "pct"), ("n", "n", "str")]),
-    ("Bus throughput", "bus", None,
-     [("cache bytes", "cache_bytes", "int"), ("raw nats-py MB/s", "raw_nats_mb_s", "f1"),
-      ("KV transfer MB/s", "kv_transfer_mb_s", "f1"), ("ratio", "ratio", "f2")]),
-    ("Agents over NATS vs in process", "e2e", None,
-     [("queries", "queries", "str"), ("answered", "answered", "str"), ("parity", "parity", "pct"),
-      ("bus p50 ms", "bus_p50_ms", "f1"), ("in-process p50 ms", "inproc_p50_ms", "f1"),
-      ("overhead", "overhead_ratio", "f2"), ("bytes/query", "bytes_per_query", "int")]),
-)  # fmt: skip
-
-
-def section_tables(results: dict[str, Data], out: Path) -> Section:
-    """Standalone models, bus throughput and end-to-end parity as tables."""
-    text = ""
-    for title, bench, key, columns in TABLES:
-        text += f"\n## {title}\n\n"
-        if bench not in results:
-            text += _missing(bench)
-            continue
-        rows = results[bench].get(key, []) if key else [results[bench]]
-        md = [[_fmt(r.get(field), kind) for _, field, kind in columns] for r in rows]
-        text += _table([c for c, _, _ in columns], md)
-    return text, []
-
-
-SECTIONS: tuple[Callable[[dict[str, Data], Path], Section], ...] = (
-    section_fig3a,
-    section_fig3b,
-    section_fig3c,
-    section_bandwidth,
-    section_bytes,
-    section_tables,
-)
-
-
-def build_report(in_dir: Path, out_dir: Path) -> tuple[Path, list[Path]]:
-    """Write ``REPORT.md`` and the PNGs for whatever results exist; return the markdown path and the PNGs."""
-    if not in_dir.is_dir():
-        raise ConfigError(
-            f"no benchmark results folder {in_dir} (run `python -m ops.bench NAME --json {in_dir}/NAME.json`)"
-        )
-    results = load_results(in_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create report folder {out_dir}: {exc}") from exc
-    parts = [f"# FedRefine results\n\nFrom {len(results)} benchmark file(s) in `{in_dir}`: "
-             f"{', '.join(sorted(results)) or 'none'}.\n"]  # fmt: skip
-    pngs: list[Path] = []
-    for section in SECTIONS:
-        try:
-            text, written = section(results, out_dir)
-        except (KeyError, TypeError, ValueError) as exc:
-            name = section.__name__.removeprefix("section_")
-            raise ConfigError(f"benchmark results do not fit the {name} section: {exc!r}") from exc
-        parts.append(text)
-        pngs += written
-    md = out_dir / "REPORT.md"
-    md.write_text("\n".join(parts))
-    return md, pngs
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: build the report, print where it is; one ``error:`` line and exit 2 on failure."""
-    parser = argparse.ArgumentParser(prog="python -m ops.report", description=__doc__.splitlines()[0])
-    parser.add_argument("--in", dest="in_dir", type=Path, default=DEFAULT_IN, help=f"results folder ({DEFAULT_IN})")
-    parser.add_argument("--out", dest="out_dir", type=Path, default=DEFAULT_OUT, help=f"report folder ({DEFAULT_OUT})")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        md, pngs = build_report(args.in_dir, args.out_dir)
-    except FedRefineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {md} and {len(pngs)} plot(s)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
