@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import nats
 import torch
@@ -44,6 +44,7 @@ from bus.subjects import Subjects
 
 log = logging.getLogger(__name__)
 
+LZ4_MARK = b'"compression":"lz4"'  # in a chunk's header JSON when its tensor blob is LZ4-compressed
 DEFAULT_FLUSH_EVERY = 8 * 1024 * 1024  # bytes published between PING/PONG round trips
 DEFAULT_EXPIRE_INTERVAL = 1.0  # seconds between the receiver's deadline sweeps
 DEFAULT_ERROR_MEMORY = 100  # recent receive errors a KVReceiver keeps
@@ -92,7 +93,7 @@ async def send_cache(
     precision: str = "fp16",
     query_id: str,
     sender: str,
-    compress: bool = True,
+    compress: bool | Literal["auto"] = "auto",
     chunk_bytes: int | None = None,
     flush_every: int = DEFAULT_FLUSH_EVERY,
     shaper: LinkShaper | None = None,
@@ -101,7 +102,9 @@ async def send_cache(
     """Send ``layers`` (``{layer: (K, V)}``, in the mapping's order) to ``subject`` as KV chunk frames.
 
     Chunks fit the connected server's ``max_payload`` (or the smaller ``max_payload`` given). The tensors
-    must not change until this returns: payloads are read from them at publish time.
+    must not change until this returns: payloads are read from them at publish time. ``compress="auto"`` tries
+    shuffle+LZ4 on the first layer and keeps it for the rest only if it shrank a tensor there (on fp16 and
+    quantized KV it rarely does, and skipping it saves the work and a thread hand-off per layer).
     """
     validate_id(query_id, "query id")
     validate_id(sender, "sender id")
@@ -119,17 +122,16 @@ async def send_cache(
         sender=sender,
         layers_total=len(order),
         max_payload=limit,
-        compress=compress,
+        compress=bool(compress),
         chunk_bytes=chunk_bytes,
     )
-
-    # a plain float cast without LZ4 is a few Python calls and one hash per tensor: a worker thread would cost more
-    # (GIL hand-offs with the publishing loop) than it overlaps; quantizing and LZ4 release the GIL for long stretches
-    threaded = compress or not isinstance(get_format(precision), FloatFormat)
+    quantized = not isinstance(get_format(precision), FloatFormat)
 
     def encode(i: int) -> Awaitable[list[SealedChunk]]:
         k, v = layers[order[i]]
-        if threaded:
+        # a plain float cast without LZ4 is a few Python calls and one hash per tensor: a worker thread would cost
+        # more (GIL hand-offs with the publishing loop) than it overlaps; quantizing and LZ4 release the GIL
+        if opts["compress"] or quantized:
             return asyncio.ensure_future(asyncio.to_thread(encode_layer_chunks, order[i], k, v, **opts))
         done = asyncio.get_running_loop().create_future()
         done.set_result(encode_layer_chunks(order[i], k, v, **opts))
@@ -142,6 +144,8 @@ async def send_cache(
     try:
         for i in range(len(order)):
             sealed = await pending
+            if i == 0 and compress == "auto" and not any(LZ4_MARK in c.head for c in sealed):
+                opts["compress"] = False
             pending = encode(i + 1) if i + 1 < len(order) else None
             for chunk in sealed:
                 if shaper is not None:

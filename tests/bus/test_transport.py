@@ -247,3 +247,40 @@ async def test_a_cancelled_send_stops_even_when_the_client_swallows_the_cancel()
     assert done and task.cancelled()
     total = len(list(encode_cache(cache, precision="fp16", query_id="q", sender="t", chunk_bytes=16_000)))
     assert nc.published < total // 2
+
+
+class _RecordingClient:
+    is_connected = True
+    max_payload = MB
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    async def publish(self, subject: str, payload) -> None:
+        self.frames.append(bytes(payload))
+
+    async def flush(self, timeout: float) -> None:
+        return None
+
+
+@pytest.mark.parametrize(("compress", "layer1_lz4"), [("auto", False), (True, True)])
+async def test_auto_compression_stops_trying_lz4_after_a_first_layer_it_did_not_shrink(compress, layer1_lz4) -> None:
+    from bus.frames import read_frame
+
+    noise = torch.randn(1, 2, 64, 16)
+    zeros = torch.zeros(1, 2, 64, 16)
+    nc = _RecordingClient()
+    layers = {0: (noise, noise), 1: (zeros, zeros)}
+    await send_cache(nc, "s", layers, precision="fp16", query_id="q", sender="t", compress=compress)  # type: ignore[arg-type]
+    headers = [read_frame(f).header for f in nc.frames]
+    assert all(h.compression == "none" for h in headers if h.layer == 0)
+    assert all((h.compression == "lz4") == layer1_lz4 for h in headers if h.layer == 1)
+
+
+async def test_auto_compression_keeps_lz4_where_the_first_layer_shrank() -> None:
+    from bus.frames import read_frame
+
+    zeros = torch.zeros(1, 2, 64, 16)
+    nc = _RecordingClient()
+    await send_cache(nc, "s", {0: (zeros, zeros), 1: (zeros, zeros)}, precision="fp32", query_id="q", sender="t")  # type: ignore[arg-type]
+    assert {read_frame(f).header.compression for f in nc.frames} == {"lz4"}
