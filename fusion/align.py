@@ -103,9 +103,16 @@ def _proportional(num_receiver: int, num_transmitter: int) -> list[int]:
     return [round(layer * (num_transmitter - 1) / (num_receiver - 1)) for layer in range(num_receiver)]
 
 
+def _last(num_receiver: int, num_transmitter: int) -> list[int]:
+    """Every receiver layer reads the transmitter's last cache layer (where its answer is most readable): one
+    transmitter layer on the wire, whatever the depths."""
+    return [num_transmitter - 1] * num_receiver
+
+
 LAYER_STRATEGIES: dict[str, Callable[[int, int], list[int]]] = {
     "terminal": _terminal,
     "proportional": _proportional,
+    "last": _last,
 }
 
 

@@ -71,15 +71,20 @@ def question_texts(stem: str, options: Sequence[str], shared_stem: str | None = 
 
 
 def prefix_alignment(
-    view: ReceiverView, transmitter_offsets: Sequence[tuple[int, int]], anchor_last: bool = ANCHOR_LAST
+    view: ReceiverView,
+    transmitter_offsets: Sequence[tuple[int, int]],
+    anchor_last: bool = ANCHOR_LAST,
+    shift: int = 0,
 ) -> TokenAlignment:
     """Align the receiver's prefix tokens to the transmitter's tokens of the same text P (longest coverage).
 
     With ``anchor_last`` the receiver's last prefix token reads the transmitter's *final* token instead: the
     transmitter's answer forms there (TOYWORLD lesson 1; a linear probe on the zoo finds it at 0.84 there and
     0.54 one token earlier), and the receiver's own last prompt token is fed after the fused prefix.
+    ``shift``: the transmitter read ``shift`` characters of its own before P (a fact in context, in training).
     """
-    al = align_tokens(view.prefix_offsets, transmitter_offsets)
+    receiver_offsets = [(s + shift, e + shift) for s, e in view.prefix_offsets] if shift else view.prefix_offsets
+    al = align_tokens(receiver_offsets, transmitter_offsets)
     if not anchor_last:
         return al
     index = al.index.clone()

@@ -97,12 +97,15 @@ def format_question(stem: str, options: Sequence[str]) -> str:
     return f"Q: {_check_stem(stem)} {format_options(options)}\n{ANSWER_PREFIX}"
 
 
+def hint_lead(hint: str) -> str:
+    """The text before the question in :func:`format_with_hint` (empty for an empty hint)."""
+    hint = " ".join(hint.split())
+    return f"{HINT_PREFIX} {hint}\n" if hint else ""
+
+
 def format_with_hint(hint: str, stem: str, options: Sequence[str]) -> str:
     """A question preceded by a one-sentence fact in context (the text-to-text baseline's message)."""
-    hint = " ".join(hint.split())
-    if not hint:
-        return format_question(stem, options)
-    return f"{HINT_PREFIX} {hint}\n{format_question(stem, options)}"
+    return hint_lead(hint) + format_question(stem, options)
 
 
 def format_hint_request(stem: str) -> str:

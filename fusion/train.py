@@ -31,7 +31,7 @@ from fusion.fuser import FuserConfig, PairFuser, apply_deltas
 from fusion.gate import answer_distribution, prior_weight
 from fusion.kvcache import KV, KVCache
 from fusion.models import LanguageModel
-from fusion.prompts import format_question
+from fusion.prompts import format_question, hint_lead
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class FusionItem:
     target: int  # index of the letter to answer; KEEP_OWN: whatever the receiver answers alone
     shared_stem: str | None = None  # q' for the private format (transmitter sees q', receiver then reads q)
     donor: tuple[str, tuple[str, ...]] | None = None  # (stem, options) of another question the transmitter reads
+    context: str | None = None  # a fact the transmitter reads before its prompt (it knows the answer from context)
 
 
 @dataclass
@@ -117,8 +118,9 @@ def prepare_examples(
         shared, original = question_texts(item.stem, item.options, item.shared_stem)
         view = receiver_view(receiver, shared, original)
         t_text = format_question(*item.donor) if item.donor is not None else shared
-        t_pre = transmitter.prefill(t_text)
-        aligned = align_cache(t_pre.cache, prefix_alignment(view, t_pre.offsets))
+        lead = hint_lead(item.context or "")
+        t_pre = transmitter.prefill(lead + t_text)
+        aligned = align_cache(t_pre.cache, prefix_alignment(view, t_pre.offsets, shift=len(lead)))
         prefix = prefix_cache(receiver, view)
         target = item.target
         if target == KEEP_OWN:

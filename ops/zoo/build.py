@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WORKERS = 2  # training processes at a time (one torch thread each)
 # Steps run after the language models are trained, in order: "package.module:function", called with the Zoo.
-POST_BUILD_STEPS: tuple[str, ...] = ()
+POST_BUILD_STEPS: tuple[str, ...] = ("ops.zoo.fusers:zoo_step",)  # fusers for every pair, then the gate
 
 
 def knowledge(spec: ZooSpec, world: World) -> dict[str, tuple[str, ...]]:

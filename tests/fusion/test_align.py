@@ -101,6 +101,7 @@ def test_layer_alignment_strategies() -> None:
     assert align_layers(4, 3, "proportional") == [0, 1, 1, 2]
     assert align_layers(2, 5, "proportional") == [0, 4]
     assert align_layers(1, 3, "proportional") == [2]
+    assert align_layers(3, 5, "last") == [4, 4, 4]
     with pytest.raises(FusionError, match="unknown layer alignment"):
         align_layers(4, 3, "diagonal")
 

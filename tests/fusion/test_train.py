@@ -90,7 +90,8 @@ def test_fuser_and_gate_items_never_use_held_out_facts(quick_zoo) -> None:
     items += gate_items(zoo.world, known, spec)
     held_out = zoo.world.facts_of(zoo.world.test_fact_ids)
     for item in items:
-        for stem in filter(None, (item.stem, item.shared_stem, item.donor[0] if item.donor else None)):
+        texts = (item.stem, item.shared_stem, item.donor[0] if item.donor else None, item.context)
+        for stem in filter(None, texts):
             assert not any(_about(stem, f.entity, f.attribute) for f in held_out), stem
 
 
@@ -108,3 +109,38 @@ def test_training_loss_falls_on_the_quick_zoo(quick_zoo) -> None:
     )
     first, last = sum(res.losses[:15]) / 15, sum(res.losses[-15:]) / 15
     assert last < 0.8 * first, (first, last)
+
+
+def test_a_fact_in_the_transmitters_context_is_aligned_past_it(setup) -> None:
+    from fusion.c2c import prefix_alignment, receiver_view
+    from fusion.prompts import format_question, hint_lead
+
+    receiver, transmitter, _ = setup
+    prompt = format_question("What is the color of Zorbin?", OPTIONS)
+    lead = hint_lead("The color of Zorbin is pink.")
+    view = receiver_view(receiver, prompt)
+    plain = prefix_alignment(view, transmitter.prefill(prompt).offsets, anchor_last=False)
+    told = transmitter.prefill(lead + prompt)
+    shifted = prefix_alignment(view, told.offsets, anchor_last=False, shift=len(lead))
+    first = next(i for i, (s, _) in enumerate(told.offsets) if s >= len(lead))
+    assert int(shifted.index.min()) >= first  # nothing of the fact itself is fused
+    assert torch.equal(shifted.index, plain.index + first)  # the same prompt tokens, after the fact
+
+
+@pytest.mark.slow
+def test_context_items_teach_facts_nobody_knows_with_fresh_values(quick_zoo) -> None:
+    from ops.zoo.fusers import context_items
+
+    zoo = quick_zoo
+    r_known, t_known = set(zoo.known(zoo.receiver)), set(zoo.known(zoo.transmitters[0]))
+    items = context_items(zoo.world, r_known, t_known, 200, 0.3, "t", 0)
+    assert len(items) == 200 and any(it.shared_stem for it in items)
+    by_id = {f.entity + "/" + f.attribute: f for f in zoo.world.facts}
+    values = {}
+    for it in items:
+        told = it.options[it.target]
+        assert it.context is not None and told in it.context
+        fact = next(f for key, f in by_id.items() if _about(it.stem, f.entity, f.attribute))
+        assert fact.id in set(zoo.world.train_fact_ids) - r_known - t_known
+        values.setdefault(fact.id, set()).add(told)
+    assert max(len(v) for v in values.values()) > 1  # the same fact is told with different values
