@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
 import random
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from privacy.redact import redact
 log = logging.getLogger(__name__)
 
 FUSERS_DIR = "fusers"  # under the zoo directory
+DEFAULT_FUSION_WORKERS = 2  # pair fusers trained at a time (one process and one torch thread each)
 SUMMARY_FILE = "fusion.json"
 
 
@@ -210,6 +214,42 @@ def _pair_report(receiver, transmitter, fuser, test_questions, known_r, known_t)
     }
 
 
+def train_pair(
+    world: World,
+    models: Mapping[str, LanguageModel],
+    known: Mapping[str, set[str]],
+    test_questions: Sequence[Question],
+    out_dir: Path,
+    spec: FusionBuildSpec,
+    t_name: str,
+    r_name: str,
+    progress: bool = True,
+) -> dict:
+    """Train (or resume) the ``t_name -> r_name`` fuser, evaluate it on held-out questions, save it; its meta."""
+    torch.manual_seed(spec.seed)
+    t_model, r_model = models[t_name], models[r_name]
+    t0 = time.perf_counter()
+    items = pair_items(world, known[r_name], known[t_name], spec, f"{t_name}->{r_name}")
+    ckpt = out_dir / "checkpoints" / f"{t_name}-to-{r_name}.ckpt"
+    res = train_fuser(r_model, t_model, items, spec.fuser, checkpoint=ckpt, progress=progress)
+    report = _pair_report(r_model, t_model, res.fuser, test_questions, known[r_name], known[t_name])
+    meta = {**res.meta(), "transmitter_name": t_name, "receiver_name": r_name, "eval": report}
+    meta["seconds_total"] = round(time.perf_counter() - t0, 1)
+    FuserRegistry(out_dir).save(res.fuser, t_model.fingerprint, r_model.fingerprint, meta)
+    log.info("fuser %s -> %s: %s", t_name, r_name, report)
+    return meta
+
+
+def _pair_in_child(zoo_root: str, spec: FusionBuildSpec, t_name: str, r_name: str) -> dict:
+    """Process-pool entry: open the zoo again and train one pair (one torch thread)."""
+    torch.set_num_threads(1)
+    zoo = open_zoo(zoo_root)
+    models = zoo_models(zoo)
+    known = {name: set(zoo.known(name)) for name in models}
+    out = zoo.root / FUSERS_DIR
+    return train_pair(zoo.world, models, known, zoo.questions("test"), out, spec, t_name, r_name, progress=False)
+
+
 def build_fusion(
     world: World,
     models: Mapping[str, LanguageModel],
@@ -219,30 +259,30 @@ def build_fusion(
     out_dir: str | Path,
     spec: FusionBuildSpec,
     progress: bool = True,
+    zoo_root: str | Path | None = None,
+    workers: int = 1,
 ) -> dict:
-    """Train every pair fuser, the reverse pairs and the gate into ``out_dir`` (resumable); return a summary."""
+    """Train every pair fuser, the reverse pairs and the gate into ``out_dir`` (resumable); return a summary.
+
+    With ``zoo_root`` and ``workers`` > 1 the pairs train in that many processes (each opens the zoo itself).
+    """
     torch.manual_seed(spec.seed)
     out_dir = Path(out_dir)
     registry = FuserRegistry(out_dir)
     receiver = models[receiver_name]
     names = [n for n in models if n != receiver_name]
     summary: dict = {"spec": asdict(spec), "pairs": {}, "reverse": {}}
-    fusers = {}
     pairs = [(t, receiver_name) for t in names] + [(receiver_name, t) for t in spec.reverse if t in models]
-    for t_name, r_name in pairs:
-        t_model, r_model = models[t_name], models[r_name]
-        t0 = time.perf_counter()
-        items = pair_items(world, known[r_name], known[t_name], spec, f"{t_name}->{r_name}")
-        ckpt = out_dir / "checkpoints" / f"{t_name}-to-{r_name}.ckpt"
-        res = train_fuser(r_model, t_model, items, spec.fuser, checkpoint=ckpt, progress=progress)
-        report = _pair_report(r_model, t_model, res.fuser, test_questions, known[r_name], known[t_name])
-        meta = {**res.meta(), "transmitter_name": t_name, "receiver_name": r_name, "eval": report}
-        meta["seconds_total"] = round(time.perf_counter() - t0, 1)
-        registry.save(res.fuser, t_model.fingerprint, r_model.fingerprint, meta)
+    if zoo_root is not None and workers > 1:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            jobs = {pair: pool.submit(_pair_in_child, str(zoo_root), spec, *pair) for pair in pairs}
+            metas = {pair: job.result() for pair, job in jobs.items()}
+    else:
+        metas = {p: train_pair(world, models, known, test_questions, out_dir, spec, *p, progress) for p in pairs}
+    for (t_name, r_name), meta in metas.items():
         (summary["pairs"] if r_name == receiver_name else summary["reverse"])[f"{t_name}->{r_name}"] = meta
-        if r_name == receiver_name:
-            fusers[t_name] = res.fuser
-        log.info("fuser %s -> %s: %s", t_name, r_name, report)
+    fusers = {n: registry.load(models[n].fingerprint, receiver.fingerprint) for n in names}
     t0 = time.perf_counter()
     g_items = gate_items(world, known, spec)
     transmitters = {n: models[n] for n in names}
@@ -306,7 +346,11 @@ def zoo_step(zoo) -> dict:
     spec = zoo_fusion_spec(zoo)
     models = zoo_models(zoo)
     known = {name: set(zoo.known(name)) for name in models}
-    return build_fusion(zoo.world, models, zoo.receiver, known, zoo.questions("test"), zoo.root / FUSERS_DIR, spec)
+    out = zoo.root / FUSERS_DIR
+    workers = min(DEFAULT_FUSION_WORKERS, os.cpu_count() or 1)
+    return build_fusion(
+        zoo.world, models, zoo.receiver, known, zoo.questions("test"), out, spec, zoo_root=zoo.root, workers=workers
+    )
 
 
 def load_zoo_fusion(zoo, train_if_missing: bool = True) -> FusionKit:
