@@ -6,6 +6,8 @@ cache never delays incoming control messages; :class:`BusConnections` holds such
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -28,6 +30,8 @@ DEFAULT_RECONNECT_WAIT = 0.5  # seconds between reconnect attempts
 DEFAULT_SUB_PENDING_BYTES = 512 * 1024 * 1024  # bytes a subscription may buffer before nats-py drops (slow consumer)
 DEFAULT_SUB_PENDING_MSGS = 1_000_000  # messages a subscription may buffer
 DEFAULT_FLUSH_TIMEOUT = 10.0  # seconds for a PING/PONG round trip
+DEFAULT_CLOSE_TIMEOUT = 5.0  # seconds a drain may take before the socket is cut
+DEFAULT_ABANDON_TIMEOUT = 1.0  # seconds to wait for nats-py's close to finish once the socket is cut
 
 ErrorCallback = Callable[[Exception], Awaitable[None]]
 
@@ -128,15 +132,47 @@ async def subscribed(nc: Client) -> None:
     await flush(nc)
 
 
-async def close(nc: Client) -> None:
-    """Drain and close a connection, ignoring one that is already closed."""
+async def close(nc: Client, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
+    """Drain and close a connection in at most about ``timeout`` seconds; a closed one is left alone.
+
+    nats-py's drain and close swallow a cancel in places and can wait on a socket write that never completes, so
+    ``asyncio.wait_for`` is no bound (on Python 3.11 it waits for the cancelled drain to return). A drain still
+    running at ``timeout`` has its socket cut, which wakes every write waiting on it, and is then given up on.
+    """
     if nc.is_closed:
         return
+    closing = asyncio.ensure_future(_drain_or_close(nc))
+    done, _ = await asyncio.wait({closing}, timeout=timeout)
+    if done:
+        closing.result()
+        return
+    log.warning("nats client %s did not close within %.1f s; cutting its socket", nc.options.get("name"), timeout)
+    _cut_socket(nc)
+    closing.cancel()
+    done, _ = await asyncio.wait({closing}, timeout=DEFAULT_ABANDON_TIMEOUT)
+    if done:
+        with contextlib.suppress(BaseException):
+            closing.result()
+    else:
+        log.warning("nats client %s still closing after its socket was cut; leaving it", nc.options.get("name"))
+
+
+async def _drain_or_close(nc: Client) -> None:
     try:
         await nc.drain()
     except (TimeoutError, nats.errors.Error, OSError) as exc:
         log.debug("drain failed (%s); closing", exc)
-        await nc.close()
+        if not nc.is_closed:
+            await nc.close()
+
+
+def _cut_socket(nc: Client) -> None:
+    """Abort the connection's TCP socket (no flush): every coroutine writing to it or waiting for it to close wakes."""
+    nc.options["allow_reconnect"] = False  # the lost socket must end the client, not start a reconnect
+    writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)  # nats-py internals: guarded, may change
+    transport = getattr(writer, "transport", None)
+    if transport is not None:
+        transport.abort()
 
 
 class BusConnections:

@@ -155,6 +155,30 @@ async def test_subscribe_helper_raises_limits(nats_client, subject: str) -> None
     await close(nats_client)  # closing twice is fine
 
 
+async def test_close_is_bounded_when_the_drain_hangs_and_swallows_its_cancel(nats_server: NatsServer) -> None:
+    """nats-py's drain can wait on its socket and swallow a cancel (CI once hung 900 s in a teardown): close cuts it."""
+    nc = await connect(nats_server.url, name="stuck")
+    ended = asyncio.Event()
+
+    async def stuck_drain() -> None:
+        while True:
+            try:
+                await nc._transport.wait_closed()  # noqa: SLF001 - what a hung nats-py close waits on
+                await asyncio.sleep(3600)  # the socket closing is not enough: only the cancel after it ends this
+            except asyncio.CancelledError:
+                if nc._transport._io_writer.transport.is_closing():  # noqa: SLF001
+                    ended.set()
+                    return
+                continue  # swallowed, as nats-py does
+
+    nc.drain = stuck_drain  # type: ignore[method-assign]
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await close(nc, timeout=0.3)
+    assert loop.time() - t0 < 2.0
+    assert ended.is_set()
+
+
 async def test_publish_copies_the_payload_before_returning(nats_client, subject: str) -> None:
     """send_cache reuses one FrameBuffer for every frame: that is only safe while nats-py copies on publish."""
     got: list[bytes] = []
