@@ -21,12 +21,14 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
 )
+from transformers.utils import logging as hf_logging
 
 from bus.errors import ModelError
 from fusion.kvcache import KVCache
 from fusion.tokenizer import byte_level_tokenizer
 
 log = logging.getLogger(__name__)
+hf_logging.disable_progress_bar()  # a bar per loaded or saved small model is noise in agents, benches and the demo
 
 CONFIGS = {"qwen3": Qwen3Config, "llama": LlamaConfig, "qwen2": Qwen2Config}  # architectures we build and test
 DEFAULT_MAX_POSITIONS = 512  # tokens; toy prompts are far shorter
