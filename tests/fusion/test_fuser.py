@@ -126,3 +126,19 @@ def test_mismatched_caches_are_an_error(models) -> None:
         fuser(prefix, {k: (a[:, :, :3], b[:, :, :3]) for k, (a, b) in aligned.items()})
     with pytest.raises(FusionError, match="receiver cache"):
         fuser(_setup(models["tiny-qwen2"], transmitter)[1], aligned)
+
+
+@pytest.mark.parametrize("window", [1, 3, 10_000])
+def test_a_window_fuser_computes_only_its_tokens_and_matches_the_masked_batch_path(models, window: int) -> None:
+    receiver, transmitter = models["tiny-qwen3"], models["tiny-llama"]
+    _, prefix, aligned = _setup(receiver, transmitter)
+    fuser = _fuser(receiver, transmitter, window=window)
+    sliced = fuser.deltas(prefix, aligned)  # inference: the MLP runs on the window only
+    masked = fuser.deltas(prefix, aligned, lengths=torch.tensor([prefix.num_tokens]))  # training: mask after
+    tail = min(window, prefix.num_tokens)
+    assert sliced.keys() == masked.keys()
+    for layer, (dk, dv) in sliced.items():
+        assert dk.shape == masked[layer][0].shape == prefix.layers[layer][0].shape
+        torch.testing.assert_close(dk, masked[layer][0])
+        torch.testing.assert_close(dv, masked[layer][1])
+        assert not dk[:, :, : prefix.num_tokens - tail].any() and dk[:, :, -tail:].abs().sum() > 0
