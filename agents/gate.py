@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 from agents.base import Agent, decode
 from agents.cli import run_agent
 from agents.config import GateAgentConfig
-from agents.fuserbook import FUSER_PREFIX, FUSERS_CAPABILITY
+from agents.fuserbook import listed_fusers
 from agents.planning import build_plan, build_policy
 from agents.roster import Member
 from bus.errors import SchemaError
@@ -148,12 +148,22 @@ class GateAgent(Agent):
 
     # ---- planning -----------------------------------------------------------------------------------------
 
-    def _fusable(self, receiver_id: str, offer: Offer) -> bool:
+    def _fusers_of(self, receiver_id: str) -> dict[str, int | None] | None:
         receiver = self.roster.get("receiver", receiver_id)
-        if receiver is None or FUSERS_CAPABILITY not in receiver.presence.capabilities:
+        return None if receiver is None else listed_fusers(receiver.presence.capabilities)
+
+    def _tail(self, receiver_id: str, offer: Offer) -> int | None:
+        """The transmitter tokens the receiver's fuser for this offer reads (None: the whole cache)."""
+        return (self._fusers_of(receiver_id) or {}).get(offer.model_fingerprint)
+
+    def _fusable(self, receiver_id: str, offer: Offer) -> bool:
+        listed = self._fusers_of(receiver_id)
+        if listed is None:
             return True  # the receiver did not list its fusers: let it decide (it omits with "no_fuser")
-        if FUSER_PREFIX + offer.model_fingerprint in receiver.presence.capabilities:
+        if offer.model_fingerprint in listed:
             return True
+        receiver = self.roster.get("receiver", receiver_id)
+        assert receiver is not None
         key = (offer.transmitter_id, offer.model_fingerprint, receiver_id)
         if key not in self.warned_no_fuser:
             self.warned_no_fuser.add(key)
@@ -189,6 +199,7 @@ class GateAgent(Agent):
             precision=self.cfg.precision,
             expected=state.expected,
             fusable=lambda offer: self._fusable(state.query.receiver_id, offer),
+            tail=lambda offer: self._tail(state.query.receiver_id, offer),
             rates=rates,
             rtts=rtts,
             assumed_rate_bps=self.cfg.assumed_rate_mbps * MBPS,

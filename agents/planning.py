@@ -3,6 +3,7 @@
 Scoring is ``fusion.refine.plan`` (the gating network, or uniform weights without one: the same call
 ``refine()`` makes in process); what to send under the link and the deadline is a ``bus.policy`` policy. A
 transmitter appears in the plan's ``entries`` (layers most important first, precision, weight, byte budget)
+(and, when the receiver's fuser reads only the transmitter's last tokens, how many: ``tokens``)
 or in its ``omitted`` with a reason: ``no_fuser``, ``not_chosen`` (weight 0, no useful layer, nothing fits the
 deadline), ``late`` (no offer in the window) or ``error``.
 """
@@ -56,8 +57,10 @@ def _entry(
     precision: str,
     reserve_s: float = 0.0,
     rtt_s: float = 0.0,
+    tail: int | None = None,
 ) -> PlanEntry | Omission:
-    shape = (1, offer.kv_heads, offer.n_tokens, offer.head_dim)
+    tokens = min(tail, offer.n_tokens) if tail else offer.n_tokens  # what travels per layer
+    shape = (1, offer.kv_heads, tokens, offer.head_dim)
     offered = [p for p in PRECISIONS if p in offer.precisions]
     wanted = tuple(dict.fromkeys((precision, *LADDER)))
     precisions = tuple(p for p in wanted if p in offered) or tuple(offered)
@@ -86,6 +89,7 @@ def _entry(
         precision=sent.precision,  # type: ignore[arg-type]
         weight=weight,
         byte_budget=sent.expected_bytes,
+        tokens=tokens if tail else None,
     )
 
 
@@ -98,6 +102,7 @@ def build_plan(
     precision: str,
     expected: Iterable[str] = (),
     fusable: Callable[[Offer], bool] = lambda offer: True,
+    tail: Callable[[Offer], int | None] = lambda offer: None,
     rates: Mapping[str, float] | None = None,
     rtts: Mapping[str, float] | None = None,
     assumed_rate_bps: float,
@@ -139,7 +144,18 @@ def build_plan(
         rate = offer.link_rate_bps or (rates or {}).get(tid) or assumed_rate_bps
         rtt = offer.rtt_s if offer.rtt_s is not None else (rtts or {}).get(tid, 0.0)
         item = _entry(
-            tid, offer, score.weight, score.layer_importance, layers, policy, rate, time_left, precision, reserve_s, rtt
+            tid,
+            offer,
+            score.weight,
+            score.layer_importance,
+            layers,
+            policy,
+            rate,
+            time_left,
+            precision,
+            reserve_s,
+            rtt,
+            tail(offer),
         )
         (entries if isinstance(item, PlanEntry) else omitted).append(item)  # type: ignore[arg-type]
     for tid in sorted(set(expected) - set(offers)):

@@ -4,9 +4,10 @@
 
 Per query: ``fr.query`` -> ``fusion.refine.transmitter_prefill`` (same code as in process) -> an
 :class:`~bus.schemas.Offer` on ``fr.offer.<query_id>`` -> wait for ``fr.plan.<query_id>`` -> if the plan names
-this transmitter, ``bus.transport.send_cache`` of exactly the planned layers, in the plan's order (most
-important first), at the plan's precision, to ``fr.kv.<receiver_id>.<query_id>.<id>``; otherwise the prefill is
-dropped. ``--link-mbps`` paces every KV publish with a :class:`~bus.shaper.LinkShaper`.
+this transmitter, ``bus.transport.send_cache`` of exactly the planned layers (cut to their last ``tokens``
+when the plan says so), in the plan's order (most important first), at the plan's precision, to
+``fr.kv.<receiver_id>.<query_id>.<id>``; otherwise the prefill is dropped. ``--link-mbps`` paces every KV
+publish with a :class:`~bus.shaper.LinkShaper`.
 
 Link estimate (:class:`~bus.linkest.LinkEstimator`): every finished stream is a throughput sample, every
 heartbeat times a flush round trip; a stream cut at its deadline, or a new stream starting while others are
@@ -33,6 +34,7 @@ from bus.linkest import LinkEstimator
 from bus.schemas import Offer, Plan, PlanEntry, Query
 from bus.shaper import LinkShaper
 from bus.transport import send_cache
+from fusion.c2c import tail_tokens
 from fusion.models import LanguageModel
 from fusion.refine import TransmitterPrefill, select_layers, shared_prompt, transmitter_prefill
 
@@ -148,7 +150,7 @@ class TransmitterAgent(Agent):
         self.spawn(self._stream(plan, entry, pending), name=f"stream-{plan.query_id}")
 
     async def _stream(self, plan: Plan, entry: PlanEntry, pending: _Pending) -> None:
-        layers = ordered_layers(pending.prefill, entry.layers)
+        layers = tail_tokens(ordered_layers(pending.prefill, entry.layers), entry.tokens)
         budget = plan.deadline_unix - time.time() + DEFAULT_SEND_GRACE_S
         if budget <= 0:
             log.info("transmitter %s: plan for %s arrived after its deadline", self.id, plan.query_id)

@@ -161,6 +161,7 @@ class PlanEntry(BaseModel):
     precision: Precision
     weight: float = Field(ge=0.0, allow_inf_nan=False)
     byte_budget: int = Field(ge=0)
+    tokens: int | None = Field(default=None, ge=1)  # send only each layer's last this many tokens (None: all)
 
     @model_validator(mode="after")
     def _unique_layers(self) -> PlanEntry:

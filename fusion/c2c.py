@@ -92,6 +92,44 @@ def prefix_alignment(
     return TokenAlignment(index, al.coverage, al.covering)
 
 
+def transmitter_tail(fuser) -> int | None:
+    """How many of the transmitter's last tokens ``fuser`` reads (None: all of them, so the whole cache must travel).
+
+    A fuser with ``window`` 1 fuses only the receiver's last prefix token, which (anchored) reads the transmitter's
+    final token: one token per layer on the wire instead of the whole prompt. Wider windows read tokens whose
+    position depends on both tokenizers, so they take the whole cache.
+    """
+    return 1 if ANCHOR_LAST and getattr(fuser.cfg, "window", None) == 1 else None
+
+
+def tail_tokens(layers: dict[int, tuple[torch.Tensor, torch.Tensor]], tail: int | None) -> dict:
+    """Each layer's K and V cut to their last ``tail`` tokens (all of them for None): what a transmitter sends."""
+    if tail is None:
+        return layers
+    if tail < 1:
+        raise FusionError(f"a transmitted tail must be at least one token, got {tail}")
+    return {m: (k[:, :, -tail:], v[:, :, -tail:]) for m, (k, v) in layers.items()}  # (B, H, tail, D) each
+
+
+def tail_alignment(
+    alignment: TokenAlignment, num_transmitter: int, received: int, window: int | None
+) -> TokenAlignment:
+    """The alignment onto a received tail (the transmitter's last ``received`` of ``num_transmitter`` tokens).
+
+    FusionError unless every receiver token the fuser reads (the last ``window``) reads a token of the tail;
+    tokens before the window point at the tail's first token, which the fuser never reads.
+    """
+    start = num_transmitter - received
+    if start == 0:
+        return alignment
+    if window is None or int(alignment.index[-window:].min()) < start:
+        raise FusionError(
+            f"the fuser reads transmitter tokens before the {received} that arrived (of {num_transmitter}); "
+            "this fuser needs the whole cache"
+        )
+    return TokenAlignment((alignment.index - start).clamp(min=0), alignment.coverage, alignment.covering)
+
+
 @torch.no_grad()
 def prefix_cache(receiver: LanguageModel, view: ReceiverView) -> KVCache:
     """The receiver's own cache of the prefix."""

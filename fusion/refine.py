@@ -25,7 +25,17 @@ import torch
 
 from bus.errors import FusionError
 from fusion.align import gather_tokens
-from fusion.c2c import ReceiverView, letter_ids, prefix_alignment, prefix_cache, question_texts, receiver_view
+from fusion.c2c import (
+    ReceiverView,
+    letter_ids,
+    prefix_alignment,
+    prefix_cache,
+    question_texts,
+    receiver_view,
+    tail_alignment,
+    tail_tokens,
+    transmitter_tail,
+)
 from fusion.fuser import PairFuser, apply_deltas
 from fusion.gate import GateNetwork, GateScore, OfferSummary, summarize_offer, uniform_scores
 from fusion.kvcache import KV, KVCache
@@ -166,7 +176,11 @@ def transmitter_deltas(view: ReceiverView, prefix: KVCache, got: Received, fuser
 
     The receiver agent computes them as each stream completes, while the others still travel.
     """
-    aligned = gather_tokens(got.layers, prefix_alignment(view, got.offsets).index)
+    alignment = prefix_alignment(view, got.offsets)
+    arrived = next(iter(got.layers.values()))[0].shape[2]  # tokens per layer that travelled (a tail, or all)
+    if arrived != len(got.offsets):
+        alignment = tail_alignment(alignment, len(got.offsets), arrived, fuser.cfg.window)
+    aligned = gather_tokens(got.layers, alignment.index)
     return fuser.eval().deltas(prefix, aligned, got.weight)
 
 
@@ -346,9 +360,10 @@ def _cache_to_cache(req: _Request) -> RefineResult:
         layers = score.layers()
         if score.weight <= 0 or not layers:
             continue
-        decoded, size = transmit(select_layers(pre, layers), req.precision)
+        tail = transmitter_tail(req.fusers[pre.offer.fingerprint]) if pre.offer.fingerprint in req.fusers else None
+        decoded, size = transmit(tail_tokens(select_layers(pre, layers), tail), req.precision)
         nbytes += size
-        ntokens += pre.cache.num_tokens
+        ntokens += min(tail or pre.cache.num_tokens, pre.cache.num_tokens)
         received[name] = Received(pre.offer.fingerprint, decoded, pre.offsets, score.weight)
     req.timings["transfer"] = time.perf_counter() - t2
     t3 = time.perf_counter()

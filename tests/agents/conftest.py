@@ -68,10 +68,11 @@ class TinyWorld:
     fusers_dir: Path
     gate_path: Path
     orphan: LanguageModel  # a transmitter model no fuser exists for
+    tail_fusers_dir: Path  # the same pairs with window-1 fusers (they read only the transmitter's final token)
 
-    def fusers(self) -> dict[str, PairFuser]:
+    def fusers(self, root: Path | None = None) -> dict[str, PairFuser]:
         """Fingerprint -> fuser, loaded from the registry (what refine() in process gets)."""
-        reg = FuserRegistry(self.fusers_dir)
+        reg = FuserRegistry(root or self.fusers_dir)
         return {m.fingerprint: reg.load(m.fingerprint, self.receiver.fingerprint) for m in self.models.values()}
 
 
@@ -82,18 +83,20 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
     root = tmp_path_factory.mktemp("tiny-zoo")
     receiver = LanguageModel.load("tiny-qwen3")
     models = {name: LanguageModel.load(name) for name in ("tiny-llama", "tiny-qwen2")}
+    for folder, window in (("fusers", None), ("tail-fusers", 1)):
+        registry = FuserRegistry(root / folder)
+        for i, model in enumerate(models.values()):
+            torch.manual_seed(i)
+            cfg = FuserConfig.for_models(receiver, model, hidden=16, delta_init_std=0.5, window=window)
+            registry.save(PairFuser(cfg).eval(), model.fingerprint, receiver.fingerprint)
     registry = FuserRegistry(root / "fusers")
-    for i, model in enumerate(models.values()):
-        torch.manual_seed(i)
-        fuser = PairFuser(FuserConfig.for_models(receiver, model, hidden=16, delta_init_std=0.5)).eval()
-        registry.save(fuser, model.fingerprint, receiver.fingerprint)
     torch.manual_seed(7)
     profiles = {m.fingerprint: [1.0] * m.num_layers for m in models.values()}
     gate_path = save_gate(
         GateNetwork(GateConfig(hidden=8), profiles), registry.gate_path(receiver.fingerprint), receiver.fingerprint
     )
     orphan = LanguageModel.build("qwen3", ModelSpec(48, 2, 4, 2, 12, 96), seed=11, name="tiny-orphan")
-    return TinyWorld(receiver, models, root / "fusers", gate_path, orphan)
+    return TinyWorld(receiver, models, root / "fusers", gate_path, orphan, root / "tail-fusers")
 
 
 @dataclass

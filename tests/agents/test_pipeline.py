@@ -53,6 +53,25 @@ async def test_over_the_bus_equals_refine_in_process(fleet: Fleet, private: bool
         assert {u.transmitter_id: list(u.layers) for u in a.used} == ref.used
 
 
+async def test_window_one_fusers_get_only_the_final_token_over_the_bus_and_match_refine(fleet: Fleet) -> None:
+    world = fleet.world
+    await fleet.receiver(fusers=world.tail_fusers_dir)
+    await fleet.rephraser()
+    await fleet.gate()
+    for tid, name in (("t1", "tiny-llama"), ("t2", "tiny-qwen2")):
+        await fleet.transmitter(tid, name)
+    await fleet.wait_roster("gate", "transmitter", {"t1", "t2"})
+    await fleet.wait_roster("gate", "receiver", {"rx"})
+    transmitters = {"t1": world.models["tiny-llama"], "t2": world.models["tiny-qwen2"]}
+    gate = load_gate(world.gate_path)
+    for q in QUESTIONS[:2]:
+        a = _answer(await fleet.ask(q))
+        ref = refine(q, world.receiver, transmitters, mode="c2c", fusers=world.fusers(world.tail_fusers_dir), gate=gate)
+        assert a.choice == ref.answer and a.probs == pytest.approx(ref.probs, abs=1e-5), q.id
+        assert a.used and ref.tokens_sent == len(ref.used)  # one token per layer and transmitter in process ...
+        assert all(u.bytes < 3_000 for u in a.used)  # ... and over the bus: a few hundred bytes of K/V per layer
+
+
 async def test_no_transmitter_at_all_the_receiver_answers_alone_and_says_so(fleet: Fleet) -> None:
     await fleet.standard(transmitters={})
     a = _answer(await fleet.ask(QUESTIONS[1]))

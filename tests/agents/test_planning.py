@@ -110,3 +110,22 @@ def test_the_round_trip_counts_against_the_time_to_send() -> None:
     assert late.entries == () and "nothing fits" in late.omitted[0].detail
     own = _plan([slow.model_copy(update={"rtt_s": 0.2})], left_s=1.0, rtts={"t1": 0.0})  # the offer's own wins
     assert own.entries == () and own.omitted[0].reason == "not_chosen"
+
+
+def test_a_fuser_that_reads_a_tail_gets_only_that_tail_planned() -> None:
+    whole = _plan([_offer("t1")]).entries[0]
+    tail = _plan([_offer("t1")], tail=lambda offer: 1).entries[0]
+    assert whole.tokens is None and tail.tokens == 1
+    assert tail.layers == whole.layers and tail.byte_budget < whole.byte_budget  # 1 of 4 tokens (+ frame headers)
+    assert _plan([_offer("t1")], tail=lambda offer: 99).entries[0].tokens == 4  # never more than the prompt
+
+
+def test_receiver_fuser_capabilities_say_which_read_a_tail() -> None:
+    from agents.fuserbook import listed_fusers
+
+    assert listed_fusers(("answer",)) is None
+    assert listed_fusers(("answer", "fusers", "fuser:aa", "fuser:bb@1", "fuser:cc@x")) == {
+        "aa": None,
+        "bb": 1,
+        "cc": None,
+    }

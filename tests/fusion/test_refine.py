@@ -125,3 +125,33 @@ def test_refine_on_the_quick_zoo_is_deterministic() -> None:
             assert all(0.0 <= w <= 1.0 for w in a.weights.values())
             if private:
                 assert not any(p in a.shared_text for p in q.pii)
+
+
+def test_a_window_one_fuser_needs_only_the_transmitters_final_token(world) -> None:
+    from fusion.c2c import receiver_view, tail_tokens, transmitter_tail
+    from fusion.refine import Received, receiver_prefix, shared_prompt, transmitter_deltas
+
+    receiver, transmitters, _ = world
+    model = transmitters["t-llama"]
+    torch.manual_seed(3)
+    fuser = PairFuser(FuserConfig.for_models(receiver, model, hidden=16, delta_init_std=0.5, window=1)).eval()
+    assert transmitter_tail(fuser) == 1
+    shared, _ = shared_prompt(Q.stem, Q.options)
+    view, prefix = receiver_view(receiver, shared), receiver_prefix(receiver, shared)
+    pre = transmitter_prefill("t", model, shared)
+    whole = Received(model.fingerprint, dict(enumerate(pre.cache.layers)), pre.offsets)
+    tail = Received(model.fingerprint, tail_tokens(whole.layers, 1), pre.offsets)
+    from_whole = transmitter_deltas(view, prefix, whole, fuser)
+    from_tail = transmitter_deltas(view, prefix, tail, fuser)
+    assert from_whole.keys() == from_tail.keys()
+    for layer, (dk, dv) in from_whole.items():
+        assert torch.equal(dk, from_tail[layer][0]) and torch.equal(dv, from_tail[layer][1])
+    # refine() sends the tail only: one token per transmitter, and the answer of the whole cache
+    fusers = {model.fingerprint: fuser}
+    res = refine(Q, receiver, {"t": model}, mode="c2c-uniform", fusers=fusers, precision="fp16")
+    assert res.tokens_sent == 1 and res.bytes_sent < pre.cache.num_tokens * 100
+    # a fuser that reads every token cannot use a tail
+    wide = PairFuser(FuserConfig.for_models(receiver, model, hidden=16)).eval()
+    assert transmitter_tail(wide) is None
+    with pytest.raises(FusionError, match="whole cache"):
+        transmitter_deltas(view, prefix, tail, wide)
