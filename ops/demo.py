@@ -249,7 +249,7 @@ def table(setup: Setup, outcomes: Sequence[Outcome], alone: float | None) -> str
         link = setup.links_mbps.get(tid)
         why = ", ".join(f"{r}: {c}" for r, c in sorted(reasons[tid].items())) or "-"
         lines.append(
-            f"  {tid:<18} {Path(model).name[:14]:<14} {(f'{link:g} Mb/s' if link else 'LAN'):>9} "
+            f"  {tid:<18} {Path(model).name[:14]:<14} {(f'{link:g} MB/s' if link else 'LAN'):>9} "
             f"{s['used'].get(tid, 0):>5} {nbytes[tid]:>11,}  {why}"
         )
     return "\n".join(lines)

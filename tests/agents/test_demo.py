@@ -119,4 +119,4 @@ def test_the_report_shows_accuracy_latency_bytes_and_usage() -> None:
     ]
     text = table(setup, outcomes, alone=0.25)
     assert "answered          1/2" in text and "accuracy          1.000" in text and "receiver alone: 0.250" in text
-    assert "t1-llama" in text and "2 Mb/s" in text and "late: 1" in text and "1,500" in text
+    assert "t1-llama" in text and "2 MB/s" in text and "late: 1" in text and "1,500" in text
