@@ -13,14 +13,14 @@ The answer is scored over the four letter tokens only.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from bus.errors import FusionError
 from fusion.align import TokenAlignment, align_tokens
-from fusion.kvcache import KVCache
+from fusion.kvcache import KV, KVCache
 from fusion.models import LanguageModel
 from fusion.prompts import LETTERS, answer_token_text, format_question
 
@@ -102,10 +102,10 @@ def transmitter_tail(fuser) -> int | None:
     return 1 if ANCHOR_LAST and getattr(fuser.cfg, "window", None) == 1 else None
 
 
-def tail_tokens(layers: dict[int, tuple[torch.Tensor, torch.Tensor]], tail: int | None) -> dict:
+def tail_tokens(layers: Mapping[int, KV], tail: int | None) -> dict[int, KV]:
     """Each layer's K and V cut to their last ``tail`` tokens (all of them for None): what a transmitter sends."""
     if tail is None:
-        return layers
+        return dict(layers)
     if tail < 1:
         raise FusionError(f"a transmitted tail must be at least one token, got {tail}")
     return {m: (k[:, :, -tail:], v[:, :, -tail:]) for m, (k, v) in layers.items()}  # (B, H, tail, D) each
@@ -120,6 +120,8 @@ def tail_alignment(
     tokens before the window point at the tail's first token, which the fuser never reads.
     """
     start = num_transmitter - received
+    if start < 0:
+        raise FusionError(f"{received} transmitter tokens arrived but its offer has {num_transmitter}")
     if start == 0:
         return alignment
     if window is None or int(alignment.index[-window:].min()) < start:

@@ -177,7 +177,7 @@ def transmitter_deltas(view: ReceiverView, prefix: KVCache, got: Received, fuser
     The receiver agent computes them as each stream completes, while the others still travel.
     """
     alignment = prefix_alignment(view, got.offsets)
-    arrived = next(iter(got.layers.values()))[0].shape[2]  # tokens per layer that travelled (a tail, or all)
+    arrived = next(iter(got.layers.values()))[0].shape[2] if got.layers else len(got.offsets)  # a tail, or all
     if arrived != len(got.offsets):
         alignment = tail_alignment(alignment, len(got.offsets), arrived, fuser.cfg.window)
     aligned = gather_tokens(got.layers, alignment.index)

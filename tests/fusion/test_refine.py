@@ -155,3 +155,6 @@ def test_a_window_one_fuser_needs_only_the_transmitters_final_token(world) -> No
     assert transmitter_tail(wide) is None
     with pytest.raises(FusionError, match="whole cache"):
         transmitter_deltas(view, prefix, tail, wide)
+    too_long = {m: (torch.cat([k, k], 2), torch.cat([v, v], 2)) for m, (k, v) in whole.layers.items()}
+    with pytest.raises(FusionError, match="arrived but its offer has"):
+        transmitter_deltas(view, prefix, Received(model.fingerprint, too_long, pre.offsets), fuser)
