@@ -20,7 +20,7 @@ import torch
 
 from bus.errors import FusionError
 from fusion.align import TokenAlignment, align_tokens
-from fusion.kvcache import KV, KVCache
+from fusion.kvcache import KV, KVCache, last_tokens
 from fusion.models import LanguageModel
 from fusion.prompts import LETTERS, answer_token_text, format_question
 
@@ -108,7 +108,7 @@ def tail_tokens(layers: Mapping[int, KV], tail: int | None) -> dict[int, KV]:
         return dict(layers)
     if tail < 1:
         raise FusionError(f"a transmitted tail must be at least one token, got {tail}")
-    return {m: (k[:, :, -tail:], v[:, :, -tail:]) for m, (k, v) in layers.items()}  # (B, H, tail, D) each
+    return {m: last_tokens(kv, tail) for m, kv in layers.items()}
 
 
 def tail_alignment(

@@ -25,7 +25,7 @@ from torch import nn
 
 from bus.errors import FusionError
 from fusion.align import DEFAULT_LAYER_STRATEGY, align_layers
-from fusion.kvcache import KV, KVCache
+from fusion.kvcache import KV, KVCache, last_tokens
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ class PairFuser(nn.Module):
             if tail is None:
                 dk, dv = fuser(r, t)  # each (B, H_r, T, D_r)
             else:
-                dk, dv = fuser(_last_tokens(r, tail), _last_tokens(t, tail))  # each (B, H_r, tail, D_r)
+                dk, dv = fuser(last_tokens(r, tail), last_tokens(t, tail))  # each (B, H_r, tail, D_r)
                 before = receiver.num_tokens - tail
                 dk, dv = F.pad(dk, (0, 0, before, 0)), F.pad(dv, (0, 0, before, 0))  # zeros before the window
             scale = w * gates[layer]
@@ -219,11 +219,6 @@ class PairFuser(nn.Module):
     def forward(self, receiver: KVCache, transmitter: Mapping[int, KV], weight: float | torch.Tensor = 1.0) -> KVCache:
         """The receiver cache with this transmitter fused in."""
         return apply_deltas(receiver, [self.deltas(receiver, transmitter, weight)])
-
-
-def _last_tokens(kv: KV, n: int) -> KV:
-    """The last ``n`` token positions of a (K, V) pair: ``(B, H, T, D) -> (B, H, n, D)``."""
-    return kv[0][:, :, -n:], kv[1][:, :, -n:]
 
 
 def apply_deltas(receiver: KVCache, deltas: Iterable[Mapping[int, KV]]) -> KVCache:

@@ -13,6 +13,11 @@ from bus.errors import FusionError
 KV = tuple[torch.Tensor, torch.Tensor]
 
 
+def last_tokens(kv: KV, n: int) -> KV:
+    """The last ``n`` token positions of a (K, V) pair: ``(B, H, T, D) -> (B, H, n, D)`` each."""
+    return kv[0][:, :, -n:], kv[1][:, :, -n:]
+
+
 @dataclass
 class KVCache:
     """The prefill cache of one model: ``layers[i] = (K, V)``, each ``(B, kv_heads, T, head_dim)``."""
