@@ -57,6 +57,9 @@ class FusionBuildSpec:
     # afresh per item, so the fuser cannot memorise them: it has to carry the transmitter's answer over.
     context_fraction: float = 0.0
     reverse: tuple[str, ...] = ("t1-llama",)  # transmitters that also get a fuser *from* the receiver (Co-C2C)
+    # Share of the train-pool facts no fuser trains on, kept for the gate: it then learns how the fusers behave on
+    # facts they never saw (as at test time) rather than on facts they fit. 0: the gate uses the whole pool.
+    gate_holdout: float = 0.0
     seed: int = 0
 
 
@@ -82,6 +85,8 @@ def fusion_spec(quick: bool, seed: int = 0) -> FusionBuildSpec:
         fuser=FuserTrainConfig(steps=600, lr=3e-3, hidden=128, window=1, confidence_weighting=True, seed=seed),
         gate=GateTrainConfig(steps=300, seed=seed),
         context_fraction=1.0,
+        gate_holdout=0.25,
+        gate_questions_per_fact=6,
         seed=seed,
     )
 
@@ -91,6 +96,17 @@ def private_stem(question: Question, rng: random.Random) -> str:
     if rng.random() < 0.5:
         return paraphrase(question.entity, question.attribute, question.phrasing)
     return " ".join(redact(question.stem).text.split())
+
+
+def gate_facts(world: World, spec: FusionBuildSpec) -> set[str]:
+    """The train-pool facts held out from every fuser for the gate (``spec.gate_holdout`` of them, seeded)."""
+    pool = sorted(world.train_fact_ids)
+    return set(random.Random(f"gate-holdout/{spec.seed}").sample(pool, round(spec.gate_holdout * len(pool))))
+
+
+def fuser_facts(world: World, spec: FusionBuildSpec) -> set[str]:
+    """The train-pool facts the fusers train on (all of them unless some are held out for the gate)."""
+    return set(world.train_fact_ids) - gate_facts(world, spec)
 
 
 def _questions(world: World, fact_ids: Sequence[str], per_fact: int, tag: str, rng: random.Random) -> list[Question]:
@@ -140,7 +156,7 @@ def pair_items(
     questions (keep-targets: its own true letter); facts neither knows (the receiver's own answer, so a
     transmitter saying "I don't know" leaves it alone); and optionally mismatched caches.
     """
-    train = set(world.train_fact_ids)
+    train = fuser_facts(world, spec)
     t_known, r_only = train & set(transmitter_known), (train & set(receiver_known)) - set(transmitter_known)
     neither = sorted(train - set(transmitter_known) - set(receiver_known))
     per, frac, seed = spec.questions_per_fact, spec.private_fraction, spec.seed
@@ -151,7 +167,7 @@ def pair_items(
     items += _items(world, picked, max(per // 2, 1), frac, f"{tag}/n", seed, keep_own=True)
     n_context = round(spec.context_fraction * len(items))
     items += mismatch_items(world, receiver_known, round(spec.mismatch_fraction * len(items)), tag, seed)
-    items += context_items(world, receiver_known, transmitter_known, n_context, frac, tag, seed)
+    items += context_items(world, receiver_known, transmitter_known, n_context, frac, tag, seed, facts=train)
     return items
 
 
@@ -163,11 +179,13 @@ def context_items(
     private_fraction: float,
     tag: str,
     seed: int,
+    facts: set[str] | None = None,
 ) -> list[FusionItem]:
-    """``count`` items on train-pool facts neither model knows, each with a random value the transmitter reads in
-    context (``FusionItem.context``); the target is that value's letter."""
+    """``count`` items on train-pool facts (or on ``facts``) neither model knows, each with a random value the
+    transmitter reads in context (``FusionItem.context``); the target is that value's letter."""
     rng = random.Random(f"fusion-context/{tag}/{seed}")
-    pool = world.facts_of(sorted(set(world.train_fact_ids) - set(receiver_known) - set(transmitter_known)))
+    train = set(world.train_fact_ids) if facts is None else facts
+    pool = world.facts_of(sorted(train - set(receiver_known) - set(transmitter_known)))
     items: list[FusionItem] = []
     for i in range(count if pool else 0):
         fact = rng.choice(pool)
@@ -179,8 +197,9 @@ def context_items(
 
 
 def gate_items(world: World, known: Mapping[str, set[str]], spec: FusionBuildSpec) -> list[FusionItem]:
-    """Gate training items: train-pool facts at least one model knows."""
-    pool = set(world.train_fact_ids) & set().union(*known.values())
+    """Gate training items: train-pool facts at least one model knows (only the held-out ones, if any are)."""
+    held = gate_facts(world, spec)
+    pool = (held or set(world.train_fact_ids)) & set().union(*known.values())
     return _items(world, sorted(pool), spec.gate_questions_per_fact, spec.private_fraction, "gate", spec.seed + 1)
 
 

@@ -144,3 +144,24 @@ def test_context_items_teach_facts_nobody_knows_with_fresh_values(quick_zoo) -> 
         assert fact.id in set(zoo.world.train_fact_ids) - r_known - t_known
         values.setdefault(fact.id, set()).add(told)
     assert max(len(v) for v in values.values()) > 1  # the same fact is told with different values
+
+
+@pytest.mark.slow
+def test_facts_held_out_for_the_gate_are_never_in_a_fuser_item(quick_zoo) -> None:
+    from dataclasses import replace
+
+    from ops.zoo.fusers import fuser_facts, fusion_spec, gate_facts, gate_items, pair_items
+
+    zoo = quick_zoo
+    spec = replace(fusion_spec(quick=True), gate_holdout=0.25)
+    held, rest = gate_facts(zoo.world, spec), fuser_facts(zoo.world, spec)
+    assert held and not held & rest and held | rest == set(zoo.world.train_fact_ids)
+    assert gate_facts(zoo.world, fusion_spec(quick=True)) == set()  # no hold-out: the gate uses the whole pool
+    known = {n: set(zoo.known(n)) for n in zoo.names}
+    fuser_items = pair_items(zoo.world, known[zoo.receiver], known[zoo.transmitters[0]], spec, "test")
+    held_facts = zoo.world.facts_of(sorted(held))
+    for item in fuser_items:
+        for stem in filter(None, (item.stem, item.shared_stem, item.context)):
+            assert not any(_about(stem, f.entity, f.attribute) for f in held_facts), stem
+    gate_stems = [item.stem for item in gate_items(zoo.world, known, spec)]
+    assert gate_stems and all(any(_about(s, f.entity, f.attribute) for f in held_facts) for s in gate_stems)
