@@ -21,11 +21,11 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from agents.launch import AgentSpec, Federation
 from bus.connect import close, connect
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 DEFAULT_QUESTIONS = 60  # held-out questions pushed by default
 DEFAULT_DEADLINE_MS = 10_000  # per question
 DEFAULT_CONCURRENCY = 4  # questions in flight
+DEFAULT_CANCEL_WAIT_S = 5.0  # seconds the pushing task may take to end once a signal arrived
+T = TypeVar("T")
 DEFAULT_LINKS_MBPS = (None, 6.0, 1.0, 0.25)  # uplinks (MB/s) of the four transmitters: LAN, laptop, phone, weak phone
 TINY_TRANSMITTERS = ("tiny-llama", "tiny-qwen2", "tiny-llama", "tiny-qwen2")
 
@@ -164,24 +166,56 @@ def items_of(questions: Sequence[Question]) -> list[Item]:
 # ---- running ------------------------------------------------------------------------------------------------
 
 
+class _Interrupted(Exception):
+    """SIGINT or SIGTERM arrived while the demo's event loop ran."""
+
+
+async def _until_interrupted(work: Awaitable[T]) -> T:
+    """``work``'s result; :class:`_Interrupted` as soon as SIGINT or SIGTERM arrives (``work`` is then cancelled).
+
+    asyncio.run's own Ctrl-C handling cancels the main task once, and nats-py swallows a cancel that lands in a
+    publish: the demo then carried on to the last question (seen in CI). Here the signal only sets an event.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum in previous:
+        loop.add_signal_handler(signum, stop.set)
+    task, stopped = asyncio.ensure_future(work), asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not stop.is_set():
+            return task.result()
+        task.cancel()
+        await asyncio.wait({task}, timeout=DEFAULT_CANCEL_WAIT_S)  # bounded: the cancel may be swallowed too
+        raise _Interrupted
+    finally:
+        stopped.cancel()
+        for signum, handler in previous.items():
+            loop.remove_signal_handler(signum)
+            signal.signal(signum, handler)  # asyncio would leave SIGTERM at its default: killed without cleanup
+
+
 async def _drive(fed: Federation, setup: Setup, deadline_s: float, concurrency: int, quiet: bool) -> list[Outcome]:
     from tqdm import tqdm
 
     _say(f"starting {len(fed.procs)} agents (logs in {fed.log_dir}) ...", quiet)
     t0 = time.monotonic()
-    await fed.wait_ready()
+    await _until_interrupted(fed.wait_ready())
     _say(f"all agents up in {time.monotonic() - t0:.1f} s; pushing {len(setup.questions)} questions", quiet)
     nc = await connect(fed.url, name="ops.demo")
     try:
         items = items_of(setup.questions)
         with tqdm(total=len(items), desc="questions", unit="q", disable=quiet, file=sys.stderr) as bar:
-            return await push_many(
-                nc,
-                Subjects(fed.prefix),
-                items,
-                deadline_s=deadline_s,
-                concurrency=concurrency,
-                on_done=lambda o: bar.update(),
+            return await _until_interrupted(
+                push_many(
+                    nc,
+                    Subjects(fed.prefix),
+                    items,
+                    deadline_s=deadline_s,
+                    concurrency=concurrency,
+                    on_done=lambda o: bar.update(),
+                )
             )
     finally:
         await close(nc)
@@ -200,7 +234,10 @@ def run_demo(
     fed = Federation(server.url, setup.specs(), log_dir=log_dir)
     try:
         fed.start()
-        return asyncio.run(_drive(fed, setup, deadline_s, concurrency, quiet))
+        try:
+            return asyncio.run(_drive(fed, setup, deadline_s, concurrency, quiet))
+        except _Interrupted:
+            raise KeyboardInterrupt from None  # the caller says so and exits 130
     finally:
         _say("stopping agents ...", quiet)
         statuses = fed.stop()
