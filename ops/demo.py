@@ -174,7 +174,8 @@ async def _until_interrupted(work: Awaitable[T]) -> T:
     """``work``'s result; :class:`_Interrupted` as soon as SIGINT or SIGTERM arrives (``work`` is then cancelled).
 
     asyncio.run's own Ctrl-C handling cancels the main task once, and nats-py swallows a cancel that lands in a
-    publish: the demo then carried on to the last question (seen in CI). Here the signal only sets an event.
+    publish: the demo then carried on to the last question (seen once in a fresh-clone `.ci/run`). Here the signal
+    only sets an event.
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
