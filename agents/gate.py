@@ -148,23 +148,13 @@ class GateAgent(Agent):
 
     # ---- planning -----------------------------------------------------------------------------------------
 
-    def _fusers_of(self, receiver_id: str) -> dict[str, int | None] | None:
-        receiver = self.roster.get("receiver", receiver_id)
-        return None if receiver is None else listed_fusers(receiver.presence.capabilities)
-
-    def _tail(self, receiver_id: str, offer: Offer) -> int | None:
-        """The transmitter tokens the receiver's fuser for this offer reads (None: the whole cache)."""
-        return (self._fusers_of(receiver_id) or {}).get(offer.model_fingerprint)
-
-    def _fusable(self, receiver_id: str, offer: Offer) -> bool:
-        listed = self._fusers_of(receiver_id)
-        if listed is None:
+    def _fusable(self, offer: Offer, receiver: Member | None, listed: dict[str, int | None] | None) -> bool:
+        """Whether ``receiver`` (whose heartbeat lists the fusers ``listed``) can fuse this offer's model."""
+        if receiver is None or listed is None:
             return True  # the receiver did not list its fusers: let it decide (it omits with "no_fuser")
         if offer.model_fingerprint in listed:
             return True
-        receiver = self.roster.get("receiver", receiver_id)
-        assert receiver is not None
-        key = (offer.transmitter_id, offer.model_fingerprint, receiver_id)
+        key = (offer.transmitter_id, offer.model_fingerprint, receiver.agent_id)
         if key not in self.warned_no_fuser:
             self.warned_no_fuser.add(key)
             log.warning(
@@ -172,7 +162,7 @@ class GateAgent(Agent):
                 "for this receiver until such a fuser is installed",
                 offer.transmitter_id,
                 offer.model_fingerprint,
-                receiver_id,
+                receiver.agent_id,
                 receiver.presence.model_fingerprint,
             )
         return False
@@ -191,6 +181,8 @@ class GateAgent(Agent):
             if m.presence.link_rate_bps is not None
         }
         rtts = {tid: m.presence.rtt_s for tid, m in self.roster.live("transmitter").items() if m.presence.rtt_s}
+        receiver = self.roster.get("receiver", state.query.receiver_id)
+        listed = None if receiver is None else listed_fusers(receiver.presence.capabilities)  # fp -> tail tokens
         plan = build_plan(
             state.query,
             state.offers,
@@ -198,8 +190,8 @@ class GateAgent(Agent):
             policy=self.policy,
             precision=self.cfg.precision,
             expected=state.expected,
-            fusable=lambda offer: self._fusable(state.query.receiver_id, offer),
-            tail=lambda offer: self._tail(state.query.receiver_id, offer),
+            fusable=lambda offer: self._fusable(offer, receiver, listed),
+            tail=lambda offer: (listed or {}).get(offer.model_fingerprint),
             rates=rates,
             rtts=rtts,
             assumed_rate_bps=self.cfg.assumed_rate_mbps * MBPS,
