@@ -2,10 +2,10 @@
 
 Scoring is ``fusion.refine.plan`` (the gating network, or uniform weights without one: the same call
 ``refine()`` makes in process); what to send under the link and the deadline is a ``bus.policy`` policy. A
-transmitter appears in the plan's ``entries`` (layers most important first, precision, weight, byte budget)
-(and, when the receiver's fuser reads only the transmitter's last tokens, how many: ``tokens``)
-or in its ``omitted`` with a reason: ``no_fuser``, ``not_chosen`` (weight 0, no useful layer, nothing fits the
-deadline), ``late`` (no offer in the window) or ``error``.
+transmitter appears in the plan's ``entries`` (layers most important first, precision, weight, byte budget, and
+``tokens`` when the receiver's fuser reads only the transmitter's last tokens) or in its ``omitted`` with a
+reason: ``no_fuser``, ``not_chosen`` (weight 0, no useful layer, nothing fits the deadline), ``late`` (no offer
+in the window) or ``error``.
 """
 
 from __future__ import annotations

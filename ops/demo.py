@@ -42,9 +42,10 @@ DEFAULT_QUESTIONS = 60  # held-out questions pushed by default
 DEFAULT_DEADLINE_MS = 10_000  # per question
 DEFAULT_CONCURRENCY = 4  # questions in flight
 DEFAULT_CANCEL_WAIT_S = 5.0  # seconds the pushing task may take to end once a signal arrived
-T = TypeVar("T")
 DEFAULT_LINKS_MBPS = (None, 6.0, 1.0, 0.25)  # uplinks (MB/s) of the four transmitters: LAN, laptop, phone, weak phone
 TINY_TRANSMITTERS = ("tiny-llama", "tiny-qwen2", "tiny-llama", "tiny-qwen2")
+
+T = TypeVar("T")
 
 
 @dataclass

@@ -64,7 +64,8 @@ class FusionBuildSpec:
 
 
 def fusion_spec(quick: bool, seed: int = 0) -> FusionBuildSpec:
-    """Full: TOYWORLD's measured settings (hidden 128, 600 steps, lr 1e-3). Quick: a smoke-sized version for tests."""
+    """Full: hidden 128, 600 steps (TOYWORLD), lr 3e-3, window 1, a quarter of the facts for the gate only (see below).
+    Quick: a smoke-sized version for tests."""
     if quick:
         return FusionBuildSpec(  # small enough that the test suite's first run trains it in about a minute
             fuser=FuserTrainConfig(
