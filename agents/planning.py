@@ -16,7 +16,17 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 
 from bus.errors import FusionError, PolicyError
-from bus.policy import DEFAULT_SAFETY, LADDER, BandwidthPolicy, PolicyRequest, layer_costs, link_budget, make_policy
+from bus.frames import frame_overhead
+from bus.policy import (
+    DEFAULT_SAFETY,
+    FRAME_OVERHEAD_BYTES,
+    LADDER,
+    BandwidthPolicy,
+    PolicyRequest,
+    layer_costs,
+    link_budget,
+    make_policy,
+)
 from bus.schemas import PRECISIONS, Offer, Omission, Plan, PlanEntry, Query
 from fusion.gate import GateNetwork, OfferSummary
 from fusion.refine import plan as score_offers
@@ -58,13 +68,17 @@ def _entry(
     reserve_s: float = 0.0,
     rtt_s: float = 0.0,
     tail: int | None = None,
+    query_id: str = "",
 ) -> PlanEntry | Omission:
     tokens = min(tail, offer.n_tokens) if tail else offer.n_tokens  # what travels per layer
     shape = (1, offer.kv_heads, tokens, offer.head_dim)
     offered = [p for p in PRECISIONS if p in offer.precisions]
     wanted = tuple(dict.fromkeys((precision, *LADDER)))
     precisions = tuple(p for p in wanted if p in offered) or tuple(offered)
-    costs = layer_costs([importance[m] for m in layers], shape, layers=layers, precisions=precisions)
+    overhead = frame_overhead(query_id, tid) if query_id else FRAME_OVERHEAD_BYTES
+    costs = layer_costs(
+        [importance[m] for m in layers], shape, layers=layers, precisions=precisions, frame_overhead=overhead
+    )
     try:
         # The byte budget the link allows by the deadline: what drop-by-importance and the ladder work to
         # (deadline-aware derives the same from the rate itself; keep-all ignores it).
@@ -156,6 +170,7 @@ def build_plan(
             reserve_s,
             rtt,
             tail(offer),
+            query.query_id,
         )
         (entries if isinstance(item, PlanEntry) else omitted).append(item)  # type: ignore[arg-type]
     for tid in sorted(set(expected) - set(offers)):

@@ -8,7 +8,8 @@ bytes and seconds it is expected to take. :func:`link_budget` turns a link rate 
 :func:`split_budget` shares a receiver-side budget among transmitters. Invalid input is a :class:`PolicyError`.
 
 Byte estimates (:func:`layer_wire_bytes`) are raw quantised sizes (``bus.schemas.expected_raw_bytes``: data
-plus fp16 scales) plus a worst-case frame header per chunk. They are what travels without compression; LZ4
+plus fp16 scales) plus a frame header per chunk (``bus.frames.frame_overhead`` of the query's and sender's ids
+when the planner knows them, else the worst case for 64-character ids). They are what travels without compression; LZ4
 saves ~0-10% on fp16 KV and ~nothing on int8/int4 (DESIGN.md), so the estimate is slightly conservative.
 """
 
@@ -22,13 +23,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bus.errors import PolicyError
+from bus.frames import MAX_FRAME_OVERHEAD
 from bus.schemas import MAX_LAYER_INDEX, PRECISIONS, expected_raw_bytes
 
 log = logging.getLogger(__name__)
 
 LADDER: tuple[str, ...] = ("fp16", "int8", "int4")  # precisions the ladder walks, best first
 DEFAULT_MAX_PAYLOAD = 8 * 1024 * 1024  # bytes per NATS message on the project's embedded server
-FRAME_OVERHEAD_BYTES = 640  # bytes per chunk frame: magic, length and header JSON (worst case measured 604)
+FRAME_OVERHEAD_BYTES = MAX_FRAME_OVERHEAD  # bytes a chunk frame adds to its payload with the longest ids
 DEFAULT_SAFETY = 0.8  # deadline-aware plans to use this share of the estimated link rate
 DEFAULT_RESERVE_S = 0.0  # seconds the receiver needs after the last byte (fuse + decode), kept free
 
@@ -174,12 +176,13 @@ def layer_costs(
     layers: Sequence[int] | None = None,
     precisions: Sequence[str] = LADDER,
     max_payload: int = DEFAULT_MAX_PAYLOAD,
+    frame_overhead: int = FRAME_OVERHEAD_BYTES,
 ) -> tuple[LayerCost, ...]:
     """Costs of layers that share one shape; ``layers`` names them (default 0..n-1), ``importance`` scores them."""
     names = list(range(len(importance))) if layers is None else list(layers)
     if len(names) != len(importance):
         raise PolicyError(f"{len(importance)} importance scores for {len(names)} layers")
-    sizes = {p: layer_wire_bytes(shape, p, max_payload=max_payload) for p in precisions}
+    sizes = {p: layer_wire_bytes(shape, p, max_payload=max_payload, frame_overhead=frame_overhead) for p in precisions}
     return tuple(LayerCost(layer=m, importance=float(s), bytes=sizes) for m, s in zip(names, importance, strict=True))
 
 

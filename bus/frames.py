@@ -1,9 +1,13 @@
-"""The KV chunk frame, one per NATS message: ``MAGIC | u8 version | u8 0 | u16 header length | header JSON | payload``.
+"""The KV chunk frame, one per NATS message: ``MAGIC | u8 version | u8 0 | u16 header length | header | payload``.
 
 The frame is the whole NATS payload (no NATS headers), so what the server checks against
-``max_payload`` is exactly the frame's length. Frame version 2 checksums with xxHash (XXH3, 64-bit;
-version 1 used zlib's CRC-32, ten times slower). They are chained so every payload byte is hashed once
-on each side, and each header field keeps the low 32 bits (``bus.schemas.Crc`` is a 32-bit field):
+``max_payload`` is exactly the frame's length. Frame version 3 has a fixed binary header (64 bytes of
+big-endian fields, the two ids, zero padding so the payload starts 16-aligned: about 110 bytes in all);
+version 2 carried the same fields as JSON (about 400 bytes), which outweighed the payload of the small
+tensors a transmitter sends when only the last tokens travel. The fields and their checksums are
+unchanged from version 2 (docs/PROTOCOL.md section 6 is the byte-level spec). Checksums use xxHash
+(XXH3, 64-bit), chained so every payload byte is hashed once on each side; each header field keeps the
+low 32 bits (``bus.schemas.Crc`` is a 32-bit field):
 
 - ``payload_hash = xxh3_64(payload)``; ``chunk_crc = low32(xxh3_64(header seed, seed=payload_hash))``:
   the payload and every other header field, so a flipped payload bit *or* a mutated header field fails
@@ -19,8 +23,6 @@ standalone ``bytes`` frames for callers that keep them.
 
 from __future__ import annotations
 
-import functools
-import json
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,15 +31,38 @@ import xxhash
 from pydantic import ValidationError
 
 from bus.errors import ChunkError, CodecError
-from bus.schemas import CRC_MAX, MAX_CHUNKS, SCHEMA_VERSION, KVChunkHeader
+from bus.schemas import ID_PATTERN, SCHEMA_VERSION, KVChunkHeader
 
 MAGIC = b"FRKV"
-FRAME_VERSION = 2  # 1: CRC-32 checksums, u32 header length; 2: xxh3_64 checksums
+FRAME_VERSION = 3  # 1: CRC-32 checksums, u32 header length; 2: xxh3_64 checksums, JSON header; 3: binary header
 PREFIX = struct.Struct(">4sBBH")  # magic, frame version, reserved (0), header length in bytes
-MAX_HEADER_BYTES = 4096  # a header longer than this is malformed
-MIN_CHUNK_BYTES = 1024  # a max_payload leaving less than this per chunk is refused
 PAYLOAD_ALIGN = 16  # bytes; payload offset within the frame
+MAX_ID_BYTES = 64  # query ids and sender ids (bus.schemas.ID_PATTERN)
+# schema_version, tensor, layer, precision, dtype, scale_axis, scale_dtype, shuffle, compression, layers_total,
+# chunk, n_chunks, chunk_size, shape[4], raw_bytes, blob_bytes, chunk_crc, blob_crc; then u8 length + query_id,
+# u8 length + sender, zero padding
+FIELDS = struct.Struct(">BBHBBBBBBHIII4IQQII")
+MAX_HEADER_BYTES = FIELDS.size + 2 + 2 * MAX_ID_BYTES + PAYLOAD_ALIGN  # a longer header is malformed
+MAX_FRAME_OVERHEAD = -(-(PREFIX.size + FIELDS.size + 2 + 2 * MAX_ID_BYTES) // PAYLOAD_ALIGN) * PAYLOAD_ALIGN
+MIN_CHUNK_BYTES = 1024  # a max_payload leaving less than this per chunk is refused
 CHECKSUM_MASK = 0xFFFFFFFF  # header checksum fields (bus.schemas.Crc) carry the low 32 bits of an xxh3_64 digest
+
+# one byte per enumerated field: the code is the value's position in its tuple
+TENSORS = ("k", "v")
+PRECISION_CODES = ("fp32", "fp16", "bf16", "int8", "int4")
+DTYPE_CODES = ("float32", "float16", "bfloat16")
+SCALE_AXIS_CODES = ("none", "channel", "token")
+SCALE_DTYPE_CODES = (None, "float16")
+COMPRESSION_CODES = ("none", "lz4")
+_COMPRESSION_AT = PREFIX.size + 9  # offset of the compression code in a frame
+_ENUMS = (
+    ("tensor", TENSORS),
+    ("precision", PRECISION_CODES),
+    ("dtype", DTYPE_CODES),
+    ("scale_axis", SCALE_AXIS_CODES),
+    ("scale_dtype", SCALE_DTYPE_CODES),
+    ("compression", COMPRESSION_CODES),
+)
 
 Buffer = bytes | bytearray | memoryview
 
@@ -57,6 +82,11 @@ class SealedChunk:
 
     head: bytes
     payload: memoryview
+
+    @property
+    def compressed(self) -> bool:
+        """Whether its tensor blob is LZ4-compressed (the header's ``compression`` byte)."""
+        return self.head[_COMPRESSION_AT] == COMPRESSION_CODES.index("lz4")
 
     @property
     def size(self) -> int:
@@ -115,41 +145,47 @@ def seal(header: KVChunkHeader, payload_digest: int) -> KVChunkHeader:
     return header.model_copy(update={"chunk_crc": chunk_crc(header, payload_digest)})
 
 
-@functools.lru_cache(maxsize=64)  # pure in max_payload; senders ask once per tensor
 def header_budget(max_payload: int) -> int:
-    """Payload bytes per chunk that always fit ``max_payload`` with the worst-case header and prefix."""
-    probe = KVChunkHeader.model_construct(
-        query_id="x" * 64,
-        sender="x" * 64,
-        layer=10**6,
-        tensor="k",
-        chunk=MAX_CHUNKS,
-        n_chunks=MAX_CHUNKS,
-        chunk_size=10**12,
-        dtype="bfloat16",
-        shape=(10**8,) * 4,
-        precision="fp16",
-        shuffle=False,
-        compression="none",
-        scale_axis="channel",
-        scale_dtype="float16",
-        raw_bytes=10**15,
-        blob_bytes=10**15,
-        layers_total=10**4,
-        chunk_crc=CRC_MAX,
-        blob_crc=CRC_MAX,
-    )
-    overhead = PREFIX.size + len(probe.model_dump_json()) + PAYLOAD_ALIGN + 16
-    budget = max_payload - overhead
+    """Payload bytes per chunk that always fit ``max_payload`` with the longest ids (64 characters each)."""
+    budget = max_payload - MAX_FRAME_OVERHEAD
     if budget < MIN_CHUNK_BYTES:
-        raise CodecError(f"max_payload {max_payload} bytes is too small for KV chunks (need > {overhead + 1024})")
+        need = MAX_FRAME_OVERHEAD + MIN_CHUNK_BYTES
+        raise CodecError(f"max_payload {max_payload} bytes is too small for KV chunks (need > {need})")
     return budget
 
 
+def frame_overhead(query_id: str, sender: str) -> int:
+    """Bytes a frame adds to its payload for these ids: prefix, fixed fields, ids and padding."""
+    raw = PREFIX.size + FIELDS.size + 2 + len(query_id.encode()) + len(sender.encode())
+    return -(-raw // PAYLOAD_ALIGN) * PAYLOAD_ALIGN
+
+
 def frame_head(header: KVChunkHeader) -> bytes:
-    """``MAGIC | version | 0 | u16 len | header JSON``, the JSON space-padded so the payload starts 16-aligned."""
-    head = header.model_dump_json().encode()
-    head += b" " * (-(PREFIX.size + len(head)) % PAYLOAD_ALIGN)  # receivers view tensors in place
+    """``MAGIC | version | 0 | u16 len | header``: the binary fields, the ids, zeros up to a 16-aligned payload."""
+    h = header
+    fixed = FIELDS.pack(
+        h.schema_version,
+        TENSORS.index(h.tensor),
+        h.layer,
+        PRECISION_CODES.index(h.precision),
+        DTYPE_CODES.index(h.dtype),
+        SCALE_AXIS_CODES.index(h.scale_axis),
+        SCALE_DTYPE_CODES.index(h.scale_dtype),
+        int(h.shuffle),
+        COMPRESSION_CODES.index(h.compression),
+        h.layers_total,
+        h.chunk,
+        h.n_chunks,
+        h.chunk_size,
+        *h.shape,
+        h.raw_bytes,
+        h.blob_bytes,
+        h.chunk_crc,
+        h.blob_crc,
+    )
+    qid, sender = h.query_id.encode(), h.sender.encode()
+    head = b"".join((fixed, bytes((len(qid),)), qid, bytes((len(sender),)), sender))
+    head += bytes(-(PREFIX.size + len(head)) % PAYLOAD_ALIGN)  # receivers view tensors in place
     return PREFIX.pack(MAGIC, FRAME_VERSION, 0, len(head)) + head
 
 
@@ -208,7 +244,7 @@ def read_frame(frame: Buffer) -> Chunk:
     if magic != MAGIC:
         raise ChunkError("frame does not start with the KV magic", reason="malformed")
     if version != FRAME_VERSION:
-        old = " (a CRC-32 frame of format 1)" if version == 0 else ""
+        old = {0: " (a CRC-32 frame of format 1)", 2: " (a JSON-header frame of format 2)"}.get(version, "")
         raise ChunkError(
             f"unsupported KV frame version {version}{old}; this build speaks {FRAME_VERSION}", reason="version"
         )
@@ -241,19 +277,53 @@ def parse_frame(frame: Buffer) -> tuple[KVChunkHeader, memoryview]:
 
 
 def _parse_header(head: bytes) -> KVChunkHeader:
-    try:
-        obj = json.loads(head)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ChunkError(f"chunk header is not JSON: {exc}", reason="malformed") from exc
-    if not isinstance(obj, dict):
-        raise ChunkError("chunk header is not a JSON object", reason="malformed")
-    version = obj.get("schema_version")
+    if len(head) < FIELDS.size + 2:
+        raise ChunkError(f"chunk header of {len(head)} bytes is shorter than its fixed fields", reason="malformed")
+    values = FIELDS.unpack_from(head)
+    version = values[0]
     if version != SCHEMA_VERSION:
-        raise ChunkError(
-            f"unsupported KV chunk schema_version {version!r} (expected {SCHEMA_VERSION})", reason="version"
-        )
+        raise ChunkError(f"unsupported KV chunk schema_version {version} (expected {SCHEMA_VERSION})", reason="version")
+    fields: dict = {"schema_version": version}
+    codes = dict(zip(("tensor", "layer", "precision", "dtype", "scale_axis", "scale_dtype"), values[1:7], strict=True))
+    fields["layer"] = codes.pop("layer")
+    shuffle, compression = values[7], values[8]
+    if shuffle not in (0, 1):
+        raise ChunkError(f"chunk header shuffle byte is {shuffle}, not 0 or 1", reason="malformed")
+    codes["compression"] = compression
+    for name, table in _ENUMS:
+        code = codes[name]
+        if code >= len(table):
+            raise ChunkError(f"chunk header {name} code {code} is not defined", reason="malformed")
+        fields[name] = table[code]
+    fields["shuffle"] = bool(shuffle)
+    (
+        fields["layers_total"],
+        fields["chunk"],
+        fields["n_chunks"],
+        fields["chunk_size"],
+        *shape,
+        fields["raw_bytes"],
+        fields["blob_bytes"],
+        fields["chunk_crc"],
+        fields["blob_crc"],
+    ) = values[9:]
+    fields["shape"] = tuple(shape)
+    pos = FIELDS.size
+    for name in ("query_id", "sender"):
+        n = head[pos] if pos < len(head) else 0
+        raw = head[pos + 1 : pos + 1 + n]
+        if n == 0 or len(raw) != n:
+            raise ChunkError(f"chunk header {name} is empty or truncated", reason="malformed")
+        text = raw.decode("latin-1")
+        if ID_PATTERN.fullmatch(text) is None:
+            raise ChunkError(f"chunk header {name} {text[:64]!r} is not a valid id", reason="malformed")
+        fields[name] = text
+        pos += 1 + n
+    padding = head[pos:]
+    if len(padding) >= PAYLOAD_ALIGN or any(padding) or (PREFIX.size + len(head)) % PAYLOAD_ALIGN:
+        raise ChunkError("chunk header padding is not zeros up to a 16-byte boundary", reason="malformed")
     try:
-        return KVChunkHeader.model_validate(obj)
+        return KVChunkHeader.model_validate(fields)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "header"

@@ -44,7 +44,6 @@ from bus.subjects import Subjects
 
 log = logging.getLogger(__name__)
 
-LZ4_MARK = b'"compression":"lz4"'  # in a chunk's header JSON when its tensor blob is LZ4-compressed
 DEFAULT_FLUSH_EVERY = 8 * 1024 * 1024  # bytes published between PING/PONG round trips
 DEFAULT_EXPIRE_INTERVAL = 1.0  # seconds between the receiver's deadline sweeps
 DEFAULT_ERROR_MEMORY = 100  # recent receive errors a KVReceiver keeps
@@ -144,7 +143,7 @@ async def send_cache(
     try:
         for i in range(len(order)):
             sealed = await pending
-            if i == 0 and compress == "auto" and not any(LZ4_MARK in c.head for c in sealed):
+            if i == 0 and compress == "auto" and not any(c.compressed for c in sealed):
                 opts["compress"] = False
             pending = encode(i + 1) if i + 1 < len(order) else None
             for chunk in sealed:

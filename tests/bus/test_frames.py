@@ -14,16 +14,20 @@ from bus.errors import ChunkError
 from bus.frames import (
     FRAME_VERSION,
     MAGIC,
+    MAX_FRAME_OVERHEAD,
     PREFIX,
     Chunk,
     FrameBuffer,
     frame_head,
+    frame_overhead,
+    header_budget,
     parse_frame,
     payload_hash,
     read_frame,
     seal,
 )
 from bus.reassembler import Reassembler
+from tests.bus.frame_spec import pack, unpack
 
 
 def _cache(seed: int = 0, shape=(1, 2, 6, 16), n_layers: int = 2) -> dict:
@@ -52,20 +56,41 @@ def test_checksums_follow_the_documented_recipe() -> None:
     assert h.blob_crc == xxhash.xxh3_64_intdigest(words, seed=start) & 0xFFFFFFFF
 
 
-def test_prefix_layout_and_alignment() -> None:
-    for frame in _frames():
+def test_layout_follows_the_protocol_doc() -> None:
+    """Every frame decodes with a reader written from PROTOCOL.md alone, to the header ``bus.frames`` reads."""
+    for frame in _frames(chunk_bytes=40):
         magic, version, reserved, hlen = struct.unpack_from(">4sBBH", frame)
         assert (magic, version, reserved) == (MAGIC, FRAME_VERSION, 0)
-        assert (8 + hlen) % 16 == 0 and frame[8 + hlen - 1 : 8 + hlen] in (b" ", b"}")
+        assert (8 + hlen) % 16 == 0
+        fields, payload = unpack(frame)
+        header, ours = parse_frame(frame)
+        assert fields == {**header.model_dump(exclude={"kind"}), "shape": list(header.shape)}
+        assert payload == bytes(ours)
+        assert pack(fields, payload) == frame  # and a writer from the doc writes the same bytes
+        assert 8 + hlen == frame_overhead("q", "s") == 80  # 8 + 64 fixed + 1 + 1 + 1 + 1, padded to 16
 
 
-def test_version_1_frame_is_refused_as_version() -> None:
-    """A frame of format 1 (u32 header length, CRC-32) reads as version 0 and is refused by name."""
+def test_header_is_small_next_to_a_one_token_tensor() -> None:
+    """One token of a 2-head x 24-dim fp16 K (96 bytes) costs 112 header bytes with 16- and 13-character ids."""
+    k = torch.randn(1, 2, 1, 24)
+    (chunk, _) = encode_layer_chunks(
+        0, k, k, precision="fp16", query_id="a" * 16, sender="t4-llama-weak", layers_total=1, compress=False
+    )
+    assert len(chunk.head) == frame_overhead("a" * 16, "t4-llama-weak") == 112
+    assert header_budget(1 << 20) == (1 << 20) - MAX_FRAME_OVERHEAD and MAX_FRAME_OVERHEAD == 208
+
+
+def test_old_frame_versions_are_refused_as_version() -> None:
+    """Format 1 (u32 header length, CRC-32) reads as version 0, format 2 (JSON header) as 2: both refused by name."""
     header, payload = parse_frame(_frames()[0])
     head = header.model_dump_json().encode()
     old = struct.pack(">4sI", MAGIC, len(head)) + head + bytes(payload)
     with pytest.raises(ChunkError, match="frame version 0") as info:
         read_frame(old)
+    assert info.value.reason == "version"
+    v2 = PREFIX.pack(MAGIC, 2, 0, len(head)) + head + bytes(payload)
+    with pytest.raises(ChunkError, match="JSON-header frame of format 2") as info:
+        read_frame(v2)
     assert info.value.reason == "version"
     future = PREFIX.pack(MAGIC, FRAME_VERSION + 1, 0, len(head)) + head + bytes(payload)
     with pytest.raises(ChunkError) as info:
@@ -130,6 +155,9 @@ def test_protocol_doc_example_checksums() -> None:
     frames = list(encode_cache({0: (k, k)}, precision="int8", query_id="q", sender="t", max_payload=1 << 20))
     header, _ = parse_frame(frames[0])
     seed = header.crc_seed().decode()
-    assert (header.chunk_crc, header.blob_crc) == (3643665365, 2547135168)
+    assert (header.chunk_crc, header.blob_crc) == (1020426719, 2547135168)
     doc = (Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md").read_text()
-    assert f"`{seed}`" in doc and "`chunk_crc` is 3643665365" in doc
+    assert f"`{seed}`" in doc and "`chunk_crc` is 1020426719" in doc
+    hex_lines = frames[0].hex()
+    doc_hex = "".join(doc.split("The whole 120-byte frame")[1].split("```")[1].split())
+    assert doc_hex == hex_lines and len(frames[0]) == 120
