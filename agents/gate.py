@@ -148,22 +148,21 @@ class GateAgent(Agent):
 
     # ---- planning -----------------------------------------------------------------------------------------
 
-    def _fusable(self, offer: Offer, receiver: Member | None, listed: dict[str, int | None] | None) -> bool:
-        """Whether ``receiver`` (whose heartbeat lists the fusers ``listed``) can fuse this offer's model."""
-        if receiver is None or listed is None:
+    def _fusable(self, offer: Offer, receiver_id: str, listed: dict[str, int | None] | None) -> bool:
+        """Whether the receiver (whose query or heartbeat lists the fusers ``listed``) can fuse this offer's model."""
+        if listed is None:
             return True  # the receiver did not list its fusers: let it decide (it omits with "no_fuser")
         if offer.model_fingerprint in listed:
             return True
-        key = (offer.transmitter_id, offer.model_fingerprint, receiver.agent_id)
+        key = (offer.transmitter_id, offer.model_fingerprint, receiver_id)
         if key not in self.warned_no_fuser:
             self.warned_no_fuser.add(key)
             log.warning(
-                "transmitter %s (model %s) has no fuser into receiver %s (model %s): it will not be planned "
+                "transmitter %s (model %s) has no fuser into receiver %s: it will not be planned "
                 "for this receiver until such a fuser is installed",
                 offer.transmitter_id,
                 offer.model_fingerprint,
-                receiver.agent_id,
-                receiver.presence.model_fingerprint,
+                receiver_id,
             )
         return False
 
@@ -181,8 +180,11 @@ class GateAgent(Agent):
             if m.presence.link_rate_bps is not None
         }
         rtts = {tid: m.presence.rtt_s for tid, m in self.roster.live("transmitter").items() if m.presence.rtt_s}
+        # fp -> tail tokens: from the query itself, else from the receiver's last heartbeat
+        listed = listed_fusers(state.query.fusers)
         receiver = self.roster.get("receiver", state.query.receiver_id)
-        listed = None if receiver is None else listed_fusers(receiver.presence.capabilities)  # fp -> tail tokens
+        if listed is None and receiver is not None:
+            listed = listed_fusers(receiver.presence.capabilities)
         plan = build_plan(
             state.query,
             state.offers,
@@ -190,7 +192,7 @@ class GateAgent(Agent):
             policy=self.policy,
             precision=self.cfg.precision,
             expected=state.expected,
-            fusable=lambda offer: self._fusable(offer, receiver, listed),
+            fusable=lambda offer: self._fusable(offer, state.query.receiver_id, listed),
             tail=lambda offer: (listed or {}).get(offer.model_fingerprint),
             rates=rates,
             rtts=rtts,

@@ -247,7 +247,12 @@ class ReceiverAgent(Agent):
         text = await self._rephrase(q, notes) if ask.private else ask.question
         shared, original = shared_prompt(ask.question, ask.options, text if ask.private else None)
         query = Query(
-            query_id=q.query_id, receiver_id=self.id, text=text, options=ask.options, deadline_unix=q.deadline_unix
+            query_id=q.query_id,
+            receiver_id=self.id,
+            text=text,
+            options=ask.options,
+            deadline_unix=q.deadline_unix,
+            fusers=self.book.capabilities(),
         )
         await self.publish(self.subjects.query(), query)
         t_query = time.monotonic()

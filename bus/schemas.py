@@ -113,6 +113,9 @@ class Query(Message):
     text: Text
     options: tuple[Option, ...] = Field(default=(), max_length=MAX_OPTIONS)
     deadline_unix: float = Field(gt=0, allow_inf_nan=False)  # absolute, seconds since the epoch
+    # the receiver's fuser list, as in its heartbeat's capabilities ("fusers", "fuser:<fp>[@<tail>]"), so the gate
+    # plans this query from it even before it has heard the receiver's heartbeat
+    fusers: tuple[Annotated[str, Field(max_length=64)], ...] = Field(default=(), max_length=64)
 
 
 class Offer(Message):

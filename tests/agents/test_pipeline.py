@@ -72,6 +72,19 @@ async def test_window_one_fusers_get_only_the_final_token_over_the_bus_and_match
         assert all(u.bytes < 3_000 for u in a.used)  # ... and over the bus: a few hundred bytes of K/V per layer
 
 
+async def test_the_gate_plans_tails_from_the_query_before_it_hears_the_receiver(fleet: Fleet) -> None:
+    """The receiver's fuser list travels in each query: a gate that never heard its heartbeat still plans tails."""
+    world = fleet.world
+    await fleet.receiver(fusers=world.tail_fusers_dir, heartbeat_s=60.0)  # its one heartbeat is before the gate
+    gate = await fleet.gate()
+    for tid, name in (("t1", "tiny-llama"), ("t2", "tiny-qwen2")):
+        await fleet.transmitter(tid, name)
+    await fleet.wait_roster("gate", "transmitter", {"t1", "t2"})
+    a = _answer(await fleet.ask(QUESTIONS[0]))
+    assert gate.roster.get("receiver", "rx") is None
+    assert a.used and all(u.bytes < 3_000 for u in a.used)
+
+
 async def test_no_transmitter_at_all_the_receiver_answers_alone_and_says_so(fleet: Fleet) -> None:
     await fleet.standard(transmitters={})
     a = _answer(await fleet.ask(QUESTIONS[1]))
