@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bus.errors import PolicyError
 from bus.frames import MAX_FRAME_OVERHEAD
-from bus.schemas import MAX_LAYER_INDEX, PRECISIONS, expected_raw_bytes
+from bus.schemas import MAX_LAYER_INDEX, PRECISIONS, expected_raw_bytes, int_scale_axis
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +162,9 @@ def layer_wire_bytes(
         raise PolicyError(f"max_payload {max_payload} must exceed the frame overhead {frame_overhead}")
     is_int = precision in ("int8", "int4")
     total = 0
-    for axis in ("channel", "token"):  # K scales per channel, V per token (KIVI)
-        raw = expected_raw_bytes(tuple(shape), precision, axis if is_int else "none")
+    for tensor in ("k", "v"):
+        axis = int_scale_axis(tensor, tuple(shape), precision) if is_int else "none"
+        raw = expected_raw_bytes(tuple(shape), precision, axis)
         chunks = -(-raw // (max_payload - frame_overhead))
         total += raw + chunks * frame_overhead
     return total

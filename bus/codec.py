@@ -74,14 +74,14 @@ def _check_tensor(x: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def encode_tensor(x: torch.Tensor, precision: str, *, tensor: str = "k", compress: bool = True) -> EncodedTensor:
-    """Quantize ``x`` (K per channel, V per token), then byte-shuffle and LZ4 when ``compress``.
+    """Quantize ``x`` (scale axes: ``bus.schemas.int_scale_axis``), then byte-shuffle and LZ4 when ``compress``.
 
     LZ4 output that is not smaller than its input is dropped (``compression="none"``, ``shuffle=False``):
     quantized integers and wide-exponent fp16 rarely compress.
     """
     fmt = get_format(precision)
     x = _check_tensor(x, f"{tensor.upper()} tensor")
-    axis = fmt.scale_axis(tensor)
+    axis = fmt.scale_axis(tensor, tuple(x.shape))
     sections = fmt.encode(x, axis)
     raw_bytes = sum(arr.nbytes for arr, _ in sections)
     blob, compression, shuffled = _join(sections), "none", False

@@ -3,7 +3,9 @@
 A format turns a float tensor ``(B, kv_heads, T, head_dim)`` into *sections* of bytes, each with the
 element size the byte-shuffle should use, and back. Integer formats keep one fp16 scale per group:
 per channel for K (a group = one head_dim channel over all tokens, so outlier channels get their own
-range) and per token for V (a group = one token's head_dim values). Quantization is symmetric
+range) and per token for V (a group = one token's head_dim values). A K whose per-channel scales would
+cost more than its data (under 2 tokens at int8, under 4 at int4: a transmitter's one-token tail) is
+scaled per token too (``bus.schemas.int_scale_axis``). Quantization is symmetric
 (``q = round(x / scale)``, ``scale = absmax / qmax``): an fp16 zero point would cost 2 more bytes per
 group, which at 128 tokens pushes int8 below 1.95x and int4 below 3.8x the size of fp16.
 
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 
 from bus.errors import CodecError
-from bus.schemas import PRECISIONS, expected_raw_bytes
+from bus.schemas import PRECISIONS, expected_raw_bytes, int_scale_axis
 
 _EXPONENT_MASKS = {torch.float32: 0x7F800000, torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
 SCALE_DTYPE = "float16"
@@ -58,7 +60,7 @@ class FloatFormat:
         self.dtype = dtype
         self.itemsize = torch.empty((), dtype=dtype).element_size()
 
-    def scale_axis(self, tensor: str) -> str:
+    def scale_axis(self, tensor: str, shape: tuple[int, ...]) -> str:
         """Float formats carry no scales."""
         return "none"
 
@@ -92,9 +94,9 @@ class IntFormat:
         self.bits = bits
         self.qmax = (1 << (bits - 1)) - 1  # 127 or 7: symmetric, -qmax..qmax
 
-    def scale_axis(self, tensor: str) -> str:
-        """KIVI: K gets per-channel scales, V per-token scales."""
-        return "channel" if tensor == "k" else "token"
+    def scale_axis(self, tensor: str, shape: tuple[int, ...]) -> str:
+        """KIVI: K gets per-channel scales, V per-token scales; a K of one to three tokens per token too."""
+        return int_scale_axis(tensor, shape, self.name)
 
     def encode(self, x: torch.Tensor, axis: str) -> list[Section]:
         """Quantize ``x``; sections are the fp16 scales and the (packed) integers."""

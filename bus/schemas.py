@@ -191,6 +191,13 @@ class Plan(Message):
         return self
 
 
+def int_scale_axis(tensor: str, shape: tuple[int, ...], precision: str) -> str:
+    """Scale axis of ``int8``/``int4``: K per channel (KIVI) unless its per-channel fp16 scales would outweigh its
+    data (fewer than 2 tokens at int8, 4 at int4: a transmitter's one-token tail), then per token, as V always is."""
+    bits = 8 if precision == "int8" else 4
+    return "channel" if tensor == "k" and shape[2] * bits >= 16 else "token"
+
+
 def expected_raw_bytes(shape: tuple[int, ...], precision: str, scale_axis: str) -> int:
     """Bytes of a quantized tensor before compression: data plus fp16 scales (see ``bus.quant``)."""
     b, h, t, d = shape

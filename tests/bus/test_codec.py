@@ -179,3 +179,26 @@ def test_one_chunk_tensor_decodes_in_place_and_is_writable() -> None:
     k.add_(1)
     v.mul_(0)
     assert torch.equal(k, cache[0][0] + 1) and not v.any()
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_a_one_token_k_is_scaled_per_token_and_stays_smaller_than_fp16(precision: str) -> None:
+    """Per-channel scales of a one-token K (a transmitter's tail) would outweigh its data: it is scaled per token."""
+    from bus.budget import layer_wire_bytes
+    from bus.frames import frame_overhead
+
+    shape = (1, 2, 1, 24)
+    k, v = _cache(shape, 1, seed=3)[0]
+    frames = {p: list(encode_cache({0: (k, v)}, precision=p, query_id="q", sender="s")) for p in ("fp16", precision)}
+    headers = [parse_frame(f)[0] for f in frames[precision]]
+    assert [h.scale_axis for h in headers] == ["token", "token"]
+    assert sum(map(len, frames[precision])) < sum(map(len, frames["fp16"]))
+    assert sum(map(len, frames[precision])) == layer_wire_bytes(
+        shape, precision, frame_overhead=frame_overhead("q", "s")
+    )
+    k2, v2 = decode_frames(frames[precision])[0]
+    assert _rel(k2, k) <= REL_L2_BOUND[precision] and _rel(v2, v) <= REL_L2_BOUND[precision]
+    longer = parse_frame(
+        next(iter(encode_cache({0: (k.expand(1, 2, 4, 24), v)}, precision=precision, query_id="q", sender="s")))
+    )[0]
+    assert longer.scale_axis == "channel"  # four tokens: per-channel scales are no more than the data
