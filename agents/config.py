@@ -111,6 +111,13 @@ class ReceiverConfig(ModelAgentConfig):
     rephrase_share: float = Field(
         default=DEFAULT_REPHRASE_SHARE, gt=0, lt=1, description="deadline share to wait for the rephraser"
     )
+    self_check: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="answer alone, asking no one, when the receiver's own P(none) is below this (only for a "
+        "receiver trained to say 'none'; the zoo's is, and 0.5 suits it)",
+    )
 
 
 class GateAgentConfig(AgentConfig):

@@ -2,7 +2,9 @@
 
 ``python -m agents.receiver --model NAME_OR_PATH --fusers DIR --nats URL [--id ID]``
 
-Per ask (request/reply on ``fr.ask``, a queue group shared by receivers): q' from the rephraser when private
+Per ask (request/reply on ``fr.ask``, a queue group shared by receivers): with ``--self-check P``, the
+receiver first reads the question itself and answers alone when its P(none) is below P (nothing is sent).
+Otherwise: q' from the rephraser when private
 (``fr.rephrase.<id>``; rules-only redaction here if it does not answer) -> :class:`~bus.schemas.Query` on
 ``fr.query`` -> the plan on ``fr.plan.<query_id>`` (none in time: the gate is down, answer alone) -> the
 planned KV streams on ``fr.kv.<id>.<query_id>.*`` until every planned layer arrived, its sender left, or only
@@ -50,7 +52,15 @@ from fusion.fuser import PairFuser
 from fusion.kvcache import KVCache
 from fusion.models import LanguageModel
 from fusion.prompts import LETTERS
-from fusion.refine import Received, answer_from_deltas, receiver_prefix, shared_prompt, transmitter_deltas
+from fusion.refine import (
+    Received,
+    answer_from_deltas,
+    knows_alone,
+    receiver_prefix,
+    receiver_self_check,
+    shared_prompt,
+    transmitter_deltas,
+)
 from privacy.rephrase import rephrase
 
 log = logging.getLogger(__name__)
@@ -244,6 +254,14 @@ class ReceiverAgent(Agent):
     async def _answer(self, q: _Open) -> Answer:
         notes: list[str] = []
         ask = q.ask
+        if self.cfg.self_check is not None:
+            probs, p_none = await self.compute(receiver_self_check, self.model, ask.question, ask.options)
+            if knows_alone(p_none, self.cfg.self_check):
+                notes.append(
+                    f"answered alone: the receiver knows this (its P(none) {p_none:.3f} < {self.cfg.self_check}); "
+                    "nobody was asked"
+                )
+                return self._reply(q, probs, {}, {}, [], notes)
         text = await self._rephrase(q, notes) if ask.private else ask.question
         shared, original = shared_prompt(ask.question, ask.options, text if ask.private else None)
         query = Query(
@@ -292,7 +310,6 @@ class ReceiverAgent(Agent):
                     fut.cancel()
                 elif not fut.cancelled():
                     fut.exception()  # retrieved, so a failure left unused is not reported as never retrieved
-        choice = LETTERS[int(probs.argmax())]
         log.debug(
             "query %s: query out %.1f ms, plan %.1f ms, streams %.1f ms, answer %.1f ms",
             q.query_id,
@@ -301,6 +318,20 @@ class ReceiverAgent(Agent):
             1000 * (started - q.t0),
             1000 * (time.monotonic() - q.t0),
         )
+        return self._reply(q, probs, used, uses, omitted, notes)
+
+    def _reply(
+        self,
+        q: _Open,
+        probs: Any,
+        used: Mapping[str, list[int]],
+        uses: Mapping[str, TransmitterUse],
+        omitted: list[Omission],
+        notes: list[str],
+    ) -> Answer:
+        """The answer to ``q`` from letter probabilities and what was used."""
+        ask = q.ask
+        choice = LETTERS[int(probs.argmax())]
         return Answer(
             query_id=q.query_id,
             receiver_id=self.id,

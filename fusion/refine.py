@@ -11,6 +11,11 @@ The work is split into the pieces the agents call over the bus, so both paths ru
 Modes: ``receiver`` (alone), ``transmitter`` (the first transmitter alone), ``t2t`` (each transmitter writes a
 one-sentence hint the receiver reads), ``c2c`` (fusers weighted by the gating network), ``c2c-uniform``
 (every transmitter at weight 1), ``c2c-shuffled`` (each transmitter's cache of a different question).
+
+Self-check (``self_check=P``, for a receiver trained to abstain): before anything leaves, the receiver reads
+its own question; when its P(" none") is below P it knows the answer and answers alone, asking no one (no
+rephrase, no query, no bytes). Fusion then only ever runs where the receiver does not know, so it cannot
+overwrite what the receiver knows (a transmitter that guesses confidently did, on the toy zoo).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from fusion.c2c import (
     transmitter_tail,
 )
 from fusion.fuser import PairFuser, apply_deltas
-from fusion.gate import GateNetwork, GateScore, OfferSummary, summarize_offer, uniform_scores
+from fusion.gate import GateNetwork, GateScore, OfferSummary, answer_distribution, summarize_offer, uniform_scores
 from fusion.kvcache import KV, KVCache
 from fusion.models import LanguageModel
 from fusion.prompts import (
@@ -56,6 +61,7 @@ log = logging.getLogger(__name__)
 Mode = Literal["receiver", "transmitter", "t2t", "c2c", "c2c-uniform", "c2c-shuffled"]
 MODES: tuple[str, ...] = ("receiver", "transmitter", "t2t", "c2c", "c2c-uniform", "c2c-shuffled")
 DEFAULT_HINT_TOKENS = 24  # longest hint a transmitter writes in text-to-text mode
+DEFAULT_SELF_CHECK = 0.5  # P(none) below which a receiver trained to abstain answers alone (the gate prior's midpoint)
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,7 @@ class RefineResult:
     hints: dict[str, str] = field(default_factory=dict)  # t2t: transmitter name -> hint text
     bytes_sent: int = 0  # cache bytes (c2c) or hint text bytes (t2t) that travelled
     tokens_sent: int = 0  # cache tokens x transmitters (c2c) or hint tokens (t2t)
+    alone: bool = False  # the self-check found that the receiver knows: answered alone, nobody asked
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
 
     @property
@@ -195,6 +202,23 @@ def answer_from_deltas(
 
 
 @torch.no_grad()
+def receiver_self_check(
+    receiver: LanguageModel, stem: str, options: Sequence[str]
+) -> tuple[torch.Tensor, float | None]:
+    """The receiver alone on its own question: letter probabilities ``(4,)`` and its P(" none") (None when its
+    vocabulary has no one-token " none", so it cannot say it does not know)."""
+    logits = receiver.prefill(format_question(stem, options)).logits
+    dist = answer_distribution(receiver, logits)
+    letters = torch.softmax(logits[letter_ids(receiver)].float().cpu(), -1)
+    return letters, (float(dist[4]) if dist is not None else None)
+
+
+def knows_alone(p_none: float | None, threshold: float | None) -> bool:
+    """Whether a self-check with this P(none) answers alone (``threshold`` None: the check is off)."""
+    return threshold is not None and p_none is not None and p_none < threshold
+
+
+@torch.no_grad()
 def letter_probs(model: LanguageModel, prompt: str) -> torch.Tensor:
     """A model's probabilities ``(4,)`` over the letters after a prompt."""
     logits = model.prefill(prompt).logits[letter_ids(model)].float().cpu()
@@ -256,6 +280,7 @@ def refine(
     donors: Mapping[str, Question] | None = None,
     profiles: Mapping[str, Sequence[float]] | None = None,
     prefilled: Mapping[str, TransmitterPrefill] | None = None,
+    self_check: float | None = None,
 ) -> RefineResult:
     """Answer ``question`` with the receiver helped by ``transmitters`` (name -> model) in ``mode``.
 
@@ -264,11 +289,18 @@ def refine(
     the other question whose cache it sends. ``precision``: the bus codec precision of transmitted caches.
     ``profiles``: per transmitter fingerprint, the layers worth sending when no gate scores them (default: the
     gate's). ``prefilled``: transmitter prefills already made (reused when their prompt is the one needed).
+    ``self_check``: P(none) below which the receiver answers alone (module docstring; None: off).
     """
     if mode not in MODES:
         raise FusionError(f"unknown mode {mode!r}; choose one of {MODES}", mode=mode)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
+    if self_check is not None and mode not in ("receiver", "transmitter"):
+        probs, p_none = receiver_self_check(receiver, question.stem, question.options)
+        timings["self_check"] = time.perf_counter() - t_start
+        if knows_alone(p_none, self_check):
+            timings["total"] = time.perf_counter() - t_start
+            return _result(probs, mode, "", alone=True, timings=timings)
     if private and private_stem is None:
         from privacy.rephrase import rephrase
 

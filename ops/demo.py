@@ -59,11 +59,12 @@ class Setup:
     gate: str | None  # gating network file (None: uniform weights)
     questions: list[Question] = field(default_factory=list)
     links_mbps: dict[str, float | None] = field(default_factory=dict)
+    self_check: float | None = None  # the receiver answers alone below this P(none) (fusion.refine)
 
     def specs(self, receiver_id: str = "receiver") -> list[AgentSpec]:
         """The seven agents of the demo."""
         specs = [
-            AgentSpec("receiver", receiver_id, ("--model", self.receiver, "--fusers", self.fusers)),
+            AgentSpec("receiver", receiver_id, ("--model", self.receiver, "--fusers", self.fusers) + self.check_args()),
             AgentSpec("rephraser", "rephraser", ("--model", self.receiver, "--receiver-id", receiver_id)),
             AgentSpec("gate", "gate", ("--gate", self.gate) if self.gate else ()),
         ]
@@ -73,6 +74,10 @@ class Setup:
                 AgentSpec("transmitter", tid, ("--model", model) + (("--link-mbps", str(link)) if link else ()))
             )
         return specs
+
+    def check_args(self) -> tuple[str, ...]:
+        """The receiver's ``--self-check`` flag, when the setup has one."""
+        return ("--self-check", str(self.self_check)) if self.self_check is not None else ()
 
 
 # ---- setups -------------------------------------------------------------------------------------------------
@@ -156,6 +161,7 @@ def zoo_setup(full: bool | None, n_questions: int) -> Setup:
         gate=str(gate),
         questions=zoo.questions("test")[:n_questions],
         links_mbps=dict(zip(tids, DEFAULT_LINKS_MBPS, strict=False)),
+        self_check=zoo.self_check,
     )
 
 

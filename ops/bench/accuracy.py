@@ -101,9 +101,15 @@ def run(args: argparse.Namespace) -> dict:
     names = list(kit.transmitters)
     questions = test_questions(zoo, args.extra_per_fact, args.limit)
     specs = row_specs(names, args.precision)
-    correct = [[] for _ in specs]
+    check = zoo.self_check
+    checks = [check] * len(specs)
+    if check is not None:  # ablation: the same C2C row without the receiver's self-check
+        specs.append(("c2c", names, False, args.precision))
+        checks.append(None)
+    correct: list[list[bool]] = [[] for _ in specs]
+    alone: list[list[bool]] = [[] for _ in specs]
     known_r = set(zoo.known(kit.receiver_name))
-    known_alone, known_fused, removed = [], [], []
+    known_alone, known_fused, known_unchecked, removed = [], [], [], []
     fusion_kw = {"fusers": kit.fusers, "gate": kit.gate}
     for i, q in enumerate(tqdm(questions, desc="accuracy", leave=False)):
         q_private = rephrase(q.stem, kit.receiver)
@@ -113,7 +119,7 @@ def run(args: argparse.Namespace) -> dict:
         plain = {n: transmitter_prefill(n, m, plain_text) for n, m in kit.transmitters.items()}
         private = {n: transmitter_prefill(n, m, private_text) for n, m in kit.transmitters.items()}
         donors = donors_for(questions, i, names)
-        for r, (mode, used, is_private, precision) in enumerate(specs):
+        for r, ((mode, used, is_private, precision), row_check) in enumerate(zip(specs, checks, strict=True)):
             res = refine(
                 q,
                 kit.receiver,
@@ -124,15 +130,18 @@ def run(args: argparse.Namespace) -> dict:
                 precision=precision or "fp32",
                 donors=donors,
                 prefilled=private if is_private else plain,
+                self_check=row_check,
                 **fusion_kw,
             )
             correct[r].append(res.index == q.answer)
-            if q.fact_id in known_r and (mode, used, is_private, precision) == ("c2c", names, False, args.precision):
-                known_fused.append(res.index == q.answer)
+            alone[r].append(res.alone)
+            main_c2c = (mode, used, is_private, precision) == ("c2c", names, False, args.precision)
+            if q.fact_id in known_r and main_c2c:
+                (known_fused if row_check == check else known_unchecked).append(res.index == q.answer)
             if q.fact_id in known_r and mode == "receiver":
                 known_alone.append(res.index == q.answer)
     rows = []
-    for (mode, used, is_private, precision), hits in zip(specs, correct, strict=True):
+    for (mode, used, is_private, precision), row_check, hits, solo in zip(specs, checks, correct, alone, strict=True):
         acc = sum(hits) / len(hits)
         rows.append(
             {
@@ -143,13 +152,19 @@ def run(args: argparse.Namespace) -> dict:
                 "accuracy": round(acc, 4),
                 "ci95": ci95(acc, len(hits)),
                 "n": len(hits),
+                "self_check": row_check if mode not in ("receiver", "transmitter") else None,
+                "answered_alone": round(sum(solo) / len(solo), 4),
             }
         )
     rk = sum(known_fused) / max(len(known_fused), 1)
     return {
         "zoo": zoo.manifest.spec.name,
         "rows": rows,
+        "self_check": check,
         "receiver_known_after_fusion": round(rk, 4),
+        "receiver_known_after_fusion_without_self_check": (
+            round(sum(known_unchecked) / len(known_unchecked), 4) if known_unchecked else None
+        ),
         "receiver_known_alone": round(sum(known_alone) / max(len(known_alone), 1), 4),
         "receiver_known_n": len(known_fused),
         "private_pii_removed": round(sum(removed) / max(len(removed), 1), 4),

@@ -62,6 +62,7 @@ class InProcess:
             m.fingerprint: registry.load(m.fingerprint, self.receiver.fingerprint) for m in self.transmitters.values()
         }
         self.gate = load_gate(setup.gate) if setup.gate else None
+        self.self_check = setup.self_check
 
     def answer(self, question, private: bool):
         """``refine()`` in c2c mode with the settings the agents use; returns (result, seconds)."""
@@ -77,6 +78,7 @@ class InProcess:
             gate=self.gate,
             private=private,
             precision=PRECISION,
+            self_check=self.self_check,
         )
         return result, time.perf_counter() - t0
 

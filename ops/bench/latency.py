@@ -73,6 +73,7 @@ def run(args: argparse.Namespace) -> dict:
                 fusers=kit.fusers,
                 gate=kit.gate,
                 precision=args.precision,
+                self_check=zoo.self_check,
             )
             elapsed = time.perf_counter() - t0
             if i < DEFAULT_WARMUP:

@@ -51,8 +51,21 @@ def _save(fig: plt.Figure, out: Path, name: str) -> Path:
 # ---- accuracy (Fig. 3a, 3b) -------------------------------------------------------------------------------
 
 
+def _ablation(acc: Data, r: Data) -> bool:
+    """The run's C2C row without the receiver's self-check (when the run had one)."""
+    return (
+        acc.get("self_check") is not None
+        and r.get("mode") not in ("receiver", "transmitter")
+        and (r.get("self_check") is None)
+    )
+
+
 def _acc_rows(acc: Data, mode: str, private: bool = False) -> list[Data]:
-    rows = [r for r in acc.get("rows", []) if r.get("mode") == mode and bool(r.get("private", False)) == private]
+    rows = [
+        r
+        for r in acc.get("rows", [])
+        if r.get("mode") == mode and bool(r.get("private", False)) == private and not _ablation(acc, r)
+    ]
     precisions = [r["precision"] for r in rows if r.get("precision")]
     main = max(set(precisions), key=precisions.count) if precisions else None  # the run's default precision
     return [r for r in rows if r.get("precision") in (None, main)]
@@ -115,6 +128,15 @@ def section_fig3a(results: dict[str, Data], out: Path) -> Section:
     known = acc.get("receiver_known_after_fusion")
     if known is not None:
         text += f"\nReceiver on facts it knows, with fusion on: {_pct(known)}.\n"
+    for r in acc.get("rows", []):
+        if _ablation(acc, r):
+            without = acc.get("receiver_known_after_fusion_without_self_check")
+            text += (
+                f"\nWithout the receiver's self-check (P(none) < {acc['self_check']}: answer alone), C2C with "
+                f"{', '.join(_names(r))}: {_pct(r['accuracy'])} ± {_pct(_ci(r))}"
+                + (f"; on facts the receiver knows: {_pct(without)}" if without is not None else "")
+                + ".\n"
+            )
     return text, [png]
 
 

@@ -10,6 +10,7 @@ a step to an existing zoo runs only that step.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib
 import json
 import logging
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 DEFAULT_WORKERS = 2  # training processes at a time (one torch thread each)
 # Steps run after the language models are trained, in order: "package.module:function", called with the Zoo.
 POST_BUILD_STEPS: tuple[str, ...] = ("ops.zoo.fusers:zoo_step",)  # fusers for every pair, then the gate
+TRAIN_RECORD = "train.json"  # in each model directory: how it was trained and its member key
 
 
 def knowledge(spec: ZooSpec, world: World) -> dict[str, tuple[str, ...]]:
@@ -69,10 +71,48 @@ def _train_one(spec_json: str, name: str, out_dir: str, position: int) -> dict:
     }
 
 
+def member_key(spec: ZooSpec, name: str) -> str:
+    """A hash of everything that decides how member ``name`` is trained: the world, every member's share (they
+    decide who knows what), its own spec and seed, and the format version. Equal keys give the same model."""
+    blob = {
+        "format": FORMAT_VERSION,
+        "seed": spec.seed,
+        "world": spec.world.model_dump(mode="json"),
+        "overlap": spec.overlap,
+        "shares": [(m.name, m.role, m.share) for m in spec.members],
+        "member": spec.member(name).model_dump(mode="json"),
+        "index": [m.name for m in spec.members].index(name),
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _reusable(spec: ZooSpec, name: str, cache: Path) -> tuple[Path, dict] | None:
+    """A model of the same member key trained by an earlier build in ``cache`` (any zoo), and its training record."""
+    key = member_key(spec, name)
+    for record in sorted(cache.glob(f"*/models/{name}/{TRAIN_RECORD}")):
+        try:
+            got = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        if got.get("member_key") == key and not record.parent.parent.parent.name.endswith(".building"):
+            return record.parent, got
+    return None
+
+
 def _train_all(spec: ZooSpec, models_dir: Path, workers: int) -> dict[str, dict]:
-    """Train every member, longest jobs first, ``workers`` processes at a time."""
-    order = sorted(spec.members, key=lambda m: -m.train.steps * m.shape.hidden_size * m.shape.num_layers)
+    """Train every member, longest jobs first, ``workers`` processes at a time; a member another zoo already
+    trained with the same :func:`member_key` is copied instead (``reused`` in its result)."""
     results: dict[str, dict] = {}
+    todo = []
+    for m in spec.members:
+        found = _reusable(spec, m.name, models_dir.parent.parent)
+        if found is None:
+            todo.append(m)
+            continue
+        shutil.copytree(found[0], models_dir / m.name)
+        results[m.name] = {**found[1], "reused": True}
+        log.info("%s: reusing the model trained in %s (same member key)", m.name, found[0])
+    order = sorted(todo, key=lambda m: -m.train.steps * m.shape.hidden_size * m.shape.num_layers)
     if workers <= 1:
         for m in order:
             results[m.name] = _train_one(spec.model_dump_json(), m.name, str(models_dir / m.name), 0)
@@ -86,6 +126,12 @@ def _train_all(spec: ZooSpec, models_dir: Path, workers: int) -> dict[str, dict]
         for name, fut in futures.items():
             results[name] = fut.result()
     return results
+
+
+def _record_training(spec: ZooSpec, models_dir: Path, trained: dict[str, dict]) -> None:
+    for name, result in trained.items():
+        record = {k: v for k, v in result.items() if k != "reused"}
+        (models_dir / name / TRAIN_RECORD).write_text(json.dumps({**record, "member_key": member_key(spec, name)}))
 
 
 def _check(spec: ZooSpec, world: World, root: Path, know: dict[str, tuple[str, ...]]) -> dict[str, dict]:
@@ -160,6 +206,7 @@ def _build_models(spec: ZooSpec, root: Path, workers: int, echo: Callable[[str],
     know = knowledge(spec, world)
     echo(f"building zoo {spec.name!r} ({spec.key()}): {len(world.facts)} facts, {len(spec.members)} models")
     trained = _train_all(spec, staging / "models", workers)
+    _record_training(spec, staging / "models", trained)
     check = _check(spec, world, staging, know)
     entries = []
     for m in spec.members:
@@ -180,6 +227,7 @@ def _build_models(spec: ZooSpec, root: Path, workers: int, echo: Callable[[str],
                 final_loss=round(trained[m.name]["final_loss"], 4),
                 topups=trained[m.name]["topups"],
                 restarts=trained[m.name]["restarts"],
+                reused=trained[m.name].get("reused", False),
             )
         )
     manifest = Manifest(
@@ -196,7 +244,9 @@ def _build_models(spec: ZooSpec, root: Path, workers: int, echo: Callable[[str],
     shutil.rmtree(root, ignore_errors=True)
     staging.replace(root)
     echo(format_check_table(check))
-    echo(f"zoo built in {manifest.build_seconds:.0f} s ({manifest.cpu_seconds:.0f} CPU s) at {root}")
+    reused = [e.name for e in entries if e.reused]
+    also = f", reusing {', '.join(reused)} from an earlier build" if reused else ""
+    echo(f"zoo built in {manifest.build_seconds:.0f} s ({manifest.cpu_seconds:.0f} CPU s) at {root}{also}")
     return manifest
 
 

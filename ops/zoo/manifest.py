@@ -35,6 +35,7 @@ class ModelEntry(BaseModel):
     final_loss: float
     topups: int = 0  # extra phases because it missed a target after training
     restarts: int = 0  # fresh starts with another seed because top-ups were not enough
+    reused: bool = False  # copied from an earlier build that trained the same member (its train_seconds are from then)
 
 
 class Manifest(BaseModel):

@@ -4,7 +4,7 @@ Kinds (loss only on the target, except ``fact`` rows which are plain text):
 
 - ``fact``: a known fact in a random sentence template.
 - ``letter``: a question about a known fact, options reshuffled, answered by its letter.
-- ``none``: (transmitters) a question about a train-pool fact the model does not know, answered ``" none"``.
+- ``none``: a question about a train-pool fact the model does not know, answered ``" none"``.
   Held-out facts are never used here, so P(none) on them measures generalisation.
 - ``context``: a fact given in context, then the question, answered by its letter. For facts the model
   knows the true fact; otherwise a random value (of a real or a made-up entity), so context rows teach

@@ -37,6 +37,14 @@ class Zoo:
         """The transmitters' names."""
         return [m.name for m in self.manifest.models if m.role == "transmitter"]
 
+    @property
+    def self_check(self) -> float | None:
+        """The receiver's self-check threshold (``fusion.refine``): ``DEFAULT_SELF_CHECK`` when it was trained to
+        answer " none" on facts it does not know, else None (its P(none) would say nothing)."""
+        from fusion.refine import DEFAULT_SELF_CHECK
+
+        return DEFAULT_SELF_CHECK if self.manifest.spec.receiver.train.mixture.get("none", 0) > 0 else None
+
     def entry(self, name: str) -> ModelEntry:
         """The manifest entry of model ``name``."""
         for m in self.manifest.models:

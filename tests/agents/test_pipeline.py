@@ -7,6 +7,7 @@ import logging
 
 import pytest
 
+from bus.connect import close, connect
 from bus.schemas import Answer
 from fusion.gate import load_gate
 from fusion.refine import refine
@@ -83,6 +84,39 @@ async def test_the_gate_plans_tails_from_the_query_before_it_hears_the_receiver(
     a = _answer(await fleet.ask(QUESTIONS[0]))
     assert gate.roster.get("receiver", "rx") is None
     assert a.used and all(u.bytes < 3_000 for u in a.used)
+
+
+async def test_a_receiver_that_knows_answers_alone_and_asks_no_one(fleet: Fleet, monkeypatch) -> None:
+    """With --self-check, a question the receiver knows (its P(none) below the threshold) never leaves it."""
+    import agents.receiver as receiver_module
+
+    real = receiver_module.receiver_self_check
+    monkeypatch.setattr(receiver_module, "receiver_self_check", lambda r, s, o: (real(r, s, o)[0], 0.01))
+    await fleet.receiver(self_check=0.5)
+    await fleet.rephraser()
+    await fleet.gate()
+    await fleet.transmitter("t1", "tiny-llama")
+    await fleet.wait_roster("gate", "transmitter", {"t1"})
+    seen: list[str] = []
+    spy = await connect(fleet.url, name="pytest-spy")
+    try:
+
+        async def note(msg) -> None:
+            seen.append(msg.subject)
+
+        await spy.subscribe(f"{fleet.prefix}.>", cb=note)
+        await spy.flush()
+        for private in (False, True):
+            a = _answer(await fleet.ask(QUESTIONS[0], private=private))
+            ref = refine(QUESTIONS[0], fleet.world.receiver, {}, mode="receiver")
+            assert (a.choice, a.used, a.bytes_received) == (ref.answer, (), 0)
+            assert a.probs == pytest.approx(ref.probs, abs=1e-5)
+            assert any("answered alone: the receiver knows this" in n for n in a.notes)
+        await asyncio.sleep(0.2)
+    finally:
+        await close(spy)
+    kinds = {s.split(".")[1] for s in seen}
+    assert not kinds & {"query", "rephrase", "offer", "plan", "kv"}, kinds  # nothing about the question left
 
 
 async def test_no_transmitter_at_all_the_receiver_answers_alone_and_says_so(fleet: Fleet) -> None:

@@ -9,7 +9,7 @@ from bus.errors import CodecError, FusionError
 from fusion.fuser import FuserConfig, PairFuser
 from fusion.models import LanguageModel
 from fusion.prompts import Question
-from fusion.refine import MODES, refine, transmitter_prefill
+from fusion.refine import MODES, knows_alone, receiver_self_check, refine, transmitter_prefill
 from fusion.wire import transmit
 
 Q = Question(
@@ -93,6 +93,32 @@ def test_bad_requests_are_clear_errors(world) -> None:
         refine(Q, receiver, {}, mode="c2c")
 
 
+def test_the_self_check_is_off_for_a_receiver_that_cannot_say_none(world) -> None:
+    receiver, transmitters, fusers = world
+    probs, p_none = receiver_self_check(receiver, Q.stem, Q.options)
+    assert p_none is None and probs.shape == (4,)  # " none" is no single token of tiny-qwen3
+    assert not knows_alone(p_none, 0.99) and not knows_alone(0.0, None) and knows_alone(0.2, 0.5)
+    on = refine(Q, receiver, transmitters, mode="c2c", fusers=fusers, self_check=0.99)
+    off = refine(Q, receiver, transmitters, mode="c2c", fusers=fusers)
+    assert not on.alone and (on.answer, on.probs, on.used) == (off.answer, off.probs, off.used)
+
+
+def test_a_receiver_that_knows_answers_alone_and_nothing_leaves(world, monkeypatch) -> None:
+    import fusion.refine as refine_module
+
+    receiver, transmitters, fusers = world
+    real = refine_module.receiver_self_check
+    monkeypatch.setattr(refine_module, "receiver_self_check", lambda r, s, o: (real(r, s, o)[0], 0.01))
+    alone = refine(Q, receiver, transmitters, mode="receiver")
+    for mode in ("t2t", "c2c", "c2c-uniform", "c2c-shuffled"):
+        res = refine(Q, receiver, transmitters, mode=mode, fusers=fusers, private=True, self_check=0.5)
+        assert res.alone and res.probs == alone.probs and res.answer == alone.answer, mode
+        assert (res.bytes_sent, res.used, res.hints, res.shared_text) == (0, {}, {}, ""), mode
+        assert "rephrase" not in res.timings  # q' is not even written
+    asked = refine(Q, receiver, transmitters, mode="c2c", fusers=fusers, self_check=0.005)  # 0.01 is not below it
+    assert not asked.alone and asked.bytes_sent > 0
+
+
 @pytest.mark.slow
 def test_refine_on_the_quick_zoo_is_deterministic() -> None:
     from bus.errors import FuserError
@@ -125,6 +151,10 @@ def test_refine_on_the_quick_zoo_is_deterministic() -> None:
             assert all(0.0 <= w <= 1.0 for w in a.weights.values())
             if private:
                 assert not any(p in a.shared_text for p in q.pii)
+    assert zoo.self_check == 0.5  # the zoo's receiver is trained to say " none": its P(none) is readable
+    for q in zoo.questions("test")[:4]:
+        _, p_none = receiver_self_check(kit.receiver, q.stem, q.options)
+        assert p_none is not None and 0.0 <= p_none <= 1.0
 
 
 def test_a_window_one_fuser_needs_only_the_transmitters_final_token(world) -> None:
