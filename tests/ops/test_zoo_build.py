@@ -95,3 +95,29 @@ def test_standalone_benchmark(quick_zoo):
         assert r["n"] == len(quick_zoo.questions("test"))
         assert 0.0 <= r["acc_all"] <= 1.0
     assert rows["receiver"]["role"] == "receiver" and rows["receiver"]["p_none_known"] is not None
+
+
+def test_member_keys_change_only_with_what_trains_that_member(tmp_path) -> None:
+    """A build reuses a model trained by an earlier one only when its member key (world, shares, own spec) is equal."""
+    from ops.zoo.build import TRAIN_RECORD, _reusable, member_key
+
+    spec = quick_spec(0)
+    rx = spec.member("receiver")
+    mix = {**rx.train.mixture, "none": 0.3}
+    other_rx = rx.model_copy(update={"train": rx.train.model_copy(update={"mixture": mix})})
+    changed = spec.model_copy(update={"members": (other_rx, *spec.members[1:])})
+    assert member_key(changed, "receiver") != member_key(spec, "receiver")
+    assert all(member_key(changed, m.name) == member_key(spec, m.name) for m in spec.members[1:])
+    wider = spec.model_copy(update={"overlap": 0.1})  # who knows what changes for everyone
+    assert all(member_key(wider, m.name) != member_key(spec, m.name) for m in spec.members)
+    assert member_key(quick_spec(1), "t1-llama") != member_key(spec, "t1-llama")
+    done = tmp_path / "aaaa" / "models" / "t1-llama"
+    done.mkdir(parents=True)
+    (done / TRAIN_RECORD).write_text(json.dumps({"seconds": 1.0, "member_key": member_key(spec, "t1-llama")}))
+    found = _reusable(changed, "t1-llama", tmp_path)
+    assert found is not None and found[0] == done and found[1]["seconds"] == 1.0
+    assert _reusable(wider, "t1-llama", tmp_path) is None and _reusable(changed, "t2-qwen2", tmp_path) is None
+    staging = tmp_path / "bbbb.building" / "models" / "t2-qwen2"  # a build in progress is never a source
+    staging.mkdir(parents=True)
+    (staging / TRAIN_RECORD).write_text(json.dumps({"member_key": member_key(spec, "t2-qwen2")}))
+    assert _reusable(spec, "t2-qwen2", tmp_path) is None
