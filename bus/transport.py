@@ -45,6 +45,7 @@ from bus.subjects import Subjects
 log = logging.getLogger(__name__)
 
 DEFAULT_FLUSH_EVERY = 8 * 1024 * 1024  # bytes published between PING/PONG round trips
+SMALL_TENSOR_ELEMENTS = 2048  # K/V tensors up to this size are encoded inline and never LZ4-probed by "auto"
 DEFAULT_EXPIRE_INTERVAL = 1.0  # seconds between the receiver's deadline sweeps
 DEFAULT_ERROR_MEMORY = 100  # recent receive errors a KVReceiver keeps
 
@@ -103,7 +104,8 @@ async def send_cache(
     Chunks fit the connected server's ``max_payload`` (or the smaller ``max_payload`` given). The tensors
     must not change until this returns: payloads are read from them at publish time. ``compress="auto"`` tries
     shuffle+LZ4 on the first layer and keeps it for the rest only if it shrank a tensor there (on fp16 and
-    quantized KV it rarely does, and skipping it saves the work and a thread hand-off per layer).
+    quantized KV it rarely does, and skipping it saves the work and a thread hand-off per layer); it does not
+    try on small tensors (at most ``SMALL_TENSOR_ELEMENTS`` each, e.g. a one-token tail).
     """
     validate_id(query_id, "query id")
     validate_id(sender, "sender id")
@@ -125,12 +127,16 @@ async def send_cache(
         chunk_bytes=chunk_bytes,
     )
     quantized = not isinstance(get_format(precision), FloatFormat)
+    small = bool(order) and all(t.numel() <= SMALL_TENSOR_ELEMENTS for kv in layers.values() for t in kv)
+    if compress == "auto" and small:
+        opts["compress"] = False  # a few hundred bytes: LZ4's frame would outweigh any saving
 
     def encode(i: int) -> Awaitable[list[SealedChunk]]:
         k, v = layers[order[i]]
         # a plain float cast without LZ4 is a few Python calls and one hash per tensor: a worker thread would cost
-        # more (GIL hand-offs with the publishing loop) than it overlaps; quantizing and LZ4 release the GIL
-        if opts["compress"] or quantized:
+        # more (GIL hand-offs with the publishing loop) than it overlaps; quantizing and LZ4 release the GIL, but
+        # on small tensors (a one-token tail) they too take less time than the hand-off
+        if opts["compress"] or (quantized and not small):
             return asyncio.ensure_future(asyncio.to_thread(encode_layer_chunks, order[i], k, v, **opts))
         done = asyncio.get_running_loop().create_future()
         done.set_result(encode_layer_chunks(order[i], k, v, **opts))

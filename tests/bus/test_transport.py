@@ -304,7 +304,19 @@ async def test_auto_compression_stops_trying_lz4_after_a_first_layer_it_did_not_
 async def test_auto_compression_keeps_lz4_where_the_first_layer_shrank() -> None:
     from bus.frames import read_frame
 
-    zeros = torch.zeros(1, 2, 64, 16)
+    zeros = torch.zeros(1, 2, 128, 16)
     nc = _RecordingClient()
     await send_cache(nc, "s", {0: (zeros, zeros), 1: (zeros, zeros)}, precision="fp32", query_id="q", sender="t")  # type: ignore[arg-type]
     assert {read_frame(f).header.compression for f in nc.frames} == {"lz4"}
+
+
+async def test_auto_compression_does_not_try_small_tensors() -> None:
+    """A one-token tail is a few hundred bytes: LZ4 is not tried (nor a worker thread used), even on zeros."""
+    from bus.frames import read_frame
+
+    zeros = torch.zeros(1, 2, 1, 24)
+    for precision in ("fp16", "int4"):
+        nc = _RecordingClient()
+        await send_cache(nc, "s", {0: (zeros, zeros), 1: (zeros, zeros)}, precision=precision, query_id="q", sender="t")  # type: ignore[arg-type]
+        assert {read_frame(f).header.compression for f in nc.frames} == {"none"}
+        assert len(nc.frames) == 4
