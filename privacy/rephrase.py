@@ -2,13 +2,16 @@
 
 Order of work: rules redact first (names, emails, phones, account ids, long numbers), then the receiver
 model rewords the redacted stem (it was trained to in the zoo). The model's output is accepted only if it
-is a sensible one-line question that reintroduces none of the removed details; otherwise the rule-redacted
-stem is used. Nothing here sends anything: the caller decides what leaves the receiver side.
+is a sensible one-line question that reintroduces none of the removed details and says nothing the
+question did not (every word of it is a word of the redacted question or a common function word: a model
+that garbles an entity or swaps the attribute would send the transmitters another question); otherwise
+the rule-redacted stem is used. Nothing here sends anything: the caller decides what leaves the receiver side.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -22,6 +25,18 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 40  # tokens of paraphrase the receiver may generate
 MAX_LENGTH_RATIO = 2.0  # a paraphrase longer than this times the redacted stem is rejected
+# Words a paraphrase may add: English function words that reword a question without changing what it asks.
+FUNCTION_WORDS = frozenset(
+    "a about an and any are as at be can could did do does for from give have has i in is it its know let "
+    "me my of on or please s say share should tell that the this to us was what when where which who whom "
+    "whose why will with would you your".split()
+)
+_WORD = re.compile(r"[a-z0-9]+")  # "Zorbin's" -> "zorbin", "s"
+
+
+def new_words(candidate: str, source: str) -> set[str]:
+    """Words of ``candidate`` that are neither in ``source`` nor function words (lower-cased)."""
+    return set(_WORD.findall(candidate.lower())) - set(_WORD.findall(source.lower())) - FUNCTION_WORDS
 
 
 class Generator(Protocol):
@@ -51,6 +66,8 @@ def _acceptable(candidate: str, redacted: str, removed: list[Detail]) -> bool:
     if len(candidate) > MAX_LENGTH_RATIO * max(len(redacted), 1):
         return False
     if any(d.value.lower() in candidate.lower() for d in removed):
+        return False
+    if new_words(candidate, redacted):  # it asks something else (a garbled name, another attribute)
         return False
     # The paraphrase must not smuggle in a detail the rules would remove.
     return not redact(candidate).removed

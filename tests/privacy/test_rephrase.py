@@ -50,6 +50,21 @@ def test_unsafe_or_broken_paraphrase_falls_back_to_rules(completion) -> None:
     assert all(p not in out.text for p in PLANTED)
 
 
+@pytest.mark.parametrize(
+    "completion",
+    [" What is the color of Zorbrin?", " What is the pet of Zorbin?", " Which color does Zorbin's cat have?"],
+)
+def test_a_paraphrase_that_asks_something_else_falls_back_to_rules(completion) -> None:
+    """A garbled entity or another attribute would send transmitters another question: the rules' stem goes."""
+    out = rephrase(STEM, ScriptedModel(completion))
+    assert out.method == "rules" and "Zorbin" in out.text and "color" in out.text
+
+
+@pytest.mark.parametrize("completion", [" Do you know the color of Zorbin?", " Tell me Zorbin's color, please."])
+def test_a_reworded_question_is_kept(completion) -> None:
+    assert rephrase(STEM, ScriptedModel(completion)).method == "model"
+
+
 def test_passthrough_and_empty() -> None:
     assert passthrough("  What is  it? ").text == "What is it?"
     with pytest.raises(PrivacyError):
