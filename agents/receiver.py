@@ -261,7 +261,7 @@ class ReceiverAgent(Agent):
                     f"answered alone: the receiver knows this (its P(none) {p_none:.3f} < {self.cfg.self_check}); "
                     "nobody was asked"
                 )
-                return self._reply(q, probs, {}, {}, [], notes)
+                return self._reply(q, probs, {}, {}, [], notes, alone=True)
         text = await self._rephrase(q, notes) if ask.private else ask.question
         shared, original = shared_prompt(ask.question, ask.options, text if ask.private else None)
         query = Query(
@@ -328,6 +328,7 @@ class ReceiverAgent(Agent):
         uses: Mapping[str, TransmitterUse],
         omitted: list[Omission],
         notes: list[str],
+        alone: bool = False,
     ) -> Answer:
         """The answer to ``q`` from letter probabilities and what was used."""
         ask = q.ask
@@ -343,6 +344,7 @@ class ReceiverAgent(Agent):
             bytes_received=sum(u.bytes for u in uses.values()),
             probs=tuple(min(1.0, max(0.0, round(float(p), 6))) for p in probs),
             notes=tuple(n[:500] for n in notes[:16]),
+            alone=alone,
         )
 
     async def _deltas(self, q: _Open, got: Received) -> Any:

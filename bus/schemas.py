@@ -359,6 +359,7 @@ class Answer(Message):
     latency_s: float = Field(ge=0.0, allow_inf_nan=False)
     bytes_received: int = Field(default=0, ge=0)
     probs: tuple[Annotated[float, Field(ge=0.0, le=1.0)], ...] = Field(default=(), max_length=MAX_OPTIONS)
+    alone: bool = False  # the receiver's self-check answered (it knows this): no one was asked
     notes: tuple[Annotated[str, Field(max_length=500)], ...] = Field(default=(), max_length=MAX_NOTES)
 
 

@@ -193,13 +193,17 @@ async def run_cell(url: str, world: World, policy: str, rate: float | None, dead
 
 
 def _summarize(rows, plans, tokens, policy, rate, deadline_s, answer_cls) -> dict:
-    right = met = 0
+    right = met = alone = 0
     got_bytes, got_tokens, planned, seconds, precisions = [], 0, [], [], []
     for q, reply, secs in rows:
         seconds.append(secs)
         if not isinstance(reply, answer_cls):
             continue
         right += reply.choice == q.answer_letter
+        if reply.alone:  # the receiver's self-check: it knew, asked no one, so there was nothing to wait for
+            alone += 1
+            met += reply.latency_s <= deadline_s
+            continue
         plan = plans.get(reply.query_id)
         used = {u.transmitter_id: set(u.layers) for u in reply.used}
         if plan is not None and reply.latency_s <= deadline_s:
@@ -221,6 +225,7 @@ def _summarize(rows, plans, tokens, policy, rate, deadline_s, answer_cls) -> dic
         "planned_bytes_per_query": round(statistics.fmean(planned)) if planned else 0,
         "precisions": {p: precisions.count(p) for p in sorted(set(precisions))},
         "answered": sum(isinstance(r, answer_cls) for _, r, _ in rows),
+        "answered_alone": alone,
         "n": n,
     }
 
@@ -338,8 +343,9 @@ def run(args: argparse.Namespace) -> dict:
         "notes": (
             "link_mbps in MB/s (1e6 bytes/s), each transmitter on its own shaped uplink (token bucket, burst "
             f"{BURST_SECONDS * 1000:.0f} ms of traffic, min {MIN_BURST_BYTES} B); agents in one process, one "
-            "question at a time; deadline_met = answered by the deadline with every planned layer in; t2t in "
-            "process with hint transfer time = bytes / rate"
+            "question at a time; deadline_met = answered by the deadline with every planned layer in (or by the "
+            "receiver's self-check, alone); bytes_per_query averages over every question, self-answered ones "
+            "too; t2t in process with hint transfer time = bytes / rate"
         ),
         "seconds": round(time.perf_counter() - t_start, 1),
     }

@@ -109,7 +109,7 @@ async def test_a_receiver_that_knows_answers_alone_and_asks_no_one(fleet: Fleet,
         for private in (False, True):
             a = _answer(await fleet.ask(QUESTIONS[0], private=private))
             ref = refine(QUESTIONS[0], fleet.world.receiver, {}, mode="receiver")
-            assert (a.choice, a.used, a.bytes_received) == (ref.answer, (), 0)
+            assert (a.choice, a.used, a.bytes_received, a.alone) == (ref.answer, (), 0, True)
             assert a.probs == pytest.approx(ref.probs, abs=1e-5)
             assert any("answered alone: the receiver knows this" in n for n in a.notes)
         await asyncio.sleep(0.2)
