@@ -344,8 +344,8 @@ def run(args: argparse.Namespace) -> dict:
             "link_mbps in MB/s (1e6 bytes/s), each transmitter on its own shaped uplink (token bucket, burst "
             f"{BURST_SECONDS * 1000:.0f} ms of traffic, min {MIN_BURST_BYTES} B); agents in one process, one "
             "question at a time; deadline_met = answered by the deadline with every planned layer in (or by the "
-            "receiver's self-check, alone); bytes_per_query averages over every question, self-answered ones "
-            "too; t2t in process with hint transfer time = bytes / rate"
+            "receiver's self-check, alone); bytes_per_query and bytes_per_token average over the questions that "
+            "were asked (answered_alone counts the others); t2t in process with hint transfer time = bytes / rate"
         ),
         "seconds": round(time.perf_counter() - t_start, 1),
     }
