@@ -271,10 +271,13 @@ def table(setup: Setup, outcomes: Sequence[Outcome], alone: float | None) -> str
     """The demo's report."""
     s = summarize(outcomes)
     n_private = sum(o.item.private for o in outcomes)
+    alone_n = sum(isinstance(o.reply, Answer) and o.reply.alone for o in outcomes)
     lines = [
         f"FedRefine demo: {setup.name}; {len(setup.transmitters)} transmitters; {s['queries']} questions "
         f"({n_private} private)",
-        f"  answered          {s['answered']}/{s['queries']}" + (f"   errors {s['errors']}" if s["errors"] else ""),
+        f"  answered          {s['answered']}/{s['queries']}"
+        + (f"   errors {s['errors']}" if s["errors"] else "")
+        + (f"   ({alone_n} alone: the receiver knew, nobody was asked)" if alone_n else ""),
         f"  accuracy          {_fmt(s['accuracy'])}"
         + (f"   (receiver alone: {alone:.3f})" if alone is not None else ""),
         f"  latency           p50 {_fmt(s['latency_p50_ms'])} ms   p95 {_fmt(s['latency_p95_ms'])} ms",

@@ -120,3 +120,7 @@ def test_the_report_shows_accuracy_latency_bytes_and_usage() -> None:
     text = table(setup, outcomes, alone=0.25)
     assert "answered          1/2" in text and "accuracy          1.000" in text and "receiver alone: 0.250" in text
     assert "t1-llama" in text and "2 MB/s" in text and "late: 1" in text and "1,500" in text
+    assert "alone" not in text.splitlines()[1]
+    knew = right.model_copy(update={"used": (), "omitted": (), "bytes_received": 0, "alone": True})
+    text = table(setup, [*outcomes, Outcome(items[1], knew, 0.01)], alone=0.25)
+    assert "(1 alone: the receiver knew, nobody was asked)" in text.splitlines()[1]
