@@ -251,14 +251,12 @@ def measure_t2t(world: World) -> tuple[list[HintRun], float]:
 
     runs = []
     for q in tqdm(world.questions, desc="t2t", leave=False):
-        alone = int(letter_probs(world.receiver, q.prompt()).argmax()) == q.answer
-        if world.setup.self_check is not None:  # as the receiver agent does: a question it knows asks no one
-            t0 = time.perf_counter()
-            probs, p_none = receiver_self_check(world.receiver, q.stem, q.options)
-            if knows_alone(p_none, world.setup.self_check):
-                right = int(probs.argmax()) == q.answer
-                runs.append(HintRun({}, time.perf_counter() - t0, right, right))
-                continue
+        t0 = time.perf_counter()
+        probs, p_none = receiver_self_check(world.receiver, q.stem, q.options)  # the receiver alone
+        alone = int(probs.argmax()) == q.answer
+        if knows_alone(p_none, world.setup.self_check):  # as the receiver agent does: a question it knows asks no one
+            runs.append(HintRun({}, time.perf_counter() - t0, alone, alone))
+            continue
         hints, texts = {}, []
         for tid, model in world.transmitters.items():
             t0 = time.perf_counter()
