@@ -43,7 +43,6 @@ MAX_ID_BYTES = 64  # query ids and sender ids (bus.schemas.ID_PATTERN)
 # u8 length + sender, zero padding
 FIELDS = struct.Struct(">BBHBBBBBBHIII4IQQII")
 MAX_HEADER_BYTES = FIELDS.size + 2 + 2 * MAX_ID_BYTES + PAYLOAD_ALIGN  # a longer header is malformed
-MAX_FRAME_OVERHEAD = -(-(PREFIX.size + FIELDS.size + 2 + 2 * MAX_ID_BYTES) // PAYLOAD_ALIGN) * PAYLOAD_ALIGN
 MIN_CHUNK_BYTES = 1024  # a max_payload leaving less than this per chunk is refused
 CHECKSUM_MASK = 0xFFFFFFFF  # header checksum fields (bus.schemas.Crc) carry the low 32 bits of an xxh3_64 digest
 
@@ -145,6 +144,15 @@ def seal(header: KVChunkHeader, payload_digest: int) -> KVChunkHeader:
     return header.model_copy(update={"chunk_crc": chunk_crc(header, payload_digest)})
 
 
+def frame_overhead(query_id: str, sender: str) -> int:
+    """Bytes a frame adds to its payload for these ids: prefix, fixed fields, ids and padding."""
+    raw = PREFIX.size + FIELDS.size + 2 + len(query_id.encode()) + len(sender.encode())
+    return -(-raw // PAYLOAD_ALIGN) * PAYLOAD_ALIGN
+
+
+MAX_FRAME_OVERHEAD = frame_overhead("x" * MAX_ID_BYTES, "x" * MAX_ID_BYTES)  # the longest ids: 208 bytes
+
+
 def header_budget(max_payload: int) -> int:
     """Payload bytes per chunk that always fit ``max_payload`` with the longest ids (64 characters each)."""
     budget = max_payload - MAX_FRAME_OVERHEAD
@@ -154,25 +162,20 @@ def header_budget(max_payload: int) -> int:
     return budget
 
 
-def frame_overhead(query_id: str, sender: str) -> int:
-    """Bytes a frame adds to its payload for these ids: prefix, fixed fields, ids and padding."""
-    raw = PREFIX.size + FIELDS.size + 2 + len(query_id.encode()) + len(sender.encode())
-    return -(-raw // PAYLOAD_ALIGN) * PAYLOAD_ALIGN
-
-
 def frame_head(header: KVChunkHeader) -> bytes:
     """``MAGIC | version | 0 | u16 len | header``: the binary fields, the ids, zeros up to a 16-aligned payload."""
     h = header
+    code = {name: table.index(getattr(h, name)) for name, table in _ENUMS}
     fixed = FIELDS.pack(
         h.schema_version,
-        TENSORS.index(h.tensor),
+        code["tensor"],
         h.layer,
-        PRECISION_CODES.index(h.precision),
-        DTYPE_CODES.index(h.dtype),
-        SCALE_AXIS_CODES.index(h.scale_axis),
-        SCALE_DTYPE_CODES.index(h.scale_dtype),
+        code["precision"],
+        code["dtype"],
+        code["scale_axis"],
+        code["scale_dtype"],
         int(h.shuffle),
-        COMPRESSION_CODES.index(h.compression),
+        code["compression"],
         h.layers_total,
         h.chunk,
         h.n_chunks,
@@ -283,13 +286,18 @@ def _parse_header(head: bytes) -> KVChunkHeader:
     version = values[0]
     if version != SCHEMA_VERSION:
         raise ChunkError(f"unsupported KV chunk schema_version {version} (expected {SCHEMA_VERSION})", reason="version")
-    fields: dict = {"schema_version": version}
-    codes = dict(zip(("tensor", "layer", "precision", "dtype", "scale_axis", "scale_dtype"), values[1:7], strict=True))
-    fields["layer"] = codes.pop("layer")
-    shuffle, compression = values[7], values[8]
+    _, tensor, layer, precision, dtype, scale_axis, scale_dtype, shuffle, compression = values[:9]
     if shuffle not in (0, 1):
         raise ChunkError(f"chunk header shuffle byte is {shuffle}, not 0 or 1", reason="malformed")
-    codes["compression"] = compression
+    fields: dict = {"schema_version": version, "layer": layer}
+    codes = {
+        "tensor": tensor,
+        "precision": precision,
+        "dtype": dtype,
+        "scale_axis": scale_axis,
+        "scale_dtype": scale_dtype,
+        "compression": compression,
+    }
     for name, table in _ENUMS:
         code = codes[name]
         if code >= len(table):
