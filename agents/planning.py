@@ -19,7 +19,6 @@ from bus.errors import FusionError, PolicyError
 from bus.frames import frame_overhead
 from bus.policy import (
     DEFAULT_SAFETY,
-    FRAME_OVERHEAD_BYTES,
     LADDER,
     BandwidthPolicy,
     PolicyRequest,
@@ -68,14 +67,13 @@ def _entry(
     reserve_s: float = 0.0,
     rtt_s: float = 0.0,
     tail: int | None = None,
-    query_id: str = "",
 ) -> PlanEntry | Omission:
     tokens = min(tail, offer.n_tokens) if tail else offer.n_tokens  # what travels per layer
     shape = (1, offer.kv_heads, tokens, offer.head_dim)
     offered = [p for p in PRECISIONS if p in offer.precisions]
     wanted = tuple(dict.fromkeys((precision, *LADDER)))
     precisions = tuple(p for p in wanted if p in offered) or tuple(offered)
-    overhead = frame_overhead(query_id, tid) if query_id else FRAME_OVERHEAD_BYTES
+    overhead = frame_overhead(offer.query_id, tid)  # the exact header size of this stream's frames
     costs = layer_costs(
         [importance[m] for m in layers], shape, layers=layers, precisions=precisions, frame_overhead=overhead
     )
@@ -170,7 +168,6 @@ def build_plan(
             reserve_s,
             rtt,
             tail(offer),
-            query.query_id,
         )
         (entries if isinstance(item, PlanEntry) else omitted).append(item)  # type: ignore[arg-type]
     for tid in sorted(set(expected) - set(offers)):
