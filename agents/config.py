@@ -60,6 +60,7 @@ class AgentConfig(BaseModel):
     max_control_bytes: int = Field(default=DEFAULT_MAX_CONTROL_BYTES, ge=1024, description="largest control message")
     max_inflight: int = Field(default=DEFAULT_MAX_INFLIGHT, ge=1, le=10_000, description="queries at once")
     log_level: Level = Field(default="info", description="logging level")
+    threads: int = Field(default=1, ge=1, le=256, description="torch threads for model and gate math")
 
     @field_validator("id")
     @classmethod
@@ -86,7 +87,6 @@ class ModelAgentConfig(AgentConfig):
     """An agent that runs a language model."""
 
     model: str = Field(description="local Hugging Face checkpoint directory, or a tiny test model name")
-    threads: int = Field(default=1, ge=1, le=256, description="torch threads for this agent's forward passes")
 
 
 class TransmitterConfig(ModelAgentConfig):
