@@ -70,6 +70,32 @@ def test_flags_win_over_environment_over_defaults() -> None:
         parse_config(ReceiverConfig, "receiver", [], env={"FEDREFINE_MODEL": "m", "FEDREFINE_HEARTBEAT_S": "soon"})
 
 
+@pytest.mark.parametrize("role", sorted(MODULES))
+def test_every_role_runs_torch_on_its_configured_threads(role: str) -> None:
+    """The gate too: torch's default (every core) left its OpenMP workers spinning after each scoring."""
+    import torch
+
+    from agents.cli import run_agent
+    from bus.errors import AgentError
+
+    configs = {"transmitter": TransmitterConfig, "receiver": ReceiverConfig, "gate": GateAgentConfig}
+    cls = configs.get(role, RephraserConfig)
+    seen = []
+
+    def factory(cfg):
+        seen.append(torch.get_num_threads())
+        raise AgentError("stop here")  # before any connection
+
+    before = torch.get_num_threads()
+    try:
+        argv = ["--model", "tiny-qwen3"] if role != "gate" else []
+        for threads in (2, 1):
+            assert run_agent(role, cls, factory, [*argv, "--threads", str(threads)]) == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2, 1]
+
+
 def test_ask_without_a_server_says_how_to_start_one(capsys: pytest.CaptureFixture[str]) -> None:
     assert ask.main(["What?", "--nats", "nats://127.0.0.1:1"]) == 2
     err = capsys.readouterr().err.strip()
