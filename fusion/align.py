@@ -72,7 +72,10 @@ def align_tokens(receiver_offsets: Offsets, transmitter_offsets: Offsets) -> Tok
     # Fallback for tokens with no overlap: the last transmitter token starting before the receiver token ends.
     fallback = ((t[None, :, 0] < r_end).long().sum(1) - 1).clamp(min=0)  # (T_r,); starts are ascending
     index = torch.where(coverage > 0, index, fallback)
-    covering = tuple(tuple(int(j) for j in torch.nonzero(row > 0).flatten()) for row in shared)
+    per_row: list[list[int]] = [[] for _ in range(shared.shape[0])]
+    for i, j in torch.nonzero(shared > 0).tolist():  # row-major: each row's columns ascending
+        per_row[i].append(j)
+    covering = tuple(tuple(row) for row in per_row)
     missing = int((coverage == 0).sum())
     if missing:
         log.debug("%d of %d receiver tokens overlap no transmitter token; used the fallback", missing, len(r))

@@ -30,7 +30,7 @@ ANCHOR_LAST = True  # the receiver's last prefix token reads the transmitter's f
 
 def letter_ids(model: LanguageModel) -> list[int]:
     """Token ids of ``" A"`` .. ``" D"`` (for a vocabulary that splits them, as byte-level test models do: the last)."""
-    ids = [model.encode(answer_token_text(letter)).ids[-1] for letter in LETTERS]
+    ids = [model.word_ids(answer_token_text(letter))[-1] for letter in LETTERS]
     if len(set(ids)) != len(ids):
         raise FusionError(f"{model.name} has no distinct tokens for the answer letters {LETTERS}")
     return ids
@@ -38,7 +38,7 @@ def letter_ids(model: LanguageModel) -> list[int]:
 
 def none_id(model: LanguageModel) -> int | None:
     """Token id of ``" none"``, or None when the vocabulary has no such single token."""
-    ids = model.encode(answer_token_text("none")).ids
+    ids = model.word_ids(answer_token_text("none"))
     return ids[0] if len(ids) == 1 else None
 
 

@@ -11,6 +11,7 @@ drop layers by that importance. Training lives in ``fusion.gate_train``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -54,6 +55,7 @@ def prior_weight(p_none: float, scale: float = DEFAULT_PRIOR_SCALE) -> float:
     return 1.0 / (1.0 + math.exp(-scale * (0.5 - p_none)))
 
 
+@functools.lru_cache(maxsize=64)
 def _projection(width: int) -> torch.Tensor:
     """A fixed random projection ``(width, SUMMARY_DIM)``; the same on every machine for the same width."""
     gen = torch.Generator().manual_seed(7919 * width + SUMMARY_DIM)
@@ -71,7 +73,7 @@ def answer_distribution(model: LanguageModel, logits: torch.Tensor) -> torch.Ten
     """Probabilities ``(5,)`` of the four letters and ``" none"`` (None when the vocabulary lacks one of them)."""
     ids = []
     for text in answer_texts(with_none=True):
-        enc = model.encode(text).ids
+        enc = model.word_ids(text)
         if len(enc) != 1:
             return None
         ids.append(enc[0])

@@ -32,6 +32,7 @@ hf_logging.disable_progress_bar()  # a bar per loaded or saved small model is no
 
 CONFIGS = {"qwen3": Qwen3Config, "llama": LlamaConfig, "qwen2": Qwen2Config}  # architectures we build and test
 DEFAULT_MAX_POSITIONS = 512  # tokens; toy prompts are far shorter
+MAX_WORD_MEMO = 256  # fixed texts whose ids a model remembers (word_ids)
 # Bookkeeping that saving/loading changes without changing the model.
 _VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype"})
 
@@ -108,6 +109,7 @@ class LanguageModel:
         self.name = name
         self.arch: str = model.config.model_type
         self.fingerprint = fingerprint(model, tokenizer)
+        self._word_ids: dict[str, tuple[int, ...]] = {}  # memo of word_ids
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -203,13 +205,22 @@ class LanguageModel:
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return Encoded(list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]])
 
+    def word_ids(self, text: str) -> list[int]:
+        """``encode(text).ids``, remembered: for the few fixed texts read on every question (" A" .. " none")."""
+        ids = self._word_ids.get(text)
+        if ids is None:
+            if len(self._word_ids) >= MAX_WORD_MEMO:
+                self._word_ids.clear()
+            ids = self._word_ids[text] = tuple(self.encode(text).ids)
+        return list(ids)
+
     def decode(self, ids: list[int]) -> str:
         """Text of token ids."""
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def token_id(self, text: str) -> int:
         """The id of a text that must be exactly one token (e.g. ``" A"``)."""
-        ids = self.encode(text).ids
+        ids = self.word_ids(text)
         if len(ids) != 1:
             raise ModelError(f"{text!r} is {len(ids)} tokens for {self.name}, expected one", text=text)
         return ids[0]

@@ -188,7 +188,9 @@ def transmitter_deltas(view: ReceiverView, prefix: KVCache, got: Received, fuser
     if arrived != len(got.offsets):
         alignment = tail_alignment(alignment, len(got.offsets), arrived, fuser.cfg.window)
     aligned = gather_tokens(got.layers, alignment.index)
-    return fuser.eval().deltas(prefix, aligned, got.weight)
+    if fuser.training:  # (eval() walks every submodule: not on every question)
+        fuser.eval()
+    return fuser.deltas(prefix, aligned, got.weight)
 
 
 @torch.no_grad()
