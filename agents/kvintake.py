@@ -32,7 +32,7 @@ class GuardedKVReceiver(KVReceiver):
         self.guard = guard
         self.is_late = is_late
         self.stream_bytes: Counter[tuple[str, str]] = Counter()
-        self.late_frames = 0
+        self.late_frames = 0  # KV messages for a query already answered
 
     async def _on_msg(self, msg: Msg) -> None:
         try:
@@ -43,13 +43,13 @@ class GuardedKVReceiver(KVReceiver):
                 raise SchemaError(f"{msg.subject!r} is not a KV subject")
             if self.is_late(parts.query_id):
                 self.late_frames += 1
-                log.debug("late KV frame on %s (query already answered)", msg.subject)
+                log.debug("late KV message on %s (query already answered)", msg.subject)
                 return
             why = self.guard(parts.query_id, parts.sender)
             if why is not None:
                 raise SchemaError(why)
         except FedRefineError as exc:
-            self.stats["frames"] += 1
+            self.stats["messages"] += 1
             await self._error(exc, msg.subject)
             return
         self.stream_bytes[(parts.query_id, parts.sender)] += len(msg.data)

@@ -241,9 +241,35 @@ def read_frame(frame: Buffer) -> Chunk:
     Anything wrong (truncation, bit flips, a mutated header, a foreign version) is a :class:`ChunkError`.
     """
     view = memoryview(frame).cast("B")
-    if len(view) < PREFIX.size:
-        raise ChunkError(f"frame of {len(view)} bytes is too short", reason="malformed")
-    magic, version, reserved, hlen = PREFIX.unpack_from(view)
+    chunk, end = _read_at(view, 0)
+    if end != len(view):
+        h = chunk.header
+        raise ChunkError(
+            f"chunk {h.chunk}/{h.n_chunks} of layer {h.layer} {h.tensor} has {len(view) - end + h.payload_len} "
+            f"bytes, expected {h.payload_len}",
+            reason="malformed",
+        )
+    return chunk
+
+
+def read_frames(message: Buffer) -> Iterator[Chunk]:
+    """The frames of one NATS message, which holds one or more whole frames back to back (each frame's length
+    follows from its header); each is checked as :func:`read_frame` checks one. A bad frame raises
+    :class:`ChunkError` when it is reached (the frames before it were good; nothing after it can be found)."""
+    view = memoryview(message).cast("B")
+    pos = 0
+    while True:
+        chunk, pos = _read_at(view, pos)
+        yield chunk
+        if pos == len(view):
+            return
+
+
+def _read_at(view: memoryview, start: int) -> tuple[Chunk, int]:
+    """The frame starting at ``start`` of ``view`` (checked) and the offset where it ends."""
+    if len(view) - start < PREFIX.size:
+        raise ChunkError(f"frame of {len(view) - start} bytes is too short", reason="malformed")
+    magic, version, reserved, hlen = PREFIX.unpack_from(view, start)
     if magic != MAGIC:
         raise ChunkError("frame does not start with the KV magic", reason="malformed")
     if version != FRAME_VERSION:
@@ -253,16 +279,18 @@ def read_frame(frame: Buffer) -> Chunk:
         )
     if reserved != 0:
         raise ChunkError(f"reserved prefix byte is {reserved}, not 0", reason="malformed")
-    if hlen > MAX_HEADER_BYTES or PREFIX.size + hlen > len(view):
-        raise ChunkError(f"header length {hlen} does not fit the {len(view)}-byte frame", reason="malformed")
-    header = _parse_header(bytes(view[PREFIX.size : PREFIX.size + hlen]))
-    payload = view[PREFIX.size + hlen :]
-    if len(payload) != header.payload_len:
+    body = start + PREFIX.size
+    if hlen > MAX_HEADER_BYTES or body + hlen > len(view):
+        raise ChunkError(f"header length {hlen} does not fit the {len(view) - start}-byte frame", reason="malformed")
+    header = _parse_header(bytes(view[body : body + hlen]))
+    end = body + hlen + header.payload_len
+    if end > len(view):
         raise ChunkError(
             f"chunk {header.chunk}/{header.n_chunks} of layer {header.layer} {header.tensor} has "
-            f"{len(payload)} bytes, expected {header.payload_len}",
+            f"{len(view) - body - hlen} bytes, expected {header.payload_len}",
             reason="malformed",
         )
+    payload = view[body + hlen : end]
     digest = payload_hash(payload)
     if chunk_crc(header, digest) != header.chunk_crc:
         raise ChunkError(
@@ -270,7 +298,7 @@ def read_frame(frame: Buffer) -> Chunk:
             reason="checksum",
             query_id=header.query_id,
         )
-    return Chunk(header, payload, digest)
+    return Chunk(header, payload, digest), end
 
 
 def parse_frame(frame: Buffer) -> tuple[KVChunkHeader, memoryview]:

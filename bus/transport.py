@@ -35,7 +35,7 @@ from nats.aio.subscription import Subscription
 from bus import connect as busconn
 from bus.codec import KVPair, Layers, check_layers, encode_layer_chunks
 from bus.errors import FedRefineError, SchemaError, TransportError
-from bus.frames import Buffer, FrameBuffer, SealedChunk, read_frame
+from bus.frames import Buffer, FrameBuffer, SealedChunk, read_frames
 from bus.quant import FloatFormat, get_format
 from bus.reassembler import LayerDone, Reassembler, ReassemblyLimits
 from bus.schemas import KVChunkHeader, validate_id
@@ -45,6 +45,8 @@ from bus.subjects import Subjects
 log = logging.getLogger(__name__)
 
 DEFAULT_FLUSH_EVERY = 8 * 1024 * 1024  # bytes published between PING/PONG round trips
+DEFAULT_PACK_BYTES = 64 * 1024  # small frames share a NATS message up to this size (an unshaped link)
+DEFAULT_PACK_SECONDS = 0.005  # on a shaped link, a shared message carries at most this much of its rate
 SMALL_TENSOR_ELEMENTS = 2048  # K/V tensors up to this size are encoded inline and never LZ4-probed by "auto"
 DEFAULT_EXPIRE_INTERVAL = 1.0  # seconds between the receiver's deadline sweeps
 DEFAULT_ERROR_MEMORY = 100  # recent receive errors a KVReceiver keeps
@@ -62,6 +64,7 @@ class SendReport:
     chunks: int
     wire_bytes: int  # frame bytes published, headers included
     seconds: float
+    messages: int = 0  # NATS messages they went in (small frames share one)
 
 
 def _honour_cancel() -> None:
@@ -98,8 +101,13 @@ async def send_cache(
     flush_every: int = DEFAULT_FLUSH_EVERY,
     shaper: LinkShaper | None = None,
     max_payload: int | None = None,
+    pack_bytes: int | None = None,
 ) -> SendReport:
     """Send ``layers`` (``{layer: (K, V)}``, in the mapping's order) to ``subject`` as KV chunk frames.
+
+    Frames go out back to back in as few NATS messages as fit ``pack_bytes`` (default: ``DEFAULT_PACK_BYTES``,
+    or ``DEFAULT_PACK_SECONDS`` of a shaper's rate, so a slow link still delivers layer by layer); a frame larger
+    than that travels alone. A one-token tail of every layer is then one message instead of two per layer.
 
     Chunks fit the connected server's ``max_payload`` (or the smaller ``max_payload`` given). The tensors
     must not change until this returns: payloads are read from them at publish time. ``compress="auto"`` tries
@@ -142,9 +150,26 @@ async def send_cache(
         done.set_result(encode_layer_chunks(order[i], k, v, **opts))
         return done
 
+    if pack_bytes is None:
+        pack_bytes = DEFAULT_PACK_BYTES if shaper is None else int(shaper.rate_bps * DEFAULT_PACK_SECONDS)
+    pack = min(limit, max(0, pack_bytes))
     start = time.perf_counter()
-    chunks = wire = since_flush = 0
+    chunks = wire = since_flush = messages = 0
     buffer = FrameBuffer()  # nats-py copies a payload into its command before publish returns
+    packed = bytearray()  # small frames waiting to share one message
+
+    async def publish(frame: Buffer) -> None:
+        nonlocal since_flush, messages
+        if shaper is not None:
+            await shaper.acquire(len(frame))
+        await _publish(nc, subject, frame)
+        messages += 1
+        since_flush += len(frame)
+        if since_flush >= flush_every:
+            await busconn.flush(nc)
+            _honour_cancel()
+            since_flush = 0
+
     pending = encode(0)
     try:
         for i in range(len(order)):
@@ -153,16 +178,18 @@ async def send_cache(
                 opts["compress"] = False
             pending = encode(i + 1) if i + 1 < len(order) else None
             for chunk in sealed:
-                if shaper is not None:
-                    await shaper.acquire(chunk.size)
-                await _publish(nc, subject, buffer.frame(chunk))
+                if packed and len(packed) + chunk.size > pack:
+                    await publish(packed)
+                    packed.clear()
+                if chunk.size > pack:
+                    await publish(buffer.frame(chunk))
+                else:
+                    packed += chunk.head
+                    packed += chunk.payload
                 chunks += 1
                 wire += chunk.size
-                since_flush += chunk.size
-                if since_flush >= flush_every:
-                    await busconn.flush(nc)
-                    _honour_cancel()
-                    since_flush = 0
+        if packed:
+            await publish(packed)
         await busconn.flush(nc)
     finally:
         if pending is not None and not pending.done():
@@ -171,9 +198,16 @@ async def send_cache(
                 await pending
     seconds = time.perf_counter() - start
     log.debug(
-        "sent %d layers of %s/%s: %d chunks, %d bytes in %.3f s", len(order), query_id, sender, chunks, wire, seconds
+        "sent %d layers of %s/%s: %d chunks in %d messages, %d bytes in %.3f s",
+        len(order),
+        query_id,
+        sender,
+        chunks,
+        messages,
+        wire,
+        seconds,
     )
-    return SendReport(query_id, sender, subject, tuple(order), precision, chunks, wire, seconds)
+    return SendReport(query_id, sender, subject, tuple(order), precision, chunks, wire, seconds, messages)
 
 
 LayerCallback = Callable[[LayerDone], Any]
@@ -205,7 +239,7 @@ class KVReceiver:
         self.pending_bytes_limit = pending_bytes_limit
         self.expire_interval = expire_interval
         self.errors: deque[tuple[str, FedRefineError]] = deque(maxlen=DEFAULT_ERROR_MEMORY)
-        self.stats = {"frames": 0, "bytes": 0, "layers": 0, "errors": 0}
+        self.stats = {"messages": 0, "frames": 0, "bytes": 0, "layers": 0, "errors": 0}
         self._sub: Subscription | None = None
         self._cond = asyncio.Condition()
         self._listeners: list[asyncio.Queue[LayerDone]] = []
@@ -245,15 +279,16 @@ class KVReceiver:
     # -- receiving ------------------------------------------------------------------------------------
 
     async def _on_msg(self, msg: Msg) -> None:
-        self.stats["frames"] += 1
+        self.stats["messages"] += 1
         self.stats["bytes"] += len(msg.data)
+        done: list[LayerDone] = []
         try:
-            chunk = read_frame(msg.data)
-            self._check_subject(msg.subject, chunk.header)
-            done = self.reassembler.add(chunk)
+            for chunk in read_frames(msg.data):
+                self.stats["frames"] += 1
+                self._check_subject(msg.subject, chunk.header)
+                done += self.reassembler.add(chunk)
         except FedRefineError as exc:
-            await self._error(exc, msg.subject)
-            return
+            await self._error(exc, msg.subject)  # the message's frames before this one are kept
         if not done:
             return
         self.stats["layers"] += len(done)

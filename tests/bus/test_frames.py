@@ -24,6 +24,7 @@ from bus.frames import (
     parse_frame,
     payload_hash,
     read_frame,
+    read_frames,
     seal,
 )
 from bus.reassembler import Reassembler
@@ -101,6 +102,30 @@ def test_old_frame_versions_are_refused_as_version() -> None:
     with pytest.raises(ChunkError) as info:
         read_frame(bytes(reserved))
     assert info.value.reason == "malformed"
+
+
+def test_a_message_of_frames_back_to_back_reads_as_those_frames() -> None:
+    frames = _frames()
+    message = b"".join(frames)
+    assert [bytes(c.payload) for c in read_frames(message)] == [bytes(read_frame(f).payload) for f in frames]
+    assert [c.header for c in read_frames(frames[0])] == [read_frame(frames[0]).header]
+    with pytest.raises(ChunkError, match="expected"):
+        read_frame(message)  # one frame's reader sees the rest as excess payload
+
+
+@pytest.mark.parametrize("cut", [1, 7, 60])
+def test_a_bad_frame_in_a_message_keeps_the_frames_before_it(cut: int) -> None:
+    frames = _frames()
+    message = b"".join(frames[:2]) + frames[2][:-cut]  # the third frame is truncated
+    got = []
+    with pytest.raises(ChunkError) as err:
+        for chunk in read_frames(message):
+            got.append(chunk)
+    assert err.value.reason == "malformed" and len(got) == 2
+    flipped = bytearray(b"".join(frames[:2]))
+    flipped[len(frames[0]) + 2] ^= 0xFF  # the second frame's magic
+    with pytest.raises(ChunkError, match="magic"):
+        list(read_frames(bytes(flipped)))
 
 
 def test_frame_buffer_builds_the_standalone_frames_and_grows() -> None:

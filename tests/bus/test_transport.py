@@ -10,7 +10,9 @@ import torch
 from bus.codec import encode_cache
 from bus.connect import BusConnections, close, connect, subscribe
 from bus.errors import ConnectError, SchemaError, TransportError
+from bus.frames import read_frame, read_frames
 from bus.server import NatsServer
+from bus.shaper import LinkShaper
 from bus.subjects import Subjects
 from bus.transport import KVReceiver, send_cache
 
@@ -199,8 +201,10 @@ async def test_publish_copies_the_payload_before_returning(nats_client, subject:
     assert got == [b"a" * 4096]
 
 
-async def test_send_cache_frames_equal_standalone_frames(nats_client, subject: str) -> None:
-    """Frames published through the reused buffer are byte-identical to encode_cache's frames."""
+@pytest.mark.parametrize(("pack", "messages"), [(None, 6), (0, 12), (200_000, 2)])
+async def test_send_cache_frames_equal_standalone_frames(nats_client, subject: str, pack, messages) -> None:
+    """The frames published (through the reused buffer, or packed several to a message) are byte-identical to
+    encode_cache's frames, in order; ``pack_bytes`` decides how many share a message."""
     cache = _cache(256 * 1024, n_layers=3)
     got: list[bytes] = []
 
@@ -209,14 +213,32 @@ async def test_send_cache_frames_equal_standalone_frames(nats_client, subject: s
 
     sub = await subscribe(nats_client, subject, on_msg)
     await nats_client.flush()
-    report = await send_cache(nats_client, subject, cache, query_id="q", sender="t", chunk_bytes=40_000)
+    kw = {} if pack is None else {"pack_bytes": pack}
+    report = await send_cache(nats_client, subject, cache, query_id="q", sender="t", chunk_bytes=40_000, **kw)
     for _ in range(100):
-        if len(got) == report.chunks:
+        if len(got) == report.messages:
             break
         await asyncio.sleep(0.05)
     await sub.unsubscribe()
     expected = list(encode_cache(cache, precision="fp16", query_id="q", sender="t", chunk_bytes=40_000))
-    assert got == expected and report.wire_bytes == sum(map(len, expected))
+    assert report.messages == len(got) == messages and report.chunks == len(expected)
+    assert b"".join(got) == b"".join(expected) and report.wire_bytes == sum(map(len, expected))
+    starts = [bytes(chunk.payload) for message in got for chunk in read_frames(message)]
+    assert starts == [bytes(read_frame(f).payload) for f in expected]
+
+
+async def test_a_one_token_tail_of_every_layer_is_one_message(nats_server, subject: str) -> None:
+    cache = {i: (torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)) for i in range(28)}
+    out, rx = await _send_and_receive(nats_server, subject, cache, precision="fp16")
+    assert rx.stats["messages"] == 1 and rx.stats["frames"] == 56 and len(out) == 28
+
+
+async def test_a_shaped_link_packs_only_what_it_carries_in_a_few_milliseconds(nats_server, subject: str) -> None:
+    """At 50 kB/s a message holds at most 250 bytes, so a slow link still delivers layer by layer."""
+    cache = {i: (torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)) for i in range(4)}
+    shaper = LinkShaper(50_000, burst_bytes=100_000)
+    out, rx = await _send_and_receive(nats_server, subject, cache, precision="fp16", shaper=shaper)
+    assert rx.stats["messages"] == 8 and len(out) == 4
 
 
 async def test_receiver_is_subscribed_when_start_returns(nats_server, subject: str) -> None:
@@ -231,10 +253,10 @@ async def test_receiver_is_subscribed_when_start_returns(nats_server, subject: s
                 await conns.pub.publish(f"{subject}.{i}", b"probe")
                 await conns.pub.flush()
                 for _ in range(100):
-                    if rx.stats["frames"]:
+                    if rx.stats["messages"]:
                         break
                     await asyncio.sleep(0.005)
-                lost += rx.stats["frames"] == 0
+                lost += rx.stats["messages"] == 0
             finally:
                 await rx.stop()
     assert lost == 0
@@ -289,34 +311,28 @@ class _RecordingClient:
 
 @pytest.mark.parametrize(("compress", "layer1_lz4"), [("auto", False), (True, True)])
 async def test_auto_compression_stops_trying_lz4_after_a_first_layer_it_did_not_shrink(compress, layer1_lz4) -> None:
-    from bus.frames import read_frame
-
     noise = torch.randn(1, 2, 64, 16)
     zeros = torch.zeros(1, 2, 64, 16)
     nc = _RecordingClient()
     layers = {0: (noise, noise), 1: (zeros, zeros)}
     await send_cache(nc, "s", layers, precision="fp16", query_id="q", sender="t", compress=compress)  # type: ignore[arg-type]
-    headers = [read_frame(f).header for f in nc.frames]
+    headers = [c.header for f in nc.frames for c in read_frames(f)]
     assert all(h.compression == "none" for h in headers if h.layer == 0)
     assert all((h.compression == "lz4") == layer1_lz4 for h in headers if h.layer == 1)
 
 
 async def test_auto_compression_keeps_lz4_where_the_first_layer_shrank() -> None:
-    from bus.frames import read_frame
-
     zeros = torch.zeros(1, 2, 128, 16)
     nc = _RecordingClient()
     await send_cache(nc, "s", {0: (zeros, zeros), 1: (zeros, zeros)}, precision="fp32", query_id="q", sender="t")  # type: ignore[arg-type]
-    assert {read_frame(f).header.compression for f in nc.frames} == {"lz4"}
+    assert {c.header.compression for f in nc.frames for c in read_frames(f)} == {"lz4"}
 
 
 async def test_auto_compression_does_not_try_small_tensors() -> None:
     """A one-token tail is a few hundred bytes: LZ4 is not tried (nor a worker thread used), even on zeros."""
-    from bus.frames import read_frame
-
     zeros = torch.zeros(1, 2, 1, 24)
     for precision in ("fp16", "int4"):
         nc = _RecordingClient()
         await send_cache(nc, "s", {0: (zeros, zeros), 1: (zeros, zeros)}, precision=precision, query_id="q", sender="t")  # type: ignore[arg-type]
-        assert {read_frame(f).header.compression for f in nc.frames} == {"none"}
-        assert len(nc.frames) == 4
+        assert {c.header.compression for f in nc.frames for c in read_frames(f)} == {"none"}
+        assert sum(1 for f in nc.frames for _ in read_frames(f)) == 4 and len(nc.frames) == 1  # one message
