@@ -33,6 +33,7 @@ from fusion.align import gather_tokens
 from fusion.c2c import (
     ReceiverView,
     letter_ids,
+    letter_logits,
     prefix_alignment,
     prefix_cache,
     question_texts,
@@ -199,8 +200,7 @@ def answer_from_deltas(
 ) -> torch.Tensor:
     """Letter probabilities ``(4,)`` from the prefix plus the deltas (in the given order), read after ``view``."""
     cache = apply_deltas(prefix, contributions) if contributions else prefix
-    logits = receiver.forward_from(cache, view.continuation_ids)[-1][letter_ids(receiver)].float().cpu()
-    return torch.softmax(logits, -1)
+    return torch.softmax(letter_logits(receiver, cache, view), -1)
 
 
 @torch.no_grad()
@@ -211,8 +211,7 @@ def receiver_self_check(
     vocabulary has no one-token " none", so it cannot say it does not know)."""
     logits = receiver.prefill(format_question(stem, options)).logits
     dist = answer_distribution(receiver, logits)
-    letters = torch.softmax(logits[letter_ids(receiver)].float().cpu(), -1)
-    return letters, (float(dist[4]) if dist is not None else None)
+    return _letter_distribution(receiver, logits), (float(dist[4]) if dist is not None else None)
 
 
 def knows_alone(p_none: float | None, threshold: float | None) -> bool:
@@ -223,8 +222,12 @@ def knows_alone(p_none: float | None, threshold: float | None) -> bool:
 @torch.no_grad()
 def letter_probs(model: LanguageModel, prompt: str) -> torch.Tensor:
     """A model's probabilities ``(4,)`` over the letters after a prompt."""
-    logits = model.prefill(prompt).logits[letter_ids(model)].float().cpu()
-    return torch.softmax(logits, -1)
+    return _letter_distribution(model, model.prefill(prompt).logits)
+
+
+def _letter_distribution(model: LanguageModel, logits: torch.Tensor) -> torch.Tensor:
+    """Probabilities ``(4,)`` over the answer letters from next-token logits ``(vocab,)``."""
+    return torch.softmax(logits[letter_ids(model)].float().cpu(), -1)
 
 
 @torch.no_grad()
