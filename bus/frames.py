@@ -1,13 +1,15 @@
-"""The KV chunk frame, one per NATS message: ``MAGIC | u8 version | u8 0 | u16 header length | header | payload``.
+"""The KV chunk frame: ``MAGIC | u8 version | u8 0 | u16 header length | header | payload``.
 
-The frame is the whole NATS payload (no NATS headers), so what the server checks against
-``max_payload`` is exactly the frame's length. Frame version 3 has a fixed binary header (64 bytes of
-big-endian fields, the two ids, zero padding so the payload starts 16-aligned: about 110 bytes in all);
-version 2 carried the same fields as JSON (about 400 bytes), which outweighed the payload of the small
-tensors a transmitter sends when only the last tokens travel. The fields and their checksums are
-unchanged from version 2 (docs/PROTOCOL.md section 6 is the byte-level spec). Checksums use xxHash
-(XXH3, 64-bit), chained so every payload byte is hashed once on each side; each header field keeps the
-low 32 bits (``bus.schemas.Crc`` is a 32-bit field):
+A NATS message carries one or more whole frames back to back and nothing else (no NATS headers), so what
+the server checks against ``max_payload`` is exactly the frames' length; a frame's own length follows
+from its header (:func:`read_frames` walks a message, :func:`read_frame` reads a message of one).
+
+Frame version 3 has a fixed binary header (64 bytes of big-endian fields, the two ids, zero padding so the
+payload starts 16-aligned: about 110 bytes in all); version 2 carried the same fields as JSON (about 400
+bytes), which outweighed the payload of the small tensors a transmitter sends when only the last tokens
+travel. The fields and their checksums are unchanged from version 2 (docs/PROTOCOL.md section 6 is the
+byte-level spec). Checksums use xxHash (XXH3, 64-bit), chained so every payload byte is hashed once on each
+side; each header field keeps the low 32 bits (``bus.schemas.Crc`` is a 32-bit field):
 
 - ``payload_hash = xxh3_64(payload)``; ``chunk_crc = low32(xxh3_64(header seed, seed=payload_hash))``:
   the payload and every other header field, so a flipped payload bit *or* a mutated header field fails
@@ -243,12 +245,7 @@ def read_frame(frame: Buffer) -> Chunk:
     view = memoryview(frame).cast("B")
     chunk, end = _read_at(view, 0)
     if end != len(view):
-        h = chunk.header
-        raise ChunkError(
-            f"chunk {h.chunk}/{h.n_chunks} of layer {h.layer} {h.tensor} has {len(view) - end + h.payload_len} "
-            f"bytes, expected {h.payload_len}",
-            reason="malformed",
-        )
+        raise _payload_length_error(chunk.header, len(view) - end + chunk.header.payload_len)
     return chunk
 
 
@@ -285,11 +282,7 @@ def _read_at(view: memoryview, start: int) -> tuple[Chunk, int]:
     header = _parse_header(bytes(view[body : body + hlen]))
     end = body + hlen + header.payload_len
     if end > len(view):
-        raise ChunkError(
-            f"chunk {header.chunk}/{header.n_chunks} of layer {header.layer} {header.tensor} has "
-            f"{len(view) - body - hlen} bytes, expected {header.payload_len}",
-            reason="malformed",
-        )
+        raise _payload_length_error(header, len(view) - body - hlen)
     payload = view[body + hlen : end]
     digest = payload_hash(payload)
     if chunk_crc(header, digest) != header.chunk_crc:
@@ -299,6 +292,14 @@ def _read_at(view: memoryview, start: int) -> tuple[Chunk, int]:
             query_id=header.query_id,
         )
     return Chunk(header, payload, digest), end
+
+
+def _payload_length_error(header: KVChunkHeader, got: int) -> ChunkError:
+    return ChunkError(
+        f"chunk {header.chunk}/{header.n_chunks} of layer {header.layer} {header.tensor} has {got} bytes, "
+        f"expected {header.payload_len}",
+        reason="malformed",
+    )
 
 
 def parse_frame(frame: Buffer) -> tuple[KVChunkHeader, memoryview]:
@@ -318,16 +319,8 @@ def _parse_header(head: bytes) -> KVChunkHeader:
     if shuffle not in (0, 1):
         raise ChunkError(f"chunk header shuffle byte is {shuffle}, not 0 or 1", reason="malformed")
     fields: dict = {"schema_version": version, "layer": layer}
-    codes = {
-        "tensor": tensor,
-        "precision": precision,
-        "dtype": dtype,
-        "scale_axis": scale_axis,
-        "scale_dtype": scale_dtype,
-        "compression": compression,
-    }
-    for name, table in _ENUMS:
-        code = codes[name]
+    codes = (tensor, precision, dtype, scale_axis, scale_dtype, compression)  # in _ENUMS' order
+    for (name, table), code in zip(_ENUMS, codes, strict=True):
         if code >= len(table):
             raise ChunkError(f"chunk header {name} code {code} is not defined", reason="malformed")
         fields[name] = table[code]
