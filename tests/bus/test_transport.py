@@ -223,8 +223,8 @@ async def test_send_cache_frames_equal_standalone_frames(nats_client, subject: s
     expected = list(encode_cache(cache, precision="fp16", query_id="q", sender="t", chunk_bytes=40_000))
     assert report.messages == len(got) == messages and report.chunks == len(expected)
     assert b"".join(got) == b"".join(expected) and report.wire_bytes == sum(map(len, expected))
-    starts = [bytes(chunk.payload) for message in got for chunk in read_frames(message)]
-    assert starts == [bytes(read_frame(f).payload) for f in expected]
+    payloads = [bytes(chunk.payload) for message in got for chunk in read_frames(message)]  # each message parses
+    assert payloads == [bytes(read_frame(f).payload) for f in expected]
 
 
 async def test_a_one_token_tail_of_every_layer_is_one_message(nats_server, subject: str) -> None:
