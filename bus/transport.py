@@ -64,7 +64,7 @@ class SendReport:
     chunks: int
     wire_bytes: int  # frame bytes published, headers included
     seconds: float
-    messages: int = 0  # NATS messages they went in (small frames share one)
+    messages: int  # NATS messages they went in (small frames share one)
 
 
 def _honour_cancel() -> None:
