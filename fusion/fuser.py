@@ -185,12 +185,11 @@ class PairFuser(nn.Module):
         gates = self.gates(generator)  # (L_r,)
         w = torch.as_tensor(weight, dtype=receiver.layers[0][0].dtype, device=receiver.layers[0][0].device)
         w = w.reshape(-1, 1, 1, 1) if w.dim() == 1 else w  # (B, 1, 1, 1) or scalar
-        # Unpadded rows: the MLP runs on the window's tokens only (it is per token, so this is the same result as
-        # masking, at a fraction of the work: one token of ~40 with window 1). Right-padded batches mask instead.
+        # With a window the MLP runs on the window's tokens only (it is per token, so this is the same result as
+        # running it everywhere and masking, at a fraction of the work: one token of ~40 with window 1). Unpadded
+        # rows take the last tokens; a right-padded batch gathers each row's own last ones and scatters back.
         tail = min(int(self.cfg.window), receiver.num_tokens) if self.cfg.window is not None else None
-        if tail is not None and lengths is not None:
-            w = w * self.window_mask(receiver, lengths)  # (B, 1, T, 1)
-            tail = None
+        picked = self.window_positions(receiver, lengths) if tail is not None and lengths is not None else None
         out: dict[int, KV] = {}
         for layer, fuser in enumerate(self.layers):
             source = self.layer_map[layer]
@@ -199,6 +198,13 @@ class PairFuser(nn.Module):
             r, t = receiver.layers[layer], transmitter[source]
             if tail is None:
                 dk, dv = fuser(r, t)  # each (B, H_r, T, D_r)
+            elif picked is not None:
+                pos, valid = picked
+                dk, dv = fuser(_gather_tokens(r, pos), _gather_tokens(t, pos))  # each (B, H_r, window, D_r)
+                dk, dv = (
+                    _scatter_tokens(valid * dk, pos, r[0]),
+                    _scatter_tokens(valid * dv, pos, r[1]),
+                )  # (B, H_r, T, D_r)
             else:
                 dk, dv = fuser(last_tokens(r, tail), last_tokens(t, tail))  # each (B, H_r, tail, D_r)
                 before = receiver.num_tokens - tail
@@ -207,18 +213,35 @@ class PairFuser(nn.Module):
             out[layer] = (scale * dk, scale * dv)
         return out
 
-    def window_mask(self, receiver: KVCache, lengths: torch.Tensor | None) -> torch.Tensor:
-        """``(B, 1, T, 1)``: 1 on each row's last ``window`` real prefix tokens, else 0."""
-        B, T = receiver.batch_size, receiver.num_tokens
+    def window_positions(self, receiver: KVCache, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's last ``window`` real prefix positions ``(B, window)`` (clamped at 0) and a ``(B, 1, window, 1)``
+        mask that is 0 where a row is shorter than the window (a clamped, repeated position)."""
         device = receiver.layers[0][0].device
-        ends = lengths.to(device) if lengths is not None else torch.full((B,), T, device=device)
-        pos = torch.arange(T, device=device)[None, :]  # (1, T)
-        keep = (pos < ends[:, None]) & (pos >= ends[:, None] - int(self.cfg.window))  # (B, T)
-        return keep[:, None, :, None].to(receiver.layers[0][0].dtype)
+        window = min(int(self.cfg.window), receiver.num_tokens)
+        pos = lengths.to(device)[:, None] - window + torch.arange(window, device=device)[None, :]  # (B, window)
+        valid = (pos >= 0)[:, None, :, None].to(receiver.layers[0][0].dtype)
+        return pos.clamp(min=0), valid
 
     def forward(self, receiver: KVCache, transmitter: Mapping[int, KV], weight: float | torch.Tensor = 1.0) -> KVCache:
         """The receiver cache with this transmitter fused in."""
         return apply_deltas(receiver, [self.deltas(receiver, transmitter, weight)])
+
+
+def _gather_tokens(kv: KV, pos: torch.Tensor) -> KV:
+    """Rows' own token positions ``pos`` ``(B, n)`` of a (K, V) pair: ``(B, H, T, D) -> (B, H, n, D)`` each."""
+    k, v = kv
+    return k.gather(2, _token_index(pos, k)), v.gather(2, _token_index(pos, v))
+
+
+def _token_index(pos: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``pos`` ``(B, n)`` expanded to index dimension 2 of ``x`` ``(B, H, *, D)``: ``(B, H, n, D)``."""
+    return pos[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3])
+
+
+def _scatter_tokens(delta: torch.Tensor, pos: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``delta`` ``(B, H, n, D)`` placed at positions ``pos`` ``(B, n)`` of zeros shaped ``like`` ``(B, H, T, D)``
+    (repeated positions add up; their deltas are masked to zero)."""
+    return torch.zeros_like(like).scatter_add(2, _token_index(pos, delta), delta)
 
 
 def apply_deltas(receiver: KVCache, deltas: Iterable[Mapping[int, KV]]) -> KVCache:

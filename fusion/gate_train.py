@@ -26,7 +26,7 @@ from fusion.fuser import PairFuser
 from fusion.gate import GateConfig, GateNetwork, OfferSummary, summarize_offer
 from fusion.kvcache import KV, KVCache
 from fusion.models import LanguageModel
-from fusion.train import FusionItem, pad_layers
+from fusion.train import FusionItem, continuation_groups, pad_layers
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +146,15 @@ def train_gate(
             group["lr"] = cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
         pick = torch.randint(len(examples), (min(cfg.batch_size, len(examples)),), generator=gen)
         batch = [examples[int(i)] for i in pick]
-        prefix, deltas, lengths, conts, targets = _collate(batch)
         keep = (torch.rand((len(batch), n), generator=gen) < cfg.keep_prob).float()  # (B, N)
         offers = [o for e in batch for o in e.offers]
         weights = gate(offers).reshape(len(batch), n) * keep  # (B, N)
-        logits = batch_letter_logits(receiver, weighted_fuse(prefix, deltas, weights), lengths, conts, letters)
-        loss = F.cross_entropy(logits, targets)
+        loss = torch.zeros(())
+        for group in continuation_groups([e.continuation for e in batch]):  # padded apart, as in fuser training
+            prefix, deltas, lengths, conts, targets = _collate([batch[i] for i in group])
+            fused = weighted_fuse(prefix, deltas, weights[group])
+            logits = batch_letter_logits(receiver, fused, lengths, conts, letters)
+            loss = loss + F.cross_entropy(logits, targets, reduction="sum") / len(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -179,6 +182,7 @@ def layer_profiles(
     """Per transmitter: each of its layers' usefulness, the mean loss increase when it alone is withheld (max 1)."""
     letters = torch.tensor(letter_ids(receiver))
     out: dict[str, tuple[float, ...]] = {}
+    examples = sorted(examples, key=lambda e: len(e.continuation))  # batches of like continuations pad little
     for t, fuser in enumerate(fusers):
         offer = examples[0].offers[t]
         used = fuser.transmitter_layers_used()

@@ -128,6 +128,44 @@ def test_mismatched_caches_are_an_error(models) -> None:
         fuser(_setup(models["tiny-qwen2"], transmitter)[1], aligned)
 
 
+@pytest.mark.parametrize("window", [1, 3])
+def test_a_padded_batch_gets_each_rows_own_window_deltas(models, window: int) -> None:
+    """Rows of different lengths, right-padded (one shorter than the window): each row's deltas equal those of the
+    row alone, zero on its padding, and gradients reach the fuser through every row's window."""
+    from fusion.kvcache import KVCache
+    from fusion.train import pad_layers
+
+    receiver, transmitter = models["tiny-qwen3"], models["tiny-llama"]
+    _, prefix, aligned = _setup(receiver, transmitter)
+    cuts = [prefix.num_tokens, 2, 1 if window > 1 else 5]  # the last row is shorter than a window of 3
+    rows = [
+        (
+            KVCache([(k[:, :, :n], v[:, :, :n]) for k, v in prefix]),
+            {i: (k[:, :, :n], v[:, :, :n]) for i, (k, v) in aligned.items()},
+        )
+        for n in cuts
+    ]
+    T = max(cuts)
+    batch = KVCache([pad_layers([r.layers[i] for r, _ in rows], T) for i in range(prefix.num_layers)])
+    batch_aligned = {i: pad_layers([a[i] for _, a in rows], T) for i in aligned}
+    fuser = _fuser(receiver, transmitter, window=window)
+    got = fuser.deltas(batch, batch_aligned, weight=torch.tensor([1.0, 0.5, 2.0]), lengths=torch.tensor(cuts))
+    for b, ((r, a), n, w) in enumerate(zip(rows, cuts, (1.0, 0.5, 2.0), strict=True)):
+        alone = fuser.deltas(r, a, weight=w)
+        for layer, (dk, dv) in alone.items():
+            torch.testing.assert_close(got[layer][0][b : b + 1, :, :n], dk)
+            torch.testing.assert_close(got[layer][1][b : b + 1, :, :n], dv)
+            assert not got[layer][0][b, :, n:].any() and not got[layer][1][b, :, n:].any()
+    fuser.train()
+    loss = sum(
+        dk.sum() + dv.sum() for dk, dv in fuser.deltas(batch, batch_aligned, lengths=torch.tensor(cuts)).values()
+    )
+    loss.backward()
+    assert all(
+        layer.key.fc3.weight.grad is not None and layer.key.fc3.weight.grad.abs().sum() > 0 for layer in fuser.layers
+    )
+
+
 @pytest.mark.parametrize("window", [1, 3, 10_000])
 def test_a_window_fuser_computes_only_its_tokens_and_matches_the_masked_batch_path(models, window: int) -> None:
     receiver, transmitter = models["tiny-qwen3"], models["tiny-llama"]

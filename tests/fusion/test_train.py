@@ -36,6 +36,37 @@ def test_training_is_deterministic_per_seed(setup) -> None:
     assert not a.fuser.training  # handed back ready for inference
 
 
+@pytest.mark.parametrize("window", [None, 1])
+def test_a_batch_split_by_continuation_has_the_whole_batchs_loss_and_gradient(setup, window) -> None:
+    """Plain and private rows are padded separately (``continuation_groups``); the summed parts must equal the one
+    padded batch, loss and gradient (the layer gates pinned open, so their noise cannot differ)."""
+    from fusion.c2c import letter_ids
+    from fusion.train import _batch_loss, continuation_groups, new_fuser
+
+    receiver, transmitter, examples = setup
+    parts = [[examples[i] for i in group] for group in continuation_groups([e.continuation for e in examples])]
+    assert [len(p) for p in parts] == [len(examples) - 1, 1]  # the private row goes on its own
+    fuser = new_fuser(receiver, transmitter, FuserTrainConfig(hidden=16, window=window)).train()
+    with torch.no_grad():
+        fuser.gate_logits.fill_(50.0)
+    letters, noise = torch.tensor(letter_ids(receiver)), torch.Generator().manual_seed(0)
+
+    def loss_and_grads(groups) -> tuple[float, list[torch.Tensor]]:
+        fuser.zero_grad()
+        total = 0.0
+        for group in groups:
+            loss = _batch_loss(receiver, fuser, group, letters, True, noise) / len(examples)
+            loss.backward()
+            total += float(loss.detach())
+        return total, [p.grad.clone() for p in fuser.parameters() if p.grad is not None]
+
+    whole, whole_grads = loss_and_grads([examples])
+    split, split_grads = loss_and_grads(parts)
+    assert split == pytest.approx(whole, rel=1e-5)
+    for a, b in zip(whole_grads, split_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_resuming_from_a_checkpoint_gives_the_same_fuser(setup, tmp_path) -> None:
     receiver, transmitter, examples = setup
     straight = train_fuser(receiver, transmitter, examples, CFG, progress=False)
@@ -105,7 +136,7 @@ def test_training_loss_falls_on_the_quick_zoo(quick_zoo) -> None:
         zoo.world, set(zoo.known(zoo.receiver)), set(zoo.known(zoo.transmitters[0])), fusion_spec(True), "test"
     )
     res = train_fuser(
-        receiver, transmitter, items, FuserTrainConfig(steps=60, batch_size=16, lr=2e-3, hidden=32), progress=False
+        receiver, transmitter, items, FuserTrainConfig(steps=100, batch_size=16, lr=2e-3, hidden=32), progress=False
     )
     first, last = sum(res.losses[:15]) / 15, sum(res.losses[-15:]) / 15
     assert last < 0.8 * first, (first, last)
