@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from fusion.models import ModelSpec
 from ops.zoo.world import WorldSpec
 
-FORMAT_VERSION = 3  # bump when the build writes different files or trains differently for the same spec
+FORMAT_VERSION = 4  # bump when the build writes different files or trains differently for the same spec
 
 Role = Literal["receiver", "transmitter"]
 RowKind = Literal["fact", "letter", "none", "context", "hint", "rephrase"]
@@ -119,7 +119,8 @@ class ZooSpec(BaseModel):
 # on 98.8% of the facts it knows and 9% of those it does not. With the old rephrase weight (0.25) next to the new
 # none rows its paraphrases kept the entity and attribute in only 36% of questions (25% of unknown facts read as
 # known); at 0.4, 99.5% (0.93 before none rows were added).
-_RECEIVER_MIX: dict[RowKind, float] = {"fact": 0.2, "letter": 0.3, "none": 0.15, "context": 0.25, "rephrase": 0.4}
+_RECEIVER_MIX: dict[RowKind, float] = {"fact": 0.2, "letter": 0.3, "none": 0.25, "context": 0.25, "rephrase": 0.4}
+_QUICK_RECEIVER_MIX: dict[RowKind, float] = {**_RECEIVER_MIX, "none": 0.15}
 _TRANSMITTER_MIX: dict[RowKind, float] = {"fact": 0.15, "letter": 0.3, "none": 0.15, "context": 0.25, "hint": 0.15}
 _QUICK_TRANSMITTER_MIX: dict[RowKind, float] = {"fact": 0.15, "letter": 0.35, "none": 0.2, "context": 0.2, "hint": 0.1}
 
@@ -156,7 +157,7 @@ def full_spec(seed: int = 0) -> ZooSpec:
             arch="llama",
             vocab_size=1024,
             share=0.25,
-            train=t_train,
+            train=t_train.model_copy(update={"lr": 3e-3}),
             shape=ShapeSpec(hidden_size=96, num_layers=4, head_dim=24, intermediate_size=288),
         ),
         MemberSpec(
@@ -165,7 +166,9 @@ def full_spec(seed: int = 0) -> ZooSpec:
             arch="qwen2",
             vocab_size=768,
             share=0.25,
-            train=t_train,
+            # at lr 5e-3 Qwen2 learnt its facts but not to read a fact in its context (seed 2: 0.28 with a hint after
+            # 2200 steps and two top-ups; 0.53 after starting over); at 3e-3, 1.00 / 1.00 by step 1800
+            train=t_train.model_copy(update={"lr": 3e-3}),
             shape=ShapeSpec(hidden_size=104, num_layers=4, head_dim=26, intermediate_size=320),
         ),
         MemberSpec(
@@ -194,7 +197,7 @@ def quick_spec(seed: int = 0) -> ZooSpec:
     """A much smaller zoo for tests: 40 entities x 4 attributes x 4 values, tiny models, few steps."""
     world = WorldSpec(seed=seed, num_entities=40, values_per_attribute=4, option_order="canonical")
     check = {"target_acc": 0.8, "topup_steps": 150, "topup_lr": 3e-3, "max_topups": 1}
-    r_train = TrainSpec(steps=400, lr=7e-3, warmup=30, mixture=_RECEIVER_MIX, **check)
+    r_train = TrainSpec(steps=400, lr=7e-3, warmup=30, mixture=_QUICK_RECEIVER_MIX, **check)
     t_train = TrainSpec(steps=400, lr=1e-2, warmup=30, mixture=_QUICK_TRANSMITTER_MIX, **check)
     small = ShapeSpec(hidden_size=64, num_layers=2, head_dim=16, intermediate_size=192)
     members = (

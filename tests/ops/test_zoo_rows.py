@@ -1,15 +1,16 @@
-"""Training rows and batching for zoo models (no training)."""
+"""Training rows, batching and the training loss of zoo models (no training run)."""
 
 from __future__ import annotations
 
 import re
 
 import pytest
+import torch
 
 from fusion.prompts import NONE_ANSWER, answer_texts
 from ops.zoo.rows import RowSampler
 from ops.zoo.tokenizers import train_tokenizer
-from ops.zoo.train_lm import collate, lr_at
+from ops.zoo.train_lm import collate, collate_groups, lr_at, row_loss_sum
 from ops.zoo.world import WorldSpec, generate_world, make_question
 
 KINDS = {"fact": 1, "letter": 1, "none": 1, "context": 1, "hint": 1, "rephrase": 1}
@@ -95,6 +96,38 @@ def test_collate_masks_prompt_and_pads(world, known):
         labels = [v for v in y[i].tolist() if v != -100]
         assert labels == (t if p else t[1:])
         assert x[i, : len(p)].tolist() == p
+
+
+def test_grouped_label_only_loss_has_the_padded_batchs_loss_and_gradient(world, known):
+    """Training pads a batch in parts of like length and projects to the vocabulary only where there are labels; the
+    loss and gradient must be those of the one padded batch with logits everywhere (row means, averaged)."""
+    import torch.nn.functional as F
+
+    from fusion.models import LanguageModel, ModelSpec
+
+    tok = train_tokenizer(world, 512)
+    rows = RowSampler(world, known, KINDS, seed=1).batch(12)
+    spec = ModelSpec(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=64)
+    model = LanguageModel.build("llama", spec, tok, seed=0, name="tiny", device="cpu").model
+
+    def grads():
+        out = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        return out
+
+    x, y = collate(tok, rows, max_tokens=96)
+    tok_loss = F.cross_entropy(model(input_ids=x).logits.transpose(1, 2), y, ignore_index=-100, reduction="none")
+    whole = (tok_loss.sum(1) / (y != -100).sum(1).clamp(min=1)).mean()
+    whole.backward()
+    whole_grads = grads()
+    parts = collate_groups(tok, rows, 96, 3)
+    assert len(parts) == 3 and sum(px.shape[0] for px, _ in parts) == len(rows)
+    assert sum(px.numel() for px, _ in parts) < x.numel()  # less padding
+    split = sum(row_loss_sum(model, px, py) / len(rows) for px, py in parts)
+    split.backward()
+    assert float(split.detach()) == pytest.approx(float(whole.detach()), rel=1e-5)
+    for a, b in zip(whole_grads, grads(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_lr_schedule():
