@@ -115,10 +115,11 @@ class ZooSpec(BaseModel):
 
 
 # The receiver abstains too (" none" on train-pool facts it does not know), so its own P(none) tells whether it
-# needs help at all (``fusion.refine``'s self-check). Measured on the full zoo's receiver, test facts: P(none) < 0.5
-# on 98.8% of the facts it knows and 9% of those it does not. With the old rephrase weight (0.25) next to the new
-# none rows its paraphrases kept the entity and attribute in only 36% of questions (25% of unknown facts read as
-# known); at 0.4, 99.5% (0.93 before none rows were added).
+# needs help at all (``fusion.refine``'s self-check). Measured on the full zoo's receiver (format 4), test facts:
+# P(none) < 0.5 on 98% of the facts it knows and 14% of those it does not; with none rows at 0.15, 96% and 25% (it
+# then answered a sixth of the questions alone, and mostly wrong). With the old rephrase weight (0.25) next to the
+# none rows its paraphrases kept the entity and attribute in only 36% of questions; at 0.4, 99.5%. The quick zoo
+# keeps none rows at 0.15 (its tests and figures were measured so).
 _RECEIVER_MIX: dict[RowKind, float] = {"fact": 0.2, "letter": 0.3, "none": 0.25, "context": 0.25, "rephrase": 0.4}
 _QUICK_RECEIVER_MIX: dict[RowKind, float] = {**_RECEIVER_MIX, "none": 0.15}
 _TRANSMITTER_MIX: dict[RowKind, float] = {"fact": 0.15, "letter": 0.3, "none": 0.15, "context": 0.25, "hint": 0.15}
@@ -129,8 +130,8 @@ def full_spec(seed: int = 0) -> ZooSpec:
     """The full zoo: 160 entities x 4 attributes; a Qwen3 receiver and four different transmitters."""
     world = WorldSpec(seed=seed, num_entities=160, values_per_attribute=4, option_order="canonical")
     # Checked after training: a model below 0.93 on its own facts or 0.9 with a hint trains 500 more steps (twice at
-    # most), then starts over once with another seed (measured: t2-qwen2 at seed 2 stayed at 0.46 with a hint after
-    # 1000 more steps; at seed 7 it reached 1.0 in the first 2200).
+    # most), then starts over once with another seed. Skills of these tiny models appear suddenly; the recipe below
+    # needs one top-up (t3-qwen3) and no fresh start, so the build takes ~10 min on 2 cores (a restart adds ~3).
     check = {
         "target_acc": 0.93,
         "target_hint_acc": 0.9,
