@@ -91,6 +91,7 @@ async def _compare(fed: Federation, setup: Setup, local: InProcess, warmup: int,
     subjects = Subjects(fed.prefix)
     items = items_of(setup.questions)
     bus_s, local_s, nbytes, local_bytes = [], [], [], []
+    kinds: list[tuple[str, float | None, float]] = []  # (kind, bus seconds or None, in-process seconds)
     answered = same = right_bus = right_local = 0
     try:
         for i, (question, item) in enumerate(tqdm(list(zip(setup.questions, items, strict=True)), desc="e2e")):
@@ -103,6 +104,8 @@ async def _compare(fed: Federation, setup: Setup, local: InProcess, warmup: int,
             local_s.append(local_time)
             local_bytes.append(ref.bytes_sent)
             right_local += ref.index == question.answer
+            kind = "alone" if ref.alone else "private" if item.private else "plain"
+            kinds.append((kind, bus_time if isinstance(reply, Answer) else None, local_time))
             if not isinstance(reply, Answer):
                 continue
             answered += 1
@@ -127,11 +130,33 @@ async def _compare(fed: Federation, setup: Setup, local: InProcess, warmup: int,
         "accuracy_bus": round(right_bus / answered, 4) if answered else None,
         "accuracy_inproc": round(right_local / n, 4) if n else None,
         "private_queries": sum(it.private for it in items[warmup:]),
+        "by_kind": by_kind(kinds),
         "setup": setup.name,
         "transmitters": len(setup.transmitters),
         "load_avg_1m": round(os.getloadavg()[0], 2),  # this machine's load at the end (others' jobs slow the bus most)
         "cpus": os.cpu_count(),
     }
+
+
+def by_kind(rows: list[tuple[str, float | None, float]]) -> dict[str, dict]:
+    """Per kind of question (``alone``: the receiver's self-check answered it, ``plain``, ``private``): how many, and
+    the p50 of each path and their ratio. The overall p50 depends on the mix; these do not. ``rows`` holds
+    (kind, bus seconds or None when unanswered, in-process seconds)."""
+    out: dict[str, dict] = {}
+    for kind in ("alone", "plain", "private"):
+        bus = [b for k, b, _ in rows if k == kind and b is not None]
+        local = [v for k, _, v in rows if k == kind]
+        if not local:
+            continue
+        bus_p50 = statistics.median(bus) if bus else None
+        local_p50 = statistics.median(local)
+        out[kind] = {
+            "n": len(local),
+            "bus_p50_ms": round(1000 * bus_p50, 1) if bus_p50 is not None else None,
+            "inproc_p50_ms": round(1000 * local_p50, 1),
+            "overhead_ratio": round(bus_p50 / local_p50, 3) if bus_p50 and local_p50 else None,
+        }
+    return out
 
 
 def run(args: argparse.Namespace) -> dict:
