@@ -90,8 +90,8 @@ async def _compare(fed: Federation, setup: Setup, local: InProcess, warmup: int,
     nc = await connect(fed.url, name="bench-e2e")
     subjects = Subjects(fed.prefix)
     items = items_of(setup.questions)
-    bus_s, local_s, nbytes, local_bytes = [], [], [], []
-    kinds: list[tuple[str, float | None, float]] = []  # (kind, bus seconds or None, in-process seconds)
+    nbytes, local_bytes = [], []
+    timed: list[tuple[str, float | None, float]] = []  # (kind, bus seconds or None, in-process seconds)
     answered = same = right_bus = right_local = 0
     try:
         for i, (question, item) in enumerate(tqdm(list(zip(setup.questions, items, strict=True)), desc="e2e")):
@@ -101,36 +101,33 @@ async def _compare(fed: Federation, setup: Setup, local: InProcess, warmup: int,
             ref, local_time = local.answer(question, item.private)
             if i < warmup:
                 continue
-            local_s.append(local_time)
             local_bytes.append(ref.bytes_sent)
             right_local += ref.index == question.answer
             kind = "alone" if ref.alone else "private" if item.private else "plain"
-            kinds.append((kind, bus_time if isinstance(reply, Answer) else None, local_time))
+            timed.append((kind, bus_time if isinstance(reply, Answer) else None, local_time))
             if not isinstance(reply, Answer):
                 continue
             answered += 1
-            bus_s.append(bus_time)
             nbytes.append(reply.bytes_received)
             same += reply.choice == ref.answer
             right_bus += reply.choice == question.answer_letter
     finally:
         await close(nc)
-    n = len(local_s)
-    bus_p50 = statistics.median(bus_s) if bus_s else None
-    local_p50 = statistics.median(local_s) if local_s else None
+    overall = p50s(timed)
+    n = overall["n"]
     return {
         "queries": n,
         "answered": answered,
         "parity": round(same / answered, 4) if answered else None,
-        "bus_p50_ms": round(1000 * bus_p50, 1) if bus_p50 is not None else None,
-        "inproc_p50_ms": round(1000 * local_p50, 1) if local_p50 is not None else None,
-        "overhead_ratio": round(bus_p50 / local_p50, 3) if bus_p50 and local_p50 else None,
+        "bus_p50_ms": overall["bus_p50_ms"],
+        "inproc_p50_ms": overall["inproc_p50_ms"],
+        "overhead_ratio": overall["overhead_ratio"],
         "bytes_per_query": round(statistics.fmean(nbytes)) if nbytes else 0,
         "inproc_bytes_per_query": round(statistics.fmean(local_bytes)) if local_bytes else 0,
         "accuracy_bus": round(right_bus / answered, 4) if answered else None,
         "accuracy_inproc": round(right_local / n, 4) if n else None,
         "private_queries": sum(it.private for it in items[warmup:]),
-        "by_kind": by_kind(kinds),
+        "by_kind": by_kind(timed),
         "setup": setup.name,
         "transmitters": len(setup.transmitters),
         "load_avg_1m": round(os.getloadavg()[0], 2),  # this machine's load at the end (others' jobs slow the bus most)
@@ -138,24 +135,29 @@ async def _compare(fed: Federation, setup: Setup, local: InProcess, warmup: int,
     }
 
 
+def p50s(rows: list[tuple[str, float | None, float]]) -> dict:
+    """How many questions, the p50 of each path and their ratio. ``rows`` holds (kind, bus seconds or None when
+    unanswered, in-process seconds)."""
+    bus = [b for _, b, _ in rows if b is not None]
+    local = [v for _, _, v in rows]
+    bus_p50 = statistics.median(bus) if bus else None
+    local_p50 = statistics.median(local) if local else None
+    return {
+        "n": len(local),
+        "bus_p50_ms": round(1000 * bus_p50, 1) if bus_p50 is not None else None,
+        "inproc_p50_ms": round(1000 * local_p50, 1) if local_p50 is not None else None,
+        "overhead_ratio": round(bus_p50 / local_p50, 3) if bus_p50 and local_p50 else None,
+    }
+
+
 def by_kind(rows: list[tuple[str, float | None, float]]) -> dict[str, dict]:
-    """Per kind of question (``alone``: the receiver's self-check answered it, ``plain``, ``private``): how many, and
-    the p50 of each path and their ratio. The overall p50 depends on the mix; these do not. ``rows`` holds
-    (kind, bus seconds or None when unanswered, in-process seconds)."""
+    """:func:`p50s` per kind of question (``alone``: the receiver's self-check answered it, ``plain``,
+    ``private``), kinds with no question left out. The overall p50 depends on the mix; these do not."""
     out: dict[str, dict] = {}
     for kind in ("alone", "plain", "private"):
-        bus = [b for k, b, _ in rows if k == kind and b is not None]
-        local = [v for k, _, v in rows if k == kind]
-        if not local:
-            continue
-        bus_p50 = statistics.median(bus) if bus else None
-        local_p50 = statistics.median(local)
-        out[kind] = {
-            "n": len(local),
-            "bus_p50_ms": round(1000 * bus_p50, 1) if bus_p50 is not None else None,
-            "inproc_p50_ms": round(1000 * local_p50, 1),
-            "overhead_ratio": round(bus_p50 / local_p50, 3) if bus_p50 and local_p50 else None,
-        }
+        picked = [r for r in rows if r[0] == kind]
+        if picked:
+            out[kind] = p50s(picked)
     return out
 
 
