@@ -189,7 +189,9 @@ class PairFuser(nn.Module):
         # running it everywhere and masking, at a fraction of the work: one token of ~40 with window 1). Unpadded
         # rows take the last tokens; a right-padded batch gathers each row's own last ones and scatters back.
         tail = min(int(self.cfg.window), receiver.num_tokens) if self.cfg.window is not None else None
-        picked = self.window_positions(receiver, lengths) if tail is not None and lengths is not None else None
+        picked = None  # a padded batch's (positions, mask) of each row's window
+        if tail is not None and lengths is not None:
+            picked = _window_positions(lengths, tail, receiver.layers[0][0])
         out: dict[int, KV] = {}
         for layer, fuser in enumerate(self.layers):
             source = self.layer_map[layer]
@@ -213,18 +215,17 @@ class PairFuser(nn.Module):
             out[layer] = (scale * dk, scale * dv)
         return out
 
-    def window_positions(self, receiver: KVCache, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's last ``window`` real prefix positions ``(B, window)`` (clamped at 0) and a ``(B, 1, window, 1)``
-        mask that is 0 where a row is shorter than the window (a clamped, repeated position)."""
-        device = receiver.layers[0][0].device
-        window = min(int(self.cfg.window), receiver.num_tokens)
-        pos = lengths.to(device)[:, None] - window + torch.arange(window, device=device)[None, :]  # (B, window)
-        valid = (pos >= 0)[:, None, :, None].to(receiver.layers[0][0].dtype)
-        return pos.clamp(min=0), valid
-
     def forward(self, receiver: KVCache, transmitter: Mapping[int, KV], weight: float | torch.Tensor = 1.0) -> KVCache:
         """The receiver cache with this transmitter fused in."""
         return apply_deltas(receiver, [self.deltas(receiver, transmitter, weight)])
+
+
+def _window_positions(lengths: torch.Tensor, window: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's last ``window`` real prefix positions ``(B, window)`` (clamped at 0; ``lengths`` ``(B,)``) and a
+    ``(B, 1, window, 1)`` mask, in ``like``'s dtype, that is 0 where a row is shorter than the window (a clamped,
+    repeated position)."""
+    pos = lengths.to(like.device)[:, None] - window + torch.arange(window, device=like.device)[None, :]  # (B, window)
+    return pos.clamp(min=0), (pos >= 0)[:, None, :, None].to(like.dtype)
 
 
 def _gather_tokens(kv: KV, pos: torch.Tensor) -> KV:
