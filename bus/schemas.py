@@ -28,6 +28,7 @@ MAX_CHUNKS = 1 << 20  # chunks per tensor the schema admits (the reassembler's l
 MAX_DIM = 1 << 24  # largest single dimension of a KV tensor shape
 MAX_OFFER_TOKENS = 8192  # token offsets an offer may carry
 MAX_NOTES = 16  # free-text notes on an answer
+MAX_INLINE_BYTES = 16_384  # bytes of cache an offer may carry inline (before base64)
 CRC_MAX = 0xFFFFFFFF
 
 Precision = Literal["fp32", "fp16", "bf16", "int8", "int4"]
@@ -118,6 +119,34 @@ class Query(Message):
     fusers: tuple[Annotated[str, Field(max_length=64)], ...] = Field(default=(), max_length=64)
 
 
+FLOAT_ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def base64_chars(nbytes: int) -> int:
+    """Length of the padded base64 text of ``nbytes`` bytes."""
+    return 4 * -(-nbytes // 3)
+
+
+class InlineKV(BaseModel):
+    """A transmitter's cache tail carried inside its offer: every layer's last ``tokens`` tokens, K then V.
+
+    ``data`` is the base64 of the tensors back to back, layer by layer (K then V, each ``(1, kv_heads, tokens,
+    head_dim)`` little-endian at ``precision``); ``digest`` is XXH3-64 of those bytes. A small cache on a fast
+    link travels this way so the receiver has it when the plan comes (no plan -> stream round trip).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    precision: Literal["fp32", "fp16", "bf16"]
+    tokens: int = Field(ge=1, le=MAX_OFFER_TOKENS)
+    digest: int = Field(ge=0, lt=1 << 64)
+    data: str = Field(min_length=4, max_length=base64_chars(MAX_INLINE_BYTES))
+
+    def raw_bytes(self, n_layers: int, kv_heads: int, head_dim: int) -> int:
+        """Bytes the cache holds for an offer of this shape."""
+        return n_layers * 2 * kv_heads * self.tokens * head_dim * FLOAT_ITEMSIZE[self.precision]
+
+
 class Offer(Message):
     """A transmitter's small offer to the gate after prefilling q'."""
 
@@ -144,6 +173,7 @@ class Offer(Message):
     offsets: tuple[tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]], ...] = Field(
         default=(), max_length=MAX_OFFER_TOKENS
     )
+    inline: InlineKV | None = None  # the cache tail itself, when small enough to ride along (InlineKV)
 
     @model_validator(mode="after")
     def _offsets_fit(self) -> Offer:
@@ -151,6 +181,16 @@ class Offer(Message):
             raise ValueError(f"{len(self.offsets)} token offsets for n_tokens={self.n_tokens}")
         if any(start > end for start, end in self.offsets):
             raise ValueError("a token offset ends before it starts")
+        if self.inline is not None:
+            if self.inline.tokens > self.n_tokens:
+                raise ValueError(f"inline cache of {self.inline.tokens} tokens; the offer has {self.n_tokens}")
+            raw = self.inline.raw_bytes(self.n_layers, self.kv_heads, self.head_dim)
+            if raw > MAX_INLINE_BYTES:
+                raise ValueError(f"an inline cache of {raw} bytes exceeds {MAX_INLINE_BYTES}")
+            if len(self.inline.data) != base64_chars(raw):
+                raise ValueError(
+                    f"inline cache text of {len(self.inline.data)} characters; its shape needs {raw} bytes"
+                )
         return self
 
 
@@ -165,6 +205,7 @@ class PlanEntry(BaseModel):
     weight: float = Field(ge=0.0, allow_inf_nan=False)
     byte_budget: int = Field(ge=0)
     tokens: int | None = Field(default=None, ge=1)  # send only each layer's last this many tokens (None: all)
+    inline: bool = False  # the offer carried these layers (InlineKV): the receiver takes them from it, none stream
 
     @model_validator(mode="after")
     def _unique_layers(self) -> PlanEntry:
@@ -357,7 +398,7 @@ class Answer(Message):
     used: tuple[TransmitterUse, ...] = ()
     omitted: tuple[Omission, ...] = ()
     latency_s: float = Field(ge=0.0, allow_inf_nan=False)
-    bytes_received: int = Field(default=0, ge=0)
+    bytes_received: int = Field(default=0, ge=0)  # KV bytes that arrived for this query: streams and inline caches
     probs: tuple[Annotated[float, Field(ge=0.0, le=1.0)], ...] = Field(default=(), max_length=MAX_OPTIONS)
     alone: bool = False  # the receiver's self-check answered (it knows this): no one was asked
     notes: tuple[Annotated[str, Field(max_length=500)], ...] = Field(default=(), max_length=MAX_NOTES)
