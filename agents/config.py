@@ -18,7 +18,7 @@ from typing import Any, Literal, NoReturn, TypeVar, Union, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bus.errors import ConfigError
-from bus.schemas import PRECISIONS, validate_id
+from bus.schemas import MAX_INLINE_BYTES, PRECISIONS, validate_id
 from bus.subjects import DEFAULT_PREFIX, Subjects
 
 ENV_PREFIX = "FEDREFINE_"
@@ -34,6 +34,8 @@ DEFAULT_PLAN_SHARE = 0.5  # receiver: share of the deadline after which a missin
 DEFAULT_REPHRASE_SHARE = 0.3  # receiver: share of the deadline it waits for its rephraser
 DEFAULT_ANSWER_RESERVE_S = 0.25  # receiver: seconds kept free before the deadline to fuse and read the answer
 DEFAULT_ASSUMED_RATE_MBPS = 125.0  # gate: link rate (MB/s) assumed for a transmitter that reports none (loopback)
+DEFAULT_INLINE_KV_BYTES = 8192  # transmitter: largest cache tail it sends inside its offer
+DEFAULT_INLINE_KV_MS = 2.0  # transmitter: ... and only when its link carries that in this many milliseconds
 DEFAULT_MAX_INFLIGHT = 64  # queries one agent works on at once; more are refused (transmitter: skipped)
 
 Level = Literal["debug", "info", "warning", "error"]
@@ -97,6 +99,18 @@ class TransmitterConfig(ModelAgentConfig):
     )
     link_burst_bytes: int | None = Field(
         default=None, ge=1, description="bytes the shaped link lets through at once (default: bus.shaper's)"
+    )
+    inline_kv_bytes: int = Field(
+        default=DEFAULT_INLINE_KV_BYTES,
+        ge=0,
+        le=MAX_INLINE_BYTES,
+        description="send the cache tail inside the offer when it is at most this many bytes (0: never)",
+    )
+    inline_kv_ms: float = Field(
+        default=DEFAULT_INLINE_KV_MS,
+        gt=0,
+        le=1000,
+        description="... and the link carries it in at most this many milliseconds",
     )
 
 

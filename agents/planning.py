@@ -5,7 +5,9 @@ Scoring is ``fusion.refine.plan`` (the gating network, or uniform weights withou
 transmitter appears in the plan's ``entries`` (layers most important first, precision, weight, byte budget, and
 ``tokens`` when the receiver's fuser reads only the transmitter's last tokens) or in its ``omitted`` with a
 reason: ``no_fuser``, ``not_chosen`` (weight 0, no useful layer, nothing fits the deadline), ``late`` (no offer
-in the window) or ``error``.
+in the window) or ``error``. An entry is ``inline`` when the offer carried exactly what it needs (its inline
+cache is at the planned precision and holds the planned tokens): the receiver takes the layers from the offer
+and nothing streams.
 """
 
 from __future__ import annotations
@@ -95,13 +97,15 @@ def _entry(
     if not sent.items or sent.precision is None:
         detail = f"nothing fits the deadline at {rate_bps / 1e6:.2f} MB/s with {time_left_s:.2f} s left"
         return Omission(transmitter_id=tid, reason="not_chosen", detail=detail)
+    inline = offer.inline is not None and offer.inline.precision == sent.precision and offer.inline.tokens == tokens
     return PlanEntry(
         transmitter_id=tid,
         layers=sent.layers,
         precision=sent.precision,  # type: ignore[arg-type]
         weight=weight,
-        byte_budget=sent.expected_bytes,
+        byte_budget=0 if inline else sent.expected_bytes,
         tokens=tokens if tail else None,
+        inline=inline,
     )
 
 

@@ -7,7 +7,8 @@ receiver first reads the question itself and answers alone when its P(none) is b
 Otherwise: q' from the rephraser when private
 (``fr.rephrase.<id>``; rules-only redaction here if it does not answer) -> :class:`~bus.schemas.Query` on
 ``fr.query`` -> the plan on ``fr.plan.<query_id>`` (none in time: the gate is down, answer alone) -> the
-planned KV streams on ``fr.kv.<id>.<query_id>.*`` until every planned layer arrived, its sender left, or only
+planned KV streams on ``fr.kv.<id>.<query_id>.*`` (a plan entry marked ``inline``: from the cache that came
+inside its offer, no stream) until every planned layer arrived, its sender left, or only
 the answer reserve is left before the deadline -> ``fusion.refine.receiver_answer`` on whatever arrived
 complete -> :class:`~bus.schemas.Answer` with provenance (used: transmitters and layers; omitted: left, late,
 not chosen, no fuser, error) as the reply and on ``fr.answer.<query_id>``.
@@ -33,7 +34,8 @@ from agents.config import ReceiverConfig
 from agents.fuserbook import FuserBook
 from agents.kvintake import GuardedKVReceiver
 from agents.roster import Member
-from bus.errors import FedRefineError, FusionError, LimitError, SchemaError
+from bus.errors import ChunkError, FedRefineError, FusionError, LimitError, SchemaError
+from bus.inline import decode_inline
 from bus.schemas import (
     Answer,
     Ask,
@@ -49,7 +51,7 @@ from bus.schemas import (
 from bus.transport import LayerDone
 from fusion.c2c import ReceiverView, receiver_view
 from fusion.fuser import PairFuser
-from fusion.kvcache import KVCache
+from fusion.kvcache import KV, KVCache
 from fusion.models import LanguageModel
 from fusion.prompts import LETTERS
 from fusion.refine import (
@@ -87,6 +89,8 @@ class _Open:
     view: ReceiverView | None = None  # how the receiver reads the shared prompt (and q, when private)
     prefix: asyncio.Future[KVCache] | None = None  # its own cache of the prefix, prefilled while caches travel
     early: dict[str, tuple[tuple[int, ...], asyncio.Future[Any]]] = field(default_factory=dict)  # deltas so far
+    inline: dict[str, dict[int, KV]] = field(default_factory=dict)  # planned layers that came inside offers
+    inline_errors: dict[str, str] = field(default_factory=dict)  # why an inline cache could not be used
 
 
 class ReceiverAgent(Agent):
@@ -173,6 +177,7 @@ class ReceiverAgent(Agent):
         if offer.transmitter_id in q.offers:
             raise SchemaError(f"second offer from {offer.transmitter_id} for {offer.query_id}")
         q.offers[offer.transmitter_id] = offer
+        q.progress.set()  # a plan may be waiting for the cache inside this offer
 
     async def _on_plan(self, msg: Msg) -> None:
         parts = self.subjects.parse(msg.subject)
@@ -341,7 +346,7 @@ class ReceiverAgent(Agent):
             used=tuple(uses[t].model_copy(update={"layers": tuple(used[t])}) for t in sorted(used)),
             omitted=tuple(omitted),
             latency_s=time.monotonic() - q.t0,
-            bytes_received=sum(u.bytes for u in uses.values()),
+            bytes_received=sum(self._bytes_from(q, tid) for tid in set(q.offers) | set(uses)),
             probs=tuple(min(1.0, max(0.0, round(float(p), 6))) for p in probs),
             notes=tuple(n[:500] for n in notes[:16]),
             alone=alone,
@@ -353,14 +358,42 @@ class ReceiverAgent(Agent):
         prefix = await q.prefix
         return await self.compute(transmitter_deltas, q.view, prefix, got, self.book.get(got.fingerprint))
 
+    def _bytes_from(self, q: _Open, tid: str) -> int:
+        """KV bytes that reached this receiver from one transmitter for ``q``: its stream and its offer's tail."""
+        assert self.kv is not None
+        offer = q.offers.get(tid)
+        carried = 0
+        if offer is not None and offer.inline is not None:
+            carried = len(offer.inline.data)  # what it took on the wire: the base64 text
+        return self.kv.stream_bytes.get((q.query_id, tid), 0) + carried
+
+    def _inline_layers(self, q: _Open, entry: PlanEntry) -> dict[int, KV]:
+        """The planned layers of an entry marked inline, from the cache inside its offer (decoded once; nothing
+        while the offer has not been seen: offers and plans arrive on different subscriptions)."""
+        tid = entry.transmitter_id
+        offer = q.offers.get(tid)
+        if tid not in q.inline and tid not in q.inline_errors and offer is not None:
+            try:
+                q.inline[tid] = decode_inline(offer, list(entry.layers))
+            except ChunkError as exc:
+                q.inline_errors[tid] = str(exc)
+                self.reject(self.subjects.offer(q.query_id), f"inline cache of {tid}: {exc}")
+        return q.inline.get(tid, {})
+
+    def _arrived(self, q: _Open, entry: PlanEntry) -> dict[int, Any]:
+        """The complete layers of one planned transmitter so far (from its offer when the entry is inline)."""
+        assert self.kv is not None
+        if entry.inline:
+            return self._inline_layers(q, entry)
+        return self.kv.completed(q.query_id, entry.transmitter_id)
+
     def _start_complete_streams(self, q: _Open, plan: Plan) -> None:
         """Fuse each stream as soon as all its planned layers are in, while the others still travel."""
-        assert self.kv is not None
         for entry in plan.entries:
             tid = entry.transmitter_id
             if tid in q.early:
                 continue
-            done = self.kv.completed(q.query_id, tid)
+            done = self._arrived(q, entry)
             if not set(entry.layers) <= set(done):
                 continue
             got = self._received(q, entry, done, sorted(entry.layers))
@@ -375,14 +408,14 @@ class ReceiverAgent(Agent):
 
     async def _await_streams(self, q: _Open, plan: Plan) -> None:
         """Until every planned layer arrived or its sender left, or the answer reserve is all that is left."""
-        assert self.kv is not None
         while True:
             self._start_complete_streams(q, plan)
             waiting = [
                 e
                 for e in plan.entries
                 if e.transmitter_id not in q.left
-                and not set(e.layers) <= set(self.kv.completed(q.query_id, e.transmitter_id))
+                and e.transmitter_id not in q.inline_errors
+                and not set(e.layers) <= set(self._arrived(q, e))
             ]
             left = q.deadline - self._reserve() - time.monotonic()
             if not waiting or left <= 0:
@@ -402,11 +435,13 @@ class ReceiverAgent(Agent):
         plan = q.plan
         for entry in plan.entries if plan is not None else ():
             tid = entry.transmitter_id
-            done = self.kv.completed(q.query_id, tid)
+            done = self._arrived(q, entry)
             got = sorted(set(entry.layers) & set(done))
             offer = q.offers.get(tid)
             why: tuple[str, str] | None = None
-            if not got:
+            if tid in q.inline_errors:
+                why = ("error", q.inline_errors[tid][:500])
+            elif not got:
                 reason = "left" if tid in q.left else "late"
                 why = (reason, f"0 of {len(entry.layers)} planned layers complete by the deadline")
             elif offer is None or len(offer.offsets) != offer.n_tokens:
@@ -424,7 +459,7 @@ class ReceiverAgent(Agent):
                 transmitter_id=tid,
                 layers=tuple(got),
                 precision=entry.precision,
-                bytes=self.kv.stream_bytes.get((q.query_id, tid), 0),
+                bytes=self._bytes_from(q, tid),
                 weight=entry.weight,
             )
         if plan is not None:

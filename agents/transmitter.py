@@ -9,6 +9,11 @@ when the plan says so), in the plan's order (most important first), at the plan'
 ``fr.kv.<receiver_id>.<query_id>.<id>``; otherwise the prefill is dropped. ``--link-mbps`` paces every KV
 publish with a :class:`~bus.shaper.LinkShaper`.
 
+Inline caches: when the receiver's fuser for this model reads only its last token(s) (the query lists the tail)
+and that tail of every layer is at most ``--inline-kv-bytes`` and the link carries it within ``--inline-kv-ms``,
+the tail rides inside the offer at fp16 (:class:`~bus.schemas.InlineKV`). A plan entry marked ``inline`` then
+needs no stream: the receiver already has those layers, which saves the plan -> stream round trip.
+
 Link estimate (:class:`~bus.linkest.LinkEstimator`): every finished stream is a throughput sample, every
 heartbeat times a flush round trip; a stream cut at its deadline, or a new stream starting while others are
 still going (backlog growth), counts as load. Offers and heartbeats carry the usable rate; the gate plans
@@ -28,10 +33,12 @@ from nats.aio.msg import Msg
 from agents.base import Agent, decode
 from agents.cli import run_agent
 from agents.config import TransmitterConfig
+from agents.fuserbook import listed_fusers
 from bus import connect as busconn
-from bus.errors import FedRefineError, SchemaError
+from bus.errors import CodecError, FedRefineError, SchemaError
+from bus.inline import encode_inline, inline_bytes
 from bus.linkest import LinkEstimator
-from bus.schemas import Offer, Plan, PlanEntry, Query
+from bus.schemas import InlineKV, Offer, Plan, PlanEntry, Query
 from bus.shaper import LinkShaper
 from bus.transport import send_cache
 from fusion.c2c import tail_tokens
@@ -42,6 +49,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SEND_GRACE_S = 1.0  # seconds past the deadline a stream may still run before it is cut
 MBPS = 1_000_000.0  # bytes per second in one MB/s (--link-mbps is megabytes per second)
+INLINE_PRECISION = "fp16"  # what a cache inside an offer is cast to (the gate's choice on an ample link)
 
 
 @dataclass
@@ -51,6 +59,7 @@ class _Pending:
     query: Query
     prefill: TransmitterPrefill
     expires: float  # monotonic
+    inline: InlineKV | None = None  # the tail that went out inside the offer
 
 
 class TransmitterAgent(Agent):
@@ -68,7 +77,7 @@ class TransmitterAgent(Agent):
         self.link = LinkEstimator(configured_rate_bps=self.link_rate_bps)
         self._inflight_bytes = 0  # planned bytes of streams still being sent
         self.pending: dict[str, _Pending] = {}
-        self.sent = {"queries": 0, "offers": 0, "streams": 0, "bytes": 0}
+        self.sent = {"queries": 0, "offers": 0, "streams": 0, "inline": 0, "bytes": 0}
 
     def capabilities(self) -> tuple[str, ...]:
         """Precisions it can send."""
@@ -95,12 +104,22 @@ class TransmitterAgent(Agent):
         self.sent["queries"] += 1
         self.spawn(self._offer(query, shared, left), name=f"offer-{query.query_id}")
 
+    def inline_budget(self) -> int:
+        """Bytes of cache tail (before base64) this transmitter would send inside an offer now (0: none)."""
+        rate = self.shaper.rate_bps if self.shaper is not None else self.link.usable_rate_bps
+        if rate is None:  # nothing measured yet: the size cap alone
+            return self.cfg.inline_kv_bytes
+        on_wire = rate * self.cfg.inline_kv_ms / 1000  # base64 text: 4 characters per 3 bytes
+        return min(self.cfg.inline_kv_bytes, int(on_wire * 3 / 4))
+
     async def _offer(self, query: Query, shared: str, left: float) -> None:
-        pre = await self.compute(transmitter_prefill, self.id, self.model, shared)
+        budget = self.inline_budget()
+        tail = (listed_fusers(query.fusers) or {}).get(self.model_fingerprint) if budget else None
+        pre, inline = await self.compute(prefill_with_inline, self.id, self.model, shared, tail, budget)
         if time.time() >= query.deadline_unix:
             log.info("transmitter %s: prefill of %s finished after its deadline; no offer", self.id, query.query_id)
             return
-        self.pending[query.query_id] = _Pending(query, pre, time.monotonic() + left + DEFAULT_SEND_GRACE_S)
+        self.pending[query.query_id] = _Pending(query, pre, time.monotonic() + left + DEFAULT_SEND_GRACE_S, inline)
         cache, summary = pre.cache, pre.offer
         offer = Offer(
             query_id=query.query_id,
@@ -119,7 +138,14 @@ class TransmitterAgent(Agent):
             p_top=summary.p_top,
             entropy=summary.entropy,
             offsets=tuple(pre.offsets),
+            inline=inline,
         )
+        if inline is not None:
+            nbytes = len(inline.data)  # on the wire: the base64 text
+            if self.shaper is not None:
+                await self.shaper.acquire(nbytes)
+            self.sent["inline"] += 1
+            self.sent["bytes"] += nbytes
         await self.publish(self.subjects.offer(query.query_id), offer)
         self.sent["offers"] += 1
         self._forget_expired()
@@ -147,6 +173,10 @@ class TransmitterAgent(Agent):
         entry = next((e for e in plan.entries if e.transmitter_id == self.id), None)
         if entry is None:
             return  # not chosen: the prefill is dropped
+        if entry.inline:
+            if pending.inline is None:
+                raise SchemaError(f"plan of {plan.query_id} takes {self.id}'s cache from its offer, which had none")
+            return  # the receiver has these layers from the offer already
         self.spawn(self._stream(plan, entry, pending), name=f"stream-{plan.query_id}")
 
     async def _stream(self, plan: Plan, entry: PlanEntry, pending: _Pending) -> None:
@@ -212,6 +242,25 @@ class TransmitterAgent(Agent):
             await asyncio.sleep(0.05)
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=max(0.0, until - time.monotonic()))
+
+
+def prefill_with_inline(
+    name: str, model: LanguageModel, shared: str, tail: int | None, budget: int
+) -> tuple[TransmitterPrefill, InlineKV | None]:
+    """``transmitter_prefill``, and its last ``tail`` tokens of every layer inline when they fit ``budget`` bytes."""
+    pre = transmitter_prefill(name, model, shared)
+    cache = pre.cache
+    if (
+        not tail
+        or inline_bytes(cache.num_layers, cache.kv_heads, min(tail, cache.num_tokens), cache.head_dim, INLINE_PRECISION)
+        > budget
+    ):
+        return pre, None
+    try:
+        return pre, encode_inline(tail_tokens(dict(enumerate(cache.layers)), tail), INLINE_PRECISION)
+    except CodecError as exc:  # NaN/inf in the cache: the stream path reports it if the plan asks for it
+        log.info("transmitter %s: no inline cache: %s", name, exc)
+        return pre, None
 
 
 def ordered_layers(prefill: TransmitterPrefill, layers: Sequence[int]) -> dict:

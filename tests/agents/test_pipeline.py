@@ -54,13 +54,19 @@ async def test_over_the_bus_equals_refine_in_process(fleet: Fleet, private: bool
         assert {u.transmitter_id: list(u.layers) for u in a.used} == ref.used
 
 
-async def test_window_one_fusers_get_only_the_final_token_over_the_bus_and_match_refine(fleet: Fleet) -> None:
+@pytest.mark.parametrize("inline", [True, False], ids=["inside-offers", "streamed"])
+async def test_window_one_fusers_get_only_the_final_token_over_the_bus_and_match_refine(
+    fleet: Fleet, inline: bool
+) -> None:
+    """A one-token tail rides inside the offer (no stream after the plan); streamed instead, the same answer."""
     world = fleet.world
     await fleet.receiver(fusers=world.tail_fusers_dir)
     await fleet.rephraser()
     await fleet.gate()
-    for tid, name in (("t1", "tiny-llama"), ("t2", "tiny-qwen2")):
-        await fleet.transmitter(tid, name)
+    senders = [
+        await fleet.transmitter(tid, name, inline_kv_bytes=8192 if inline else 0)
+        for tid, name in (("t1", "tiny-llama"), ("t2", "tiny-qwen2"))
+    ]
     await fleet.wait_roster("gate", "transmitter", {"t1", "t2"})
     await fleet.wait_roster("gate", "receiver", {"rx"})
     transmitters = {"t1": world.models["tiny-llama"], "t2": world.models["tiny-qwen2"]}
@@ -70,7 +76,18 @@ async def test_window_one_fusers_get_only_the_final_token_over_the_bus_and_match
         ref = refine(q, world.receiver, transmitters, mode="c2c", fusers=world.fusers(world.tail_fusers_dir), gate=gate)
         assert a.choice == ref.answer and a.probs == pytest.approx(ref.probs, abs=1e-5), q.id
         assert a.used and ref.tokens_sent == len(ref.used)  # one token per layer and transmitter in process ...
-        assert all(u.bytes < 3_000 for u in a.used)  # ... and over the bus: a few hundred bytes of K/V per layer
+        assert all(0 < u.bytes < 3_000 for u in a.used)  # ... and over the bus: a few hundred bytes of K/V per layer
+    if inline:
+        assert all(t.sent["inline"] == 2 and t.sent["streams"] == 0 for t in senders)
+    else:
+        assert all(t.sent["inline"] == 0 for t in senders) and sum(t.sent["streams"] for t in senders) >= 2
+
+
+async def test_a_slow_link_keeps_its_cache_out_of_the_offer(fleet: Fleet) -> None:
+    """Inline only when the link carries the tail in --inline-kv-ms: at 1 kB/s even 100 bytes would take 100 ms."""
+    fast = await fleet.transmitter("t1", "tiny-llama")
+    slow = await fleet.transmitter("t2", "tiny-qwen2", link_mbps=0.001)
+    assert fast.inline_budget() == 8192 and slow.inline_budget() == 1  # 1000 B/s x 2 ms, 3/4 of it before base64
 
 
 async def test_the_gate_plans_tails_from_the_query_before_it_hears_the_receiver(fleet: Fleet) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 from agents.planning import build_plan, build_policy, offer_summary
 from agents.roster import Roster
@@ -129,3 +130,17 @@ def test_receiver_fuser_capabilities_say_which_read_a_tail() -> None:
         "bb": 1,
         "cc": None,
     }
+
+
+def test_a_tail_that_came_inside_the_offer_is_planned_inline_at_its_precision_only() -> None:
+    from bus.inline import encode_inline
+
+    tails = {m: (torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)) for m in range(3)}
+    offer = _offer("t1").model_copy(update={"inline": encode_inline(tails, "fp16")})
+    entry = _plan([offer], tail=lambda o: 1).entries[0]
+    assert entry.inline and entry.precision == "fp16" and entry.tokens == 1 and entry.byte_budget == 0
+    assert not _plan([offer]).entries[0].inline  # the fuser reads the whole prompt: the 1-token tail is not enough
+    slow = offer.model_copy(update={"link_rate_bps": 550.0})  # the policy picks int4 here: that must stream
+    cheap = _plan([slow], tail=lambda o: 1, left_s=1.0).entries[0]
+    assert cheap.precision != "fp16" and not cheap.inline and cheap.byte_budget > 0
+    assert not _plan([_offer("t2")], tail=lambda o: 1).entries[0].inline  # no inline cache, nothing to take
