@@ -5,9 +5,10 @@ Scoring is ``fusion.refine.plan`` (the gating network, or uniform weights withou
 transmitter appears in the plan's ``entries`` (layers most important first, precision, weight, byte budget, and
 ``tokens`` when the receiver's fuser reads only the transmitter's last tokens) or in its ``omitted`` with a
 reason: ``no_fuser``, ``not_chosen`` (weight 0, no useful layer, nothing fits the deadline), ``late`` (no offer
-in the window) or ``error``. An entry is ``inline`` when the offer carried exactly what it needs (its inline
-cache is at the planned precision and holds the planned tokens): the receiver takes the layers from the offer
-and nothing streams.
+in the window) or ``error``. An entry is ``inline`` when the offer carried the tokens the receiver's fuser reads
+(its inline cache): the receiver takes the gate's layers from the offer at the cache's precision and nothing
+streams. The bandwidth policy is not asked then: those bytes already travelled, and a cheaper precision or fewer
+layers would save nothing.
 """
 
 from __future__ import annotations
@@ -71,6 +72,16 @@ def _entry(
     tail: int | None = None,
 ) -> PlanEntry | Omission:
     tokens = min(tail, offer.n_tokens) if tail else offer.n_tokens  # what travels per layer
+    if offer.inline is not None and offer.inline.tokens == tokens:
+        return PlanEntry(
+            transmitter_id=tid,
+            layers=tuple(layers),
+            precision=offer.inline.precision,
+            weight=weight,
+            byte_budget=0,
+            tokens=tokens if tail else None,
+            inline=True,
+        )
     shape = (1, offer.kv_heads, tokens, offer.head_dim)
     offered = [p for p in PRECISIONS if p in offer.precisions]
     wanted = tuple(dict.fromkeys((precision, *LADDER)))
@@ -97,15 +108,13 @@ def _entry(
     if not sent.items or sent.precision is None:
         detail = f"nothing fits the deadline at {rate_bps / 1e6:.2f} MB/s with {time_left_s:.2f} s left"
         return Omission(transmitter_id=tid, reason="not_chosen", detail=detail)
-    inline = offer.inline is not None and offer.inline.precision == sent.precision and offer.inline.tokens == tokens
     return PlanEntry(
         transmitter_id=tid,
         layers=sent.layers,
         precision=sent.precision,  # type: ignore[arg-type]
         weight=weight,
-        byte_budget=0 if inline else sent.expected_bytes,
+        byte_budget=sent.expected_bytes,
         tokens=tokens if tail else None,
-        inline=inline,
     )
 
 

@@ -132,7 +132,7 @@ def test_receiver_fuser_capabilities_say_which_read_a_tail() -> None:
     }
 
 
-def test_a_tail_that_came_inside_the_offer_is_planned_inline_at_its_precision_only() -> None:
+def test_a_tail_that_came_inside_the_offer_is_planned_inline_whatever_the_link() -> None:
     from bus.inline import encode_inline
 
     tails = {m: (torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)) for m in range(3)}
@@ -140,7 +140,10 @@ def test_a_tail_that_came_inside_the_offer_is_planned_inline_at_its_precision_on
     entry = _plan([offer], tail=lambda o: 1).entries[0]
     assert entry.inline and entry.precision == "fp16" and entry.tokens == 1 and entry.byte_budget == 0
     assert not _plan([offer]).entries[0].inline  # the fuser reads the whole prompt: the 1-token tail is not enough
-    slow = offer.model_copy(update={"link_rate_bps": 550.0})  # the policy picks int4 here: that must stream
-    cheap = _plan([slow], tail=lambda o: 1, left_s=1.0).entries[0]
-    assert cheap.precision != "fp16" and not cheap.inline and cheap.byte_budget > 0
+    slow = offer.model_copy(update={"link_rate_bps": 550.0})  # a stream would be int4 here ...
+    assert (
+        _plan([slow.model_copy(update={"inline": None})], tail=lambda o: 1, left_s=1.0).entries[0].precision == "int4"
+    )
+    kept = _plan([slow], tail=lambda o: 1, left_s=1.0).entries[0]  # ... but the fp16 tail already travelled
+    assert kept.inline and kept.precision == "fp16" and kept.layers == entry.layers and kept.byte_budget == 0
     assert not _plan([_offer("t2")], tail=lambda o: 1).entries[0].inline  # no inline cache, nothing to take
