@@ -11,7 +11,10 @@ Life cycle (``async with agent:`` or ``start()`` / ``stop()``)::
 Error routing: a message handler that raises a :class:`FedRefineError` (bad JSON, wrong schema, hostile id,
 oversized) costs one logged warning; any other exception is logged with its traceback; the subscription
 keeps serving either way. Forward passes run on a one-thread executor per agent, so heartbeats and I/O
-keep flowing while the model works and the agent never uses more than one core for model math.
+keep flowing while the model works and the agent never uses more than one core for model math; a kind of call
+that has been taking less than ``inline_compute_ms`` (a tiny model's prefill, a fuser's deltas) runs on the event
+loop instead, where the two thread wake-ups, GIL hand-offs and the loop's self-pipe of a hand-off cost more than
+the few milliseconds the loop would otherwise keep serving.
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ class Agent:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.role}-compute")
+        self._compute_s: dict[str, float] = {}  # per kind of call: a running mean of its duration, seconds
+        self.computed = Counter[str]()  # calls run on the event loop ("loop") and on the compute thread ("thread")
         self._started = False
         self._stopped = False
 
@@ -279,9 +284,24 @@ class Agent:
         return task
 
     async def compute(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a CPU-bound call (a forward pass) on this agent's one compute thread."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+        """Run a CPU-bound call (a forward pass) on this agent's one compute thread, or right here on the event
+        loop when calls of ``fn`` have been taking less than ``inline_compute_ms`` (module docstring)."""
+        kind = getattr(fn, "__qualname__", "") or repr(fn)
+        took = self._compute_s.get(kind)
+
+        def timed() -> T:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds = time.perf_counter() - t0
+                self._compute_s[kind] = seconds if took is None else 0.8 * self._compute_s[kind] + 0.2 * seconds
+
+        if took is not None and 1000 * took < self.cfg.inline_compute_ms:
+            self.computed["loop"] += 1
+            return timed()
+        self.computed["thread"] += 1
+        return await asyncio.get_running_loop().run_in_executor(self._executor, timed)
 
     # ---- presence -----------------------------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ DEFAULT_ANSWER_RESERVE_S = 0.25  # receiver: seconds kept free before the deadli
 DEFAULT_ASSUMED_RATE_MBPS = 125.0  # gate: link rate (MB/s) assumed for a transmitter that reports none (loopback)
 DEFAULT_INLINE_KV_BYTES = 8192  # transmitter: largest cache tail it sends inside its offer
 DEFAULT_INLINE_KV_MS = 2.0  # transmitter: ... and only when its link carries that in this many milliseconds
+DEFAULT_INLINE_COMPUTE_MS = 10.0  # model calls shorter than this run on the event loop (no thread hand-off)
 DEFAULT_MAX_INFLIGHT = 64  # queries one agent works on at once; more are refused (transmitter: skipped)
 
 Level = Literal["debug", "info", "warning", "error"]
@@ -63,6 +64,13 @@ class AgentConfig(BaseModel):
     max_inflight: int = Field(default=DEFAULT_MAX_INFLIGHT, ge=1, le=10_000, description="queries at once")
     log_level: Level = Field(default="info", description="logging level")
     threads: int = Field(default=1, ge=1, le=256, description="torch threads for model and gate math")
+    inline_compute_ms: float = Field(
+        default=DEFAULT_INLINE_COMPUTE_MS,
+        ge=0,
+        le=1000,
+        description="run a model call on the event loop when such calls took under this many ms (0: always on "
+        "the compute thread)",
+    )
 
     @field_validator("id")
     @classmethod

@@ -141,3 +141,27 @@ def test_describe_shows_the_provenance() -> None:
     assert "answer: C) green" in text and "t1: layers 0,2 at fp16" in text and "t2: late (0 of 3 layers)" in text
     assert "note: n1" in text
     assert ask.describe(ErrorReply(code="timeout", message="slow")) == "error (timeout): slow"
+
+
+async def test_short_model_calls_run_on_the_event_loop_and_long_ones_on_the_compute_thread() -> None:
+    """After one call on the compute thread, a kind of call that took under inline_compute_ms runs on the loop."""
+    import threading
+    import time
+
+    from agents.base import Agent
+    from agents.config import AgentConfig, make_config
+
+    def where(pause_s: float = 0.0) -> int:
+        time.sleep(pause_s)
+        return threading.get_ident()
+
+    def slow() -> int:
+        return where(0.03)
+
+    loop_thread = threading.get_ident()
+    agent = Agent(make_config(AgentConfig, {"inline_compute_ms": 10.0}, "gate"))
+    assert [await agent.compute(where) == loop_thread for _ in range(3)] == [False, True, True]
+    assert [await agent.compute(slow) == loop_thread for _ in range(2)] == [False, False]  # 30 ms: stays off the loop
+    assert agent.computed == {"thread": 3, "loop": 2}
+    never = Agent(make_config(AgentConfig, {"inline_compute_ms": 0.0}, "gate"))
+    assert [await never.compute(where) == loop_thread for _ in range(2)] == [False, False]
