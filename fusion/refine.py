@@ -31,6 +31,7 @@ import torch
 from bus.errors import FusionError
 from fusion.align import gather_tokens
 from fusion.c2c import (
+    ANCHOR_LAST,
     ReceiverView,
     letter_ids,
     letter_logits,
@@ -182,13 +183,21 @@ def receiver_answer(
 def transmitter_deltas(view: ReceiverView, prefix: KVCache, got: Received, fuser: PairFuser) -> dict[int, KV]:
     """One transmitter's weighted deltas on the receiver's prefix (``receiver_answer`` sums them in its order).
 
-    The receiver agent computes them as each stream completes, while the others still travel.
+    The receiver agent computes them as each stream completes, while the others still travel. A window-1 fuser
+    reads only the receiver's last prefix token, which (anchored) reads the transmitter's final token: every
+    position then points at that token, and the other tokens are not aligned (nobody reads them).
     """
-    alignment = prefix_alignment(view, got.offsets)
     arrived = next(iter(got.layers.values()))[0].shape[2] if got.layers else len(got.offsets)  # a tail, or all
-    if arrived != len(got.offsets):
-        alignment = tail_alignment(alignment, len(got.offsets), arrived, fuser.cfg.window)
-    aligned = gather_tokens(got.layers, alignment.index)
+    if ANCHOR_LAST and fuser.cfg.window == 1 and got.offsets:
+        if arrived > len(got.offsets):
+            raise FusionError(f"{arrived} transmitter tokens arrived but its offer has {len(got.offsets)}")
+        index = torch.full((len(view.prefix_ids),), arrived - 1, dtype=torch.long)
+    else:
+        alignment = prefix_alignment(view, got.offsets)
+        if arrived != len(got.offsets):
+            alignment = tail_alignment(alignment, len(got.offsets), arrived, fuser.cfg.window)
+        index = alignment.index
+    aligned = gather_tokens(got.layers, index)
     if fuser.training:  # (eval() walks every submodule: not on every question)
         fuser.eval()
     return fuser.deltas(prefix, aligned, got.weight)

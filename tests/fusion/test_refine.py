@@ -173,9 +173,16 @@ def test_a_window_one_fuser_needs_only_the_transmitters_final_token(world) -> No
     tail = Received(model.fingerprint, tail_tokens(whole.layers, 1), pre.offsets)
     from_whole = transmitter_deltas(view, prefix, whole, fuser)
     from_tail = transmitter_deltas(view, prefix, tail, fuser)
-    assert from_whole.keys() == from_tail.keys()
+    # what aligning every token gives (the window-1 path aligns none: only the final one is read)
+    from fusion.align import gather_tokens
+    from fusion.c2c import prefix_alignment
+
+    aligned = gather_tokens(whole.layers, prefix_alignment(view, pre.offsets).index)
+    reference = fuser.deltas(prefix, aligned, 1.0)
+    assert from_whole.keys() == from_tail.keys() == reference.keys()
     for layer, (dk, dv) in from_whole.items():
         assert torch.equal(dk, from_tail[layer][0]) and torch.equal(dv, from_tail[layer][1])
+        assert torch.equal(dk, reference[layer][0]) and torch.equal(dv, reference[layer][1])
     # refine() sends the tail only: one token per transmitter, and the answer of the whole cache
     fusers = {model.fingerprint: fuser}
     res = refine(Q, receiver, {"t": model}, mode="c2c-uniform", fusers=fusers, precision="fp16")
