@@ -295,7 +295,8 @@ class Agent:
                 return fn(*args, **kwargs)
             finally:
                 seconds = time.perf_counter() - t0
-                self._compute_s[kind] = seconds if took is None else 0.8 * self._compute_s[kind] + 0.2 * seconds
+                before = self._compute_s.get(kind)
+                self._compute_s[kind] = seconds if before is None else 0.8 * before + 0.2 * seconds
 
         if took is not None and 1000 * took < self.cfg.inline_compute_ms:
             self.computed["loop"] += 1
