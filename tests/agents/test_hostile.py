@@ -189,3 +189,32 @@ async def test_queries_that_collide_or_are_late_do_not_disturb_the_next(fleet: F
         await close(nc)
     a = await fleet.ask(QUESTIONS[3])
     assert isinstance(a, Answer) and len(a.used) == 2
+
+
+async def test_a_corrupt_cache_inside_an_offer_leaves_that_transmitter_out_and_the_rest_is_answered(
+    fleet: Fleet, monkeypatch
+) -> None:
+    """An inline tail whose bytes fail its digest: one warning, that transmitter omitted with reason error."""
+    import agents.transmitter as transmitter_module
+
+    honest = transmitter_module.prefill_with_inline
+
+    def corrupt_for_t2(name, *args):
+        pre, inline = honest(name, *args)
+        if name == "t2" and inline is not None:
+            inline = inline.model_copy(update={"digest": (inline.digest + 1) % (1 << 64)})
+        return pre, inline
+
+    monkeypatch.setattr(transmitter_module, "prefill_with_inline", corrupt_for_t2)
+    world = fleet.world
+    await fleet.receiver(fusers=world.tail_fusers_dir)
+    await fleet.gate(trained=False)  # uniform weights: both transmitters are planned
+    for tid, name in (("t1", "tiny-llama"), ("t2", "tiny-qwen2")):
+        await fleet.transmitter(tid, name)
+    await fleet.wait_roster("gate", "transmitter", {"t1", "t2"})
+    a = await fleet.ask(QUESTIONS[0])
+    assert isinstance(a, Answer) and [u.transmitter_id for u in a.used] == ["t1"]
+    [out] = [o for o in a.omitted if o.transmitter_id == "t2"]
+    assert out.reason == "error" and "digest" in out.detail
+    assert fleet.agents["rx"].rejected["offer"] == 1
+    assert isinstance(await fleet.ask(QUESTIONS[1]), Answer)  # and it serves on
