@@ -18,23 +18,29 @@ import torch
 import xxhash
 
 from bus.errors import ChunkError, CodecError
-from bus.schemas import FLOAT_ITEMSIZE, MAX_INLINE_BYTES, InlineKV, Offer
+from bus.quant import FloatFormat, get_format
+from bus.schemas import MAX_INLINE_BYTES, InlineKV, Offer, inline_raw_bytes
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 KV = tuple[torch.Tensor, torch.Tensor]
+
+
+def _dtype(precision: str) -> torch.dtype:
+    """The stream codec's float format for ``precision`` (an inline cache has no integer formats)."""
+    fmt = get_format(precision)
+    if not isinstance(fmt, FloatFormat):
+        raise CodecError(f"an inline cache is fp32, fp16 or bf16, not {precision!r}")
+    return fmt.dtype
 
 
 def inline_bytes(n_layers: int, kv_heads: int, tokens: int, head_dim: int, precision: str) -> int:
     """Bytes of an inline cache of this shape at ``precision`` (before base64)."""
-    if precision not in FLOAT_ITEMSIZE:
-        raise CodecError(f"an inline cache is fp32, fp16 or bf16, not {precision!r}")
-    return n_layers * 2 * kv_heads * tokens * head_dim * FLOAT_ITEMSIZE[precision]
+    _dtype(precision)
+    return inline_raw_bytes(n_layers, kv_heads, tokens, head_dim, precision)
 
 
 def encode_inline(layers: Mapping[int, KV], precision: str = "fp16") -> InlineKV:
     """Every layer ``0 .. n-1`` of ``layers`` (each K and V ``(1, kv_heads, tokens, head_dim)``, one shape) inline."""
-    if precision not in _DTYPES:
-        raise CodecError(f"an inline cache is fp32, fp16 or bf16, not {precision!r}")
+    dtype = _dtype(precision)
     if sorted(layers) != list(range(len(layers))) or not layers:
         raise CodecError(f"an inline cache holds every layer from 0; got layers {sorted(layers)}")
     shape = tuple(layers[0][0].shape)
@@ -45,7 +51,7 @@ def encode_inline(layers: Mapping[int, KV], precision: str = "fp16") -> InlineKV
         for x in layers[m]:
             if tuple(x.shape) != shape:
                 raise CodecError(f"layer {m} has shape {tuple(x.shape)}; an inline cache needs one shape, {shape}")
-            parts.append(x.detach().to("cpu", _DTYPES[precision]).reshape(-1))
+            parts.append(x.detach().to("cpu", dtype).reshape(-1))
     flat = torch.cat(parts)
     if not bool(torch.isfinite(flat).all()):
         raise CodecError(f"the cache holds NaN/inf or values beyond the range of {precision}", reason="range")
@@ -78,7 +84,7 @@ def decode_inline(
     if xxhash.xxh3_64_intdigest(raw) != inline.digest:
         raise ChunkError(f"inline cache of {offer.transmitter_id} fails its digest", reason="checksum")
     shape = (offer.n_layers, 2, 1, offer.kv_heads, inline.tokens, offer.head_dim)
-    data = torch.frombuffer(bytearray(raw), dtype=_DTYPES[inline.precision]).view(shape).to(out_dtype)
+    data = torch.frombuffer(bytearray(raw), dtype=_dtype(inline.precision)).view(shape).to(out_dtype)
     wanted = range(offer.n_layers) if layers is None else layers
     bad = [m for m in wanted if not 0 <= m < offer.n_layers]
     if bad:

@@ -122,6 +122,11 @@ class Query(Message):
 FLOAT_ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
+def inline_raw_bytes(n_layers: int, kv_heads: int, tokens: int, head_dim: int, precision: str) -> int:
+    """Bytes (before base64) of an inline cache: every layer's K and V, ``(1, kv_heads, tokens, head_dim)`` each."""
+    return n_layers * 2 * kv_heads * tokens * head_dim * FLOAT_ITEMSIZE[precision]
+
+
 def base64_chars(nbytes: int) -> int:
     """Length of the padded base64 text of ``nbytes`` bytes."""
     return 4 * -(-nbytes // 3)
@@ -144,7 +149,7 @@ class InlineKV(BaseModel):
 
     def raw_bytes(self, n_layers: int, kv_heads: int, head_dim: int) -> int:
         """Bytes the cache holds for an offer of this shape."""
-        return n_layers * 2 * kv_heads * self.tokens * head_dim * FLOAT_ITEMSIZE[self.precision]
+        return inline_raw_bytes(n_layers, kv_heads, self.tokens, head_dim, self.precision)
 
 
 class Offer(Message):
