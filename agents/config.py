@@ -13,6 +13,7 @@ import sys
 import types
 import uuid
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from bus.errors import ConfigError
 from bus.schemas import MAX_INLINE_BYTES, PRECISIONS, validate_id
 from bus.subjects import DEFAULT_PREFIX, Subjects
+from fusion.notes import DEFAULT_TOP_K
 
 ENV_PREFIX = "FEDREFINE_"
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
@@ -96,7 +98,15 @@ class AgentConfig(BaseModel):
 class ModelAgentConfig(AgentConfig):
     """An agent that runs a language model."""
 
-    model: str = Field(description="local Hugging Face checkpoint directory, or a tiny test model name")
+    model: str = Field(description="a .gguf file, a Hugging Face checkpoint directory, or a tiny test model name")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description="weights' dtype")
+    device: str = Field(default="", description="torch device (cpu, cuda, cuda:1, mps; default: cuda when present)")
+
+    def load_model(self):
+        """The agent's ``fusion.models.LanguageModel`` (torch is imported here, after the flags are parsed)."""
+        from fusion.models import LanguageModel
+
+        return LanguageModel.load(self.model, device=self.device or None, dtype=self.dtype)
 
 
 class TransmitterConfig(ModelAgentConfig):
@@ -120,6 +130,17 @@ class TransmitterConfig(ModelAgentConfig):
         le=1000,
         description="... and the link carries it in at most this many milliseconds",
     )
+    notes: str | None = Field(
+        default=None, description="this device's notes file, one fact per line (read before q', never sent)"
+    )
+    top_k: int = Field(default=DEFAULT_TOP_K, ge=1, le=32, description="note lines retrieved for each query")
+
+    @field_validator("notes")
+    @classmethod
+    def _notes_file(cls, value: str | None) -> str | None:
+        if value and not Path(value).expanduser().is_file():
+            raise ValueError(f"no notes file at {value!r}")
+        return value or None
 
 
 class ReceiverConfig(ModelAgentConfig):
@@ -145,7 +166,7 @@ class ReceiverConfig(ModelAgentConfig):
 class GateAgentConfig(AgentConfig):
     """``python -m agents.gate``."""
 
-    gate: str | None = Field(default=None, description="gating network file (fusion.gate.save_gate); none: uniform")
+    gate: str | None = Field(default=None, description="gating network directory (fusion.gate.save_gate); none: uniform")
     policy: str = Field(default="deadline-aware", description="bandwidth policy (bus.policy)")
     precision: Literal["fp32", "fp16", "bf16", "int8", "int4"] = Field(
         default="fp16", description="precision for policies that use one (keep-all, drop-by-importance)"

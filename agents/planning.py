@@ -47,6 +47,7 @@ def offer_summary(offer: Offer) -> OfferSummary:
         p_top=offer.p_top if offer.p_top is not None else 0.0,
         entropy=offer.entropy if offer.entropy is not None else 0.0,
         summary=offer.summary,
+        coverage=offer.coverage,
     )
 
 

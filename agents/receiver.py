@@ -49,20 +49,14 @@ from bus.schemas import (
     decode_message,
 )
 from bus.transport import LayerDone
-from fusion.c2c import ReceiverView, receiver_view
+from fusion.answers import Reading
+from fusion.c2c import ReceiverView, prefix_cache, receiver_view
+from fusion.fuse import Received, fuse, transmitter_deltas
 from fusion.fuser import PairFuser
 from fusion.kvcache import KV, KVCache
 from fusion.models import LanguageModel
-from fusion.prompts import LETTERS
-from fusion.refine import (
-    Received,
-    answer_from_deltas,
-    knows_alone,
-    receiver_prefix,
-    receiver_self_check,
-    shared_prompt,
-    transmitter_deltas,
-)
+from fusion.prompts import LETTERS, option_letter
+from fusion.refine import answer_after, knows_alone, receiver_self_check, shared_prompt
 from privacy.rephrase import rephrase
 
 log = logging.getLogger(__name__)
@@ -107,7 +101,7 @@ class ReceiverAgent(Agent):
     ) -> None:
         super().__init__(cfg)
         self.cfg: ReceiverConfig = cfg
-        self.model = model if model is not None else LanguageModel.load(cfg.model)
+        self.model = model if model is not None else cfg.load_model()
         self.model_fingerprint = self.model.fingerprint
         self.book = FuserBook(self.model_fingerprint, cfg.fusers, fusers)
         self.open: dict[str, _Open] = {}
@@ -195,9 +189,11 @@ class ReceiverAgent(Agent):
     async def _on_ask(self, msg: Msg) -> None:
         try:
             ask = decode(msg, Ask)
-            if len(ask.options) != len(LETTERS):
+            if self.model.style == "letter" and len(ask.options) != len(LETTERS):
                 raise SchemaError(f"this receiver answers {len(LETTERS)}-option questions; got {len(ask.options)}")
-            shared_prompt(ask.question, ask.options)  # empty or blank stem/options: SchemaError now
+            if self.model.style == "text" and len(ask.options) == 1:
+                raise SchemaError("a question needs no options (free text) or at least two")
+            shared_prompt(ask.question, ask.options, style=self.model.style)  # blank stem/options: SchemaError now
         except SchemaError as exc:
             await self.respond(msg, ErrorReply(code="bad_request", message=str(exc)[:500]))
             raise
@@ -259,16 +255,19 @@ class ReceiverAgent(Agent):
     async def _answer(self, q: _Open) -> Answer:
         notes: list[str] = []
         ask = q.ask
-        if self.cfg.self_check is not None:
+        if self.cfg.self_check is not None and self.model.style == "letter":
             probs, p_none = await self.compute(receiver_self_check, self.model, ask.question, ask.options)
             if knows_alone(p_none, self.cfg.self_check):
                 notes.append(
                     f"answered alone: the receiver knows this (its P(none) {p_none:.3f} < {self.cfg.self_check}); "
                     "nobody was asked"
                 )
-                return self._reply(q, probs, {}, {}, [], notes, alone=True)
+                choice = int(probs.argmax())
+                reading = Reading(choice, tuple(float(p) for p in probs), ask.options[choice])
+                return self._reply(q, reading, {}, {}, [], notes, alone=True)
         text = await self._rephrase(q, notes) if ask.private else ask.question
-        shared, original = shared_prompt(ask.question, ask.options, text if ask.private else None)
+        style = self.model.style
+        shared, original = shared_prompt(ask.question, ask.options, text if ask.private else None, style)
         query = Query(
             query_id=q.query_id,
             receiver_id=self.id,
@@ -281,7 +280,7 @@ class ReceiverAgent(Agent):
         t_query = time.monotonic()
         # what the receiver needs of its own does not depend on what arrives: prefill it while transmitters work
         q.view = receiver_view(self.model, shared, original)
-        q.prefix = asyncio.ensure_future(self.compute(receiver_prefix, self.model, shared))
+        q.prefix = asyncio.ensure_future(self.compute(prefix_cache, self.model, q.view))
         plan_until = min(q.t0 + self.cfg.plan_share * ask.deadline_s, q.deadline - self._reserve())
         try:
             await asyncio.wait_for(q.plan_seen.wait(), timeout=max(0.0, plan_until - time.monotonic()))
@@ -295,18 +294,20 @@ class ReceiverAgent(Agent):
         started = time.monotonic()
         try:
             prefix = await q.prefix
-            contributions, used = [], {}
-            for tid, got in received.items():  # sorted by transmitter id: the sum's order is fixed
-                try:
-                    early = q.early.get(tid)
-                    same = early is not None and early[0] == tuple(sorted(got.layers))
-                    contributions.append(await early[1] if same else await self._deltas(q, got))  # type: ignore[index]
-                except FusionError as exc:
-                    notes.append(f"{tid}: fusion failed ({exc}); left out")
-                    omitted.append(Omission(transmitter_id=tid, reason="error", detail=str(exc)[:500]))
-                    continue
-                used[tid] = sorted(got.layers)
-            probs = await self.compute(answer_from_deltas, self.model, q.view, prefix, contributions)
+            ready = {}
+            for tid, (layers, fut) in q.early.items():
+                if tid in received and not fut.cancelled():
+                    try:
+                        ready[tid] = (layers, await fut)
+                    except FusionError:
+                        pass  # fuse() computes them again and reports why they cannot be used
+            fps = {got.fingerprint for got in received.values()}
+            fusers = {fp: f for fp in fps if (f := self.book.get(fp)) is not None}
+            fused = await self.compute(fuse, q.view, prefix, received, fusers, ready)
+            for tid, why in fused.failed.items():
+                notes.append(f"{tid}: fusion failed ({why}); left out")
+                omitted.append(Omission(transmitter_id=tid, reason="error", detail=why[:500]))
+            reading = await self.compute(answer_after, self.model, q.view, fused.cache, ask.options)
         finally:
             self._answering -= 1
             self._answer_s = 0.8 * self._answer_s + 0.2 * (time.monotonic() - started)
@@ -323,31 +324,31 @@ class ReceiverAgent(Agent):
             1000 * (started - q.t0),
             1000 * (time.monotonic() - q.t0),
         )
-        return self._reply(q, probs, used, uses, omitted, notes)
+        return self._reply(q, reading, fused.used, uses, omitted, notes)
 
     def _reply(
         self,
         q: _Open,
-        probs: Any,
+        reading: Reading,
         used: Mapping[str, list[int]],
         uses: Mapping[str, TransmitterUse],
         omitted: list[Omission],
         notes: list[str],
         alone: bool = False,
     ) -> Answer:
-        """The answer to ``q`` from letter probabilities and what was used."""
+        """The answer to ``q`` from the receiver's reading and what was used."""
         ask = q.ask
-        choice = LETTERS[int(probs.argmax())]
+        choice = option_letter(reading.choice) if reading.choice is not None else None
         return Answer(
             query_id=q.query_id,
             receiver_id=self.id,
-            text=f"{choice}) {ask.options[LETTERS.index(choice)]}",
+            text=f"{choice}) {ask.options[reading.choice]}" if choice is not None else reading.text[:2000],
             choice=choice,
             used=tuple(uses[t].model_copy(update={"layers": tuple(used[t])}) for t in sorted(used)),
             omitted=tuple(omitted),
             latency_s=time.monotonic() - q.t0,
             bytes_received=sum(self._bytes_from(q, tid) for tid in set(q.offers) | set(uses)),
-            probs=tuple(min(1.0, max(0.0, round(float(p), 6))) for p in probs),
+            probs=tuple(min(1.0, max(0.0, round(float(p), 6))) for p in reading.probs),
             notes=tuple(n[:500] for n in notes[:16]),
             alone=alone,
         )

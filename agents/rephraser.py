@@ -38,7 +38,7 @@ class RephraserAgent(Agent):
         self.cfg: RephraserConfig = cfg
         self.model = None
         if not cfg.rules_only:
-            self.model = model if model is not None else LanguageModel.load(cfg.model)
+            self.model = model if model is not None else cfg.load_model()
             self.model_fingerprint = self.model.fingerprint
         self.served = 0
 

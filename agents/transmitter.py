@@ -43,6 +43,7 @@ from bus.shaper import LinkShaper
 from bus.transport import send_cache
 from fusion.c2c import tail_tokens
 from fusion.models import LanguageModel
+from fusion.notes import DEFAULT_TOP_K, DeviceNotes
 from fusion.refine import TransmitterPrefill, select_layers, shared_prompt, transmitter_prefill
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,9 @@ class TransmitterAgent(Agent):
     def __init__(self, cfg: TransmitterConfig, model: LanguageModel | None = None) -> None:
         super().__init__(cfg)
         self.cfg: TransmitterConfig = cfg
-        self.model = model if model is not None else LanguageModel.load(cfg.model)
+        self.model = model if model is not None else cfg.load_model()
         self.model_fingerprint = self.model.fingerprint
+        self.notes = DeviceNotes.load(cfg.notes) if cfg.notes else None  # this device's knowledge; never sent
         self.link_rate_bps = cfg.link_mbps * MBPS if cfg.link_mbps else None
         self.shaper = LinkShaper(self.link_rate_bps, cfg.link_burst_bytes) if self.link_rate_bps else None
         self.link = LinkEstimator(configured_rate_bps=self.link_rate_bps)
@@ -100,7 +102,7 @@ class TransmitterAgent(Agent):
         if not self.accepting():
             log.info("transmitter %s skips query %s (busy or draining)", self.id, query.query_id)
             return
-        shared, _ = shared_prompt(query.text, query.options)  # SchemaError for bad options
+        shared, _ = shared_prompt(query.text, query.options, style=self.model.style)  # SchemaError for bad options
         self.sent["queries"] += 1
         self.spawn(self._offer(query, shared, left), name=f"offer-{query.query_id}")
 
@@ -115,7 +117,9 @@ class TransmitterAgent(Agent):
     async def _offer(self, query: Query, shared: str, left: float) -> None:
         budget = self.inline_budget()
         tail = (listed_fusers(query.fusers) or {}).get(self.model_fingerprint) if budget else None
-        pre, inline = await self.compute(prefill_with_inline, self.id, self.model, shared, tail, budget)
+        pre, inline = await self.compute(
+            prefill_with_inline, self.id, self.model, shared, tail, budget, self.notes, self.cfg.top_k
+        )
         if time.time() >= query.deadline_unix:
             log.info("transmitter %s: prefill of %s finished after its deadline; no offer", self.id, query.query_id)
             return
@@ -137,6 +141,7 @@ class TransmitterAgent(Agent):
             p_none=summary.p_none,
             p_top=summary.p_top,
             entropy=summary.entropy,
+            coverage=summary.coverage,
             offsets=tuple(pre.offsets),
             inline=inline,
         )
@@ -245,10 +250,17 @@ class TransmitterAgent(Agent):
 
 
 def prefill_with_inline(
-    name: str, model: LanguageModel, shared: str, tail: int | None, budget: int
+    name: str,
+    model: LanguageModel,
+    shared: str,
+    tail: int | None,
+    budget: int,
+    notes: DeviceNotes | None = None,
+    top_k: int = DEFAULT_TOP_K,
 ) -> tuple[TransmitterPrefill, InlineKV | None]:
-    """``transmitter_prefill``, and its last ``tail`` tokens of every layer inline when they fit ``budget`` bytes."""
-    pre = transmitter_prefill(name, model, shared)
+    """``transmitter_prefill`` (after its notes), and its last ``tail`` tokens of every layer inline when they fit
+    ``budget`` bytes."""
+    pre = transmitter_prefill(name, model, shared, notes, top_k)
     cache = pre.cache
     if (
         not tail

@@ -173,6 +173,7 @@ class Offer(Message):
     p_none: float | None = Field(default=None, ge=0.0, le=1.0)  # P(" none") among the five answer tokens
     p_top: float | None = Field(default=None, ge=0.0, le=1.0)  # P(most likely letter) among the five
     entropy: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)  # nats, over the five
+    coverage: float = Field(default=0.0, ge=0.0, le=1.0)  # how well its local notes cover q' (0: no notes)
     # Character span (start, end) in the prompt of q' of each of the transmitter's tokens: the receiver aligns
     # the transmitter's cache onto its own tokens with them. Empty, or exactly n_tokens spans.
     offsets: tuple[tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]], ...] = Field(

@@ -1,14 +1,16 @@
 """The cache-to-cache data path shared by fuser training, gate training and ``refine()``.
 
-What gets fused (TOYWORLD lesson 1): both models prefill the same prompt ``P = format_question(q', options)``;
-the receiver keeps the cache of *all of P but its last token* (the prefix), the transmitter sends the cache
-of all of P, aligned onto the receiver's prefix tokens. The receiver then feeds, from the fused prefix:
+Both models read the same *shared text* S (what leaves the receiver), each in its own frame; only positions
+inside S are fused, aligned by character spans of S. The receiver's *prefix* is its prompt up to the end of S
+(its own cache of it is what fusers add to); the *continuation* is what it reads after the fused prefix.
 
-- plain mode: the last token of P, and reads the answer letter;
-- private mode: the last token of P, then ``"\\n" + format_question(q, options)`` (the original question,
-  which never left the receiver), and reads the answer letter.
-
-The answer is scored over the four letter tokens only.
+- Letter style (the toy zoo, TOYWORLD lesson 1): S is the whole prompt ``P = format_question(q', options)``;
+  the prefix is P but its last token, the transmitter sends its cache of all of P, and the continuation is the
+  last token of P (then, private, ``"\\n" + format_question(q, options)``); the answer is one of four letters.
+- Text style (pretrained checkpoints, ``fusion.formats``): S is q' alone inside each model's frame (chat template
+  or ``Question: ...\\nAnswer:``; a transmitter's frame also holds its local notes before S, and it sends its
+  cache of the S positions only); the continuation is the rest of the receiver's frame (private: ``"\\n" + q``
+  first), then the answer is generated or the options scored by likelihood.
 """
 
 from __future__ import annotations
@@ -46,25 +48,49 @@ def none_id(model: LanguageModel) -> int | None:
 class ReceiverView:
     """What the receiver prefills (the prefix) and what it reads after the fused prefix (the continuation)."""
 
-    prefix_ids: list[int]  # tokens of P but the last
-    prefix_offsets: list[tuple[int, int]]  # their character spans in P
-    continuation_ids: list[int]  # the last token of P, then (private) the original question
-    shared_text: str  # P, the text the transmitters prefill
+    prefix_ids: list[int]  # its prompt up to the end of S (letter style: P but its last token)
+    prefix_offsets: list[tuple[int, int]]  # their character spans in S ((0, 0) for frame tokens before S)
+    continuation_ids: list[int]  # what it reads after the fused prefix
+    shared_text: str  # S, the text the transmitters read
+    span: int  # how many of the last prefix tokens lie in S: the only ones a fuser may change
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.span <= len(self.prefix_ids) or not self.continuation_ids:
+            raise FusionError(f"cannot fuse {self.shared_text!r}: no shared tokens or nothing to read after them")
 
 
 def receiver_view(receiver: LanguageModel, shared_text: str, original_text: str | None = None) -> ReceiverView:
-    """Split ``shared_text`` (P) for the receiver; ``original_text`` (private mode) is read after it."""
+    """Split the receiver's prompt of ``shared_text`` (S) into prefix and continuation; ``original_text`` (private
+    mode: q, or the toy's prompt of q) is read after S."""
+    if receiver.style == "text":
+        return _text_view(receiver, shared_text, original_text)
     enc = receiver.encode(shared_text)
     if len(enc.ids) < 2:
         raise FusionError(f"prompt {shared_text!r} is too short to fuse ({len(enc.ids)} tokens)")
     continuation = enc.ids[-1:]
     if original_text is not None:
         continuation = continuation + receiver.encode(PRIVATE_JOIN + original_text).ids
-    return ReceiverView(enc.ids[:-1], list(enc.offsets[:-1]), continuation, shared_text)
+    return ReceiverView(enc.ids[:-1], list(enc.offsets[:-1]), continuation, shared_text, len(enc.ids) - 1)
 
 
-def question_texts(stem: str, options: Sequence[str], shared_stem: str | None = None) -> tuple[str, str | None]:
-    """``(P, original)``: P is the prompt of ``shared_stem`` (q') if given, and then the original prompt follows."""
+def _text_view(receiver: LanguageModel, shared_text: str, original_text: str | None) -> ReceiverView:
+    content = shared_text if original_text is None else shared_text + PRIVATE_JOIN + original_text
+    framed = receiver.format.frame(content)  # type: ignore[union-attr]
+    enc = receiver.encode_framed(framed)
+    start, end = framed.span(0, len(shared_text))
+    split = next((i for i, (_, e) in enumerate(enc.offsets) if e > end), len(enc.ids))
+    inside = [i for i in range(split) if enc.offsets[i][1] > start]  # tokens overlapping S (a run at the end)
+    offsets = [(max(s - start, 0), max(e - start, 0)) if e > start else (0, 0) for s, e in enc.offsets[:split]]
+    return ReceiverView(enc.ids[:split], offsets, enc.ids[split:], shared_text, len(inside))
+
+
+def question_texts(
+    stem: str, options: Sequence[str], shared_stem: str | None = None, style: str = "letter"
+) -> tuple[str, str | None]:
+    """``(S, original)``: what leaves the receiver (from ``shared_stem``, q', when given) and, when private, what the
+    receiver reads after it. Letter style: the lettered prompts of q' and q; text style: q' and q themselves."""
+    if style == "text":
+        return (" ".join((shared_stem or stem).split()), " ".join(stem.split()) if shared_stem is not None else None)
     if shared_stem is None:
         return format_question(stem, options), None
     return format_question(shared_stem, options), format_question(stem, options)
@@ -82,13 +108,19 @@ def prefix_alignment(
     transmitter's answer forms there (TOYWORLD lesson 1; a linear probe on the zoo finds it at 0.84 there and
     0.54 one token earlier), and the receiver's own last prompt token is fed after the fused prefix.
     ``shift``: the transmitter read ``shift`` characters of its own before P (a fact in context, in training).
+    Only the view's last ``span`` tokens (those inside S) are aligned; earlier frame tokens point at token 0 with
+    coverage 0 (no fuser reads them).
     """
-    receiver_offsets = [(s + shift, e + shift) for s, e in view.prefix_offsets] if shift else view.prefix_offsets
+    fused = view.prefix_offsets[-view.span :]
+    receiver_offsets = [(s + shift, e + shift) for s, e in fused] if shift else fused
     al = align_tokens(receiver_offsets, transmitter_offsets)
-    if not anchor_last:
-        return al
     index = al.index.clone()
-    index[-1] = len(transmitter_offsets) - 1
+    if anchor_last:
+        index[-1] = len(transmitter_offsets) - 1
+    before = len(view.prefix_offsets) - view.span
+    if before:
+        zeros = torch.zeros(before, dtype=torch.long)
+        return TokenAlignment(torch.cat([zeros, index]), torch.cat([zeros, al.coverage]), ((),) * before + al.covering)
     return TokenAlignment(index, al.coverage, al.covering)
 
 

@@ -49,6 +49,7 @@ class FuserConfig:
     gate_init: float = DEFAULT_GATE_INIT  # initial per-layer gate logit
     delta_init_std: float = DEFAULT_DELTA_INIT_STD  # std of the MLP's output layer at initialisation
     window: int | None = None  # fuse only the last ``window`` prefix tokens (None: every token, as C2C)
+    rms_scale: bool = False  # scale each delta by its receiver vector's RMS (pretrained caches: K norms vary by layer)
 
     @classmethod
     def for_models(cls, receiver, transmitter, **kwargs) -> FuserConfig:
@@ -78,9 +79,12 @@ def gumbel_sigmoid(logits: torch.Tensor, tau: float, generator: torch.Generator 
 class KVProjector(nn.Module):
     """One path (K or V) of one layer: (receiver, aligned transmitter) -> weighted delta in receiver space."""
 
-    def __init__(self, r_heads: int, r_dim: int, t_heads: int, t_dim: int, hidden: int, init_std: float) -> None:
+    def __init__(
+        self, r_heads: int, r_dim: int, t_heads: int, t_dim: int, hidden: int, init_std: float, rms_scale: bool = False
+    ) -> None:
         super().__init__()
         self.r_heads, self.r_dim = r_heads, r_dim
+        self.rms_scale = rms_scale
         self.norm_r = nn.LayerNorm(r_heads * r_dim)
         self.norm_t = nn.LayerNorm(t_heads * t_dim)
         self.fc1 = nn.Linear(r_heads * r_dim + t_heads * t_dim, hidden)
@@ -98,6 +102,8 @@ class KVProjector(nn.Module):
         x = torch.cat([self.norm_r(r_flat), self.norm_t(t_flat)], dim=-1)  # (B, T, H_r*D_r + H_t*D_t)
         h = F.gelu(self.fc2(F.gelu(self.fc1(x))))  # (B, T, hidden)
         delta = self.fc3(h).view(B, T, self.r_heads, self.r_dim)  # (B, T, H_r, D_r)
+        if self.rms_scale:
+            delta = delta * r_flat.pow(2).mean(-1).add(1e-6).sqrt()[:, :, None, None]  # the receiver vector's size
         weight = torch.sigmoid(self.head_weight(h)).unsqueeze(-1)  # (B, T, H_r, 1)
         return (weight * delta).transpose(1, 2)  # (B, H_r, T, D_r)
 
@@ -108,8 +114,8 @@ class LayerFuser(nn.Module):
     def __init__(self, cfg: FuserConfig) -> None:
         super().__init__()
         dims = (cfg.receiver_kv_heads, cfg.receiver_head_dim, cfg.transmitter_kv_heads, cfg.transmitter_head_dim)
-        self.key = KVProjector(*dims, cfg.hidden, cfg.delta_init_std)
-        self.value = KVProjector(*dims, cfg.hidden, cfg.delta_init_std)
+        self.key = KVProjector(*dims, cfg.hidden, cfg.delta_init_std, cfg.rms_scale)
+        self.value = KVProjector(*dims, cfg.hidden, cfg.delta_init_std, cfg.rms_scale)
 
     def forward(self, receiver: KV, transmitter: KV) -> KV:
         """Ungated deltas (dK, dV), each (B, H_r, T, D_r)."""
@@ -175,42 +181,53 @@ class PairFuser(nn.Module):
         weight: float | torch.Tensor = 1.0,
         generator: torch.Generator | None = None,
         lengths: torch.Tensor | None = None,
+        span: int | torch.Tensor | None = None,
     ) -> dict[int, KV]:
         """Gated, weighted deltas per receiver layer, from the transmitter layers present (aligned to receiver tokens).
 
         ``weight`` is a scalar or a ``(B,)`` tensor (one per batch row); ``lengths`` ``(B,)`` the true prefix
-        lengths of a right-padded batch (needed only with a ``window``).
+        lengths of a right-padded batch; ``span`` (an int or ``(B,)``) how many of each row's last prefix tokens
+        lie in the shared text (the only ones fused; None: all). The fuser's ``window`` narrows it further.
         """
         self.check_shapes(receiver, transmitter)
         gates = self.gates(generator)  # (L_r,)
-        w = torch.as_tensor(weight, dtype=receiver.layers[0][0].dtype, device=receiver.layers[0][0].device)
+        like = receiver.layers[0][0]
+        w = torch.as_tensor(weight, dtype=like.dtype, device=like.device)
         w = w.reshape(-1, 1, 1, 1) if w.dim() == 1 else w  # (B, 1, 1, 1) or scalar
-        # With a window the MLP runs on the window's tokens only (it is per token, so this is the same result as
-        # running it everywhere and masking, at a fraction of the work: one token of ~40 with window 1). Unpadded
-        # rows take the last tokens; a right-padded batch gathers each row's own last ones and scatters back.
-        tail = min(int(self.cfg.window), receiver.num_tokens) if self.cfg.window is not None else None
-        picked = None  # a padded batch's (positions, mask) of each row's window
-        if tail is not None and lengths is not None:
-            picked = _window_positions(lengths, tail, receiver.layers[0][0])
+        # The MLP runs on the fused tokens only (it is per token, so this is the same result as running it
+        # everywhere and masking, at a fraction of the work: one token of ~40 with window 1). An unpadded prompt
+        # takes its last tokens; a right-padded batch gathers each row's own last ones and scatters back.
+        T = receiver.num_tokens
+        if lengths is None:
+            widths = None
+            tail = min(int(self.cfg.window) if self.cfg.window is not None else T, int(span) if span is not None else T)
+            tail = None if tail >= T else tail
+        else:
+            widths = lengths.clone() if span is None else torch.as_tensor(span).expand_as(lengths).clone()
+            if self.cfg.window is not None:
+                widths = widths.clamp(max=int(self.cfg.window))
+            tail = None
+            if self.cfg.window is None and span is None:
+                widths = None  # every token of every row: no gather
+        picked = _window_positions(lengths, widths, like) if widths is not None else None
         out: dict[int, KV] = {}
         for layer, fuser in enumerate(self.layers):
             source = self.layer_map[layer]
             if source not in transmitter or (not self.training and float(gates[layer]) == 0.0):
                 continue
             r, t = receiver.layers[layer], transmitter[source]
-            if tail is None:
-                dk, dv = fuser(r, t)  # each (B, H_r, T, D_r)
-            elif picked is not None:
+            if picked is not None:
                 pos, valid = picked
                 dk, dv = fuser(_gather_tokens(r, pos), _gather_tokens(t, pos))  # each (B, H_r, window, D_r)
                 dk, dv = (
                     _scatter_tokens(valid * dk, pos, r[0]),
                     _scatter_tokens(valid * dv, pos, r[1]),
                 )  # (B, H_r, T, D_r)
+            elif tail is None:
+                dk, dv = fuser(r, t)  # each (B, H_r, T, D_r)
             else:
                 dk, dv = fuser(last_tokens(r, tail), last_tokens(t, tail))  # each (B, H_r, tail, D_r)
-                before = receiver.num_tokens - tail
-                dk, dv = F.pad(dk, (0, 0, before, 0)), F.pad(dv, (0, 0, before, 0))  # zeros before the window
+                dk, dv = F.pad(dk, (0, 0, T - tail, 0)), F.pad(dv, (0, 0, T - tail, 0))  # zeros before the window
             scale = w * gates[layer]
             out[layer] = (scale * dk, scale * dv)
         return out
@@ -220,12 +237,16 @@ class PairFuser(nn.Module):
         return apply_deltas(receiver, [self.deltas(receiver, transmitter, weight)])
 
 
-def _window_positions(lengths: torch.Tensor, window: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's last ``window`` real prefix positions ``(B, window)`` (clamped at 0; ``lengths`` ``(B,)``) and a
-    ``(B, 1, window, 1)`` mask, in ``like``'s dtype, that is 0 where a row is shorter than the window (a clamped,
-    repeated position)."""
-    pos = lengths.to(like.device)[:, None] - window + torch.arange(window, device=like.device)[None, :]  # (B, window)
-    return pos.clamp(min=0), (pos >= 0)[:, None, :, None].to(like.dtype)
+def _window_positions(
+    lengths: torch.Tensor, widths: torch.Tensor, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's last ``widths[i]`` real prefix positions, as ``(B, W)`` positions (W the widest; clamped at 0)
+    and a ``(B, 1, W, 1)`` mask in ``like``'s dtype that is 0 on a row's positions outside its own width."""
+    W = int(widths.max())
+    steps = torch.arange(W, device=like.device)[None, :]  # (1, W)
+    pos = lengths.to(like.device)[:, None] - W + steps  # (B, W)
+    valid = (steps >= W - widths.to(like.device)[:, None]) & (pos >= 0)
+    return pos.clamp(min=0), valid[:, None, :, None].to(like.dtype)
 
 
 def _gather_tokens(kv: KV, pos: torch.Tensor) -> KV:

@@ -26,14 +26,14 @@ from bus.errors import FuserError, FusionError
 from fusion.kvcache import KVCache
 from fusion.models import LanguageModel, Prefill
 from fusion.prompts import answer_texts
-from fusion.registry import FORMAT_VERSION, GATE_FORMAT, read_blob, write_blob
+from fusion.registry import FORMAT_VERSION, GATE_FORMAT, module_size, read_module, write_module
 
 log = logging.getLogger(__name__)
 
 SUMMARY_DIM = 8  # floats of pooled cache summary in an offer
 DEFAULT_MIN_WEIGHT = 0.1  # a transmitter weighted below this is left out of the plan
 DEFAULT_PRIOR_SCALE = 8.0  # P(none)=0.1 -> weight 0.96, P(none)=0.9 -> 0.04 before training
-SCALAR_FEATURES = 5  # p_none, logit(p_none), p_top, entropy, log tokens
+SCALAR_FEATURES = 6  # p_none, logit(p_none), p_top, entropy, log tokens, notes coverage
 
 
 class OfferSummary(BaseModel):
@@ -44,10 +44,11 @@ class OfferSummary(BaseModel):
     fingerprint: str  # the transmitter model's fingerprint (selects its pair fuser and its gate profile)
     num_layers: int = Field(ge=1)
     num_tokens: int = Field(ge=1)
-    p_none: float = Field(ge=0.0, le=1.0)  # probability of " none" among the five answer tokens
-    p_top: float = Field(ge=0.0, le=1.0)  # probability of its most likely letter among the five answer tokens
-    entropy: float = Field(ge=0.0)  # nats, over the five answer tokens
+    p_none: float = Field(ge=0.0, le=1.0)  # letter style: P(" none") among the five answer tokens; text: 1 - p_top
+    p_top: float = Field(ge=0.0, le=1.0)  # letter style: its top letter among the five; text: its top next token
+    entropy: float = Field(ge=0.0)  # nats, over the five answer tokens (letter style) or the vocabulary (text)
     summary: tuple[float, ...] = ()  # SUMMARY_DIM floats: its last layer's values, mean-pooled and projected
+    coverage: float = Field(default=0.0, ge=0.0, le=1.0)  # how well its notes cover q' (fusion.notes; 0: no notes)
 
 
 def prior_weight(p_none: float, scale: float = DEFAULT_PRIOR_SCALE) -> float:
@@ -80,23 +81,35 @@ def answer_distribution(model: LanguageModel, logits: torch.Tensor) -> torch.Ten
     return torch.softmax(logits.float().cpu()[ids], dim=-1)
 
 
-def summarize_offer(model: LanguageModel, prefill: Prefill) -> OfferSummary:
-    """The offer a transmitter sends after prefilling the shared prompt (what the transmitter agent calls)."""
-    probs = answer_distribution(model, prefill.logits)
-    if probs is None:  # a model never taught to abstain: fall back to its four letters
-        from fusion.c2c import letter_ids
+def summarize_offer(model: LanguageModel, prefill: Prefill, coverage: float = 0.0) -> OfferSummary:
+    """The offer a transmitter sends after prefilling the shared text (what the transmitter agent calls).
 
-        letters = torch.softmax(prefill.logits.float().cpu()[letter_ids(model)], dim=-1)
-        probs = torch.cat([letters, torch.zeros(1)])
-    entropy = float(-(probs * probs.clamp_min(1e-12).log()).sum())
+    Letter style (the toy zoo): its distribution over the four letters and " none". Text style: its own next-token
+    distribution after the question (``p_top`` its top token, ``p_none = 1 - p_top``) and its notes' ``coverage``.
+    """
+    if model.style == "text":
+        probs = torch.softmax(prefill.logits.float().cpu(), dim=-1)
+        p_top = float(probs.max())
+        entropy = float(-(probs * probs.clamp_min(1e-12).log()).sum())
+        p_none = 1.0 - p_top
+    else:
+        dist = answer_distribution(model, prefill.logits)
+        if dist is None:  # a model never taught to abstain: fall back to its four letters
+            from fusion.c2c import letter_ids
+
+            letters = torch.softmax(prefill.logits.float().cpu()[letter_ids(model)], dim=-1)
+            dist = torch.cat([letters, torch.zeros(1)])
+        entropy = float(-(dist * dist.clamp_min(1e-12).log()).sum())
+        p_none, p_top = float(dist[4]), float(dist[:4].max())
     return OfferSummary(
         fingerprint=model.fingerprint,
         num_layers=prefill.cache.num_layers,
         num_tokens=prefill.cache.num_tokens,
-        p_none=float(probs[4]),
-        p_top=float(probs[:4].max()),
+        p_none=min(max(p_none, 0.0), 1.0),
+        p_top=min(max(p_top, 0.0), 1.0),
         entropy=max(entropy, 0.0),
         summary=cache_summary(prefill.cache),
+        coverage=min(max(coverage, 0.0), 1.0),
     )
 
 
@@ -129,7 +142,8 @@ def offer_features(offers: Sequence[OfferSummary], use_summary: bool = True) -> 
     for o in offers:
         p = min(max(o.p_none, 1e-4), 1 - 1e-4)
         summary = list(o.summary) if use_summary and len(o.summary) == SUMMARY_DIM else [0.0] * SUMMARY_DIM
-        rows.append([o.p_none, math.log(p / (1 - p)) / 4, o.p_top, o.entropy, math.log(o.num_tokens) / 4] + summary)
+        scalars = [o.p_none, math.log(p / (1 - p)) / 4, o.p_top, o.entropy, math.log(o.num_tokens) / 4, o.coverage]
+        rows.append(scalars + summary)
     return torch.tensor(rows, dtype=torch.float32)
 
 
@@ -196,27 +210,30 @@ def uniform_scores(
 
 
 def save_gate(gate: GateNetwork, path: str | Path, receiver_fp: str, meta: dict | None = None) -> Path:
-    """Write a gating network for this receiver (registry format, see ``fusion.registry``)."""
-    blob = {
+    """Write a gating network for this receiver as a directory (registry format, see ``fusion.registry``)."""
+    params, nbytes = module_size(gate)
+    config = {
         "format": GATE_FORMAT,
         "version": FORMAT_VERSION,
         "receiver": receiver_fp,
         "config": asdict(gate.cfg),
+        "fingerprints": list(gate.fingerprints),
         "profiles": {fp: list(p) for fp, p in gate.profiles.items()},
-        "state": {k: v.detach().cpu().clone() for k, v in gate.state_dict().items()},
+        "params": params,
+        "bytes_fp16": nbytes,
         "meta": dict(meta or {}),
     }
-    return write_blob(Path(path), blob)
+    return write_module(path, config, gate.state_dict())
 
 
 def load_gate(path: str | Path, receiver_fp: str | None = None) -> GateNetwork:
     """A gating network saved by ``save_gate``; ``FuserError`` if it belongs to another receiver or is damaged."""
-    blob = read_blob(path, GATE_FORMAT)
-    if receiver_fp is not None and blob.get("receiver") != receiver_fp:
-        raise FuserError(f"{path} is a gate for receiver {blob.get('receiver')}, not {receiver_fp}", path=str(path))
+    config, state = read_module(path, GATE_FORMAT)
+    if receiver_fp is not None and config.get("receiver") != receiver_fp:
+        raise FuserError(f"{path} is a gate for receiver {config.get('receiver')}, not {receiver_fp}", path=str(path))
     try:
-        gate = GateNetwork(GateConfig(**blob["config"]), blob["profiles"])
-        gate.load_state_dict(blob["state"])
+        gate = GateNetwork(GateConfig(**config["config"]), config["profiles"])
+        gate.load_state_dict(state)
     except (KeyError, TypeError, RuntimeError) as exc:
         raise FuserError(f"{path} holds a gate this code cannot rebuild: {exc}", path=str(path)) from exc
     return gate.eval()

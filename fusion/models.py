@@ -1,7 +1,10 @@
 """The model layer: build or load a causal LM, prefill to a ``KVCache``, continue, score, generate.
 
-Real checkpoints load from a local Hugging Face directory; tiny random models of real architectures are
-built from named configs for tests. transformers 5.x cache API only (``cache=``, ``DynamicCache.layers``).
+Real checkpoints load from a ``.gguf`` file (converted once, ``fusion.checkpoints``) or a local Hugging Face
+directory; tiny random models of real architectures are built from named configs for tests. A model answers
+in one of two styles: ``letter`` (the toy zoo and tiny models: ``fusion.prompts``' lettered format) or ``text``
+(pretrained checkpoints: its own frame, ``fusion.formats``, answers as text, options scored by likelihood).
+transformers 5.x cache API only (``cache=``, ``DynamicCache.layers``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     LlamaConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
@@ -24,6 +28,8 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from bus.errors import ModelError
+from fusion.checkpoints import resolve_checkpoint
+from fusion.formats import Framed, PromptFormat
 from fusion.kvcache import KVCache
 from fusion.tokenizer import byte_level_tokenizer
 
@@ -31,6 +37,9 @@ log = logging.getLogger(__name__)
 hf_logging.disable_progress_bar()  # a bar per loaded or saved small model is noise in agents, benches and the demo
 
 CONFIGS = {"qwen3": Qwen3Config, "llama": LlamaConfig, "qwen2": Qwen2Config}  # architectures we build and test
+SUPPORTED_ARCHS = (*CONFIGS, "gemma3_text", "mistral")  # architectures a checkpoint may have (standard KV caches)
+STYLE_FILE = "fedrefine-model.json"  # in a saved directory: {"style": "letter"} for zoo models
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype choices
 DEFAULT_MAX_POSITIONS = 512  # tokens; toy prompts are far shorter
 MAX_WORD_MEMO = 256  # fixed texts whose ids a model remembers (word_ids)
 # Bookkeeping that saving/loading changes without changing the model.
@@ -100,13 +109,51 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}", dtype=dtype)
+    return DTYPES[dtype]
+
+
+def _device(device: torch.device | str | None) -> torch.device:
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelError(f"unknown device {device!r}; e.g. cpu, cuda, cuda:1, mps", device=str(device)) from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} asked for, but this machine has no CUDA device", device=str(device))
+    return dev
+
+
+def _saved_style(path: Path) -> str:
+    """The answer style saved with a directory (zoo models: letter); a checkpoint without one answers in text."""
+    try:
+        return json.loads((path / STYLE_FILE).read_text()).get("style", "text")
+    except FileNotFoundError:
+        return "text"
+    except ValueError as exc:
+        raise ModelError(f"{path / STYLE_FILE} is not valid JSON: {exc}", path=str(path)) from exc
+
+
 class LanguageModel:
     """A causal LM with its tokenizer and the cache operations FedRefine needs."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, name: str) -> None:
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, name: str, style: str = "letter"
+    ) -> None:
+        if style not in ("letter", "text"):
+            raise ModelError(f"unknown answer style {style!r}; expected 'letter' or 'text'", style=style)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
+        self.style = style  # "letter": the toy zoo's lettered format; "text": a pretrained model's own frame
+        self.format = PromptFormat.for_tokenizer(tokenizer) if style == "text" else None
         self.arch: str = model.config.model_type
         self.fingerprint = fingerprint(model, tokenizer)
         self._word_ids: dict[str, tuple[int, ...]] = {}  # memo of word_ids
@@ -131,31 +178,44 @@ class LanguageModel:
         return cls(model.to(device or default_device()), tokenizer, name or f"{arch}-random")
 
     @classmethod
-    def load(cls, name_or_path: str | Path, device: torch.device | str | None = None) -> LanguageModel:
-        """A local Hugging Face checkpoint directory, or a named tiny random model (``tiny-qwen3`` ...)."""
+    def load(
+        cls,
+        name_or_path: str | Path,
+        device: torch.device | str | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> LanguageModel:
+        """A ``.gguf`` file, a local Hugging Face checkpoint directory, or a named tiny random model (``tiny-qwen3``).
+
+        ``dtype`` as transformers names it (``float32``, ``bfloat16``, ``float16``; default float32), ``device``
+        as torch does (``cpu``, ``cuda``, ``cuda:1``; default CUDA when present).
+        """
         key = str(name_or_path)
+        torch_dtype = _dtype(dtype)
+        dev = _device(device)
         if key in TINY_MODELS:
             arch, spec = TINY_MODELS[key]
-            return cls.build(arch, spec, seed=0, name=key, device=device)
-        path = Path(key).expanduser()
-        if not path.exists():
-            raise ModelError(
-                f"no model at {key!r}: give a local checkpoint directory or one of {sorted(TINY_MODELS)}",
-                path=key,
-            )
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{key!r} is not a Hugging Face checkpoint directory (no config.json)", path=key)
+            lm = cls.build(arch, spec, seed=0, name=key, device=dev)
+            lm.model.to(torch_dtype)
+            return lm
+        path = resolve_checkpoint(key)
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
-        if model_type not in CONFIGS:
+        if model_type not in SUPPORTED_ARCHS:
             raise ModelError(
-                f"{key!r} has architecture {model_type!r}; supported: {sorted(CONFIGS)}", path=key, arch=model_type
+                f"{key!r} has architecture {model_type!r}; supported: {sorted(SUPPORTED_ARCHS)}",
+                path=key,
+                arch=model_type,
             )
+        style = _saved_style(path)
         try:
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            if (path / "tokenizer.json").is_file():
+                tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load the checkpoint at {key!r}: {exc}", path=key) from exc
-        return cls(model.to(device or default_device()), tokenizer, path.name)
+        name = Path(key).name if Path(key).suffix.lower() == ".gguf" else path.name
+        return cls(model.to(dev), tokenizer, name, style)
 
     def save(self, path: str | Path) -> Path:
         """Write config, weights and tokenizer so ``LanguageModel.load(path)`` reads them back."""
@@ -163,6 +223,7 @@ class LanguageModel:
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+        (path / STYLE_FILE).write_text(json.dumps({"style": self.style}) + "\n")
         return path
 
     # ---- facts --------------------------------------------------------------------------------
@@ -225,12 +286,35 @@ class LanguageModel:
             raise ModelError(f"{text!r} is {len(ids)} tokens for {self.name}, expected one", text=text)
         return ids[0]
 
+    def encode_framed(self, framed: Framed) -> Encoded:
+        """Token ids and absolute character offsets of a whole framed prompt, with the BOS its format wants."""
+        fmt = self._text_format()
+        enc = self.tokenizer(framed.text, add_special_tokens=fmt.add_special_tokens, return_offsets_mapping=True)
+        return Encoded(list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]])
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """Tokens of an answer text as it follows this model's prompt (with the format's lead, e.g. a space)."""
+        lead = self.format.answer_lead if self.format is not None else " "
+        return self.encode(lead + " ".join(answer.split())).ids
+
+    def _text_format(self) -> PromptFormat:
+        if self.format is None:
+            raise ModelError(f"{self.name} answers by letter (a zoo model); it has no text prompt format")
+        return self.format
+
+    def respond(self, content: str, max_new_tokens: int = 32, stop: str | None = "\n") -> str:
+        """A text-style model's greedy reply to ``content`` in its own frame (chat template or plain)."""
+        return self.generate(self.encode_framed(self._text_format().frame(content)).ids, max_new_tokens, stop)
+
     # ---- forward passes -----------------------------------------------------------------------
     @torch.no_grad()
-    def forward_ids(self, ids: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache]:
-        """Logits ``(B, T, vocab)`` and the full cache after running ``ids`` ``(B, T)`` from ``cache``."""
+    def forward_ids(
+        self, ids: torch.Tensor, cache: KVCache | None = None, logits_to_keep: int = 0
+    ) -> tuple[torch.Tensor, KVCache]:
+        """Logits ``(B, T, vocab)`` (only the last ``logits_to_keep`` positions when > 0) and the full cache after
+        running ``ids`` ``(B, T)`` from ``cache`` (which is never modified)."""
         dyn = cache.to_dynamic(self.config) if cache is not None else None
-        out = self.model(input_ids=ids.to(self.device), cache=dyn, use_cache=True)
+        out = self.model(input_ids=ids.to(self.device), cache=dyn, use_cache=True, logits_to_keep=logits_to_keep)
         return out.logits, KVCache.from_dynamic(out.cache)
 
     def _ids(self, text_or_ids: str | list[int]) -> tuple[list[int], list[tuple[int, int]]]:
@@ -246,8 +330,15 @@ class LanguageModel:
     def prefill(self, text_or_ids: str | list[int]) -> Prefill:
         """Run a prompt: its cache ``(1, heads, T, head_dim)`` per layer and next-token logits."""
         ids, offsets = self._ids(text_or_ids)
-        logits, cache = self.forward_ids(torch.tensor([ids]))
+        logits, cache = self.forward_ids(torch.tensor([ids]), logits_to_keep=1)
         return Prefill(cache, ids, offsets, logits[0, -1])
+
+    def extend(self, cache: KVCache, ids: list[int]) -> Prefill:
+        """Run ``ids`` after ``cache``: the longer cache and the next-token logits (``cache`` is not modified)."""
+        if not ids:
+            raise ModelError("cannot extend a cache by no tokens")
+        logits, longer = self.forward_ids(torch.tensor([ids]), cache, logits_to_keep=1)
+        return Prefill(longer, list(ids), [], logits[0, -1])
 
     def forward_from(self, cache: KVCache, ids: list[int]) -> torch.Tensor:
         """Logits ``(len(ids), vocab)`` continuing from ``cache`` (which is never modified)."""
@@ -261,37 +352,58 @@ class LanguageModel:
         """Log-probabilities ``(vocab,)`` of the token after the prompt."""
         return torch.log_softmax(self._as_prefill(prompt).logits.float(), dim=-1)
 
-    def score_options(self, prompt: str | Prefill, options: list[str]) -> torch.Tensor:
-        """Summed log-likelihood ``(n,)`` of each option's tokens right after the prompt."""
-        pre = self._as_prefill(prompt)
-        first = torch.log_softmax(pre.logits.float(), dim=-1)
-        scores = []
-        for option in options:
-            ids = self.encode(option).ids
-            if not ids:
-                raise ModelError(f"option {option!r} has no tokens")
-            total = first[ids[0]]
+    @torch.no_grad()
+    def score_ids(self, prompt: Prefill, options: list[list[int]]) -> torch.Tensor:
+        """Summed log-likelihood ``(n,)`` of each option's token ids right after ``prompt`` (one batched pass)."""
+        if not options or any(not ids for ids in options):
+            raise ModelError("every option needs at least one token")
+        first = torch.log_softmax(prompt.logits.float(), dim=-1).cpu()  # (vocab,)
+        scores = torch.stack([first[ids[0]] for ids in options])  # (n,)
+        longest = max(len(ids) for ids in options)
+        if longest == 1:
+            return scores
+        n = len(options)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        # Right padding needs no mask: a real token never attends to the pad tokens after it.
+        rows = torch.full((n, longest - 1), pad, dtype=torch.long)
+        for i, ids in enumerate(options):
+            rows[i, : len(ids) - 1] = torch.tensor(ids[:-1])
+        batch = KVCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prompt.cache.layers])
+        logits, _ = self.forward_ids(rows, batch)  # (n, longest-1, vocab)
+        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+        for i, ids in enumerate(options):
             if len(ids) > 1:
-                logp = torch.log_softmax(self.forward_from(pre.cache, ids[:-1]).float(), dim=-1)
-                total = total + logp.gather(1, torch.tensor(ids[1:], device=logp.device)[:, None]).sum()
-            scores.append(total)
-        return torch.stack(scores).cpu()
+                nxt = torch.tensor(ids[1:])
+                scores[i] = scores[i] + logp[i, : len(ids) - 1].gather(1, nxt[:, None]).sum()
+        return scores
+
+    def score_options(self, prompt: str | Prefill, options: list[str]) -> torch.Tensor:
+        """Summed log-likelihood ``(n,)`` of each option's tokens right after the prompt (no lead added)."""
+        ids = []
+        for option in options:
+            enc = self.encode(option).ids
+            if not enc:
+                raise ModelError(f"option {option!r} has no tokens")
+            ids.append(enc)
+        return self.score_ids(self._as_prefill(prompt), ids)
 
     @torch.no_grad()
-    def generate(self, prompt: str | Prefill, max_new_tokens: int = 32, stop: str | None = "\n") -> str:
-        """Greedy continuation of the prompt, cut at ``stop`` or end of text."""
-        pre = self._as_prefill(prompt)
+    def generate(self, prompt: str | list[int] | Prefill, max_new_tokens: int = 32, stop: str | None = "\n") -> str:
+        """Greedy continuation of the prompt, cut at ``stop``, end of text or the format's end-of-turn token."""
+        pre = prompt if isinstance(prompt, Prefill) else self.prefill(prompt)
         cache, logits, out_ids = pre.cache, pre.logits, []
-        eos = self.tokenizer.eos_token_id
+        stops = set(self.format.stop_tokens) if self.format is not None else set()
+        if self.tokenizer.eos_token_id is not None:
+            stops.add(self.tokenizer.eos_token_id)
         for _ in range(max_new_tokens):
             token = int(logits.argmax())
-            if token == eos:
+            if token in stops:
                 break
             out_ids.append(token)
             text = self.decode(out_ids)
             if stop and stop in text:
                 return text.split(stop, 1)[0]
-            step_logits, cache = self.forward_ids(torch.tensor([[token]]), cache)
+            step_logits, cache = self.forward_ids(torch.tensor([[token]]), cache, logits_to_keep=1)
             logits = step_logits[0, -1]
         return self.decode(out_ids)
 

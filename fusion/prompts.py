@@ -29,33 +29,49 @@ STOP = "\n"  # generated hints and paraphrases end at the first newline
 
 
 class Question(BaseModel):
-    """One four-option question about one fact of the toy world (or any OpenBookQA-style item)."""
+    """One question: with options (answered by choice: a letter in the toy zoo, by likelihood for pretrained models)
+    or without (free text, answered by generation and scored by exact match)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     id: str = Field(min_length=1)
     stem: str = Field(min_length=1)  # the question as the asker wrote it (may carry personal details)
-    options: tuple[str, str, str, str]
-    answer: int = Field(ge=0, lt=NUM_OPTIONS)  # index into options
-    fact_id: str = ""  # the fact the question is about ("" outside the toy world)
+    options: tuple[str, ...] = ()  # none (free text) or at least two distinct options
+    answer: int | str  # index into options, or the answer text of a free-text question
+    fact_id: str = ""  # the fact the question is about ("" outside the generated worlds)
     entity: str = ""
     attribute: str = ""
     phrasing: str = ""  # id of the stem template
     pii: tuple[str, ...] = ()  # personal details planted in the stem, verbatim
+    task: str = ""  # the benchmark task it belongs to ("notes", ...)
 
     @field_validator("options")
     @classmethod
     def _distinct_options(cls, options: tuple[str, ...]) -> tuple[str, ...]:
-        if len(set(options)) != len(options) or any(not o.strip() for o in options):
-            raise ValueError(f"options must be {NUM_OPTIONS} distinct non-empty strings, got {options!r}")
+        if len(options) == 1 or len(set(options)) != len(options) or any(not o.strip() for o in options):
+            raise ValueError(f"options must be none or at least two distinct non-empty strings, got {options!r}")
         return options
 
     @model_validator(mode="after")
-    def _pii_in_stem(self) -> Question:
+    def _consistent(self) -> Question:
         missing = [p for p in self.pii if p not in self.stem]
         if missing:
             raise ValueError(f"planted details {missing!r} do not occur in the stem")
+        if self.options:
+            if isinstance(self.answer, str):  # an option's text names its index
+                if self.answer not in self.options:
+                    raise ValueError(f"answer {self.answer!r} is not one of the options {self.options!r}")
+                object.__setattr__(self, "answer", self.options.index(self.answer))
+            elif not 0 <= self.answer < len(self.options):
+                raise ValueError(f"answer index {self.answer} is out of range for {len(self.options)} options")
+        elif not isinstance(self.answer, str) or not self.answer.strip():
+            raise ValueError("a question without options needs its answer as non-empty text")
         return self
+
+    @property
+    def format(self) -> str:
+        """``"choice"`` (options) or ``"text"`` (free text)."""
+        return "choice" if self.options else "text"
 
     @property
     def answer_letter(self) -> str:
@@ -64,12 +80,19 @@ class Question(BaseModel):
 
     @property
     def answer_text(self) -> str:
-        """The correct option's text."""
-        return self.options[self.answer]
+        """The correct option's text, or the free-text answer."""
+        return self.options[self.answer] if self.options else str(self.answer)
 
     def prompt(self) -> str:
-        """This question formatted for a model (``format_question``)."""
+        """This question formatted for a zoo model (``format_question``)."""
         return format_question(self.stem, self.options)
+
+
+def option_letter(index: int) -> str:
+    """The letter of option ``index`` (0 -> ``"A"``); questions have at most 26 options."""
+    if not 0 <= index < 26:
+        raise SchemaError(f"option index {index} has no letter")
+    return chr(ord("A") + index)
 
 
 def _check_stem(stem: str) -> str:

@@ -3,14 +3,17 @@
 The work is split into the pieces the agents call over the bus, so both paths run the same code:
 
 1. receiver side: ``shared_prompt`` (q' when private) -- what leaves the receiver;
-2. transmitter: ``transmitter_prefill`` -> its cache, token offsets and an ``OfferSummary``;
+2. transmitter: ``transmitter_prefill`` (its local notes first, for a pretrained model) -> its cache of the
+   shared text, token offsets and an ``OfferSummary``;
 3. gate: ``plan`` -> per transmitter a weight and the layers to send (from the offers alone);
 4. transmitter: ``select_layers`` then ``fusion.wire.transmit`` at the plan's precision;
-5. receiver: ``receiver_answer`` fuses what arrived into its own prefix and reads the answer letter.
+5. receiver: ``fusion.fuse.fuse`` adds what arrived to its own prefix, ``fusion.answers.read_answer`` reads the
+   answer (a letter for the toy zoo; an option by likelihood or a generated text for a pretrained model).
 
-Modes: ``receiver`` (alone), ``transmitter`` (the first transmitter alone), ``t2t`` (each transmitter writes a
-one-sentence hint the receiver reads), ``c2c`` (fusers weighted by the gating network), ``c2c-uniform``
-(every transmitter at weight 1), ``c2c-shuffled`` (each transmitter's cache of a different question).
+Modes: ``receiver`` (alone), ``transmitter`` (the first transmitter alone, with its notes), ``t2t`` (each
+transmitter writes a short text the receiver reads), ``c2c`` (fusers weighted by the gating network),
+``c2c-uniform`` (every transmitter at weight 1), ``c2c-shuffled`` (each transmitter's cache of a different
+question).
 
 Self-check (``self_check=P``, for a receiver trained to abstain): before anything leaves, the receiver reads
 its own question; when its P(" none") is below P it knows the answer and answers alone, asking no one (no
@@ -24,29 +27,27 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
 from bus.errors import FusionError
-from fusion.align import gather_tokens
+from fusion.answers import Reading, is_correct, read_answer
 from fusion.c2c import (
-    ANCHOR_LAST,
     ReceiverView,
     letter_ids,
-    letter_logits,
-    prefix_alignment,
     prefix_cache,
     question_texts,
     receiver_view,
-    tail_alignment,
     tail_tokens,
     transmitter_tail,
 )
-from fusion.fuser import PairFuser, apply_deltas
+from fusion.formats import notes_content
+from fusion.fuse import Fused, Received, fuse, transmitter_deltas
+from fusion.fuser import PairFuser
 from fusion.gate import GateNetwork, GateScore, OfferSummary, answer_distribution, summarize_offer, uniform_scores
 from fusion.kvcache import KV, KVCache
-from fusion.models import LanguageModel
+from fusion.models import LanguageModel, Prefill
+from fusion.notes import DEFAULT_TOP_K, DeviceNotes, Retrieved
 from fusion.prompts import (
     HINT_PREFIX,
     LETTERS,
@@ -54,48 +55,42 @@ from fusion.prompts import (
     format_hint_request,
     format_question,
     is_none,
+    option_letter,
     parse_completion,
 )
 from fusion.wire import transmit
 
+__all__ = ["Fused", "Received", "fuse", "transmitter_deltas"]  # the fusion loop, re-exported for callers of refine
+
 log = logging.getLogger(__name__)
 
-Mode = Literal["receiver", "transmitter", "t2t", "c2c", "c2c-uniform", "c2c-shuffled"]
 MODES: tuple[str, ...] = ("receiver", "transmitter", "t2t", "c2c", "c2c-uniform", "c2c-shuffled")
 DEFAULT_HINT_TOKENS = 24  # longest hint a transmitter writes in text-to-text mode
+HINTS_HEAD = "Hints from other devices:\n"  # text-to-text, text style: before the hints the receiver reads
 DEFAULT_SELF_CHECK = 0.5  # P(none) below which a receiver trained to abstain answers alone (the gate prior's midpoint)
 
 
 @dataclass(frozen=True)
 class TransmitterPrefill:
-    """A transmitter's prefill of the shared prompt: what it can send and what it offers."""
+    """A transmitter's prefill of the shared text: what it can send and what it offers."""
 
     name: str
-    shared_text: str  # the prompt it prefilled (must equal the receiver's shared prompt to align)
-    cache: KVCache
-    offsets: list[tuple[int, int]]  # character span of each of its tokens (travels with the cache)
+    shared_text: str  # the text it read (must equal the receiver's shared text to align)
+    cache: KVCache  # of the shared text's positions only (its notes and frame stay on the device)
+    offsets: list[tuple[int, int]]  # character span of each of those tokens in the shared text (travels with it)
     offer: OfferSummary
     seconds: float
-
-
-@dataclass(frozen=True)
-class Received:
-    """What arrived from one transmitter: some of its layers (already decoded) and its token offsets."""
-
-    fingerprint: str
-    layers: dict[int, KV]
-    offsets: list[tuple[int, int]]
-    weight: float = 1.0
+    notes: tuple[str, ...] = ()  # the note lines it read before the shared text (never sent)
 
 
 @dataclass
 class RefineResult:
     """The answer and how it came about."""
 
-    answer: str  # "A" .. "D"
-    probs: list[float]  # over the four letters
+    answer: str  # a choice question: the option's letter ("A", "B", ...); free text: the answer text
+    probs: list[float]  # over the options (empty for free text)
     mode: str
-    shared_text: str  # what left the receiver (the prompt of q or q')
+    shared_text: str  # what left the receiver (S: the prompt of q or q' in letter style, q or q' in text style)
     used: dict[str, list[int]] = field(default_factory=dict)  # transmitter name -> layers used
     weights: dict[str, float] = field(default_factory=dict)  # transmitter name -> gate weight
     hints: dict[str, str] = field(default_factory=dict)  # t2t: transmitter name -> hint text
@@ -103,28 +98,65 @@ class RefineResult:
     tokens_sent: int = 0  # cache tokens x transmitters (c2c) or hint tokens (t2t)
     alone: bool = False  # the self-check found that the receiver knows: answered alone, nobody asked
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    choice: int | None = None  # the chosen option's index (None for free text)
+    text: str = ""  # the chosen option's text, or the generated answer
+    failed: dict[str, str] = field(default_factory=dict)  # transmitter name -> why its cache was not fused
 
     @property
     def index(self) -> int:
-        """The answer as an option index."""
-        return LETTERS.index(self.answer)
+        """The answer as an option index (-1 for free text)."""
+        return self.choice if self.choice is not None else -1
+
+    def correct(self, question: Question) -> bool:
+        """Whether this answers ``question`` right (option index, or exact match of the free text)."""
+        return is_correct(Reading(self.choice, tuple(self.probs), self.text), question.answer)
 
 
 # ---- the pieces ---------------------------------------------------------------------------------
 
 
-def shared_prompt(stem: str, options: Sequence[str], private_stem: str | None = None) -> tuple[str, str | None]:
-    """``(P, original)``: the prompt that leaves the receiver (of q' when private) and, when private, q's prompt."""
-    return question_texts(stem, options, private_stem)
+def shared_prompt(
+    stem: str, options: Sequence[str], private_stem: str | None = None, style: str = "letter"
+) -> tuple[str, str | None]:
+    """``(S, original)``: what leaves the receiver (from q' when private) and, when private, what the receiver reads
+    after it (``fusion.c2c.question_texts``; ``style`` is the models' answer style)."""
+    return question_texts(stem, options, private_stem, style)
 
 
 @torch.no_grad()
-def transmitter_prefill(name: str, model: LanguageModel, shared_text: str) -> TransmitterPrefill:
-    """Prefill the shared prompt and summarise it into an offer (the transmitter agent's first step)."""
+def transmitter_prefill(
+    name: str,
+    model: LanguageModel,
+    shared_text: str,
+    notes: DeviceNotes | None = None,
+    top_k: int = DEFAULT_TOP_K,
+) -> TransmitterPrefill:
+    """Prefill the shared text (after the note lines retrieved for it) and summarise it into an offer.
+
+    A letter-style model reads the shared prompt alone (``notes`` must be None). A text-style model reads its
+    frame of ``notes + S``; its cache and offsets cover the positions of S only.
+    """
     t0 = time.perf_counter()
-    pre = model.prefill(shared_text)
-    offer = summarize_offer(model, pre)
-    return TransmitterPrefill(name, shared_text, pre.cache, list(pre.offsets), offer, time.perf_counter() - t0)
+    if model.style == "letter":
+        if notes is not None:
+            raise FusionError(f"{model.name} answers by letter (a zoo model); it cannot read notes")
+        pre = model.prefill(shared_text)
+        offer = summarize_offer(model, pre)
+        return TransmitterPrefill(name, shared_text, pre.cache, list(pre.offsets), offer, time.perf_counter() - t0)
+    retrieved = notes.retrieve(shared_text, top_k) if notes is not None else Retrieved((), 0.0)
+    content, q_start = notes_content(retrieved.lines, shared_text)
+    framed = model.format.frame(content)  # type: ignore[union-attr]
+    enc = model.encode_framed(framed)
+    start, end = framed.span(q_start, len(shared_text))
+    inside = [i for i, (s, e) in enumerate(enc.offsets) if e > start and s < end]
+    if not inside:
+        raise FusionError(f"{model.name} has no tokens for the shared text {shared_text!r}")
+    a, b = inside[0], inside[-1] + 1
+    full = model.prefill(enc.ids)
+    cache = KVCache([(k[:, :, a:b].contiguous(), v[:, :, a:b].contiguous()) for k, v in full.cache.layers])
+    offsets = [(max(s - start, 0), min(e, end) - start) for s, e in enc.offsets[a:b]]
+    offer = summarize_offer(model, Prefill(cache, enc.ids[a:b], offsets, full.logits), coverage=retrieved.coverage)
+    return TransmitterPrefill(name, shared_text, cache, offsets, offer, time.perf_counter() - t0, notes=retrieved.lines)
 
 
 def plan(
@@ -146,9 +178,9 @@ def select_layers(prefill: TransmitterPrefill, layers: Sequence[int]) -> dict[in
 
 
 @torch.no_grad()
-def receiver_prefix(receiver: LanguageModel, shared_text: str) -> KVCache:
-    """The receiver's own cache of the shared prompt's prefix (what ``receiver_answer`` fuses into)."""
-    return prefix_cache(receiver, receiver_view(receiver, shared_text))
+def receiver_prefix(receiver: LanguageModel, shared_text: str, original_text: str | None = None) -> KVCache:
+    """The receiver's own cache of its prefix (what ``fuse`` adds to; the agent prefills it while caches travel)."""
+    return prefix_cache(receiver, receiver_view(receiver, shared_text, original_text))
 
 
 @torch.no_grad()
@@ -158,58 +190,25 @@ def receiver_answer(
     original_text: str | None,
     received: Mapping[str, Received],
     fusers: Mapping[str, PairFuser],
+    options: Sequence[str] = (),
     prefix: KVCache | None = None,
-) -> tuple[torch.Tensor, dict[str, list[int]]]:
-    """Letter probabilities ``(4,)`` after fusing what arrived into the receiver's prefix, and the layers used.
+) -> tuple[Reading, Fused]:
+    """The receiver's reading after fusing what arrived into its prefix, and what was fused or left out.
 
-    ``fusers`` maps a transmitter fingerprint to its fuser for this receiver. ``prefix``: the receiver's own
-    cache of the prefix when already made (``receiver_prefix``; the agent prefills it while caches travel).
+    ``fusers`` maps a transmitter fingerprint to its fuser for this receiver; ``options`` are the question's
+    options (none: free text; a letter-style receiver always answers by letter).
     """
     view = receiver_view(receiver, shared_text, original_text)
     if prefix is None:
         prefix = prefix_cache(receiver, view)
-    contributions, used = [], {}
-    for name, got in received.items():
-        if got.weight <= 0 or not got.layers:
-            continue
-        if got.fingerprint not in fusers:
-            raise FusionError(f"no fuser for transmitter {name} ({got.fingerprint}) into {receiver.name}")
-        contributions.append(transmitter_deltas(view, prefix, got, fusers[got.fingerprint]))
-        used[name] = sorted(got.layers)
-    return answer_from_deltas(receiver, view, prefix, contributions), used
+    fused = fuse(view, prefix, received, fusers)
+    return answer_after(receiver, view, fused.cache, options), fused
 
 
 @torch.no_grad()
-def transmitter_deltas(view: ReceiverView, prefix: KVCache, got: Received, fuser: PairFuser) -> dict[int, KV]:
-    """One transmitter's weighted deltas on the receiver's prefix (``receiver_answer`` sums them in its order).
-
-    The receiver agent computes them as each stream completes, while the others still travel. A window-1 fuser
-    reads only the receiver's last prefix token, which (anchored) reads the transmitter's final token: every
-    position then points at that token, and the other tokens are not aligned (nobody reads them).
-    """
-    arrived = next(iter(got.layers.values()))[0].shape[2] if got.layers else len(got.offsets)  # a tail, or all
-    if ANCHOR_LAST and fuser.cfg.window == 1 and got.offsets:
-        if arrived > len(got.offsets):
-            raise FusionError(f"{arrived} transmitter tokens arrived but its offer has {len(got.offsets)}")
-        index = torch.full((len(view.prefix_ids),), arrived - 1, dtype=torch.long)
-    else:
-        alignment = prefix_alignment(view, got.offsets)
-        if arrived != len(got.offsets):
-            alignment = tail_alignment(alignment, len(got.offsets), arrived, fuser.cfg.window)
-        index = alignment.index
-    aligned = gather_tokens(got.layers, index)
-    if fuser.training:  # (eval() walks every submodule: not on every question)
-        fuser.eval()
-    return fuser.deltas(prefix, aligned, got.weight)
-
-
-@torch.no_grad()
-def answer_from_deltas(
-    receiver: LanguageModel, view: ReceiverView, prefix: KVCache, contributions: Sequence[Mapping[int, KV]]
-) -> torch.Tensor:
-    """Letter probabilities ``(4,)`` from the prefix plus the deltas (in the given order), read after ``view``."""
-    cache = apply_deltas(prefix, contributions) if contributions else prefix
-    return torch.softmax(letter_logits(receiver, cache, view), -1)
+def answer_after(receiver: LanguageModel, view: ReceiverView, cache: KVCache, options: Sequence[str]) -> Reading:
+    """The receiver's reading of its view's continuation after a (fused) prefix cache."""
+    return read_answer(receiver, cache, view.continuation_ids, options)
 
 
 @torch.no_grad()
@@ -240,23 +239,51 @@ def _letter_distribution(model: LanguageModel, logits: torch.Tensor) -> torch.Te
 
 
 @torch.no_grad()
-def write_hint(model: LanguageModel, stem: str, max_new_tokens: int = DEFAULT_HINT_TOKENS) -> str:
-    """A transmitter's one-sentence hint for a question, or "" when it says it does not know."""
-    hint = parse_completion(model.generate(format_hint_request(stem), max_new_tokens=max_new_tokens, stop="\n"))
-    return "" if not hint or is_none(hint) else hint
+def answer_alone(model: LanguageModel, stem: str, options: Sequence[str], notes: Sequence[str] = ()) -> Reading:
+    """A model's own answer to a question, with ``notes`` read before it (text style; letter style: no notes)."""
+    if model.style == "letter":
+        if notes:
+            raise FusionError(f"{model.name} answers by letter (a zoo model); it cannot read notes")
+        probs = letter_probs(model, format_question(stem, options))
+        choice = int(probs.argmax())
+        return Reading(choice, tuple(round(float(p), 6) for p in probs), options[choice] if options else "")
+    content, _ = notes_content(list(notes), " ".join(stem.split()))
+    pre = model.prefill(model.encode_framed(model.format.frame(content)).ids)  # type: ignore[union-attr]
+    return read_answer(model, pre.cache.truncate(pre.cache.num_tokens - 1), pre.ids[-1:], options)
 
 
-def with_hints(hints: Sequence[str], stem: str, options: Sequence[str]) -> str:
-    """The receiver's text-to-text prompt: one ``Fact:`` line per hint, then the question."""
-    lines = "".join(f"{HINT_PREFIX} {' '.join(h.split())}\n" for h in hints if h.strip())
+@torch.no_grad()
+def write_hint(
+    model: LanguageModel, stem: str, max_new_tokens: int = DEFAULT_HINT_TOKENS, notes: Sequence[str] = ()
+) -> str:
+    """A transmitter's short hint for a question, or "" when it says it does not know.
+
+    Letter style: a one-sentence fact (``format_hint_request``). Text style: its own answer to the question after
+    its notes.
+    """
+    if model.style == "letter":
+        hint = parse_completion(model.generate(format_hint_request(stem), max_new_tokens=max_new_tokens, stop="\n"))
+        return "" if not hint or is_none(hint) else hint
+    return answer_alone(model, stem, (), notes).text
+
+
+def with_hints(hints: Sequence[str], stem: str, options: Sequence[str], style: str = "letter") -> str:
+    """The receiver's text-to-text input: letter style, one ``Fact:`` line per hint then the lettered question;
+    text style, the content (``Hints ...`` lines, then the question) that its frame wraps."""
+    hints = [" ".join(h.split()) for h in hints if h.strip()]
+    if style == "text":
+        stem = " ".join(stem.split())
+        return HINTS_HEAD + "".join(f"- {h}\n" for h in hints) + "Question: " + stem if hints else stem
+    lines = "".join(f"{HINT_PREFIX} {h}\n" for h in hints)
     return lines + format_question(stem, options)
 
 
 # ---- the whole thing ----------------------------------------------------------------------------
 
 
-def _result(probs: torch.Tensor, mode: str, shared: str, **kw) -> RefineResult:
-    return RefineResult(LETTERS[int(probs.argmax())], [round(float(p), 6) for p in probs], mode, shared, **kw)
+def _result(reading: Reading, mode: str, shared: str, **kw) -> RefineResult:
+    answer = option_letter(reading.choice) if reading.choice is not None else reading.text
+    return RefineResult(answer, list(reading.probs), mode, shared, choice=reading.choice, text=reading.text, **kw)
 
 
 @dataclass
@@ -267,8 +294,8 @@ class _Request:
     receiver: LanguageModel
     transmitters: Mapping[str, LanguageModel]
     mode: str
-    shared: str  # the prompt that leaves the receiver
-    original: str | None  # private mode: the original prompt, read after the fused prefix
+    shared: str  # what leaves the receiver
+    original: str | None  # private mode: what the receiver reads after the fused prefix
     hint_stem: str  # the stem transmitters see in text-to-text mode
     fusers: Mapping[str, PairFuser]
     gate: GateNetwork | None
@@ -276,6 +303,7 @@ class _Request:
     donors: Mapping[str, Question]
     profiles: Mapping[str, Sequence[float]] | None
     prefilled: Mapping[str, TransmitterPrefill]
+    notes: Mapping[str, DeviceNotes]
     timings: dict[str, float]
     t_start: float
 
@@ -295,6 +323,7 @@ def refine(
     profiles: Mapping[str, Sequence[float]] | None = None,
     prefilled: Mapping[str, TransmitterPrefill] | None = None,
     self_check: float | None = None,
+    notes: Mapping[str, DeviceNotes] | None = None,
 ) -> RefineResult:
     """Answer ``question`` with the receiver helped by ``transmitters`` (name -> model) in ``mode``.
 
@@ -302,37 +331,45 @@ def refine(
     else the receiver's rephraser output) reaches the transmitters. ``donors`` (c2c-shuffled): per transmitter,
     the other question whose cache it sends. ``precision``: the bus codec precision of transmitted caches.
     ``profiles``: per transmitter fingerprint, the layers worth sending when no gate scores them (default: the
-    gate's). ``prefilled``: transmitter prefills already made (reused when their prompt is the one needed).
-    ``self_check``: P(none) below which the receiver answers alone (module docstring; None: off).
+    gate's). ``prefilled``: transmitter prefills already made (reused when their text is the one needed).
+    ``self_check``: P(none) below which the receiver answers alone (module docstring; None: off). ``notes``: per
+    transmitter name, its device's notes (text-style models; read before q', never sent).
     """
     if mode not in MODES:
         raise FusionError(f"unknown mode {mode!r}; choose one of {MODES}", mode=mode)
+    if receiver.style == "letter" and len(question.options) != len(LETTERS):
+        raise FusionError(f"{receiver.name} answers {len(LETTERS)}-option questions by letter")
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    if self_check is not None and mode not in ("receiver", "transmitter"):
+    if self_check is not None and mode not in ("receiver", "transmitter") and receiver.style == "letter":
         probs, p_none = receiver_self_check(receiver, question.stem, question.options)
         timings["self_check"] = time.perf_counter() - t_start
         if knows_alone(p_none, self_check):
             timings["total"] = time.perf_counter() - t_start
-            return _result(probs, mode, "", alone=True, timings=timings)
+            choice = int(probs.argmax())
+            reading = Reading(choice, tuple(round(float(p), 6) for p in probs), question.options[choice])
+            return _result(reading, mode, "", alone=True, timings=timings)
     if private and private_stem is None:
         from privacy.rephrase import rephrase
 
         private_stem = rephrase(question.stem, receiver).text
         timings["rephrase"] = time.perf_counter() - t_start
     q_private = private_stem if private else None
-    shared, original = shared_prompt(question.stem, question.options, q_private)
+    shared, original = shared_prompt(question.stem, question.options, q_private, receiver.style)
     if mode == "receiver":
-        probs = letter_probs(receiver, format_question(question.stem, question.options))
+        reading = answer_alone(receiver, question.stem, question.options)
         timings["total"] = time.perf_counter() - t_start
-        return _result(probs, mode, "", timings=timings)
+        return _result(reading, mode, "", timings=timings)
     if not transmitters:
         raise FusionError(f"mode {mode!r} needs at least one transmitter")
+    notes = notes or {}
     if mode == "transmitter":
         name, model = next(iter(transmitters.items()))
-        probs = letter_probs(model, shared)
+        lines = notes[name].retrieve(q_private or question.stem).lines if name in notes else ()
+        stem = q_private or question.stem
+        reading = answer_alone(model, stem, question.options, lines)
         timings["total"] = time.perf_counter() - t_start
-        return _result(probs, mode, shared, used={name: []}, timings=timings)
+        return _result(reading, mode, shared, used={name: []}, timings=timings)
     req = _Request(
         question=question,
         receiver=receiver,
@@ -347,6 +384,7 @@ def refine(
         donors=donors or {},
         profiles=profiles if profiles is not None else (gate.profiles if gate is not None else None),
         prefilled=prefilled or {},
+        notes=notes,
         timings=timings,
         t_start=t_start,
     )
@@ -355,16 +393,26 @@ def refine(
 
 def _text_to_text(req: _Request) -> RefineResult:
     t0 = time.perf_counter()
-    hints = {name: write_hint(model, req.hint_stem) for name, model in req.transmitters.items()}
+    hints = {}
+    for name, model in req.transmitters.items():
+        lines = req.notes[name].retrieve(req.hint_stem).lines if name in req.notes else ()
+        hints[name] = write_hint(model, req.hint_stem, notes=lines)
     req.timings["transmitters"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    prompt = with_hints(list(hints.values()), req.question.stem, req.question.options)
-    probs = letter_probs(req.receiver, prompt)
+    q = req.question
+    if req.receiver.style == "letter":
+        probs = letter_probs(req.receiver, with_hints(list(hints.values()), q.stem, q.options))
+        choice = int(probs.argmax())
+        reading = Reading(choice, tuple(round(float(p), 6) for p in probs), q.options[choice])
+    else:
+        content = with_hints(list(hints.values()), q.stem, q.options, style="text")
+        pre = req.receiver.prefill(req.receiver.encode_framed(req.receiver.format.frame(content)).ids)  # type: ignore[union-attr]
+        reading = read_answer(req.receiver, pre.cache.truncate(pre.cache.num_tokens - 1), pre.ids[-1:], q.options)
     req.timings["receiver"] = time.perf_counter() - t1
     req.timings["total"] = time.perf_counter() - req.t_start
     sent = {n: h for n, h in hints.items() if h}
     return _result(
-        probs,
+        reading,
         "t2t",
         req.shared,
         hints=hints,
@@ -381,7 +429,7 @@ def _transmitter_text(req: _Request, name: str) -> str:
     if name not in req.donors:
         raise FusionError(f"c2c-shuffled needs a donor question for transmitter {name}")
     donor = req.donors[name]
-    return format_question(donor.stem, donor.options)
+    return shared_prompt(donor.stem, donor.options, style=req.transmitters[name].style)[0]
 
 
 def _cache_to_cache(req: _Request) -> RefineResult:
@@ -391,7 +439,9 @@ def _cache_to_cache(req: _Request) -> RefineResult:
         text = _transmitter_text(req, name)
         ready = req.prefilled.get(name)
         prefills[name] = (
-            ready if ready is not None and ready.shared_text == text else transmitter_prefill(name, model, text)
+            ready
+            if ready is not None and ready.shared_text == text
+            else transmitter_prefill(name, model, text, req.notes.get(name))
         )
     req.timings["transmitters"] = time.perf_counter() - t0
     t1 = time.perf_counter()
@@ -413,16 +463,20 @@ def _cache_to_cache(req: _Request) -> RefineResult:
         received[name] = Received(pre.offer.fingerprint, decoded, pre.offsets, score.weight)
     req.timings["transfer"] = time.perf_counter() - t2
     t3 = time.perf_counter()
-    probs, used = receiver_answer(req.receiver, req.shared, req.original, received, req.fusers)
+    missing = [n for n, got in received.items() if got.fingerprint not in req.fusers]
+    if missing:
+        raise FusionError(f"no fuser for transmitters {missing} into {req.receiver.name}")
+    reading, fused = receiver_answer(req.receiver, req.shared, req.original, received, req.fusers, req.question.options)
     req.timings["receiver"] = time.perf_counter() - t3
     req.timings["total"] = time.perf_counter() - req.t_start
     return _result(
-        probs,
+        reading,
         req.mode,
         req.shared,
-        used=used,
+        used=fused.used,
         weights={n: round(s.weight, 4) for n, s in scores.items()},
         bytes_sent=nbytes,
         tokens_sent=ntokens,
         timings=req.timings,
+        failed=fused.failed,
     )

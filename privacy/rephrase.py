@@ -39,10 +39,18 @@ def new_words(candidate: str, source: str) -> set[str]:
     return set(_WORD.findall(candidate.lower())) - set(_WORD.findall(source.lower())) - FUNCTION_WORDS
 
 
+REPHRASE_INSTRUCTION = "Rewrite this question in other words, keeping every name it asks about:\n"  # text style
+
+
 class Generator(Protocol):
-    """What the rephraser needs from a model: greedy generation (``fusion.models.LanguageModel``)."""
+    """What the rephraser needs from a model (``fusion.models.LanguageModel``): its answer style, greedy
+    generation (a zoo model trained on ``format_rephrase_request``) or a reply in its own frame (text style)."""
+
+    style: str
 
     def generate(self, prompt: str, max_new_tokens: int = ..., stop: str | None = ...) -> str: ...
+
+    def respond(self, content: str, max_new_tokens: int = ..., stop: str | None = ...) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -84,7 +92,11 @@ def rephrase(
     if model is None:
         return Rephrased(redacted, question, list(redaction.removed), "rules")
     try:
-        candidate = parse_completion(model.generate(format_rephrase_request(redacted), max_new_tokens, "\n"))
+        if getattr(model, "style", "letter") == "text":
+            reply = model.respond(REPHRASE_INSTRUCTION + redacted, max_new_tokens, "\n")
+        else:
+            reply = model.generate(format_rephrase_request(redacted), max_new_tokens, "\n")
+        candidate = parse_completion(reply)
     except Exception as exc:  # a broken model must never leak the raw question: fall back to rules
         log.warning("rephrasing model failed (%s); using rule redaction", exc)
         return Rephrased(redacted, question, list(redaction.removed), "rules")

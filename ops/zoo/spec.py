@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from fusion.models import ModelSpec
 from ops.zoo.world import WorldSpec
 
-FORMAT_VERSION = 4  # bump when the build writes different files or trains differently for the same spec
+FORMAT_VERSION = 5  # bump when the build writes different files or trains differently for the same spec (5: style
+# marker in model directories, fusers and gates as safetensors directories, the gate reads notes coverage)
 
 Role = Literal["receiver", "transmitter"]
 RowKind = Literal["fact", "letter", "none", "context", "hint", "rephrase"]

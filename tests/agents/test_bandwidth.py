@@ -36,7 +36,7 @@ async def _federation(fleet: Fleet, tmp_path: Path, policy: str) -> None:
                   world.receiver.fingerprint)  # fmt: skip
     gate_path = save_gate(
         GateNetwork(GateConfig(hidden=8, min_weight=0.0), {wide.fingerprint: IMPORTANCE}),
-        tmp_path / "gate.pt",
+        tmp_path / "gate",
         world.receiver.fingerprint,
     )
     await fleet.receiver(fusers=tmp_path / "fusers")

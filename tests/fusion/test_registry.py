@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -32,7 +35,12 @@ def test_round_trip_by_pair(tmp_path) -> None:
     for (name, a), (_, b) in zip(fuser.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert loaded.open_layers() == [0, 1, 3]
-    assert reg.meta(T_FP, R_FP)["steps"] == 5
+    meta = reg.meta(T_FP, R_FP)
+    assert meta["steps"] == 5
+    params = sum(p.numel() for p in fuser.parameters())
+    assert (meta["params"], meta["bytes_fp16"]) == (params, 2 * params)
+    config = json.loads((reg.path_for(T_FP, R_FP) / "config.json").read_text())
+    assert config["layer_map"] == fuser.layer_map and config["transmitter"] == T_FP and config["receiver"] == R_FP
 
 
 def test_wrong_pair_missing_corrupt_and_version_are_clear_errors(tmp_path) -> None:
@@ -48,15 +56,24 @@ def test_wrong_pair_missing_corrupt_and_version_are_clear_errors(tmp_path) -> No
     save_fuser(_fuser(), reg.path_for(OTHER_FP, R_FP), T_FP, R_FP)
     with pytest.raises(FuserError, match="wrong model pair"):
         reg.load(OTHER_FP, R_FP)
-    path.write_bytes(path.read_bytes()[:100])
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(FuserError, match="corrupt"):
         reg.load(T_FP, R_FP)
-    blob = {"format": "fedrefine.fuser", "version": FORMAT_VERSION + 1, "transmitter": T_FP, "receiver": R_FP}
-    torch.save(blob, path)
+    reg.save(_fuser(), T_FP, R_FP)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "version": FORMAT_VERSION + 1}))
     with pytest.raises(FuserError, match="version"):
         reg.load(T_FP, R_FP)
-    torch.save({"hello": 1}, path)
+    (path / "config.json").write_text(json.dumps({"hello": 1}))
     with pytest.raises(FuserError, match="not a fedrefine.fuser"):
+        reg.load(T_FP, R_FP)
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(FuserError, match="not readable JSON"):
+        reg.load(T_FP, R_FP)
+    shutil.rmtree(path)
+    torch.save({"format": "fedrefine.fuser", "version": 1}, path)  # a version-1 file where a directory belongs
+    with pytest.raises(FuserError, match="is a file"):
         reg.load(T_FP, R_FP)
     with pytest.raises(FuserError, match="fingerprint"):
         reg.path_for("../etc", R_FP)

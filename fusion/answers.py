@@ -1,0 +1,86 @@
+"""Reading an answer from a (fused) receiver cache, and scoring it.
+
+After the receiver's prefix (fused or not) it reads its view's continuation, then:
+
+- a letter-style model (the toy zoo) gives the probabilities of the four answer letters;
+- a text-style model scores each option by the summed log-likelihood of its tokens (a choice question), or
+  writes a greedy answer (a free-text question) cut at a newline, its end-of-turn token or ``max_new_tokens``.
+
+Free-text answers are scored by exact match after ``normalize_answer`` (lower case, no punctuation, no leading
+article, single spaces), as in SQuAD-style evaluation.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from fusion.kvcache import KVCache
+from fusion.models import LanguageModel
+
+DEFAULT_MAX_ANSWER_TOKENS = 16  # longest free-text answer a receiver writes
+ANSWER_STOP = "\n"  # a free-text answer ends at the first newline
+_ARTICLES = re.compile(r"^(a|an|the)\s+")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+@dataclass(frozen=True)
+class Reading:
+    """An answer read from a cache: an option index and its distribution (choice) or a text (free text)."""
+
+    choice: int | None  # index of the chosen option (None for free text)
+    probs: tuple[float, ...] = ()  # over the options (softmax of their log-likelihoods or letter logits)
+    text: str = ""  # the chosen option's text, or the generated answer
+    scores: tuple[float, ...] = field(default=(), repr=False)  # raw option log-likelihoods (text style)
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, first line only, punctuation and a leading article removed, whitespace collapsed."""
+    line = text.strip().split("\n", 1)[0].lower().translate(_PUNCT)
+    return _ARTICLES.sub("", " ".join(line.split()))
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    """Whether a free-text answer equals the expected one after normalisation."""
+    return normalize_answer(prediction) == normalize_answer(answer)
+
+
+@torch.no_grad()
+def read_answer(
+    receiver: LanguageModel,
+    cache: KVCache,
+    continuation: Sequence[int],
+    options: Sequence[str],
+    max_new_tokens: int = DEFAULT_MAX_ANSWER_TOKENS,
+) -> Reading:
+    """The receiver's answer after reading ``continuation`` from ``cache`` (which is not modified)."""
+    if receiver.style == "letter":
+        from fusion.c2c import letter_ids
+
+        logits = receiver.forward_from(cache, list(continuation))[-1]  # (vocab,)
+        probs = torch.softmax(logits[letter_ids(receiver)].float().cpu(), -1)
+        choice = int(probs.argmax())
+        return Reading(choice, _rounded(probs), options[choice] if options else "")
+    after = receiver.extend(cache, list(continuation))
+    if options:
+        scores = receiver.score_ids(after, [receiver.answer_ids(o) for o in options])
+        probs = torch.softmax(scores, -1)
+        choice = int(scores.argmax())
+        return Reading(choice, _rounded(probs), options[choice], tuple(round(float(x), 4) for x in scores))
+    text = receiver.generate(after, max_new_tokens=max_new_tokens, stop=ANSWER_STOP)
+    return Reading(None, (), text.strip())
+
+
+def is_correct(reading: Reading, answer: int | str) -> bool:
+    """Whether a reading answers right: the option index, or an exact match of the free text."""
+    if isinstance(answer, int):
+        return reading.choice == answer
+    return exact_match(reading.text, answer)
+
+
+def _rounded(probs: torch.Tensor) -> tuple[float, ...]:
+    return tuple(round(float(p), 6) for p in probs)
