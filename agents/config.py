@@ -166,7 +166,9 @@ class ReceiverConfig(ModelAgentConfig):
 class GateAgentConfig(AgentConfig):
     """``python -m agents.gate``."""
 
-    gate: str | None = Field(default=None, description="gating network directory (fusion.gate.save_gate); none: uniform")
+    gate: str | None = Field(
+        default=None, description="gating network directory (fusion.gate.save_gate); none: uniform"
+    )
     policy: str = Field(default="deadline-aware", description="bandwidth policy (bus.policy)")
     precision: Literal["fp32", "fp16", "bf16", "int8", "int4"] = Field(
         default="fp16", description="precision for policies that use one (keep-all, drop-by-importance)"

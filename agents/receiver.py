@@ -307,7 +307,7 @@ class ReceiverAgent(Agent):
             for tid, why in fused.failed.items():
                 notes.append(f"{tid}: fusion failed ({why}); left out")
                 omitted.append(Omission(transmitter_id=tid, reason="error", detail=why[:500]))
-            reading = await self.compute(answer_after, self.model, q.view, fused.cache, ask.options)
+            reading = await self.compute(answer_after, self.model, q.view, fused, ask.options)
         finally:
             self._answering -= 1
             self._answer_s = 0.8 * self._answer_s + 0.2 * (time.monotonic() - started)

@@ -56,16 +56,18 @@ def read_answer(
     continuation: Sequence[int],
     options: Sequence[str],
     max_new_tokens: int = DEFAULT_MAX_ANSWER_TOKENS,
+    live: Sequence = (),
 ) -> Reading:
-    """The receiver's answer after reading ``continuation`` from ``cache`` (which is not modified)."""
+    """The receiver's answer after reading ``continuation`` from ``cache`` (which is not modified); ``live``: the
+    ``fusion.live.LiveTerm``s that fuse the continuation's first token as it is computed."""
     if receiver.style == "letter":
         from fusion.c2c import letter_ids
 
-        logits = receiver.forward_from(cache, list(continuation))[-1]  # (vocab,)
+        logits = receiver.forward_from(cache, list(continuation), live)[-1]  # (vocab,)
         probs = torch.softmax(logits[letter_ids(receiver)].float().cpu(), -1)
         choice = int(probs.argmax())
         return Reading(choice, _rounded(probs), options[choice] if options else "")
-    after = receiver.extend(cache, list(continuation))
+    after = receiver.extend(cache, list(continuation), live)
     if options:
         scores = receiver.score_ids(after, [receiver.answer_ids(o) for o in options])
         probs = torch.softmax(scores, -1)

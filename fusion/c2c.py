@@ -8,9 +8,12 @@ inside S are fused, aligned by character spans of S. The receiver's *prefix* is 
   the prefix is P but its last token, the transmitter sends its cache of all of P, and the continuation is the
   last token of P (then, private, ``"\\n" + format_question(q, options)``); the answer is one of four letters.
 - Text style (pretrained checkpoints, ``fusion.formats``): S is q' alone inside each model's frame (chat template
-  or ``Question: ...\\nAnswer:``; a transmitter's frame also holds its local notes before S, and it sends its
-  cache of the S positions only); the continuation is the rest of the receiver's frame (private: ``"\\n" + q``
-  first), then the answer is generated or the options scored by likelihood.
+  or ``Question: ...\\nAnswer:``; a transmitter's frame also holds its local notes before S). A transmitter sends
+  its cache of the S positions and of its prompt's final token (where its own answer forms; offset
+  ``(len(S), len(S))``), nothing of its notes. The receiver's prefix is its whole prompt but the last token
+  (private: ``"\\n" + q`` follows S inside its frame); its tokens from S's first on may be fused (S's by
+  character spans, the frame's after S onto the transmitter's final token); the continuation is its last prompt
+  token, then the answer is generated or the options scored by likelihood.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from bus.errors import FusionError
 from fusion.align import TokenAlignment, align_tokens
 from fusion.kvcache import KV, KVCache, last_tokens
+from fusion.live import as_model_cache
 from fusion.models import LanguageModel
 from fusion.prompts import LETTERS, answer_token_text, format_question
 
@@ -78,10 +82,11 @@ def _text_view(receiver: LanguageModel, shared_text: str, original_text: str | N
     framed = receiver.format.frame(content)  # type: ignore[union-attr]
     enc = receiver.encode_framed(framed)
     start, end = framed.span(0, len(shared_text))
-    split = next((i for i, (_, e) in enumerate(enc.offsets) if e > end), len(enc.ids))
-    inside = [i for i in range(split) if enc.offsets[i][1] > start]  # tokens overlapping S (a run at the end)
-    offsets = [(max(s - start, 0), max(e - start, 0)) if e > start else (0, 0) for s, e in enc.offsets[:split]]
-    return ReceiverView(enc.ids[:split], offsets, enc.ids[split:], shared_text, len(inside))
+    first = next((i for i, (_, e) in enumerate(enc.offsets) if e > start), None)
+    if first is None or first >= len(enc.ids) - 1:
+        raise FusionError(f"cannot fuse {shared_text!r}: the receiver's prompt has no shared tokens before its last")
+    offsets = [(max(s - start, 0), max(e - start, 0)) if e > start else (0, 0) for s, e in enc.offsets[:-1]]
+    return ReceiverView(enc.ids[:-1], offsets, enc.ids[-1:], shared_text, len(enc.ids) - 1 - first)
 
 
 def question_texts(
@@ -182,6 +187,7 @@ def batch_letter_logits(
     prefix_lengths: torch.Tensor,
     continuations: Sequence[Sequence[int]],
     letters: torch.Tensor,
+    live: Sequence = (),
 ) -> torch.Tensor:
     """Letter logits ``(B, 4)`` for a right-padded batch, with gradients (training).
 
@@ -203,7 +209,7 @@ def batch_letter_logits(
         input_ids=ids,
         attention_mask=mask,
         position_ids=positions,
-        cache=caches.to_dynamic(receiver.config),
+        cache=as_model_cache(receiver.config, caches, live),
         use_cache=True,
     )
     last = torch.tensor([len(c) - 1 for c in continuations], device=device)

@@ -17,6 +17,7 @@ from fusion.align import gather_tokens
 from fusion.c2c import ANCHOR_LAST, ReceiverView, prefix_alignment, tail_alignment
 from fusion.fuser import PairFuser, apply_deltas
 from fusion.kvcache import KV, KVCache
+from fusion.live import LiveTerm
 
 
 @dataclass(frozen=True)
@@ -29,18 +30,27 @@ class Received:
     weight: float = 1.0
 
 
+@dataclass(frozen=True)
+class Contribution:
+    """One transmitter's part: deltas on the receiver's prefix and (``fuse_last`` fusers) its held-back token's."""
+
+    deltas: dict[int, KV]  # receiver layer -> (dK, dV) on the prefix, each (1, H_r, T, D_r)
+    live: LiveTerm | None = None  # fused into the held-back last prompt token as it is computed (fusion.live)
+
+
 @dataclass
 class Fused:
     """The receiver's prefix with every usable contribution added, and what happened to each transmitter."""
 
     cache: KVCache
+    live: list[LiveTerm] = field(default_factory=list)  # terms for the held-back token (read_answer applies them)
     used: dict[str, list[int]] = field(default_factory=dict)  # transmitter -> its layers that were fused
     failed: dict[str, str] = field(default_factory=dict)  # transmitter -> why it was left out
 
 
 @torch.no_grad()
-def transmitter_deltas(view: ReceiverView, prefix: KVCache, got: Received, fuser: PairFuser) -> dict[int, KV]:
-    """One transmitter's weighted deltas on the receiver's prefix (``fuse`` sums them in transmitter order).
+def transmitter_deltas(view: ReceiverView, prefix: KVCache, got: Received, fuser: PairFuser) -> Contribution:
+    """One transmitter's weighted contribution to the receiver's prefix (``fuse`` sums them in transmitter order).
 
     The receiver agent computes them as each stream completes, while the others still travel. A window-1 fuser
     reads only the receiver's last prefix token, which (anchored) reads the transmitter's final token: every
@@ -56,10 +66,15 @@ def transmitter_deltas(view: ReceiverView, prefix: KVCache, got: Received, fuser
         if arrived != len(got.offsets):
             alignment = tail_alignment(alignment, len(got.offsets), arrived, fuser.cfg.window)
         index = alignment.index
-    aligned = gather_tokens(got.layers, index)
     if fuser.training:  # (eval() walks every submodule: not on every question)
         fuser.eval()
-    return fuser.deltas(prefix, aligned, got.weight, span=view.span)
+    live = None
+    if fuser.cfg.fuse_last:  # the held-back token reads the transmitter's final token (the last that arrived)
+        live = LiveTerm(fuser, {m: (k[:, :, -1:], v[:, :, -1:]) for m, (k, v) in got.layers.items()}, got.weight)
+        if fuser.prefix_window() == 0:
+            return Contribution({}, live)
+    aligned = gather_tokens(got.layers, index)
+    return Contribution(fuser.deltas(prefix, aligned, got.weight, span=view.span), live)
 
 
 def fuse(
@@ -67,7 +82,7 @@ def fuse(
     prefix: KVCache,
     received: Mapping[str, Received],
     fusers: Mapping[str, PairFuser],
-    ready: Mapping[str, tuple[tuple[int, ...], dict[int, KV]]] | None = None,
+    ready: Mapping[str, tuple[tuple[int, ...], Contribution]] | None = None,
 ) -> Fused:
     """``prefix`` plus each received transmitter's deltas, in transmitter-name order (a fixed sum).
 
@@ -89,13 +104,15 @@ def fuse(
         layers = tuple(sorted(got.layers))
         early = (ready or {}).get(name)
         try:
-            deltas = (
+            part = (
                 early[1] if early is not None and early[0] == layers else transmitter_deltas(view, prefix, got, fuser)
             )
         except FusionError as exc:
             out.failed[name] = str(exc)
             continue
-        contributions.append(deltas)
+        contributions.append(part.deltas)
+        if part.live is not None:
+            out.live.append(part.live)
         out.used[name] = list(layers)
     if contributions:
         out.cache = apply_deltas(prefix, contributions)

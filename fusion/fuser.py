@@ -50,6 +50,8 @@ class FuserConfig:
     delta_init_std: float = DEFAULT_DELTA_INIT_STD  # std of the MLP's output layer at initialisation
     window: int | None = None  # fuse only the last ``window`` prefix tokens (None: every token, as C2C)
     rms_scale: bool = False  # scale each delta by its receiver vector's RMS (pretrained caches: K norms vary by layer)
+    fuse_last: bool = False  # also fuse the held-back last prompt token as it is computed (fusion.live); the window
+    # then counts it: window 1 fuses that token alone
 
     @classmethod
     def for_models(cls, receiver, transmitter, **kwargs) -> FuserConfig:
@@ -198,16 +200,19 @@ class PairFuser(nn.Module):
         # everywhere and masking, at a fraction of the work: one token of ~40 with window 1). An unpadded prompt
         # takes its last tokens; a right-padded batch gathers each row's own last ones and scatters back.
         T = receiver.num_tokens
+        window = self.prefix_window()
+        if window == 0:
+            return {}  # only the held-back token is fused (live_deltas)
         if lengths is None:
             widths = None
-            tail = min(int(self.cfg.window) if self.cfg.window is not None else T, int(span) if span is not None else T)
+            tail = min(window if window is not None else T, int(span) if span is not None else T)
             tail = None if tail >= T else tail
         else:
             widths = lengths.clone() if span is None else torch.as_tensor(span).expand_as(lengths).clone()
-            if self.cfg.window is not None:
-                widths = widths.clamp(max=int(self.cfg.window))
+            if window is not None:
+                widths = widths.clamp(max=window)
             tail = None
-            if self.cfg.window is None and span is None:
+            if window is None and span is None:
                 widths = None  # every token of every row: no gather
         picked = _window_positions(lengths, widths, like) if widths is not None else None
         out: dict[int, KV] = {}
@@ -231,6 +236,34 @@ class PairFuser(nn.Module):
             scale = w * gates[layer]
             out[layer] = (scale * dk, scale * dv)
         return out
+
+    def prefix_window(self) -> int | None:
+        """How many of the prefix's last tokens this fuser changes (None: all; 0: none, only the held-back one)."""
+        if self.cfg.window is None:
+            return None
+        return int(self.cfg.window) - 1 if self.cfg.fuse_last else int(self.cfg.window)
+
+    def live_deltas(
+        self,
+        layer: int,
+        receiver: KV,
+        anchor: Mapping[int, KV],
+        weight: float | torch.Tensor = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Gated, weighted deltas for the held-back token at receiver ``layer`` (``receiver``: its own K, V there,
+        each ``(B, H_r, 1, D_r)``; ``anchor``: the transmitter's final token per transmitter layer); ``(None, None)``
+        when this layer takes nothing (its gate is shut or its transmitter layer did not arrive)."""
+        source = self.layer_map[layer]
+        if not self.cfg.fuse_last or source not in anchor:
+            return None, None
+        gate = self.gates(generator)[layer]
+        if not self.training and float(gate) == 0.0:
+            return None, None
+        dk, dv = self.layers[layer](receiver, anchor[source])  # each (B, H_r, 1, D_r)
+        w = torch.as_tensor(weight, dtype=dk.dtype, device=dk.device)
+        w = w.reshape(-1, 1, 1, 1) if w.dim() == 1 else w
+        return w * gate * dk, w * gate * dv
 
     def forward(self, receiver: KVCache, transmitter: Mapping[int, KV], weight: float | torch.Tensor = 1.0) -> KVCache:
         """The receiver cache with this transmitter fused in."""

@@ -128,13 +128,14 @@ def transmitter_prefill(
     name: str,
     model: LanguageModel,
     shared_text: str,
-    notes: DeviceNotes | None = None,
+    notes: DeviceNotes | Retrieved | None = None,
     top_k: int = DEFAULT_TOP_K,
 ) -> TransmitterPrefill:
     """Prefill the shared text (after the note lines retrieved for it) and summarise it into an offer.
 
     A letter-style model reads the shared prompt alone (``notes`` must be None). A text-style model reads its
-    frame of ``notes + S``; its cache and offsets cover the positions of S only.
+    frame of ``notes + S`` (``notes``: its device's notes to retrieve from, or lines already retrieved); its cache
+    and offsets cover the positions of S only.
     """
     t0 = time.perf_counter()
     if model.style == "letter":
@@ -143,7 +144,39 @@ def transmitter_prefill(
         pre = model.prefill(shared_text)
         offer = summarize_offer(model, pre)
         return TransmitterPrefill(name, shared_text, pre.cache, list(pre.offsets), offer, time.perf_counter() - t0)
-    retrieved = notes.retrieve(shared_text, top_k) if notes is not None else Retrieved((), 0.0)
+    prompt = transmitter_prompt(model, shared_text, notes, top_k)
+    return prompt.finish(name, model, model.prefill(prompt.ids), time.perf_counter() - t0)
+
+
+@dataclass(frozen=True)
+class TransmitterPrompt:
+    """What a text-style transmitter runs for a shared text: its framed prompt and where S lies in its tokens."""
+
+    shared_text: str
+    ids: list[int]  # the whole framed prompt (notes, S, frame)
+    positions: list[int]  # the token positions it sends: S's, then its prompt's final token
+    offsets: list[tuple[int, int]]  # their spans within S (the final token: the empty span at S's end)
+    retrieved: Retrieved  # the note lines it read before S
+
+    def finish(self, name: str, model: LanguageModel, full: Prefill, seconds: float) -> TransmitterPrefill:
+        """The prefill of the sent positions (and the offer) from a prefill of the whole prompt."""
+        index = torch.tensor(self.positions)
+        cache = KVCache([(k.index_select(2, index), v.index_select(2, index)) for k, v in full.cache.layers])
+        pre = Prefill(cache, [self.ids[i] for i in self.positions], self.offsets, full.logits)
+        offer = summarize_offer(model, pre, coverage=self.retrieved.coverage)
+        return TransmitterPrefill(
+            name, self.shared_text, cache, list(self.offsets), offer, seconds, notes=self.retrieved.lines
+        )
+
+
+def transmitter_prompt(
+    model: LanguageModel, shared_text: str, notes: DeviceNotes | Retrieved | None = None, top_k: int = DEFAULT_TOP_K
+) -> TransmitterPrompt:
+    """A text-style transmitter's prompt for ``shared_text``: the retrieved note lines, then S, in its frame."""
+    if isinstance(notes, Retrieved):
+        retrieved = notes
+    else:
+        retrieved = notes.retrieve(shared_text, top_k) if notes is not None else Retrieved((), 0.0)
     content, q_start = notes_content(retrieved.lines, shared_text)
     framed = model.format.frame(content)  # type: ignore[union-attr]
     enc = model.encode_framed(framed)
@@ -151,12 +184,12 @@ def transmitter_prefill(
     inside = [i for i, (s, e) in enumerate(enc.offsets) if e > start and s < end]
     if not inside:
         raise FusionError(f"{model.name} has no tokens for the shared text {shared_text!r}")
-    a, b = inside[0], inside[-1] + 1
-    full = model.prefill(enc.ids)
-    cache = KVCache([(k[:, :, a:b].contiguous(), v[:, :, a:b].contiguous()) for k, v in full.cache.layers])
-    offsets = [(max(s - start, 0), min(e, end) - start) for s, e in enc.offsets[a:b]]
-    offer = summarize_offer(model, Prefill(cache, enc.ids[a:b], offsets, full.logits), coverage=retrieved.coverage)
-    return TransmitterPrefill(name, shared_text, cache, offsets, offer, time.perf_counter() - t0, notes=retrieved.lines)
+    offsets = [(max(enc.offsets[i][0] - start, 0), min(enc.offsets[i][1], end) - start) for i in inside]
+    final = len(enc.ids) - 1
+    if inside[-1] != final:  # its answer forms at its prompt's final token: that travels too
+        inside.append(final)
+        offsets.append((len(shared_text), len(shared_text)))
+    return TransmitterPrompt(shared_text, enc.ids, inside, offsets, retrieved)
 
 
 def plan(
@@ -202,13 +235,13 @@ def receiver_answer(
     if prefix is None:
         prefix = prefix_cache(receiver, view)
     fused = fuse(view, prefix, received, fusers)
-    return answer_after(receiver, view, fused.cache, options), fused
+    return answer_after(receiver, view, fused, options), fused
 
 
 @torch.no_grad()
-def answer_after(receiver: LanguageModel, view: ReceiverView, cache: KVCache, options: Sequence[str]) -> Reading:
-    """The receiver's reading of its view's continuation after a (fused) prefix cache."""
-    return read_answer(receiver, cache, view.continuation_ids, options)
+def answer_after(receiver: LanguageModel, view: ReceiverView, fused: Fused, options: Sequence[str]) -> Reading:
+    """The receiver's reading of its view's continuation after a fused prefix (and its held-back token's terms)."""
+    return read_answer(receiver, fused.cache, view.continuation_ids, options, live=fused.live)
 
 
 @torch.no_grad()

@@ -1,9 +1,11 @@
 """Training a pair fuser with both language models frozen.
 
-Loss: the receiver's cross-entropy over the four answer letters after it reads its continuation from the
-fused prefix cache (``fusion.c2c``). Both models' prompt caches are computed once; batches are right-padded
-(masked, with true positions), so prompts of any length mix. Progress bar, checkpoints every N steps
+Loss: the receiver's cross-entropy after it reads its continuation from the fused prefix cache
+(``fusion.losses``: over the four letters for the toy zoo, over every answer token for a pretrained model).
+Both models' caches are computed once (``fusion.examples``); batches are right-padded (masked, with true
+positions), so prompts of any length mix. Progress bar, checkpoints every N steps
 (``train_fuser(..., checkpoint=path)`` resumes from one), and the whole run is a function of the seed.
+``python -m fusion.train`` trains the fuser of any pair from a JSONL file (``fusion.train_cli``).
 
 What the items say is the caller's business; TOYWORLD's lessons for a good fuser: letter answers, and
 "keep-targets" (also train on facts the receiver knows, with its correct answer) so fusion does not
@@ -21,45 +23,41 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from bus.errors import FusionError
-from fusion.align import align_cache
-from fusion.c2c import batch_letter_logits, letter_ids, prefix_alignment, prefix_cache, question_texts, receiver_view
+from fusion.answers import is_correct, read_answer
+from fusion.c2c import batch_letter_logits, letter_ids
+from fusion.examples import (
+    KEEP_OWN,
+    FusionItem,
+    PreparedExample,
+    anchors,
+    collate,
+    continuation_groups,
+    pad_layers,
+    pad_tokens,
+    prepare_examples,
+)
 from fusion.fuser import FuserConfig, PairFuser, apply_deltas
-from fusion.gate import answer_distribution, prior_weight
-from fusion.kvcache import KV, KVCache
+from fusion.live import LiveTerm
+from fusion.losses import fused_loss
 from fusion.models import LanguageModel
-from fusion.prompts import format_question, hint_lead
+
+__all__ = [
+    "KEEP_OWN",
+    "FusionItem",
+    "PreparedExample",
+    "collate",
+    "continuation_groups",
+    "pad_layers",
+    "pad_tokens",
+    "prepare_examples",
+]
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_VERSION = 1
-KEEP_OWN = -1  # item target meaning "the receiver's own answer without fusion" (mismatched-cache items)
-
-
-@dataclass(frozen=True)
-class FusionItem:
-    """One training question: what both models read, and the letter the fused receiver should answer."""
-
-    stem: str  # the original question q
-    options: tuple[str, ...]  # four options, in prompt order
-    target: int  # index of the letter to answer; KEEP_OWN: whatever the receiver answers alone
-    shared_stem: str | None = None  # q' for the private format (transmitter sees q', receiver then reads q)
-    donor: tuple[str, tuple[str, ...]] | None = None  # (stem, options) of another question the transmitter reads
-    context: str | None = None  # a fact the transmitter reads before its prompt (it knows the answer from context)
-
-
-@dataclass
-class PreparedExample:
-    """An item with its frozen-model caches: the receiver prefix and the aligned transmitter layers."""
-
-    prefix: KVCache  # (1, H_r, T, D_r) per layer
-    aligned: dict[int, KV]  # transmitter layer -> (1, H_t, T, D_t) gathered onto receiver tokens
-    continuation: list[int]  # receiver tokens read after the fused prefix
-    target: int
-    weight: float = 1.0  # the gate's prior weight from the transmitter's P(none) (1: it knows, 0: it says it doesn't)
+CHECKPOINT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -78,6 +76,9 @@ class FuserTrainConfig:
     layer_strategy: str = "terminal"  # layer alignment (fusion.align)
     window: int | None = None  # fuse only the last this many prefix tokens (None: all)
     confidence_weighting: bool = False  # scale each example's deltas by the gate's P(none) prior, as at inference
+    rms_scale: bool = False  # deltas in units of the receiver vector's RMS (pretrained caches)
+    fuse_last: bool = False  # fuse the held-back last prompt token as it is computed (fusion.live)
+    delta_init_std: float = 1e-3  # the fuser's last layer starts this close to zero
     seed: int = 0  # initialisation, batch order and gate noise
     checkpoint_every: int = 100  # steps between checkpoints (when a checkpoint path is given)
 
@@ -104,57 +105,6 @@ class TrainedFuser:
         }
 
 
-@torch.no_grad()
-def prepare_examples(
-    receiver: LanguageModel,
-    transmitter: LanguageModel,
-    items: Sequence[FusionItem],
-    progress: bool = False,
-) -> list[PreparedExample]:
-    """Run both frozen models over every item once: the receiver's prefix cache and the aligned transmitter cache."""
-    out = []
-    letters = letter_ids(receiver)
-    for item in tqdm(items, desc=f"caches {transmitter.name}->{receiver.name}", disable=not progress, leave=False):
-        shared, original = question_texts(item.stem, item.options, item.shared_stem)
-        view = receiver_view(receiver, shared, original)
-        t_text = format_question(*item.donor) if item.donor is not None else shared
-        lead = hint_lead(item.context or "")
-        t_pre = transmitter.prefill(lead + t_text)
-        aligned = align_cache(t_pre.cache, prefix_alignment(view, t_pre.offsets, shift=len(lead)))
-        prefix = prefix_cache(receiver, view)
-        target = item.target
-        if target == KEEP_OWN:
-            target = int(receiver.forward_from(prefix, view.continuation_ids)[-1][letters].argmax())
-        p_none = answer_distribution(transmitter, t_pre.logits)
-        weight = prior_weight(float(p_none[-1])) if p_none is not None else 1.0
-        out.append(PreparedExample(prefix, aligned, view.continuation_ids, target, weight))
-    return out
-
-
-def pad_tokens(tensors: Sequence[torch.Tensor], length: int) -> torch.Tensor:
-    """Right-pad ``(1, H, T_i, D)`` tensors along tokens to ``length`` and stack to ``(B, H, length, D)``."""
-    return torch.cat([F.pad(t, (0, 0, 0, length - t.shape[2])) for t in tensors], dim=0)
-
-
-def pad_layers(layers: Sequence[KV], length: int) -> KV:
-    """Right-pad and stack one layer's (K, V) of several examples."""
-    return pad_tokens([k for k, _ in layers], length), pad_tokens([v for _, v in layers], length)
-
-
-Batch = tuple[KVCache, dict[int, KV], torch.Tensor, list[list[int]], torch.Tensor]
-
-
-def collate(examples: Sequence[PreparedExample]) -> Batch:
-    """A padded batch: receiver prefixes, aligned transmitter layers, true prefix lengths, continuations, targets."""
-    lengths = torch.tensor([e.prefix.num_tokens for e in examples])
-    T = int(lengths.max())
-    num_layers = examples[0].prefix.num_layers
-    prefix = KVCache([pad_layers([e.prefix.layers[i] for e in examples], T) for i in range(num_layers)])
-    aligned = {layer: pad_layers([e.aligned[layer] for e in examples], T) for layer in examples[0].aligned}
-    targets = torch.tensor([e.target for e in examples])
-    return prefix, aligned, lengths, [e.continuation for e in examples], targets
-
-
 def _lr_factor(step: int, cfg: FuserTrainConfig) -> float:
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
@@ -169,7 +119,14 @@ def _tau(step: int, cfg: FuserTrainConfig) -> float:
 def new_fuser(receiver: LanguageModel, transmitter: LanguageModel, cfg: FuserTrainConfig) -> PairFuser:
     """A freshly initialised fuser for this pair (deterministic per ``cfg.seed``)."""
     config = FuserConfig.for_models(
-        receiver, transmitter, hidden=cfg.hidden, layer_strategy=cfg.layer_strategy, window=cfg.window
+        receiver,
+        transmitter,
+        hidden=cfg.hidden,
+        layer_strategy=cfg.layer_strategy,
+        window=cfg.window,
+        rms_scale=cfg.rms_scale,
+        fuse_last=cfg.fuse_last,
+        delta_init_std=cfg.delta_init_std,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -224,30 +181,19 @@ def _load_checkpoint(path: Path, key: dict) -> dict | None:
     return blob
 
 
-def continuation_groups(continuations: Sequence[Sequence[int]]) -> list[list[int]]:
-    """Batch rows split by continuation: indices of the one-token ones (plain questions), then of the longer ones
-    (private mode, the original question follows); empty groups left out. Padding each group only to its own longest
-    continuation saves most of the receiver's work: a private row reads ~30-60 tokens after the prefix, a plain one
-    1, and padding every row of a batch to the longest did 3-5 times the work that mattered."""
-    short = [i for i, c in enumerate(continuations) if len(c) == 1]
-    long = [i for i, c in enumerate(continuations) if len(c) != 1]
-    return [group for group in (short, long) if group]
-
-
 def _batch_loss(
     receiver: LanguageModel,
     fuser: PairFuser,
     examples: Sequence[PreparedExample],
-    letters: torch.Tensor,
     weighted: bool,
     noise: torch.Generator,
 ) -> torch.Tensor:
-    """Summed cross-entropy of the receiver's letter logits after fusing, over ``examples`` (one padded batch)."""
-    prefix, aligned, lengths, conts, targets = collate(examples)
+    """Summed loss of the receiver after fusing, over ``examples`` (one padded batch)."""
+    prefix, aligned, lengths, conts, targets, spans = collate(examples)
     weights = torch.tensor([e.weight for e in examples]) if weighted else 1.0
-    fused = apply_deltas(prefix, [fuser.deltas(prefix, aligned, weights, generator=noise, lengths=lengths)])
-    logits = batch_letter_logits(receiver, fused, lengths, conts, letters)  # (B, 4)
-    return F.cross_entropy(logits, targets.to(logits.device), reduction="sum")
+    deltas = fuser.deltas(prefix, aligned, weights, generator=noise, lengths=lengths, span=spans)
+    live = [LiveTerm(fuser, anchors(examples), weights, noise)] if fuser.cfg.fuse_last else []
+    return fused_loss(receiver, apply_deltas(prefix, [deltas]), lengths, conts, targets, live)
 
 
 def train_fuser(
@@ -271,7 +217,6 @@ def train_fuser(
     examples = (
         list(data) if isinstance(data[0], PreparedExample) else prepare_examples(receiver, transmitter, data, progress)
     )
-    letters = torch.tensor(letter_ids(receiver))
     for p in receiver.model.parameters():
         p.requires_grad_(False)
     fuser = new_fuser(receiver, transmitter, cfg)
@@ -304,7 +249,7 @@ def train_fuser(
         loss = 0.0
         for group in continuation_groups([e.continuation for e in batch]):  # the batch's mean loss, summed by parts
             part = [batch[i] for i in group]
-            part_loss = _batch_loss(receiver, fuser, part, letters, cfg.confidence_weighting, noise_gen) / len(batch)
+            part_loss = _batch_loss(receiver, fuser, part, cfg.confidence_weighting, noise_gen) / len(batch)
             part_loss.backward()
             loss += float(part_loss.detach())
         torch.nn.utils.clip_grad_norm_(fuser.parameters(), 1.0)
@@ -328,26 +273,57 @@ def fused_predictions(
     batch_size: int = 64,
     weighted: bool = False,
 ) -> torch.Tensor:
-    """Predicted letter per example, fused (``fuser=None``: receiver alone; ``weighted``: prior weights applied)."""
+    """Predicted letter per example of a letter-style receiver, fused (``fuser=None``: receiver alone; ``weighted``:
+    prior weights applied)."""
     letters = torch.tensor(letter_ids(receiver))
     preds = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
-        prefix, aligned, lengths, conts, _ = collate(chunk)
+        prefix, aligned, lengths, conts, _, spans = collate(chunk)
+        cache, live = prefix, []
         if fuser is not None:
             w = torch.tensor([e.weight for e in chunk]) if weighted else 1.0
-            cache = apply_deltas(prefix, [fuser.eval().deltas(prefix, aligned, w, lengths=lengths)])
-        else:
-            cache = prefix
-        preds.append(batch_letter_logits(receiver, cache, lengths, conts, letters).argmax(-1).cpu())
+            cache = apply_deltas(prefix, [fuser.eval().deltas(prefix, aligned, w, lengths=lengths, span=spans)])
+            live = [LiveTerm(fuser, anchors(chunk), w)] if fuser.cfg.fuse_last else []
+        preds.append(batch_letter_logits(receiver, cache, lengths, conts, letters, live).argmax(-1).cpu())
     return torch.cat(preds)
+
+
+@torch.no_grad()
+def fused_text(receiver: LanguageModel, fuser: PairFuser | None, example: PreparedExample) -> str:
+    """A text-style receiver's generated answer for one prepared example, fused (``fuser=None``: alone)."""
+    prefix = example.prefix.to(dtype=torch.float32)
+    cache, live = prefix, []
+    if fuser is not None:
+        aligned = {m: (k.float(), v.float()) for m, (k, v) in example.aligned.items()}
+        aligned = {
+            m: pad_layers([kv], prefix.num_tokens, [prefix.num_tokens - example.span]) for m, kv in aligned.items()
+        }
+        cache = apply_deltas(prefix, [fuser.eval().deltas(prefix, aligned, 1.0, span=example.span)])
+        live = [LiveTerm(fuser, anchors([example]), 1.0)] if fuser.cfg.fuse_last else []
+    return read_answer(receiver, cache, example.continuation, (), live=live).text
 
 
 def fused_accuracy(
     receiver: LanguageModel, fuser: PairFuser | None, examples: Sequence[PreparedExample], weighted: bool = False
 ) -> float:
-    """Share of examples whose target letter the (fused) receiver picks."""
+    """Share of examples the (fused) receiver answers right: its letter, or (text style) its free text exactly."""
     if not examples:
         return float("nan")
+    if receiver.style == "text":
+        hits = [is_correct(_reading(receiver, fuser, e), receiver.decode(list(e.target))) for e in examples]  # type: ignore[arg-type]
+        return sum(hits) / len(hits)
     preds = fused_predictions(receiver, fuser, examples, weighted=weighted)
     return float((preds == torch.tensor([e.target for e in examples])).float().mean())
+
+
+def _reading(receiver: LanguageModel, fuser: PairFuser | None, example: PreparedExample):
+    from fusion.answers import Reading
+
+    return Reading(None, (), fused_text(receiver, fuser, example))
+
+
+if __name__ == "__main__":
+    from fusion.train_cli import main
+
+    raise SystemExit(main())

@@ -171,8 +171,8 @@ def test_a_window_one_fuser_needs_only_the_transmitters_final_token(world) -> No
     pre = transmitter_prefill("t", model, shared)
     whole = Received(model.fingerprint, dict(enumerate(pre.cache.layers)), pre.offsets)
     tail = Received(model.fingerprint, tail_tokens(whole.layers, 1), pre.offsets)
-    from_whole = transmitter_deltas(view, prefix, whole, fuser)
-    from_tail = transmitter_deltas(view, prefix, tail, fuser)
+    from_whole = transmitter_deltas(view, prefix, whole, fuser).deltas
+    from_tail = transmitter_deltas(view, prefix, tail, fuser).deltas
     # what aligning every token gives (the window-1 path aligns none: only the final one is read)
     from fusion.align import gather_tokens
     from fusion.c2c import prefix_alignment

