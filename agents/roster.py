@@ -4,9 +4,10 @@ An agent joins with its first heartbeat, leaves with a goodbye, and expires afte
 announced heartbeat intervals without one (an interval is at most ``bus.schemas.MAX_HEARTBEAT_S``). A heartbeat
 must be newer than the last one taken from the same agent (``sent_unix``) and not from the future (beyond
 ``DEFAULT_MAX_SKEW_S``): a replayed or altered copy of an old heartbeat is refused, so it cannot bring back
-stale claims. Changes are logged once (joined / left / expired) and handed to
-listeners, so the gate stops expecting offers from a transmitter that is gone and the receiver stops waiting
-for its stream.
+stale claims. A refused older one still counts as a sign of life (with the claims already held): a copy dated a
+few seconds ahead must not make the agent's own next heartbeats look stale and the agent expire. Changes are
+logged once (joined / left / expired) and handed to listeners, so the gate stops expecting offers from a
+transmitter that is gone and the receiver stops waiting for its stream.
 """
 
 from __future__ import annotations
@@ -89,9 +90,10 @@ class Roster:
         if ahead > self.max_skew_s:
             raise SchemaError(f"heartbeat of {msg.agent_id} sent {ahead:.1f} s in the future")
         member = self._members.get(key)
-        if member is not None and msg.sent_unix <= member.presence.sent_unix:
-            raise SchemaError(f"heartbeat of {msg.agent_id} is not newer than the last one (a replay)")
         now = self.clock()
+        if member is not None and msg.sent_unix <= member.presence.sent_unix:
+            member.last_seen, member.expires = now, now + self.expiry_beats * member.presence.interval_s
+            raise SchemaError(f"heartbeat of {msg.agent_id} is not newer than the last one (a replay)")
         expires = now + self.expiry_beats * msg.interval_s
         if member is not None:
             member.presence, member.last_seen, member.expires = msg, now, expires
