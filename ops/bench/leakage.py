@@ -6,7 +6,8 @@
    ``monitor``) subscribes to ``>``, to the receiver side (refused) and to everything its role may read.
    ``sniffer_hits``: raw private questions and planted details found in anything they read (target 0).
 2. **n-gram overlap.** For each private question that left (not answered alone), the q' the gate's sniffer read
-   against q: the share of q's word n-grams (n = 1, 2, 3) still in q'.
+   against q, for word n-grams (n = 1, 2, 3): ``q_kept`` is the share of q's n-grams still in q' (how much of the
+   question left), ``qprime_copied`` the share of q''s n-grams that are q's (how much of q' is copied, not reworded).
 3. **KV inversion** (``privacy.inversion``), per transmitter model, in process: inverters trained on caches of the
    attacker's own texts (the training split's questions, personal details included, and recombinations of them)
    read the caches of each q' that left. ``qprime_token_recovery``: the share of q''s tokens read back, from the
@@ -83,7 +84,10 @@ def run(args: argparse.Namespace) -> dict:
     setup.links_mbps = {}
     sniffed = asyncio.run(_sniff(setup, args.deadline_s))
     pairs = sniffed.pop("pairs")
-    overlap = {f"n{n}": _mean([_overlap(q.stem, qp, n) for q, qp in pairs]) for n in NGRAMS}
+    overlap = {
+        "q_kept": {f"n{n}": _mean([_overlap(qp, q.stem, n) for q, qp in pairs]) for n in NGRAMS},
+        "qprime_copied": {f"n{n}": _mean([_overlap(q.stem, qp, n) for q, qp in pairs]) for n in NGRAMS},
+    }
     inversion = invert(setup, pairs, train, args.steps)
     return {
         "sniffer_hits": sniffed["sniffer_hits"],
@@ -171,10 +175,11 @@ async def _sniff(setup: Setup, deadline_s: float) -> dict:
     }
 
 
-def _overlap(q: str, qprime: str, n: int) -> float:
+def _overlap(a: str, b: str, n: int) -> float:
+    """Share of ``b``'s word n-grams found in ``a`` (``privacy.redact.ngram_overlap``)."""
     from privacy.redact import ngram_overlap
 
-    return ngram_overlap(qprime, q, n)
+    return ngram_overlap(a, b, n)
 
 
 def _mean(values: list[float]) -> float | None:
