@@ -113,6 +113,7 @@ async def test_ask_with_credentials_and_without(fleet: Fleet, capsys: pytest.Cap
     await fleet.standard()
     q = QUESTIONS[1]
     argv = [q.stem, *(x for o in q.options for x in ("--option", o)), "--nats", fleet.url, "--prefix", fleet.prefix]
+    argv += ["--deadline-ms", "2000"]
     client = fleet.security("client")
     code = await asyncio.to_thread(ask.main, [*argv, "--creds", str(client.creds), "--tls-ca", str(client.tls_ca)])
     assert code == 0 and capsys.readouterr().out.startswith("answer: ")
