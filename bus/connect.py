@@ -90,6 +90,8 @@ async def connect(
     if retries < 1:
         raise ConnectError(f"retries must be >= 1, got {retries}", url=url)
     label = name or "fedrefine"
+    if isinstance(url, str) and "," in url:  # several servers (a cluster): nats-py fails over between them
+        url = [u.strip() for u in url.split(",") if u.strip()]
     if security is not None:
         options = {**security.connect_options(url), **options}
     try:

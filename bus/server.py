@@ -9,6 +9,10 @@ configuration (``privacy.permissions`` renders it from the permission table) and
 every client connection must use (``privacy.credentials`` generates them). :meth:`NatsServer.reload` swaps the
 authorization block of a running server (nats-server reloads on SIGHUP and cuts clients it no longer admits):
 that is how an identity is revoked. Without either, the server is open to anyone who can reach the port.
+
+A ``cluster`` joins servers by routes (:func:`start_cluster` starts several on loopback); with ``tls`` the routes
+use it too, both ways: a server joins only with a certificate of the same CA. Every member has the same
+authorization block, so an identity is what it is on whichever member it connects to.
 """
 
 from __future__ import annotations
@@ -45,8 +49,10 @@ MAX_PAYLOAD_LIMIT = 64 * 1024 * 1024  # bytes; nats-server refuses more
 BINARY_ENV = "FEDREFINE_NATS_SERVER"
 
 _LISTEN_RE = re.compile(r"Listening for client connections on ([0-9.]+):(\d+)")
+_ROUTE_RE = re.compile(r"Listening for route connections on ([0-9.]+):(\d+)")
 _READY_MARK = "Server is ready"
 _RELOADED_MARK = "Reloaded server configuration"
+_ROUTED_MARK = "Route connection created"
 _LIVE_SERVERS: weakref.WeakSet[NatsServer] = weakref.WeakSet()
 
 
@@ -86,21 +92,46 @@ def port_is_free(port: int, host: str = DEFAULT_HOST) -> bool:
 
 @dataclass(frozen=True)
 class ServerTLS:
-    """The server's certificate chain and private key (PEM files): every client connection must use TLS."""
+    """The server's certificate chain and private key (PEM files): every client connection must use TLS.
+
+    ``ca_file`` is needed only in a cluster: routes verify each other's certificate against it.
+    """
 
     cert_file: Path
     key_file: Path
+    ca_file: Path | None = None
     timeout: float = DEFAULT_TLS_TIMEOUT  # seconds
 
-    def config_text(self) -> str:
-        """The ``tls { ... }`` block of the server's configuration."""
-        for path in (self.cert_file, self.key_file):
+    def config_text(self, routes: bool = False) -> str:
+        """The ``tls { ... }`` block of the server's configuration (``routes``: the cluster's, mutual)."""
+        files = [self.cert_file, self.key_file] + ([self.ca_file] if routes and self.ca_file is not None else [])
+        for path in files:
             if not Path(path).is_file():
                 raise ServerError(f"TLS file not found: {path}", path=str(path))
-        return (
-            f'tls {{\n  cert_file: "{Path(self.cert_file).resolve()}"\n  key_file: "{Path(self.key_file).resolve()}"\n'
-            f"  timeout: {self.timeout}\n}}"
-        )
+        lines = [f'cert_file: "{Path(self.cert_file).resolve()}"', f'key_file: "{Path(self.key_file).resolve()}"']
+        if routes:
+            if self.ca_file is None:
+                raise ServerError("a cluster with TLS needs the CA file to verify its routes")
+            lines += [f'ca_file: "{Path(self.ca_file).resolve()}"', "verify: true"]
+        lines.append(f"timeout: {self.timeout}")
+        return "tls {\n  " + "\n  ".join(lines) + "\n}"
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Membership of a cluster: its name, this member's route port (-1: a free one) and the routes it dials."""
+
+    name: str = "fedrefine"
+    port: int = -1
+    routes: tuple[str, ...] = ()  # nats-route://127.0.0.1:PORT of other members
+
+    def config_text(self, host: str, tls: ServerTLS | None) -> str:
+        """The ``cluster { ... }`` block."""
+        routes = ", ".join(f'"{r}"' for r in self.routes)
+        body = [f"name: {self.name}", f'listen: "{host}:{self.port}"', f"routes: [{routes}]"]
+        if tls is not None:
+            body.append(tls.config_text(routes=True).replace("\n", "\n  "))
+        return "cluster {\n  " + "\n  ".join(body) + "\n}"
 
 
 class NatsServer:
@@ -118,6 +149,7 @@ class NatsServer:
         host: str = DEFAULT_HOST,
         authorization: str | None = None,
         tls: ServerTLS | None = None,
+        cluster: ClusterConfig | None = None,
     ) -> None:
         if port is not None and not 0 < port < 65536:
             raise ServerError(f"port must be 1..65535, got {port}", port=port)
@@ -132,7 +164,9 @@ class NatsServer:
         self.host = host
         self.authorization = authorization
         self.tls = tls
+        self.cluster = cluster
         self.port: int | None = None
+        self.route_port: int | None = None  # in a cluster, where the other members dial in
         self._proc: subprocess.Popen[bytes] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._log_path: Path | None = None
@@ -223,6 +257,7 @@ class NatsServer:
             log.debug("nats-server pid %d stopped (rc=%s)", proc.pid, proc.returncode)
         _LIVE_SERVERS.discard(self)
         self.port = None
+        self.route_port = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -268,6 +303,8 @@ class NatsServer:
             lines.append(f'jetstream {{ store_dir: "{self.jetstream_dir.resolve()}" }}')
         if self.tls is not None:
             lines.append(self.tls.config_text())
+        if self.cluster is not None:
+            lines.append(self.cluster.config_text(self.host, self.tls))
         if self.authorization is not None:
             lines.append(self.authorization)
         return "\n".join(lines) + "\n"
@@ -321,7 +358,12 @@ class NatsServer:
                 self.stop()
                 raise ServerError("nats-server is ready but did not report its client port")
             port = int(match.group(2))
+            route = _ROUTE_RE.search(text)
+            if self.cluster is not None and route is None:
+                self.stop()
+                raise ServerError("nats-server is ready but did not report its route port")
             if _accepts(self.host, port):
+                self.route_port = int(route.group(2)) if route is not None else None
                 self.port = port
                 log.info("nats-server pid %d ready at %s", self._proc.pid, self.url)
                 return True
@@ -337,6 +379,30 @@ class NatsServer:
         errors = [ln for ln in lines if "[FTL]" in ln or "[ERR]" in ln or "error" in ln.lower()]
         last = (errors or lines or ["no output"])[-1]
         return f"nats-server exited at start: {last}"
+
+
+def start_cluster(size: int, name: str = "fedrefine", **options: object) -> list[NatsServer]:
+    """``size`` servers on loopback joined in one cluster (each dials the first; the rest is gossip), started and
+    stopped together: if one fails to start, the others are stopped."""
+    if size < 1:
+        raise ServerError(f"a cluster needs at least one server, got {size}")
+    servers: list[NatsServer] = []
+    try:
+        first = NatsServer(cluster=ClusterConfig(name), **options).start()  # type: ignore[arg-type]
+        servers.append(first)
+        route = (f"nats-route://{first.host}:{first.route_port}",)
+        for _ in range(size - 1):
+            servers.append(NatsServer(cluster=ClusterConfig(name, routes=route), **options).start())  # type: ignore[arg-type]
+        end = time.monotonic() + first.startup_timeout
+        while size > 1 and not all(_ROUTED_MARK in s.log_text() for s in servers):  # every member is routed
+            if time.monotonic() > end:
+                raise ServerError(f"the {size} servers did not form a cluster within {first.startup_timeout:.0f} s")
+            time.sleep(DEFAULT_POLL_INTERVAL)
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers
 
 
 def _accepts(host: str, port: int) -> bool:

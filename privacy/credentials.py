@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from bus.auth import ClientSecurity, format_creds
 from bus.errors import ConfigError
 from bus.schemas import validate_id
-from bus.server import NatsServer, ServerTLS
+from bus.server import NatsServer, ServerTLS, start_cluster
 from bus.subjects import DEFAULT_PREFIX, Subjects
 from privacy.permissions import UserEntry, check_role, permissions_for, render_authorization
 
@@ -220,8 +220,8 @@ class CredentialStore:
         return self.root / CA_CERT
 
     def server_tls(self) -> ServerTLS:
-        """The server's certificate and key."""
-        return ServerTLS(self.root / SERVER_CERT, self.root / SERVER_KEY)
+        """The server's certificate and key (and the CA, which a cluster's routes verify each other with)."""
+        return ServerTLS(self.root / SERVER_CERT, self.root / SERVER_KEY, self.ca_file)
 
     def client_security(self, agent_id: str) -> ClientSecurity:
         """How identity ``agent_id`` connects: its credentials file and the CA."""
@@ -234,6 +234,11 @@ class CredentialStore:
         """A (not yet started) server that admits exactly the active identities, over TLS only."""
         self.ensure_tls()
         return NatsServer(port, authorization=self.authorization(), tls=self.server_tls(), **options)  # type: ignore[arg-type]
+
+    def cluster(self, size: int, **options: object) -> list[NatsServer]:
+        """``size`` started servers in one cluster, each admitting exactly the active identities over TLS."""
+        self.ensure_tls()
+        return start_cluster(size, authorization=self.authorization(), tls=self.server_tls(), **options)
 
     def ensure_tls(self, hosts: Iterable[str] = DEFAULT_TLS_HOSTS) -> None:
         """Create the CA and the server certificate once."""
@@ -292,7 +297,10 @@ def write_tls(root: Path, hosts: tuple[str, ...] = DEFAULT_TLS_HOSTS) -> None:
         .not_valid_after(now + datetime.timedelta(days=DEFAULT_CERT_DAYS))
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        # clientAuth too: in a cluster each server dials the others with this certificate
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )

@@ -234,3 +234,79 @@ def _eventually(check, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+async def test_a_cluster_admits_the_same_identities_everywhere_and_revokes_on_every_member(
+    tmp_path: Path, pki: CredentialStore
+) -> None:
+    store = secure_store(tmp_path / "creds", pki)
+    store.ensure(IDS)
+    servers = store.cluster(2)
+    urls = ",".join(s.url for s in servers)
+    try:
+        rx = await connect(servers[0].url, security=store.client_security("rx"))
+
+        async def answer(msg) -> None:
+            await msg.respond(b"ok")
+
+        await rx.subscribe("fr.ask", cb=answer)
+        await rx.flush()
+        watch = Watch()
+        alice = await connect(urls, security=store.client_security("alice"), error_cb=watch.cb)
+        reply = await _eventually_reply(alice)
+        assert reply == b"ok"  # asked on one member, answered from the other
+        t1_watch = Watch()
+        t1 = await connect(servers[1].url, security=store.client_security("t1"), error_cb=t1_watch.cb)
+        await t1.publish("fr.offer.q1.t2", b"as t2")
+        await t1.flush()
+        await asyncio.sleep(0.2)
+        assert t1_watch.violations("publish") == 1
+        with pytest.raises(AuthError):
+            await connect(servers[1].url, security=ClientSecurity(tls_ca=store.ca_file), retries=1)
+        store.revoke("alice")
+        for server in servers:
+            server.reload(store.authorization())
+        end = time.monotonic() + 5
+        while not any("authorization violation" in e for e in watch.errors) and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        assert any("authorization violation" in e for e in watch.errors)
+        for nc in (rx, alice, t1):
+            await close(nc)
+    finally:
+        for server in servers:
+            server.stop()
+
+
+async def _eventually_reply(nc) -> bytes:
+    """A request answered across the cluster (the subscription's interest may take a moment to propagate)."""
+    end = time.monotonic() + 5
+    while True:
+        try:
+            return (await nc.request("fr.ask", b"q", timeout=0.5)).data
+        except Exception:  # noqa: BLE001 - no responders yet on this member
+            if time.monotonic() > end:
+                raise
+            await asyncio.sleep(0.1)
+
+
+def test_ops_server_runs_a_secure_cluster(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ops.server", "--cluster", "2", "--creds-dir", str(tmp_path / "creds")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        urls = proc.stdout.readline().strip().split(",")  # type: ignore[union-attr]
+        assert len(urls) == 2 and all(u.startswith("tls://127.0.0.1:") for u in urls)
+        store = CredentialStore.open(tmp_path / "creds")
+
+        async def both() -> None:
+            for url in urls:
+                await close(await connect(url, security=store.client_security("t1")))
+
+        asyncio.run(both())
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
