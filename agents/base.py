@@ -43,6 +43,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from agents.config import AgentConfig
+from agents.ratelimit import RejectLog, TokenBucket
 from agents.roster import Roster
 from bus import connect as busconn
 from bus.errors import AgentError, FedRefineError, SchemaError
@@ -71,24 +72,6 @@ def decode(msg: Msg, cls: type[M]) -> M:
     return decode_message(msg.data, cls)  # type: ignore[return-value]
 
 
-class TokenBucket:
-    """``rate`` events a second with bursts of ``burst``: :meth:`take` says whether one more fits now."""
-
-    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate, self.burst, self.clock = rate, burst, clock
-        self.tokens, self.stamp = burst, clock()
-
-    def take(self) -> bool:
-        """Spend one token if there is one."""
-        now = self.clock()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < 1.0:
-            return False
-        self.tokens -= 1.0
-        return True
-
-
 class Agent:
     """Base of the four roles; subclasses set ``role`` and implement ``setup()`` (and optionally more hooks)."""
 
@@ -106,8 +89,7 @@ class Agent:
         self.sub: Client | None = None
         self.roster = Roster()
         self.rejected: Counter[str] = Counter()  # warnings per subject kind (tests and stats read it)
-        self._reject_log = TokenBucket(DEFAULT_REJECT_LOG_RATE, DEFAULT_REJECT_LOG_BURST)
-        self._rejects_unlogged = 0
+        self._reject_log = RejectLog(f"{self.role} {self.id}", DEFAULT_REJECT_LOG_RATE, DEFAULT_REJECT_LOG_BURST)
         self._beats: OrderedDict[str, TokenBucket] = OrderedDict()  # presence subject -> its read budget
         self.model_fingerprint: str | None = None
         self.link_rate_bps: float | None = None
@@ -278,22 +260,7 @@ class Agent:
         """One warning line for a message we will not act on (a flood is summed up); the agent keeps serving."""
         kind = subject.removeprefix(self.subjects.prefix + ".").split(".", 1)[0]
         self.rejected[kind] += 1
-        if not self._reject_log.take():
-            self._rejects_unlogged += 1
-            return
-        self._flush_reject_summary()
-        reason = " ".join(reason[:DEFAULT_REASON_CHARS].split())  # one line, whatever the reason holds
-        log.warning("%s %s rejected a message on %s: %s", self.role, self.id, subject, reason)
-
-    def _flush_reject_summary(self) -> None:
-        if self._rejects_unlogged:
-            log.warning(
-                "%s %s rejected %d more message(s) not logged one by one (a flood)",
-                self.role,
-                self.id,
-                self._rejects_unlogged,
-            )
-            self._rejects_unlogged = 0
+        self._reject_log.warn(subject, reason[:DEFAULT_REASON_CHARS])
 
     async def publish(self, subject: str, message: Message, via: Client | None = None) -> None:
         """Publish a control message on the publishing connection (or ``via`` another of ours)."""
@@ -394,8 +361,7 @@ class Agent:
                 await self.publish_presence()
             except FedRefineError as exc:  # disconnected: nats-py buffers or we try again next beat
                 log.debug("heartbeat failed: %s", exc)
-            if self._rejects_unlogged and self._reject_log.take():
-                self._flush_reject_summary()
+            self._reject_log.summarize()
             if self.tracks_presence:
                 self.roster.expire()
 

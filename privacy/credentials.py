@@ -31,7 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from bus.auth import ClientSecurity, format_creds
 from bus.errors import ConfigError
 from bus.schemas import validate_id
-from bus.server import NatsServer, ServerTLS, start_cluster
+from bus.server import NatsServer, start_cluster
+from bus.serverconf import ServerTLS
 from bus.subjects import DEFAULT_PREFIX, Subjects
 from privacy.permissions import UserEntry, check_role, permissions_for, render_authorization
 

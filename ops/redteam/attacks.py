@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from bus.auth import ClientSecurity
 from bus.connect import close, connect
-from bus.schemas import Answer, ErrorReply
+from bus.schemas import Answer, ErrorReply, Query, decode_message
 from bus.subjects import Subjects
 from ops.ask import Item, ask_once
 from ops.redteam.sniff import Watch
@@ -221,3 +222,20 @@ async def stopped(stop: asyncio.Event, timeout: float) -> bool:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), timeout)
     return stop.is_set()
+
+
+async def on_queries(m: Matrix, nc, act: Callable[[Query], object]) -> None:
+    """Call ``act`` on every query the attacker can read (transmitters and gates read ``fr.query.*``)."""
+
+    async def cb(msg: Msg) -> None:
+        try:
+            query = decode_message(msg.data)
+        except Exception:  # noqa: BLE001 - whatever it is, it is not for us
+            return
+        if isinstance(query, Query):
+            result = act(query)
+            if asyncio.iscoroutine(result):
+                await result
+
+    await nc.subscribe(m.subjects.queries_all(), cb=cb)
+    await nc.flush()
