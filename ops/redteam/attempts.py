@@ -296,7 +296,7 @@ ATTEMPTS: list[tuple[str, str, Callable[[Matrix], Attack]]] = [
     ("transmitter", "replay old KV frames into a new query", kv_into("replay")),
     ("transmitter", "flood: 10,000 messages a second", flood),
     ("transmitter", "flood: 4 MiB payloads", oversized),
-    ("transmitter", "slow consumer (with the gate's key) owed 96 MiB", slow_consumer),
+    ("transmitter", "slow consumer (with the gate's key) owed 192 MiB", slow_consumer),
     ("gate", "read raw questions and planted details anywhere", sniff("gate", ("{P}.query.*", "{P}.offer.*.*"))),
     ("gate", "fake empty plan for every query", gate_plans("empty")),
     ("gate", "plan every transmitter at weight 50", gate_plans("weight50")),

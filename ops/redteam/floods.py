@@ -18,8 +18,10 @@ from ops.redteam.raw import SlowConsumer
 
 FLOOD_RATE = 10_000  # messages a second
 OVERSIZED_BYTES = 4 * 1024 * 1024  # a payload far over every agent's control-message limit (256 KiB)
-SLOW_FILL_BYTES = 1024 * 1024  # per message the slow consumer is owed
-SLOW_FILL_MESSAGES = 96  # 96 MiB: beyond nats-server's default max_pending of 64 MiB
+SLOW_FILL_BYTES = 1024 * 1024  # per message published to fill the slow consumer
+SLOW_FILL_MESSAGES = 3  # messages published (each honest subscriber gets them once: 3 MiB)
+SLOW_SUBSCRIPTIONS = 64  # times the slow consumer subscribes to offers: it is owed each message 64 times (192 MiB,
+# three times nats-server's default max_pending of 64 MiB), so it is cut without the others being flooded
 
 
 def _frames(query_id: str, sender: str) -> list[bytes]:
@@ -110,11 +112,12 @@ def oversized(m: Matrix) -> Attack:
 
 
 def slow_consumer(m: Matrix) -> Attack:
-    """A gate's identity subscribes to offers and stops reading while a transmitter's fills it with 96 MiB."""
+    """A gate's identity subscribes to offers (64 times over) and stops reading; a transmitter's sends 3 MiB of
+    offers, which the server owes it 64 times (192 MiB), while the legitimate questions run."""
 
     async def attack(stop: asyncio.Event) -> tuple[bool, str]:
         staged = m.hold()  # the legitimate questions start once the consumer is stuck with its backlog
-        patterns = [m.subjects.offers_all(), m.subjects.queries_all(), m.subjects.presence_all()]
+        patterns = [m.subjects.offers_all()] * SLOW_SUBSCRIPTIONS + [m.subjects.queries_all()]
         slow = await SlowConsumer(m.target.url, m.security(ATTACKERS["gate"]), patterns).open()
         nc, _ = await m.connect("transmitter")
         blob = os.urandom(SLOW_FILL_BYTES)
@@ -128,6 +131,7 @@ def slow_consumer(m: Matrix) -> Attack:
         await stop.wait()
         cut = await slow.cut()
         await slow.close()
-        return True, f"{SLOW_FILL_MESSAGES} MiB owed to a client that never reads; the server cut it: {cut}"
+        owed = SLOW_FILL_MESSAGES * SLOW_FILL_BYTES * SLOW_SUBSCRIPTIONS >> 20
+        return True, f"{owed} MiB owed to a client that never reads; the server cut it: {cut}"
 
     return attack
