@@ -8,9 +8,15 @@ Life cycle (``async with agent:`` or ``start()`` / ``stop()``)::
     stop:  stop taking new work (unsubscribe the intake subjects) -> wait for in-flight work (drain_s)
            -> goodbye on the presence subject -> teardown() -> close both connections
 
+Identity: the agent connects with its credentials (``--creds``; ``--insecure`` only to a server without
+authorization, with a warning) and verifies the server by TLS (``--tls-ca``); the server pins it to its own subjects.
+
 Error routing: a message handler that raises a :class:`FedRefineError` (bad JSON, wrong schema, hostile id,
-oversized) costs one logged warning; any other exception is logged with its traceback; the subscription
-keeps serving either way. Forward passes run on a one-thread executor per agent, so heartbeats and I/O
+oversized, an id that is not its subject's) costs one logged warning line (at most a burst of
+``DEFAULT_REJECT_LOG_BURST`` and then ``DEFAULT_REJECT_LOG_RATE`` a second: a flood is summed up in one line a
+second instead); any other exception is logged with its traceback; the subscription keeps serving either way.
+Presence messages are read at most ``DEFAULT_BEAT_RATE`` a second per subject: one identity cannot keep the
+others busy decoding its heartbeats. Forward passes run on a one-thread executor per agent, so heartbeats and I/O
 keep flowing while the model works and the agent never uses more than one core for model math; a kind of call
 that has been taking less than ``inline_compute_ms`` (a tiny model's prefill, a fuser's deltas) runs on the event
 loop instead, where the two thread wake-ups, GIL hand-offs and the loop's self-pipe of a hand-off cost more than
@@ -25,7 +31,7 @@ import logging
 import random
 import signal
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
@@ -37,6 +43,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from agents.config import AgentConfig
+from agents.ratelimit import RejectLog, TokenBucket
 from agents.roster import Roster
 from bus import connect as busconn
 from bus.errors import AgentError, FedRefineError, SchemaError
@@ -49,6 +56,11 @@ DEFAULT_FIRST_RETRY_WAIT = 0.5  # seconds between first-connection attempts
 DEFAULT_BACKOFF_BASE_S = 0.1  # first reconnect wait; doubles per failed attempt up to backoff_max_s
 DEFAULT_CLOSE_TIMEOUT_S = 3.0  # seconds a connection may take to drain when the agent stops
 DEFAULT_REASON_CHARS = 200  # a rejection reason is cut to this many characters in the log
+DEFAULT_REJECT_LOG_BURST = 200  # rejection lines logged at once before the rate applies
+DEFAULT_REJECT_LOG_RATE = 50.0  # rejection lines per second after the burst; the rest are counted in a summary line
+DEFAULT_BEAT_RATE = 5.0  # presence messages per second read from one subject (burst DEFAULT_BEAT_BURST)
+DEFAULT_BEAT_BURST = 20.0
+DEFAULT_BEAT_SUBJECTS = 4096  # presence subjects with a rate bucket (the oldest is forgotten beyond)
 
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
@@ -71,11 +83,14 @@ class Agent:
             raise AgentError("agent config has no id (build it with agents.config.make_config)")
         self.cfg = cfg
         self.id = cfg.id
+        self.security = cfg.security()  # ConfigError now, before a model loads, when credentials are missing
         self.subjects = Subjects(cfg.prefix)
         self.pub: Client | None = None
         self.sub: Client | None = None
         self.roster = Roster()
         self.rejected: Counter[str] = Counter()  # warnings per subject kind (tests and stats read it)
+        self._reject_log = RejectLog(f"{self.role} {self.id}", DEFAULT_REJECT_LOG_RATE, DEFAULT_REJECT_LOG_BURST)
+        self._beats: OrderedDict[str, TokenBucket] = OrderedDict()  # presence subject -> its read budget
         self.model_fingerprint: str | None = None
         self.link_rate_bps: float | None = None
         self.rtt_s: float | None = None  # measured round trip to the server (transmitters), in heartbeats
@@ -111,6 +126,13 @@ class Agent:
         if self._started:
             raise AgentError(f"{self.role} {self.id} already started")
         self._started = True
+        if self.security.creds is None:
+            log.warning(
+                "%s %s connects without credentials or TLS (--insecure): anyone who reaches the server can read and "
+                "forge this federation's messages",
+                self.role,
+                self.id,
+            )
         self.pub = await self._connect("pub")
         try:
             self.sub = await self._connect("sub")
@@ -199,6 +221,7 @@ class Agent:
             disconnected_cb=disconnected,
             reconnected_cb=reconnected,
             reconnect_to_server_handler=self._backoff,
+            security=self.security,
         )
 
     async def _close_connections(self) -> None:
@@ -234,25 +257,30 @@ class Agent:
         return sub
 
     def reject(self, subject: str, reason: str) -> None:
-        """One warning for a message we will not act on; the agent keeps serving."""
+        """One warning line for a message we will not act on (a flood is summed up); the agent keeps serving."""
         kind = subject.removeprefix(self.subjects.prefix + ".").split(".", 1)[0]
         self.rejected[kind] += 1
-        log.warning("%s %s rejected a message on %s: %s", self.role, self.id, subject, reason[:DEFAULT_REASON_CHARS])
+        self._reject_log.warn(subject, reason[:DEFAULT_REASON_CHARS])
 
-    async def publish(self, subject: str, message: Message) -> None:
-        """Publish a control message on the publishing connection."""
-        if self.pub is None:
+    async def publish(self, subject: str, message: Message, via: Client | None = None) -> None:
+        """Publish a control message on the publishing connection (or ``via`` another of ours)."""
+        nc = via or self.pub
+        if nc is None:
             raise AgentError(f"{self.role} {self.id} is not connected")
         try:
-            await self.pub.publish(subject, message.to_bytes())
+            await nc.publish(subject, message.to_bytes())
         except (nats.errors.Error, OSError) as exc:
             raise AgentError(f"publish to {subject} failed: {exc or type(exc).__name__}", subject=subject) from exc
 
     async def respond(self, msg: Msg, message: Message) -> None:
-        """Reply to a request (no-op when the request had no reply subject)."""
+        """Reply to a request (no-op when the request had no reply subject).
+
+        The reply leaves on the connection the request came in on: the server lets an identity answer only the
+        requests it received on that connection (``allow_responses``), and only once.
+        """
         if not msg.reply:
             return
-        await self.publish(msg.reply, message)
+        await self.publish(msg.reply, message, via=self.sub)
 
     # ---- work ---------------------------------------------------------------------------------------------
 
@@ -333,6 +361,7 @@ class Agent:
                 await self.publish_presence()
             except FedRefineError as exc:  # disconnected: nats-py buffers or we try again next beat
                 log.debug("heartbeat failed: %s", exc)
+            self._reject_log.summarize()
             if self.tracks_presence:
                 self.roster.expire()
 
@@ -347,6 +376,13 @@ class Agent:
             log.debug("goodbye not delivered: %s", exc)
 
     async def _on_presence(self, msg: Msg) -> None:
+        bucket = self._beats.get(msg.subject)
+        if bucket is None:
+            bucket = self._beats[msg.subject] = TokenBucket(DEFAULT_BEAT_RATE, DEFAULT_BEAT_BURST)
+            while len(self._beats) > DEFAULT_BEAT_SUBJECTS:
+                self._beats.popitem(last=False)
+        if not bucket.take():
+            raise SchemaError(f"presence messages faster than {DEFAULT_BEAT_RATE:g} a second; not read")
         parts = self.subjects.parse(msg.subject)
         beat = decode_message(msg.data)
         if not isinstance(beat, Presence | Goodbye):

@@ -18,8 +18,9 @@ from typing import Any, Literal, NoReturn, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from bus.errors import ConfigError
-from bus.schemas import MAX_INLINE_BYTES, PRECISIONS, validate_id
+from bus.auth import ClientSecurity, read_creds
+from bus.errors import AuthError, ConfigError
+from bus.schemas import MAX_HEARTBEAT_S, MAX_INLINE_BYTES, PRECISIONS, validate_id
 from bus.subjects import DEFAULT_PREFIX, Subjects
 from fusion.notes import DEFAULT_TOP_K
 
@@ -40,6 +41,7 @@ DEFAULT_INLINE_KV_BYTES = 8192  # transmitter: largest cache tail it sends insid
 DEFAULT_INLINE_KV_MS = 2.0  # transmitter: ... and only when its link carries that in this many milliseconds
 DEFAULT_INLINE_COMPUTE_MS = 10.0  # model calls shorter than this run on the event loop (no thread hand-off)
 DEFAULT_MAX_INFLIGHT = 64  # queries one agent works on at once; more are refused (transmitter: skipped)
+DEFAULT_MAX_DEADLINE_S = 60.0  # the longest deadline an agent honours: an ask or query beyond it is refused
 
 Level = Literal["debug", "info", "warning", "error"]
 C = TypeVar("C", bound="AgentConfig")
@@ -56,14 +58,28 @@ class AgentConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     nats: str = Field(default=DEFAULT_NATS_URL, description="NATS server URL")
-    id: str = Field(default="", description="agent id (A-Z a-z 0-9 _ -, at most 64); default: <role>-<random>")
+    creds: str | None = Field(
+        default=None, description="this agent's credentials file (python -m ops.server --creds-dir DIR writes them)"
+    )
+    tls_ca: str | None = Field(default=None, description="CA certificate that verifies the server (DIR/ca.pem)")
+    insecure: bool = Field(
+        default=False, description="connect without credentials or TLS (only to a server run with --insecure)"
+    )
+    id: str = Field(
+        default="", description="agent id (A-Z a-z 0-9 _ -, at most 64); default: from --creds, else <role>-<random>"
+    )
     prefix: str = Field(default=DEFAULT_PREFIX, description="subject prefix of the federation")
-    heartbeat_s: float = Field(default=DEFAULT_HEARTBEAT_S, gt=0, le=60, description="seconds between heartbeats")
+    heartbeat_s: float = Field(
+        default=DEFAULT_HEARTBEAT_S, gt=0, le=MAX_HEARTBEAT_S, description="seconds between heartbeats"
+    )
     drain_s: float = Field(default=DEFAULT_DRAIN_S, ge=0, le=600, description="seconds to finish work when stopping")
     connect_retries: int = Field(default=DEFAULT_CONNECT_RETRIES, ge=1, le=1000, description="first-connect attempts")
     backoff_max_s: float = Field(default=DEFAULT_BACKOFF_MAX_S, gt=0, le=60, description="longest reconnect wait")
     max_control_bytes: int = Field(default=DEFAULT_MAX_CONTROL_BYTES, ge=1024, description="largest control message")
     max_inflight: int = Field(default=DEFAULT_MAX_INFLIGHT, ge=1, le=10_000, description="queries at once")
+    max_deadline_s: float = Field(
+        default=DEFAULT_MAX_DEADLINE_S, gt=0, le=3600, description="longest deadline honoured (seconds)"
+    )
     log_level: Level = Field(default="info", description="logging level")
     threads: int = Field(default=1, ge=1, le=256, description="torch threads for model and gate math")
     inline_compute_ms: float = Field(
@@ -93,6 +109,15 @@ class AgentConfig(BaseModel):
         if "://" not in value:
             raise ValueError(f"{value!r} is not a URL like nats://127.0.0.1:4222")
         return value
+
+    def security(self) -> ClientSecurity:
+        """How this agent connects; :class:`ConfigError` without credentials unless ``insecure`` says so."""
+        if self.creds is None and not self.insecure:
+            raise ConfigError(
+                "--creds FILE is required (python -m ops.server --creds-dir DIR writes one per agent); "
+                "--insecure connects without credentials or TLS, to a server run with --insecure"
+            )
+        return ClientSecurity(creds=self.creds, tls_ca=self.tls_ca, insecure=self.insecure and self.creds is None)
 
 
 class ModelAgentConfig(AgentConfig):
@@ -147,6 +172,9 @@ class ReceiverConfig(ModelAgentConfig):
     """``python -m agents.receiver``."""
 
     fusers: str | None = Field(default=None, description="directory of pair fusers (fusion.registry layout)")
+    gates: str | None = Field(
+        default=None, description="ids of the gates whose plans this receiver takes, comma-separated (default: any)"
+    )
     answer_reserve_s: float = Field(
         default=DEFAULT_ANSWER_RESERVE_S, ge=0, le=60, description="seconds kept to fuse and answer"
     )
@@ -161,6 +189,19 @@ class ReceiverConfig(ModelAgentConfig):
         description="answer alone, asking no one, when the receiver's own P(none) is below this (only for a "
         "receiver trained to say 'none'; the zoo's is, and 0.5 suits it)",
     )
+
+    @field_validator("gates")
+    @classmethod
+    def _gates(cls, value: str | None) -> str | None:
+        for gid in (value or "").split(","):
+            if gid.strip():
+                validate_id(gid.strip(), "gate id")
+        return value
+
+    @property
+    def trusted_gates(self) -> tuple[str, ...]:
+        """The gates named by ``gates`` (empty: any gate identity)."""
+        return tuple(g.strip() for g in (self.gates or "").split(",") if g.strip())
 
 
 class GateAgentConfig(AgentConfig):
@@ -268,8 +309,28 @@ def make_config(cls: type[C], values: Mapping[str, Any], role: str) -> C:
         where = _flag(str(first["loc"][0])) if first["loc"] else "config"
         msg = str(first["msg"]).removeprefix("Value error, ")
         raise ConfigError(f"{where}: {msg}", errors=exc.errors()) from exc
+    if cfg.creds is not None:
+        cfg = _identity_from_creds(cfg, role)
     if not cfg.id:
         cfg = cfg.model_copy(update={"id": default_id(role)})
+    return cfg
+
+
+def _identity_from_creds(cfg: C, role: str) -> C:
+    """The agent's id from its credentials file, which must be of this role and prefix (and id, if one is given)."""
+    assert cfg.creds is not None
+    try:
+        creds = read_creds(cfg.creds)
+    except AuthError as exc:
+        raise ConfigError(f"--creds: {exc}", path=cfg.creds) from exc
+    if creds.role is not None and creds.role != role:
+        raise ConfigError(f"--creds: {cfg.creds} are a {creds.role}'s credentials, not a {role}'s", path=cfg.creds)
+    if creds.prefix is not None and creds.prefix != cfg.prefix:
+        raise ConfigError(f"--creds: {cfg.creds} are for prefix {creds.prefix!r}, not {cfg.prefix!r}", path=cfg.creds)
+    if creds.id is not None:
+        if cfg.id and cfg.id != creds.id:
+            raise ConfigError(f"--id {cfg.id} but --creds {cfg.creds} are {creds.id}'s", path=cfg.creds)
+        return cfg.model_copy(update={"id": creds.id})
     return cfg
 
 

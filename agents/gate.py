@@ -2,12 +2,18 @@
 
 ``python -m agents.gate --nats URL [--gate FILE] [--policy NAME] [--offer-share F]``
 
-Per query (``fr.query``): the transmitters live at that moment are expected to offer on ``fr.offer.<query_id>``;
-the gate plans as soon as all of them did, or when ``offer_share`` of the time left has passed, whichever
-comes first (one that leaves meanwhile is no longer waited for). Offers are scored by the gating network
-(``--gate``; uniform weights without one) through ``agents.planning.build_plan``, and the
-:class:`~bus.schemas.Plan` goes to ``fr.plan.<query_id>``. A transmitter whose model has no fuser into the
-receiver's (the receiver lists its fusers in its heartbeat) is never planned; the gate says so once per pair.
+Per query (``fr.query.<receiver_id>``, unless the query names other gates): the transmitters live at that moment
+are expected to offer on ``fr.offer.<query_id>.<transmitter_id>``; the gate plans as soon as all of them did, or
+when ``offer_share`` of the time left has passed, whichever comes first (one that leaves meanwhile is no longer
+waited for). Offers are scored by the gating network (``--gate``; uniform weights without one) through
+``agents.planning.build_plan``, and the :class:`~bus.schemas.Plan` goes to ``fr.plan.<query_id>.<gate id>``. A
+transmitter whose model has no fuser into the receiver's (the receiver lists its fusers in its heartbeat) is never
+planned; the gate says so once per pair.
+
+Claims are bounded: an offer must come from the transmitter its subject names and carry the query's digest; a
+transmitter that heartbeats but missed ``DEFAULT_MAX_MISSES`` queries in a row is no longer waited for (it is
+still planned when it offers), so a phantom presence stalls at most that many queries; a receiver has at most
+``DEFAULT_MAX_OPEN_PER_RECEIVER`` queries collecting, and a query's deadline at most ``--max-deadline-s`` ahead.
 """
 
 from __future__ import annotations
@@ -26,15 +32,18 @@ from agents.cli import run_agent
 from agents.config import GateAgentConfig
 from agents.fuserbook import listed_fusers
 from agents.planning import build_plan, build_policy
-from agents.roster import Member
+from agents.roster import DEFAULT_MAX_SKEW_S, Member
 from bus.errors import SchemaError
-from bus.schemas import Offer, Query
+from bus.schemas import Offer, Query, digest_of
 from fusion.gate import GateNetwork, load_gate
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EARLY_OFFERS = 1024  # offers kept for queries the gate has not seen yet
+DEFAULT_EARLY_OFFERS = 1024  # queries with offers kept that the gate has not seen yet
+DEFAULT_EARLY_PER_SENDER = 8  # such early offers kept per transmitter
 DEFAULT_EARLY_TTL_S = 10.0  # seconds such an offer is kept
+DEFAULT_MAX_MISSES = 2  # queries in a row a live transmitter may not offer on before the gate stops waiting for it
+DEFAULT_MAX_OPEN_PER_RECEIVER = 64  # queries of one receiver collecting offers at once
 DEFAULT_PLANNED_MEMORY = 4096  # recently planned query ids remembered (late offers are recognised, not warned)
 MBPS = 1_000_000.0  # bytes per second in one MB/s (rates in flags and configs are megabytes per second)
 
@@ -70,6 +79,7 @@ class GateAgent(Agent):
         self.planned: OrderedDict[str, None] = OrderedDict()
         self.early: OrderedDict[str, tuple[float, list[Offer]]] = OrderedDict()
         self.warned_no_fuser: set[tuple[str, str, str]] = set()
+        self.misses: dict[str, int] = {}  # transmitter -> queries in a row it was expected on and did not offer
         self.plans_published = 0
         self.roster.listen(self._on_roster)
 
@@ -79,7 +89,7 @@ class GateAgent(Agent):
 
     async def setup(self) -> None:
         """Queries (intake) and offers."""
-        await self.listen(self.subjects.query(), self._on_query, intake=True)
+        await self.listen(self.subjects.queries_all(), self._on_query, intake=True)
         await self.listen(self.subjects.offers_all(), self._on_offer)
 
     # ---- collecting ---------------------------------------------------------------------------------------
@@ -87,14 +97,28 @@ class GateAgent(Agent):
     async def _on_query(self, msg: Msg) -> None:
         query = decode(msg, Query)
         qid = query.query_id
+        if query.receiver_id != self.subjects.parse(msg.subject).receiver_id:
+            raise SchemaError(f"query of receiver {query.receiver_id} on {msg.subject}")
+        if query.gates and self.id not in query.gates:
+            return  # the receiver takes plans from other gates
         if qid in self.collecting or qid in self.planned:
             raise SchemaError(f"duplicate query id {qid}")
         left = query.deadline_unix - time.time()
         if left <= 0:
             raise SchemaError(f"query {qid} arrived {-left:.2f} s after its deadline")
-        expected = set(self.roster.live("transmitter"))
+        if left > self.cfg.max_deadline_s + DEFAULT_MAX_SKEW_S:
+            raise SchemaError(f"query {qid} has a deadline {left:.0f} s away (at most {self.cfg.max_deadline_s:g})")
+        open_here = sum(1 for s in self.collecting.values() if s.query.receiver_id == query.receiver_id)
+        if open_here >= DEFAULT_MAX_OPEN_PER_RECEIVER:
+            raise SchemaError(f"receiver {query.receiver_id} already has {open_here} queries collecting offers")
+        live = set(self.roster.live("transmitter"))
+        expected = {tid for tid in live if self.misses.get(tid, 0) < DEFAULT_MAX_MISSES}
         state = _Collecting(query, expected, window_s=self.cfg.offer_share * left)
+        digest = digest_of(query)
         for offer in self.early.pop(qid, (0.0, []))[1]:
+            if offer.query_digest != digest:
+                self.reject(self.subjects.offer(qid, offer.transmitter_id), f"offer for another query under {qid}")
+                continue
             state.offers.setdefault(offer.transmitter_id, offer)
         self.collecting[qid] = state
         if not expected or expected <= set(state.offers):
@@ -109,20 +133,24 @@ class GateAgent(Agent):
             await self._finish(state.query.query_id)
 
     async def _on_offer(self, msg: Msg) -> None:
-        offer = decode(msg, Offer)
         parts = self.subjects.parse(msg.subject)
-        if parts.query_id != offer.query_id:
-            raise SchemaError(f"offer for {offer.query_id} on the subject of {parts.query_id}")
-        qid = offer.query_id
+        qid, sender = parts.query_id or "", parts.sender or ""
         state = self.collecting.get(qid)
+        if state is not None and sender in state.offers:  # before decoding: a flood of copies costs little
+            raise SchemaError(f"second offer from {sender} for {qid}")
+        offer = decode(msg, Offer)
+        if (offer.query_id, offer.transmitter_id) != (qid, sender):
+            raise SchemaError(f"offer of {offer.transmitter_id} for {offer.query_id} on {msg.subject}")
         if state is None:
             if qid in self.planned:
-                log.info("late offer from %s for %s (already planned)", offer.transmitter_id, qid)
+                self.misses[sender] = 0  # late, but alive
+                log.info("late offer from %s for %s (already planned)", sender, qid)
             else:
                 self._keep_early(offer)
             return
-        if offer.transmitter_id in state.offers:
-            raise SchemaError(f"second offer from {offer.transmitter_id} for {qid}")
+        if offer.query_digest != digest_of(state.query):
+            raise SchemaError(f"offer from {sender} carries the digest of another query than {qid}")
+        self.misses[sender] = 0
         state.offers[offer.transmitter_id] = offer
         if state.expected <= set(state.offers):
             await self._finish(qid)
@@ -131,8 +159,11 @@ class GateAgent(Agent):
         now = time.monotonic()
         while self.early and next(iter(self.early.values()))[0] < now - DEFAULT_EARLY_TTL_S:
             self.early.popitem(last=False)
+        held = sum(1 for _, kept in self.early.values() for o in kept if o.transmitter_id == offer.transmitter_id)
+        if held >= DEFAULT_EARLY_PER_SENDER:
+            raise SchemaError(f"{held} offers from {offer.transmitter_id} for queries this gate has not seen")
         stamp, offers = self.early.setdefault(offer.query_id, (now, []))
-        if len(offers) < 64:
+        if len(offers) < 64 and all(o.transmitter_id != offer.transmitter_id for o in offers):
             offers.append(offer)
         while len(self.early) > DEFAULT_EARLY_OFFERS:
             self.early.popitem(last=False)
@@ -140,6 +171,7 @@ class GateAgent(Agent):
     def _on_roster(self, change: str, member: Member) -> None:
         if member.role != "transmitter" or change not in ("left", "expired"):
             return
+        self.misses.pop(member.agent_id, None)
         for qid, state in list(self.collecting.items()):
             if member.agent_id in state.expected and member.agent_id not in state.offers:
                 state.expected.discard(member.agent_id)
@@ -171,6 +203,12 @@ class GateAgent(Agent):
         if state is None:
             return
         state.done.set()
+        for tid in state.expected - set(state.offers):
+            self.misses[tid] = self.misses.get(tid, 0) + 1
+            if self.misses[tid] == DEFAULT_MAX_MISSES:
+                log.warning(
+                    "transmitter %s missed %d queries in a row; not waited for until it offers", tid, DEFAULT_MAX_MISSES
+                )
         self.planned[qid] = None
         while len(self.planned) > DEFAULT_PLANNED_MEMORY:
             self.planned.popitem(last=False)
@@ -200,7 +238,7 @@ class GateAgent(Agent):
             window_s=state.window_s,
             reserve_s=self.cfg.answer_reserve_s,
         )
-        await self.publish(self.subjects.plan(qid), plan)
+        await self.publish(self.subjects.plan(qid, self.id), plan)
         self.plans_published += 1
         log.debug(
             "plan %s: %s; omitted %s",

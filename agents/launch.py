@@ -4,6 +4,10 @@ Each agent is ``python -m agents.<role> --nats URL --id ID --prefix P ...`` in i
 in the terminal reaches only the launcher, which then stops each agent once, cleanly), with its output in a
 log file, and (on Linux) a parent-death signal so that an agent never outlives a launcher that was killed.
 Stopping sends SIGTERM (the agent drains, says goodbye, exits), then SIGKILL after a grace period.
+
+With a :class:`~privacy.credentials.CredentialStore` each agent gets its own ``--creds`` and the store's CA as
+``--tls-ca`` (:func:`identities_for` lists the identities a set of agents needs, to issue before the server
+starts); without one every agent runs ``--insecure``.
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ from bus.connect import close, connect
 from bus.errors import AgentError
 from bus.schemas import Presence, decode_message, validate_id
 from bus.subjects import DEFAULT_PREFIX, Subjects
+from privacy.credentials import CredentialStore
 
 log = logging.getLogger(__name__)
 
 DEFAULT_READY_TIMEOUT = 180.0  # seconds for every agent to load its model and heartbeat
 DEFAULT_STOP_GRACE = 15.0  # seconds between SIGTERM and SIGKILL
 ROLES = ("receiver", "rephraser", "gate", "transmitter")
+MONITOR_ID = "monitor"  # the identity the launcher watches heartbeats with (role monitor)
 _PR_SET_PDEATHSIG = 1
 
 
@@ -52,6 +58,18 @@ class AgentSpec:
         if self.role not in ROLES:
             raise AgentError(f"unknown role {self.role!r}; expected one of {ROLES}")
         validate_id(self.agent_id, "agent id")
+
+
+def identities_for(specs: Iterable[AgentSpec]) -> list[tuple[str, str, str | None]]:
+    """(role, id, served receiver) of every agent, and the launcher's monitor: what a store must issue for them."""
+    out: list[tuple[str, str, str | None]] = [("monitor", MONITOR_ID, None)]
+    for spec in specs:
+        serves = None
+        if spec.role == "rephraser":
+            args = list(spec.args)
+            serves = args[args.index("--receiver-id") + 1] if "--receiver-id" in args[:-1] else "*"
+        out.append((spec.role, spec.agent_id, serves))
+    return out
 
 
 @dataclass
@@ -86,6 +104,7 @@ class Federation:
     log_dir: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, AgentProcess] = field(default_factory=dict)
+    store: CredentialStore | None = None  # credentials per agent and the CA; None: every agent runs --insecure
 
     def __post_init__(self) -> None:
         if self.log_dir is None:
@@ -105,7 +124,7 @@ class Federation:
         assert self.log_dir is not None
         log_path = self.log_dir / f"{spec.agent_id}.log"
         cmd = [sys.executable, "-m", f"agents.{spec.role}", "--nats", self.url, "--id", spec.agent_id]
-        cmd += ["--prefix", self.prefix, *spec.args]
+        cmd += ["--prefix", self.prefix, *self._security_args(spec), *spec.args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(
@@ -122,11 +141,20 @@ class Federation:
         log.debug("started %s %s (pid %d)", spec.role, spec.agent_id, proc.pid)
         return agent
 
+    def _security_args(self, spec: AgentSpec) -> list[str]:
+        if self.store is None:
+            return ["--insecure"]
+        creds = self.store.creds_path(spec.agent_id)
+        if not creds.is_file():
+            raise AgentError(f"no credentials for {spec.role} {spec.agent_id} in {self.store.root}; issue them first")
+        return ["--creds", str(creds), "--tls-ca", str(self.store.ca_file)]
+
     async def wait_ready(self, ids: Iterable[str] | None = None, timeout: float = DEFAULT_READY_TIMEOUT) -> None:
         """Return once each agent (default: all) has heartbeated; AgentError if one exits or time runs out."""
         want = set(self.procs if ids is None else ids)
         seen: set[str] = set()
-        nc = await connect(self.url, name="launcher")
+        security = self.store.client_security(MONITOR_ID) if self.store is not None else None
+        nc = await connect(self.url, name="launcher", security=security)
         try:
 
             async def on_beat(msg) -> None:

@@ -29,7 +29,7 @@ from bus.policy import (
     link_budget,
     make_policy,
 )
-from bus.schemas import PRECISIONS, Offer, Omission, Plan, PlanEntry, Query
+from bus.schemas import PRECISIONS, Offer, Omission, Plan, PlanEntry, Query, digest_of
 from fusion.gate import GateNetwork, OfferSummary
 from fusion.refine import plan as score_offers
 
@@ -190,6 +190,7 @@ def build_plan(
     return Plan(
         query_id=query.query_id,
         receiver_id=query.receiver_id,
+        query_digest=digest_of(query),
         deadline_unix=query.deadline_unix,
         entries=tuple(entries),
         omitted=tuple(omitted[:256]),

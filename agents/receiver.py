@@ -6,12 +6,17 @@ Per ask (request/reply on ``fr.ask``, a queue group shared by receivers): with `
 receiver first reads the question itself and answers alone when its P(none) is below P (nothing is sent).
 Otherwise: q' from the rephraser when private
 (``fr.rephrase.<id>``; rules-only redaction here if it does not answer) -> :class:`~bus.schemas.Query` on
-``fr.query`` -> the plan on ``fr.plan.<query_id>`` (none in time: the gate is down, answer alone) -> the
-planned KV streams on ``fr.kv.<id>.<query_id>.*`` (a plan entry marked ``inline``: from the cache that came
+``fr.query.<id>`` -> the plan on ``fr.plan.<query_id>.<gate>`` (none in time: the gate is down, answer alone) ->
+the planned KV streams on ``fr.kv.<id>.<query_id>.*`` (a plan entry marked ``inline``: from the cache that came
 inside its offer, no stream) until every planned layer arrived, its sender left, or only
 the answer reserve is left before the deadline -> ``fusion.refine.receiver_answer`` on whatever arrived
 complete -> :class:`~bus.schemas.Answer` with provenance (used: transmitters and layers; omitted: left, late,
-not chosen, no fuser, error) as the reply and on ``fr.answer.<query_id>``.
+not chosen, no fuser, error) as the reply, and on ``fr.answer.<id>.<query_id>`` when the question is not private
+(a private answer goes to the asker's inbox only).
+
+Identity checks: an offer counts only from the transmitter its subject names and with this query's digest; a plan
+only from a gate the query names (``--gates``; any gate when none is given), with this query's digest, receiver
+and deadline; an ask whose deadline is beyond ``--max-deadline-s`` is refused with ``limit``.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from bus.schemas import (
     Query,
     TransmitterUse,
     decode_message,
+    digest_of,
 )
 from bus.transport import LayerDone
 from fusion.answers import Reading
@@ -85,6 +91,7 @@ class _Open:
     early: dict[str, tuple[tuple[int, ...], asyncio.Future[Any]]] = field(default_factory=dict)  # deltas so far
     inline: dict[str, dict[int, KV]] = field(default_factory=dict)  # planned layers that came inside offers
     inline_errors: dict[str, str] = field(default_factory=dict)  # why an inline cache could not be used
+    digest: int | None = None  # digest_of(the Query it published): offers and plans must carry it
 
 
 class ReceiverAgent(Agent):
@@ -165,11 +172,13 @@ class ReceiverAgent(Agent):
         q = self.open.get(parts.query_id or "")
         if q is None:
             return  # another receiver's query (or one already answered)
+        if parts.sender in q.offers:  # before decoding: a flood of copies costs little
+            raise SchemaError(f"second offer from {parts.sender} for {parts.query_id}")
         offer = decode(msg, Offer)
-        if offer.query_id != parts.query_id:
-            raise SchemaError(f"offer for {offer.query_id} on the subject of {parts.query_id}")
-        if offer.transmitter_id in q.offers:
-            raise SchemaError(f"second offer from {offer.transmitter_id} for {offer.query_id}")
+        if (offer.query_id, offer.transmitter_id) != (parts.query_id, parts.sender):
+            raise SchemaError(f"offer of {offer.transmitter_id} for {offer.query_id} on {msg.subject}")
+        if offer.query_digest != q.digest:
+            raise SchemaError(f"offer from {parts.sender} carries the digest of another query than {parts.query_id}")
         q.offers[offer.transmitter_id] = offer
         q.progress.set()  # a plan may be waiting for the cache inside this offer
 
@@ -178,11 +187,16 @@ class ReceiverAgent(Agent):
         q = self.open.get(parts.query_id or "")
         if q is None:
             return
+        gates = self.cfg.trusted_gates
+        if gates and parts.sender not in gates:
+            raise SchemaError(f"plan from gate {parts.sender}, which this receiver does not take plans from")
+        if q.plan is not None:
+            raise SchemaError(f"second plan for {parts.query_id}")
         plan = decode(msg, Plan)
         if plan.query_id != parts.query_id or plan.receiver_id != self.id:
             raise SchemaError(f"plan for {plan.query_id}/{plan.receiver_id} on {msg.subject}")
-        if q.plan is not None:
-            raise SchemaError(f"second plan for {plan.query_id}")
+        if plan.query_digest != q.digest or abs(plan.deadline_unix - q.deadline_unix) > 1e-3:
+            raise SchemaError(f"plan on {msg.subject} is for another query (digest or deadline differ)")
         q.plan = plan
         q.plan_seen.set()
 
@@ -197,6 +211,10 @@ class ReceiverAgent(Agent):
         except SchemaError as exc:
             await self.respond(msg, ErrorReply(code="bad_request", message=str(exc)[:500]))
             raise
+        if ask.deadline_s > self.cfg.max_deadline_s:
+            why = f"deadline {ask.deadline_s:g} s exceeds this receiver's {self.cfg.max_deadline_s:g} s"
+            await self.respond(msg, ErrorReply(code="limit", message=why))
+            raise SchemaError(why)
         if not self.accepting():
             await self.respond(msg, ErrorReply(code="unavailable", message=f"receiver {self.id} is busy or stopping"))
             return
@@ -229,7 +247,8 @@ class ReceiverAgent(Agent):
             self.kv.forget(qid)
         self.answered += 1
         await self.respond(msg, answer)
-        await self.publish(self.subjects.answer(qid), answer)
+        if not ask.private:  # a private answer reaches the asker only
+            await self.publish(self.subjects.answer(self.id, qid), answer)
 
     def _reserve(self) -> float:
         return max(self.cfg.answer_reserve_s, DEFAULT_RESERVE_FACTOR * self._answer_s * (self._answering + 1))
@@ -275,8 +294,10 @@ class ReceiverAgent(Agent):
             options=ask.options,
             deadline_unix=q.deadline_unix,
             fusers=self.book.capabilities(),
+            gates=self.cfg.trusted_gates,
         )
-        await self.publish(self.subjects.query(), query)
+        q.digest = digest_of(query)
+        await self.publish(self.subjects.query(self.id), query)
         t_query = time.monotonic()
         # what the receiver needs of its own does not depend on what arrives: prefill it while transmitters work
         q.view = receiver_view(self.model, shared, original)
@@ -378,7 +399,7 @@ class ReceiverAgent(Agent):
                 q.inline[tid] = decode_inline(offer, list(entry.layers))
             except ChunkError as exc:
                 q.inline_errors[tid] = str(exc)
-                self.reject(self.subjects.offer(q.query_id), f"inline cache of {tid}: {exc}")
+                self.reject(self.subjects.offer(q.query_id, tid), f"inline cache of {tid}: {exc}")
         return q.inline.get(tid, {})
 
     def _arrived(self, q: _Open, entry: PlanEntry) -> dict[int, Any]:

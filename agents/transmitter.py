@@ -2,12 +2,12 @@
 
 ``python -m agents.transmitter --model NAME_OR_PATH --nats URL [--id ID] [--link-mbps R]``
 
-Per query: ``fr.query`` -> ``fusion.refine.transmitter_prefill`` (same code as in process) -> an
-:class:`~bus.schemas.Offer` on ``fr.offer.<query_id>`` -> wait for ``fr.plan.<query_id>`` -> if the plan names
-this transmitter, ``bus.transport.send_cache`` of exactly the planned layers (cut to their last ``tokens``
-when the plan says so), in the plan's order (most important first), at the plan's precision, to
-``fr.kv.<receiver_id>.<query_id>.<id>``; otherwise the prefill is dropped. ``--link-mbps`` paces every KV
-publish with a :class:`~bus.shaper.LinkShaper`.
+Per query: ``fr.query.<receiver_id>`` -> ``fusion.refine.transmitter_prefill`` (same code as in process) -> an
+:class:`~bus.schemas.Offer` on ``fr.offer.<query_id>.<id>`` -> wait for ``fr.plan.<query_id>.<gate>`` (from a gate
+the query names, with the query's digest) -> if the plan names this transmitter, ``bus.transport.send_cache`` of
+exactly the planned layers (cut to their last ``tokens`` when the plan says so), in the plan's order (most
+important first), at the plan's precision, to ``fr.kv.<receiver_id>.<query_id>.<id>``; otherwise the prefill is
+dropped. ``--link-mbps`` paces every KV publish with a :class:`~bus.shaper.LinkShaper`.
 
 Inline caches: when the receiver's fuser for this model reads only its last token(s) (the query lists the tail)
 and that tail of every layer is at most ``--inline-kv-bytes`` and the link carries it within ``--inline-kv-ms``,
@@ -18,6 +18,11 @@ Link estimate (:class:`~bus.linkest.LinkEstimator`): every finished stream is a 
 heartbeat times a flush round trip; a stream cut at its deadline, or a new stream starting while others are
 still going (backlog growth), counts as load. Offers and heartbeats carry the usable rate; the gate plans
 with it.
+
+Bounds: a prefill waits for its plan at most ``DEFAULT_MAX_HOLD_S`` (whatever the query's deadline), at most
+``DEFAULT_MAX_PENDING_PER_RECEIVER`` of one receiver and ``DEFAULT_MAX_PENDING`` in all wait at once, and a query
+whose deadline is more than ``--max-deadline-s`` away is refused: no receiver can make a transmitter hold
+memory for long.
 """
 
 from __future__ import annotations
@@ -34,11 +39,12 @@ from agents.base import Agent, decode
 from agents.cli import run_agent
 from agents.config import TransmitterConfig
 from agents.fuserbook import listed_fusers
+from agents.roster import DEFAULT_MAX_SKEW_S
 from bus import connect as busconn
 from bus.errors import CodecError, FedRefineError, SchemaError
 from bus.inline import encode_inline, inline_bytes
 from bus.linkest import LinkEstimator
-from bus.schemas import InlineKV, Offer, Plan, PlanEntry, Query
+from bus.schemas import InlineKV, Offer, Plan, PlanEntry, Query, digest_of
 from bus.shaper import LinkShaper
 from bus.transport import send_cache
 from fusion.c2c import tail_tokens
@@ -49,6 +55,9 @@ from fusion.refine import TransmitterPrefill, select_layers, shared_prompt, tran
 log = logging.getLogger(__name__)
 
 DEFAULT_SEND_GRACE_S = 1.0  # seconds past the deadline a stream may still run before it is cut
+DEFAULT_MAX_HOLD_S = 30.0  # seconds a prefill waits for its plan at most, whatever the deadline
+DEFAULT_MAX_PENDING = 256  # prefills waiting for a plan at once
+DEFAULT_MAX_PENDING_PER_RECEIVER = 64  # ... of which from one receiver
 MBPS = 1_000_000.0  # bytes per second in one MB/s (--link-mbps is megabytes per second)
 INLINE_PRECISION = "fp16"  # what a cache inside an offer is cast to (the gate's choice on an ample link)
 
@@ -87,18 +96,26 @@ class TransmitterAgent(Agent):
 
     async def setup(self) -> None:
         """Queries (intake) and plans."""
-        await self.listen(self.subjects.query(), self._on_query, intake=True)
+        await self.listen(self.subjects.queries_all(), self._on_query, intake=True)
         await self.listen(self.subjects.plans_all(), self._on_plan)
 
     # ---- offers -------------------------------------------------------------------------------------------
 
     async def _on_query(self, msg: Msg) -> None:
         query = decode(msg, Query)
+        if query.receiver_id != self.subjects.parse(msg.subject).receiver_id:
+            raise SchemaError(f"query of receiver {query.receiver_id} on {msg.subject}")
         left = query.deadline_unix - time.time()
         if left <= 0:
             raise SchemaError(f"query {query.query_id} arrived {-left:.2f} s after its deadline")
+        if left > self.cfg.max_deadline_s + DEFAULT_MAX_SKEW_S:
+            raise SchemaError(f"query {query.query_id} has a deadline {left:.0f} s away")
         if query.query_id in self.pending:
             raise SchemaError(f"duplicate query id {query.query_id}")
+        self._forget_expired()
+        mine = sum(1 for p in self.pending.values() if p.query.receiver_id == query.receiver_id)
+        if len(self.pending) >= DEFAULT_MAX_PENDING or mine >= DEFAULT_MAX_PENDING_PER_RECEIVER:
+            raise SchemaError(f"{len(self.pending)} prefills wait for plans ({mine} of {query.receiver_id}); skipped")
         if not self.accepting():
             log.info("transmitter %s skips query %s (busy or draining)", self.id, query.query_id)
             return
@@ -123,11 +140,13 @@ class TransmitterAgent(Agent):
         if time.time() >= query.deadline_unix:
             log.info("transmitter %s: prefill of %s finished after its deadline; no offer", self.id, query.query_id)
             return
-        self.pending[query.query_id] = _Pending(query, pre, time.monotonic() + left + DEFAULT_SEND_GRACE_S, inline)
+        hold = min(left + DEFAULT_SEND_GRACE_S, DEFAULT_MAX_HOLD_S)
+        self.pending[query.query_id] = _Pending(query, pre, time.monotonic() + hold, inline)
         cache, summary = pre.cache, pre.offer
         offer = Offer(
             query_id=query.query_id,
             transmitter_id=self.id,
+            query_digest=digest_of(query),
             model_fingerprint=summary.fingerprint,
             n_tokens=cache.num_tokens,
             n_layers=cache.num_layers,
@@ -151,7 +170,7 @@ class TransmitterAgent(Agent):
                 await self.shaper.acquire(nbytes)
             self.sent["inline"] += 1
             self.sent["bytes"] += nbytes
-        await self.publish(self.subjects.offer(query.query_id), offer)
+        await self.publish(self.subjects.offer(query.query_id, self.id), offer)
         self.sent["offers"] += 1
         self._forget_expired()
 
@@ -163,13 +182,18 @@ class TransmitterAgent(Agent):
     # ---- plans and streams --------------------------------------------------------------------------------
 
     async def _on_plan(self, msg: Msg) -> None:
-        plan = decode(msg, Plan)
         parts = self.subjects.parse(msg.subject)
+        pending = self.pending.get(parts.query_id or "")
+        if pending is None:
+            return  # a query this transmitter did not offer on (or already planned): not even decoded
+        gates = pending.query.gates
+        if gates and parts.sender not in gates:
+            raise SchemaError(f"plan from gate {parts.sender}; the query of {parts.query_id} takes plans from {gates}")
+        plan = decode(msg, Plan)
         if parts.query_id != plan.query_id:
             raise SchemaError(f"plan for {plan.query_id} on the subject of {parts.query_id}")
-        pending = self.pending.get(plan.query_id)
-        if pending is None:
-            return  # a query this transmitter did not offer on (or already planned)
+        if plan.query_digest != digest_of(pending.query):
+            raise SchemaError(f"plan on {msg.subject} is for another query (digest differs)")
         if plan.receiver_id != pending.query.receiver_id:
             raise SchemaError(
                 f"plan sends {plan.query_id} to {plan.receiver_id}; the query came from {pending.query.receiver_id}"

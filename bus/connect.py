@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
@@ -18,9 +19,20 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from bus.errors import ConnectError, TransportError
+from bus.auth import ClientSecurity
+from bus.errors import AuthError, ConnectError, TransportError
 
 log = logging.getLogger(__name__)
+
+
+class _QuietTLSClose(logging.Filter):
+    """nats-py's protocol returns True from ``eof_received``; asyncio warns about it on every TLS close."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received()" not in str(record.msg)
+
+
+logging.getLogger("asyncio").addFilter(_QuietTLSClose())
 
 DEFAULT_CONNECT_RETRIES = 3  # attempts before giving up on the first connection
 DEFAULT_RETRY_WAIT = 0.2  # seconds between first-connection attempts
@@ -38,9 +50,20 @@ ErrorCallback = Callable[[Exception], Awaitable[None]]
 
 def _quiet_error_cb(name: str) -> ErrorCallback:
     async def error_cb(exc: Exception) -> None:
+        text = str(exc).lower()
+        if "permissions violation" in text or "authorization violation" in text:
+            # a misconfigured or revoked identity: the server drops what it was not allowed to do
+            log.warning("nats client %s: %s", name, exc)
+            return
         log.debug("nats client %s: %s: %s", name, type(exc).__name__, exc)
 
     return error_cb
+
+
+def is_auth_failure(exc: BaseException) -> bool:
+    """Whether a connect failure means refused credentials or a certificate that does not verify."""
+    text = str(exc).lower()
+    return isinstance(exc, ssl.SSLError) or "authorization violation" in text or "authentication" in text
 
 
 async def connect(
@@ -54,16 +77,23 @@ async def connect(
     max_reconnect_attempts: int = DEFAULT_MAX_RECONNECT_ATTEMPTS,
     reconnect_wait: float = DEFAULT_RECONNECT_WAIT,
     error_cb: ErrorCallback | None = None,
+    security: ClientSecurity | None = None,
     **options: Any,
 ) -> Client:
     """Connect to NATS, trying about ``retries`` times (at least twice); raise :class:`ConnectError` if nobody answers.
 
-    The first connection is bounded here; reconnects after a loss follow ``allow_reconnect``,
-    ``max_reconnect_attempts`` and ``reconnect_wait``. Extra ``options`` go to ``nats.connect`` unchanged.
+    ``security`` adds the identity's credentials, TLS and inbox prefix (``bus.auth``); a server that refuses them
+    is an :class:`AuthError`. The first connection is bounded here; reconnects after a loss follow
+    ``allow_reconnect``, ``max_reconnect_attempts`` and ``reconnect_wait``. Extra ``options`` go to ``nats.connect``
+    unchanged.
     """
     if retries < 1:
         raise ConnectError(f"retries must be >= 1, got {retries}", url=url)
     label = name or "fedrefine"
+    if isinstance(url, str) and "," in url:  # several servers (a cluster): nats-py fails over between them
+        url = [u.strip() for u in url.split(",") if u.strip()]
+    if security is not None:
+        options = {**security.connect_options(url), **options}
     try:
         # nats-py retries the first connection itself, max_reconnect_attempts + 1 times (0 would mean forever)
         nc = await nats.connect(
@@ -77,11 +107,22 @@ async def connect(
             **options,
         )
     except (TimeoutError, OSError, nats.errors.Error) as exc:
+        if is_auth_failure(exc):
+            why = _auth_hint(exc, security)
+            raise AuthError(f"the NATS server at {url} refused this client: {why}", url=url) from exc
         raise ConnectError(f"no NATS server answers at {url}: {exc or type(exc).__name__}", url=url) from exc
     nc.options["allow_reconnect"] = allow_reconnect
     nc.options["max_reconnect_attempts"] = max_reconnect_attempts
     nc.options["reconnect_time_wait"] = reconnect_wait
     return nc
+
+
+def _auth_hint(exc: BaseException, security: ClientSecurity | None) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return f"its TLS certificate does not verify ({exc.reason or exc}); pass the federation's CA with --tls-ca"
+    if security is None or security.creds is None:
+        return "it requires credentials; pass --creds FILE (python -m ops.server --creds-dir DIR writes them)"
+    return f"credentials {security.creds} are unknown to it or revoked"
 
 
 def max_payload(nc: Client) -> int:

@@ -7,6 +7,7 @@ Every package raises from here (``bus`` is the bottom layer, so the tree lives i
     ├── BusError                   NATS and the embedded server
     │   ├── ServerError            nats-server binary missing, port in use, failed to start
     │   ├── ConnectError           no server at the URL / connection lost for good
+    │   ├── AuthError              missing, unreadable or refused credentials; TLS that does not verify
     │   └── TransportError         publish/subscribe failures, payload too large, timeouts
     ├── SchemaError                a message that does not validate, bad id, bad subject
     ├── CodecError                 KV codec
@@ -55,6 +56,10 @@ class ServerError(BusError):
 
 class ConnectError(BusError):
     """No NATS server answers at the given URL, or the connection was lost for good."""
+
+
+class AuthError(BusError):
+    """Credentials are missing, unreadable or refused, or the server's TLS certificate does not verify."""
 
 
 class TransportError(BusError):

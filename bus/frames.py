@@ -33,7 +33,8 @@ import xxhash
 from pydantic import ValidationError
 
 from bus.errors import ChunkError, CodecError
-from bus.schemas import ID_PATTERN, SCHEMA_VERSION, KVChunkHeader
+from bus.schemas import ID_PATTERN, KVChunkHeader
+from bus.schemas import KV_SCHEMA_VERSION as SCHEMA_VERSION
 
 MAGIC = b"FRKV"
 FRAME_VERSION = 3  # 1: CRC-32 checksums, u32 header length; 2: xxh3_64 checksums, JSON header; 3: binary header

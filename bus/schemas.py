@@ -11,13 +11,16 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal, TypeVar
 
+import xxhash
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from bus.errors import SchemaError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # control messages (JSON); 2: subjects name their publisher, offers and plans bind to the query
+KV_SCHEMA_VERSION = 1  # the schema_version byte inside a KV frame header (bus.frames; unchanged by version 2)
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 FINGERPRINT_PATTERN = re.compile(r"[A-Za-z0-9_.:+-]{1,128}")
 MAX_TEXT_CHARS = 16_000  # characters in a question, query or answer text
@@ -29,6 +32,10 @@ MAX_DIM = 1 << 24  # largest single dimension of a KV tensor shape
 MAX_OFFER_TOKENS = 8192  # token offsets an offer may carry
 MAX_NOTES = 16  # free-text notes on an answer
 MAX_INLINE_BYTES = 16_384  # bytes of cache an offer may carry inline (before base64)
+MAX_WEIGHT = 1.0  # a gate's weight for a transmitter is in [0, MAX_WEIGHT] (the gating network's sigmoid)
+MAX_HEARTBEAT_S = 60.0  # seconds: the longest heartbeat interval a presence may announce
+MAX_GATES = 16  # gates a query may name
+DIGEST_MAX = (1 << 64) - 1
 CRC_MAX = 0xFFFFFFFF
 
 Precision = Literal["fp32", "fp16", "bf16", "int8", "int4"]
@@ -77,7 +84,7 @@ class Message(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
 
     def to_bytes(self) -> bytes:
         """Serialise to compact JSON bytes."""
@@ -117,6 +124,19 @@ class Query(Message):
     # the receiver's fuser list, as in its heartbeat's capabilities ("fusers", "fuser:<fp>[@<tail>]"), so the gate
     # plans this query from it even before it has heard the receiver's heartbeat
     fusers: tuple[Annotated[str, Field(max_length=64)], ...] = Field(default=(), max_length=64)
+    # the gates whose plan counts for this query (empty: any gate); transmitters and the receiver ignore the others
+    gates: tuple[Id, ...] = Field(default=(), max_length=MAX_GATES)
+
+
+def query_digest(query_id: str, receiver_id: str, text: str, options: Sequence[str]) -> int:
+    """XXH3-64 (seed 0) of a query's identity and content: offers and plans carry it, so a copy of one made for
+    another query (or the same id with another text) is refused. Fields joined by the unit separator U+001F."""
+    return xxhash.xxh3_64_intdigest("\x1f".join([query_id, receiver_id, text, *options]).encode())
+
+
+def digest_of(query: Query) -> int:
+    """:func:`query_digest` of a :class:`Query`."""
+    return query_digest(query.query_id, query.receiver_id, query.text, query.options)
 
 
 FLOAT_ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -158,6 +178,7 @@ class Offer(Message):
     kind: Literal["offer"] = "offer"
     query_id: Id
     transmitter_id: Id
+    query_digest: int = Field(ge=0, le=DIGEST_MAX)  # digest_of(the Query it answers)
     model_fingerprint: Fingerprint
     n_tokens: int = Field(ge=1)
     n_layers: int = Field(ge=1, le=MAX_LAYER_INDEX + 1)
@@ -208,7 +229,7 @@ class PlanEntry(BaseModel):
     transmitter_id: Id
     layers: tuple[Annotated[int, Field(ge=0, le=MAX_LAYER_INDEX)], ...] = Field(min_length=1)
     precision: Precision
-    weight: float = Field(ge=0.0, allow_inf_nan=False)
+    weight: float = Field(ge=0.0, le=MAX_WEIGHT, allow_inf_nan=False)
     byte_budget: int = Field(ge=0)
     tokens: int | None = Field(default=None, ge=1)  # send only each layer's last this many tokens (None: all)
     inline: bool = False  # the offer carried these layers (InlineKV): the receiver takes them from it, none stream
@@ -226,6 +247,7 @@ class Plan(Message):
     kind: Literal["plan"] = "plan"
     query_id: Id
     receiver_id: Id
+    query_digest: int = Field(ge=0, le=DIGEST_MAX)  # digest_of(the Query it plans)
     deadline_unix: float = Field(gt=0, allow_inf_nan=False)
     entries: tuple[PlanEntry, ...] = ()
     omitted: tuple[Omission, ...] = Field(default=(), max_length=256)  # transmitters not planned, and why
@@ -266,6 +288,7 @@ class KVChunkHeader(Message):
     ``bus.frames`` for both; the names are kept from frame version 1, which used CRC-32).
     """
 
+    schema_version: Literal[1] = KV_SCHEMA_VERSION  # type: ignore[assignment]  # frames keep their own version
     kind: Literal["kv_chunk"] = "kv_chunk"
     query_id: Id
     sender: Id
@@ -355,7 +378,7 @@ class Presence(Message):
     load: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)  # queries in progress
     link_rate_bps: Rate | None = None  # measured or configured uplink, bytes/s
     rtt_s: float | None = Field(default=None, ge=0, le=3600, allow_inf_nan=False)  # round trip to the server, s
-    interval_s: float = Field(default=2.0, gt=0, allow_inf_nan=False)  # next heartbeat expected within
+    interval_s: float = Field(default=2.0, gt=0, le=MAX_HEARTBEAT_S, allow_inf_nan=False)  # next one due within
     sent_unix: float = Field(gt=0, allow_inf_nan=False)
 
 
@@ -438,9 +461,10 @@ def decode_message(data: bytes | bytearray | memoryview | str, expected: type[M]
         raise SchemaError(f"message is not JSON: {exc}") from exc
     if not isinstance(obj, dict):
         raise SchemaError("message is not a JSON object")
-    version = obj.get("schema_version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
-        raise SchemaError(f"unsupported schema_version {version!r} (this build speaks {SCHEMA_VERSION})")
+    speaks = KV_SCHEMA_VERSION if obj.get("kind") == "kv_chunk" else SCHEMA_VERSION
+    version = obj.get("schema_version", speaks)
+    if version != speaks:
+        raise SchemaError(f"unsupported schema_version {version!r} (this build speaks {speaks})")
     try:
         if expected is not None:
             return expected.model_validate(obj)

@@ -3,6 +3,16 @@
 Usable synchronously (``start()`` / ``stop()``, ``with NatsServer() as s``) and as an async context
 manager (``async with NatsServer() as s``). The server listens on 127.0.0.1 only; without a port it
 lets ``nats-server`` pick a free one (``-1``), so two servers never race for the same port.
+
+Security is given, not decided, here: ``authorization`` is an ``authorization { ... }`` block of nats-server
+configuration (``privacy.permissions`` renders it from the permission table) and ``tls`` the certificate and key
+every client connection must use (``privacy.credentials`` generates them). :meth:`NatsServer.reload` swaps the
+authorization block of a running server (nats-server reloads on SIGHUP and cuts clients it no longer admits):
+that is how an identity is revoked. Without either, the server is open to anyone who can reach the port.
+
+A ``cluster`` joins servers by routes (:func:`start_cluster` starts several on loopback); with ``tls`` the routes
+use it too, both ways: a server joins only with a certificate of the same CA. Every member has the same
+authorization block, so an identity is what it is on whichever member it connects to.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from pathlib import Path
 from types import TracebackType
 
 from bus.errors import ServerError
+from bus.serverconf import ClusterConfig, ServerTLS
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +43,15 @@ DEFAULT_MAX_PAYLOAD = 8 * 1024 * 1024  # bytes per message, headers included (na
 DEFAULT_STARTUP_TIMEOUT = 10.0  # seconds until "Server is ready"
 DEFAULT_STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL
 DEFAULT_POLL_INTERVAL = 0.01  # seconds between readiness checks
+DEFAULT_RELOAD_TIMEOUT = 10.0  # seconds for nats-server to confirm a configuration reload
 MAX_PAYLOAD_LIMIT = 64 * 1024 * 1024  # bytes; nats-server refuses more
 BINARY_ENV = "FEDREFINE_NATS_SERVER"
 
 _LISTEN_RE = re.compile(r"Listening for client connections on ([0-9.]+):(\d+)")
+_ROUTE_RE = re.compile(r"Listening for route connections on ([0-9.]+):(\d+)")
 _READY_MARK = "Server is ready"
+_RELOADED_MARK = "Reloaded server configuration"
+_ROUTED_MARK = "Route connection created"
 _LIVE_SERVERS: weakref.WeakSet[NatsServer] = weakref.WeakSet()
 
 
@@ -87,6 +102,9 @@ class NatsServer:
         binary: str | os.PathLike[str] | None = None,
         startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
         host: str = DEFAULT_HOST,
+        authorization: str | None = None,
+        tls: ServerTLS | None = None,
+        cluster: ClusterConfig | None = None,
     ) -> None:
         if port is not None and not 0 < port < 65536:
             raise ServerError(f"port must be 1..65535, got {port}", port=port)
@@ -99,21 +117,53 @@ class NatsServer:
         self.binary = binary
         self.startup_timeout = startup_timeout
         self.host = host
+        self.authorization = authorization
+        self.tls = tls
+        self.cluster = cluster
         self.port: int | None = None
+        self.route_port: int | None = None  # in a cluster, where the other members dial in
         self._proc: subprocess.Popen[bytes] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._log_path: Path | None = None
         self._out_path: Path | None = None
+        self._config_path: Path | None = None
         self._deadline = 0.0
 
     # -- public surface -------------------------------------------------------------------------------
 
     @property
     def url(self) -> str:
-        """``nats://127.0.0.1:PORT`` of the running server."""
+        """``nats://127.0.0.1:PORT`` of the running server (``tls://`` when it requires TLS)."""
         if self.port is None:
             raise ServerError("nats-server is not running")
-        return f"nats://{self.host}:{self.port}"
+        return f"{'tls' if self.tls is not None else 'nats'}://{self.host}:{self.port}"
+
+    @property
+    def secure(self) -> bool:
+        """Whether clients must authenticate and use TLS."""
+        return self.authorization is not None and self.tls is not None
+
+    def reload(self, authorization: str | None = None, timeout: float = DEFAULT_RELOAD_TIMEOUT) -> None:
+        """Replace the authorization block (None: keep it) and make the running server reload its configuration.
+
+        Blocks until nats-server confirms; clients whose identity the new block no longer admits are disconnected.
+        """
+        if not self.running or self._config_path is None or self._log_path is None:
+            raise ServerError("nats-server is not running; nothing to reload")
+        if authorization is not None:
+            self.authorization = authorization
+        before = self.log_text().count(_RELOADED_MARK)
+        self._config_path.write_text(self._config_text(self._log_path))
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGHUP)
+        end = time.monotonic() + timeout
+        while self.log_text().count(_RELOADED_MARK) <= before:
+            if not self.running:
+                raise ServerError(f"nats-server exited while reloading: {self._failure_line(self.log_text())}")
+            if time.monotonic() > end:
+                raise ServerError(f"nats-server did not confirm the reload within {timeout:.0f} s")
+            time.sleep(DEFAULT_POLL_INTERVAL)
+        log.info("nats-server pid %d reloaded its configuration", self._proc.pid)
 
     @property
     def pid(self) -> int | None:
@@ -162,6 +212,7 @@ class NatsServer:
             log.debug("nats-server pid %d stopped (rc=%s)", proc.pid, proc.returncode)
         _LIVE_SERVERS.discard(self)
         self.port = None
+        self.route_port = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -190,7 +241,7 @@ class NatsServer:
 
     def __repr__(self) -> str:
         state = f"url={self.url}" if self.port is not None else "stopped"
-        return f"NatsServer({state}, max_payload={self.max_payload})"
+        return f"NatsServer({state}, max_payload={self.max_payload}, secure={self.secure})"
 
     # -- internals ------------------------------------------------------------------------------------
 
@@ -205,6 +256,12 @@ class NatsServer:
             lines.append(f"max_pending: {self.max_pending}")
         if self.jetstream_dir is not None:
             lines.append(f'jetstream {{ store_dir: "{self.jetstream_dir.resolve()}" }}')
+        if self.tls is not None:
+            lines.append(self.tls.config_text())
+        if self.cluster is not None:
+            lines.append(self.cluster.config_text(self.host, self.tls))
+        if self.authorization is not None:
+            lines.append(self.authorization)
         return "\n".join(lines) + "\n"
 
     def _spawn(self) -> None:
@@ -222,8 +279,13 @@ class NatsServer:
         tmp = Path(self._tmp.name)
         self._log_path = tmp / "nats-server.log"
         self._out_path = tmp / "nats-server.out"
-        config = tmp / "nats-server.conf"
-        config.write_text(self._config_text(self._log_path))
+        config = self._config_path = tmp / "nats-server.conf"
+        try:
+            config.write_text(self._config_text(self._log_path))
+        except ServerError:
+            self._tmp.cleanup()
+            self._tmp = None
+            raise
         with open(self._out_path, "wb") as out:
             try:
                 self._proc = subprocess.Popen(
@@ -251,7 +313,12 @@ class NatsServer:
                 self.stop()
                 raise ServerError("nats-server is ready but did not report its client port")
             port = int(match.group(2))
+            route = _ROUTE_RE.search(text)
+            if self.cluster is not None and route is None:
+                self.stop()
+                raise ServerError("nats-server is ready but did not report its route port")
             if _accepts(self.host, port):
+                self.route_port = int(route.group(2)) if route is not None else None
                 self.port = port
                 log.info("nats-server pid %d ready at %s", self._proc.pid, self.url)
                 return True
@@ -267,6 +334,30 @@ class NatsServer:
         errors = [ln for ln in lines if "[FTL]" in ln or "[ERR]" in ln or "error" in ln.lower()]
         last = (errors or lines or ["no output"])[-1]
         return f"nats-server exited at start: {last}"
+
+
+def start_cluster(size: int, name: str = "fedrefine", **options: object) -> list[NatsServer]:
+    """``size`` servers on loopback joined in one cluster (each dials the first; the rest is gossip), started and
+    stopped together: if one fails to start, the others are stopped."""
+    if size < 1:
+        raise ServerError(f"a cluster needs at least one server, got {size}")
+    servers: list[NatsServer] = []
+    try:
+        first = NatsServer(cluster=ClusterConfig(name), **options).start()  # type: ignore[arg-type]
+        servers.append(first)
+        route = (f"nats-route://{first.host}:{first.route_port}",)
+        for _ in range(size - 1):
+            servers.append(NatsServer(cluster=ClusterConfig(name, routes=route), **options).start())  # type: ignore[arg-type]
+        end = time.monotonic() + first.startup_timeout
+        while size > 1 and not all(_ROUTED_MARK in s.log_text() for s in servers):  # every member is routed
+            if time.monotonic() > end:
+                raise ServerError(f"the {size} servers did not form a cluster within {first.startup_timeout:.0f} s")
+            time.sleep(DEFAULT_POLL_INTERVAL)
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers
 
 
 def _accepts(host: str, port: int) -> bool:

@@ -2,18 +2,20 @@
 
 Layout under a configurable prefix (default ``fr``)::
 
-    fr.ask                                  request/reply from a user or program
-    fr.query                                the rephrased query q'
-    fr.offer.<query_id>                     transmitter offers to the gate
-    fr.plan.<query_id>                      the gate's plan
-    fr.kv.<receiver_id>.<query_id>.<sender> KV chunks for one receiver, query and transmitter
-    fr.presence.<role>.<agent_id>           heartbeats and goodbyes
-    fr.answer.<query_id>                    the answer (besides the reply to the ask)
-    fr.error.<query_id>                     typed errors about one query
-    fr.rephrase.<receiver_id>               receiver side only: request/reply to that receiver's rephraser
+    fr.ask                                    request/reply from a user or program
+    fr.query.<receiver_id>                    the rephrased query q', from that receiver
+    fr.offer.<query_id>.<transmitter_id>      a transmitter's offer to the gate
+    fr.plan.<query_id>.<gate_id>              a gate's plan
+    fr.kv.<receiver_id>.<query_id>.<sender>   KV chunks for one receiver, query and transmitter
+    fr.presence.<role>.<agent_id>             heartbeats and goodbyes
+    fr.answer.<receiver_id>.<query_id>        the answer to a question that is not private (besides the reply)
+    fr.error.<query_id>                       typed errors about one query (reserved)
+    fr.rephrase.<receiver_id>                 receiver side only: request/reply to that receiver's rephraser
 
-Every id is checked with :func:`bus.schemas.validate_id`, so no caller can smuggle ``.``, ``*`` or
-``>`` into a subject.
+Every subject a message is published on names its publisher (the last token, or the receiver's or agent's id), so
+server permissions (``privacy.permissions``) pin each identity to its own subjects; agents check that the ids
+inside a message equal the ids in its subject. Every id is checked with :func:`bus.schemas.validate_id`, so no
+caller can smuggle ``.``, ``*`` or ``>`` into a subject.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from bus.schemas import ROLES, validate_id
 DEFAULT_PREFIX = "fr"
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_-]{1,32}(\.[A-Za-z0-9_-]{1,32}){0,3}")
 KINDS = ("ask", "query", "offer", "plan", "kv", "presence", "answer", "error", "rephrase")
+# tokens after the kind
+_TOKENS = {"ask": 0, "query": 1, "offer": 2, "plan": 2, "kv": 3, "presence": 2, "answer": 2, "error": 1, "rephrase": 1}
 
 
 class SubjectParts(BaseModel):
@@ -38,7 +42,7 @@ class SubjectParts(BaseModel):
     kind: str
     query_id: str | None = None
     receiver_id: str | None = None
-    sender: str | None = None
+    sender: str | None = None  # who published: the transmitter (offer, kv) or the gate (plan)
     role: str | None = None
     agent_id: str | None = None
 
@@ -67,25 +71,29 @@ class Subjects:
         """Subject users send questions to (request/reply)."""
         return f"{self.prefix}.ask"
 
-    def query(self) -> str:
-        """Subject of rephrased queries."""
-        return f"{self.prefix}.query"
+    def query(self, receiver_id: str) -> str:
+        """Subject of the rephrased queries of one receiver."""
+        return f"{self.prefix}.query.{validate_id(receiver_id, 'receiver id')}"
 
-    def offer(self, query_id: str) -> str:
-        """Subject of offers for one query."""
-        return f"{self.prefix}.offer.{validate_id(query_id, 'query id')}"
+    def queries_all(self) -> str:
+        """Wildcard over the queries of every receiver."""
+        return f"{self.prefix}.query.*"
+
+    def offer(self, query_id: str, transmitter_id: str) -> str:
+        """Subject of one transmitter's offer for one query."""
+        return f"{self.prefix}.offer.{validate_id(query_id, 'query id')}.{validate_id(transmitter_id, 'sender id')}"
 
     def offers_all(self) -> str:
-        """Wildcard over offers of every query."""
-        return f"{self.prefix}.offer.*"
+        """Wildcard over offers of every query and transmitter."""
+        return f"{self.prefix}.offer.*.*"
 
-    def plan(self, query_id: str) -> str:
-        """Subject of the plan for one query."""
-        return f"{self.prefix}.plan.{validate_id(query_id, 'query id')}"
+    def plan(self, query_id: str, gate_id: str) -> str:
+        """Subject of one gate's plan for one query."""
+        return f"{self.prefix}.plan.{validate_id(query_id, 'query id')}.{validate_id(gate_id, 'gate id')}"
 
     def plans_all(self) -> str:
-        """Wildcard over plans of every query."""
-        return f"{self.prefix}.plan.*"
+        """Wildcard over plans of every query and gate."""
+        return f"{self.prefix}.plan.*.*"
 
     def kv(self, receiver_id: str, query_id: str, sender: str) -> str:
         """Subject a transmitter streams one query's KV chunks to."""
@@ -112,9 +120,13 @@ class Subjects:
             return f"{self.prefix}.presence.*.*"
         return f"{self.prefix}.presence.{_role(role)}.*"
 
-    def answer(self, query_id: str) -> str:
-        """Subject the answer to one query is published on."""
-        return f"{self.prefix}.answer.{validate_id(query_id, 'query id')}"
+    def answer(self, receiver_id: str, query_id: str) -> str:
+        """Subject the answer to one (not private) query is published on."""
+        return f"{self.prefix}.answer.{validate_id(receiver_id, 'receiver id')}.{validate_id(query_id, 'query id')}"
+
+    def answers_all(self) -> str:
+        """Wildcard over every published answer."""
+        return f"{self.prefix}.answer.*.*"
 
     def error(self, query_id: str) -> str:
         """Subject of typed errors about one query."""
@@ -132,14 +144,22 @@ class Subjects:
         if ".".join(tokens[: self._n]) != self.prefix or len(tokens) <= self._n:
             raise SchemaError(f"subject {subject!r} is not under prefix {self.prefix!r}", subject=subject)
         kind, rest = tokens[self._n], tokens[self._n + 1 :]
-        expected = {"ask": 0, "query": 0, "offer": 1, "plan": 1, "kv": 3, "presence": 2, "answer": 1, "error": 1}
-        expected["rephrase"] = 1
-        if kind not in expected:
+        if kind not in _TOKENS:
             raise SchemaError(f"unknown subject kind {kind!r} in {subject!r}", subject=subject)
-        if len(rest) != expected[kind]:
-            raise SchemaError(f"subject {subject!r} needs {expected[kind]} tokens after {kind!r}", subject=subject)
-        if kind in ("ask", "query"):
+        if len(rest) != _TOKENS[kind]:
+            raise SchemaError(f"subject {subject!r} needs {_TOKENS[kind]} tokens after {kind!r}", subject=subject)
+        if kind == "ask":
             return SubjectParts(kind=kind)
+        if kind == "query":
+            return SubjectParts(kind=kind, receiver_id=validate_id(rest[0], "receiver id"))
+        if kind in ("offer", "plan"):
+            return SubjectParts(
+                kind=kind, query_id=validate_id(rest[0], "query id"), sender=validate_id(rest[1], "sender id")
+            )
+        if kind == "answer":
+            return SubjectParts(
+                kind=kind, receiver_id=validate_id(rest[0], "receiver id"), query_id=validate_id(rest[1], "query id")
+            )
         if kind == "kv":
             return SubjectParts(
                 kind=kind,

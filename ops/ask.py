@@ -4,8 +4,10 @@
     python -m ops.ask --file questions.jsonl [--concurrency 8] [--private]
 
 One question: the answer letter and text, which transmitters (and layers) went into it, which did not and
-why. ``--file``: one JSON object per line (``stem`` or ``question``, four ``options``, optionally ``answer``
-as an index or letter and ``private``); pushes them all and prints accuracy, latency and bytes.
+why. The asker is a ``client`` identity: ``--creds FILE`` (``FEDREFINE_CREDS``; ``python -m ops.server
+--creds-dir DIR`` writes ``DIR/client.creds``) and ``--tls-ca DIR/ca.pem``; ``--insecure`` only for a server run
+with ``--insecure``. ``--file``: one JSON object per line (``stem`` or ``question``, four ``options``, optionally
+``answer`` as an index or letter and ``private``); pushes them all and prints accuracy, latency and bytes.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import nats
 from nats.aio.client import Client
 from pydantic import ValidationError
 
+from bus.auth import ClientSecurity
 from bus.connect import close, connect
 from bus.errors import ConfigError, ConnectError, FedRefineError, SchemaError
 from bus.schemas import Answer, Ask, ErrorReply, decode_message
@@ -220,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="push only the first N questions of --file")
     p.add_argument("--nats", default=os.environ.get("FEDREFINE_NATS", DEFAULT_NATS_URL), help="NATS server URL")
     p.add_argument("--prefix", default=os.environ.get("FEDREFINE_PREFIX", DEFAULT_PREFIX), help="subject prefix")
+    p.add_argument(
+        "--creds", default=os.environ.get("FEDREFINE_CREDS") or None, help="a client identity's credentials file"
+    )
+    p.add_argument(
+        "--tls-ca", default=os.environ.get("FEDREFINE_TLS_CA") or None, help="CA certificate that verifies the server"
+    )
+    p.add_argument("--insecure", action="store_true", help="no credentials, no TLS (a server run with --insecure)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     return p
 
@@ -235,8 +245,9 @@ async def _run(args: argparse.Namespace) -> int:
         items = [Item(args.question, tuple(args.option), args.private)]
     else:
         items = load_items(args.file, args.private)[: args.limit]
+    security = client_security(args.creds, args.tls_ca, args.insecure)
     try:
-        nc = await connect(args.nats, name="ops.ask", retries=1)
+        nc = await connect(args.nats, name="ops.ask", retries=1, security=security)
     except ConnectError as exc:
         raise ConnectError(f"no NATS server at {args.nats}; start one with `python -m ops.server`") from exc
     try:
@@ -255,6 +266,18 @@ async def _run(args: argparse.Namespace) -> int:
         return 0 if summary["answered"] == summary["queries"] else 1
     finally:
         await close(nc)
+
+
+def client_security(creds: str | None, tls_ca: str | None, insecure: bool) -> ClientSecurity:
+    """The asker's identity from the flags; :class:`ConfigError` without ``--creds`` unless ``--insecure``."""
+    if creds is None and not insecure:
+        raise ConfigError(
+            "--creds FILE is required (a client identity: python -m ops.server --creds-dir DIR writes DIR/client.creds)"
+            "; --insecure asks a server run with --insecure"
+        )
+    if creds is None:
+        print("warning: --insecure: no credentials, no TLS", file=sys.stderr)
+    return ClientSecurity(creds=creds, tls_ca=tls_ca)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,13 +1,14 @@
 """The main job: a whole federation on this machine, answering the sample questions.
 
-    python -m ops.demo [--full | --quick | --tiny] [--questions N] [--deadline-ms N] [--concurrency N]
+    python -m ops.demo [--full | --quick | --tiny] [--questions N] [--deadline-ms N] [--concurrency N] [--insecure]
 
-Starts an embedded nats-server, builds or loads the zoo (the quick zoo unless the full one is already built;
-``--full`` builds it), starts the receiver, the rephraser, the gate and four transmitters as separate
-processes, pushes held-out test questions (those with personal details as private queries) with a progress
-bar, prints accuracy, latency, bytes per query and per-transmitter usage, and stops everything cleanly,
-also on Ctrl-C. ``--tiny`` runs the same thing on tiny random models in seconds (a smoke test: accuracy is
-chance there).
+Starts an embedded nats-server (authorization and TLS on: fresh credentials for each agent and the asker, in a
+temporary directory; ``--insecure`` runs without, and says so), builds or loads the zoo (the quick zoo unless
+the full one is already built; ``--full`` builds it), starts the receiver, the rephraser, the gate and four
+transmitters as separate processes, pushes held-out test questions (those with personal details as private
+queries) with a progress bar, prints accuracy, latency, bytes per query and per-transmitter usage, and stops
+everything cleanly, also on Ctrl-C. ``--tiny`` runs the same thing on tiny random models in seconds (a smoke
+test: accuracy is chance there).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import asyncio
 import logging
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -27,7 +29,7 @@ from pathlib import Path
 from types import FrameType
 from typing import NoReturn, TypeVar
 
-from agents.launch import AgentSpec, Federation
+from agents.launch import AgentSpec, Federation, identities_for
 from bus.connect import close, connect
 from bus.errors import ConfigError, FedRefineError
 from bus.schemas import Answer
@@ -35,6 +37,8 @@ from bus.server import NatsServer
 from bus.subjects import Subjects
 from fusion.prompts import Question
 from ops.ask import Item, Outcome, push_many, summarize
+from ops.server import INSECURE_WARNING
+from privacy.credentials import CredentialStore
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,7 @@ DEFAULT_QUESTIONS = 60  # held-out questions pushed by default
 DEFAULT_DEADLINE_MS = 10_000  # per question
 DEFAULT_CONCURRENCY = 4  # questions in flight
 DEFAULT_CANCEL_WAIT_S = 5.0  # seconds the pushing task may take to end once a signal arrived
+ASKER_ID = "client"  # the identity the demo pushes questions as
 DEFAULT_LINKS_MBPS = (None, 6.0, 1.0, 0.25)  # uplinks (MB/s) of the four transmitters: LAN, laptop, phone, weak phone
 TINY_TRANSMITTERS = ("tiny-llama", "tiny-qwen2", "tiny-llama", "tiny-qwen2")
 
@@ -63,8 +68,9 @@ class Setup:
 
     def specs(self, receiver_id: str = "receiver") -> list[AgentSpec]:
         """The seven agents of the demo."""
+        rx_args = ("--model", self.receiver, "--fusers", self.fusers, "--gates", "gate") + self.check_args()
         specs = [
-            AgentSpec("receiver", receiver_id, ("--model", self.receiver, "--fusers", self.fusers) + self.check_args()),
+            AgentSpec("receiver", receiver_id, rx_args),
             AgentSpec("rephraser", "rephraser", ("--model", self.receiver, "--receiver-id", receiver_id)),
             AgentSpec("gate", "gate", ("--gate", self.gate) if self.gate else ()),
         ]
@@ -211,7 +217,8 @@ async def _drive(fed: Federation, setup: Setup, deadline_s: float, concurrency: 
     t0 = time.monotonic()
     await _until_interrupted(fed.wait_ready())
     _say(f"all agents up in {time.monotonic() - t0:.1f} s; pushing {len(setup.questions)} questions", quiet)
-    nc = await connect(fed.url, name="ops.demo")
+    security = fed.store.client_security(ASKER_ID) if fed.store is not None else None
+    nc = await connect(fed.url, name="ops.demo", security=security)
     try:
         items = items_of(setup.questions)
         with tqdm(total=len(items), desc="questions", unit="q", disable=quiet, file=sys.stderr) as bar:
@@ -236,10 +243,11 @@ def run_demo(
     concurrency: int = DEFAULT_CONCURRENCY,
     log_dir: Path | None = None,
     quiet: bool = False,
+    insecure: bool = False,
 ) -> list[Outcome]:
     """Server and agents up, questions pushed, everything stopped (also on KeyboardInterrupt)."""
-    server = NatsServer().start()
-    fed = Federation(server.url, setup.specs(), log_dir=log_dir)
+    server, store = secure_server(setup.specs(), insecure)
+    fed = Federation(server.url, setup.specs(), log_dir=log_dir, store=store)
     try:
         fed.start()
         try:
@@ -250,9 +258,28 @@ def run_demo(
         _say("stopping agents ...", quiet)
         statuses = fed.stop()
         server.stop()
+        if store is not None:
+            shutil.rmtree(store.root, ignore_errors=True)
         unclean = {aid: rc for aid, rc in statuses.items() if rc not in (0, None)}
         if unclean:
             log.warning("agents that did not exit cleanly: %s (logs in %s)", unclean, fed.log_dir)
+
+
+def secure_server(
+    specs: Sequence[AgentSpec],
+    insecure: bool = False,
+    extra: Sequence[tuple[str, str, str | None]] = (),
+    warn: bool = True,
+) -> tuple[NatsServer, CredentialStore | None]:
+    """A started embedded server with credentials (in a temporary directory) for ``specs``, the asker and ``extra``;
+    ``insecure``: no authorization, no TLS (a warning on stderr unless ``warn`` is off: a benchmark's baseline)."""
+    if insecure:
+        if warn:
+            print(INSECURE_WARNING, file=sys.stderr, flush=True)
+        return NatsServer().start(), None
+    store = CredentialStore(tempfile.mkdtemp(prefix="fedrefine-creds-"))
+    store.ensure([*identities_for(specs), ("client", ASKER_ID, None), *extra])
+    return store.server().start(), store
 
 
 def receiver_alone(setup: Setup) -> float | None:
@@ -333,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="questions in flight at once")
     p.add_argument("--log-dir", type=Path, default=None, help="where the agents' logs go (default: a temp dir)")
     p.add_argument("-q", "--quiet", action="store_true", help="only the final table")
+    p.add_argument("--insecure", action="store_true", help="no authorization, no TLS (prints a warning)")
     return p
 
 
@@ -359,6 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             concurrency=args.concurrency,
             log_dir=args.log_dir,
             quiet=args.quiet,
+            insecure=args.insecure,
         )
     except FedRefineError as exc:
         print(f"error: {exc}", file=sys.stderr)

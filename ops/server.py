@@ -1,20 +1,41 @@
-"""``python -m ops.server [--port N] [--jetstream DIR] [--max-payload BYTES]``: run an embedded nats-server.
+"""``python -m ops.server [--creds-dir DIR] [--port N] [--cluster N] [--insecure]``: run an embedded nats-server.
 
-Prints the server's URL on stdout, then runs until Ctrl-C (or SIGTERM) and stops the server cleanly.
+Authorization and TLS are on: the server admits exactly the identities of ``--creds-dir`` (default
+``.cache/creds``; created with one identity per demo agent, a ``client`` and a ``monitor`` when missing) with the
+permissions of ``privacy.permissions``, over TLS with the directory's certificate. Each agent connects with
+``--creds DIR/<id>.creds --tls-ca DIR/ca.pem``. ``python -m ops.creds issue|revoke`` changes who is admitted and
+signals this process (SIGHUP), which reloads the server: a revoked identity is cut off at once.
+
+``--cluster N`` runs N servers joined by routes (mutual TLS with the directory's CA), each with the same
+authorization, and prints their URLs comma-separated: agents take that list as ``--nats`` and fail over.
+
+``--insecure`` runs without authorization or TLS (anyone who reaches the port may read and forge everything);
+it says so on stderr. Prints the server's URL on stdout, then runs until Ctrl-C (or SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import signal
 import sys
 import threading
+from pathlib import Path
 from types import FrameType
 
-from bus.errors import FedRefineError
-from bus.server import DEFAULT_MAX_PAYLOAD, NatsServer
+from bus.errors import FedRefineError, ServerError
+from bus.server import DEFAULT_MAX_PAYLOAD, NatsServer, start_cluster
+from bus.subjects import DEFAULT_PREFIX
+from privacy.credentials import DEFAULT_CREDS_DIR, DEFAULT_IDENTITIES, REGISTRY_FILE, CredentialStore
+
+PID_FILE = "server.pid"  # in the creds dir: the ops.server process that ops.creds signals after a change
+DEFAULT_TICK_S = 0.1  # seconds between checks for a stop or a reload
+INSECURE_WARNING = (
+    "warning: --insecure: no authorization and no TLS; anyone who reaches this port can read every question and "
+    "forge every message"
+)
 
 _SIZE_RE = re.compile(r"(\d+)\s*([kmg]?i?b?)?", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -33,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
     parser = argparse.ArgumentParser(prog="python -m ops.server", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=None, help="client port (default: a free one)")
+    parser.add_argument("--cluster", type=int, default=1, metavar="N", help="N servers joined in a cluster")
+    parser.add_argument("--creds-dir", type=Path, default=DEFAULT_CREDS_DIR, help="identities, keys and certificates")
+    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="subject prefix new credentials are made for")
+    parser.add_argument("--insecure", action="store_true", help="no authorization, no TLS (prints a warning)")
     parser.add_argument("--jetstream", metavar="DIR", default=None, help="enable JetStream with this store dir")
     parser.add_argument(
         "--max-payload", type=parse_size, default=DEFAULT_MAX_PAYLOAD, help="largest message, e.g. 8MB (default)"
@@ -41,36 +66,86 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def open_store(root: Path, prefix: str) -> tuple[CredentialStore, bool]:
+    """The credentials directory, created with the default identities when it has none; (store, created)."""
+    created = not (root / REGISTRY_FILE).is_file()
+    store = CredentialStore(root, prefix) if created else CredentialStore.open(root)
+    store.ensure(DEFAULT_IDENTITIES if created else ())
+    return store, created
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Start the server, print its URL, wait for Ctrl-C or SIGTERM, stop it."""
+    """Start the server, print its URL, reload on SIGHUP, stop on Ctrl-C or SIGTERM."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    stop = threading.Event()
+    stop, reload = threading.Event(), threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
+        (reload if signum == signal.SIGHUP else stop).set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    server: NatsServer | None = None
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
+    servers: list[NatsServer] = []
+    pid_file: Path | None = None
     try:
-        server = NatsServer(args.port, max_payload=args.max_payload, jetstream_dir=args.jetstream)
-        server.start()
-        print(server.url, flush=True)
-        print(f"nats-server pid {server.pid}; Ctrl-C to stop", file=sys.stderr, flush=True)
-        while not stop.wait(0.5):
-            if not server.running:
+        if args.port is not None and not 0 < args.port < 65536:
+            raise ServerError(f"port must be 1..65535, got {args.port}", port=args.port)
+        if args.cluster < 1 or (args.cluster > 1 and (args.port is not None or args.jetstream)):
+            raise ServerError("--cluster takes a number >= 1, and picks free ports itself (no --port, --jetstream)")
+        store = None
+        if args.insecure:
+            print(INSECURE_WARNING, file=sys.stderr, flush=True)
+        else:
+            store, created = open_store(args.creds_dir, args.prefix)
+            if created:
+                ids = ", ".join(f"{i.role} {i.id}" for i in store.active())
+                print(f"wrote credentials to {store.root}: {ids}", file=sys.stderr, flush=True)
+        servers = _start(args, store)
+        print(",".join(s.url for s in servers), flush=True)
+        if store is not None:
+            pid_file = store.root / PID_FILE
+            pid_file.write_text(f"{os.getpid()}\n")
+            pids = ", ".join(str(s.pid) for s in servers)
+            print(
+                f"nats-server pid {pids}; agents: --creds {store.root}/<id>.creds --tls-ca {store.ca_file}; "
+                "Ctrl-C to stop",
+                file=sys.stderr,
+                flush=True,
+            )
+        while not stop.wait(DEFAULT_TICK_S):
+            if not all(s.running for s in servers):
                 print("error: nats-server exited unexpectedly", file=sys.stderr)
                 return 1
+            if reload.is_set():
+                reload.clear()
+                if store is not None:
+                    store = CredentialStore.open(store.root)
+                    for server in servers:
+                        server.reload(store.authorization())
+                    print(f"reloaded: {len(store.active())} identities admitted", file=sys.stderr, flush=True)
     except FedRefineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
-        if server is not None:
+        if pid_file is not None:
+            pid_file.unlink(missing_ok=True)
+        for server in servers:
             server.stop()
     return 0
+
+
+def _start(args: argparse.Namespace, store: CredentialStore | None) -> list[NatsServer]:
+    """The server(s), started."""
+    options = {"max_payload": args.max_payload}
+    if args.cluster > 1:
+        if store is not None:
+            return store.cluster(args.cluster, **options)
+        return start_cluster(args.cluster, **options)
+    if store is not None:
+        return [store.server(args.port, jetstream_dir=args.jetstream, **options).start()]
+    return [NatsServer(args.port, jetstream_dir=args.jetstream, **options).start()]
 
 
 if __name__ == "__main__":

@@ -69,8 +69,8 @@ class Rephrased:
 
 
 def _acceptable(candidate: str, redacted: str, removed: list[Detail]) -> bool:
-    if not candidate or "\n" in candidate:
-        return False
+    if not candidate or "\n" in candidate or not _WORD.search(candidate.lower()):
+        return False  # empty, several lines, or no word at all (a random model's "::::")
     if len(candidate) > MAX_LENGTH_RATIO * max(len(redacted), 1):
         return False
     if any(d.value.lower() in candidate.lower() for d in removed):

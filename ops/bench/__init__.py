@@ -15,4 +15,6 @@ BENCHMARKS: dict[str, str] = {
     "latency": "text-to-text vs C2C wall time and bytes per token",
     "e2e": "the agents over NATS vs refine() in process",
     "bandwidth": "link rate x policy sweep through the agents",
+    "attacks": "the attack matrix against a federation of processes, with legitimate questions meanwhile",
+    "leakage": "what leaves the receiver side: a sniffer, n-gram overlap of q' with q, a KV-inversion attacker",
 }

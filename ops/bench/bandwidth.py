@@ -4,7 +4,8 @@
 
 For every link rate (MB/s = 1e6 bytes/s; ``unshaped`` = loopback) and policy, a fresh federation of in-process
 agents (receiver, gate running that policy, every transmitter shaped to that rate) answers the same questions
-one at a time on one embedded nats-server; the models are loaded once. ``deadline_met`` is the share of
+one at a time on its own embedded nats-server (authorization and TLS on, one identity per agent; the CA and
+certificate are made once); the models are loaded once. ``deadline_met`` is the share of
 questions answered by the deadline with every planned layer arrived (a stream cut by the deadline, or no plan,
 is a miss); ``accuracy`` counts the answer whatever arrived. ``bytes_per_query`` is the KV the receiver got and
 used, ``bytes_per_token`` that over the tokens of the transmitters' caches used. Text-to-text (``policy``
@@ -19,6 +20,7 @@ import argparse
 import asyncio
 import logging
 import math
+import shutil
 import statistics
 import tempfile
 import time
@@ -108,27 +110,32 @@ def load_world(args: argparse.Namespace) -> World:
 # ---- one cell: a rate and a policy through the agents ----------------------------------------------------------
 
 
-async def _start_agents(url: str, prefix: str, world: World, policy: str, rate: float | None) -> list:
+async def _start_agents(url: str, store: Any, world: World, policy: str, rate: float | None) -> list:
     from agents.config import GateAgentConfig, ReceiverConfig, TransmitterConfig, make_config
     from agents.gate import GateAgent
     from agents.receiver import ReceiverAgent
     from agents.transmitter import TransmitterAgent
 
-    base = {"nats": url, "prefix": prefix, "heartbeat_s": 0.5, "drain_s": DRAIN_S, "log_level": "warning"}
+    base = {"nats": url, "prefix": store.prefix, "heartbeat_s": 0.5, "drain_s": DRAIN_S, "log_level": "warning"}
+    base["tls_ca"] = str(store.ca_file)
+
+    def creds(agent_id: str) -> dict[str, Any]:
+        return {**base, "id": agent_id, "creds": str(store.creds_path(agent_id))}
+
     setup = world.setup
     agents: list = []
-    rx = {**base, "id": "rx", "model": setup.receiver, "fusers": setup.fusers, "self_check": setup.self_check}
-    rx_cfg = make_config(ReceiverConfig, rx, "rx")
+    rx = {**creds("rx"), "model": setup.receiver, "fusers": setup.fusers, "self_check": setup.self_check}
+    rx_cfg = make_config(ReceiverConfig, {**rx, "gates": "gate"}, "receiver")
     agents.append(ReceiverAgent(rx_cfg, model=world.receiver))
-    gate_cfg = make_config(GateAgentConfig, {**base, "id": "gate", "gate": setup.gate, "policy": policy}, "gate")
+    gate_cfg = make_config(GateAgentConfig, {**creds("gate"), "gate": setup.gate, "policy": policy}, "gate")
     agents.append(GateAgent(gate_cfg))
     link: dict[str, Any] = {}
     if rate is not None:
         burst = max(MIN_BURST_BYTES, int(rate * 1e6 * BURST_SECONDS))
         link = {"link_mbps": rate, "link_burst_bytes": burst}
     for tid, model in world.transmitters.items():
-        cfg = make_config(TransmitterConfig, {**base, "id": tid, "model": setup.transmitters[tid], **link}, "tx")
-        agents.append(TransmitterAgent(cfg, model=model))
+        values = {**creds(tid), "model": setup.transmitters[tid], **link}
+        agents.append(TransmitterAgent(make_config(TransmitterConfig, values, "transmitter"), model=model))
     started = []
     try:
         for agent in agents:
@@ -154,16 +161,33 @@ async def _stop(agents: list) -> None:
             log.exception("stopping %s failed", agent.id)
 
 
-async def run_cell(url: str, world: World, policy: str, rate: float | None, deadline_s: float) -> dict:
-    """One row: every question through a fresh federation running ``policy`` on links of ``rate`` MB/s."""
+async def run_cell(world: World, policy: str, rate: float | None, deadline_s: float, *, tls_from: Any = None) -> dict:
+    """One row: every question through a fresh federation running ``policy`` on links of ``rate`` MB/s, on a fresh
+    secure server (``tls_from``: a ``CredentialStore`` whose CA and certificate to reuse)."""
+    from privacy.credentials import CredentialStore
+
+    root = Path(tempfile.mkdtemp(prefix="fedrefine-bw-creds-"))
+    store = CredentialStore(root, f"bw{uuid.uuid4().hex[:10]}")
+    if tls_from is not None:
+        store.copy_tls_from(tls_from)
+    ids = [("receiver", "rx", None), ("gate", "gate", None), ("admin", "bench", None)]
+    store.ensure(ids + [("transmitter", tid, None) for tid in world.transmitters])
+    server = store.server().start()
+    try:
+        return await _cell(server.url, store, world, policy, rate, deadline_s)
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def _cell(url: str, store: Any, world: World, policy: str, rate: float | None, deadline_s: float) -> dict:
     from bus.connect import close, connect
     from bus.schemas import Answer, Offer, Plan
     from bus.subjects import Subjects
     from ops.ask import Item, ask_once
 
-    prefix = f"bw{uuid.uuid4().hex[:10]}"
-    subjects = Subjects(prefix)
-    agents = await _start_agents(url, prefix, world, policy, rate)
+    subjects = Subjects(store.prefix)
+    agents = await _start_agents(url, store, world, policy, rate)
     plans: dict[str, Plan] = {}
     tokens: dict[tuple[str, str], int] = {}
 
@@ -175,7 +199,7 @@ async def run_cell(url: str, world: World, policy: str, rate: float | None, dead
         offer = Offer.from_bytes(msg.data)
         tokens[(offer.query_id, offer.transmitter_id)] = offer.n_tokens
 
-    nc = await connect(url, name="bench-bandwidth")
+    nc = await connect(url, name="bench-bandwidth", security=store.client_security("bench"))  # an operator's view
     rows = []
     try:
         await nc.subscribe(subjects.plans_all(), cb=on_plan)
@@ -307,7 +331,7 @@ def run(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
     from bus.policy import make_policy
-    from bus.server import NatsServer
+    from privacy.credentials import CredentialStore
 
     rates = parse_rates(args.rates)
     policies = [make_policy(p.strip()).name for p in args.policies.split(",") if p.strip()]
@@ -320,13 +344,15 @@ def run(args: argparse.Namespace) -> dict:
     world = load_world(args)
     runs, alone = measure_t2t(world)
     rows: list[dict] = []
-    server = NatsServer().start()
+    pki_dir = Path(tempfile.mkdtemp(prefix="fedrefine-bw-pki-"))
+    pki = CredentialStore(pki_dir)
+    pki.ensure_tls()
     try:
         cells = [(r, p) for r in rates for p in policies]
         for rate, policy in tqdm(cells, desc="bandwidth cells"):
-            rows.append(asyncio.run(run_cell(server.url, world, policy, rate, args.deadline_s)))
+            rows.append(asyncio.run(run_cell(world, policy, rate, args.deadline_s, tls_from=pki)))
     finally:
-        server.stop()
+        shutil.rmtree(pki_dir, ignore_errors=True)
     if not args.no_t2t:
         rows += [t2t_row(runs, rate, args.deadline_s) for rate in rates]
     fp16_bytes = [r["bytes_per_query"] for r in rows if r["policy"] == "keep-all" and r["link_mbps"] is None]

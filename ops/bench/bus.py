@@ -1,10 +1,11 @@
 """``python -m ops.bench bus``: raw nats-py publishes vs a KV cache through our transport, same bytes, one run.
 
-Both legs use the same embedded server, the same two connections (publisher, subscriber) in one
-process, and the same message size. Raw: the cache's fp16 bytes are published as plain messages and
-counted at a subscriber. KV: ``send_cache`` (fp16, no compression: the same bytes) to a ``KVReceiver``
-until every layer is reassembled, checksummed and decoded. Legs alternate after a warm-up; medians are
-reported. Extra rows show other precisions (throughput counted in fp16-cache bytes, i.e. effective).
+Both legs use the same embedded server (authorization and TLS on, an ``admin`` identity, unless ``--insecure``),
+the same two connections (publisher, subscriber) in one process, and the same message size. Raw: the cache's
+fp16 bytes are published as plain messages and counted at a subscriber. KV: ``send_cache`` (fp16, no
+compression: the same bytes) to a ``KVReceiver`` until every layer is reassembled, checksummed and decoded. Legs
+alternate after a warm-up; medians are reported. Extra rows show other precisions (throughput counted in
+fp16-cache bytes, i.e. effective).
 """
 
 from __future__ import annotations
@@ -13,20 +14,27 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import statistics
+import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 import torch
 
+from bus.auth import ClientSecurity
 from bus.connect import BusConnections, subscribe, subscribed
 from bus.errors import TransportError
 from bus.frames import header_budget
 from bus.server import DEFAULT_MAX_PAYLOAD, NatsServer
 from bus.transport import DEFAULT_FLUSH_EVERY, KVReceiver, send_cache
 from ops.bench.codec import make_cache
+from ops.server import INSECURE_WARNING
+from privacy.credentials import CredentialStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nats", default=None, help="use this server instead of an embedded one")
     parser.add_argument("--extra", default="fp16+lz4,int8,int4", help="extra KV rows (precision[+lz4]), or ''")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--insecure", action="store_true", help="embedded server without authorization or TLS")
 
 
 async def _raw_leg(conns: BusConnections, blobs: list[bytes], chunk: int) -> float:
@@ -116,12 +125,12 @@ async def _retry(lost: dict[str, int], name: str, leg: Callable[[], Awaitable[T]
     raise AssertionError("unreachable")
 
 
-async def _bench(args: argparse.Namespace, url: str) -> dict:
+async def _bench(args: argparse.Namespace, url: str, security: ClientSecurity | None = None) -> dict:
     load_before = os.getloadavg()[0]
     cache = make_cache(args.layers, 1, 8, args.tokens, 128, seed=0)
     blobs = [t.contiguous().view(torch.uint8).numpy().tobytes() for kv in cache.values() for t in kv]
     cache_bytes = sum(len(b) for b in blobs)
-    async with BusConnections(url, name="bench") as conns:
+    async with BusConnections(url, name="bench", security=security) as conns:
         assert conns.pub is not None
         chunk = header_budget(conns.pub.max_payload)  # the payload our chunks carry, for equal message counts
         await _raw_leg(conns, blobs, chunk)  # warm-up both legs
@@ -199,7 +208,17 @@ def run(args: argparse.Namespace) -> dict:
         return asyncio.run(_bench(args, args.nats))
 
     async def embedded() -> dict:
-        async with NatsServer(max_payload=args.max_payload) as server:
-            return await _bench(args, server.url)
+        if args.insecure:
+            print(INSECURE_WARNING, file=sys.stderr)
+            async with NatsServer(max_payload=args.max_payload) as server:
+                return await _bench(args, server.url) | {"secure": False}
+        root = Path(tempfile.mkdtemp(prefix="fedrefine-bench-bus-"))
+        store = CredentialStore(root)
+        store.ensure([("admin", "bench", None)])
+        try:
+            async with store.server(max_payload=args.max_payload) as server:
+                return await _bench(args, server.url, store.client_security("bench")) | {"secure": True}
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
 
     return asyncio.run(embedded())

@@ -1,12 +1,16 @@
 """The agents over NATS against ``fusion.refine()`` in process: same questions, same settings, one run.
 
-    python -m ops.bench e2e [--quick | --tiny] [--questions N] [--json F]
+    python -m ops.bench e2e [--quick | --tiny] [--questions N] [--tls | --insecure] [--json F]
 
 Both paths answer every question with the gating network, fp16 caches and private mode for questions that
 carry personal details; questions alternate between the two paths so both see the same machine load. The bus
-path is the demo's: an embedded nats-server and every agent (receiver, rephraser, gate, transmitters) as its
-own process, one question at a time (latency, not throughput). Parity is the share of answered questions
-whose letter equals the in-process letter.
+path is the demo's: an embedded nats-server (authorization and TLS on, an identity per agent) and every agent
+(receiver, rephraser, gate, transmitters) as its own process, one question at a time (latency, not throughput).
+Parity is the share of answered questions whose letter equals the in-process letter.
+
+``--tls``: the cost of security. A second federation runs on a server without authorization or TLS, and every
+question goes through both (in turn, the order alternating) and in process: ``overhead_ratio_secure`` is the
+secure bus p50 over the plain bus p50 of the same run. ``--insecure`` runs only the plain federation.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -22,10 +27,9 @@ from pathlib import Path
 from agents.launch import Federation
 from bus.connect import close, connect
 from bus.schemas import Answer
-from bus.server import NatsServer
 from bus.subjects import Subjects
 from ops.ask import ask_once
-from ops.demo import Setup, items_of, tiny_setup, zoo_setup
+from ops.demo import ASKER_ID, Setup, items_of, secure_server, tiny_setup, zoo_setup
 
 DEFAULT_QUESTIONS = 40  # questions through each path
 DEFAULT_WARMUP = 2  # questions through each path before measuring
@@ -41,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--questions", type=int, default=DEFAULT_QUESTIONS, help="questions through each path")
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="unmeasured questions first")
     parser.add_argument("--deadline-s", type=float, default=DEFAULT_DEADLINE_S, help="per-question deadline")
+    secure = parser.add_mutually_exclusive_group()
+    secure.add_argument("--tls", action="store_true", help="also a plain federation: overhead_ratio_secure")
+    secure.add_argument("--insecure", action="store_true", help="the bus without authorization or TLS")
 
 
 class InProcess:
@@ -83,24 +90,40 @@ class InProcess:
         return result, time.perf_counter() - t0
 
 
-async def _compare(fed: Federation, setup: Setup, local: InProcess, warmup: int, deadline_s: float) -> dict:
+async def _compare(feds: dict[str, Federation], setup: Setup, local: InProcess, warmup: int, deadline_s: float) -> dict:
+    """Every question through each federation (the first is the one compared with ``refine()``) and in process."""
     from tqdm import tqdm
 
-    await fed.wait_ready()
-    nc = await connect(fed.url, name="bench-e2e")
-    subjects = Subjects(fed.prefix)
+    for fed in feds.values():
+        await fed.wait_ready()
+    conns = {}
+    for name, fed in feds.items():
+        security = fed.store.client_security(ASKER_ID) if fed.store is not None else None
+        conns[name] = await connect(fed.url, name=f"bench-e2e-{name}", security=security)
+    main = next(iter(feds))
+    subjects = Subjects(feds[main].prefix)
     items = items_of(setup.questions)
     nbytes, local_bytes = [], []
     timed: list[tuple[str, float | None, float]] = []  # (kind, bus seconds or None, in-process seconds)
+    paths: dict[str, list[float | None]] = {name: [] for name in feds}  # bus seconds per federation
+    agree = 0  # questions where every federation gave the same letter
     answered = same = right_bus = right_local = 0
     try:
         for i, (question, item) in enumerate(tqdm(list(zip(setup.questions, items, strict=True)), desc="e2e")):
-            t0 = time.perf_counter()
-            reply = await ask_once(nc, subjects, item, deadline_s)
-            bus_time = time.perf_counter() - t0
+            order = list(feds) if i % 2 == 0 else list(feds)[::-1]  # neither federation always goes first
+            replies, times = {}, {}
+            for name in order:
+                t0 = time.perf_counter()
+                replies[name] = await ask_once(conns[name], subjects, item, deadline_s)
+                times[name] = time.perf_counter() - t0
+            reply, bus_time = replies[main], times[main]
             ref, local_time = local.answer(question, item.private)
             if i < warmup:
                 continue
+            for name in feds:
+                paths[name].append(times[name] if isinstance(replies[name], Answer) else None)
+            letters = {r.choice if isinstance(r, Answer) else None for r in replies.values()}
+            agree += len(letters) == 1 and None not in letters
             local_bytes.append(ref.bytes_sent)
             right_local += ref.index == question.answer
             kind = "alone" if ref.alone else "private" if item.private else "plain"
@@ -112,10 +135,11 @@ async def _compare(fed: Federation, setup: Setup, local: InProcess, warmup: int,
             same += reply.choice == ref.answer
             right_bus += reply.choice == question.answer_letter
     finally:
-        await close(nc)
+        for conn in conns.values():
+            await close(conn)
     overall = p50s(timed)
     n = overall["n"]
-    return {
+    out = {
         "queries": n,
         "answered": answered,
         "parity": round(same / answered, 4) if answered else None,
@@ -132,6 +156,30 @@ async def _compare(fed: Federation, setup: Setup, local: InProcess, warmup: int,
         "transmitters": len(setup.transmitters),
         "load_avg_1m": round(os.getloadavg()[0], 2),  # this machine's load at the end (others' jobs slow the bus most)
         "cpus": os.cpu_count(),
+        "secure": feds[main].store is not None,  # authorization and TLS on the compared federation
+    }
+    if len(feds) > 1:
+        out.update(secure_vs_plain(paths, agree, n))
+    return out
+
+
+def secure_vs_plain(paths: dict[str, list[float | None]], agree: int, n: int) -> dict:
+    """The secure and the plain federation's p50 over the same questions, and their ratio (``--tls``)."""
+
+    def p50(values: list[float | None]) -> float | None:
+        done = [v for v in values if v is not None]
+        return statistics.median(done) if done else None
+
+    secure, plain = p50(paths["secure"]), p50(paths["plain"])
+    paired = [s / p for s, p in zip(paths["secure"], paths["plain"], strict=True) if s and p]
+    return {
+        "secure_p50_ms": round(1000 * secure, 1) if secure is not None else None,
+        "plain_p50_ms": round(1000 * plain, 1) if plain is not None else None,
+        "overhead_ratio_secure": round(secure / plain, 3) if secure and plain else None,
+        # the median of each question's own ratio: the two federations answered it back to back, so the machine's
+        # load, which moves both, cancels more than between the two medians
+        "overhead_ratio_secure_paired": round(statistics.median(paired), 3) if paired else None,
+        "secure_plain_same_answer": round(agree / n, 4) if n else None,
     }
 
 
@@ -173,11 +221,18 @@ def run(args: argparse.Namespace) -> dict:
         setup = zoo_setup(False if args.quick else None, total)
     setup.links_mbps = {}  # loopback, unshaped: parity is measured where the link cuts nothing
     local = InProcess(setup)
-    server = NatsServer().start()
-    fed = Federation(server.url, setup.specs())
+    kinds = ["plain"] if args.insecure else ["secure", "plain"] if args.tls else ["secure"]
+    servers, feds = [], {}
     try:
-        fed.start()
-        return asyncio.run(_compare(fed, setup, local, args.warmup, args.deadline_s))
+        for kind in kinds:
+            server, store = secure_server(setup.specs(), insecure=kind == "plain", warn=not args.tls)
+            servers.append((server, store))
+            feds[kind] = Federation(server.url, setup.specs(), store=store).start()
+        return asyncio.run(_compare(feds, setup, local, args.warmup, args.deadline_s))
     finally:
-        fed.stop()
-        server.stop()
+        for fed in feds.values():
+            fed.stop()
+        for server, store in servers:
+            server.stop()
+            if store is not None:
+                shutil.rmtree(store.root, ignore_errors=True)

@@ -1,8 +1,10 @@
 """Agents on tiny random models: a session-wide fuser registry and gate, and a ``fleet`` of in-process agents.
 
-Each test gets its own subject prefix, so tests sharing the session's nats-server never see each other's
-traffic. Agents run as asyncio tasks in the test's event loop (fast); tests that must kill a process use
-``agents.launch`` instead.
+Each test's fleet has its own secure nats-server (authorization from its own credential store, TLS with the
+session's certificate; ~40 ms to start) and subject prefix. Every agent connects with its own identity, issued on
+first use (the server reloads its authorization then); the asker is the ``client`` identity, and
+``fleet.connect()`` gives a test harness connection as the ``admin`` identity ``harness``. Agents run as asyncio
+tasks in the test's event loop (fast); tests that must kill a process use ``agents.launch`` instead.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from agents.gate import GateAgent
 from agents.receiver import ReceiverAgent
 from agents.rephraser import RephraserAgent
 from agents.transmitter import TransmitterAgent
+from bus.auth import ClientSecurity
 from bus.connect import close, connect
 from bus.schemas import Answer, ErrorReply
 from bus.server import NatsServer
@@ -36,6 +39,8 @@ from fusion.models import LanguageModel, ModelSpec
 from fusion.prompts import Question
 from fusion.registry import FuserRegistry
 from ops.ask import Item, ask_once
+from privacy.credentials import CredentialStore
+from tests.conftest import HARNESS_ID, secure_store
 
 STOP_LIMIT_S = 30.0  # an agent's stop is bounded by its drain (3 s) and close timeouts; far more is a hang
 
@@ -99,23 +104,72 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
     return TinyWorld(receiver, models, root / "fusers", gate_path, orphan, root / "tail-fusers")
 
 
+STANDARD_IDENTITIES = (
+    ("client", "client", None),
+    ("admin", HARNESS_ID, None),
+    ("receiver", "rx", None),
+    ("rephraser", "reph", "rx"),
+    ("gate", "gate", None),
+    ("transmitter", "t1", None),
+    ("transmitter", "t2", None),
+)
+
+
 @dataclass
 class Fleet:
-    """In-process agents of one test, under their own prefix; ``close()`` stops them all."""
+    """In-process agents of one test on its own secure server, under their own prefix; ``close()`` stops them all."""
 
-    url: str
     world: TinyWorld
-    prefix: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:10]}")
+    store: CredentialStore
+    server: NatsServer | None = None
     agents: dict[str, Agent] = field(default_factory=dict)
     client: Client | None = None
+
+    @property
+    def prefix(self) -> str:
+        """The test's subject prefix (its identities' permissions are for it)."""
+        return self.store.prefix
+
+    @property
+    def url(self) -> str:
+        """The fleet's server."""
+        assert self.server is not None, "the fleet's server is not running"
+        return self.server.url
 
     @property
     def subjects(self) -> Subjects:
         """The test's subjects."""
         return Subjects(self.prefix)
 
-    def _base(self, agent_id: str, **extra: Any) -> dict[str, Any]:
-        return {"nats": self.url, "id": agent_id, "prefix": self.prefix, "heartbeat_s": 0.5, "drain_s": 3.0, **extra}
+    def start_server(self, port: int | None = None) -> NatsServer:
+        """Start (or restart) the fleet's server with its store's authorization and TLS."""
+        self.server = self.store.server(port).start()
+        return self.server
+
+    def security(self, agent_id: str, role: str | None = None, serves: str | None = None) -> ClientSecurity:
+        """How identity ``agent_id`` connects; with ``role`` it is issued first if new (the server reloads)."""
+        if role is not None and (self.store.get(agent_id) is None or self.store.get(agent_id).revoked):  # type: ignore[union-attr]
+            self.store.issue(role, agent_id, serves)
+            if self.server is not None and self.server.running:
+                self.server.reload(self.store.authorization())
+        return self.store.client_security(agent_id)
+
+    async def connect(self, agent_id: str = HARNESS_ID, role: str | None = None, name: str | None = None) -> Client:
+        """A connection as one identity (default: the harness's admin identity, which may do anything)."""
+        return await connect(self.url, name=name or agent_id, security=self.security(agent_id, role))
+
+    def _base(self, agent_id: str, role: str, serves: str | None = None, **extra: Any) -> dict[str, Any]:
+        security = self.security(agent_id, role, serves)
+        return {
+            "nats": self.url,
+            "id": agent_id,
+            "prefix": self.prefix,
+            "heartbeat_s": 0.5,
+            "drain_s": 3.0,
+            "creds": str(security.creds),
+            "tls_ca": str(security.tls_ca),
+            **extra,
+        }
 
     async def _start(self, agent: Agent) -> Agent:
         await agent.start()
@@ -125,28 +179,31 @@ class Fleet:
     async def receiver(self, agent_id: str = "rx", fusers: Path | None = None, **extra: Any) -> ReceiverAgent:
         """Start the receiver (tiny-qwen3, the session's fusers unless ``fusers`` names another registry)."""
         fusers_dir = str(fusers or self.world.fusers_dir)
+        extra.setdefault("gates", "gate")
         cfg = make_config(
-            ReceiverConfig, self._base(agent_id, model="tiny-qwen3", fusers=fusers_dir, **extra), "receiver"
+            ReceiverConfig, self._base(agent_id, "receiver", model="tiny-qwen3", fusers=fusers_dir, **extra), "receiver"
         )
         return await self._start(ReceiverAgent(cfg, model=self.world.receiver))  # type: ignore[return-value]
 
     async def rephraser(self, agent_id: str = "reph", receiver_id: str = "rx") -> RephraserAgent:
         """Start the rephraser for ``receiver_id`` (the receiver's model)."""
         cfg = make_config(
-            RephraserConfig, self._base(agent_id, model="tiny-qwen3", receiver_id=receiver_id), "rephraser"
+            RephraserConfig,
+            self._base(agent_id, "rephraser", receiver_id, model="tiny-qwen3", receiver_id=receiver_id),
+            "rephraser",
         )
         return await self._start(RephraserAgent(cfg, model=self.world.receiver))  # type: ignore[return-value]
 
     async def gate(self, agent_id: str = "gate", trained: bool = True, **extra: Any) -> GateAgent:
         """Start the gate (the session's random gating network unless ``trained=False``)."""
         gate = str(self.world.gate_path) if trained else None
-        cfg = make_config(GateAgentConfig, self._base(agent_id, gate=gate, **extra), "gate")
+        cfg = make_config(GateAgentConfig, self._base(agent_id, "gate", gate=gate, **extra), "gate")
         return await self._start(GateAgent(cfg))  # type: ignore[return-value]
 
     async def transmitter(self, agent_id: str, model: str | LanguageModel, **extra: Any) -> TransmitterAgent:
         """Start a transmitter with one of the session's models (by name) or any model."""
         lm = model if isinstance(model, LanguageModel) else self.world.models[model]
-        cfg = make_config(TransmitterConfig, self._base(agent_id, model=lm.name, **extra), "transmitter")
+        cfg = make_config(TransmitterConfig, self._base(agent_id, "transmitter", model=lm.name, **extra), "transmitter")
         return await self._start(TransmitterAgent(cfg, model=lm))  # type: ignore[return-value]
 
     async def standard(self, transmitters: dict[str, str] | None = None) -> None:
@@ -177,7 +234,7 @@ class Fleet:
     async def ask(self, question: Question, *, private: bool = False, deadline_s: float = 5.0) -> Answer | ErrorReply:
         """Push one question and return the reply."""
         if self.client is None:
-            self.client = await connect(self.url, name="pytest-asker")
+            self.client = await self.connect("client", name="pytest-asker")
         item = Item(question.stem, question.options, private, question.answer, question.id)
         return await ask_once(self.client, self.subjects, item, deadline_s)
 
@@ -200,11 +257,21 @@ class Fleet:
             await close(self.client)
 
 
+def fleet_store(root: Path, pki: CredentialStore) -> CredentialStore:
+    """A fresh credential store for one fleet: a random prefix, the standard identities, the session's TLS."""
+    store = secure_store(root, pki, prefix=f"t{uuid.uuid4().hex[:10]}")
+    store.ensure(STANDARD_IDENTITIES)
+    return store
+
+
 @pytest.fixture
-async def fleet(nats_server: NatsServer, tiny: TinyWorld) -> AsyncIterator[Fleet]:
-    """An empty fleet on the session's server; every agent it started is stopped afterwards."""
-    f = Fleet(nats_server.url, tiny)
+async def fleet(tmp_path: Path, pki: CredentialStore, tiny: TinyWorld) -> AsyncIterator[Fleet]:
+    """An empty fleet on its own secure server; every agent it started, and the server, are stopped afterwards."""
+    f = Fleet(tiny, fleet_store(tmp_path / "creds", pki))
+    f.start_server()
     try:
         yield f
     finally:
         await f.close()
+        assert f.server is not None
+        f.server.stop()

@@ -15,7 +15,7 @@ import pytest
 
 from agents.config import GateAgentConfig, make_config
 from agents.gate import GateAgent
-from bus.connect import close, connect
+from bus.connect import close
 from bus.schemas import Answer, Plan
 from fusion.fuser import FuserConfig, PairFuser
 from fusion.gate import GateConfig, GateNetwork, save_gate
@@ -40,7 +40,7 @@ async def _federation(fleet: Fleet, tmp_path: Path, policy: str) -> None:
         world.receiver.fingerprint,
     )
     await fleet.receiver(fusers=tmp_path / "fusers")
-    cfg = make_config(GateAgentConfig, fleet._base("gate", gate=str(gate_path), policy=policy), "gate")
+    cfg = make_config(GateAgentConfig, fleet._base("gate", "gate", gate=str(gate_path), policy=policy), "gate")
     await fleet._start(GateAgent(cfg))
     await fleet.transmitter("t-slow", wide, link_mbps=LINK_MBPS)
     await fleet.wait_roster("gate", "transmitter", {"t-slow"})
@@ -48,7 +48,7 @@ async def _federation(fleet: Fleet, tmp_path: Path, policy: str) -> None:
 
 
 async def _ask_and_watch(fleet: Fleet) -> tuple[Answer, Plan]:
-    spy = await connect(fleet.url, name="plan-spy")
+    spy = await fleet.connect(name="plan-spy")
     plans: list[Plan] = []
 
     async def keep(msg) -> None:
@@ -127,7 +127,7 @@ async def test_bench_cell_on_tiny_models(fleet: Fleet, tmp_path: Path) -> None:
     models = {"tiny-llama": world.models["tiny-llama"], "tiny-qwen2": world.models["tiny-qwen2"]}
     txs = {tid: models[name] for tid, name in sorted(setup.transmitters.items())}
     bench_world = World(setup, world.receiver, txs, list(setup.questions))
-    row = await run_cell(fleet.url, bench_world, "deadline-aware", 0.008, deadline_s=DEADLINE_S)
+    row = await run_cell(bench_world, "deadline-aware", 0.008, deadline_s=DEADLINE_S, tls_from=fleet.store)
     assert row["answered"] == row["n"] == 2 and row["link_mbps"] == 0.008
     assert row["deadline_met"] == 1.0 and row["precisions"]
     assert 0 < row["bytes_per_query"] <= row["planned_bytes_per_query"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from pathlib import Path
@@ -44,7 +45,9 @@ def test_every_agent_has_help(role: str, capsys: pytest.CaptureFixture[str]) -> 
         ("transmitter", ["--model", "x", "--id", "a.b"], "invalid agent id"),
         ("receiver", [], "--model"),
         ("rephraser", [], "--model is required unless --rules-only"),
-        ("transmitter", ["--model", "no/such/dir", "--nats", "nats://127.0.0.1:1"], "no model at"),
+        ("transmitter", ["--model", "no/such/dir", "--nats", "nats://127.0.0.1:1", "--insecure"], "no model at"),
+        ("transmitter", ["--model", "tiny-llama"], "--creds FILE is required"),
+        ("transmitter", ["--model", "tiny-llama", "--creds", "/no/such.creds"], "cannot read credentials"),
     ],
 )
 def test_bad_input_is_one_line_and_status_2(
@@ -96,10 +99,29 @@ def test_every_role_runs_torch_on_its_configured_threads(role: str) -> None:
     assert seen == [2, 1]
 
 
-def test_ask_without_a_server_says_how_to_start_one(capsys: pytest.CaptureFixture[str]) -> None:
-    assert ask.main(["What?", "--nats", "nats://127.0.0.1:1"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err == "error: no NATS server at nats://127.0.0.1:1; start one with `python -m ops.server`"
+def test_ask_without_a_server_says_how_to_start_one(capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    monkeypatch.delenv("FEDREFINE_CREDS", raising=False)
+    assert ask.main(["What?", "--nats", "nats://127.0.0.1:1", "--insecure"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: no NATS server at nats://127.0.0.1:1; start one with `python -m ops.server`"
+    assert err[0].startswith("warning: --insecure")
+    assert ask.main(["What?", "--nats", "nats://127.0.0.1:1"]) == 2  # no credentials, no --insecure
+    assert capsys.readouterr().err.strip().startswith("error: --creds FILE is required")
+
+
+async def test_ask_with_credentials_and_without(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    await fleet.standard()
+    q = QUESTIONS[1]
+    argv = [q.stem, *(x for o in q.options for x in ("--option", o)), "--nats", fleet.url, "--prefix", fleet.prefix]
+    argv += ["--deadline-ms", "2000"]
+    client = fleet.security("client")
+    code = await asyncio.to_thread(ask.main, [*argv, "--creds", str(client.creds), "--tls-ca", str(client.tls_ca)])
+    assert code == 0 and capsys.readouterr().out.startswith("answer: ")
+    assert await asyncio.to_thread(ask.main, [*argv, "--insecure"]) == 2  # the server refuses an anonymous client
+    assert "refused this client" in capsys.readouterr().err
+    gate = fleet.security("gate")  # an identity that may not ask: the request never reaches a receiver
+    code = await asyncio.to_thread(ask.main, [*argv, "--creds", str(gate.creds), "--tls-ca", str(gate.tls_ca)])
+    assert code == 1
 
 
 async def test_ask_pushes_a_file_and_reports_accuracy(fleet: Fleet, tmp_path: Path) -> None:
@@ -159,9 +181,9 @@ async def test_short_model_calls_run_on_the_event_loop_and_long_ones_on_the_comp
         return where(0.03)
 
     loop_thread = threading.get_ident()
-    agent = Agent(make_config(AgentConfig, {"inline_compute_ms": 10.0}, "gate"))
+    agent = Agent(make_config(AgentConfig, {"inline_compute_ms": 10.0, "insecure": True}, "gate"))
     assert [await agent.compute(where) == loop_thread for _ in range(3)] == [False, True, True]
     assert [await agent.compute(slow) == loop_thread for _ in range(2)] == [False, False]  # 30 ms: stays off the loop
     assert agent.computed == {"thread": 3, "loop": 2}
-    never = Agent(make_config(AgentConfig, {"inline_compute_ms": 0.0}, "gate"))
+    never = Agent(make_config(AgentConfig, {"inline_compute_ms": 0.0, "insecure": True}, "gate"))
     assert [await never.compute(where) == loop_thread for _ in range(2)] == [False, False]

@@ -1,4 +1,5 @@
-"""Malformed and hostile messages on every subject: each is rejected with a logged warning, every agent serves on."""
+"""Malformed and hostile messages on every subject, each published by an identity the server lets publish there:
+each is rejected with a logged warning, every agent serves on."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from bus.codec import encode_layer_frames
-from bus.connect import close, connect
+from bus.connect import close
 from bus.schemas import Answer, ErrorReply, Plan, Query, decode_message
 from tests.agents.conftest import QUESTIONS, Fleet
 
@@ -28,28 +29,30 @@ async def test_garbage_on_every_subject_is_rejected_and_everyone_keeps_serving(
     await fleet.standard()
     caplog.set_level(logging.WARNING)
     s = fleet.subjects
-    nc = await connect(fleet.url, name="attacker")
-    future = time.time() + 60
+    asker, rx, t1, gate = [await fleet.connect(i, name=f"hostile-{i}") for i in ("client", "rx", "t1", "gate")]
+    nc = asker
+    future = time.time() + 30
     try:
         # fr.ask: bad JSON, other schema version, injected id, three options, oversized -> error replies
         for payload in (
             b"{not json",
-            _json({"schema_version": 2, "kind": "ask", "question": "x?", "options": ["a", "b", "c", "d"]}),
+            _json({"schema_version": 1, "kind": "ask", "question": "x?", "options": ["a", "b", "c", "d"]}),
             _json({"question": "x?", "options": ["a", "b", "c", "d"], "ask_id": "a.>"}),
             _json({"question": "x?", "options": ["a", "b", "c"]}),
             _json({"question": "x" * 300_000, "options": ["a", "b", "c", "d"]}),
+            _json({"question": "x?", "options": ["a", "b", "c", "d"], "deadline_s": 3600}),  # an hour of memory
         ):
             reply = await nc.request(s.ask(), payload, timeout=5)
             err = decode_message(reply.data)
             assert isinstance(err, ErrorReply) and err.code in ("bad_request", "limit")
-        # fr.rephrase.<rx>: not an ask, or an ask without the query id
-        reply = await nc.request(s.rephrase("rx"), b"[1, 2]", timeout=5)
+        # fr.rephrase.<rx>: not an ask, or an ask without the query id (only rx may ask here)
+        reply = await rx.request(s.rephrase("rx"), b"[1, 2]", timeout=5)
         assert decode_message(reply.data).kind == "error"
-        reply = await nc.request(
+        reply = await rx.request(
             s.rephrase("rx"), _json({"question": "x?", "options": ["a", "b", "c", "d"]}), timeout=5
         )
         assert decode_message(reply.data).kind == "error"
-        # fr.query: transmitters and the gate
+        # fr.query.<rx>: transmitters and the gate
         for payload in (
             b"\xff\xfe",
             _json({**OK_QUERY, "deadline_unix": future, "query_id": "x.*"}),
@@ -58,12 +61,14 @@ async def test_garbage_on_every_subject_is_rejected_and_everyone_keeps_serving(
             _json(
                 {**OK_QUERY, "deadline_unix": future, "receiver_id": "rx", "text": "hi", "options": ["", "", "", ""]}
             ),
+            _json({**OK_QUERY, "deadline_unix": time.time() + 3600}),  # holds a transmitter's memory for an hour
+            _json({**OK_QUERY, "deadline_unix": future, "receiver_id": "t2"}),  # another receiver's id
         ):
-            await nc.publish(s.query(), payload)
-        # fr.offer.<qid>: gate and receiver
-        await nc.publish(s.offer("q1"), b"null")
-        await nc.publish(
-            s.offer("q1"),
+            await rx.publish(s.query("rx"), payload)
+        # fr.offer.<qid>.<t1>: gate and receiver
+        await t1.publish(s.offer("q1", "t1"), b"null")
+        await t1.publish(
+            s.offer("q1", "t1"),
             _json(
                 {
                     "kind": "offer",
@@ -80,10 +85,10 @@ async def test_garbage_on_every_subject_is_rejected_and_everyone_keeps_serving(
                 }
             ),
         )
-        # fr.plan.<qid>: transmitters and receiver
-        await nc.publish(s.plan("q1"), b"{}")
-        await nc.publish(
-            s.plan("q1"),
+        # fr.plan.<qid>.<gate>: transmitters and receiver
+        await gate.publish(s.plan("q1", "gate"), b"{}")
+        await gate.publish(
+            s.plan("q1", "gate"),
             _json(
                 {
                     "query_id": "q1",
@@ -95,13 +100,15 @@ async def test_garbage_on_every_subject_is_rejected_and_everyone_keeps_serving(
                 }
             ),
         )
-        # fr.presence: not a heartbeat, and a heartbeat for another agent's subject
-        await nc.publish(s.presence("transmitter", "t1"), b"[]")
-        await nc.publish(
+        # fr.presence.transmitter.t1: not a heartbeat, a goodbye for another agent, a phantom that says "wait for me"
+        await t1.publish(s.presence("transmitter", "t1"), b"[]")
+        await t1.publish(
             s.presence("transmitter", "t1"), _json({"kind": "goodbye", "role": "transmitter", "agent_id": "t2"})
         )
-        # fr.kv.<rx>.<qid>.<sender>: garbage, and a well-formed frame for a query the receiver never opened
-        await nc.publish(s.kv("rx", "q1", "t1"), b"FRKV\x00\x00\x00\x05hello")
+        phantom = {"kind": "presence", "role": "transmitter", "agent_id": "t1", "sent_unix": time.time()}
+        await t1.publish(s.presence("transmitter", "t1"), _json({**phantom, "interval_s": 1e6}))
+        # fr.kv.<rx>.<qid>.<t1>: garbage, and a well-formed frame for a query the receiver never opened
+        await t1.publish(s.kv("rx", "q1", "t1"), b"FRKV\x00\x00\x00\x05hello")
         k = torch.randn(1, 2, 3, 4)
         for frame in encode_layer_frames(
             0,
@@ -115,15 +122,17 @@ async def test_garbage_on_every_subject_is_rejected_and_everyone_keeps_serving(
             compress=True,
             chunk_bytes=None,
         ):
-            await nc.publish(s.kv("rx", "q1", "t1"), frame)
-        await nc.flush()
+            await t1.publish(s.kv("rx", "q1", "t1"), frame)
+        for conn in (asker, rx, t1, gate):
+            await conn.flush()
         await asyncio.sleep(0.5)
     finally:
-        await close(nc)
+        for conn in (asker, rx, t1, gate):
+            await close(conn)
     rejected = {aid: dict(agent.rejected) for aid, agent in fleet.agents.items()}
     assert {"ask", "kv", "presence"} <= set(rejected["rx"]), rejected  # offers/plans of unknown queries: ignored
     assert {"query", "offer", "presence"} <= set(rejected["gate"]), rejected
-    assert {"query", "plan"} <= set(rejected["t1"]), rejected
+    assert {"query"} <= set(rejected["t1"]), rejected  # plans for queries it did not offer on: ignored unread
     assert {"rephrase"} <= set(rejected["reph"]), rejected
     warned = {
         r.getMessage().split(" rejected")[0] for r in caplog.records if " rejected a message on " in r.getMessage()
@@ -141,7 +150,8 @@ async def test_chunks_from_a_sender_not_in_the_plan_are_rejected(fleet: Fleet) -
     await fleet.transmitter("t1", "tiny-llama", link_mbps=0.4)  # slow: the query stays open while we attack
     await fleet.wait_roster("gate", "transmitter", {"t1"})
     s = fleet.subjects
-    nc = await connect(fleet.url, name="rogue")
+    nc = await fleet.connect("rogue", role="transmitter")  # another transmitter's stolen credentials
+    gate = await fleet.connect("gate")  # and the gate's
     sent = asyncio.Event()
 
     async def on_plan(msg) -> None:
@@ -161,9 +171,10 @@ async def test_chunks_from_a_sender_not_in_the_plan_are_rejected(fleet: Fleet) -
             chunk_bytes=None,
         ):
             await nc.publish(s.kv("rx", plan.query_id, "rogue"), frame)
-        await nc.publish(msg.subject, msg.data)  # a second plan for the open query
-        await nc.publish(s.offer(plan.query_id), b'{"kind": "offer"}')
+        await gate.publish(msg.subject, msg.data)  # a second plan for the open query
+        await nc.publish(s.offer(plan.query_id, "rogue"), b'{"kind": "offer"}')
         await nc.flush()
+        await gate.flush()
         sent.set()
 
     await nc.subscribe(s.plans_all(), cb=on_plan)
@@ -172,6 +183,7 @@ async def test_chunks_from_a_sender_not_in_the_plan_are_rejected(fleet: Fleet) -
         a = await fleet.ask(QUESTIONS[1], deadline_s=8.0)
     finally:
         await close(nc)
+        await close(gate)
     assert sent.is_set()
     assert isinstance(a, Answer) and [u.transmitter_id for u in a.used] == ["t1"]
     rejected = fleet.agents["rx"].rejected
@@ -180,10 +192,10 @@ async def test_chunks_from_a_sender_not_in_the_plan_are_rejected(fleet: Fleet) -
 
 async def test_queries_that_collide_or_are_late_do_not_disturb_the_next(fleet: Fleet) -> None:
     await fleet.standard()
-    nc = await connect(fleet.url, name="replayer")
+    nc = await fleet.connect("rx", name="replayer")
     try:
         late = Query(query_id="old", receiver_id="rx", text="x?", options=("a", "b", "c", "d"), deadline_unix=1.0)
-        await nc.publish(fleet.subjects.query(), late.to_bytes())
+        await nc.publish(fleet.subjects.query("rx"), late.to_bytes())
         await nc.flush()
     finally:
         await close(nc)

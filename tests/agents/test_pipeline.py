@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from bus.connect import close, connect
+from bus.connect import close
 from bus.schemas import Answer
 from fusion.gate import load_gate
 from fusion.refine import refine
@@ -115,7 +115,7 @@ async def test_a_receiver_that_knows_answers_alone_and_asks_no_one(fleet: Fleet,
     await fleet.transmitter("t1", "tiny-llama")
     await fleet.wait_roster("gate", "transmitter", {"t1"})
     seen: list[str] = []
-    spy = await connect(fleet.url, name="pytest-spy")
+    spy = await fleet.connect(name="pytest-spy")
     try:
 
         async def note(msg) -> None:

@@ -9,8 +9,8 @@ import torch
 
 from agents.planning import build_plan, build_policy, offer_summary
 from agents.roster import Roster
-from bus.errors import PolicyError
-from bus.schemas import Goodbye, Offer, Presence, Query
+from bus.errors import PolicyError, SchemaError
+from bus.schemas import Goodbye, Offer, Presence, Query, digest_of
 
 NOW = 1_000_000.0
 
@@ -32,6 +32,7 @@ def _offer(tid: str, fp: str = "aa", p_none: float = 0.1, rate: float | None = N
         entropy=0.9,
         offsets=((0, 1), (1, 2), (2, 3), (3, 4)),
         link_rate_bps=rate,
+        query_digest=digest_of(_query()),
     )
 
 
@@ -94,7 +95,7 @@ def test_roster_joins_leaves_and_expires() -> None:
     beat = {"role": "transmitter", "interval_s": 1.0, "sent_unix": time.time()}
     assert roster.update(Presence(agent_id="a", **beat)) == "joined"
     assert roster.update(Presence(agent_id="b", **beat)) == "joined"
-    assert roster.update(Presence(agent_id="a", **beat)) == "seen"
+    assert roster.update(Presence(agent_id="a", **{**beat, "sent_unix": beat["sent_unix"] + 0.5})) == "seen"
     assert roster.update(Goodbye(role="transmitter", agent_id="a")) == "left"
     clock[0] = 2.9
     assert roster.expire() == []
@@ -102,6 +103,20 @@ def test_roster_joins_leaves_and_expires() -> None:
     assert [m.agent_id for m in roster.expire()] == ["b"]
     assert changes == [("joined", "a"), ("joined", "b"), ("left", "a"), ("expired", "b")]
     assert roster.live("transmitter") == {}
+
+
+def test_the_roster_refuses_replayed_and_future_heartbeats() -> None:
+    roster = Roster()
+    now = time.time()
+    first = Presence(role="transmitter", agent_id="a", sent_unix=now, link_rate_bps=1e6)
+    assert roster.update(first) == "joined"
+    for stale in (first, first.model_copy(update={"link_rate_bps": 1.0})):  # a copy, or an altered copy
+        with pytest.raises(SchemaError, match="not newer"):
+            roster.update(stale)
+    with pytest.raises(SchemaError, match="future"):
+        roster.update(first.model_copy(update={"sent_unix": now + 60}))
+    assert roster.get("transmitter", "a").presence.link_rate_bps == 1e6  # type: ignore[union-attr]
+    assert roster.update(first.model_copy(update={"sent_unix": now + 1})) == "seen"
 
 
 def test_the_round_trip_counts_against_the_time_to_send() -> None:

@@ -56,3 +56,9 @@ def test_the_documented_checksum_example_is_what_the_codec_produces() -> None:
     text = DOC.read_text()
     assert f"`{chunk.header.crc_seed().decode()}`" in text
     assert f"`chunk_crc` is {chunk.header.chunk_crc}" in text
+
+
+def test_the_permission_table_in_the_doc_is_the_one_in_the_code() -> None:
+    from privacy.permissions import table_markdown
+
+    assert table_markdown("fr") in DOC.read_text()

@@ -8,13 +8,13 @@ import time
 from pathlib import Path
 
 from agents.launch import AgentSpec, Federation
-from bus.connect import close, connect
+from bus.connect import close
 from bus.schemas import Answer
-from bus.server import NatsServer
 from fusion.fuser import FuserConfig, PairFuser
 from fusion.models import LanguageModel, ModelSpec
 from fusion.registry import FuserRegistry
-from tests.agents.conftest import QUESTIONS, Fleet, TinyWorld
+from privacy.credentials import CredentialStore
+from tests.agents.conftest import QUESTIONS, Fleet, TinyWorld, fleet_store
 
 
 async def test_a_transmitter_killed_mid_stream_is_dropped_and_the_answer_arrives(fleet: Fleet, tmp_path: Path) -> None:
@@ -33,11 +33,13 @@ async def test_a_transmitter_killed_mid_stream_is_dropped_and_the_answer_arrives
     await fleet.transmitter("t2", "tiny-qwen2")
     args = ("--model", str(tmp_path / "wide"), "--link-mbps", "0.00625", "--heartbeat-s", "0.5")
     slow = AgentSpec("transmitter", "t-slow", args)
-    fed = Federation(fleet.url, [slow], prefix=fleet.prefix).start()
+    fleet.security("t-slow", "transmitter")
+    fleet.security("monitor", "monitor")
+    fed = Federation(fleet.url, [slow], prefix=fleet.prefix, store=fleet.store).start()
     try:
         await fed.wait_ready(timeout=120)
         await fleet.wait_roster("gate", "transmitter", {"t2", "t-slow"})
-        spy = await connect(fleet.url, name="spy")
+        spy = await fleet.connect(name="spy")
         first_chunk = asyncio.Event()
 
         async def on_chunk(msg) -> None:
@@ -78,18 +80,20 @@ def _bindable(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-async def test_agents_reconnect_after_the_server_restarts(tiny: TinyWorld, monkeypatch) -> None:
+async def test_agents_reconnect_after_the_server_restarts(
+    tiny: TinyWorld, tmp_path: Path, pki: CredentialStore, monkeypatch
+) -> None:
     monkeypatch.setattr("bus.server.port_is_free", _bindable)  # the old server's sockets linger in TIME_WAIT
     port = _free_port()
-    server = NatsServer(port).start()
-    fleet = Fleet(server.url, tiny)
+    fleet = Fleet(tiny, fleet_store(tmp_path / "creds", pki))
+    server = fleet.start_server(port)
     try:
         await fleet.standard()
         before = await fleet.ask(QUESTIONS[1])
         assert isinstance(before, Answer) and len(before.used) == 2
         server.stop()
         await asyncio.sleep(1.0)
-        server = NatsServer(port).start()
+        server = fleet.start_server(port)  # the same identities and certificate: agents reconnect as they were
         restarted = time.monotonic()
         end = restarted + 20
         while not all(a.pub.is_connected and a.sub.is_connected for a in fleet.agents.values()):  # type: ignore[union-attr]

@@ -28,6 +28,7 @@ def _offer(inline, n_tokens: int = 5) -> Offer:
     return Offer(
         query_id="q1",
         transmitter_id="t1",
+        query_digest=0,
         model_fingerprint="aa",
         n_tokens=n_tokens,
         n_layers=LAYERS,

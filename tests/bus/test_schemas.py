@@ -22,6 +22,8 @@ from bus.schemas import (
     Query,
     TransmitterUse,
     decode_message,
+    digest_of,
+    query_digest,
     validate_id,
 )
 from bus.subjects import Subjects
@@ -42,10 +44,12 @@ SAMPLES = [
         bytes_per_layer=49152,
         summary=(0.1, -0.2),
         confidence=0.8,
+        query_digest=query_digest("q-1", "rx", "Which metal is liquid?", ()),
     ),
     Plan(
         query_id="q-1",
         receiver_id="rx",
+        query_digest=query_digest("q-1", "rx", "Which metal is liquid?", ()),
         deadline_unix=1.7e9,
         entries=(PlanEntry(transmitter_id="tx_a", layers=(27, 26), precision="int8", weight=0.7, byte_budget=10**6),),
     ),
@@ -70,7 +74,7 @@ def test_round_trip_and_discriminated_decode(msg) -> None:
     data = msg.to_bytes()
     assert type(msg).from_bytes(data) == msg
     assert decode_message(data) == msg
-    assert json.loads(data)["schema_version"] == 1
+    assert json.loads(data)["schema_version"] == 2
 
 
 def test_messages_are_frozen_and_strict() -> None:
@@ -97,12 +101,34 @@ def test_bad_ids_rejected_everywhere(bad: str) -> None:
 
 def test_version_and_garbage() -> None:
     data = json.loads(SAMPLES[1].to_bytes())
-    data["schema_version"] = 2
+    data["schema_version"] = 1  # the protocol before identities were pinned in subjects
     with pytest.raises(SchemaError, match="schema_version"):
         decode_message(json.dumps(data))
     for junk in (b"\xff\xfe", b"[1,2]", b"{", b'{"kind": "nope"}'):
         with pytest.raises(SchemaError):
             decode_message(junk)
+
+
+def test_digest_binds_offers_and_plans_to_one_query() -> None:
+    query = SAMPLES[1]
+    assert digest_of(query) == SAMPLES[2].query_digest == SAMPLES[3].query_digest
+    for other in (
+        query.model_copy(update={"query_id": "q-2"}),
+        query.model_copy(update={"receiver_id": "rx2"}),
+        query.model_copy(update={"text": "Which metal is liquid!"}),
+        query.model_copy(update={"options": ("a",)}),
+    ):
+        assert digest_of(other) != digest_of(query)
+    assert query_digest("a", "b", "c", ()) != query_digest("a", "bc", "", ())  # the separator keeps fields apart
+
+
+def test_claims_are_bounded() -> None:
+    with pytest.raises(ValidationError):  # a forged heartbeat that says "wait for me for eleven days"
+        Presence(role="transmitter", agent_id="t", sent_unix=1.7e9, interval_s=1e6)
+    with pytest.raises(ValidationError):  # a plan weight above the gating network's range
+        PlanEntry(transmitter_id="a", layers=(1,), precision="fp16", weight=50.0, byte_budget=0)
+    with pytest.raises(ValidationError):
+        Query(query_id="q", receiver_id="rx", text="t", deadline_unix=1.0, gates=("a.b",))
 
 
 def test_semantic_checks() -> None:
@@ -169,13 +195,28 @@ def test_subjects_build_and_parse() -> None:
     parts = subj.parse("fr.kv.rx.q1.tx_a")
     assert (parts.kind, parts.receiver_id, parts.query_id, parts.sender) == ("kv", "rx", "q1", "tx_a")
     assert subj.parse(subj.presence("gate", "g1")).role == "gate"
-    assert subj.parse(subj.plan("q9")).query_id == "q9"
+    parts = subj.parse(subj.plan("q9", "g1"))
+    assert (parts.query_id, parts.sender) == ("q9", "g1")
+    assert subj.parse(subj.query("rx")).receiver_id == "rx"
+    parts = subj.parse(subj.answer("rx", "q1"))
+    assert (parts.receiver_id, parts.query_id) == ("rx", "q1")
     assert subj.parse(subj.ask()).kind == "ask"
     assert subj.kv_for_query("rx", "q1") == "fr.kv.rx.q1.*"
     custom = Subjects("lab.fr")
-    assert custom.offer("q") == "lab.fr.offer.q"
-    assert custom.parse("lab.fr.offer.q").query_id == "q"
-    for bad in ("fr.kv.rx.q1", "fr.kv.rx.q1.a.b", "xx.ask", "fr.nope.q", "fr.offer.q*", "fr.presence.king.a", "fr"):
+    assert custom.offer("q", "t1") == "lab.fr.offer.q.t1"
+    assert custom.parse("lab.fr.offer.q.t1").sender == "t1"
+    for bad in (
+        "fr.kv.rx.q1",
+        "fr.kv.rx.q1.a.b",
+        "xx.ask",
+        "fr.nope.q",
+        "fr.offer.q*.t",
+        "fr.offer.q",
+        "fr.query",
+        "fr.plan.q",
+        "fr.presence.king.a",
+        "fr",
+    ):
         with pytest.raises(SchemaError):
             subj.parse(bad)
     for prefix in ("", "a..b", "a.*", "a b", "a.>"):

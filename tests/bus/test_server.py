@@ -42,7 +42,7 @@ def _children(pid: int) -> list[int]:
 
 def test_fixture_server_is_up(nats_server: NatsServer) -> None:
     assert nats_server.running
-    assert nats_server.url.startswith("nats://127.0.0.1:")
+    assert nats_server.url.startswith("tls://127.0.0.1:") and nats_server.secure
     assert nats_server.max_payload == 8 * 1024 * 1024
 
 
@@ -154,16 +154,23 @@ def test_no_leak_when_owner_process_dies_without_stop(tmp_path: Path) -> None:
     assert not _alive(pid)
 
 
-def test_cli_prints_url_and_stops_on_ctrl_c() -> None:
+@pytest.mark.parametrize("secure", [True, False], ids=["secure", "insecure"])
+def test_cli_prints_url_and_stops_on_ctrl_c(secure: bool, tmp_path: Path) -> None:
+    flags = ["--creds-dir", str(tmp_path / "creds")] if secure else ["--insecure"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ops.server", "--max-payload", "2MB"],
+        [sys.executable, "-m", "ops.server", "--max-payload", "2MB", *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
         url = proc.stdout.readline().strip()
-        assert url.startswith("nats://127.0.0.1:")
+        assert url.startswith("tls://127.0.0.1:" if secure else "nats://127.0.0.1:")
+        first = proc.stderr.readline()
+        if secure:
+            assert first.startswith("wrote credentials to ") and (tmp_path / "creds" / "t1.creds").is_file()
+        else:
+            assert first.startswith("warning: --insecure")
         kids = _children(proc.pid)
         assert kids and all(_alive(k) for k in kids)
         proc.send_signal(signal.SIGINT)
@@ -175,9 +182,12 @@ def test_cli_prints_url_and_stops_on_ctrl_c() -> None:
             proc.wait()
 
 
-def test_cli_error_is_one_line() -> None:
+def test_cli_error_is_one_line(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "ops.server", "--port", "99999"], capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "ops.server", "--port", "99999", "--creds-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert out.returncode == 2
     assert out.stderr.strip().startswith("error: ") and len(out.stderr.strip().splitlines()) == 1

@@ -11,10 +11,10 @@ from bus.codec import encode_cache
 from bus.connect import BusConnections, close, connect, subscribe
 from bus.errors import ConnectError, SchemaError, TransportError
 from bus.frames import read_frame, read_frames
-from bus.server import NatsServer
 from bus.shaper import LinkShaper
 from bus.subjects import Subjects
 from bus.transport import KVReceiver, send_cache
+from tests.conftest import HarnessServer as NatsServer
 
 MB = 1024 * 1024
 
@@ -30,7 +30,7 @@ def _cache(total_bytes: int, n_layers: int = 28, seed: int = 0) -> dict:
 
 
 async def _send_and_receive(server: NatsServer, subject: str, cache: dict, **kw) -> tuple[dict, KVReceiver]:
-    async with BusConnections(server.url, name="t") as conns:
+    async with BusConnections(server.url, name="t", security=server.security) as conns:
         assert conns.pub is not None and conns.sub is not None
         async with KVReceiver(conns.sub, subject, out_dtype=torch.float16) as rx:
             report = await send_cache(conns.pub, subject, cache, query_id="q1", sender="tx", **kw)
@@ -68,7 +68,7 @@ async def test_int4_compressed_cache_round_trip(nats_server_1mb, subject: str) -
 
 async def test_two_caches_interleaved_on_one_subscription(nats_server, subject: str) -> None:
     a, b = _cache(MB, n_layers=6, seed=1), _cache(MB, n_layers=4, seed=2)
-    async with BusConnections(nats_server.url) as conns:
+    async with BusConnections(nats_server.url, security=nats_server.security) as conns:
         assert conns.pub is not None and conns.sub is not None
         async with KVReceiver(conns.sub, f"{subject}.>", out_dtype=torch.float16) as rx:
             frames_a = list(encode_cache(a, precision="fp16", query_id="qa", sender="ta", chunk_bytes=64 * 1024))
@@ -159,7 +159,7 @@ async def test_subscribe_helper_raises_limits(nats_client, subject: str) -> None
 
 async def test_close_is_bounded_when_the_drain_hangs_and_swallows_its_cancel(nats_server: NatsServer) -> None:
     """nats-py's drain can wait on its socket and swallow a cancel (CI once hung 900 s in a teardown): close cuts it."""
-    nc = await connect(nats_server.url, name="stuck")
+    nc = await connect(nats_server.url, name="stuck", security=nats_server.security)
     ended = asyncio.Event()
 
     async def stuck_drain() -> None:
@@ -244,7 +244,7 @@ async def test_a_shaped_link_packs_only_what_it_carries_in_a_few_milliseconds(na
 async def test_receiver_is_subscribed_when_start_returns(nats_server, subject: str) -> None:
     """A frame published right after start() from another connection always arrives (nats-py can send a flush's
     PING ahead of the queued SUB; start() must not return before the server has the subscription)."""
-    async with BusConnections(nats_server.url, name="t") as conns:
+    async with BusConnections(nats_server.url, name="t", security=nats_server.security) as conns:
         assert conns.pub is not None and conns.sub is not None
         lost = 0
         for i in range(150):

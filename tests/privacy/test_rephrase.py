@@ -42,7 +42,13 @@ def test_model_paraphrase_used_when_safe_and_never_sees_details() -> None:
 
 @pytest.mark.parametrize(
     "completion",
-    [" Which color does Mara Velt's Zorbin have?", " ", " write to bob@example.com about Zorbin", RuntimeError("boom")],
+    [
+        " Which color does Mara Velt's Zorbin have?",
+        " ",
+        " write to bob@example.com about Zorbin",
+        RuntimeError("boom"),
+        " ::::::::::::",  # a random model's output: no word at all (it used to pass: no *new* word either)
+    ],
 )
 def test_unsafe_or_broken_paraphrase_falls_back_to_rules(completion) -> None:
     out = rephrase(STEM, ScriptedModel(completion))

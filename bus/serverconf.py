@@ -1,0 +1,54 @@
+"""Configuration blocks of an embedded nats-server that are about security and membership: TLS and cluster routes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from bus.errors import ServerError
+
+DEFAULT_TLS_TIMEOUT = 2.0  # seconds a client has to finish its TLS handshake
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """The server's certificate chain and private key (PEM files): every client connection must use TLS.
+
+    ``ca_file`` is needed only in a cluster: routes verify each other's certificate against it.
+    """
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+    timeout: float = DEFAULT_TLS_TIMEOUT  # seconds
+
+    def config_text(self, routes: bool = False) -> str:
+        """The ``tls { ... }`` block of the server's configuration (``routes``: the cluster's, mutual)."""
+        files = [self.cert_file, self.key_file] + ([self.ca_file] if routes and self.ca_file is not None else [])
+        for path in files:
+            if not Path(path).is_file():
+                raise ServerError(f"TLS file not found: {path}", path=str(path))
+        lines = [f'cert_file: "{Path(self.cert_file).resolve()}"', f'key_file: "{Path(self.key_file).resolve()}"']
+        if routes:
+            if self.ca_file is None:
+                raise ServerError("a cluster with TLS needs the CA file to verify its routes")
+            lines += [f'ca_file: "{Path(self.ca_file).resolve()}"', "verify: true"]
+        lines.append(f"timeout: {self.timeout}")
+        return "tls {\n  " + "\n  ".join(lines) + "\n}"
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Membership of a cluster: its name, this member's route port (-1: a free one) and the routes it dials."""
+
+    name: str = "fedrefine"
+    port: int = -1
+    routes: tuple[str, ...] = ()  # nats-route://127.0.0.1:PORT of other members
+
+    def config_text(self, host: str, tls: ServerTLS | None) -> str:
+        """The ``cluster { ... }`` block."""
+        routes = ", ".join(f'"{r}"' for r in self.routes)
+        body = [f"name: {self.name}", f'listen: "{host}:{self.port}"', f"routes: [{routes}]"]
+        if tls is not None:
+            body.append(tls.config_text(routes=True).replace("\n", "\n  "))
+        return "cluster {\n  " + "\n  ".join(body) + "\n}"
