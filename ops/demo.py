@@ -155,7 +155,8 @@ def zoo_setup(full: bool | None, n_questions: int) -> Setup:
     registry = FuserRegistry(zoo.root / FUSERS_DIR)
     receiver_fp = LanguageModel.load(zoo.path(zoo.receiver)).fingerprint
     gate = registry.gate_path(receiver_fp)
-    if not registry.has_gate(receiver_fp) or len([p for p in registry.pairs() if p[1] == receiver_fp]) < len(zoo.transmitters):
+    fusers = [p for p in registry.pairs() if p[1] == receiver_fp]
+    if not registry.has_gate(receiver_fp) or len(fusers) < len(zoo.transmitters):
         print(f"training the zoo's fusers and gate into {registry.root} (once) ...", file=sys.stderr, flush=True)
         zoo_step(zoo)
     tids = list(zoo.transmitters)

@@ -29,8 +29,10 @@ _LAYER_TENSORS = {
 
 def _permute(weights: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's interleaving of the rotary halves of each head's rows."""
-    return weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(
-        weights.shape
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
     )
 
 
