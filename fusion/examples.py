@@ -93,10 +93,7 @@ def receiver_sides(receiver: LanguageModel, items: Sequence[FusionItem], progres
     for chunk in _chunks(items, f"receiver {receiver.name}", progress):
         views = [receiver_view(receiver, *question_texts(i.stem, i.options, i.shared_stem, "text")) for i in chunk]
         prefixes = receiver.prefill_many([v.prefix_ids for v in views])
-        for item, view, pre in zip(chunk, views, prefixes, strict=True):
-            out.append(
-                ReceiverSide(view, pre.cache.to(dtype=CACHE_DTYPE), text_target(receiver, item, view, pre.cache))
-            )
+        out.extend(ReceiverSide(v, pre.cache.to(dtype=CACHE_DTYPE)) for v, pre in zip(views, prefixes, strict=True))
     return out
 
 
