@@ -255,7 +255,10 @@ def train_receiver_gate(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m fusion.train``."""
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a bad flag (already reported on one line)
+        return int(exc.code or 0)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         result = train_receiver_gate(args) if args.gate else train_pair(args)

@@ -1,0 +1,74 @@
+"""The real kit's build (notes world, four pair fusers, two gates) on two tiny GGUF models in place of the real ones."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fusion.models import LanguageModel
+from fusion.notes import DeviceNotes
+from fusion.registry import FuserRegistry
+from ops.real.build import build_kit
+from ops.real.kit import RealSpec, load_kit
+from ops.real.world import NotesSpec, generate_notes_world, make_questions
+from tests.fusion.tiny_gguf import write_tiny_gguf
+
+
+@pytest.fixture()
+def spec(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDREFINE_HOME", str(tmp_path / "home"))
+    a = LanguageModel.load("tiny-llama")
+    b = LanguageModel.load("tiny-llama")
+    b.model.model.norm.weight.data.mul_(2.0)  # another model, another fingerprint
+    models = {"m1": str(write_tiny_gguf(a, tmp_path / "m1.gguf")), "m2": str(write_tiny_gguf(b, tmp_path / "m2.gguf"))}
+    return RealSpec(
+        notes=NotesSpec(num_entities=40),
+        devices={"a1": "m1", "a2": "m1", "b1": "m2", "b2": "m2"},
+        models=models,
+        train_questions=16,
+        steps=2,
+        batch_size=4,
+        gate_steps=2,
+        held_out=4,
+    )
+
+
+def test_the_kit_builds_four_fusers_and_two_gates_once_and_resumes(spec) -> None:
+    root = build_kit(spec)
+    kit = load_kit(spec, build_if_missing=False)
+    assert kit.root == root
+    done = kit.manifest["done"]
+    assert set(done["fusers"]) == {"m1->m1", "m2->m1", "m1->m2", "m2->m2"} and set(done["gates"]) == {"m1", "m2"}
+    registry = FuserRegistry(kit.fusers_dir)
+    fps = {m["name"]: m["fingerprint"] for m in kit.manifest["models"]}
+    for r in fps.values():
+        assert registry.has_gate(r) and all(registry.has(t, r) for t in fps.values())
+    for pair in done["fusers"].values():
+        assert pair["params"] > 0 and pair["bytes_fp16"] == 2 * pair["params"] and pair["held_out"]["n"] == 4
+    for device in spec.devices:
+        assert kit.notes_path(device).is_file()
+    questions = kit.test_questions()
+    assert {q.format for q in questions} == {"choice", "text"} and all(q.task == "notes" for q in questions)
+    test_entities = set(kit.world.test_entities)
+    assert {q.entity for q in questions} <= test_entities
+    rows = [json.loads(line) for line in (kit.root / "train" / "fuser-m1.jsonl").read_text().splitlines()]
+    assert rows and not any(r["stem"].split()[-1].rstrip("?") in test_entities for r in rows)
+    stamp = (kit.root / "manifest.json").stat().st_mtime_ns
+    build_kit(spec)  # every step is done: nothing is trained again
+    assert json.loads((kit.root / "manifest.json").read_text())["done"] == kit.manifest["done"]
+    assert (kit.root / "manifest.json").stat().st_mtime_ns >= stamp
+
+
+def test_the_notes_world_splits_by_entity_and_spreads_facts_over_devices() -> None:
+    world = generate_notes_world(NotesSpec(num_entities=200))
+    assert generate_notes_world(NotesSpec(num_entities=200)) == world  # a pure function of the spec
+    test, train = world.split("test"), world.split("train")
+    assert not {f.entity for f in test} & {f.entity for f in train}
+    held_by = [sum(d in world.holders[f.id] for f in world.facts) / len(world.facts) for d in range(4)]
+    assert all(0.2 < share < 0.6 for share in held_by)
+    assert any(not world.holders[f.id] for f in world.facts)  # some facts are on no device
+    notes = DeviceNotes(world.device_notes(0))
+    fact = next(f for f in test if 0 in world.holders[f.id])
+    question = next(q for q in make_questions(world, [fact], "t") if q.format == "text")
+    assert notes.retrieve(question.stem).lines[0] == fact.sentence and question.answer == fact.value
