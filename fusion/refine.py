@@ -336,6 +336,7 @@ class _Request:
     donors: Mapping[str, Question]
     profiles: Mapping[str, Sequence[float]] | None
     prefilled: Mapping[str, TransmitterPrefill]
+    prefixes: Mapping[tuple[str, str | None], KVCache]
     notes: Mapping[str, DeviceNotes]
     timings: dict[str, float]
     t_start: float
@@ -355,6 +356,7 @@ def refine(
     donors: Mapping[str, Question] | None = None,
     profiles: Mapping[str, Sequence[float]] | None = None,
     prefilled: Mapping[str, TransmitterPrefill] | None = None,
+    prefixes: Mapping[tuple[str, str | None], KVCache] | None = None,
     self_check: float | None = None,
     notes: Mapping[str, DeviceNotes] | None = None,
 ) -> RefineResult:
@@ -365,6 +367,7 @@ def refine(
     the other question whose cache it sends. ``precision``: the bus codec precision of transmitted caches.
     ``profiles``: per transmitter fingerprint, the layers worth sending when no gate scores them (default: the
     gate's). ``prefilled``: transmitter prefills already made (reused when their text is the one needed).
+    ``prefixes``: the receiver's own prefix caches already made, by ``(S, original)`` (``receiver_prefix``).
     ``self_check``: P(none) below which the receiver answers alone (module docstring; None: off). ``notes``: per
     transmitter name, its device's notes (text-style models; read before q', never sent).
     """
@@ -417,6 +420,7 @@ def refine(
         donors=donors or {},
         profiles=profiles if profiles is not None else (gate.profiles if gate is not None else None),
         prefilled=prefilled or {},
+        prefixes=prefixes or {},
         notes=notes,
         timings=timings,
         t_start=t_start,
@@ -499,7 +503,10 @@ def _cache_to_cache(req: _Request) -> RefineResult:
     missing = [n for n, got in received.items() if got.fingerprint not in req.fusers]
     if missing:
         raise FusionError(f"no fuser for transmitters {missing} into {req.receiver.name}")
-    reading, fused = receiver_answer(req.receiver, req.shared, req.original, received, req.fusers, req.question.options)
+    prefix = req.prefixes.get((req.shared, req.original))
+    reading, fused = receiver_answer(
+        req.receiver, req.shared, req.original, received, req.fusers, req.question.options, prefix=prefix
+    )
     req.timings["receiver"] = time.perf_counter() - t3
     req.timings["total"] = time.perf_counter() - req.t_start
     return _result(

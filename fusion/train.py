@@ -189,10 +189,11 @@ def _batch_loss(
     noise: torch.Generator,
 ) -> torch.Tensor:
     """Summed loss of the receiver after fusing, over ``examples`` (one padded batch)."""
-    prefix, aligned, lengths, conts, targets, spans = collate(examples)
+    dtype = next(receiver.model.parameters()).dtype  # the receiver runs at its own dtype (bf16 trains faster)
+    prefix, aligned, lengths, conts, targets, spans = collate(examples, dtype)
     weights = torch.tensor([e.weight for e in examples]) if weighted else 1.0
     deltas = fuser.deltas(prefix, aligned, weights, generator=noise, lengths=lengths, span=spans)
-    live = [LiveTerm(fuser, anchors(examples), weights, noise)] if fuser.cfg.fuse_last else []
+    live = [LiveTerm(fuser, anchors(examples, dtype), weights, noise)] if fuser.cfg.fuse_last else []
     return fused_loss(receiver, apply_deltas(prefix, [deltas]), lengths, conts, targets, live)
 
 

@@ -44,6 +44,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--precision", default=DEFAULT_PRECISION, help="precision of transmitted caches in C2C rows")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument(
+        "--real", action="store_true", help="the real pretrained pair (ops.real's kit; --quick: its small one)"
+    )
+    parser.add_argument("--receiver-model", default="smollm2", help="--real: which model is the receiver")
+    parser.add_argument("--kit", type=Path, default=None, help="--real: a built real kit directory")
+    parser.add_argument(
+        "--questions", type=Path, default=None, help="a JSONL question file instead of the held-out set"
+    )
 
 
 def ci95(p: float, n: int) -> float:
@@ -94,12 +102,21 @@ def run(args: argparse.Namespace) -> dict:
     from ops.zoo import load_zoo
     from ops.zoo.fusers import load_zoo_fusion, open_zoo
 
+    if args.real:
+        from ops.bench.realacc import run_real
+
+        return run_real(args)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     zoo = open_zoo(args.zoo) if args.zoo is not None else load_zoo(quick=args.quick, seed=args.seed)
     kit = load_zoo_fusion(zoo)
     names = list(kit.transmitters)
-    questions = test_questions(zoo, args.extra_per_fact, args.limit)
+    if args.questions is not None:
+        from ops.bench.questions import read_questions
+
+        questions = read_questions(args.questions)[: args.limit]
+    else:
+        questions = test_questions(zoo, args.extra_per_fact, args.limit)
     specs = row_specs(names, args.precision)
     check = zoo.self_check
     checks = [check] * len(specs)

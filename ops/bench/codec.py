@@ -37,6 +37,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 = steady on 2 cores)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--real", action="store_true", help="real caches of the two pretrained models (ops.real)")
+
+
+def real_caches() -> dict[str, tuple[dict, int]]:
+    """Per real model: its fp16 cache of a whole transmitter prompt (notes, then a held-out question), and tokens."""
+    from fusion.models import LanguageModel
+    from fusion.notes import DeviceNotes
+    from fusion.refine import transmitter_prompt
+    from ops.real.kit import fetch_models
+
+    out = {}
+    notes = DeviceNotes(
+        ["The color of Zorbin is teal.", "The color of Kalu is red.", "The owner of Zorbin is Megan Lang."]
+    )
+    for name, path in fetch_models().items():
+        model = LanguageModel.load(path)
+        prompt = transmitter_prompt(model, "Hi, I'm Ann. What is the color of Zorbin and who owns it?", notes)
+        cache = model.prefill(prompt.ids).cache
+        out[name] = ({i: (k.half(), v.half()) for i, (k, v) in enumerate(cache.layers)}, cache.num_tokens)
+    return out
 
 
 def make_cache(layers: int, batch: int, heads: int, tokens: int, head_dim: int, seed: int) -> dict:
@@ -92,18 +112,15 @@ def _rel_l2(cache: dict, out: dict) -> float:
     return (num / den) ** 0.5
 
 
-def run(args: argparse.Namespace) -> dict:
-    """Measure every precision with and without shuffle+LZ4; return the rows and the target checks."""
-    torch.set_num_threads(args.threads)
-    cache = make_cache(args.layers, args.batch, args.kv_heads, args.tokens, args.head_dim, args.seed)
+def measure(cache: dict, tokens: int, repeats: int) -> list[dict]:
+    """Every precision with and without shuffle+LZ4 on one cache: bytes per token, ratio, speed, error."""
     fp16_bytes = sum(2 * t.numel() for kv in cache.values() for t in kv)
-    tokens = args.tokens * args.batch
     rows = []
     for compress in (False, True):
         for precision in PRECISIONS:
             _decode(_encode(cache, precision, compress, DEFAULT_MAX_PAYLOAD)[0])  # warm-up
             enc_s, dec_s = [], []
-            for _ in range(args.repeats):
+            for _ in range(repeats):
                 t0 = time.perf_counter()
                 frames, blob_bytes, lz4_tensors = _encode(cache, precision, compress, DEFAULT_MAX_PAYLOAD)
                 t1 = time.perf_counter()
@@ -126,19 +143,44 @@ def run(args: argparse.Namespace) -> dict:
                     "chunks": len(frames),
                 }
             )
+    return rows
+
+
+def _shape(cache: dict, tokens: int) -> dict:
+    k = next(iter(cache.values()))[0]
+    fp16 = sum(2 * t.numel() for kv in cache.values() for t in kv)
+    return {
+        "layers": len(cache),
+        "batch": k.shape[0],
+        "kv_heads": k.shape[1],
+        "tokens": tokens,
+        "head_dim": k.shape[3],
+        "fp16_bytes": fp16,
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Measure every precision with and without shuffle+LZ4; return the rows and the target checks."""
+    torch.set_num_threads(args.threads)
+    if args.real:
+        rows, shapes = [], {}
+        for name, (cache, tokens) in real_caches().items():
+            shapes[name] = _shape(cache, tokens)
+            rows += [{"model": name, **r} for r in measure(cache, tokens, args.repeats)]
+        data, cache_info = (
+            "real fp16 caches: each model's prefill of a transmitter prompt (notes, then a question)",
+            shapes,
+        )
+    else:
+        cache = make_cache(args.layers, args.batch, args.kv_heads, args.tokens, args.head_dim, args.seed)
+        rows = measure(cache, args.tokens * args.batch, args.repeats)
+        data, cache_info = DATA, _shape(cache, args.tokens)
     best = {p: max(r["ratio_vs_fp16"] for r in rows if r["precision"] == p) for p in TARGETS}
     int8_err = min(r["rel_l2_error"] for r in rows if r["precision"] == "int8")
     return {
         "benchmark": "codec",
-        "cache": {
-            "layers": args.layers,
-            "batch": args.batch,
-            "kv_heads": args.kv_heads,
-            "tokens": args.tokens,
-            "head_dim": args.head_dim,
-            "fp16_bytes": fp16_bytes,
-        },
-        "data": DATA,
+        "cache": cache_info,
+        "data": data,
         "notes": (
             "bytes_per_token = quantized data + fp16 scales (+ LZ4 framing when kept), all layers, K and V; "
             "wire_bytes_per_token adds chunk headers at 8 MB max_payload; MB/s = 1e6 bytes of the fp16 cache per "

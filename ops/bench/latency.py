@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fusion.refine import refine
+from ops.bench.questions import choose, count_or_file
 
 DEFAULT_QUESTIONS = 100
 DEFAULT_WARMUP = 5  # questions run first and not timed
@@ -29,9 +30,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="use the quick zoo; default: the full zoo")
     parser.add_argument("--seed", type=int, default=0, help="zoo seed")
     parser.add_argument("--zoo", type=Path, default=None, help="a built zoo directory (overrides --quick/--seed)")
-    parser.add_argument("--questions", type=int, default=DEFAULT_QUESTIONS, help="timed questions")
+    parser.add_argument(
+        "--questions", type=count_or_file, default=DEFAULT_QUESTIONS, help="timed questions: a number, or a JSONL file"
+    )
     parser.add_argument("--precision", default="fp16", help="precision of transmitted caches")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument(
+        "--real", action="store_true", help="the real pretrained pair (ops.real's kit; --quick: its small one)"
+    )
+    parser.add_argument("--receiver-model", default="smollm2", help="--real: which model is the receiver")
+    parser.add_argument("--kit", type=Path, default=None, help="--real: a built real kit directory")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -46,16 +54,18 @@ def percentile(values: list[float], q: float) -> float:
 
 def run(args: argparse.Namespace) -> dict:
     """Time both modes on the same questions; return the issue's JSON."""
+    if args.real:
+        from ops.bench.reallat import run_real
+
+        return run_real(args)
     from ops.zoo import load_zoo
     from ops.zoo.fusers import load_zoo_fusion, open_zoo
 
     torch.set_num_threads(args.threads)
     zoo = open_zoo(args.zoo) if args.zoo is not None else load_zoo(quick=args.quick, seed=args.seed)
     kit = load_zoo_fusion(zoo)
-    pool = list(zoo.questions("test"))
-    questions = random.Random(f"bench-latency/{args.seed}").sample(
-        pool, min(args.questions + DEFAULT_WARMUP, len(pool))
-    )
+    rng = random.Random(f"bench-latency/{args.seed}")
+    questions = choose(args.questions, list(zoo.questions("test")), DEFAULT_QUESTIONS, rng, DEFAULT_WARMUP)
     modes = ("t2t", "c2c", "c2c-private")  # c2c-private includes rephrasing q on the receiver
     times: dict[str, list[float]] = {m: [] for m in modes}
     sent: dict[str, list[int]] = {m: [0, 0] for m in modes}  # bytes, tokens

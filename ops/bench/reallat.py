@@ -1,0 +1,83 @@
+"""``python -m ops.bench latency --real``: text-to-text vs C2C with real generation on the real pair (Fig. 3c).
+
+Free-text held-out questions of the real kit; four devices with their notes. Text-to-text: each device writes
+its own answer (greedy, up to ``DEFAULT_HINT_TOKENS``) and the receiver reads them before the question, then
+writes its answer. C2C: each device prefills its notes and q', the gate plans, the planned caches go through the
+bus codec at ``--precision``, the receiver fuses them and writes its answer. Private C2C adds the rephrasing.
+``refine()`` end to end, in one process and thread (devices one after another; over the bus they run in
+parallel), modes alternating per question, the first ``DEFAULT_WARMUP`` not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from fusion.refine import refine
+from ops.bench.latency import DEFAULT_WARMUP, percentile
+
+MODES = ("t2t", "c2c", "c2c-private")
+
+
+def run_real(args: argparse.Namespace) -> dict:
+    """Time text-to-text and C2C on the same free-text questions; return the latency JSON."""
+    from ops.bench.questions import choose
+    from ops.real.kit import kit_from_args
+
+    torch.set_num_threads(args.threads)
+    kit = kit_from_args(args)
+    fed = kit.federation(args.receiver_model)
+    pool = [q for q in kit.test_questions() if q.format == "text"]
+    questions = choose(args.questions, pool, 40, random.Random("bench-latency-real"), DEFAULT_WARMUP)
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    sent = {m: [0, 0] for m in MODES}  # bytes, tokens
+    hits = {m: 0 for m in MODES}
+    for i, q in enumerate(tqdm(questions, desc="latency --real", unit="q")):
+        for mode in MODES if i % 2 == 0 else MODES[::-1]:
+            t0 = time.perf_counter()
+            res = refine(
+                q,
+                fed.receiver,
+                fed.transmitters,
+                mode=mode.removesuffix("-private"),
+                private=mode.endswith("-private"),
+                fusers=fed.fusers,
+                gate=fed.gate,
+                notes=fed.notes,
+                precision=args.precision,
+            )
+            elapsed = time.perf_counter() - t0
+            if i < DEFAULT_WARMUP:
+                continue
+            times[mode].append(elapsed * 1000)
+            sent[mode][0] += res.bytes_sent
+            sent[mode][1] += res.tokens_sent
+            hits[mode] += res.correct(q)
+    rows = []
+    for mode in MODES:
+        n = len(times[mode])
+        rows.append(
+            {
+                "mode": mode,
+                "p50_ms": round(statistics.median(times[mode]), 1),
+                "p95_ms": round(percentile(times[mode], 0.95), 1),
+                "bytes_per_token": round(sent[mode][0] / sent[mode][1], 2) if sent[mode][1] else 0.0,
+                "bytes_per_question": round(sent[mode][0] / n, 1),
+                "accuracy": round(hits[mode] / n, 4),
+                "n": n,
+            }
+        )
+    ratio = rows[0]["p50_ms"] / rows[1]["p50_ms"] if rows[1]["p50_ms"] else None
+    return {
+        "real": True,
+        "receiver": args.receiver_model,
+        "devices": dict(kit.spec.devices),
+        "precision": args.precision,
+        "rows": rows,
+        "t2t_over_c2c_p50": round(ratio, 3) if ratio else None,
+    }
