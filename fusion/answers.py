@@ -12,8 +12,6 @@ article, single spaces), as in SQuAD-style evaluation.
 
 from __future__ import annotations
 
-import re
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -21,11 +19,12 @@ import torch
 
 from fusion.kvcache import KVCache
 from fusion.models import LanguageModel
+from fusion.prompts import exact_match, normalize_answer
+
+__all__ = ["Reading", "read_answer", "is_correct", "exact_match", "normalize_answer"]
 
 DEFAULT_MAX_ANSWER_TOKENS = 16  # longest free-text answer a receiver writes
 ANSWER_STOP = "\n"  # a free-text answer ends at the first newline
-_ARTICLES = re.compile(r"^(a|an|the)\s+")
-_PUNCT = str.maketrans("", "", string.punctuation)
 
 
 @dataclass(frozen=True)
@@ -36,17 +35,6 @@ class Reading:
     probs: tuple[float, ...] = ()  # over the options (softmax of their log-likelihoods or letter logits)
     text: str = ""  # the chosen option's text, or the generated answer
     scores: tuple[float, ...] = field(default=(), repr=False)  # raw option log-likelihoods (text style)
-
-
-def normalize_answer(text: str) -> str:
-    """Lower case, first line only, punctuation and a leading article removed, whitespace collapsed."""
-    line = text.strip().split("\n", 1)[0].lower().translate(_PUNCT)
-    return _ARTICLES.sub("", " ".join(line.split()))
-
-
-def exact_match(prediction: str, answer: str) -> bool:
-    """Whether a free-text answer equals the expected one after normalisation."""
-    return normalize_answer(prediction) == normalize_answer(answer)
 
 
 @torch.no_grad()

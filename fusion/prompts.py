@@ -13,6 +13,8 @@ transmitter does not know the fact (see TOYWORLD.md, lesson 3).
 
 from __future__ import annotations
 
+import re
+import string
 from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -26,6 +28,8 @@ ANSWER_PREFIX = "Answer:"  # the last characters of every question prompt
 HINT_PREFIX = "Fact:"  # the last characters of a hint request
 REPHRASE_PREFIX = "Plain:"  # the last characters of a rephrase request
 STOP = "\n"  # generated hints and paraphrases end at the first newline
+_ARTICLES = re.compile(r"^(a|an|the)\s+")
+_PUNCT = str.maketrans("", "", string.punctuation)
 
 
 class Question(BaseModel):
@@ -86,6 +90,18 @@ class Question(BaseModel):
     def prompt(self) -> str:
         """This question formatted for a zoo model (``format_question``)."""
         return format_question(self.stem, self.options)
+
+
+def normalize_answer(text: str) -> str:
+    """A free-text answer as exact match compares it: lower case, first line only, punctuation and a leading
+    article removed, whitespace collapsed (SQuAD-style)."""
+    line = text.strip().split("\n", 1)[0].lower().translate(_PUNCT)
+    return _ARTICLES.sub("", " ".join(line.split()))
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    """Whether a free-text answer equals the expected one after normalisation."""
+    return normalize_answer(prediction) == normalize_answer(answer)
 
 
 def option_letter(index: int) -> str:

@@ -34,7 +34,7 @@ from bus.connect import close, connect
 from bus.errors import ConfigError, ConnectError, FedRefineError, SchemaError
 from bus.schemas import Answer, Ask, ErrorReply, decode_message
 from bus.subjects import DEFAULT_PREFIX, Subjects
-from fusion.prompts import LETTERS
+from fusion.prompts import LETTERS, exact_match
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_DEADLINE_MS = 10_000  # milliseconds the federation has to answer
@@ -46,12 +46,12 @@ Reply = Answer | ErrorReply
 
 @dataclass(frozen=True)
 class Item:
-    """One question to push (``answer``: the right option's index, when known)."""
+    """One question to push (``answer``: the right option's index, or the free-text answer, when known)."""
 
     stem: str
     options: tuple[str, ...]
     private: bool = False
-    answer: int | None = None
+    answer: int | str | None = None
     id: str = ""
 
 
@@ -70,10 +70,15 @@ class Outcome:
 
     @property
     def correct(self) -> bool | None:
-        """Whether the answer is right (None when the item has no known answer or none came back)."""
-        if self.item.answer is None or not isinstance(self.reply, Answer) or self.reply.choice is None:
+        """Whether the answer is right (None when the item has no known answer or none came back): the option, or
+        (free text) an exact match of the normalised answer."""
+        if self.item.answer is None or not isinstance(self.reply, Answer):
             return None
-        return LETTERS.index(self.reply.choice) == self.item.answer
+        if isinstance(self.item.answer, str):
+            return exact_match(self.reply.text, self.item.answer)
+        if self.reply.choice is None:
+            return None
+        return ord(self.reply.choice) - ord("A") == self.item.answer
 
 
 async def ask_once(nc: Client, subjects: Subjects, item: Item, deadline_s: float) -> Reply:

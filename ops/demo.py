@@ -65,20 +65,23 @@ class Setup:
     questions: list[Question] = field(default_factory=list)
     links_mbps: dict[str, float | None] = field(default_factory=dict)
     self_check: float | None = None  # the receiver answers alone below this P(none) (fusion.refine)
+    notes: dict[str, str] = field(default_factory=dict)  # agent id -> its device's notes file (real models)
+    rules_only: bool = False  # the rephraser redacts by rules only (the real models were never taught to reword)
 
     def specs(self, receiver_id: str = "receiver") -> list[AgentSpec]:
         """The seven agents of the demo."""
         rx_args = ("--model", self.receiver, "--fusers", self.fusers, "--gates", "gate") + self.check_args()
+        rephrase = ("--rules-only",) if self.rules_only else ("--model", self.receiver)
         specs = [
             AgentSpec("receiver", receiver_id, rx_args),
-            AgentSpec("rephraser", "rephraser", ("--model", self.receiver, "--receiver-id", receiver_id)),
+            AgentSpec("rephraser", "rephraser", (*rephrase, "--receiver-id", receiver_id)),
             AgentSpec("gate", "gate", ("--gate", self.gate) if self.gate else ()),
         ]
         for tid, model in self.transmitters.items():
             link = self.links_mbps.get(tid)
-            specs.append(
-                AgentSpec("transmitter", tid, ("--model", model) + (("--link-mbps", str(link)) if link else ()))
-            )
+            notes = ("--notes", self.notes[tid]) if tid in self.notes else ()
+            link_args = ("--link-mbps", str(link)) if link else ()
+            specs.append(AgentSpec("transmitter", tid, ("--model", model, *notes, *link_args)))
         return specs
 
     def check_args(self) -> tuple[str, ...]:
@@ -169,6 +172,33 @@ def zoo_setup(full: bool | None, n_questions: int) -> Setup:
         questions=zoo.questions("test")[:n_questions],
         links_mbps=dict(zip(tids, DEFAULT_LINKS_MBPS, strict=False)),
         self_check=zoo.self_check,
+    )
+
+
+def real_setup(receiver_model: str, n_questions: int, quick: bool = False, seed: int = 0) -> Setup:
+    """The real pair (``ops.real``'s kit, built if needed): the receiver model with no notes, four devices (two per
+    model) with their notes, held-out questions of both formats (those with personal details private)."""
+    from fusion.models import LanguageModel
+    from ops.real.kit import load_kit, model_files
+
+    kit = load_kit(quick=quick)
+    files = model_files(kit.spec)
+    if receiver_model not in files:
+        raise ConfigError(f"unknown receiver model {receiver_model!r}; choose one of {sorted(files)}")
+    receiver_fp = LanguageModel.load(files[receiver_model]).fingerprint
+    pool = kit.test_questions()
+    questions = random.Random(f"demo-real/{seed}").sample(pool, min(n_questions, len(pool)))
+    devices = list(kit.spec.devices)
+    return Setup(
+        name=f"real pair, receiver {receiver_model} ({kit.root.name})",
+        receiver=str(files[receiver_model]),
+        transmitters={d: str(files[m]) for d, m in kit.spec.devices.items()},
+        fusers=str(kit.fusers_dir),
+        gate=str(kit.fusers_dir / f"gate-{receiver_fp}"),
+        questions=questions,
+        links_mbps=dict(zip(devices, DEFAULT_LINKS_MBPS, strict=False)),
+        notes={d: str(kit.notes_path(d)) for d in devices},
+        rules_only=True,
     )
 
 
@@ -286,12 +316,12 @@ def secure_server(
 def receiver_alone(setup: Setup) -> float | None:
     """Accuracy of the receiver alone on the questions (in process), for comparison."""
     from fusion.models import LanguageModel
-    from fusion.refine import letter_probs
+    from fusion.refine import refine
 
     if not setup.questions:
         return None
     model = LanguageModel.load(setup.receiver)
-    right = sum(int(letter_probs(model, q.prompt()).argmax()) == q.answer for q in setup.questions)
+    right = sum(refine(q, model, {}, mode="receiver").correct(q) for q in setup.questions)
     return right / len(setup.questions)
 
 
@@ -356,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--full", action="store_true", help="build (if needed) and use the full zoo")
     which.add_argument("--quick", action="store_true", help="use the quick zoo even if the full one is built")
     which.add_argument("--tiny", action="store_true", help="tiny random models: a smoke run in seconds")
+    which.add_argument("--real", action="store_true", help="the real pretrained pair (make real; the kit builds once)")
+    p.add_argument("--receiver-model", default="smollm2", help="--real: the receiver (smollm2 or gemma3)")
     p.add_argument("--questions", type=int, default=DEFAULT_QUESTIONS, help="how many test questions to push")
     p.add_argument("--deadline-ms", type=int, default=DEFAULT_DEADLINE_MS, help="per-question deadline")
     p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="questions in flight at once")
@@ -379,6 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("--questions, --deadline-ms and --concurrency must be positive")
         if args.tiny:
             setup = tiny_setup(Path(tempfile.mkdtemp(prefix="fedrefine-tiny-")), args.questions)
+        elif args.real:
+            setup = real_setup(args.receiver_model, args.questions)
         else:
             setup = zoo_setup(True if args.full else False if args.quick else None, args.questions)
         alone = None if args.tiny else receiver_alone(setup)
