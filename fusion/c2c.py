@@ -132,11 +132,13 @@ def prefix_alignment(
 def transmitter_tail(fuser) -> int | None:
     """How many of the transmitter's last tokens ``fuser`` reads (None: all of them, so the whole cache must travel).
 
-    A fuser with ``window`` 1 fuses only the receiver's last prefix token, which (anchored) reads the transmitter's
-    final token: one token per layer on the wire instead of the whole prompt. Wider windows read tokens whose
-    position depends on both tokenizers, so they take the whole cache.
+    A fuser with ``window`` 1 fuses only the receiver's last (held-back) token, which reads the transmitter's final
+    token (or its last ``anchor_tokens``): that many tokens per layer on the wire instead of the whole prompt. Wider
+    windows read tokens whose position depends on both tokenizers, so they take the whole cache.
     """
-    return 1 if ANCHOR_LAST and getattr(fuser.cfg, "window", None) == 1 else None
+    if ANCHOR_LAST and getattr(fuser.cfg, "window", None) == 1:
+        return getattr(fuser.cfg, "anchor_tokens", 1)
+    return None
 
 
 def tail_tokens(layers: Mapping[int, KV], tail: int | None) -> dict[int, KV]:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from bus.errors import FusionError
 from fusion.align import gather_tokens
 from fusion.answers import read_answer
 from fusion.c2c import ReceiverView, letter_ids, prefix_alignment, prefix_cache, question_texts, receiver_view
@@ -29,6 +30,7 @@ KEEP_OWN = -1  # item target meaning "the receiver's own answer without fusion" 
 CACHE_DTYPE = torch.float16  # text style: prepared caches are stored at this dtype (halves memory; cast back per step)
 PREPARE_CHUNK = 64  # text style: items whose prompts are batched together
 KEEP_TOKENS = 6  # text style: the first tokens of the receiver's own answer a KEEP_OWN item trains towards
+ANCHOR_KEEP = 2  # text style: the transmitter's last sent tokens kept per example (what a held-back token may read)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class PreparedExample:
     target: int | list[int]  # letter index (letter style) or the answer's token ids (text style)
     weight: float = 1.0  # the gate's prior weight from the transmitter's P(none) (1: it knows, 0: it says it doesn't)
     offer: OfferSummary | None = None  # what the transmitter offered (gate training)
+    last: dict[int, KV] | None = None  # the transmitter's last ANCHOR_KEEP sent tokens per layer (text style)
 
     @property
     def span(self) -> int:
@@ -122,7 +125,8 @@ def combine(sides: Sequence[ReceiverSide], prefills: Sequence, targets: Sequence
     for side, pre, target in zip(sides, prefills, targets, strict=True):
         index = prefix_alignment(side.view, pre.offsets).index[-side.view.span :]
         aligned = gather_tokens(pre.cache.as_mapping(), index)
-        out.append(PreparedExample(side.prefix, aligned, side.view.continuation_ids, target, 1.0, pre.offer))
+        last = {m: (k[:, :, -ANCHOR_KEEP:], v[:, :, -ANCHOR_KEEP:]) for m, (k, v) in pre.cache.as_mapping().items()}
+        out.append(PreparedExample(side.prefix, aligned, side.view.continuation_ids, target, 1.0, pre.offer, last))
     return out
 
 
@@ -208,13 +212,21 @@ def collate(examples: Sequence[PreparedExample], dtype: torch.dtype = torch.floa
     return prefix, aligned, lengths, [e.continuation for e in examples], [e.target for e in examples], spans
 
 
-def anchors(examples: Sequence[PreparedExample], dtype: torch.dtype = torch.float32) -> dict[int, KV]:
-    """Per transmitter layer, each example's transmitter token aligned onto its last prefix position (the anchor the
-    held-back token reads), stacked: ``(B, H_t, 1, D_t)`` each."""
+def anchors(examples: Sequence[PreparedExample], dtype: torch.dtype = torch.float32, count: int = 1) -> dict[int, KV]:
+    """Per transmitter layer, what each example's held-back token reads, stacked: the transmitter's last ``count``
+    sent tokens (``(B, H_t, count, D_t)`` each; with one, the token aligned onto the last prefix position)."""
+
+    def last(e: PreparedExample, m: int, t: int) -> torch.Tensor:
+        if count == 1 or e.last is None:
+            return e.aligned[m][t][:, :, -1:]
+        if e.last[m][t].shape[2] < count:
+            raise FusionError(f"an example kept {e.last[m][t].shape[2]} transmitter tokens; {count} are read")
+        return e.last[m][t][:, :, -count:]
+
     return {
         m: (
-            torch.cat([e.aligned[m][0][:, :, -1:] for e in examples]).to(dtype),
-            torch.cat([e.aligned[m][1][:, :, -1:] for e in examples]).to(dtype),
+            torch.cat([last(e, m, 0) for e in examples]).to(dtype),
+            torch.cat([last(e, m, 1) for e in examples]).to(dtype),
         )
         for m in examples[0].aligned
     }

@@ -70,7 +70,8 @@ def transmitter_deltas(view: ReceiverView, prefix: KVCache, got: Received, fuser
         fuser.eval()
     live = None
     if fuser.cfg.fuse_last:  # the held-back token reads the transmitter's final token (the last that arrived)
-        live = LiveTerm(fuser, {m: (k[:, :, -1:], v[:, :, -1:]) for m, (k, v) in got.layers.items()}, got.weight)
+        a = fuser.cfg.anchor_tokens
+        live = LiveTerm(fuser, {m: (k[:, :, -a:], v[:, :, -a:]) for m, (k, v) in got.layers.items()}, got.weight)
         if fuser.prefix_window() == 0:
             return Contribution({}, live)
     aligned = gather_tokens(got.layers, index)

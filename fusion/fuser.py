@@ -52,6 +52,12 @@ class FuserConfig:
     rms_scale: bool = False  # scale each delta by its receiver vector's RMS (pretrained caches: K norms vary by layer)
     fuse_last: bool = False  # also fuse the held-back last prompt token as it is computed (fusion.live); the window
     # then counts it: window 1 fuses that token alone
+    anchor_tokens: int = 1  # the held-back token reads the transmitter's last this many tokens, side by side (its
+    # final token, then its last shared ones: a probe finds the answer there too); more than 1 needs window 1
+
+    def __post_init__(self) -> None:
+        if self.anchor_tokens > 1 and not (self.fuse_last and self.window == 1):
+            raise ValueError("anchor_tokens > 1 needs fuse_last and window 1 (only the held-back token reads them)")
 
     @classmethod
     def for_models(cls, receiver, transmitter, **kwargs) -> FuserConfig:
@@ -116,7 +122,8 @@ class LayerFuser(nn.Module):
 
     def __init__(self, cfg: FuserConfig) -> None:
         super().__init__()
-        dims = (cfg.receiver_kv_heads, cfg.receiver_head_dim, cfg.transmitter_kv_heads, cfg.transmitter_head_dim)
+        t_dim = cfg.transmitter_head_dim * cfg.anchor_tokens  # anchors side by side along the feature axis
+        dims = (cfg.receiver_kv_heads, cfg.receiver_head_dim, cfg.transmitter_kv_heads, t_dim)
         self.key = KVProjector(*dims, cfg.hidden, cfg.delta_init_std, cfg.rms_scale)
         self.value = KVProjector(*dims, cfg.hidden, cfg.delta_init_std, cfg.rms_scale)
 
@@ -261,7 +268,12 @@ class PairFuser(nn.Module):
         gate = self.gates(generator)[layer]
         if not self.training and float(gate) == 0.0:
             return None, None
-        dk, dv = self.layers[layer](receiver, anchor[source])  # each (B, H_r, 1, D_r)
+        k, v = anchor[source]  # each (B, H_t, A, D_t): the transmitter's last A tokens
+        A = self.cfg.anchor_tokens
+        if k.shape[2] < A:
+            raise FusionError(f"the held-back token reads {A} transmitter tokens; {k.shape[2]} arrived")
+        side = (_side_by_side(k[:, :, -A:]), _side_by_side(v[:, :, -A:]))  # each (B, H_t, 1, A*D_t)
+        dk, dv = self.layers[layer](receiver, side)  # each (B, H_r, 1, D_r)
         w = torch.as_tensor(weight, dtype=dk.dtype, device=dk.device)
         w = w.reshape(-1, 1, 1, 1) if w.dim() == 1 else w
         return w * gate * dk, w * gate * dv
@@ -269,6 +281,12 @@ class PairFuser(nn.Module):
     def forward(self, receiver: KVCache, transmitter: Mapping[int, KV], weight: float | torch.Tensor = 1.0) -> KVCache:
         """The receiver cache with this transmitter fused in."""
         return apply_deltas(receiver, [self.deltas(receiver, transmitter, weight)])
+
+
+def _side_by_side(x: torch.Tensor) -> torch.Tensor:
+    """``(B, H, A, D)`` -> ``(B, H, 1, A*D)``: a few tokens read as one wider vector."""
+    B, H, A, D = x.shape
+    return x.reshape(B, H, 1, A * D)
 
 
 def _window_positions(

@@ -131,7 +131,8 @@ def gate_example(
         aligned = gather_tokens(layers, prefix_alignment(view, pre.offsets).index)
         full = fuser.eval().deltas(prefix, aligned, 1.0, span=view.span)
         deltas.append({m: (dk[:, :, -view.span :], dv[:, :, -view.span :]) for m, (dk, dv) in full.items()})
-        finals.append({m: (k[:, :, -1:], v[:, :, -1:]) for m, (k, v) in layers.items()})
+        a = fuser.cfg.anchor_tokens
+        finals.append({m: (k[:, :, -a:], v[:, :, -a:]) for m, (k, v) in layers.items()})
     if text:
         prefix = prefix.to(dtype=CACHE_DTYPE)
         deltas = [{m: (dk.to(CACHE_DTYPE), dv.to(CACHE_DTYPE)) for m, (dk, dv) in d.items()} for d in deltas]

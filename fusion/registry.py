@@ -134,7 +134,7 @@ def load_fuser(
     try:
         fuser = PairFuser(FuserConfig(**config["config"]))
         fuser.load_state_dict(state)
-    except (KeyError, TypeError, RuntimeError) as exc:
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise FuserError(f"{path} holds a fuser this code cannot rebuild: {exc}", path=str(path)) from exc
     meta = dict(config.get("meta", {}))
     meta.update(

@@ -78,6 +78,7 @@ class FuserTrainConfig:
     confidence_weighting: bool = False  # scale each example's deltas by the gate's P(none) prior, as at inference
     rms_scale: bool = False  # deltas in units of the receiver vector's RMS (pretrained caches)
     fuse_last: bool = False  # fuse the held-back last prompt token as it is computed (fusion.live)
+    anchor_tokens: int = 1  # ... reading the transmitter's last this many tokens
     delta_init_std: float = 1e-3  # the fuser's last layer starts this close to zero
     seed: int = 0  # initialisation, batch order and gate noise
     checkpoint_every: int = 100  # steps between checkpoints (when a checkpoint path is given)
@@ -126,6 +127,7 @@ def new_fuser(receiver: LanguageModel, transmitter: LanguageModel, cfg: FuserTra
         window=cfg.window,
         rms_scale=cfg.rms_scale,
         fuse_last=cfg.fuse_last,
+        anchor_tokens=cfg.anchor_tokens,
         delta_init_std=cfg.delta_init_std,
     )
     with torch.random.fork_rng(devices=[]):
@@ -193,7 +195,11 @@ def _batch_loss(
     prefix, aligned, lengths, conts, targets, spans = collate(examples, dtype)
     weights = torch.tensor([e.weight for e in examples]) if weighted else 1.0
     deltas = fuser.deltas(prefix, aligned, weights, generator=noise, lengths=lengths, span=spans)
-    live = [LiveTerm(fuser, anchors(examples, dtype), weights, noise)] if fuser.cfg.fuse_last else []
+    live = (
+        [LiveTerm(fuser, anchors(examples, dtype, fuser.cfg.anchor_tokens), weights, noise)]
+        if fuser.cfg.fuse_last
+        else []
+    )
     return fused_loss(receiver, apply_deltas(prefix, [deltas]), lengths, conts, targets, live)
 
 
@@ -285,7 +291,7 @@ def fused_predictions(
         if fuser is not None:
             w = torch.tensor([e.weight for e in chunk]) if weighted else 1.0
             cache = apply_deltas(prefix, [fuser.eval().deltas(prefix, aligned, w, lengths=lengths, span=spans)])
-            live = [LiveTerm(fuser, anchors(chunk), w)] if fuser.cfg.fuse_last else []
+            live = [LiveTerm(fuser, anchors(chunk, count=fuser.cfg.anchor_tokens), w)] if fuser.cfg.fuse_last else []
         preds.append(batch_letter_logits(receiver, cache, lengths, conts, letters, live).argmax(-1).cpu())
     return torch.cat(preds)
 
@@ -301,7 +307,7 @@ def fused_text(receiver: LanguageModel, fuser: PairFuser | None, example: Prepar
             m: pad_layers([kv], prefix.num_tokens, [prefix.num_tokens - example.span]) for m, kv in aligned.items()
         }
         cache = apply_deltas(prefix, [fuser.eval().deltas(prefix, aligned, 1.0, span=example.span)])
-        live = [LiveTerm(fuser, anchors([example]), 1.0)] if fuser.cfg.fuse_last else []
+        live = [LiveTerm(fuser, anchors([example], count=fuser.cfg.anchor_tokens), 1.0)] if fuser.cfg.fuse_last else []
     return read_answer(receiver, cache, example.continuation, (), live=live).text
 
 
