@@ -65,7 +65,7 @@ class Identity(BaseModel):
     role: str
     id: str
     public_key: str
-    serves: str | None = None  # a rephraser's receiver ("*": every receiver)
+    serves: str | None = None  # a rephraser's receiver, a leaf node's transmitter ("*": every one)
     revoked: bool = False
     issued_unix: float = Field(default_factory=time.time)
 
@@ -167,7 +167,7 @@ class CredentialStore:
         """A new identity (or a fresh key for a revoked one); returns its credentials file."""
         check_role(role)
         validate_id(agent_id, "identity id")
-        if role == "rephraser" and serves is None:
+        if role in ("rephraser", "leaf") and serves is None:
             serves = "*"
         permissions_for(role, agent_id, self.prefix, serves)  # validates everything
         current = self.get(agent_id)
