@@ -25,6 +25,7 @@ from bus.subjects import DEFAULT_PREFIX, Subjects
 from fusion.notes import DEFAULT_TOP_K
 
 ENV_PREFIX = "FEDREFINE_"
+NATS_URL_ENV = "NATS_URL"  # read when FEDREFINE_NATS is not set
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_HEARTBEAT_S = 1.0  # seconds between presence heartbeats
 DEFAULT_EXPIRY_BEATS = 3.0  # an agent is gone after this many heartbeat intervals of silence
@@ -57,7 +58,11 @@ class AgentConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    nats: str = Field(default=DEFAULT_NATS_URL, description="NATS server URL")
+    nats: str = Field(
+        default=DEFAULT_NATS_URL,
+        description="NATS server URL, or several comma-separated (a cluster: the first is tried first, the others on "
+        "failure); also read from NATS_URL",
+    )
     creds: str | None = Field(
         default=None, description="this agent's credentials file (python -m ops.server --creds-dir DIR writes them)"
     )
@@ -106,9 +111,11 @@ class AgentConfig(BaseModel):
     @field_validator("nats")
     @classmethod
     def _url(cls, value: str) -> str:
-        if "://" not in value:
-            raise ValueError(f"{value!r} is not a URL like nats://127.0.0.1:4222")
-        return value
+        urls = [u.strip() for u in value.split(",")]
+        for url in urls:
+            if "://" not in url or not url.split("://", 1)[1]:
+                raise ValueError(f"{url!r} is not a URL like nats://127.0.0.1:4222 (several: comma-separated)")
+        return ",".join(urls)
 
     def security(self) -> ClientSecurity:
         """How this agent connects; :class:`ConfigError` without credentials unless ``insecure`` says so."""
@@ -292,6 +299,8 @@ def build_parser(cls: type[AgentConfig], prog: str, description: str) -> argpars
 
 def _env_values(cls: type[AgentConfig], env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    if env.get(NATS_URL_ENV):  # the NATS tools' own variable; FEDREFINE_NATS wins over it
+        out["nats"] = env[NATS_URL_ENV]
     for name in cls.model_fields:
         value = env.get(ENV_PREFIX + name.upper())
         if value is not None and value != "":

@@ -92,6 +92,8 @@ async def connect(
     label = name or "fedrefine"
     if isinstance(url, str) and "," in url:  # several servers (a cluster): nats-py fails over between them
         url = [u.strip() for u in url.split(",") if u.strip()]
+    # several servers are tried in the order given (the nearest first), not nats-py's shuffled order
+    options.setdefault("dont_randomize", True)
     if security is not None:
         options = {**security.connect_options(url), **options}
     try:

@@ -221,7 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline-ms", type=int, default=DEFAULT_DEADLINE_MS, help="answer deadline (milliseconds)")
     p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="questions in flight with --file")
     p.add_argument("--limit", type=int, default=None, help="push only the first N questions of --file")
-    p.add_argument("--nats", default=os.environ.get("FEDREFINE_NATS", DEFAULT_NATS_URL), help="NATS server URL")
+    p.add_argument(
+        "--nats",
+        default=os.environ.get("FEDREFINE_NATS") or os.environ.get("NATS_URL") or DEFAULT_NATS_URL,
+        help="NATS server URL, or several comma-separated (env FEDREFINE_NATS, NATS_URL)",
+    )
     p.add_argument("--prefix", default=os.environ.get("FEDREFINE_PREFIX", DEFAULT_PREFIX), help="subject prefix")
     p.add_argument(
         "--creds", default=os.environ.get("FEDREFINE_CREDS") or None, help="a client identity's credentials file"
