@@ -77,6 +77,7 @@ class Agent:
 
     role: ClassVar[str] = ""
     tracks_presence: ClassVar[bool] = False  # keep a roster of every agent's heartbeats
+    announce_at_start: ClassVar[bool] = True  # heartbeat as soon as it serves (False: one interval later)
 
     def __init__(self, cfg: AgentConfig) -> None:
         if not cfg.id:
@@ -103,6 +104,7 @@ class Agent:
         self.computed = Counter[str]()  # calls run on the event loop ("loop") and on the compute thread ("thread")
         self._started = False
         self._stopped = False
+        self.started_at = 0.0  # monotonic time it began serving
 
     # ---- hooks for subclasses -----------------------------------------------------------------------------
 
@@ -144,7 +146,9 @@ class Agent:
             await self._close_connections()
             raise
         self._background.add(asyncio.create_task(self._heartbeat_loop(), name=f"{self.id}-heartbeat"))
-        await self.publish_presence()
+        self.started_at = time.monotonic()
+        if self.announce_at_start:
+            await self.publish_presence()
         log.info("%s %s serving on %s (prefix %s)", self.role, self.id, self.cfg.nats, self.cfg.prefix)
         return self
 

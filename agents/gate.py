@@ -45,6 +45,7 @@ DEFAULT_EARLY_TTL_S = 10.0  # seconds such an offer is kept
 DEFAULT_MAX_MISSES = 2  # queries in a row a live transmitter may not offer on before the gate stops waiting for it
 DEFAULT_MAX_OPEN_PER_RECEIVER = 64  # queries of one receiver collecting offers at once
 DEFAULT_PLANNED_MEMORY = 4096  # recently planned query ids remembered (late offers are recognised, not warned)
+DEFAULT_WARMUP_BEATS = 2.0  # heartbeat intervals after its start a gate that knows no transmitter waits for offers
 MBPS = 1_000_000.0  # bytes per second in one MB/s (rates in flags and configs are megabytes per second)
 
 
@@ -64,6 +65,10 @@ class GateAgent(Agent):
 
     role = "gate"
     tracks_presence = True
+    # a gate that has not yet heard the transmitters' heartbeats would plan without them: it announces itself (and
+    # so is picked by receivers) only after one heartbeat interval, and until then waits its offer window for
+    # offers when it knows of no transmitter
+    announce_at_start = False
 
     def __init__(self, cfg: GateAgentConfig, gate: GateNetwork | None = None) -> None:
         super().__init__(cfg)
@@ -77,6 +82,7 @@ class GateAgent(Agent):
         )
         self.collecting: dict[str, _Collecting] = {}
         self.planned: OrderedDict[str, None] = OrderedDict()
+        self.skipped: OrderedDict[str, None] = OrderedDict()  # queries another gate plans: their offers are not ours
         self.early: OrderedDict[str, tuple[float, list[Offer]]] = OrderedDict()
         self.warned_no_fuser: set[tuple[str, str, str]] = set()
         self.misses: dict[str, int] = {}  # transmitter -> queries in a row it was expected on and did not offer
@@ -100,7 +106,11 @@ class GateAgent(Agent):
         if query.receiver_id != self.subjects.parse(msg.subject).receiver_id:
             raise SchemaError(f"query of receiver {query.receiver_id} on {msg.subject}")
         if query.gates and self.id not in query.gates:
-            return  # the receiver takes plans from other gates
+            self.skipped[qid] = None  # the receiver asked another gate: its offers are that gate's business
+            while len(self.skipped) > DEFAULT_PLANNED_MEMORY:
+                self.skipped.popitem(last=False)
+            self.early.pop(qid, None)
+            return
         if qid in self.collecting or qid in self.planned:
             raise SchemaError(f"duplicate query id {qid}")
         left = query.deadline_unix - time.time()
@@ -113,6 +123,7 @@ class GateAgent(Agent):
             raise SchemaError(f"receiver {query.receiver_id} already has {open_here} queries collecting offers")
         live = set(self.roster.live("transmitter"))
         expected = {tid for tid in live if self.misses.get(tid, 0) < DEFAULT_MAX_MISSES}
+        warming = not live and time.monotonic() - self.started_at < DEFAULT_WARMUP_BEATS * self.cfg.heartbeat_s
         state = _Collecting(query, expected, window_s=self.cfg.offer_share * left)
         digest = digest_of(query)
         for offer in self.early.pop(qid, (0.0, []))[1]:
@@ -121,7 +132,7 @@ class GateAgent(Agent):
                 continue
             state.offers.setdefault(offer.transmitter_id, offer)
         self.collecting[qid] = state
-        if not expected or expected <= set(state.offers):
+        if not warming and (not expected or expected <= set(state.offers)):
             await self._finish(qid)
             return
         self.spawn(self._window(state), name=f"window-{qid}")
@@ -142,6 +153,8 @@ class GateAgent(Agent):
         if (offer.query_id, offer.transmitter_id) != (qid, sender):
             raise SchemaError(f"offer of {offer.transmitter_id} for {offer.query_id} on {msg.subject}")
         if state is None:
+            if qid in self.skipped:
+                return  # another gate's query
             if qid in self.planned:
                 self.misses[sender] = 0  # late, but alive
                 log.info("late offer from %s for %s (already planned)", sender, qid)
@@ -152,7 +165,7 @@ class GateAgent(Agent):
             raise SchemaError(f"offer from {sender} carries the digest of another query than {qid}")
         self.misses[sender] = 0
         state.offers[offer.transmitter_id] = offer
-        if state.expected <= set(state.offers):
+        if state.expected and state.expected <= set(state.offers):
             await self._finish(qid)
 
     def _keep_early(self, offer: Offer) -> None:

@@ -15,7 +15,8 @@ not chosen, no fuser, error) as the reply, and on ``fr.answer.<id>.<query_id>`` 
 (a private answer goes to the asker's inbox only).
 
 Identity checks: an offer counts only from the transmitter its subject names and with this query's digest; a plan
-only from a gate the query names (``--gates``; any gate when none is given), with this query's digest, receiver
+only from the gate the query names (one live gate of ``--gates``, any gate identity when none is given, taken in
+turn: ``agents.gatepick``; so two gates never plan one query), with this query's digest, receiver
 and deadline; an ask whose deadline is beyond ``--max-deadline-s`` is refused with ``limit``.
 """
 
@@ -37,6 +38,7 @@ from agents.base import Agent, decode
 from agents.cli import run_agent
 from agents.config import ReceiverConfig
 from agents.fuserbook import FuserBook
+from agents.gatepick import GatePicker
 from agents.kvintake import GuardedKVReceiver
 from agents.roster import Member
 from bus.errors import ChunkError, FedRefineError, FusionError, LimitError, SchemaError
@@ -92,6 +94,7 @@ class _Open:
     inline: dict[str, dict[int, KV]] = field(default_factory=dict)  # planned layers that came inside offers
     inline_errors: dict[str, str] = field(default_factory=dict)  # why an inline cache could not be used
     digest: int | None = None  # digest_of(the Query it published): offers and plans must carry it
+    gates: tuple[str, ...] = ()  # the gate(s) its Query named: only their plan counts (agents.gatepick)
 
 
 class ReceiverAgent(Agent):
@@ -117,6 +120,7 @@ class ReceiverAgent(Agent):
         self.answered = 0
         self._answer_s = cfg.answer_reserve_s / 4  # running mean of fuse + read time
         self._answering = 0
+        self.gates = GatePicker(cfg.trusted_gates, self.roster)  # one live gate plans each query
         self.roster.listen(self._on_roster)
 
     def capabilities(self) -> tuple[str, ...]:
@@ -190,6 +194,8 @@ class ReceiverAgent(Agent):
         gates = self.cfg.trusted_gates
         if gates and parts.sender not in gates:
             raise SchemaError(f"plan from gate {parts.sender}, which this receiver does not take plans from")
+        if q.gates and parts.sender not in q.gates:
+            raise SchemaError(f"plan from gate {parts.sender}; query {parts.query_id} asked {', '.join(q.gates)}")
         if q.plan is not None:
             raise SchemaError(f"second plan for {parts.query_id}")
         plan = decode(msg, Plan)
@@ -287,6 +293,7 @@ class ReceiverAgent(Agent):
         text = await self._rephrase(q, notes) if ask.private else ask.question
         style = self.model.style
         shared, original = shared_prompt(ask.question, ask.options, text if ask.private else None, style)
+        q.gates = self.gates.pick()
         query = Query(
             query_id=q.query_id,
             receiver_id=self.id,
@@ -294,7 +301,7 @@ class ReceiverAgent(Agent):
             options=ask.options,
             deadline_unix=q.deadline_unix,
             fusers=self.book.capabilities(),
-            gates=self.cfg.trusted_gates,
+            gates=q.gates,
         )
         q.digest = digest_of(query)
         await self.publish(self.subjects.query(self.id), query)
@@ -306,7 +313,10 @@ class ReceiverAgent(Agent):
         try:
             await asyncio.wait_for(q.plan_seen.wait(), timeout=max(0.0, plan_until - time.monotonic()))
         except TimeoutError:
-            notes.append(f"no plan from the gate within {plan_until - q.t0:.2f} s (gate down?); answered alone")
+            self.gates.missed(q.gates)
+            which = f"the gate ({', '.join(q.gates)})" if q.gates else "the gate"
+            alive = "" if self.gates.live() else "; no gate is heartbeating"
+            notes.append(f"no plan from {which} within {plan_until - q.t0:.2f} s (gate down?){alive}; answered alone")
         t_plan = time.monotonic()
         if q.plan is not None:
             await self._await_streams(q, q.plan)

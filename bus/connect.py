@@ -190,7 +190,7 @@ async def close(nc: Client, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
         closing.result()
         return
     log.warning("nats client %s did not close within %.1f s; cutting its socket", nc.options.get("name"), timeout)
-    _cut_socket(nc)
+    abort(nc)
     closing.cancel()
     done, _ = await asyncio.wait({closing}, timeout=DEFAULT_ABANDON_TIMEOUT)
     if done:
@@ -209,7 +209,7 @@ async def _drain_or_close(nc: Client) -> None:
             await nc.close()
 
 
-def _cut_socket(nc: Client) -> None:
+def abort(nc: Client) -> None:
     """Abort the connection's TCP socket (no flush): every coroutine writing to it or waiting for it to close wakes."""
     nc.options["allow_reconnect"] = False  # the lost socket must end the client, not start a reconnect
     writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)  # nats-py internals: guarded, may change

@@ -29,7 +29,7 @@ from agents.receiver import ReceiverAgent
 from agents.rephraser import RephraserAgent
 from agents.transmitter import TransmitterAgent
 from bus.auth import ClientSecurity
-from bus.connect import close, connect
+from bus.connect import abort, close, connect
 from bus.schemas import Answer, ErrorReply
 from bus.server import NatsServer
 from bus.subjects import Subjects
@@ -242,6 +242,12 @@ class Fleet:
         """Stop one agent cleanly (it says goodbye)."""
         await self.agents.pop(agent_id).stop()
 
+    async def crash(self, agent_id: str) -> Agent:
+        """Kill one agent as SIGKILL would: its sockets cut, no goodbye, nothing more from it (in process, fast)."""
+        agent = self.agents.pop(agent_id)
+        await crash(agent)
+        return agent
+
     async def close(self) -> None:
         """Stop every agent and the client; an agent that does not stop fails the test with every task's stack."""
         for agent_id in list(self.agents)[::-1]:
@@ -255,6 +261,22 @@ class Fleet:
             stopping.result()
         if self.client is not None:
             await close(self.client)
+
+
+async def crash(agent: Agent) -> None:
+    """An in-process agent dies at once: every task cancelled, both connections' sockets aborted (the server drops its
+    subscriptions as it would for a killed process), no goodbye."""
+    agent._stopped = agent.draining = True  # noqa: SLF001 - a crash skips the orderly stop
+    for nc in (agent.pub, agent.sub):
+        if nc is not None:
+            abort(nc)
+    for task in (*agent._tasks, *agent._background):  # noqa: SLF001
+        task.cancel()
+    await asyncio.sleep(0)
+    for nc in (agent.pub, agent.sub):
+        if nc is not None:
+            await close(nc, timeout=1.0)
+    agent._executor.shutdown(wait=False, cancel_futures=True)  # noqa: SLF001
 
 
 def fleet_store(root: Path, pki: CredentialStore) -> CredentialStore:
