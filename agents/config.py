@@ -41,7 +41,8 @@ DEFAULT_ASSUMED_RATE_MBPS = 125.0  # gate: link rate (MB/s) assumed for a transm
 DEFAULT_INLINE_KV_BYTES = 8192  # transmitter: largest cache tail it sends inside its offer
 DEFAULT_INLINE_KV_MS = 2.0  # transmitter: ... and only when its link carries that in this many milliseconds
 DEFAULT_INLINE_COMPUTE_MS = 10.0  # model calls shorter than this run on the event loop (no thread hand-off)
-DEFAULT_MAX_INFLIGHT = 64  # queries one agent works on at once; more are refused (transmitter: skipped)
+DEFAULT_MAX_INFLIGHT = 64  # queries one agent works on at once (receiver: more wait in its queue)
+DEFAULT_MAX_QUEUED = 1024  # receiver: asks waiting for one of its --max-inflight slots; more are refused (limit)
 DEFAULT_MAX_DEADLINE_S = 60.0  # the longest deadline an agent honours: an ask or query beyond it is refused
 
 Level = Literal["debug", "info", "warning", "error"]
@@ -184,6 +185,12 @@ class ReceiverConfig(ModelAgentConfig):
     )
     answer_reserve_s: float = Field(
         default=DEFAULT_ANSWER_RESERVE_S, ge=0, le=60, description="seconds kept to fuse and answer"
+    )
+    max_queued: int = Field(
+        default=DEFAULT_MAX_QUEUED,
+        ge=0,
+        le=1_000_000,
+        description="asks that wait (in order) for one of the --max-inflight slots; more are refused with 'limit'",
     )
     plan_share: float = Field(default=DEFAULT_PLAN_SHARE, gt=0, lt=1, description="deadline share to wait for a plan")
     rephrase_share: float = Field(

@@ -34,6 +34,7 @@ from typing import Any
 import nats
 from nats.aio.msg import Msg
 
+from agents.askqueue import AskQueue
 from agents.base import Agent, decode
 from agents.cli import run_agent
 from agents.config import ReceiverConfig
@@ -64,7 +65,7 @@ from fusion.fuser import PairFuser
 from fusion.kvcache import KV, KVCache
 from fusion.models import LanguageModel
 from fusion.prompts import LETTERS, option_letter
-from fusion.refine import answer_after, knows_alone, receiver_self_check, shared_prompt
+from fusion.refine import answer_after, answer_alone, knows_alone, receiver_self_check, shared_prompt
 from privacy.rephrase import rephrase
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ log = logging.getLogger(__name__)
 DEFAULT_KV_GRACE_S = 2.0  # seconds past the deadline the reassembler keeps a query's partial state
 DEFAULT_CLOSED_MEMORY = 4096  # answered query ids remembered (their late KV is ignored quietly)
 DEFAULT_RESERVE_FACTOR = 1.5  # reserve = factor x mean answer time x (answers queued + 1), at least the floor
+DEFAULT_SHED_FACTOR = 2.0  # an ask that waited in the queue answers alone when less than this x a fused answer is left
 
 
 @dataclass
@@ -95,6 +97,7 @@ class _Open:
     inline_errors: dict[str, str] = field(default_factory=dict)  # why an inline cache could not be used
     digest: int | None = None  # digest_of(the Query it published): offers and plans must carry it
     gates: tuple[str, ...] = ()  # the gate(s) its Query named: only their plan counts (agents.gatepick)
+    queued_s: float = 0.0  # seconds it waited in the receiver's queue before its turn
 
 
 class ReceiverAgent(Agent):
@@ -120,6 +123,9 @@ class ReceiverAgent(Agent):
         self.answered = 0
         self._answer_s = cfg.answer_reserve_s / 4  # running mean of fuse + read time
         self._answering = 0
+        self._fused_s = 4 * cfg.answer_reserve_s  # running mean of an asked-out answer's time, its turn to its reply
+        self.queue = AskQueue(self, self._serve, cfg.max_queued)  # asks beyond max_inflight wait their turn
+        self.shed = 0  # queued asks answered alone for lack of time
         self.gates = GatePicker(cfg.trusted_gates, self.roster)  # one live gate plans each query
         self.roster.listen(self._on_roster)
 
@@ -221,17 +227,24 @@ class ReceiverAgent(Agent):
             why = f"deadline {ask.deadline_s:g} s exceeds this receiver's {self.cfg.max_deadline_s:g} s"
             await self.respond(msg, ErrorReply(code="limit", message=why))
             raise SchemaError(why)
-        if not self.accepting():
-            await self.respond(msg, ErrorReply(code="unavailable", message=f"receiver {self.id} is busy or stopping"))
+        if self.draining:
+            await self.respond(msg, ErrorReply(code="unavailable", message=f"receiver {self.id} is stopping"))
             return
-        self.spawn(self._serve(msg, ask), name="ask")
+        refused = self.queue.admit(msg, ask)  # now, or in line for a slot (backpressure), or refused past the line
+        if refused is not None:
+            await self.respond(msg, refused)
+
+    async def drain_wait(self, until: float) -> None:
+        """Stopping: serve the queue until ``until`` (agents.askqueue)."""
+        await self.queue.drain(until)
 
     # ---- one ask ------------------------------------------------------------------------------------------
 
-    async def _serve(self, msg: Msg, ask: Ask) -> None:
-        t0 = time.monotonic()
+    async def _serve(self, msg: Msg, ask: Ask, t0: float, queued: bool = False) -> None:
         qid = uuid.uuid4().hex[:16]
-        q = _Open(qid, ask, t0, t0 + ask.deadline_s, time.time() + ask.deadline_s)
+        left = t0 + ask.deadline_s - time.monotonic()  # the deadline runs from receipt, queued or not
+        q = _Open(qid, ask, t0, t0 + ask.deadline_s, time.time() + left)
+        q.queued_s = time.monotonic() - t0 if queued else 0.0
         assert self.kv is not None
         try:
             self.kv.set_deadline(qid, ask.deadline_s + DEFAULT_KV_GRACE_S)
@@ -252,6 +265,8 @@ class ReceiverAgent(Agent):
                 self.closed.popitem(last=False)
             self.kv.forget(qid)
         self.answered += 1
+        if answer.used or answer.omitted:  # it asked the others: how long that takes, to judge a queued ask by
+            self._fused_s = 0.8 * self._fused_s + 0.2 * (time.monotonic() - t0 - q.queued_s)
         await self.respond(msg, answer)
         if not ask.private:  # a private answer reaches the asker only
             await self.publish(self.subjects.answer(self.id, qid), answer)
@@ -290,6 +305,14 @@ class ReceiverAgent(Agent):
                 choice = int(probs.argmax())
                 reading = Reading(choice, tuple(float(p) for p in probs), ask.options[choice])
                 return self._reply(q, reading, {}, {}, [], notes, alone=True)
+        if q.queued_s and q.deadline - time.monotonic() < DEFAULT_SHED_FACTOR * self._fused_s + self._reserve():
+            self.shed += 1
+            notes.append(
+                f"answered alone: the ask waited {q.queued_s:.2f} s in the receiver's queue, and too little of its "
+                "deadline was left to ask the others"
+            )
+            reading = await self.compute(answer_alone, self.model, ask.question, ask.options)
+            return self._reply(q, reading, {}, {}, [], notes)
         text = await self._rephrase(q, notes) if ask.private else ask.question
         style = self.model.style
         shared, original = shared_prompt(ask.question, ask.options, text if ask.private else None, style)

@@ -90,6 +90,11 @@ class TransmitterAgent(Agent):
         self.pending: dict[str, _Pending] = {}
         self.sent = {"queries": 0, "offers": 0, "streams": 0, "inline": 0, "bytes": 0}
 
+    def accepting(self) -> bool:
+        """Queries from several receivers at once (each up to its 64): prefills run one at a time anyway, and the
+        held ones are capped below (per receiver and in all), so take up to ``DEFAULT_MAX_PENDING``."""
+        return not self.draining and len(self._tasks) < max(self.cfg.max_inflight, DEFAULT_MAX_PENDING)
+
     def capabilities(self) -> tuple[str, ...]:
         """Precisions it can send."""
         return ("kv", "fp32", "fp16", "bf16", "int8", "int4")
