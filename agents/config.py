@@ -87,6 +87,9 @@ class AgentConfig(BaseModel):
         default=DEFAULT_MAX_DEADLINE_S, gt=0, le=3600, description="longest deadline honoured (seconds)"
     )
     log_level: Level = Field(default="info", description="logging level")
+    trace: bool = Field(
+        default=True, description="publish trace events (ids, times, byte counts; never text) for ops.watch"
+    )
     threads: int = Field(default=1, ge=1, le=256, description="torch threads for model and gate math")
     inline_compute_ms: float = Field(
         default=DEFAULT_INLINE_COMPUTE_MS,

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
 
+from agents import tracing
 from agents.base import Agent, decode
 from agents.cli import run_agent
 from agents.config import GateAgentConfig
@@ -58,6 +59,7 @@ class _Collecting:
     window_s: float
     offers: dict[str, Offer] = field(default_factory=dict)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    t0: float = field(default_factory=time.monotonic)  # when the query reached the gate
 
 
 class GateAgent(Agent):
@@ -89,6 +91,16 @@ class GateAgent(Agent):
         self.plans_published = 0
         self.roster.listen(self._on_roster)
 
+    def counters(self) -> dict[str, int]:
+        """Queries planned here, skipped (another gate's), offers taken, plans, transmitters not waited for."""
+        not_waited = sum(1 for m in self.misses.values() if m >= DEFAULT_MAX_MISSES)
+        return {
+            **self.count,
+            "plans": self.plans_published,
+            "collecting": len(self.collecting),
+            "not_waited": not_waited,
+        }
+
     def capabilities(self) -> tuple[str, ...]:
         """Whether a trained gating network scores offers, and the policy."""
         return ("gate" if self.gate is not None else "uniform", f"policy:{self.policy.name}")
@@ -103,6 +115,7 @@ class GateAgent(Agent):
     async def _on_query(self, msg: Msg) -> None:
         query = decode(msg, Query)
         qid = query.query_id
+        tracing.QUERY_ID.set(qid)
         if query.receiver_id != self.subjects.parse(msg.subject).receiver_id:
             raise SchemaError(f"query of receiver {query.receiver_id} on {msg.subject}")
         if query.gates and self.id not in query.gates:
@@ -110,6 +123,7 @@ class GateAgent(Agent):
             while len(self.skipped) > DEFAULT_PLANNED_MEMORY:
                 self.skipped.popitem(last=False)
             self.early.pop(qid, None)
+            self.count["skipped"] += 1
             return
         if qid in self.collecting or qid in self.planned:
             raise SchemaError(f"duplicate query id {qid}")
@@ -132,10 +146,11 @@ class GateAgent(Agent):
                 continue
             state.offers.setdefault(offer.transmitter_id, offer)
         self.collecting[qid] = state
+        self.count["queries"] += 1
         if not warming and (not expected or expected <= set(state.offers)):
             await self._finish(qid)
             return
-        self.spawn(self._window(state), name=f"window-{qid}")
+        self.spawn(self._window(state), name=f"window-{qid}", query_id=qid)
 
     async def _window(self, state: _Collecting) -> None:
         try:
@@ -165,6 +180,7 @@ class GateAgent(Agent):
             raise SchemaError(f"offer from {sender} carries the digest of another query than {qid}")
         self.misses[sender] = 0
         state.offers[offer.transmitter_id] = offer
+        self.count["offers"] += 1
         if state.expected and state.expected <= set(state.offers):
             await self._finish(qid)
 
@@ -253,6 +269,9 @@ class GateAgent(Agent):
         )
         await self.publish(self.subjects.plan(qid, self.id), plan)
         self.plans_published += 1
+        took_ms = 1000 * (time.monotonic() - state.t0)
+        self.latency.add(took_ms)
+        await self.tracer.emit(qid, "plan", count=len(plan.entries), ms=took_ms, peer=state.query.receiver_id)
         log.debug(
             "plan %s: %s; omitted %s",
             qid,

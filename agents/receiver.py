@@ -34,6 +34,7 @@ from typing import Any
 import nats
 from nats.aio.msg import Msg
 
+from agents import tracing
 from agents.askqueue import AskQueue
 from agents.base import Agent, decode
 from agents.cli import run_agent
@@ -132,6 +133,11 @@ class ReceiverAgent(Agent):
     def capabilities(self) -> tuple[str, ...]:
         """``answer``, and the transmitter models it can fuse (so the gate never plans the others)."""
         return ("answer", *self.book.capabilities())
+
+    def counters(self) -> dict[str, Any]:
+        """Asks, how they were answered, and the queue (``agents.service``)."""
+        waiting = {"queued_now": len(self.queue), "open": len(self.open), "shed": self.shed, "answered": self.answered}
+        return {**self.count, **self.queue.counts, **waiting, "gates_live": len(self.gates.live())}
 
     # ---- subscriptions ------------------------------------------------------------------------------------
 
@@ -245,6 +251,9 @@ class ReceiverAgent(Agent):
         left = t0 + ask.deadline_s - time.monotonic()  # the deadline runs from receipt, queued or not
         q = _Open(qid, ask, t0, t0 + ask.deadline_s, time.time() + left)
         q.queued_s = time.monotonic() - t0 if queued else 0.0
+        tracing.QUERY_ID.set(qid)  # every log line about this ask names it
+        self.count["asks"] += 1
+        await self.tracer.emit(qid, "ask", ms=1000 * q.queued_s, detail="queued" if queued else "")
         assert self.kv is not None
         try:
             self.kv.set_deadline(qid, ask.deadline_s + DEFAULT_KV_GRACE_S)
@@ -256,7 +265,9 @@ class ReceiverAgent(Agent):
             answer = await self._answer(q)
         except FedRefineError as exc:
             log.warning("receiver %s: query %s failed: %s", self.id, qid, exc)
+            self.count["errors"] += 1
             await self.respond(msg, ErrorReply(code="internal", message=str(exc)[:500], query_id=qid))
+            await self.tracer.emit(qid, "error", detail="internal")
             return
         finally:
             self.open.pop(qid, None)
@@ -270,6 +281,10 @@ class ReceiverAgent(Agent):
         await self.respond(msg, answer)
         if not ask.private:  # a private answer reaches the asker only
             await self.publish(self.subjects.answer(self.id, qid), answer)
+        self.latency.add(1000 * answer.latency_s)
+        self.count["fused" if answer.used else "alone"] += 1
+        self.count["kv_bytes_in"] += answer.bytes_received
+        await tracing.emit_answer(self.tracer, answer)
 
     def _reserve(self) -> float:
         return max(self.cfg.answer_reserve_s, DEFAULT_RESERVE_FACTOR * self._answer_s * (self._answering + 1))
@@ -329,6 +344,7 @@ class ReceiverAgent(Agent):
         q.digest = digest_of(query)
         await self.publish(self.subjects.query(self.id), query)
         t_query = time.monotonic()
+        await self.tracer.emit(q.query_id, "query", peer=q.gates[0] if len(q.gates) == 1 else None)
         # what the receiver needs of its own does not depend on what arrives: prefill it while transmitters work
         q.view = receiver_view(self.model, shared, original)
         q.prefix = asyncio.ensure_future(self.compute(prefix_cache, self.model, q.view))
@@ -342,6 +358,7 @@ class ReceiverAgent(Agent):
             notes.append(f"no plan from {which} within {plan_until - q.t0:.2f} s (gate down?){alive}; answered alone")
         t_plan = time.monotonic()
         if q.plan is not None:
+            await self.tracer.emit(q.query_id, "plan", count=len(q.plan.entries), ms=1000 * (t_plan - q.t0))
             await self._await_streams(q, q.plan)
         received, uses, omitted = self._gather(q, notes)
         self._answering += 1
