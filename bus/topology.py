@@ -133,19 +133,23 @@ class Topology:
 
     # ---- what agents connect to -------------------------------------------------------------------------------
 
+    def url_of(self, server: NatsServer) -> str:
+        """A server's client URL (known before it runs: every port is fixed)."""
+        return f"{'tls' if self.tls is not None else 'nats'}://{self.host}:{server.requested_port}"
+
     @property
     def urls(self) -> list[str]:
         """Client URLs of the cluster members, in order (``--nats`` takes them comma-separated)."""
-        return [s.url for s in self.members]
+        return [self.url_of(s) for s in self.members]
 
     def url_list(self, first: int = 0) -> str:
         """Every member's URL, comma-separated, member ``first`` first (where an agent should connect)."""
         order = [*range(first, len(self.members)), *range(first)]
-        return ",".join(self.members[i].url for i in order)
+        return ",".join(self.url_of(self.members[i]) for i in order)
 
     def leaf_url(self, name: str) -> str:
         """The client URL of one leaf node (its device's agents connect there)."""
-        return self._leaf(name).url
+        return self.url_of(self._leaf(name))
 
     def servers(self) -> list[NatsServer]:
         """Members then leaf nodes."""
