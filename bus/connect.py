@@ -206,7 +206,13 @@ async def _drain_or_close(nc: Client) -> None:
     except (TimeoutError, nats.errors.Error, OSError) as exc:
         log.debug("drain failed (%s); closing", exc)
         if not nc.is_closed:
-            await nc.close()
+            try:
+                await nc.close()
+            except (AttributeError, RuntimeError) as broken:
+                # nats-py writes its pending buffer to a TLS transport the server already dropped (its SSL protocol
+                # is gone): the connection is dead anyway, so cut the socket and let it go
+                log.debug("close of a dead connection failed (%s); cutting its socket", broken)
+                abort(nc)
 
 
 def abort(nc: Client) -> None:
