@@ -5,9 +5,10 @@ the transmitters and the receiver's KV intake all act on the plan of the gate th
 split them. The receiver therefore names one gate in each :class:`~bus.schemas.Query` (``gates``), taking the live
 gates of its ``--gates`` (any gate identity when that is empty) in turn:
 
-- *live* means heartbeating (the receiver's roster): a gate that is killed stops being picked once its heartbeats
-  expire (3 intervals), one that leaves cleanly at once; one that comes back is picked again from its first
-  heartbeat on, without restarting anyone;
+- *live* means heartbeating (the receiver's roster): a gate whose last heartbeat is more than
+  ``DEFAULT_LATE_BEATS`` of its intervals old is passed over (a killed gate: after 1.5 s at the default 1 s
+  interval, before its heartbeats expire at 3), one that leaves cleanly at once; one that comes back is picked
+  again from its first heartbeat on, without restarting anyone;
 - a gate that let a query go without a plan is *suspect* and skipped until it heartbeats again after that (a
   killed gate never does; a slow one does within a second), so a dead gate costs at most the queries picked for
   it before the receiver noticed;
@@ -23,6 +24,8 @@ from collections.abc import Callable
 
 from agents.roster import Roster
 
+DEFAULT_LATE_BEATS = 1.5  # a gate whose heartbeat is this many of its intervals overdue is not picked
+
 
 class GatePicker:
     """Round-robin over the live, trusted, unsuspected gates of a roster."""
@@ -31,6 +34,7 @@ class GatePicker:
         self.trusted = trusted
         self.roster = roster
         self.wall = wall
+        self.clock = roster.clock
         self._turn = 0
         self._missed: dict[str, float] = {}  # gate -> wall time it let a query go unplanned
 
@@ -39,11 +43,13 @@ class GatePicker:
         return [g for g in self.roster.live("gate") if not self.trusted or g in self.trusted]
 
     def suspect(self, gate: str) -> bool:
-        """Whether ``gate`` missed a plan and has not heartbeaten since."""
+        """Whether ``gate`` missed a plan and has not heartbeaten since, or its heartbeat is overdue."""
+        member = self.roster.get("gate", gate)
+        if member is not None and self.clock() - member.last_seen > DEFAULT_LATE_BEATS * member.presence.interval_s:
+            return True
         missed = self._missed.get(gate)
         if missed is None:
             return False
-        member = self.roster.get("gate", gate)
         if member is not None and member.presence.sent_unix > missed:
             del self._missed[gate]
             return False

@@ -99,6 +99,7 @@ class _Open:
     digest: int | None = None  # digest_of(the Query it published): offers and plans must carry it
     gates: tuple[str, ...] = ()  # the gate(s) its Query named: only their plan counts (agents.gatepick)
     queued_s: float = 0.0  # seconds it waited in the receiver's queue before its turn
+    gate_gone: bool = False  # the one gate it asked left or stopped heartbeating before planning it
 
 
 class ReceiverAgent(Agent):
@@ -177,6 +178,12 @@ class ReceiverAgent(Agent):
             q.progress.set()
 
     def _on_roster(self, change: str, member: Member) -> None:
+        if member.role == "gate" and change in ("left", "expired"):
+            for q in self.open.values():  # a query that asked only that gate will get no plan: stop waiting for one
+                if q.plan is None and q.gates == (member.agent_id,):
+                    q.gate_gone = True
+                    q.plan_seen.set()
+            return
         if member.role != "transmitter" or change not in ("left", "expired"):
             return
         for q in self.open.values():
@@ -351,11 +358,14 @@ class ReceiverAgent(Agent):
         plan_until = min(q.t0 + self.cfg.plan_share * ask.deadline_s, q.deadline - self._reserve())
         try:
             await asyncio.wait_for(q.plan_seen.wait(), timeout=max(0.0, plan_until - time.monotonic()))
+            if q.plan is None:  # woken without one: its gate is gone
+                raise TimeoutError
         except TimeoutError:
             self.gates.missed(q.gates)
             which = f"the gate ({', '.join(q.gates)})" if q.gates else "the gate"
             alive = "" if self.gates.live() else "; no gate is heartbeating"
-            notes.append(f"no plan from {which} within {plan_until - q.t0:.2f} s (gate down?){alive}; answered alone")
+            waited = time.monotonic() - q.t0 if q.gate_gone else plan_until - q.t0
+            notes.append(f"no plan from {which} within {waited:.2f} s (gate down?){alive}; answered alone")
         t_plan = time.monotonic()
         if q.plan is not None:
             await self.tracer.emit(q.query_id, "plan", count=len(q.plan.entries), ms=1000 * (t_plan - q.t0))
