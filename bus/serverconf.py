@@ -82,6 +82,7 @@ class LeafRemote:
     seed: str | None = None  # 'SU...' of the leaf identity (None: a server without authorization)
     ca_file: Path | None = None
     ordered: bool = True  # the first URL first, the next after a failure (nats-server's no_randomize)
+    discover: bool = True  # also try the members the cluster advertises (False: only ``urls``, a fixed uplink)
 
     def config_text(self) -> str:
         """One entry of ``leafnodes { remotes [ ... ] }``."""
@@ -93,6 +94,8 @@ class LeafRemote:
             body.append(f'nkey: "{self.seed}"')
         if self.ordered:
             body.append("no_randomize: true")
+        if not self.discover:
+            body.append("ignore_discovered_servers: true")
         if self.ca_file is not None:
             if not Path(self.ca_file).is_file():
                 raise ServerError(f"TLS file not found: {self.ca_file}", path=str(self.ca_file))

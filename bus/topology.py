@@ -163,12 +163,13 @@ class Topology:
     # ---- life cycle -------------------------------------------------------------------------------------------
 
     def set_uplink(self, name: str, urls: Sequence[str]) -> None:
-        """Link leaf ``name`` to ``urls`` instead of the members (before :meth:`start`)."""
+        """Link leaf ``name`` to ``urls`` only, instead of the members (before :meth:`start`): the members the
+        cluster advertises are not tried either, so a relay there is the leaf's one way in."""
         leaf = self._leaf(name)
         if leaf.running:
             raise ServerError(f"leaf {name} is running; set its uplink before starting it")
         seed = self._specs[name].seed
-        leaf.remotes = (LeafRemote(tuple(urls), seed, self._ca()),)
+        leaf.remotes = (LeafRemote(tuple(urls), seed, self._ca(), discover=False),)
 
     def start(self) -> Topology:
         """Start every member, wait until the routes formed, then every leaf node and its link; all or nothing."""
