@@ -11,6 +11,8 @@ and tests reach into ``.topology`` (kill a member, cut a leaf link) and ``.fed``
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -18,8 +20,11 @@ from pathlib import Path
 
 from agents.launch import AgentSpec, Federation, identities_for
 from bus.topology import Topology
-from ops.demo import ASKER_ID, Setup
+from ops.ask import Outcome
+from ops.demo import ASKER_ID, Setup, _drive, _Interrupted, _say
 from privacy.credentials import CredentialStore
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MEMBERS = 3  # cluster members
 HOME = 0  # the member the receiver side connects to first
@@ -111,3 +116,21 @@ class ClusterRun:
             first = server.remotes[0].urls[0] if server.remotes else ""
             lines.append(f"  {leaf:<20} {self.topology.url_of(server):<28} transmitter {tid}; links to {first} first")
         return "\n".join(lines)
+
+
+def run_cluster_demo(
+    setup: Setup, deadline_s: float, concurrency: int, log_dir: Path | None, quiet: bool
+) -> list[Outcome]:
+    """``ops.demo.run_demo`` on a cluster with a leaf node per transmitter (``python -m ops.demo --cluster``)."""
+    run = ClusterRun(setup, log_dir=log_dir).start()
+    _say(f"cluster up (configuration in {run.topology.conf_dir}):\n{run.describe()}", quiet)
+    try:
+        try:
+            return asyncio.run(_drive(run.fed, setup, deadline_s, concurrency, quiet))
+        except _Interrupted:
+            raise KeyboardInterrupt from None
+    finally:
+        _say("stopping agents and servers ...", quiet)
+        unclean = {aid: rc for aid, rc in run.stop().items() if rc not in (0, None)}
+        if unclean:
+            log.warning("agents that did not exit cleanly: %s (logs in %s)", unclean, run.fed.log_dir)

@@ -257,7 +257,9 @@ def run_demo(
 ) -> list[Outcome]:
     """Server and agents up, questions pushed, everything stopped (also on KeyboardInterrupt)."""
     if cluster:
-        return _run_cluster(setup, deadline_s, concurrency, log_dir, quiet)
+        from ops.cluster import run_cluster_demo
+
+        return run_cluster_demo(setup, deadline_s, concurrency, log_dir, quiet)
     server, store = secure_server(setup.specs(), insecure)
     fed = Federation(server.url, setup.specs(), log_dir=log_dir, store=store)
     try:
@@ -275,24 +277,6 @@ def run_demo(
         unclean = {aid: rc for aid, rc in statuses.items() if rc not in (0, None)}
         if unclean:
             log.warning("agents that did not exit cleanly: %s (logs in %s)", unclean, fed.log_dir)
-
-
-def _run_cluster(setup: Setup, deadline_s: float, concurrency: int, log_dir: Path | None, quiet: bool) -> list[Outcome]:
-    """``run_demo`` on a cluster with a leaf node per transmitter (``ops.cluster``)."""
-    from ops.cluster import ClusterRun
-
-    run = ClusterRun(setup, log_dir=log_dir).start()
-    _say(f"cluster up (configuration in {run.topology.conf_dir}):\n{run.describe()}", quiet)
-    try:
-        try:
-            return asyncio.run(_drive(run.fed, setup, deadline_s, concurrency, quiet))
-        except _Interrupted:
-            raise KeyboardInterrupt from None
-    finally:
-        _say("stopping agents and servers ...", quiet)
-        unclean = {aid: rc for aid, rc in run.stop().items() if rc not in (0, None)}
-        if unclean:
-            log.warning("agents that did not exit cleanly: %s (logs in %s)", unclean, run.fed.log_dir)
 
 
 def secure_server(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bus.errors import FedRefineError
 from bus.schemas import Answer
 from fusion.prompts import Question
 from ops.bench.e2e import PRECISION, InProcess
@@ -46,8 +47,13 @@ class Referee:
         used = tuple(sorted(u.transmitter_id for u in answer.used))
         key = (question.id, question.stem, private, used, rules, shed, answer.alone)
         if key not in self._cache:
-            self._cache[key] = self._reference(question, private, used, rules, shed)
+            try:
+                self._cache[key] = self._reference(question, private, used, rules, shed, answer.alone)
+            except FedRefineError:  # no twin after all: not counted either way
+                self._cache[key] = None
         expected = self._cache[key]
+        if expected is None:
+            return Verdict(checked=False, wrong=False)
         return Verdict(checked=True, wrong=answer.choice != expected, expected=expected)
 
     def _reference(
@@ -75,3 +81,19 @@ class Referee:
             self_check=local.self_check,
         )
         return result.answer
+
+    def _unhelped(self, question: Question, private: bool, stem: str | None) -> str | None:
+        """What the receiver reads from its own view with nothing fused (the bus path with an empty or no plan)."""
+        from fusion.c2c import prefix_cache, receiver_view
+        from fusion.fuse import fuse
+        from fusion.prompts import option_letter
+        from fusion.refine import answer_after, shared_prompt
+        from privacy.rephrase import rephrase
+
+        model = self.local.receiver
+        text = (stem or rephrase(question.stem, model).text) if private else question.stem
+        shared, original = shared_prompt(question.stem, question.options, text if private else None, model.style)
+        view = receiver_view(model, shared, original)
+        fused = fuse(view, prefix_cache(model, view), {}, {})
+        reading = answer_after(model, view, fused, question.options)
+        return option_letter(reading.choice) if reading.choice is not None else None
