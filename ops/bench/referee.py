@@ -57,7 +57,7 @@ class Referee:
         return Verdict(checked=True, wrong=answer.choice != expected, expected=expected)
 
     def _reference(
-        self, question: Question, private: bool, used: tuple[str, ...], rules: bool, shed: bool
+        self, question: Question, private: bool, used: tuple[str, ...], rules: bool, shed: bool, alone: bool
     ) -> str | None:
         from fusion.prompts import option_letter
         from fusion.refine import answer_alone, refine
@@ -68,6 +68,8 @@ class Referee:
             reading = answer_alone(local.receiver, question.stem, question.options)
             return option_letter(reading.choice) if reading.choice is not None else None
         stem = rephrase(question.stem, None).text if private and rules else None
+        if not used and not alone:  # asked the others, fused nothing: its own reading of q' (and q, when private)
+            return self._unhelped(question, private, stem)
         result = refine(
             question,
             local.receiver,
