@@ -138,6 +138,7 @@ class FaultBench:
         pump = Pump(
             self.askers, self.subjects, self.items, in_flight=self.args.in_flight, deadline_s=self.args.deadline_s
         )
+        reconnects = sum(w.reconnects for _, w in self.askers)
         task = asyncio.ensure_future(pump.run())
         await asyncio.sleep(self.args.before_s)
         t_fault = time.monotonic()
@@ -150,7 +151,9 @@ class FaultBench:
         await asyncio.sleep(self.args.after_s)
         pump.stop()
         shots = await task
-        return self.row(name, shots, t_fault, since, gone)
+        row = self.row(name, shots, t_fault, since, gone)
+        row["asker_reconnects"] = sum(w.reconnects for _, w in self.askers) - reconnects
+        return row
 
     def row(self, name: str, shots: list[Shot], t_fault: float, since: float, gone: frozenset[str]) -> dict:
         """The issue's row for one fault, and a few more facts."""

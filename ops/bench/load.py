@@ -29,6 +29,7 @@ from collections import Counter
 from pathlib import Path
 
 from agents.launch import AgentSpec, Federation, identities_for
+from agents.tracing import answer_detail
 from bus.connect import close, connect
 from bus.schemas import Answer
 from bus.subjects import Subjects
@@ -95,6 +96,7 @@ def level_row(level: int, shots: list[Shot], deadline_s: float, seconds: float) 
     answers = [s.reply for s in shots if isinstance(s.reply, Answer)]
     errors = Counter(s.reply.code for s in shots if not isinstance(s.reply, Answer))
     queued_alone = sum(any("in the receiver's queue" in n for n in a.notes) for a in answers)
+    how = Counter(answer_detail(a).split(" ")[0].rstrip(":") if a.used else answer_detail(a) for a in answers)
     return {
         "in_flight": level,
         "queries": len(shots),
@@ -105,6 +107,7 @@ def level_row(level: int, shots: list[Shot], deadline_s: float, seconds: float) 
         "errors_by_code": dict(errors),
         "fused": sum(bool(a.used) for a in answers),
         "alone_queued": queued_alone,
+        "how": dict(how),
         "throughput_qps": round(len(shots) / seconds, 1) if seconds else None,
     }
 
