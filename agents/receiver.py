@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,7 +75,9 @@ log = logging.getLogger(__name__)
 DEFAULT_KV_GRACE_S = 2.0  # seconds past the deadline the reassembler keeps a query's partial state
 DEFAULT_CLOSED_MEMORY = 4096  # answered query ids remembered (their late KV is ignored quietly)
 DEFAULT_RESERVE_FACTOR = 1.5  # reserve = factor x mean answer time x (answers queued + 1), at least the floor
-DEFAULT_SHED_FACTOR = 2.0  # an ask that waited in the queue answers alone when less than this x a fused answer is left
+DEFAULT_FUSED_WINDOW = 32  # fused answers whose median time judges whether an ask is worth asking the others
+DEFAULT_SHED_FACTOR = 2.0  # an ask answers alone when less than this x a fused answer (+ the reserve) is left
+SHED_NOTE = "too little of its deadline was left to ask the others"
 
 
 @dataclass
@@ -125,9 +128,9 @@ class ReceiverAgent(Agent):
         self.answered = 0
         self._answer_s = cfg.answer_reserve_s / 4  # running mean of fuse + read time
         self._answering = 0
-        self._fused_s = 4 * cfg.answer_reserve_s  # running mean of an asked-out answer's time, its turn to its reply
+        self._fused: deque[float] = deque(maxlen=DEFAULT_FUSED_WINDOW)  # recent fused answers' time, turn to reply
         self.queue = AskQueue(self, self._serve, cfg.max_queued)  # asks beyond max_inflight wait their turn
-        self.shed = 0  # queued asks answered alone for lack of time
+        self.shed = 0  # asks answered alone for lack of time (queued, or too many being read)
         self.gates = GatePicker(cfg.trusted_gates, self.roster)  # one live gate plans each query
         self.roster.listen(self._on_roster)
 
@@ -283,8 +286,8 @@ class ReceiverAgent(Agent):
                 self.closed.popitem(last=False)
             self.kv.forget(qid)
         self.answered += 1
-        if answer.used or answer.omitted:  # it asked the others: how long that takes, to judge a queued ask by
-            self._fused_s = 0.8 * self._fused_s + 0.2 * (time.monotonic() - t0 - q.queued_s)
+        if answer.used:  # how long a fused answer takes (what an ask needs to be worth asking the others)
+            self._fused.append(time.monotonic() - t0 - q.queued_s)
         await self.respond(msg, answer)
         if not ask.private:  # a private answer reaches the asker only
             await self.publish(self.subjects.answer(self.id, qid), answer)
@@ -292,6 +295,11 @@ class ReceiverAgent(Agent):
         self.count["fused" if answer.used else "alone"] += 1
         self.count["kv_bytes_in"] += answer.bytes_received
         await tracing.emit_answer(self.tracer, answer)
+
+    def _fused_s(self) -> float:
+        """The median time of the recent fused answers (0 before any): a slow one, waiting for a dead transmitter
+        or gate, does not move it; a receiver that is overloaded does."""
+        return statistics.median(self._fused) if self._fused else 0.0
 
     def _reserve(self) -> float:
         return max(self.cfg.answer_reserve_s, DEFAULT_RESERVE_FACTOR * self._answer_s * (self._answering + 1))
@@ -327,12 +335,10 @@ class ReceiverAgent(Agent):
                 choice = int(probs.argmax())
                 reading = Reading(choice, tuple(float(p) for p in probs), ask.options[choice])
                 return self._reply(q, reading, {}, {}, [], notes, alone=True)
-        if q.queued_s and q.deadline - time.monotonic() < DEFAULT_SHED_FACTOR * self._fused_s + self._reserve():
+        if q.deadline - time.monotonic() < DEFAULT_SHED_FACTOR * self._fused_s() + self._reserve():  # overloaded
             self.shed += 1
-            notes.append(
-                f"answered alone: the ask waited {q.queued_s:.2f} s in the receiver's queue, and too little of its "
-                "deadline was left to ask the others"
-            )
+            waited = f"the ask waited {q.queued_s:.2f} s in the receiver's queue, and " if q.queued_s else ""
+            notes.append(f"answered alone: {waited}{SHED_NOTE} ({self._answering} answers being read)")
             reading = await self.compute(answer_alone, self.model, ask.question, ask.options)
             return self._reply(q, reading, {}, {}, [], notes)
         text = await self._rephrase(q, notes) if ask.private else ask.question
@@ -361,7 +367,8 @@ class ReceiverAgent(Agent):
             if q.plan is None:  # woken without one: its gate is gone
                 raise TimeoutError
         except TimeoutError:
-            self.gates.missed(q.gates)
+            if q.gate_gone or plan_until >= q.t0 + self.cfg.plan_share * ask.deadline_s - 1e-3:
+                self.gates.missed(q.gates)  # it had its full time: the gate is suspect (not when our reserve cut it)
             which = f"the gate ({', '.join(q.gates)})" if q.gates else "the gate"
             alive = "" if self.gates.live() else "; no gate is heartbeating"
             waited = time.monotonic() - q.t0 if q.gate_gone else plan_until - q.t0
@@ -391,7 +398,9 @@ class ReceiverAgent(Agent):
             reading = await self.compute(answer_after, self.model, q.view, fused, ask.options)
         finally:
             self._answering -= 1
-            self._answer_s = 0.8 * self._answer_s + 0.2 * (time.monotonic() - started)
+            # the compute time of fusing and reading (not the wait for the compute thread: the reserve multiplies
+            # it by the answers being read, which is that wait)
+            self._answer_s = self._compute_s.get("fuse", 0.0) + self._compute_s.get("answer_after", 0.0)
             for _, fut in q.early.values():
                 if not fut.done():
                     fut.cancel()

@@ -116,6 +116,8 @@ def answer_detail(answer: Answer) -> str:
         return "alone: knows it"
     if "in the receiver's queue" in notes:
         return "alone: queued too long"
+    if "too little of its deadline" in notes:
+        return "alone: busy"
     if "no plan from" in notes:
         return "alone: gate down"
     if "no live transmitter" in notes:

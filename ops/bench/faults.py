@@ -63,7 +63,7 @@ DEFAULT_AFTER_S = 10.0  # seconds of load after the fault (or the mend)
 DEFAULT_CUT_S = 4.0  # seconds a leaf link stays cut / a transmitter stays away
 DEFAULT_SETTLE_S = 3.0  # seconds after healing before the next fault (heartbeats, relinks)
 SLOW_LINK = ("--link-mbps", "0.005", "--link-burst-bytes", "64", "--inline-kv-bytes", "0")  # the SIGKILL victim's
-FALLBACKS = ("no plan from", "rephraser unavailable", "in the receiver's queue")
+FALLBACKS = ("no plan from", "rephraser unavailable", "too little of its deadline")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

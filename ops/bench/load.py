@@ -95,7 +95,7 @@ def level_row(level: int, shots: list[Shot], deadline_s: float, seconds: float) 
     """The issue's row for one level, and a few more facts."""
     answers = [s.reply for s in shots if isinstance(s.reply, Answer)]
     errors = Counter(s.reply.code for s in shots if not isinstance(s.reply, Answer))
-    queued_alone = sum(any("in the receiver's queue" in n for n in a.notes) for a in answers)
+    queued_alone = sum(any("too little of its deadline" in n for n in a.notes) for a in answers)
     how = Counter(answer_detail(a).split(" ")[0].rstrip(":") if a.used else answer_detail(a) for a in answers)
     return {
         "in_flight": level,
@@ -106,7 +106,7 @@ def level_row(level: int, shots: list[Shot], deadline_s: float, seconds: float) 
         "answered_by_deadline": sum(s.in_time(deadline_s) for s in shots),
         "errors_by_code": dict(errors),
         "fused": sum(bool(a.used) for a in answers),
-        "alone_queued": queued_alone,
+        "alone_for_time": queued_alone,
         "how": dict(how),
         "throughput_qps": round(len(shots) / seconds, 1) if seconds else None,
     }
