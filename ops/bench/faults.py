@@ -242,7 +242,8 @@ async def _cluster(
 ) -> tuple[list[dict], dict]:
     specs = setup.specs(redundant=True)
     tids = list(setup.transmitters)
-    specs = [AgentSpec(s.role, s.agent_id, s.args + SLOW_LINK) if s.agent_id == tids[0] else s for s in specs]
+    if "transmitter-sigkill" in wanted:  # its victim streams for a while (it is back on a fast link after)
+        specs = [AgentSpec(s.role, s.agent_id, s.args + SLOW_LINK) if s.agent_id == tids[0] else s for s in specs]
     run = ClusterRun(setup, specs=specs)
     topo = run.topology
     proxy = TcpProxy([("127.0.0.1", int(u.rsplit(":", 1)[1])) for u in topo.hub_leaf_urls]).start()
