@@ -42,9 +42,11 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from agents import tracing
 from agents.config import AgentConfig
 from agents.ratelimit import RejectLog, TokenBucket
 from agents.roster import Roster
+from agents.service import AgentService, LatencyWindow, agent_stats
 from bus import connect as busconn
 from bus.errors import AgentError, FedRefineError, SchemaError
 from bus.schemas import ErrorReply, Goodbye, Message, Presence, decode_message
@@ -77,6 +79,7 @@ class Agent:
 
     role: ClassVar[str] = ""
     tracks_presence: ClassVar[bool] = False  # keep a roster of every agent's heartbeats
+    announce_at_start: ClassVar[bool] = True  # heartbeat as soon as it serves (False: one interval later)
 
     def __init__(self, cfg: AgentConfig) -> None:
         if not cfg.id:
@@ -89,6 +92,11 @@ class Agent:
         self.sub: Client | None = None
         self.roster = Roster()
         self.rejected: Counter[str] = Counter()  # warnings per subject kind (tests and stats read it)
+        self.rejected_by: Counter[str] = Counter()  # ... per error class
+        self.count: Counter[str] = Counter()  # role counters for the stats (asks, offers, plans, ...)
+        self.latency = LatencyWindow()  # the role's main step, milliseconds (stats)
+        self.tracer = tracing.Tracer(self, cfg.trace)
+        self.service: AgentService | None = None
         self._reject_log = RejectLog(f"{self.role} {self.id}", DEFAULT_REJECT_LOG_RATE, DEFAULT_REJECT_LOG_BURST)
         self._beats: OrderedDict[str, TokenBucket] = OrderedDict()  # presence subject -> its read budget
         self.model_fingerprint: str | None = None
@@ -103,6 +111,7 @@ class Agent:
         self.computed = Counter[str]()  # calls run on the event loop ("loop") and on the compute thread ("thread")
         self._started = False
         self._stopped = False
+        self.started_at = 0.0  # monotonic time it began serving
 
     # ---- hooks for subclasses -----------------------------------------------------------------------------
 
@@ -118,6 +127,14 @@ class Agent:
     def capabilities(self) -> tuple[str, ...]:
         """What this agent advertises in its heartbeats."""
         return ()
+
+    def counters(self) -> dict[str, Any]:
+        """Role counters for the stats (``agents.service``): counts and sizes, never a question or an answer."""
+        return dict(self.count)
+
+    def stats(self) -> dict[str, Any]:
+        """What this agent's micro service reports (``agents.service.agent_stats``)."""
+        return agent_stats(self)
 
     # ---- life cycle ---------------------------------------------------------------------------------------
 
@@ -139,12 +156,16 @@ class Agent:
             if self.tracks_presence:
                 await self.listen(self.subjects.presence_all(), self._on_presence, intake=False)
             await self.setup()
+            self.service = AgentService(self)
+            await self.service.start()  # $SRV.PING / INFO / STATS and <prefix>.status.<role>.<id>
             await busconn.subscribed(self.sub)  # two round trips: a flush's PING can overtake a queued SUB
         except BaseException:
             await self._close_connections()
             raise
         self._background.add(asyncio.create_task(self._heartbeat_loop(), name=f"{self.id}-heartbeat"))
-        await self.publish_presence()
+        self.started_at = time.monotonic()
+        if self.announce_at_start:
+            await self.publish_presence()
         log.info("%s %s serving on %s (prefix %s)", self.role, self.id, self.cfg.nats, self.cfg.prefix)
         return self
 
@@ -166,6 +187,8 @@ class Agent:
         await self._cancel_all(self._tasks, "in-flight")
         await self._cancel_all(self._background, "background")
         await self._goodbye(reason)
+        if self.service is not None:
+            await self.service.stop()
         try:
             await self.teardown()
         finally:
@@ -238,6 +261,7 @@ class Agent:
         limit = self.cfg.max_control_bytes
 
         async def callback(msg: Msg) -> None:
+            tracing.QUERY_ID.set(self._query_of(msg.subject))  # this callback's log lines name the query
             if len(msg.data) > limit:
                 why = f"{len(msg.data)}-byte message exceeds the {limit}-byte limit"
                 self.reject(msg.subject, why)
@@ -247,7 +271,7 @@ class Agent:
             try:
                 await handler(msg)
             except FedRefineError as exc:
-                self.reject(msg.subject, str(exc))
+                self.reject(msg.subject, str(exc), type(exc).__name__)
             except Exception:  # a bug in a handler must not end the subscription
                 log.exception("%s %s: handler for %s failed", self.role, self.id, msg.subject)
 
@@ -256,21 +280,31 @@ class Agent:
             self._intake.append(sub)
         return sub
 
-    def reject(self, subject: str, reason: str) -> None:
+    def _query_of(self, subject: str) -> str:
+        """The query id a subject names (offers, plans, KV, answers), else ``-``."""
+        try:
+            return self.subjects.parse(subject).query_id or tracing.NO_QUERY
+        except FedRefineError:
+            return tracing.NO_QUERY
+
+    def reject(self, subject: str, reason: str, error: str = "other") -> None:
         """One warning line for a message we will not act on (a flood is summed up); the agent keeps serving."""
         kind = subject.removeprefix(self.subjects.prefix + ".").split(".", 1)[0]
         self.rejected[kind] += 1
+        self.rejected_by[error] += 1
         self._reject_log.warn(subject, reason[:DEFAULT_REASON_CHARS])
 
-    async def publish(self, subject: str, message: Message, via: Client | None = None) -> None:
-        """Publish a control message on the publishing connection (or ``via`` another of ours)."""
+    async def publish(self, subject: str, message: Message, via: Client | None = None) -> int:
+        """Publish a control message on the publishing connection (or ``via`` another of ours); its size in bytes."""
         nc = via or self.pub
         if nc is None:
             raise AgentError(f"{self.role} {self.id} is not connected")
+        data = message.to_bytes()
         try:
-            await nc.publish(subject, message.to_bytes())
+            await nc.publish(subject, data)
         except (nats.errors.Error, OSError) as exc:
             raise AgentError(f"publish to {subject} failed: {exc or type(exc).__name__}", subject=subject) from exc
+        return len(data)
 
     async def respond(self, msg: Msg, message: Message) -> None:
         """Reply to a request (no-op when the request had no reply subject).
@@ -293,9 +327,10 @@ class Agent:
         """Whether new work may start (not draining, below ``max_inflight``)."""
         return not self.draining and len(self._tasks) < self.cfg.max_inflight
 
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        """Run ``coro`` as tracked in-flight work; its failure is logged, never raised into a subscription."""
-        task = asyncio.create_task(coro, name=name)
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str, query_id: str | None = None) -> asyncio.Task[Any]:
+        """Run ``coro`` as tracked in-flight work (its log lines name ``query_id``, else the current query); its
+        failure is logged, never raised into a subscription."""
+        task = asyncio.create_task(coro, name=name, context=tracing.in_query(query_id))
         self._tasks.add(task)
 
         def done(t: asyncio.Task[Any]) -> None:
@@ -330,7 +365,8 @@ class Agent:
             self.computed["loop"] += 1
             return timed()
         self.computed["thread"] += 1
-        return await asyncio.get_running_loop().run_in_executor(self._executor, timed)
+        ctx = tracing.in_query(None)  # the thread's log lines name this task's query too
+        return await asyncio.get_running_loop().run_in_executor(self._executor, tracing.run_in, ctx, timed)
 
     # ---- presence -----------------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+from agents import tracing
 from agents.base import Agent, serve
 from agents.config import AgentConfig, parse_config
 from bus.errors import FedRefineError
@@ -18,10 +19,9 @@ C = TypeVar("C", bound=AgentConfig)
 
 
 def setup_logging(level: str) -> None:
-    """One log line per event on stderr, with the logger's name."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
+    """One log line per event on stderr, with the logger's name and the query it is about (``[q=<id>]``)."""
+    logging.basicConfig(level=getattr(logging, level.upper()), format=tracing.LOG_FORMAT, force=True)
+    tracing.install()
     for noisy in ("nats", "asyncio", "transformers", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 

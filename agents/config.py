@@ -25,6 +25,7 @@ from bus.subjects import DEFAULT_PREFIX, Subjects
 from fusion.notes import DEFAULT_TOP_K
 
 ENV_PREFIX = "FEDREFINE_"
+NATS_URL_ENV = "NATS_URL"  # read when FEDREFINE_NATS is not set
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_HEARTBEAT_S = 1.0  # seconds between presence heartbeats
 DEFAULT_EXPIRY_BEATS = 3.0  # an agent is gone after this many heartbeat intervals of silence
@@ -40,7 +41,8 @@ DEFAULT_ASSUMED_RATE_MBPS = 125.0  # gate: link rate (MB/s) assumed for a transm
 DEFAULT_INLINE_KV_BYTES = 8192  # transmitter: largest cache tail it sends inside its offer
 DEFAULT_INLINE_KV_MS = 2.0  # transmitter: ... and only when its link carries that in this many milliseconds
 DEFAULT_INLINE_COMPUTE_MS = 10.0  # model calls shorter than this run on the event loop (no thread hand-off)
-DEFAULT_MAX_INFLIGHT = 64  # queries one agent works on at once; more are refused (transmitter: skipped)
+DEFAULT_MAX_INFLIGHT = 64  # queries one agent works on at once (receiver: more wait in its queue)
+DEFAULT_MAX_QUEUED = 1024  # receiver: asks waiting for one of its --max-inflight slots; more are refused (limit)
 DEFAULT_MAX_DEADLINE_S = 60.0  # the longest deadline an agent honours: an ask or query beyond it is refused
 
 Level = Literal["debug", "info", "warning", "error"]
@@ -57,7 +59,11 @@ class AgentConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    nats: str = Field(default=DEFAULT_NATS_URL, description="NATS server URL")
+    nats: str = Field(
+        default=DEFAULT_NATS_URL,
+        description="NATS server URL, or several comma-separated (a cluster: the first is tried first, the others on "
+        "failure); also read from NATS_URL",
+    )
     creds: str | None = Field(
         default=None, description="this agent's credentials file (python -m ops.server --creds-dir DIR writes them)"
     )
@@ -81,6 +87,9 @@ class AgentConfig(BaseModel):
         default=DEFAULT_MAX_DEADLINE_S, gt=0, le=3600, description="longest deadline honoured (seconds)"
     )
     log_level: Level = Field(default="info", description="logging level")
+    trace: bool = Field(
+        default=True, description="publish trace events (ids, times, byte counts; never text) for ops.watch"
+    )
     threads: int = Field(default=1, ge=1, le=256, description="torch threads for model and gate math")
     inline_compute_ms: float = Field(
         default=DEFAULT_INLINE_COMPUTE_MS,
@@ -106,9 +115,11 @@ class AgentConfig(BaseModel):
     @field_validator("nats")
     @classmethod
     def _url(cls, value: str) -> str:
-        if "://" not in value:
-            raise ValueError(f"{value!r} is not a URL like nats://127.0.0.1:4222")
-        return value
+        urls = [u.strip() for u in value.split(",")]
+        for url in urls:
+            if "://" not in url or not url.split("://", 1)[1]:
+                raise ValueError(f"{url!r} is not a URL like nats://127.0.0.1:4222 (several: comma-separated)")
+        return ",".join(urls)
 
     def security(self) -> ClientSecurity:
         """How this agent connects; :class:`ConfigError` without credentials unless ``insecure`` says so."""
@@ -177,6 +188,12 @@ class ReceiverConfig(ModelAgentConfig):
     )
     answer_reserve_s: float = Field(
         default=DEFAULT_ANSWER_RESERVE_S, ge=0, le=60, description="seconds kept to fuse and answer"
+    )
+    max_queued: int = Field(
+        default=DEFAULT_MAX_QUEUED,
+        ge=0,
+        le=1_000_000,
+        description="asks that wait (in order) for one of the --max-inflight slots; more are refused with 'limit'",
     )
     plan_share: float = Field(default=DEFAULT_PLAN_SHARE, gt=0, lt=1, description="deadline share to wait for a plan")
     rephrase_share: float = Field(
@@ -292,6 +309,8 @@ def build_parser(cls: type[AgentConfig], prog: str, description: str) -> argpars
 
 def _env_values(cls: type[AgentConfig], env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    if env.get(NATS_URL_ENV):  # the NATS tools' own variable; FEDREFINE_NATS wins over it
+        out["nats"] = env[NATS_URL_ENV]
     for name in cls.model_fields:
         value = env.get(ENV_PREFIX + name.upper())
         if value is not None and value != "":

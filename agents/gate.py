@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
 
+from agents import tracing
 from agents.base import Agent, decode
 from agents.cli import run_agent
 from agents.config import GateAgentConfig
@@ -45,6 +46,7 @@ DEFAULT_EARLY_TTL_S = 10.0  # seconds such an offer is kept
 DEFAULT_MAX_MISSES = 2  # queries in a row a live transmitter may not offer on before the gate stops waiting for it
 DEFAULT_MAX_OPEN_PER_RECEIVER = 64  # queries of one receiver collecting offers at once
 DEFAULT_PLANNED_MEMORY = 4096  # recently planned query ids remembered (late offers are recognised, not warned)
+DEFAULT_WARMUP_BEATS = 2.0  # heartbeat intervals after its start a gate that knows no transmitter waits for offers
 MBPS = 1_000_000.0  # bytes per second in one MB/s (rates in flags and configs are megabytes per second)
 
 
@@ -57,6 +59,7 @@ class _Collecting:
     window_s: float
     offers: dict[str, Offer] = field(default_factory=dict)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    t0: float = field(default_factory=time.monotonic)  # when the query reached the gate
 
 
 class GateAgent(Agent):
@@ -64,6 +67,10 @@ class GateAgent(Agent):
 
     role = "gate"
     tracks_presence = True
+    # a gate that has not yet heard the transmitters' heartbeats would plan without them: it announces itself (and
+    # so is picked by receivers) only after one heartbeat interval, and until then waits its offer window for
+    # offers when it knows of no transmitter
+    announce_at_start = False
 
     def __init__(self, cfg: GateAgentConfig, gate: GateNetwork | None = None) -> None:
         super().__init__(cfg)
@@ -77,11 +84,22 @@ class GateAgent(Agent):
         )
         self.collecting: dict[str, _Collecting] = {}
         self.planned: OrderedDict[str, None] = OrderedDict()
+        self.skipped: OrderedDict[str, None] = OrderedDict()  # queries another gate plans: their offers are not ours
         self.early: OrderedDict[str, tuple[float, list[Offer]]] = OrderedDict()
         self.warned_no_fuser: set[tuple[str, str, str]] = set()
         self.misses: dict[str, int] = {}  # transmitter -> queries in a row it was expected on and did not offer
         self.plans_published = 0
         self.roster.listen(self._on_roster)
+
+    def counters(self) -> dict[str, int]:
+        """Queries planned here, skipped (another gate's), offers taken, plans, transmitters not waited for."""
+        not_waited = sum(1 for m in self.misses.values() if m >= DEFAULT_MAX_MISSES)
+        return {
+            **self.count,
+            "plans": self.plans_published,
+            "collecting": len(self.collecting),
+            "not_waited": not_waited,
+        }
 
     def capabilities(self) -> tuple[str, ...]:
         """Whether a trained gating network scores offers, and the policy."""
@@ -97,10 +115,16 @@ class GateAgent(Agent):
     async def _on_query(self, msg: Msg) -> None:
         query = decode(msg, Query)
         qid = query.query_id
+        tracing.QUERY_ID.set(qid)
         if query.receiver_id != self.subjects.parse(msg.subject).receiver_id:
             raise SchemaError(f"query of receiver {query.receiver_id} on {msg.subject}")
         if query.gates and self.id not in query.gates:
-            return  # the receiver takes plans from other gates
+            self.skipped[qid] = None  # the receiver asked another gate: its offers are that gate's business
+            while len(self.skipped) > DEFAULT_PLANNED_MEMORY:
+                self.skipped.popitem(last=False)
+            self.early.pop(qid, None)
+            self.count["skipped"] += 1
+            return
         if qid in self.collecting or qid in self.planned:
             raise SchemaError(f"duplicate query id {qid}")
         left = query.deadline_unix - time.time()
@@ -113,6 +137,7 @@ class GateAgent(Agent):
             raise SchemaError(f"receiver {query.receiver_id} already has {open_here} queries collecting offers")
         live = set(self.roster.live("transmitter"))
         expected = {tid for tid in live if self.misses.get(tid, 0) < DEFAULT_MAX_MISSES}
+        warming = not live and time.monotonic() - self.started_at < DEFAULT_WARMUP_BEATS * self.cfg.heartbeat_s
         state = _Collecting(query, expected, window_s=self.cfg.offer_share * left)
         digest = digest_of(query)
         for offer in self.early.pop(qid, (0.0, []))[1]:
@@ -121,10 +146,11 @@ class GateAgent(Agent):
                 continue
             state.offers.setdefault(offer.transmitter_id, offer)
         self.collecting[qid] = state
-        if not expected or expected <= set(state.offers):
+        self.count["queries"] += 1
+        if not warming and (not expected or expected <= set(state.offers)):
             await self._finish(qid)
             return
-        self.spawn(self._window(state), name=f"window-{qid}")
+        self.spawn(self._window(state), name=f"window-{qid}", query_id=qid)
 
     async def _window(self, state: _Collecting) -> None:
         try:
@@ -142,6 +168,8 @@ class GateAgent(Agent):
         if (offer.query_id, offer.transmitter_id) != (qid, sender):
             raise SchemaError(f"offer of {offer.transmitter_id} for {offer.query_id} on {msg.subject}")
         if state is None:
+            if qid in self.skipped:
+                return  # another gate's query
             if qid in self.planned:
                 self.misses[sender] = 0  # late, but alive
                 log.info("late offer from %s for %s (already planned)", sender, qid)
@@ -152,7 +180,8 @@ class GateAgent(Agent):
             raise SchemaError(f"offer from {sender} carries the digest of another query than {qid}")
         self.misses[sender] = 0
         state.offers[offer.transmitter_id] = offer
-        if state.expected <= set(state.offers):
+        self.count["offers"] += 1
+        if state.expected and state.expected <= set(state.offers):
             await self._finish(qid)
 
     def _keep_early(self, offer: Offer) -> None:
@@ -240,6 +269,9 @@ class GateAgent(Agent):
         )
         await self.publish(self.subjects.plan(qid, self.id), plan)
         self.plans_published += 1
+        took_ms = 1000 * (time.monotonic() - state.t0)
+        self.latency.add(took_ms)
+        await self.tracer.emit(qid, "plan", count=len(plan.entries), ms=took_ms, peer=state.query.receiver_id)
         log.debug(
             "plan %s: %s; omitted %s",
             qid,

@@ -48,11 +48,13 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 
 @dataclass(frozen=True)
 class AgentSpec:
-    """One agent to run: its role, id and role-specific flags (``--model``, ``--fusers``, ``--link-mbps`` ...)."""
+    """One agent to run: its role, id and role-specific flags (``--model``, ``--fusers``, ``--link-mbps`` ...), and
+    where it connects when not to the federation's URL (a member list of a cluster, its device's leaf node)."""
 
     role: str
     agent_id: str
     args: tuple[str, ...] = ()
+    nats: str | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -123,7 +125,7 @@ class Federation:
             raise AgentError(f"agent {spec.agent_id} is already running")
         assert self.log_dir is not None
         log_path = self.log_dir / f"{spec.agent_id}.log"
-        cmd = [sys.executable, "-m", f"agents.{spec.role}", "--nats", self.url, "--id", spec.agent_id]
+        cmd = [sys.executable, "-m", f"agents.{spec.role}", "--nats", spec.nats or self.url, "--id", spec.agent_id]
         cmd += ["--prefix", self.prefix, *self._security_args(spec), *spec.args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         with open(log_path, "ab") as out:

@@ -15,7 +15,8 @@ not chosen, no fuser, error) as the reply, and on ``fr.answer.<id>.<query_id>`` 
 (a private answer goes to the asker's inbox only).
 
 Identity checks: an offer counts only from the transmitter its subject names and with this query's digest; a plan
-only from a gate the query names (``--gates``; any gate when none is given), with this query's digest, receiver
+only from the gate the query names (one live gate of ``--gates``, any gate identity when none is given, taken in
+turn: ``agents.gatepick``; so two gates never plan one query), with this query's digest, receiver
 and deadline; an ask whose deadline is beyond ``--max-deadline-s`` is refused with ``limit``.
 """
 
@@ -23,9 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,10 +35,13 @@ from typing import Any
 import nats
 from nats.aio.msg import Msg
 
+from agents import tracing
+from agents.askqueue import AskQueue
 from agents.base import Agent, decode
 from agents.cli import run_agent
 from agents.config import ReceiverConfig
 from agents.fuserbook import FuserBook
+from agents.gatepick import GatePicker
 from agents.kvintake import GuardedKVReceiver
 from agents.roster import Member
 from bus.errors import ChunkError, FedRefineError, FusionError, LimitError, SchemaError
@@ -62,7 +67,7 @@ from fusion.fuser import PairFuser
 from fusion.kvcache import KV, KVCache
 from fusion.models import LanguageModel
 from fusion.prompts import LETTERS, option_letter
-from fusion.refine import answer_after, knows_alone, receiver_self_check, shared_prompt
+from fusion.refine import answer_after, answer_alone, knows_alone, receiver_self_check, shared_prompt
 from privacy.rephrase import rephrase
 
 log = logging.getLogger(__name__)
@@ -70,6 +75,9 @@ log = logging.getLogger(__name__)
 DEFAULT_KV_GRACE_S = 2.0  # seconds past the deadline the reassembler keeps a query's partial state
 DEFAULT_CLOSED_MEMORY = 4096  # answered query ids remembered (their late KV is ignored quietly)
 DEFAULT_RESERVE_FACTOR = 1.5  # reserve = factor x mean answer time x (answers queued + 1), at least the floor
+DEFAULT_FUSED_WINDOW = 32  # fused answers whose median time judges whether an ask is worth asking the others
+DEFAULT_SHED_FACTOR = 2.0  # an ask answers alone when less than this x a fused answer (+ the reserve) is left
+SHED_NOTE = "too little of its deadline was left to ask the others"
 
 
 @dataclass
@@ -92,6 +100,9 @@ class _Open:
     inline: dict[str, dict[int, KV]] = field(default_factory=dict)  # planned layers that came inside offers
     inline_errors: dict[str, str] = field(default_factory=dict)  # why an inline cache could not be used
     digest: int | None = None  # digest_of(the Query it published): offers and plans must carry it
+    gates: tuple[str, ...] = ()  # the gate(s) its Query named: only their plan counts (agents.gatepick)
+    queued_s: float = 0.0  # seconds it waited in the receiver's queue before its turn
+    gate_gone: bool = False  # the one gate it asked left or stopped heartbeating before planning it
 
 
 class ReceiverAgent(Agent):
@@ -117,11 +128,20 @@ class ReceiverAgent(Agent):
         self.answered = 0
         self._answer_s = cfg.answer_reserve_s / 4  # running mean of fuse + read time
         self._answering = 0
+        self._fused: deque[float] = deque(maxlen=DEFAULT_FUSED_WINDOW)  # recent fused answers' time, turn to reply
+        self.queue = AskQueue(self, self._serve, cfg.max_queued)  # asks beyond max_inflight wait their turn
+        self.shed = 0  # asks answered alone for lack of time (queued, or too many being read)
+        self.gates = GatePicker(cfg.trusted_gates, self.roster)  # one live gate plans each query
         self.roster.listen(self._on_roster)
 
     def capabilities(self) -> tuple[str, ...]:
         """``answer``, and the transmitter models it can fuse (so the gate never plans the others)."""
         return ("answer", *self.book.capabilities())
+
+    def counters(self) -> dict[str, Any]:
+        """Asks, how they were answered, and the queue (``agents.service``)."""
+        waiting = {"queued_now": len(self.queue), "open": len(self.open), "shed": self.shed, "answered": self.answered}
+        return {**self.count, **self.queue.counts, **waiting, "gates_live": len(self.gates.live())}
 
     # ---- subscriptions ------------------------------------------------------------------------------------
 
@@ -161,6 +181,12 @@ class ReceiverAgent(Agent):
             q.progress.set()
 
     def _on_roster(self, change: str, member: Member) -> None:
+        if member.role == "gate" and change in ("left", "expired"):
+            for q in self.open.values():  # a query that asked only that gate will get no plan: stop waiting for one
+                if q.plan is None and q.gates == (member.agent_id,):
+                    q.gate_gone = True
+                    q.plan_seen.set()
+            return
         if member.role != "transmitter" or change not in ("left", "expired"):
             return
         for q in self.open.values():
@@ -190,6 +216,8 @@ class ReceiverAgent(Agent):
         gates = self.cfg.trusted_gates
         if gates and parts.sender not in gates:
             raise SchemaError(f"plan from gate {parts.sender}, which this receiver does not take plans from")
+        if q.gates and parts.sender not in q.gates:
+            raise SchemaError(f"plan from gate {parts.sender}; query {parts.query_id} asked {', '.join(q.gates)}")
         if q.plan is not None:
             raise SchemaError(f"second plan for {parts.query_id}")
         plan = decode(msg, Plan)
@@ -215,17 +243,27 @@ class ReceiverAgent(Agent):
             why = f"deadline {ask.deadline_s:g} s exceeds this receiver's {self.cfg.max_deadline_s:g} s"
             await self.respond(msg, ErrorReply(code="limit", message=why))
             raise SchemaError(why)
-        if not self.accepting():
-            await self.respond(msg, ErrorReply(code="unavailable", message=f"receiver {self.id} is busy or stopping"))
+        if self.draining:
+            await self.respond(msg, ErrorReply(code="unavailable", message=f"receiver {self.id} is stopping"))
             return
-        self.spawn(self._serve(msg, ask), name="ask")
+        refused = self.queue.admit(msg, ask)  # now, or in line for a slot (backpressure), or refused past the line
+        if refused is not None:
+            await self.respond(msg, refused)
+
+    async def drain_wait(self, until: float) -> None:
+        """Stopping: serve the queue until ``until`` (agents.askqueue)."""
+        await self.queue.drain(until)
 
     # ---- one ask ------------------------------------------------------------------------------------------
 
-    async def _serve(self, msg: Msg, ask: Ask) -> None:
-        t0 = time.monotonic()
+    async def _serve(self, msg: Msg, ask: Ask, t0: float, queued: bool = False) -> None:
         qid = uuid.uuid4().hex[:16]
-        q = _Open(qid, ask, t0, t0 + ask.deadline_s, time.time() + ask.deadline_s)
+        left = t0 + ask.deadline_s - time.monotonic()  # the deadline runs from receipt, queued or not
+        q = _Open(qid, ask, t0, t0 + ask.deadline_s, time.time() + left)
+        q.queued_s = time.monotonic() - t0 if queued else 0.0
+        tracing.QUERY_ID.set(qid)  # every log line about this ask names it
+        self.count["asks"] += 1
+        await self.tracer.emit(qid, "ask", ms=1000 * q.queued_s, detail="queued" if queued else "")
         assert self.kv is not None
         try:
             self.kv.set_deadline(qid, ask.deadline_s + DEFAULT_KV_GRACE_S)
@@ -237,7 +275,9 @@ class ReceiverAgent(Agent):
             answer = await self._answer(q)
         except FedRefineError as exc:
             log.warning("receiver %s: query %s failed: %s", self.id, qid, exc)
+            self.count["errors"] += 1
             await self.respond(msg, ErrorReply(code="internal", message=str(exc)[:500], query_id=qid))
+            await self.tracer.emit(qid, "error", detail="internal")
             return
         finally:
             self.open.pop(qid, None)
@@ -246,9 +286,20 @@ class ReceiverAgent(Agent):
                 self.closed.popitem(last=False)
             self.kv.forget(qid)
         self.answered += 1
+        if answer.used:  # how long a fused answer takes (what an ask needs to be worth asking the others)
+            self._fused.append(time.monotonic() - t0 - q.queued_s)
         await self.respond(msg, answer)
         if not ask.private:  # a private answer reaches the asker only
             await self.publish(self.subjects.answer(self.id, qid), answer)
+        self.latency.add(1000 * answer.latency_s)
+        self.count["fused" if answer.used else "alone"] += 1
+        self.count["kv_bytes_in"] += answer.bytes_received
+        await tracing.emit_answer(self.tracer, answer)
+
+    def _fused_s(self) -> float:
+        """The median time of the recent fused answers (0 before any): a slow one, waiting for a dead transmitter
+        or gate, does not move it; a receiver that is overloaded does."""
+        return statistics.median(self._fused) if self._fused else 0.0
 
     def _reserve(self) -> float:
         return max(self.cfg.answer_reserve_s, DEFAULT_RESERVE_FACTOR * self._answer_s * (self._answering + 1))
@@ -284,9 +335,16 @@ class ReceiverAgent(Agent):
                 choice = int(probs.argmax())
                 reading = Reading(choice, tuple(float(p) for p in probs), ask.options[choice])
                 return self._reply(q, reading, {}, {}, [], notes, alone=True)
+        if q.deadline - time.monotonic() < DEFAULT_SHED_FACTOR * self._fused_s() + self._reserve():  # overloaded
+            self.shed += 1
+            waited = f"the ask waited {q.queued_s:.2f} s in the receiver's queue, and " if q.queued_s else ""
+            notes.append(f"answered alone: {waited}{SHED_NOTE} ({self._answering} answers being read)")
+            reading = await self.compute(answer_alone, self.model, ask.question, ask.options)
+            return self._reply(q, reading, {}, {}, [], notes)
         text = await self._rephrase(q, notes) if ask.private else ask.question
         style = self.model.style
         shared, original = shared_prompt(ask.question, ask.options, text if ask.private else None, style)
+        q.gates = self.gates.pick()
         query = Query(
             query_id=q.query_id,
             receiver_id=self.id,
@@ -294,21 +352,30 @@ class ReceiverAgent(Agent):
             options=ask.options,
             deadline_unix=q.deadline_unix,
             fusers=self.book.capabilities(),
-            gates=self.cfg.trusted_gates,
+            gates=q.gates,
         )
         q.digest = digest_of(query)
         await self.publish(self.subjects.query(self.id), query)
         t_query = time.monotonic()
+        await self.tracer.emit(q.query_id, "query", peer=q.gates[0] if len(q.gates) == 1 else None)
         # what the receiver needs of its own does not depend on what arrives: prefill it while transmitters work
         q.view = receiver_view(self.model, shared, original)
         q.prefix = asyncio.ensure_future(self.compute(prefix_cache, self.model, q.view))
         plan_until = min(q.t0 + self.cfg.plan_share * ask.deadline_s, q.deadline - self._reserve())
         try:
             await asyncio.wait_for(q.plan_seen.wait(), timeout=max(0.0, plan_until - time.monotonic()))
+            if q.plan is None:  # woken without one: its gate is gone
+                raise TimeoutError
         except TimeoutError:
-            notes.append(f"no plan from the gate within {plan_until - q.t0:.2f} s (gate down?); answered alone")
+            if q.gate_gone or plan_until >= q.t0 + self.cfg.plan_share * ask.deadline_s - 1e-3:
+                self.gates.missed(q.gates)  # it had its full time: the gate is suspect (not when our reserve cut it)
+            which = f"the gate ({', '.join(q.gates)})" if q.gates else "the gate"
+            alive = "" if self.gates.live() else "; no gate is heartbeating"
+            waited = time.monotonic() - q.t0 if q.gate_gone else plan_until - q.t0
+            notes.append(f"no plan from {which} within {waited:.2f} s (gate down?){alive}; answered alone")
         t_plan = time.monotonic()
         if q.plan is not None:
+            await self.tracer.emit(q.query_id, "plan", count=len(q.plan.entries), ms=1000 * (t_plan - q.t0))
             await self._await_streams(q, q.plan)
         received, uses, omitted = self._gather(q, notes)
         self._answering += 1
@@ -331,7 +398,9 @@ class ReceiverAgent(Agent):
             reading = await self.compute(answer_after, self.model, q.view, fused, ask.options)
         finally:
             self._answering -= 1
-            self._answer_s = 0.8 * self._answer_s + 0.2 * (time.monotonic() - started)
+            # the compute time of fusing and reading (not the wait for the compute thread: the reserve multiplies
+            # it by the answers being read, which is that wait)
+            self._answer_s = self._compute_s.get("fuse", 0.0) + self._compute_s.get("answer_after", 0.0)
             for _, fut in q.early.values():
                 if not fut.done():
                     fut.cancel()

@@ -47,6 +47,10 @@ class RephraserAgent(Agent):
         how = "rules" if self.model is None else "model"
         return (f"rephrase:{how}", f"receiver:{self.cfg.receiver_id or '*'}")
 
+    def counters(self) -> dict[str, int]:
+        """Questions rephrased, and refused."""
+        return {**self.count, "served": self.served}
+
     async def setup(self) -> None:
         """Rephrase requests, in a queue group so several rephrasers share the load."""
         rid = self.cfg.receiver_id
@@ -62,13 +66,15 @@ class RephraserAgent(Agent):
         except SchemaError as exc:
             await self.respond(msg, ErrorReply(code="bad_request", message=str(exc)[:500]))
             raise
-        self.spawn(self._serve(msg, ask, receiver_id or ""), name=f"rephrase-{ask.ask_id}")
+        self.spawn(self._serve(msg, ask, receiver_id or ""), name=f"rephrase-{ask.ask_id}", query_id=ask.ask_id)
 
     async def _serve(self, msg: Msg, ask: Ask, receiver_id: str) -> None:
         deadline = time.time() + ask.deadline_s
+        t0 = time.perf_counter()
         try:
             result = await self.compute(rephrase, ask.question, self.model)
         except PrivacyError as exc:
+            self.count["errors"] += 1
             await self.respond(msg, ErrorReply(code="bad_request", message=str(exc)[:500], query_id=ask.ask_id))
             return
         assert ask.ask_id is not None
@@ -81,6 +87,9 @@ class RephraserAgent(Agent):
         )
         await self.respond(msg, query)
         self.served += 1
+        took_ms = 1000 * (time.perf_counter() - t0)
+        self.latency.add(took_ms)
+        await self.tracer.emit(ask.ask_id, "rephrase", ms=took_ms, peer=receiver_id or None, detail=result.method)
         log.info("rephrased %s by %s; %d personal detail(s) removed", ask.ask_id, result.method, len(result.removed))
 
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from nats.aio.msg import Msg
 
+from agents import tracing
 from agents.base import Agent, decode
 from agents.cli import run_agent
 from agents.config import TransmitterConfig
@@ -90,9 +91,18 @@ class TransmitterAgent(Agent):
         self.pending: dict[str, _Pending] = {}
         self.sent = {"queries": 0, "offers": 0, "streams": 0, "inline": 0, "bytes": 0}
 
+    def accepting(self) -> bool:
+        """Queries from several receivers at once (each up to its 64): prefills run one at a time anyway, and the
+        held ones are capped below (per receiver and in all), so take up to ``DEFAULT_MAX_PENDING``."""
+        return not self.draining and len(self._tasks) < max(self.cfg.max_inflight, DEFAULT_MAX_PENDING)
+
     def capabilities(self) -> tuple[str, ...]:
         """Precisions it can send."""
         return ("kv", "fp32", "fp16", "bf16", "int8", "int4")
+
+    def counters(self) -> dict[str, int]:
+        """Queries, offers, streams, inline caches and bytes sent; prefills waiting for a plan."""
+        return {**self.sent, **self.count, "pending": len(self.pending)}
 
     async def setup(self) -> None:
         """Queries (intake) and plans."""
@@ -103,6 +113,7 @@ class TransmitterAgent(Agent):
 
     async def _on_query(self, msg: Msg) -> None:
         query = decode(msg, Query)
+        tracing.QUERY_ID.set(query.query_id)
         if query.receiver_id != self.subjects.parse(msg.subject).receiver_id:
             raise SchemaError(f"query of receiver {query.receiver_id} on {msg.subject}")
         left = query.deadline_unix - time.time()
@@ -121,7 +132,7 @@ class TransmitterAgent(Agent):
             return
         shared, _ = shared_prompt(query.text, query.options, style=self.model.style)  # SchemaError for bad options
         self.sent["queries"] += 1
-        self.spawn(self._offer(query, shared, left), name=f"offer-{query.query_id}")
+        self.spawn(self._offer(query, shared, left), name=f"offer-{query.query_id}", query_id=query.query_id)
 
     def inline_budget(self) -> int:
         """Bytes of cache tail (before base64) this transmitter would send inside an offer now (0: none)."""
@@ -134,9 +145,11 @@ class TransmitterAgent(Agent):
     async def _offer(self, query: Query, shared: str, left: float) -> None:
         budget = self.inline_budget()
         tail = (listed_fusers(query.fusers) or {}).get(self.model_fingerprint) if budget else None
+        t0 = time.perf_counter()
         pre, inline = await self.compute(
             prefill_with_inline, self.id, self.model, shared, tail, budget, self.notes, self.cfg.top_k
         )
+        prefill_ms = 1000 * (time.perf_counter() - t0)
         if time.time() >= query.deadline_unix:
             log.info("transmitter %s: prefill of %s finished after its deadline; no offer", self.id, query.query_id)
             return
@@ -170,9 +183,11 @@ class TransmitterAgent(Agent):
                 await self.shaper.acquire(nbytes)
             self.sent["inline"] += 1
             self.sent["bytes"] += nbytes
-        await self.publish(self.subjects.offer(query.query_id, self.id), offer)
+        nbytes = await self.publish(self.subjects.offer(query.query_id, self.id), offer)
         self.sent["offers"] += 1
+        self.latency.add(prefill_ms)
         self._forget_expired()
+        await self.tracer.emit(query.query_id, "offer", nbytes=nbytes, ms=prefill_ms, peer=query.receiver_id)
 
     def _forget_expired(self) -> None:
         now = time.monotonic()
@@ -206,7 +221,7 @@ class TransmitterAgent(Agent):
             if pending.inline is None:
                 raise SchemaError(f"plan of {plan.query_id} takes {self.id}'s cache from its offer, which had none")
             return  # the receiver has these layers from the offer already
-        self.spawn(self._stream(plan, entry, pending), name=f"stream-{plan.query_id}")
+        self.spawn(self._stream(plan, entry, pending), name=f"stream-{plan.query_id}", query_id=plan.query_id)
 
     async def _stream(self, plan: Plan, entry: PlanEntry, pending: _Pending) -> None:
         layers = tail_tokens(ordered_layers(pending.prefill, entry.layers), entry.tokens)
@@ -242,6 +257,9 @@ class TransmitterAgent(Agent):
         self.link_rate_bps = self.link.usable_rate_bps
         self.sent["streams"] += 1
         self.sent["bytes"] += report.wire_bytes
+        await self.tracer.emit(
+            plan.query_id, "kv_out", nbytes=report.wire_bytes, ms=1000 * report.seconds, peer=plan.receiver_id
+        )
         log.debug(
             "transmitter %s sent %s: layers %s, %d bytes, %.3f s",
             self.id,

@@ -14,8 +14,8 @@ The seed block is the decorated format the Go tools read, so the same file works
 it goes to nats-py as ``user_credentials`` and carries no FedRefine identity line. Generating identities and the
 server's permission table is ``privacy.credentials``'s job; this module only reads.
 
-Every connection with an identity uses the inbox prefix ``_INBOX.<id>``: the server lets only that identity
-subscribe there, so the replies to its requests reach nobody else.
+Every connection with an identity uses the inbox prefix ``_INBOX.<id>`` (a monitor's: ``_INBOX_MONITOR.<id>``): the
+server lets only that identity subscribe there, so the replies to its requests reach nobody else.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ SEED_END = "------END USER NKEY SEED------"
 JWT_BEGIN = "-----BEGIN NATS USER JWT-----"
 IDENTITY_MARK = "# identity:"
 INBOX_ROOT = "_INBOX"  # nats-py's default inbox prefix; ours is _INBOX.<id>
+MONITOR_INBOX_ROOT = "_INBOX_MONITOR"  # a monitor's: _INBOX_MONITOR.<id> (service replies cross leaf links there)
 MAX_CREDS_BYTES = 64 * 1024  # a credentials file larger than this is not one
 _SEED_RE = re.compile(r"\bSU[A-Z2-7]{56}\b")  # a user nkey seed: 'S' (seed) 'U' (user), base32
 _FIELD_RE = re.compile(r"(\w+)=(\S+)")
@@ -130,13 +131,14 @@ class ClientSecurity(BaseModel):
             else:
                 options["nkeys_seed_str"] = creds.seed
             if creds.id:
-                options["inbox_prefix"] = inbox_prefix(creds.id)
+                options["inbox_prefix"] = inbox_prefix(creds.id, creds.role)
         urls = [url] if isinstance(url, str) else list(url)
         if self.tls_ca is not None or any(u.startswith("tls://") for u in urls):
             options["tls"] = tls_context(self.tls_ca)
         return options
 
 
-def inbox_prefix(agent_id: str) -> str:
-    """Where an identity's request replies arrive: ``_INBOX.<id>`` (only that identity may subscribe there)."""
-    return f"{INBOX_ROOT}.{agent_id}"
+def inbox_prefix(agent_id: str, role: str | None = None) -> str:
+    """Where an identity's request replies arrive: ``_INBOX.<id>`` (``_INBOX_MONITOR.<id>`` for a monitor); only that
+    identity may subscribe there."""
+    return f"{MONITOR_INBOX_ROOT if role == 'monitor' else INBOX_ROOT}.{agent_id}"

@@ -92,6 +92,8 @@ async def connect(
     label = name or "fedrefine"
     if isinstance(url, str) and "," in url:  # several servers (a cluster): nats-py fails over between them
         url = [u.strip() for u in url.split(",") if u.strip()]
+    # several servers are tried in the order given (the nearest first), not nats-py's shuffled order
+    options.setdefault("dont_randomize", True)
     if security is not None:
         options = {**security.connect_options(url), **options}
     try:
@@ -188,7 +190,7 @@ async def close(nc: Client, timeout: float = DEFAULT_CLOSE_TIMEOUT) -> None:
         closing.result()
         return
     log.warning("nats client %s did not close within %.1f s; cutting its socket", nc.options.get("name"), timeout)
-    _cut_socket(nc)
+    abort(nc)
     closing.cancel()
     done, _ = await asyncio.wait({closing}, timeout=DEFAULT_ABANDON_TIMEOUT)
     if done:
@@ -204,10 +206,16 @@ async def _drain_or_close(nc: Client) -> None:
     except (TimeoutError, nats.errors.Error, OSError) as exc:
         log.debug("drain failed (%s); closing", exc)
         if not nc.is_closed:
-            await nc.close()
+            try:
+                await nc.close()
+            except (AttributeError, RuntimeError) as broken:
+                # nats-py writes its pending buffer to a TLS transport the server already dropped (its SSL protocol
+                # is gone): the connection is dead anyway, so cut the socket and let it go
+                log.debug("close of a dead connection failed (%s); cutting its socket", broken)
+                abort(nc)
 
 
-def _cut_socket(nc: Client) -> None:
+def abort(nc: Client) -> None:
     """Abort the connection's TCP socket (no flush): every coroutine writing to it or waiting for it to close wakes."""
     nc.options["allow_reconnect"] = False  # the lost socket must end the client, not start a reconnect
     writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)  # nats-py internals: guarded, may change

@@ -12,7 +12,13 @@ that is how an identity is revoked. Without either, the server is open to anyone
 
 A ``cluster`` joins servers by routes (:func:`start_cluster` starts several on loopback); with ``tls`` the routes
 use it too, both ways: a server joins only with a certificate of the same CA. Every member has the same
-authorization block, so an identity is what it is on whichever member it connects to.
+authorization block, so an identity is what it is on whichever member it connects to. ``leafnodes`` makes a member
+accept leaf node connections, ``remotes`` makes a server a leaf node of others (``bus.topology`` lays out a cluster
+with leaf nodes on fixed ports, in configuration files a plain ``nats-server -c FILE`` runs as well).
+
+``conf_dir`` keeps the configuration and the log in a directory of the caller's (``<name>.conf``, ``<name>.log``,
+mode 0600: a leaf node's file holds its key) instead of a private temporary one, so the same server can be killed
+and started again on the same ports (:meth:`NatsServer.kill`, :meth:`NatsServer.start`).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from pathlib import Path
 from types import TracebackType
 
 from bus.errors import ServerError
-from bus.serverconf import ClusterConfig, ServerTLS
+from bus.serverconf import ClusterConfig, LeafListen, LeafRemote, ServerTLS
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +55,11 @@ BINARY_ENV = "FEDREFINE_NATS_SERVER"
 
 _LISTEN_RE = re.compile(r"Listening for client connections on ([0-9.]+):(\d+)")
 _ROUTE_RE = re.compile(r"Listening for route connections on ([0-9.]+):(\d+)")
+_LEAF_RE = re.compile(r"Listening for leafnode connections on ([0-9.]+):(\d+)")
 _READY_MARK = "Server is ready"
 _RELOADED_MARK = "Reloaded server configuration"
 _ROUTED_MARK = "Route connection created"
+_LEAF_LINK_MARK = "Leafnode connection created"
 _LIVE_SERVERS: weakref.WeakSet[NatsServer] = weakref.WeakSet()
 
 
@@ -80,8 +88,13 @@ def find_nats_server(explicit: str | os.PathLike[str] | None = None) -> Path:
 
 
 def port_is_free(port: int, host: str = DEFAULT_HOST) -> bool:
-    """True when nothing listens on ``host:port`` and it can be bound."""
+    """True when nothing listens on ``host:port`` and it can be bound.
+
+    Bound as nats-server binds, with SO_REUSEADDR: connections of a server that just stopped linger in TIME_WAIT
+    on that port for a minute, and must not keep a new server from starting there at once.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -105,7 +118,13 @@ class NatsServer:
         authorization: str | None = None,
         tls: ServerTLS | None = None,
         cluster: ClusterConfig | None = None,
+        leafnodes: LeafListen | None = None,
+        remotes: tuple[LeafRemote, ...] = (),
+        name: str | None = None,
+        conf_dir: str | os.PathLike[str] | None = None,
     ) -> None:
+        if name is not None and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name) is None:
+            raise ServerError(f"invalid server name {name!r}: use 1-64 characters from A-Z a-z 0-9 _ -")
         if port is not None and not 0 < port < 65536:
             raise ServerError(f"port must be 1..65535, got {port}", port=port)
         if not 0 < max_payload <= MAX_PAYLOAD_LIMIT:
@@ -120,14 +139,20 @@ class NatsServer:
         self.authorization = authorization
         self.tls = tls
         self.cluster = cluster
+        self.leafnodes = leafnodes
+        self.remotes = tuple(remotes)
+        self.name = name
+        self.conf_dir = Path(conf_dir) if conf_dir is not None else None
         self.port: int | None = None
         self.route_port: int | None = None  # in a cluster, where the other members dial in
+        self.leaf_port: int | None = None  # where leaf nodes dial in (with ``leafnodes``)
         self._proc: subprocess.Popen[bytes] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._log_path: Path | None = None
         self._out_path: Path | None = None
         self._config_path: Path | None = None
         self._deadline = 0.0
+        self._log_start: dict[Path, int] = {}  # log bytes written before this start (a kept log is appended to)
 
     # -- public surface -------------------------------------------------------------------------------
 
@@ -197,11 +222,23 @@ class NatsServer:
             raise
         return self
 
+    @property
+    def config_path(self) -> Path | None:
+        """The configuration file of the running server (kept after a stop with ``conf_dir``)."""
+        return self._config_path
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash: clients and links see their connections drop); start() brings it back."""
+        self.stop(timeout=0.0)
+
     def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
-        """Stop the server: SIGTERM, then SIGKILL after ``timeout`` seconds; idempotent."""
+        """Stop the server: SIGTERM, then SIGKILL after ``timeout`` seconds (0: SIGKILL at once); idempotent."""
         proc, self._proc = self._proc, None
         if proc is not None:
-            if proc.poll() is None:
+            if proc.poll() is None and timeout <= 0:
+                proc.kill()
+                proc.wait()
+            elif proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 try:
                     proc.wait(timeout=timeout)
@@ -213,17 +250,24 @@ class NatsServer:
         _LIVE_SERVERS.discard(self)
         self.port = None
         self.route_port = None
+        self.leaf_port = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
 
     def log_text(self) -> str:
-        """The server's log so far (empty when not started)."""
+        """The server's log since it was last started (empty when not started)."""
         parts = []
         for path in (self._log_path, self._out_path):
             if path is not None and path.exists():
-                parts.append(path.read_text(errors="replace"))
+                with open(path, "rb") as f:
+                    f.seek(self._log_start.get(path, 0))
+                    parts.append(f.read().decode(errors="replace"))
         return "".join(parts)
+
+    def leaf_links(self) -> int:
+        """Leaf node links this server made or accepted since it started (a leaf node waits for its first)."""
+        return self.log_text().count(_LEAF_LINK_MARK)
 
     def __enter__(self) -> NatsServer:
         return self.start()
@@ -241,13 +285,15 @@ class NatsServer:
 
     def __repr__(self) -> str:
         state = f"url={self.url}" if self.port is not None else "stopped"
-        return f"NatsServer({state}, max_payload={self.max_payload}, secure={self.secure})"
+        named = f"{self.name}, " if self.name else ""
+        return f"NatsServer({named}{state}, max_payload={self.max_payload}, secure={self.secure})"
 
     # -- internals ------------------------------------------------------------------------------------
 
     def _config_text(self, log_path: Path) -> str:
         port = self.requested_port if self.requested_port is not None else -1
-        lines = [
+        lines = [f"server_name: {self.name}"] if self.name else []
+        lines += [
             f'listen: "{self.host}:{port}"',
             f"max_payload: {self.max_payload}",
             f'log_file: "{log_path}"',
@@ -260,6 +306,11 @@ class NatsServer:
             lines.append(self.tls.config_text())
         if self.cluster is not None:
             lines.append(self.cluster.config_text(self.host, self.tls))
+        if self.leafnodes is not None or self.remotes:
+            body = [self.leafnodes.config_text(self.host, self.tls)] if self.leafnodes is not None else []
+            if self.remotes:
+                body.append("remotes [\n  " + "\n  ".join(r.config_text() for r in self.remotes) + "\n  ]")
+            lines.append("leafnodes {\n  " + "\n  ".join(body) + "\n}")
         if self.authorization is not None:
             lines.append(self.authorization)
         return "\n".join(lines) + "\n"
@@ -275,25 +326,37 @@ class NatsServer:
                 self.jetstream_dir.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise ServerError(f"cannot create JetStream dir {self.jetstream_dir}: {exc}") from exc
-        self._tmp = tempfile.TemporaryDirectory(prefix="fedrefine-nats-")
-        tmp = Path(self._tmp.name)
-        self._log_path = tmp / "nats-server.log"
-        self._out_path = tmp / "nats-server.out"
-        config = self._config_path = tmp / "nats-server.conf"
+        if self.conf_dir is not None:
+            try:
+                self.conf_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ServerError(f"cannot create {self.conf_dir}: {exc}") from exc
+            where, stem = self.conf_dir, self.name or "nats-server"
+        else:
+            self._tmp = tempfile.TemporaryDirectory(prefix="fedrefine-nats-")
+            where, stem = Path(self._tmp.name), "nats-server"
+        self._log_path = where / f"{stem}.log"
+        self._out_path = where / f"{stem}.out"
+        self._log_start = {p: p.stat().st_size if p.exists() else 0 for p in (self._log_path, self._out_path)}
+        config = self._config_path = where / f"{stem}.conf"
         try:
-            config.write_text(self._config_text(self._log_path))
-        except ServerError:
-            self._tmp.cleanup()
-            self._tmp = None
+            write_private(config, self._config_text(self._log_path))
+        except (ServerError, OSError) as exc:
+            if self._tmp is not None:
+                self._tmp.cleanup()
+                self._tmp = None
+            if isinstance(exc, OSError):
+                raise ServerError(f"cannot write {config}: {exc}", path=str(config)) from exc
             raise
-        with open(self._out_path, "wb") as out:
+        with open(self._out_path, "ab") as out:
             try:
                 self._proc = subprocess.Popen(
                     [str(binary), "-c", str(config)], stdin=subprocess.DEVNULL, stdout=out, stderr=out
                 )
             except OSError as exc:
-                self._tmp.cleanup()
-                self._tmp = None
+                if self._tmp is not None:
+                    self._tmp.cleanup()
+                    self._tmp = None
                 raise ServerError(f"cannot run {binary}: {exc}", path=str(binary)) from exc
         _LIVE_SERVERS.add(self)
         self._deadline = time.monotonic() + self.startup_timeout
@@ -314,11 +377,12 @@ class NatsServer:
                 raise ServerError("nats-server is ready but did not report its client port")
             port = int(match.group(2))
             route = _ROUTE_RE.search(text)
-            if self.cluster is not None and route is None:
-                self.stop()
-                raise ServerError("nats-server is ready but did not report its route port")
-            if _accepts(self.host, port):
+            leaf = _LEAF_RE.search(text)
+            # nats-server says it is ready before it reports its route port: poll on until it has (or time runs out)
+            missing = (self.cluster is not None and route is None) or (self.leafnodes is not None and leaf is None)
+            if not missing and _accepts(self.host, port):
                 self.route_port = int(route.group(2)) if route is not None else None
+                self.leaf_port = int(leaf.group(2)) if leaf is not None else None
                 self.port = port
                 log.info("nats-server pid %d ready at %s", self._proc.pid, self.url)
                 return True
@@ -358,6 +422,14 @@ def start_cluster(size: int, name: str = "fedrefine", **options: object) -> list
             server.stop()
         raise
     return servers
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner may read (a configuration can hold a leaf node's key)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    os.chmod(path, 0o600)
 
 
 def _accepts(host: str, port: int) -> bool:

@@ -52,3 +52,52 @@ class ClusterConfig:
         if tls is not None:
             body.append(tls.config_text(routes=True).replace("\n", "\n  "))
         return "cluster {\n  " + "\n  ".join(body) + "\n}"
+
+
+@dataclass(frozen=True)
+class LeafListen:
+    """A member that accepts leaf node connections on ``port`` (-1: a free one), over TLS when the server has it.
+
+    A leaf node authenticates like a client, with a key of the server's authorization block (``privacy.permissions``
+    gives leaf identities their own row): the subjects that identity may publish are what the leaf may send in, the
+    subjects it may subscribe to are what the cluster sends out to the leaf.
+    """
+
+    port: int = -1
+
+    def config_text(self, host: str, tls: ServerTLS | None) -> str:
+        """The listening half of the ``leafnodes { ... }`` block."""
+        body = [f'listen: "{host}:{self.port}"']
+        if tls is not None:
+            body.append(tls.config_text().replace("\n", "\n  "))
+        return "\n  ".join(body)
+
+
+@dataclass(frozen=True)
+class LeafRemote:
+    """A leaf node's link to the cluster: the members' leaf node URLs (tried in order when ``ordered``), the nkey
+    seed of the leaf identity it logs in as, and the CA that verifies them (TLS)."""
+
+    urls: tuple[str, ...]
+    seed: str | None = None  # 'SU...' of the leaf identity (None: a server without authorization)
+    ca_file: Path | None = None
+    ordered: bool = True  # the first URL first, the next after a failure (nats-server's no_randomize)
+    discover: bool = True  # also try the members the cluster advertises (False: only ``urls``, a fixed uplink)
+
+    def config_text(self) -> str:
+        """One entry of ``leafnodes { remotes [ ... ] }``."""
+        if not self.urls:
+            raise ServerError("a leaf node needs at least one URL to connect to")
+        urls = ", ".join(f'"{u}"' for u in self.urls)
+        body = [f"urls: [{urls}]"]
+        if self.seed is not None:
+            body.append(f'nkey: "{self.seed}"')
+        if self.ordered:
+            body.append("no_randomize: true")
+        if not self.discover:
+            body.append("ignore_discovered_servers: true")
+        if self.ca_file is not None:
+            if not Path(self.ca_file).is_file():
+                raise ServerError(f"TLS file not found: {self.ca_file}", path=str(self.ca_file))
+            body.append(f'tls {{ ca_file: "{Path(self.ca_file).resolve()}" }}')
+        return "{\n    " + "\n    ".join(body) + "\n  }"

@@ -11,6 +11,8 @@ Layout under a configurable prefix (default ``fr``)::
     fr.answer.<receiver_id>.<query_id>        the answer to a question that is not private (besides the reply)
     fr.error.<query_id>                       typed errors about one query (reserved)
     fr.rephrase.<receiver_id>                 receiver side only: request/reply to that receiver's rephraser
+    fr.trace.<role>.<agent_id>                that agent's trace events (ids, timings, byte counts; never text)
+    fr.status.<role>.<agent_id>               that agent's status endpoint (its nats micro service; request/reply)
 
 Every subject a message is published on names its publisher (the last token, or the receiver's or agent's id), so
 server permissions (``privacy.permissions``) pin each identity to its own subjects; agents check that the ids
@@ -29,9 +31,21 @@ from bus.schemas import ROLES, validate_id
 
 DEFAULT_PREFIX = "fr"
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_-]{1,32}(\.[A-Za-z0-9_-]{1,32}){0,3}")
-KINDS = ("ask", "query", "offer", "plan", "kv", "presence", "answer", "error", "rephrase")
+KINDS = ("ask", "query", "offer", "plan", "kv", "presence", "answer", "error", "rephrase", "trace", "status")
 # tokens after the kind
-_TOKENS = {"ask": 0, "query": 1, "offer": 2, "plan": 2, "kv": 3, "presence": 2, "answer": 2, "error": 1, "rephrase": 1}
+_TOKENS = {
+    "ask": 0,
+    "query": 1,
+    "offer": 2,
+    "plan": 2,
+    "kv": 3,
+    "presence": 2,
+    "answer": 2,
+    "error": 1,
+    "rephrase": 1,
+    "trace": 2,
+    "status": 2,
+}
 
 
 class SubjectParts(BaseModel):
@@ -120,6 +134,18 @@ class Subjects:
             return f"{self.prefix}.presence.*.*"
         return f"{self.prefix}.presence.{_role(role)}.*"
 
+    def trace(self, role: str, agent_id: str) -> str:
+        """Subject of one agent's trace events (``agents.tracing``)."""
+        return f"{self.prefix}.trace.{_role(role)}.{validate_id(agent_id, 'agent id')}"
+
+    def traces_all(self) -> str:
+        """Wildcard over every agent's trace events."""
+        return f"{self.prefix}.trace.*.*"
+
+    def status(self, role: str, agent_id: str) -> str:
+        """Subject of one agent's status endpoint (request/reply: its counters)."""
+        return f"{self.prefix}.status.{_role(role)}.{validate_id(agent_id, 'agent id')}"
+
     def answer(self, receiver_id: str, query_id: str) -> str:
         """Subject the answer to one (not private) query is published on."""
         return f"{self.prefix}.answer.{validate_id(receiver_id, 'receiver id')}.{validate_id(query_id, 'query id')}"
@@ -169,6 +195,6 @@ class Subjects:
             )
         if kind == "rephrase":
             return SubjectParts(kind=kind, receiver_id=validate_id(rest[0], "receiver id"))
-        if kind == "presence":
+        if kind in ("presence", "trace", "status"):
             return SubjectParts(kind=kind, role=_role(rest[0]), agent_id=validate_id(rest[1], "agent id"))
         return SubjectParts(kind=kind, query_id=validate_id(rest[0], "query id"))

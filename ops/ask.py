@@ -8,6 +8,12 @@ why. The asker is a ``client`` identity: ``--creds FILE`` (``FEDREFINE_CREDS``; 
 --creds-dir DIR`` writes ``DIR/client.creds``) and ``--tls-ca DIR/ca.pem``; ``--insecure`` only for a server run
 with ``--insecure``. ``--file``: one JSON object per line (``stem`` or ``question``, four ``options``, optionally
 ``answer`` as an index or letter and ``private``); pushes them all and prints accuracy, latency and bytes.
+
+``--nats A,B,C`` (or ``NATS_URL``) lists several servers of a cluster: the asker fails over between them. An ask in
+flight when its connection moves to another server is asked again with the time it has left (the receiver's
+reply, allowed only on the connection the ask came in on, may be lost with the old one), and an ask that finds no
+receiver (``no responders``, e.g. while they reconnect after a server restart) is tried again until its deadline:
+see :class:`ReconnectWatch`.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_DEADLINE_MS = 10_000  # milliseconds the federation has to answer
 DEFAULT_CONCURRENCY = 4  # questions in flight at once with --file
 DEFAULT_REPLY_SLACK_S = 2.0  # seconds past the deadline the client still waits for the reply
+DEFAULT_MIN_REASK_S = 0.3  # an ask is asked again (after a failover, or no responders) only with this much time left
+DEFAULT_RETRY_WAIT_S = 0.1  # seconds between tries while no receiver answers
 
 Reply = Answer | ErrorReply
 
@@ -81,8 +89,59 @@ class Outcome:
         return ord(self.reply.choice) - ord("A") == self.item.answer
 
 
-async def ask_once(nc: Client, subjects: Subjects, item: Item, deadline_s: float) -> Reply:
-    """Send one Ask (request/reply) and return the Answer, or an ErrorReply for every kind of failure."""
+class ReconnectWatch:
+    """Counts the reconnects of the asker's connection (pass :meth:`on_reconnect` as ``reconnected_cb``), so an ask in
+    flight across one is asked again: the receiver may answer only on the connection the ask reached it by."""
+
+    def __init__(self) -> None:
+        self.reconnects = 0
+        self._changed = asyncio.Event()
+
+    async def on_reconnect(self) -> None:
+        """The connection is up again, perhaps on another server."""
+        self.reconnects += 1
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def next_change(self) -> asyncio.Event:
+        """An event set at the next reconnect."""
+        return self._changed
+
+
+async def ask_once(
+    nc: Client, subjects: Subjects, item: Item, deadline_s: float, watch: ReconnectWatch | None = None
+) -> Reply:
+    """Send one Ask (request/reply) and return the Answer, or an ErrorReply for every kind of failure.
+
+    With ``watch``: asked again, with the time left, after a reconnect or while no receiver responds (module
+    docstring), until the deadline.
+    """
+    if watch is None:
+        return await _ask(nc, subjects, item, deadline_s)
+    end = time.monotonic() + deadline_s
+    while True:
+        left = end - time.monotonic()
+        changed = watch.next_change()
+        request = asyncio.ensure_future(_ask(nc, subjects, item, left))
+        waiting = asyncio.ensure_future(changed.wait())
+        await asyncio.wait({request, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if request.done():
+            reply = request.result()
+            retry = isinstance(reply, ErrorReply) and reply.code == "unavailable" and "no receiver" in reply.message
+            if not retry or end - time.monotonic() < DEFAULT_MIN_REASK_S + DEFAULT_RETRY_WAIT_S:
+                return reply
+            await asyncio.sleep(DEFAULT_RETRY_WAIT_S)
+            continue
+        request.cancel()  # the reply to this one may be lost with the old connection: ask again
+        if end - time.monotonic() < DEFAULT_MIN_REASK_S:
+            return ErrorReply(
+                code="timeout", message="the connection moved to another server; no time left to ask again"
+            )
+
+
+async def _ask(nc: Client, subjects: Subjects, item: Item, deadline_s: float) -> Reply:
+    """One request/reply."""
     try:
         ask = Ask(question=item.stem, options=item.options, private=item.private, deadline_s=deadline_s)
     except ValidationError as exc:
@@ -114,8 +173,9 @@ async def push_many(
     deadline_s: float,
     concurrency: int = DEFAULT_CONCURRENCY,
     on_done: Callable[[Outcome], None] | None = None,
+    watch: ReconnectWatch | None = None,
 ) -> list[Outcome]:
-    """Push every item, ``concurrency`` at a time; outcomes in item order."""
+    """Push every item, ``concurrency`` at a time; outcomes in item order (``watch``: see :func:`ask_once`)."""
     if concurrency < 1:
         raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
     gate = asyncio.Semaphore(concurrency)
@@ -123,7 +183,7 @@ async def push_many(
     async def one(item: Item) -> Outcome:
         async with gate:
             t0 = time.perf_counter()
-            reply = await ask_once(nc, subjects, item, deadline_s)
+            reply = await ask_once(nc, subjects, item, deadline_s, watch)
             outcome = Outcome(item, reply, time.perf_counter() - t0)
         if on_done is not None:
             on_done(outcome)
@@ -226,7 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline-ms", type=int, default=DEFAULT_DEADLINE_MS, help="answer deadline (milliseconds)")
     p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="questions in flight with --file")
     p.add_argument("--limit", type=int, default=None, help="push only the first N questions of --file")
-    p.add_argument("--nats", default=os.environ.get("FEDREFINE_NATS", DEFAULT_NATS_URL), help="NATS server URL")
+    p.add_argument(
+        "--nats",
+        default=os.environ.get("FEDREFINE_NATS") or os.environ.get("NATS_URL") or DEFAULT_NATS_URL,
+        help="NATS server URL, or several comma-separated (env FEDREFINE_NATS, NATS_URL)",
+    )
     p.add_argument("--prefix", default=os.environ.get("FEDREFINE_PREFIX", DEFAULT_PREFIX), help="subject prefix")
     p.add_argument(
         "--creds", default=os.environ.get("FEDREFINE_CREDS") or None, help="a client identity's credentials file"
@@ -251,20 +315,27 @@ async def _run(args: argparse.Namespace) -> int:
     else:
         items = load_items(args.file, args.private)[: args.limit]
     security = client_security(args.creds, args.tls_ca, args.insecure)
+    watch = ReconnectWatch()
     try:
-        nc = await connect(args.nats, name="ops.ask", retries=1, security=security)
+        nc = await connect(args.nats, name="ops.ask", retries=1, security=security, reconnected_cb=watch.on_reconnect)
     except ConnectError as exc:
         raise ConnectError(f"no NATS server at {args.nats}; start one with `python -m ops.server`") from exc
     try:
         if args.file is None:
-            reply = await ask_once(nc, subjects, items[0], deadline_s)
+            reply = await ask_once(nc, subjects, items[0], deadline_s, watch)
             print(reply.model_dump_json(indent=2) if args.json else describe(reply))
             return 0 if isinstance(reply, Answer) else 1
         from tqdm import tqdm
 
         with tqdm(total=len(items), desc="questions", unit="q", disable=args.json) as bar:
             outcomes = await push_many(
-                nc, subjects, items, deadline_s=deadline_s, concurrency=args.concurrency, on_done=lambda o: bar.update()
+                nc,
+                subjects,
+                items,
+                deadline_s=deadline_s,
+                concurrency=args.concurrency,
+                on_done=lambda o: bar.update(),
+                watch=watch,
             )
         summary = summarize(outcomes)
         print(json.dumps(summary, indent=2))

@@ -2,6 +2,7 @@
 
     python -m ops.creds issue transmitter phone-7          # a new device: writes DIR/phone-7.creds
     python -m ops.creds issue rephraser reph-2 --serves rx  # a rephraser for receiver rx only
+    python -m ops.creds issue leaf leaf-7 --serves phone-7   # the leaf node of phone-7's device (carries it only)
     python -m ops.creds revoke phone-7                     # stolen: its key is no longer admitted
     python -m ops.creds list
 
@@ -39,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     issue = sub.add_parser("issue", help="a new identity (a new device, a new agent)")
     issue.add_argument("role", choices=ROLES)
     issue.add_argument("id", help="its id (A-Z a-z 0-9 _ -, at most 64); the agent's --id")
-    issue.add_argument("--serves", default=None, help="rephraser: the receiver id it serves (default: every one)")
+    issue.add_argument(
+        "--serves",
+        default=None,
+        help="rephraser: the receiver id it serves; leaf: the transmitter id it carries (default: every one)",
+    )
     revoke = sub.add_parser("revoke", help="stop admitting an identity and delete its credentials file")
     revoke.add_argument("id")
     sub.add_parser("list", help="every identity, revoked ones too")

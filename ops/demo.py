@@ -1,6 +1,7 @@
 """The main job: a whole federation on this machine, answering the sample questions.
 
     python -m ops.demo [--full | --quick | --tiny] [--questions N] [--deadline-ms N] [--concurrency N] [--insecure]
+    python -m ops.demo --cluster [...]      # a 3-member cluster, a leaf node per transmitter, two gates and rephrasers
 
 Starts an embedded nats-server (authorization and TLS on: fresh credentials for each agent and the asker, in a
 temporary directory; ``--insecure`` runs without, and says so), builds or loads the zoo (the quick zoo unless
@@ -9,6 +10,10 @@ transmitters as separate processes, pushes held-out test questions (those with p
 queries) with a progress bar, prints accuracy, latency, bytes per query and per-transmitter usage, and stops
 everything cleanly, also on Ctrl-C. ``--tiny`` runs the same thing on tiny random models in seconds (a smoke
 test: accuracy is chance there).
+
+``--cluster``: the same questions through the deployment NATS recommends for devices at the edge (``ops.cluster``):
+three servers joined by routes, the receiver side (receiver, two rephrasers, two gates) and the asker on the first,
+each transmitter on a leaf node of its own linked to another member, so every cache crosses a leaf link and a route.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from bus.schemas import Answer
 from bus.server import NatsServer
 from bus.subjects import Subjects
 from fusion.prompts import Question
-from ops.ask import Item, Outcome, push_many, summarize
+from ops.ask import Item, Outcome, ReconnectWatch, push_many, summarize
 from ops.server import INSECURE_WARNING
 from privacy.credentials import CredentialStore
 
@@ -68,15 +73,16 @@ class Setup:
     notes: dict[str, str] = field(default_factory=dict)  # agent id -> its device's notes file (real models)
     rules_only: bool = False  # the rephraser redacts by rules only (the real models were never taught to reword)
 
-    def specs(self, receiver_id: str = "receiver") -> list[AgentSpec]:
-        """The seven agents of the demo."""
-        rx_args = ("--model", self.receiver, "--fusers", self.fusers, "--gates", "gate") + self.check_args()
+    def specs(self, receiver_id: str = "receiver", redundant: bool = False) -> list[AgentSpec]:
+        """The seven agents of the demo (``redundant``: and a second gate and a second rephraser, nine)."""
+        gates = ("gate", "gate-2") if redundant else ("gate",)
+        rx_args = ("--model", self.receiver, "--fusers", self.fusers, "--gates", ",".join(gates)) + self.check_args()
+        rephrasers = ("rephraser", "rephraser-2") if redundant else ("rephraser",)
+        specs = [AgentSpec("receiver", receiver_id, rx_args)]
         rephrase = ("--rules-only",) if self.rules_only else ("--model", self.receiver)
-        specs = [
-            AgentSpec("receiver", receiver_id, rx_args),
-            AgentSpec("rephraser", "rephraser", (*rephrase, "--receiver-id", receiver_id)),
-            AgentSpec("gate", "gate", ("--gate", self.gate) if self.gate else ()),
-        ]
+        reph_args = (*rephrase, "--receiver-id", receiver_id)
+        specs += [AgentSpec("rephraser", r, reph_args) for r in rephrasers]
+        specs += [AgentSpec("gate", g, ("--gate", self.gate) if self.gate else ()) for g in gates]
         for tid, model in self.transmitters.items():
             link = self.links_mbps.get(tid)
             notes = ("--notes", self.notes[tid]) if tid in self.notes else ()
@@ -249,7 +255,8 @@ async def _drive(fed: Federation, setup: Setup, deadline_s: float, concurrency: 
     await _until_interrupted(fed.wait_ready())
     _say(f"all agents up in {time.monotonic() - t0:.1f} s; pushing {len(setup.questions)} questions", quiet)
     security = fed.store.client_security(ASKER_ID) if fed.store is not None else None
-    nc = await connect(fed.url, name="ops.demo", security=security)
+    watch = ReconnectWatch()
+    nc = await connect(fed.url, name="ops.demo", security=security, reconnected_cb=watch.on_reconnect)
     try:
         items = items_of(setup.questions)
         with tqdm(total=len(items), desc="questions", unit="q", disable=quiet, file=sys.stderr) as bar:
@@ -261,6 +268,7 @@ async def _drive(fed: Federation, setup: Setup, deadline_s: float, concurrency: 
                     deadline_s=deadline_s,
                     concurrency=concurrency,
                     on_done=lambda o: bar.update(),
+                    watch=watch,
                 )
             )
     finally:
@@ -275,8 +283,13 @@ def run_demo(
     log_dir: Path | None = None,
     quiet: bool = False,
     insecure: bool = False,
+    cluster: bool = False,
 ) -> list[Outcome]:
     """Server and agents up, questions pushed, everything stopped (also on KeyboardInterrupt)."""
+    if cluster:
+        from ops.cluster import run_cluster_demo
+
+        return run_cluster_demo(setup, deadline_s, concurrency, log_dir, quiet)
     server, store = secure_server(setup.specs(), insecure)
     fed = Federation(server.url, setup.specs(), log_dir=log_dir, store=store)
     try:
@@ -394,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-dir", type=Path, default=None, help="where the agents' logs go (default: a temp dir)")
     p.add_argument("-q", "--quiet", action="store_true", help="only the final table")
     p.add_argument("--insecure", action="store_true", help="no authorization, no TLS (prints a warning)")
+    p.add_argument(
+        "--cluster", action="store_true", help="3 servers, a leaf node per transmitter, two gates and two rephrasers"
+    )
     return p
 
 
@@ -409,6 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.questions < 1 or args.deadline_ms < 1 or args.concurrency < 1:
             raise ConfigError("--questions, --deadline-ms and --concurrency must be positive")
+        if args.cluster and args.insecure:
+            raise ConfigError("--cluster runs secure only (leaf nodes log in with their own identities)")
         if args.tiny:
             setup = tiny_setup(Path(tempfile.mkdtemp(prefix="fedrefine-tiny-")), args.questions)
         elif args.real:
@@ -423,6 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_dir=args.log_dir,
             quiet=args.quiet,
             insecure=args.insecure,
+            cluster=args.cluster,
         )
     except FedRefineError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -430,7 +449,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; every agent and the server were stopped", file=sys.stderr)
         return 130
-    print(table(setup, outcomes, alone))
+    print(
+        table(setup, outcomes, alone)
+        + ("\n  (on a 3-server cluster, each transmitter on its own leaf node)" if args.cluster else "")
+    )
     return 0 if all(o.answered for o in outcomes) else 1
 
 

@@ -1,4 +1,4 @@
-"""``python -m ops.server [--creds-dir DIR] [--port N] [--cluster N] [--insecure]``: run an embedded nats-server.
+"""``python -m ops.server [--creds-dir DIR] [--cluster N] [--leaves N] [--insecure]``: run embedded nats-servers.
 
 Authorization and TLS are on: the server admits exactly the identities of ``--creds-dir`` (default
 ``.cache/creds``; created with one identity per demo agent, a ``client`` and a ``monitor`` when missing) with the
@@ -8,6 +8,11 @@ signals this process (SIGHUP), which reloads the server: a revoked identity is c
 
 ``--cluster N`` runs N servers joined by routes (mutual TLS with the directory's CA), each with the same
 authorization, and prints their URLs comma-separated: agents take that list as ``--nats`` and fail over.
+``--leaves N`` adds N leaf nodes (``leaf1``..), each linked to every member in turn (``leaf<i>`` to member
+``i mod N`` first) and logging in as its own leaf identity, issued when missing, that carries transmitter ``t<i>``
+(``python -m ops.creds issue leaf ID --serves TID`` for others); a device's transmitter connects to its leaf's URL.
+Every server's configuration file and log go to ``--conf-dir`` (default ``DIR/servers``): ``nats-server -c
+DIR/servers/n1.conf`` runs the same member by hand. Each line after the first names one leaf node and its URL.
 
 ``--insecure`` runs without authorization or TLS (anyone who reaches the port may read and forge everything);
 it says so on stderr. Prints the server's URL on stdout, then runs until Ctrl-C (or SIGTERM).
@@ -26,8 +31,9 @@ from pathlib import Path
 from types import FrameType
 
 from bus.errors import FedRefineError, ServerError
-from bus.server import DEFAULT_MAX_PAYLOAD, NatsServer, start_cluster
+from bus.server import DEFAULT_MAX_PAYLOAD, NatsServer
 from bus.subjects import DEFAULT_PREFIX
+from bus.topology import Topology
 from privacy.credentials import DEFAULT_CREDS_DIR, DEFAULT_IDENTITIES, REGISTRY_FILE, CredentialStore
 
 PID_FILE = "server.pid"  # in the creds dir: the ops.server process that ops.creds signals after a change
@@ -55,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ops.server", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=None, help="client port (default: a free one)")
     parser.add_argument("--cluster", type=int, default=1, metavar="N", help="N servers joined in a cluster")
+    parser.add_argument("--leaves", type=int, default=0, metavar="N", help="N leaf nodes linked to the cluster")
+    parser.add_argument("--conf-dir", type=Path, default=None, help="configuration files and logs (DIR/servers)")
     parser.add_argument("--creds-dir", type=Path, default=DEFAULT_CREDS_DIR, help="identities, keys and certificates")
     parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="subject prefix new credentials are made for")
     parser.add_argument("--insecure", action="store_true", help="no authorization, no TLS (prints a warning)")
@@ -88,12 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
     servers: list[NatsServer] = []
+    topology: Topology | None = None
     pid_file: Path | None = None
     try:
         if args.port is not None and not 0 < args.port < 65536:
             raise ServerError(f"port must be 1..65535, got {args.port}", port=args.port)
-        if args.cluster < 1 or (args.cluster > 1 and (args.port is not None or args.jetstream)):
-            raise ServerError("--cluster takes a number >= 1, and picks free ports itself (no --port, --jetstream)")
+        if not 1 <= args.cluster <= 16 or not 0 <= args.leaves <= 64:
+            raise ServerError("--cluster takes 1..16 servers and --leaves 0..64 leaf nodes")
+        if (args.cluster > 1 or args.leaves) and (args.port is not None or args.jetstream):
+            raise ServerError("--cluster and --leaves pick free ports themselves (no --port, --jetstream)")
         store = None
         if args.insecure:
             print(INSECURE_WARNING, file=sys.stderr, flush=True)
@@ -102,8 +113,16 @@ def main(argv: list[str] | None = None) -> int:
             if created:
                 ids = ", ".join(f"{i.role} {i.id}" for i in store.active())
                 print(f"wrote credentials to {store.root}: {ids}", file=sys.stderr, flush=True)
-        servers = _start(args, store)
-        print(",".join(s.url for s in servers), flush=True)
+        if args.cluster > 1 or args.leaves:
+            topology = _topology(args, store).start()
+            servers = topology.servers()
+            print(",".join(topology.urls), flush=True)
+            for name, leaf in topology.leaves.items():
+                print(f"{name} {leaf.url}", flush=True)
+            print(f"configuration files and logs: {topology.conf_dir}", file=sys.stderr, flush=True)
+        else:
+            servers = _start(args, store)
+            print(",".join(s.url for s in servers), flush=True)
         if store is not None:
             pid_file = store.root / PID_FILE
             pid_file.write_text(f"{os.getpid()}\n")
@@ -131,18 +150,33 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if pid_file is not None:
             pid_file.unlink(missing_ok=True)
+        if topology is not None:
+            topology.stop()
         for server in servers:
             server.stop()
     return 0
 
 
-def _start(args: argparse.Namespace, store: CredentialStore | None) -> list[NatsServer]:
-    """The server(s), started."""
+LEAF_ID = "leaf{}"  # the leaf identities --leaves issues
+LEAF_CARRIES = "t{}"  # ... and the transmitter each one carries
+
+
+def _topology(args: argparse.Namespace, store: CredentialStore | None) -> Topology:
+    """The cluster and its leaf nodes (not started); leaf identities issued when missing."""
+    leaves = [(LEAF_ID.format(i), (i - 1) % args.cluster) for i in range(1, args.leaves + 1)]
     options = {"max_payload": args.max_payload}
-    if args.cluster > 1:
-        if store is not None:
-            return store.cluster(args.cluster, **options)
-        return start_cluster(args.cluster, **options)
+    if store is None:
+        from bus.topology import LeafSpec
+
+        conf_dir = args.conf_dir or Path(".cache") / "servers"
+        return Topology(args.cluster, [LeafSpec(n, None, p) for n, p in leaves], conf_dir=conf_dir, **options)
+    store.ensure([("leaf", name, LEAF_CARRIES.format(i)) for i, (name, _) in enumerate(leaves, 1)])
+    return store.topology(args.cluster, leaves, args.conf_dir, **options)
+
+
+def _start(args: argparse.Namespace, store: CredentialStore | None) -> list[NatsServer]:
+    """One server, started."""
+    options = {"max_payload": args.max_payload}
     if store is not None:
         return [store.server(args.port, jetstream_dir=args.jetstream, **options).start()]
     return [NatsServer(args.port, jetstream_dir=args.jetstream, **options).start()]

@@ -28,12 +28,13 @@ from pathlib import Path
 import nkeys
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from bus.auth import ClientSecurity, format_creds
+from bus.auth import ClientSecurity, format_creds, read_creds
 from bus.errors import ConfigError
 from bus.schemas import validate_id
 from bus.server import NatsServer, start_cluster
 from bus.serverconf import ServerTLS
 from bus.subjects import DEFAULT_PREFIX, Subjects
+from bus.topology import LeafSpec, Topology
 from privacy.permissions import UserEntry, check_role, permissions_for, render_authorization
 
 REGISTRY_FILE = "identities.json"
@@ -65,7 +66,7 @@ class Identity(BaseModel):
     role: str
     id: str
     public_key: str
-    serves: str | None = None  # a rephraser's receiver ("*": every receiver)
+    serves: str | None = None  # a rephraser's receiver, a leaf node's transmitter ("*": every one)
     revoked: bool = False
     issued_unix: float = Field(default_factory=time.time)
 
@@ -167,7 +168,7 @@ class CredentialStore:
         """A new identity (or a fresh key for a revoked one); returns its credentials file."""
         check_role(role)
         validate_id(agent_id, "identity id")
-        if role == "rephraser" and serves is None:
+        if role in ("rephraser", "leaf") and serves is None:
             serves = "*"
         permissions_for(role, agent_id, self.prefix, serves)  # validates everything
         current = self.get(agent_id)
@@ -240,6 +241,29 @@ class CredentialStore:
         """``size`` started servers in one cluster, each admitting exactly the active identities over TLS."""
         self.ensure_tls()
         return start_cluster(size, authorization=self.authorization(), tls=self.server_tls(), **options)
+
+    def topology(
+        self, size: int, leaves: Iterable[tuple[str, int]] = (), conf_dir: str | Path | None = None, **options: object
+    ) -> Topology:
+        """A (not yet started) cluster of ``size`` members and leaf nodes ``(leaf id, preferred member)``, each leaf
+        logging in to the cluster with that leaf identity's key; configuration files in ``conf_dir``
+        (default ``DIR/servers``)."""
+        self.ensure_tls()
+        specs = []
+        for leaf_id, prefer in leaves:
+            identity = self.get(leaf_id)
+            if identity is None or identity.revoked or identity.role != "leaf":
+                raise ConfigError(f"no active leaf identity {leaf_id} in {self.root} (ops.creds issue leaf ID)")
+            specs.append(LeafSpec(leaf_id, read_creds(self.creds_path(leaf_id)).seed, prefer))
+        where = Path(conf_dir) if conf_dir is not None else self.root / "servers"
+        return Topology(
+            size,
+            specs,
+            conf_dir=where,
+            authorization=self.authorization(),
+            tls=self.server_tls(),
+            **options,  # type: ignore[arg-type]
+        )
 
     def ensure_tls(self, hosts: Iterable[str] = DEFAULT_TLS_HOSTS) -> None:
         """Create the CA and the server certificate once."""

@@ -17,4 +17,6 @@ BENCHMARKS: dict[str, str] = {
     "bandwidth": "link rate x policy sweep through the agents",
     "attacks": "the attack matrix against a federation of processes, with legitimate questions meanwhile",
     "leakage": "what leaves the receiver side: a sniffer, n-gram overlap of q' with q, a KV-inversion attacker",
+    "faults": "faults under load on a cluster with leaf nodes: answered by the deadline, wrong answers, recovery",
+    "load": "20 to 1000 questions in flight from several receivers, and a soak for memory growth",
 }

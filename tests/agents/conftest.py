@@ -29,16 +29,17 @@ from agents.receiver import ReceiverAgent
 from agents.rephraser import RephraserAgent
 from agents.transmitter import TransmitterAgent
 from bus.auth import ClientSecurity
-from bus.connect import close, connect
+from bus.connect import abort, close, connect
 from bus.schemas import Answer, ErrorReply
 from bus.server import NatsServer
 from bus.subjects import Subjects
+from bus.topology import Topology
 from fusion.fuser import FuserConfig, PairFuser
 from fusion.gate import GateConfig, GateNetwork, save_gate
 from fusion.models import LanguageModel, ModelSpec
 from fusion.prompts import Question
 from fusion.registry import FuserRegistry
-from ops.ask import Item, ask_once
+from ops.ask import Item, ReconnectWatch, ask_once
 from privacy.credentials import CredentialStore
 from tests.conftest import HARNESS_ID, secure_store
 
@@ -124,6 +125,8 @@ class Fleet:
     server: NatsServer | None = None
     agents: dict[str, Agent] = field(default_factory=dict)
     client: Client | None = None
+    watch: ReconnectWatch | None = None
+    _asker: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def prefix(self) -> str:
@@ -231,16 +234,33 @@ class Fleet:
             assert time.monotonic() < end, f"{observer} never saw {role}s {ids - fresh()}"
             await asyncio.sleep(0.05)
 
-    async def ask(self, question: Question, *, private: bool = False, deadline_s: float = 5.0) -> Answer | ErrorReply:
-        """Push one question and return the reply."""
-        if self.client is None:
-            self.client = await self.connect("client", name="pytest-asker")
+    async def ask(
+        self, question: Question, *, private: bool = False, deadline_s: float = 5.0, resilient: bool = False
+    ) -> Answer | ErrorReply:
+        """Push one question and return the reply (``resilient``: asked again across a failover, ops.ask)."""
+        async with self._asker:  # one connection, however many ask at once
+            if self.client is None:
+                self.watch = ReconnectWatch()
+                security = self.security("client")
+                self.client = await connect(
+                    self.url,
+                    name="pytest-asker",
+                    security=security,
+                    reconnect_wait=0.1,
+                    reconnected_cb=self.watch.on_reconnect,
+                )
         item = Item(question.stem, question.options, private, question.answer, question.id)
-        return await ask_once(self.client, self.subjects, item, deadline_s)
+        return await ask_once(self.client, self.subjects, item, deadline_s, self.watch if resilient else None)
 
     async def stop(self, agent_id: str) -> None:
         """Stop one agent cleanly (it says goodbye)."""
         await self.agents.pop(agent_id).stop()
+
+    async def crash(self, agent_id: str) -> Agent:
+        """Kill one agent as SIGKILL would: its sockets cut, no goodbye, nothing more from it (in process, fast)."""
+        agent = self.agents.pop(agent_id)
+        await crash(agent)
+        return agent
 
     async def close(self) -> None:
         """Stop every agent and the client; an agent that does not stop fails the test with every task's stack."""
@@ -255,6 +275,61 @@ class Fleet:
             stopping.result()
         if self.client is not None:
             await close(self.client)
+
+
+@dataclass
+class ClusterFleet(Fleet):
+    """A fleet on a 3-member cluster: agents connect to the member list (n1 first) unless told otherwise; each
+    transmitter of ``leaves`` has a leaf node of its own (``leaf_url(tid)``), linked to n2 or n3 first."""
+
+    topology: Topology | None = None
+
+    @property
+    def url(self) -> str:
+        """Every member, n1 first."""
+        assert self.topology is not None
+        return self.topology.url_list(0)
+
+    def leaf_url(self, transmitter_id: str) -> str:
+        """The leaf node of that transmitter's device."""
+        assert self.topology is not None
+        return self.topology.leaf_url(f"leaf-{transmitter_id}")
+
+    def security(self, agent_id: str, role: str | None = None, serves: str | None = None) -> ClientSecurity:
+        """As :meth:`Fleet.security`; a new identity reloads every running server."""
+        if role is not None and (self.store.get(agent_id) is None or self.store.get(agent_id).revoked):  # type: ignore[union-attr]
+            self.store.issue(role, agent_id, serves)
+            assert self.topology is not None
+            for server in self.topology.servers():
+                if server.running:
+                    server.reload(self.store.authorization())
+        return self.store.client_security(agent_id)
+
+
+def cluster_fleet(
+    world: TinyWorld, root: Path, pki: CredentialStore, leaves: tuple[str, ...] = ("t1", "t2")
+) -> ClusterFleet:
+    """A cluster fleet (not started: ``fleet.topology.start()``), with a leaf identity per transmitter of ``leaves``."""
+    store = fleet_store(root, pki)
+    store.ensure([("monitor", "monitor", None), *(("leaf", f"leaf-{t}", t) for t in leaves)])
+    plan = [(f"leaf-{t}", 1 + i % 2) for i, t in enumerate(leaves)]
+    return ClusterFleet(world, store, topology=store.topology(3, plan, root / "servers"))
+
+
+async def crash(agent: Agent) -> None:
+    """An in-process agent dies at once: every task cancelled, both connections' sockets aborted (the server drops its
+    subscriptions as it would for a killed process), no goodbye."""
+    agent._stopped = agent.draining = True  # noqa: SLF001 - a crash skips the orderly stop
+    for nc in (agent.pub, agent.sub):
+        if nc is not None:
+            abort(nc)
+    for task in (*agent._tasks, *agent._background):  # noqa: SLF001
+        task.cancel()
+    await asyncio.sleep(0)
+    for nc in (agent.pub, agent.sub):
+        if nc is not None:
+            await close(nc, timeout=1.0)
+    agent._executor.shutdown(wait=False, cancel_futures=True)  # noqa: SLF001
 
 
 def fleet_store(root: Path, pki: CredentialStore) -> CredentialStore:

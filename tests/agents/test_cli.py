@@ -48,12 +48,13 @@ def test_every_agent_has_help(role: str, capsys: pytest.CaptureFixture[str]) -> 
         ("transmitter", ["--model", "no/such/dir", "--nats", "nats://127.0.0.1:1", "--insecure"], "no model at"),
         ("transmitter", ["--model", "tiny-llama"], "--creds FILE is required"),
         ("transmitter", ["--model", "tiny-llama", "--creds", "/no/such.creds"], "cannot read credentials"),
+        ("gate", ["--nats", "tls://127.0.0.1:1,127.0.0.1:2"], "'127.0.0.1:2' is not a URL"),
     ],
 )
 def test_bad_input_is_one_line_and_status_2(
     role: str, argv: list[str], needle: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for var in ("FEDREFINE_MODEL", "FEDREFINE_NATS"):
+    for var in ("FEDREFINE_MODEL", "FEDREFINE_NATS", "NATS_URL"):
         monkeypatch.delenv(var, raising=False)
     assert MODULES[role].main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -71,6 +72,16 @@ def test_flags_win_over_environment_over_defaults() -> None:
     assert r.rules_only and r.model == ""
     with pytest.raises(ConfigError, match="--heartbeat-s"):
         parse_config(ReceiverConfig, "receiver", [], env={"FEDREFINE_MODEL": "m", "FEDREFINE_HEARTBEAT_S": "soon"})
+
+
+def test_several_servers_from_a_flag_or_nats_url() -> None:
+    cluster = "tls://127.0.0.1:4222, tls://127.0.0.1:4223,tls://127.0.0.1:4224"
+    g = parse_config(GateAgentConfig, "gate", ["--nats", cluster], env={})
+    assert g.nats == "tls://127.0.0.1:4222,tls://127.0.0.1:4223,tls://127.0.0.1:4224"
+    g = parse_config(GateAgentConfig, "gate", [], env={"NATS_URL": "tls://a:1,tls://b:2"})
+    assert g.nats == "tls://a:1,tls://b:2"
+    g = parse_config(GateAgentConfig, "gate", [], env={"NATS_URL": "tls://a:1", "FEDREFINE_NATS": "tls://c:3"})
+    assert g.nats == "tls://c:3"  # ours wins over the NATS tools' variable
 
 
 @pytest.mark.parametrize("role", sorted(MODULES))

@@ -89,6 +89,33 @@ def test_ctrl_c_stops_every_agent_and_the_server(tmp_path: Path) -> None:
     assert len(logs) == 7 and all("stopped" in text for text in logs.values()), logs
 
 
+@pytest.mark.slow
+def test_the_cluster_demo_answers_everything_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Three servers, a leaf node per transmitter, two gates and two rephrasers: every process stops at the end."""
+    cmd = [sys.executable, "-m", "ops.demo", "--tiny", "--cluster", "--questions", "8", "--log-dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    family: set[int] = set()
+    seen = ""
+    try:
+        end = time.monotonic() + 240
+        while "pushing" not in seen:
+            line = proc.stderr.readline()  # type: ignore[union-attr]
+            assert line or proc.poll() is None, f"demo exited early: {seen}"
+            seen += line
+            assert time.monotonic() < end, f"agents never came up: {seen}"
+        family = _descendants(proc.pid)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "answered          8/8" in out and "leaf node" in out
+    assert "leaf-t1-tiny-llama" in seen and "receiver side" in seen
+    assert len(family) >= 16  # seven nats-servers (three members, four leaves) and nine agents
+    assert not [pid for pid in family if _alive(pid)]
+    assert len(list(tmp_path.glob("*.log"))) == 9
+
+
 def test_the_report_shows_accuracy_latency_bytes_and_usage() -> None:
     setup = Setup(
         "test",

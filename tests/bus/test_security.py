@@ -75,7 +75,14 @@ def test_every_role_renders_to_allow_lists_and_the_receiver_side_alone_sees_asks
         perms = permissions_for(role, "x1", "fr", "rx" if role == "rephraser" else None)
         seen_ask = "fr.ask" in perms.subscribe or ">" in perms.subscribe
         assert seen_ask == (role in ("receiver", "admin")), role
-        assert all(s.startswith(("fr.", "_INBOX.x1.")) or s == ">" for s in perms.publish + perms.subscribe)
+        own = ("fr.", "_INBOX.x1.", "_INBOX_MONITOR.x1.", "$SRV.")
+        leaf_replies = role == "leaf" and "_INBOX_MONITOR.>" in perms.publish  # service replies to any monitor
+        assert all(
+            s.startswith(own) or s == ">"
+            for s in perms.publish + perms.subscribe
+            if not leaf_replies or s != "_INBOX_MONITOR.>"
+        )
+        assert not any(s.startswith("_INBOX.") and not s.startswith("_INBOX.x1.") for s in perms.publish), role
     with pytest.raises(ConfigError, match="no identity"):
         render_authorization([])
 
