@@ -76,6 +76,7 @@ DEFAULT_KV_GRACE_S = 2.0  # seconds past the deadline the reassembler keeps a qu
 DEFAULT_CLOSED_MEMORY = 4096  # answered query ids remembered (their late KV is ignored quietly)
 DEFAULT_RESERVE_FACTOR = 1.5  # reserve = factor x mean answer time x (answers queued + 1), at least the floor
 DEFAULT_FUSED_WINDOW = 32  # fused answers whose median time judges whether an ask is worth asking the others
+DEFAULT_FUSED_MEMORY_S = 10.0  # ... those of the last seconds only: times from a fault long mended do not shed asks
 DEFAULT_SHED_FACTOR = 2.0  # an ask answers alone when less than this x a fused answer (+ the reserve) is left
 SHED_NOTE = "too little of its deadline was left to ask the others"
 
@@ -128,7 +129,7 @@ class ReceiverAgent(Agent):
         self.answered = 0
         self._answer_s = cfg.answer_reserve_s / 4  # running mean of fuse + read time
         self._answering = 0
-        self._fused: deque[float] = deque(maxlen=DEFAULT_FUSED_WINDOW)  # recent fused answers' time, turn to reply
+        self._fused: deque[tuple[float, float]] = deque(maxlen=DEFAULT_FUSED_WINDOW)  # (when, turn-to-reply seconds)
         self.queue = AskQueue(self, self._serve, cfg.max_queued)  # asks beyond max_inflight wait their turn
         self.shed = 0  # asks answered alone for lack of time (queued, or too many being read)
         self.gates = GatePicker(cfg.trusted_gates, self.roster)  # one live gate plans each query
@@ -287,7 +288,8 @@ class ReceiverAgent(Agent):
             self.kv.forget(qid)
         self.answered += 1
         if answer.used:  # how long a fused answer takes (what an ask needs to be worth asking the others)
-            self._fused.append(time.monotonic() - t0 - q.queued_s)
+            now = time.monotonic()
+            self._fused.append((now, now - t0 - q.queued_s))
         await self.respond(msg, answer)
         if not ask.private:  # a private answer reaches the asker only
             await self.publish(self.subjects.answer(self.id, qid), answer)
@@ -298,8 +300,11 @@ class ReceiverAgent(Agent):
 
     def _fused_s(self) -> float:
         """The median time of the recent fused answers (0 before any): a slow one, waiting for a dead transmitter
-        or gate, does not move it; a receiver that is overloaded does."""
-        return statistics.median(self._fused) if self._fused else 0.0
+        or gate, does not move it; a receiver that is overloaded does. Only the last DEFAULT_FUSED_MEMORY_S count:
+        a receiver that shed every ask after a fault would otherwise never fuse again to learn it is mended."""
+        since = time.monotonic() - DEFAULT_FUSED_MEMORY_S
+        recent = [s for when, s in self._fused if when >= since]
+        return statistics.median(recent) if recent else 0.0
 
     def _reserve(self) -> float:
         return max(self.cfg.answer_reserve_s, DEFAULT_RESERVE_FACTOR * self._answer_s * (self._answering + 1))
@@ -335,7 +340,8 @@ class ReceiverAgent(Agent):
                 choice = int(probs.argmax())
                 reading = Reading(choice, tuple(float(p) for p in probs), ask.options[choice])
                 return self._reply(q, reading, {}, {}, [], notes, alone=True)
-        if q.deadline - time.monotonic() < DEFAULT_SHED_FACTOR * self._fused_s() + self._reserve():  # overloaded
+        busy = q.queued_s > 0 or len(self.open) > 1  # an idle receiver always asks: that is how it learns it may
+        if busy and q.deadline - time.monotonic() < DEFAULT_SHED_FACTOR * self._fused_s() + self._reserve():
             self.shed += 1
             waited = f"the ask waited {q.queued_s:.2f} s in the receiver's queue, and " if q.queued_s else ""
             notes.append(f"answered alone: {waited}{SHED_NOTE} ({self._answering} answers being read)")
