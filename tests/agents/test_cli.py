@@ -48,7 +48,11 @@ def test_every_agent_has_help(role: str, capsys: pytest.CaptureFixture[str]) -> 
         ("transmitter", ["--model", "no/such/dir", "--nats", "nats://127.0.0.1:1", "--insecure"], "no model at"),
         ("transmitter", ["--model", "tiny-llama"], "--creds FILE is required"),
         ("transmitter", ["--model", "tiny-llama", "--creds", "/no/such.creds"], "cannot read credentials"),
-        ("gate", ["--nats", "tls://127.0.0.1:1,127.0.0.1:2"], "'127.0.0.1:2' is not a URL"),
+        ("gate", ["--nats", "tls://127.0.0.1:1,ftp://127.0.0.1:2"], "scheme 'ftp' is not one of"),
+        ("gate", ["--nats", "127.0.0.1:99999"], "port '99999' is not 1..65535"),
+        ("receiver", ["--model", "x", "--insecure", "--fusers", "/nonexistent"], "no fusers directory at"),
+        ("gate", ["--insecure", "--gate", "/nonexistent"], "no gating network directory at"),
+        ("gate", ["--insecure", "--policy", "fastest"], "unknown policy 'fastest'"),
     ],
 )
 def test_bad_input_is_one_line_and_status_2(
