@@ -56,13 +56,14 @@ Level = Literal["debug", "info", "warning", "error"]
 C = TypeVar("C", bound="AgentConfig")
 
 
-def _existing_dir(value: str | None, what: str) -> str | None:
-    """``value`` when it names a directory (``~`` expanded); a ValueError saying so when it does not."""
+def _existing(value: str | None, what: str, directory: bool) -> str | None:
+    """``value`` (``~`` expanded) when it names a directory (or a file); a ValueError saying what is there instead."""
     if not value:
         return None
     path = Path(value).expanduser()
-    if not path.is_dir():
-        raise ValueError(f"no {what} at {str(path)!r}" + (" (it is a file)" if path.is_file() else ""))
+    if not (path.is_dir() if directory else path.is_file()):
+        there = " (it is a file)" if path.is_file() else " (it is a directory)" if path.is_dir() else ""
+        raise ValueError(f"no {what} at {str(path)!r}{there}")
     return str(path)
 
 
@@ -222,7 +223,7 @@ class ReceiverConfig(ModelAgentConfig):
     @field_validator("fusers")
     @classmethod
     def _fusers_dir(cls, value: str | None) -> str | None:
-        return _existing_dir(value, "fusers directory")
+        return _existing(value, "fusers directory", directory=True)
 
     @field_validator("gates")
     @classmethod
@@ -242,7 +243,7 @@ class GateAgentConfig(AgentConfig):
     """``python -m agents.gate``."""
 
     gate: str | None = Field(
-        default=None, description="gating network directory (fusion.gate.save_gate); none: uniform"
+        default=None, description="gating network directory (fusion.gate.save_gate: FUSERS/gate-<fp>); unset: uniform"
     )
     policy: str = Field(
         default="deadline-aware",
@@ -263,7 +264,7 @@ class GateAgentConfig(AgentConfig):
     @field_validator("gate")
     @classmethod
     def _gate_dir(cls, value: str | None) -> str | None:
-        return _existing_dir(value, "gating network directory")
+        return _existing(value, "gating network directory", directory=True)
 
     @field_validator("policy")
     @classmethod

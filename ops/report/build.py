@@ -10,12 +10,12 @@ precision against text. A missing file makes its section say how to measure it; 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from bus.cli import OneLineParser
 from bus.errors import ConfigError, FedRefineError
 from ops.report.figures import section_bandwidth, section_bytes, section_fig3a, section_fig3b, section_fig3c
 from ops.report.tables import DEFAULT_IN, DEFAULT_OUT, Data, Section, load_results, section_tables
@@ -61,7 +61,7 @@ def build_report(in_dir: Path, out_dir: Path) -> tuple[Path, list[Path]]:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: build the report, print where it is; one ``error:`` line and exit 2 on failure."""
-    parser = argparse.ArgumentParser(prog="python -m ops.report", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m ops.report", description=__doc__.splitlines()[0])
     parser.add_argument("--in", dest="in_dir", type=Path, default=DEFAULT_IN, help=f"results folder ({DEFAULT_IN})")
     parser.add_argument("--out", dest="out_dir", type=Path, default=DEFAULT_OUT, help=f"report folder ({DEFAULT_OUT})")
     args = parser.parse_args(argv)
