@@ -400,16 +400,21 @@ def read_settings_file(cls: type[AgentConfig], path: str, role: str) -> dict[str
         raise ConfigError(f"--config: cannot read {path}: {exc.strerror or exc}", path=path) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"--config: {path} is not TOML: {exc}", path=path) from exc
-    roles = ("transmitter", "receiver", "gate", "rephraser")
-    flat = {k.replace("-", "_"): v for k, v in data.items() if not isinstance(v, dict)}
-    table = data.get(role, {})
-    flat.update({k.replace("-", "_"): v for k, v in table.items()})
-    for key in [*data, *table]:
-        if isinstance(data.get(key), dict) and key not in roles:
+    roles = {"transmitter": TransmitterConfig, "receiver": ReceiverConfig, "gate": GateAgentConfig,
+             "rephraser": RephraserConfig}  # fmt: skip
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in roles:
             raise ConfigError(f"--config: {path}: unknown table [{key}] (tables: {', '.join(roles)})", path=path)
-    unknown = sorted(k for k in flat if k not in cls.model_fields)
-    if unknown:
-        raise ConfigError(f"--config: {path}: {unknown[0]!r} is not a {role} setting", path=path)
+    anyone = {name for other in roles.values() for name in other.model_fields}
+    top = {k.replace("-", "_"): v for k, v in data.items() if not isinstance(v, dict)}
+    for key in top:
+        if key not in anyone:
+            raise ConfigError(f"--config: {path}: {key!r} is no agent's setting", path=path)
+    flat = {k: v for k, v in top.items() if k in cls.model_fields}  # other roles' keys may share the file
+    for key, value in data.get(role, {}).items():
+        if key.replace("-", "_") not in cls.model_fields:
+            raise ConfigError(f"--config: {path}: {key!r} is not a {role} setting", path=path)
+        flat[key.replace("-", "_")] = value
     return flat
 
 

@@ -74,7 +74,7 @@ def test_flags_win_over_environment_over_defaults() -> None:
     assert (g.policy, g.id) == ("keep-all", "g1")
     r = parse_config(RephraserConfig, "rephraser", ["--rules-only"], env={})
     assert r.rules_only and r.model == ""
-    with pytest.raises(ConfigError, match="--heartbeat-s"):
+    with pytest.raises(ConfigError, match="FEDREFINE_HEARTBEAT_S"):
         parse_config(ReceiverConfig, "receiver", [], env={"FEDREFINE_MODEL": "m", "FEDREFINE_HEARTBEAT_S": "soon"})
 
 
