@@ -54,6 +54,7 @@ DEFAULT_MAX_DEADLINE_S = 60.0  # the longest deadline an agent honours: an ask o
 
 Level = Literal["debug", "info", "warning", "error"]
 C = TypeVar("C", bound="AgentConfig")
+S = TypeVar("S", bound=BaseSettings)
 
 
 def _existing(value: str | None, what: str, directory: bool) -> str | None:
@@ -305,6 +306,13 @@ class RephraserConfig(ModelAgentConfig):
 # ---- flags, environment and the settings file--------------------------------------------------------------
 
 
+AGENT_SETTINGS: dict[str, type[BaseSettings]] = {
+    "transmitter": TransmitterConfig,
+    "receiver": ReceiverConfig,
+    "gate": GateAgentConfig,
+    "rephraser": RephraserConfig,
+}
+
 # Which --help group each flag is listed under; a flag not named here is a "role" flag.
 GROUPS: dict[str, tuple[str, ...]] = {
     "connection": ("config", "nats", "creds", "tls_ca", "insecure", "id", "prefix", "heartbeat_s", "drain_s",
@@ -355,7 +363,7 @@ def _default_text(field: Any) -> str:
     return f"default: {field.default}"
 
 
-def build_parser(cls: type[AgentConfig], prog: str, description: str) -> argparse.ArgumentParser:
+def build_parser(cls: type[BaseSettings], prog: str, description: str) -> argparse.ArgumentParser:
     """One flag per settings field in four groups (connection, model, role, bandwidth), with default and env name."""
     parser = OneLineParser(
         prog=prog,
@@ -381,7 +389,7 @@ def build_parser(cls: type[AgentConfig], prog: str, description: str) -> argpars
     return parser
 
 
-def _env_values(cls: type[AgentConfig], env: Mapping[str, str]) -> dict[str, Any]:
+def _env_values(cls: type[BaseSettings], env: Mapping[str, str]) -> dict[str, Any]:
     """``FEDREFINE_*`` values (pydantic-settings' env source over ``env``), ``NATS_URL`` under ``FEDREFINE_NATS``."""
     source = EnvSettingsSource(cls)
     source.env_vars = {key.lower(): value for key, value in env.items()}
@@ -391,8 +399,14 @@ def _env_values(cls: type[AgentConfig], env: Mapping[str, str]) -> dict[str, Any
     return out
 
 
-def read_settings_file(cls: type[AgentConfig], path: str, role: str) -> dict[str, Any]:
-    """The values of a TOML settings file for ``role``: top-level keys, then its ``[role]`` table."""
+def read_settings_file(
+    cls: type[BaseSettings], path: str, role: str, roles: Mapping[str, type[BaseSettings]] | None = None
+) -> dict[str, Any]:
+    """The values of a TOML settings file for ``role``: top-level keys, then its ``[role]`` table.
+
+    ``roles`` are the tables a file may hold (default: the four agents); a top-level key none of them knows is an
+    error, one another role knows is left to it.
+    """
     try:
         with open(Path(path).expanduser(), "rb") as fh:
             data = tomllib.load(fh)
@@ -400,8 +414,7 @@ def read_settings_file(cls: type[AgentConfig], path: str, role: str) -> dict[str
         raise ConfigError(f"--config: cannot read {path}: {exc.strerror or exc}", path=path) from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"--config: {path} is not TOML: {exc}", path=path) from exc
-    roles = {"transmitter": TransmitterConfig, "receiver": ReceiverConfig, "gate": GateAgentConfig,
-             "rephraser": RephraserConfig}  # fmt: skip
+    roles = roles or AGENT_SETTINGS
     for key, value in data.items():
         if isinstance(value, dict) and key not in roles:
             raise ConfigError(f"--config: {path}: unknown table [{key}] (tables: {', '.join(roles)})", path=path)
@@ -418,19 +431,24 @@ def read_settings_file(cls: type[AgentConfig], path: str, role: str) -> dict[str
     return flat
 
 
-def make_config(cls: type[C], values: Mapping[str, Any], role: str, origins: Mapping[str, str] | None = None) -> C:
-    """Validate ``values`` into ``cls`` (filling a default id); any problem is one :class:`ConfigError` line.
-
-    ``origins`` names where each value came from (a flag, a variable, a file), for the message.
-    """
+def validate_settings(cls: type[S], values: Mapping[str, Any], origins: Mapping[str, str] | None = None) -> S:
+    """``values`` validated into ``cls``; any problem is one :class:`ConfigError` line naming where it came from."""
     try:
-        cfg = cls.model_validate(dict(values))
+        return cls.model_validate(dict(values))
     except ValidationError as exc:
         first = exc.errors()[0]
         name = str(first["loc"][0]) if first["loc"] else ""
         where = (origins or {}).get(name) or (_flag(name) if name else "config")
         msg = str(first["msg"]).removeprefix("Value error, ")
         raise ConfigError(f"{where}: {msg}", errors=exc.errors()) from exc
+
+
+def make_config(cls: type[C], values: Mapping[str, Any], role: str, origins: Mapping[str, str] | None = None) -> C:
+    """Validate ``values`` into ``cls`` (filling a default id); any problem is one :class:`ConfigError` line.
+
+    ``origins`` names where each value came from (a flag, a variable, a file), for the message.
+    """
+    cfg = validate_settings(cls, values, origins)
     if cfg.creds is not None:
         cfg = _identity_from_creds(cfg, role)
     if not cfg.id:
@@ -456,6 +474,30 @@ def _identity_from_creds(cfg: C, role: str) -> C:
     return cfg
 
 
+def settings_values(
+    cls: type[BaseSettings],
+    role: str,
+    argv: Sequence[str] | None,
+    env: Mapping[str, str],
+    parser: argparse.ArgumentParser,
+    roles: Mapping[str, type[BaseSettings]] | None = None,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The values of ``cls``'s fields and where each came from: flags over ``FEDREFINE_*`` over the settings file."""
+    args = vars(parser.parse_args(argv))
+    config_file = args.pop("config") or env.get(CONFIG_ENV) or None
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    layers: list[tuple[dict[str, Any], Callable[[str], str]]] = []
+    if config_file:
+        layers.append((read_settings_file(cls, config_file, role, roles), lambda k: f"--config {config_file}: {k}"))
+    layers.append((_env_values(cls, env), lambda k: ENV_PREFIX + k.upper()))
+    layers.append(({k: v for k, v in args.items() if v is not None}, _flag))
+    for layer, origin in layers:
+        values.update(layer)
+        origins.update({key: origin(key) for key in layer})
+    return values, origins
+
+
 def parse_config(
     cls: type[C],
     role: str,
@@ -464,18 +506,6 @@ def parse_config(
     description: str = "",
 ) -> C:
     """Flags (``argv``) over ``FEDREFINE_*`` variables (``env``, default ``os.environ``) over the settings file."""
-    env = os.environ if env is None else env
     parser = build_parser(cls, f"python -m agents.{role}", description)
-    args = vars(parser.parse_args(argv))
-    config_file = args.pop("config") or env.get(CONFIG_ENV) or None
-    values: dict[str, Any] = {}
-    origins: dict[str, str] = {}
-    layers: list[tuple[dict[str, Any], Callable[[str], str]]] = []
-    if config_file:
-        layers.append((read_settings_file(cls, config_file, role), lambda k: f"--config {config_file}: {k}"))
-    layers.append((_env_values(cls, env), lambda k: ENV_PREFIX + k.upper()))
-    layers.append(({k: v for k, v in args.items() if v is not None}, _flag))
-    for layer, origin in layers:
-        values.update(layer)
-        origins.update({key: origin(key) for key in layer})
+    values, origins = settings_values(cls, role, argv, os.environ if env is None else env, parser)
     return make_config(cls, values, role, origins)

@@ -202,3 +202,13 @@ async def test_short_model_calls_run_on_the_event_loop_and_long_ones_on_the_comp
     assert agent.computed == {"thread": 3, "loop": 2}
     never = Agent(make_config(AgentConfig, {"inline_compute_ms": 0.0, "insecure": True}, "gate"))
     assert [await never.compute(where) == loop_thread for _ in range(2)] == [False, False]
+
+
+@pytest.mark.parametrize("deadline_s", [0.001, 0.2])
+async def test_a_short_deadline_never_reports_a_negative_wait(fleet: Fleet, deadline_s: float) -> None:
+    """A deadline shorter than the receiver's answer reserve leaves no time for a plan: the note says so."""
+    await fleet.standard()
+    reply = await fleet.ask(QUESTIONS[1], deadline_s=deadline_s)
+    assert isinstance(reply, Answer), reply
+    assert not any("within -" in note for note in reply.notes), reply.notes
+    assert any("leaves no time to wait for a plan" in note for note in reply.notes), reply.notes
