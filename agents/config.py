@@ -303,7 +303,7 @@ class RephraserConfig(ModelAgentConfig):
         return value
 
 
-# ---- flags, environment and the settings file--------------------------------------------------------------
+# ---- flags, environment and the settings file -----------------------------------------------------------------
 
 
 AGENT_SETTINGS: dict[str, type[BaseSettings]] = {
