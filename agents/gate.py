@@ -251,7 +251,7 @@ class GateAgent(Agent):
         listed = listed_fusers(state.query.fusers)
         receiver = self.roster.get("receiver", state.query.receiver_id)
         if listed is None and receiver is not None:
-            listed = listed_fusers(receiver.presence.capabilities)
+            listed = listed_fusers(receiver.presence.fusers)
         plan = build_plan(
             state.query,
             state.offers,

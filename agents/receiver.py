@@ -50,6 +50,7 @@ from bus.schemas import (
     Answer,
     Ask,
     ErrorReply,
+    FuserSpec,
     Offer,
     Omission,
     Plan,
@@ -136,8 +137,12 @@ class ReceiverAgent(Agent):
         self.roster.listen(self._on_roster)
 
     def capabilities(self) -> tuple[str, ...]:
-        """``answer``, and the transmitter models it can fuse (so the gate never plans the others)."""
-        return ("answer", *self.book.capabilities())
+        """It answers."""
+        return ("answer",)
+
+    def fusers(self) -> tuple[FuserSpec, ...] | None:
+        """The transmitter models it can fuse (so the gate never plans the others)."""
+        return self.book.specs()
 
     def counters(self) -> dict[str, Any]:
         """Asks, how they were answered, and the queue (``agents.service``)."""
@@ -357,7 +362,7 @@ class ReceiverAgent(Agent):
             text=text,
             options=ask.options,
             deadline_unix=q.deadline_unix,
-            fusers=self.book.capabilities(),
+            fusers=self.book.specs(),
             gates=q.gates,
         )
         q.digest = digest_of(query)

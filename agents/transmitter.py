@@ -165,7 +165,6 @@ class TransmitterAgent(Agent):
             n_layers=cache.num_layers,
             kv_heads=cache.kv_heads,
             head_dim=cache.head_dim,
-            bytes_per_layer=2 * cache.kv_heads * cache.num_tokens * cache.head_dim * 2,
             summary=summary.summary,
             confidence=min(1.0, max(0.0, 1.0 - summary.p_none)),
             link_rate_bps=self.link.usable_rate_bps,
