@@ -44,7 +44,7 @@ from agents.roster import DEFAULT_MAX_SKEW_S
 from bus import connect as busconn
 from bus.errors import CodecError, FedRefineError, SchemaError
 from bus.inline import encode_inline, inline_bytes
-from bus.linkest import LinkEstimator
+from bus.linkest import MBPS, LinkEstimator
 from bus.schemas import InlineKV, Offer, Plan, PlanEntry, Query, digest_of
 from bus.shaper import LinkShaper
 from bus.transport import send_cache
@@ -59,7 +59,6 @@ DEFAULT_SEND_GRACE_S = 1.0  # seconds past the deadline a stream may still run b
 DEFAULT_MAX_HOLD_S = 30.0  # seconds a prefill waits for its plan at most, whatever the deadline
 DEFAULT_MAX_PENDING = 256  # prefills waiting for a plan at once
 DEFAULT_MAX_PENDING_PER_RECEIVER = 64  # ... of which from one receiver
-MBPS = 1_000_000.0  # bytes per second in one MB/s (--link-mbps is megabytes per second)
 INLINE_PRECISION = "fp16"  # what a cache inside an offer is cast to (the gate's choice on an ample link)
 
 
