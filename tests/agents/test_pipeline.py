@@ -10,6 +10,7 @@ import pytest
 from bus.connect import close
 from bus.schemas import Answer
 from fusion.gate import load_gate
+from fusion.prompts import LETTERS
 from fusion.refine import refine
 from tests.agents.conftest import QUESTIONS, Fleet
 
@@ -23,7 +24,7 @@ async def test_end_to_end_answer_with_provenance(fleet: Fleet) -> None:
     await fleet.standard()
     q = QUESTIONS[1]
     a = _answer(await fleet.ask(q))
-    assert a.choice in "ABCD" and a.text == f"{a.choice}) {q.options['ABCD'.index(a.choice)]}"
+    assert a.choice in set(LETTERS) and a.text == f"{a.choice}) {q.options[LETTERS.index(a.choice)]}"
     assert {u.transmitter_id for u in a.used} | {o.transmitter_id for o in a.omitted} == {"t1", "t2"}
     for use in a.used:
         assert use.layers and use.bytes > 0 and use.precision == "fp16"
