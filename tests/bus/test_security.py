@@ -139,7 +139,8 @@ async def test_each_identity_may_publish_and_read_only_its_own(secure) -> None:
             await nc.flush()
         await eventually(
             lambda: (
-                (watch["t1"].violations("publish"), watch["t1"].violations("subscription")) >= (5, 2)
+                watch["t1"].violations("publish") >= 5
+                and watch["t1"].violations("subscription") >= 2
                 and watch["gate"].violations("publish") >= 1
                 and watch["gate"].violations("subscription") >= 2
                 and watch["alice"].violations("subscription") >= 1
