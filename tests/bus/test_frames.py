@@ -151,7 +151,7 @@ def test_payloads_are_views_of_the_tensor() -> None:
     assert bytes(chunk_k.payload[:2]) == k.view(-1)[:1].numpy().tobytes()
 
 
-def test_duplicate_index_with_other_payload_is_a_conflict_even_with_equal_chunk_crc() -> None:
+def test_duplicate_index_with_other_payload_is_a_conflict_even_with_equal_chunk_hash() -> None:
     """Exact duplicates are judged on the chunk checksum *and* the 64-bit payload digest."""
     frames = _frames()
     reasm = Reassembler()
@@ -159,7 +159,7 @@ def test_duplicate_index_with_other_payload_is_a_conflict_even_with_equal_chunk_
     reasm.add(chunk)
     other = bytearray(chunk.payload)
     other[0] ^= 1
-    forged = Chunk(chunk.header, memoryview(bytes(other)), payload_hash(other))  # as if chunk_crc collided
+    forged = Chunk(chunk.header, memoryview(bytes(other)), payload_hash(other))  # as if chunk_hash collided
     with pytest.raises(ChunkError) as info:
         reasm.add(forged)
     assert info.value.reason == "conflict"
