@@ -14,6 +14,11 @@ with its digest, receiver and deadline; an ask beyond ``--max-deadline-s`` is re
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # flags first: --help and a bad flag answer before torch is imported
+    from agents.cli import main
+
+    raise SystemExit(main("receiver"))
+
 import asyncio
 import logging
 import statistics
@@ -26,10 +31,9 @@ from typing import Any
 import nats
 from nats.aio.msg import Msg
 
-from agents import tracing
+from agents import cli, tracing
 from agents.askqueue import AskQueue
 from agents.base import Agent, decode
-from agents.cli import run_agent
 from agents.config import ReceiverConfig
 from agents.fuserbook import FuserBook
 from agents.gatepick import GatePicker
@@ -340,8 +344,14 @@ class ReceiverAgent(Agent):
                 self.gates.missed(q.gates)  # it had its full time: the gate is suspect (not when our reserve cut it)
             which = f"the gate ({', '.join(q.gates)})" if q.gates else "the gate"
             alive = "" if self.gates.live() else "; no gate is heartbeating"
-            waited = q.elapsed() if q.gate_gone else plan_until - q.t0
-            q.notes.append(f"no plan from {which} within {waited:.2f} s (gate down?){alive}; answered alone")
+            if plan_until <= q.t0 and not q.gate_gone:  # the reserve took the whole deadline: nothing to wait for
+                q.notes.append(
+                    f"the deadline ({q.ask.deadline_s:.3f} s) leaves no time to wait for a plan "
+                    f"({self._reserve():.2f} s kept to answer); answered alone"
+                )
+            else:
+                waited = q.elapsed() if q.gate_gone else plan_until - q.t0
+                q.notes.append(f"no plan from {which} within {waited:.2f} s (gate down?){alive}; answered alone")
             return
         await self.tracer.emit(q.query_id, "plan", count=len(q.plan.entries), ms=1000 * q.elapsed())
 
@@ -446,8 +456,4 @@ class ReceiverAgent(Agent):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m agents.receiver``."""
-    return run_agent("receiver", ReceiverConfig, ReceiverAgent, argv, __doc__.splitlines()[0])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return cli.main("receiver", argv)

@@ -6,24 +6,20 @@ PATH is what ``--model`` takes: a ``.gguf`` file, a Hugging Face directory, or a
 
 from __future__ import annotations
 
-import argparse
 import sys
+from collections.abc import Sequence
+
+from bus.cli import OneLineParser
 
 DTYPES = ("float32", "bfloat16", "float16")  # fusion.models.DTYPES: the fingerprint samples weights as loaded
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line and status 2, not a usage dump
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Parse the flags, load the checkpoint on the CPU, print its fingerprint."""
-    p = _Parser(prog="python -m fusion.fingerprint", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m fusion.fingerprint", description=__doc__.splitlines()[0])
     p.add_argument("model", help="a .gguf file, a Hugging Face checkpoint directory, or a tiny model name")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype the agent loads it in (float32)")
-    args = p.parse_args(argv)
+    args = p.parse_args(list(argv) if argv is not None else None)
     from bus.errors import FedRefineError  # torch and transformers load only after the flags are good
     from fusion.models import LanguageModel
 
