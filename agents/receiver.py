@@ -352,8 +352,8 @@ class ReceiverAgent(Agent):
             else:
                 waited = q.elapsed() if q.gate_gone else plan_until - q.t0
                 q.notes.append(f"no plan from {which} within {waited:.2f} s (gate down?){alive}; answered alone")
-            return
-        await self.tracer.emit(q.query_id, "plan", count=len(q.plan.entries), ms=1000 * q.elapsed())
+        if q.plan is not None:  # (also one that came as the wait ran out: it is still used)
+            await self.tracer.emit(q.query_id, "plan", count=len(q.plan.entries), ms=1000 * q.elapsed())
 
     async def _await_streams(self, q: OpenQuery) -> None:
         """Until every planned layer arrived or its sender left, or the answer reserve is all that is left; each
