@@ -49,7 +49,7 @@ from agents.roster import Roster
 from agents.service import AgentService, LatencyWindow, agent_stats
 from bus import connect as busconn
 from bus.errors import AgentError, FedRefineError, SchemaError
-from bus.schemas import ErrorReply, Goodbye, Message, Presence, decode_message
+from bus.schemas import ErrorReply, FuserSpec, Goodbye, Message, Presence, decode_message
 from bus.subjects import Subjects
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,10 @@ class Agent:
     def capabilities(self) -> tuple[str, ...]:
         """What this agent advertises in its heartbeats."""
         return ()
+
+    def fusers(self) -> tuple[FuserSpec, ...] | None:
+        """The fusers it lists in its heartbeats (a receiver's; None: none listed)."""
+        return None
 
     def counters(self) -> dict[str, Any]:
         """Role counters for the stats (``agents.service``): counts and sizes, never a question or an answer."""
@@ -377,6 +381,7 @@ class Agent:
             agent_id=self.id,
             model_fingerprint=self.model_fingerprint,
             capabilities=self.capabilities(),
+            fusers=self.fusers(),
             load=float(self.load),
             link_rate_bps=self.link_rate_bps,
             rtt_s=self.rtt_s,

@@ -26,18 +26,16 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDic
 
 from bus.auth import ClientSecurity, read_creds
 from bus.cli import DEFAULT_NATS_URL, NATS_HELP, NATS_URL_ENV, OneLineParser, nats_servers
+from bus.connect import DEFAULT_CONNECT_RETRIES
 from bus.errors import AuthError, ConfigError
 from bus.policy import ALIASES, POLICIES
-from bus.schemas import MAX_HEARTBEAT_S, MAX_INLINE_BYTES, PRECISIONS, validate_id
+from bus.schemas import DEFAULT_HEARTBEAT_S, MAX_HEARTBEAT_S, MAX_INLINE_BYTES, PRECISIONS, validate_id
 from bus.subjects import DEFAULT_PREFIX, Subjects
 from fusion.notes import DEFAULT_TOP_K
 
 ENV_PREFIX = "FEDREFINE_"
 CONFIG_ENV = "FEDREFINE_CONFIG"  # the TOML settings file when --config is not given
-DEFAULT_HEARTBEAT_S = 1.0  # seconds between presence heartbeats
-DEFAULT_EXPIRY_BEATS = 3.0  # an agent is gone after this many heartbeat intervals of silence
 DEFAULT_DRAIN_S = 10.0  # seconds a stopping agent waits for its in-flight work
-DEFAULT_CONNECT_RETRIES = 5  # first-connection attempts before an agent gives up
 DEFAULT_BACKOFF_MAX_S = 2.0  # longest wait between reconnect attempts (exponential from 0.1 s)
 DEFAULT_MAX_CONTROL_BYTES = 256 * 1024  # a control message (JSON) larger than this is rejected unread
 DEFAULT_OFFER_SHARE = 0.3  # gate: share of the time left it waits for offers from live transmitters

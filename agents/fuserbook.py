@@ -1,7 +1,8 @@
 """The receiver's fusers: which transmitter models it can fuse, loaded on first use, and how it says so.
 
 Fusers come from a ``fusion.registry.FuserRegistry`` directory (rescanned on every heartbeat, so a fuser
-trained while the receiver runs is used from the next query on) or are handed in directly (tests).
+trained while the receiver runs is used from the next query on) or are handed in directly (tests). The list
+travels as typed ``bus.schemas.FuserSpec`` entries in the receiver's heartbeats and queries.
 """
 
 from __future__ import annotations
@@ -11,16 +12,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from bus.errors import FuserError
+from bus.schemas import MAX_FUSERS, FuserSpec
 from fusion.c2c import transmitter_tail
 from fusion.fuser import PairFuser
 from fusion.registry import FuserRegistry
 
 log = logging.getLogger(__name__)
-
-FUSERS_CAPABILITY = "fusers"  # a receiver that lists its fusers says so with this capability
-FUSER_PREFIX = "fuser:"  # then one capability per transmitter fingerprint it can fuse
-TAIL_MARK = "@"  # "fuser:<fp>@<n>": that fuser reads only the transmitter's last n tokens (plain: the whole cache)
-MAX_FUSER_CAPABILITIES = 60  # more pairs than this are not listed in heartbeats (the gate then plans them all)
 
 
 class FuserBook:
@@ -50,27 +47,21 @@ class FuserBook:
                 return None
         return self.loaded.get(fingerprint)
 
-    def capabilities(self) -> tuple[str, ...]:
-        """``fusers`` and one ``fuser:<fp>[@<tail>]`` per pair (none when there are too many to list)."""
+    def specs(self) -> tuple[FuserSpec, ...] | None:
+        """One :class:`FuserSpec` per pair (None when there are too many to list: the gate then plans everyone)."""
         fps = self.fingerprints()
-        if len(fps) > MAX_FUSER_CAPABILITIES:
-            return ()
-        listed = []
+        if len(fps) > MAX_FUSERS:
+            return None
+        specs = []
         for fp in fps:
             fuser = self.get(fp)
             tail = transmitter_tail(fuser) if fuser is not None else None
-            listed.append(FUSER_PREFIX + fp + (f"{TAIL_MARK}{tail}" if tail else ""))
-        return (FUSERS_CAPABILITY, *listed)
+            specs.append(FuserSpec(transmitter_fingerprint=fp, tail_tokens=tail or None))
+        return tuple(specs)
 
 
-def listed_fusers(capabilities: Sequence[str]) -> dict[str, int | None] | None:
-    """A receiver's heartbeat capabilities -> {transmitter fingerprint: tail tokens or None}; None if it lists none."""
-    if FUSERS_CAPABILITY not in capabilities:
+def listed_fusers(specs: Sequence[FuserSpec] | None) -> dict[str, int | None] | None:
+    """A receiver's fuser list -> {transmitter fingerprint: tail tokens or None}; None if it lists none."""
+    if specs is None:
         return None
-    out: dict[str, int | None] = {}
-    for cap in capabilities:
-        if not cap.startswith(FUSER_PREFIX):
-            continue
-        fp, _, tail = cap.removeprefix(FUSER_PREFIX).partition(TAIL_MARK)
-        out[fp] = int(tail) if tail.isdigit() and int(tail) > 0 else None
-    return out
+    return {spec.transmitter_fingerprint: spec.tail_tokens for spec in specs}

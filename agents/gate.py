@@ -39,6 +39,7 @@ from agents.fuserbook import listed_fusers
 from agents.planning import build_plan, build_policy
 from agents.roster import DEFAULT_MAX_SKEW_S, Member
 from bus.errors import SchemaError
+from bus.linkest import MBPS
 from bus.schemas import Offer, Query, digest_of
 from fusion.gate import GateNetwork, load_gate
 
@@ -51,7 +52,6 @@ DEFAULT_MAX_MISSES = 2  # queries in a row a live transmitter may not offer on b
 DEFAULT_MAX_OPEN_PER_RECEIVER = 64  # queries of one receiver collecting offers at once
 DEFAULT_PLANNED_MEMORY = 4096  # recently planned query ids remembered (late offers are recognised, not warned)
 DEFAULT_WARMUP_BEATS = 2.0  # heartbeat intervals after its start a gate that knows no transmitter waits for offers
-MBPS = 1_000_000.0  # bytes per second in one MB/s (rates in flags and configs are megabytes per second)
 
 
 @dataclass
@@ -255,7 +255,7 @@ class GateAgent(Agent):
         listed = listed_fusers(state.query.fusers)
         receiver = self.roster.get("receiver", state.query.receiver_id)
         if listed is None and receiver is not None:
-            listed = listed_fusers(receiver.presence.capabilities)
+            listed = listed_fusers(receiver.presence.fusers)
         plan = build_plan(
             state.query,
             state.offers,

@@ -138,23 +138,8 @@ def build_plan(
 ) -> Plan:
     """The plan for ``query`` from the offers that arrived (by transmitter id); see the module docstring."""
     now = time.time() if now_unix is None else now_unix
-    omitted: list[Omission] = []
-    usable: dict[str, Offer] = {}
-    for tid in sorted(offers):
-        offer = offers[tid]
-        if fusable(offer):
-            usable[tid] = offer
-        else:
-            detail = f"receiver {query.receiver_id} has no fuser for model {offer.model_fingerprint}"
-            omitted.append(Omission(transmitter_id=tid, reason="no_fuser", detail=detail))
-    scores = {}
-    if usable:
-        summaries = {tid: offer_summary(o) for tid, o in usable.items()}
-        try:
-            scores = score_offers(summaries, gate)
-        except FusionError as exc:
-            log.warning("gate network cannot score query %s (%s); using uniform weights", query.query_id, exc)
-            scores = score_offers(summaries, None)
+    usable, omitted = _fusable_offers(query, offers, fusable)
+    scores = _scores(query, usable, gate)
     entries: list[PlanEntry] = []
     time_left = query.deadline_unix - now
     for tid, offer in usable.items():
@@ -169,20 +154,8 @@ def build_plan(
             continue
         rate = offer.link_rate_bps or (rates or {}).get(tid) or assumed_rate_bps
         rtt = offer.rtt_s if offer.rtt_s is not None else (rtts or {}).get(tid, 0.0)
-        item = _entry(
-            tid,
-            offer,
-            score.weight,
-            score.layer_importance,
-            layers,
-            policy,
-            rate,
-            time_left,
-            precision,
-            reserve_s,
-            rtt,
-            tail(offer),
-        )
+        args = (score.weight, score.layer_importance, layers, policy, rate, time_left, precision, reserve_s, rtt)
+        item = _entry(tid, offer, *args, tail(offer))
         (entries if isinstance(item, PlanEntry) else omitted).append(item)  # type: ignore[arg-type]
     for tid in sorted(set(expected) - set(offers)):
         detail = f"no offer within {window_s:.2f} s" if math.isfinite(window_s) else "no offer"
@@ -195,3 +168,31 @@ def build_plan(
         entries=tuple(entries),
         omitted=tuple(omitted[:256]),
     )
+
+
+def _fusable_offers(
+    query: Query, offers: Mapping[str, Offer], fusable: Callable[[Offer], bool]
+) -> tuple[dict[str, Offer], list[Omission]]:
+    """The offers the receiver has a fuser for (by transmitter id, sorted), and the others as ``no_fuser``."""
+    usable: dict[str, Offer] = {}
+    omitted: list[Omission] = []
+    for tid in sorted(offers):
+        offer = offers[tid]
+        if fusable(offer):
+            usable[tid] = offer
+        else:
+            detail = f"receiver {query.receiver_id} has no fuser for model {offer.model_fingerprint}"
+            omitted.append(Omission(transmitter_id=tid, reason="no_fuser", detail=detail))
+    return usable, omitted
+
+
+def _scores(query: Query, usable: Mapping[str, Offer], gate: GateNetwork | None) -> dict:
+    """The gating network's weight and layer importance per offer (uniform when it cannot score them)."""
+    if not usable:
+        return {}
+    summaries = {tid: offer_summary(o) for tid, o in usable.items()}
+    try:
+        return score_offers(summaries, gate)
+    except FusionError as exc:
+        log.warning("gate network cannot score query %s (%s); using uniform weights", query.query_id, exc)
+        return score_offers(summaries, None)

@@ -48,7 +48,7 @@ from agents.roster import DEFAULT_MAX_SKEW_S
 from bus import connect as busconn
 from bus.errors import CodecError, FedRefineError, SchemaError
 from bus.inline import encode_inline, inline_bytes
-from bus.linkest import LinkEstimator
+from bus.linkest import MBPS, LinkEstimator
 from bus.schemas import InlineKV, Offer, Plan, PlanEntry, Query, digest_of
 from bus.shaper import LinkShaper
 from bus.transport import send_cache
@@ -63,7 +63,6 @@ DEFAULT_SEND_GRACE_S = 1.0  # seconds past the deadline a stream may still run b
 DEFAULT_MAX_HOLD_S = 30.0  # seconds a prefill waits for its plan at most, whatever the deadline
 DEFAULT_MAX_PENDING = 256  # prefills waiting for a plan at once
 DEFAULT_MAX_PENDING_PER_RECEIVER = 64  # ... of which from one receiver
-MBPS = 1_000_000.0  # bytes per second in one MB/s (--link-mbps is megabytes per second)
 INLINE_PRECISION = "fp16"  # what a cache inside an offer is cast to (the gate's choice on an ample link)
 
 
@@ -169,7 +168,6 @@ class TransmitterAgent(Agent):
             n_layers=cache.num_layers,
             kv_heads=cache.kv_heads,
             head_dim=cache.head_dim,
-            bytes_per_layer=2 * cache.kv_heads * cache.num_tokens * cache.head_dim * 2,
             summary=summary.summary,
             confidence=min(1.0, max(0.0, 1.0 - summary.p_none)),
             link_rate_bps=self.link.usable_rate_bps,

@@ -3,13 +3,13 @@
 A cache is a mapping ``{layer_index: (K, V)}`` of tensors ``(B, kv_heads, T, head_dim)``; any subset of
 layers is a valid message. Per tensor: the format (``bus.quant``) gives byte sections, optionally
 byte-shuffled and LZ4-compressed into one blob, which ``bus.frames`` splits into sealed chunk frames.
-The receiving side is ``bus.reassembler.Reassembler``.
+The receiving side is ``bus.reassembler`` (``Reassembler``, ``decode_frames``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import lz4.frame
@@ -283,20 +283,3 @@ def check_layers(layers: Layers) -> None:
             raise CodecError(f"layer index {layer!r} must be an int in 0..{MAX_LAYER_INDEX}", reason="range")
         if not isinstance(kv, tuple | list) or len(kv) != 2:
             raise CodecError(f"layer {layer} must be a (K, V) pair")
-
-
-def decode_frames(frames: Iterable[Buffer], out_dtype: torch.dtype = torch.float32) -> dict[int, KVPair]:
-    """Reassemble the frames of one (query, sender) cache in any order; return its complete layers."""
-    from bus.reassembler import Reassembler  # the reassembler builds on this module
-
-    reasm = Reassembler(out_dtype=out_dtype)
-    keys = set()
-    for frame in frames:
-        for done in reasm.feed(frame):
-            keys.add((done.query_id, done.sender))
-    if len(keys) > 1:
-        raise CodecError(f"frames of {len(keys)} different (query, sender) streams given to decode_frames")
-    if not keys:
-        return {}
-    query_id, sender = keys.pop()
-    return reasm.completed(query_id, sender)

@@ -34,7 +34,7 @@ class _QuietTLSClose(logging.Filter):
 
 logging.getLogger("asyncio").addFilter(_QuietTLSClose())
 
-DEFAULT_CONNECT_RETRIES = 3  # attempts before giving up on the first connection
+DEFAULT_CONNECT_RETRIES = 5  # attempts before giving up on the first connection (agents: --connect-retries)
 DEFAULT_RETRY_WAIT = 0.2  # seconds between first-connection attempts
 DEFAULT_CONNECT_TIMEOUT = 2.0  # seconds per TCP attempt
 DEFAULT_MAX_RECONNECT_ATTEMPTS = 60  # after a connection was up; -1 = forever

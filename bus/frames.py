@@ -4,17 +4,13 @@ A NATS message carries one or more whole frames back to back and nothing else (n
 the server checks against ``max_payload`` is exactly the frames' length; a frame's own length follows
 from its header (:func:`read_frames` walks a message, :func:`read_frame` reads a message of one).
 
-Frame version 3 has a fixed binary header (64 bytes of big-endian fields, the two ids, zero padding so the
-payload starts 16-aligned: about 110 bytes in all); version 2 carried the same fields as JSON (about 400
-bytes), which outweighed the payload of the small tensors a transmitter sends when only the last tokens
-travel. The fields and their checksums are unchanged from version 2 (docs/PROTOCOL.md section 6 is the
-byte-level spec). Checksums use xxHash (XXH3, 64-bit), chained so every payload byte is hashed once on each
-side; each header field keeps the low 32 bits (``bus.schemas.Crc`` is a 32-bit field):
+Frame version 4: a fixed binary header (64 bytes of big-endian fields, the two ids, zero padding so the
+payload starts 16-aligned), checksums with xxHash (XXH3, 64-bit), chained so every payload byte is hashed
+once on each side; each header field keeps the low 32 bits. docs/PROTOCOL.md section 6 is the byte-level spec.
 
-- ``payload_hash = xxh3_64(payload)``; ``chunk_crc = low32(xxh3_64(header seed, seed=payload_hash))``:
-  the payload and every other header field, so a flipped payload bit *or* a mutated header field fails
-  the chunk check;
-- ``blob_crc = low32(xxh3_64(payload_hash_0 .. payload_hash_n-1 as 8-byte words, seed=xxh3_64(identity)))``:
+- ``payload_hash = xxh3_64(payload)``; ``chunk_hash = low32(xxh3_64(header bytes with chunk_hash zeroed,
+  seed=payload_hash))``: a flipped payload bit *or* a mutated header byte fails the chunk check;
+- ``blob_hash = low32(xxh3_64(payload_hash_0 .. payload_hash_n-1 as 8-byte words, seed=xxh3_64(identity)))``:
   the whole tensor blob, chunk by chunk in order, bound to (query, sender, layer, tensor), so a chunk
   misplaced, swapped between tensors or re-signed after a payload change fails at reassembly.
 
@@ -37,17 +33,18 @@ from bus.schemas import ID_PATTERN, KVChunkHeader
 from bus.schemas import KV_SCHEMA_VERSION as SCHEMA_VERSION
 
 MAGIC = b"FRKV"
-FRAME_VERSION = 3  # 1: CRC-32 checksums, u32 header length; 2: xxh3_64 checksums, JSON header; 3: binary header
+FRAME_VERSION = 4  # 3: the chunk checksum hashed a Python-formatted text of the fields; 4: the header bytes
 PREFIX = struct.Struct(">4sBBH")  # magic, frame version, reserved (0), header length in bytes
 PAYLOAD_ALIGN = 16  # bytes; payload offset within the frame
 MAX_ID_BYTES = 64  # query ids and sender ids (bus.schemas.ID_PATTERN)
 # schema_version, tensor, layer, precision, dtype, scale_axis, scale_dtype, shuffle, compression, layers_total,
-# chunk, n_chunks, chunk_size, shape[4], raw_bytes, blob_bytes, chunk_crc, blob_crc; then u8 length + query_id,
+# chunk, n_chunks, chunk_size, shape[4], raw_bytes, blob_bytes, chunk_hash, blob_hash; then u8 length + query_id,
 # u8 length + sender, zero padding
 FIELDS = struct.Struct(">BBHBBBBBBHIII4IQQII")
 MAX_HEADER_BYTES = FIELDS.size + 2 + 2 * MAX_ID_BYTES + PAYLOAD_ALIGN  # a longer header is malformed
 MIN_CHUNK_BYTES = 1024  # a max_payload leaving less than this per chunk is refused
-CHECKSUM_MASK = 0xFFFFFFFF  # header checksum fields (bus.schemas.Crc) carry the low 32 bits of an xxh3_64 digest
+CHECKSUM_MASK = 0xFFFFFFFF  # header hash fields (bus.schemas.Hash32) carry the low 32 bits of an xxh3_64 digest
+CHUNK_HASH_AT = 56  # offset of chunk_hash in the header (zeroed while it is computed)
 
 # one byte per enumerated field: the code is the value's position in its tuple
 TENSORS = ("k", "v")
@@ -80,7 +77,7 @@ class Chunk:
 
 @dataclass(frozen=True)
 class SealedChunk:
-    """A sealed chunk not yet framed: the frame's head (prefix and padded header JSON) and its payload."""
+    """A sealed chunk not yet framed: the frame's head (prefix and padded header) and its payload."""
 
     head: bytes
     payload: memoryview
@@ -127,24 +124,27 @@ def payload_hash(payload: Buffer) -> int:
 
 
 def identity_seed(query_id: str, sender: str, layer: int, tensor: str) -> bytes:
-    """Bytes that start ``blob_crc``, so a blob cannot pass as another layer's, tensor's or sender's."""
+    """Bytes that start ``blob_hash``, so a blob cannot pass as another layer's, tensor's or sender's."""
     return f"{SCHEMA_VERSION}|{query_id}|{sender}|{layer}|{tensor}".encode()
 
 
-def blob_crc(payload_hashes: list[int], seed: bytes) -> int:
+def blob_hash(payload_hashes: list[int], seed: bytes) -> int:
     """Low 32 bits of XXH3 over a tensor's chunk payload digests in order, seeded by ``seed``'s digest."""
     words = struct.pack(f">{len(payload_hashes)}Q", *payload_hashes)
     return xxhash.xxh3_64_intdigest(words, seed=xxhash.xxh3_64_intdigest(seed)) & CHECKSUM_MASK
 
 
-def chunk_crc(header: KVChunkHeader, payload_digest: int) -> int:
-    """Low 32 bits of XXH3 over every header field but ``chunk_crc``, seeded by the payload's digest."""
-    return xxhash.xxh3_64_intdigest(header.crc_seed(), seed=payload_digest) & CHECKSUM_MASK
+def chunk_hash(header_bytes: Buffer, payload_digest: int) -> int:
+    """Low 32 bits of XXH3 over the header bytes (``chunk_hash`` zeroed), seeded by the payload's digest."""
+    view = memoryview(header_bytes).cast("B")
+    zeroed = b"".join((view[:CHUNK_HASH_AT], bytes(4), view[CHUNK_HASH_AT + 4 :]))
+    return xxhash.xxh3_64_intdigest(zeroed, seed=payload_digest) & CHECKSUM_MASK
 
 
 def seal(header: KVChunkHeader, payload_digest: int) -> KVChunkHeader:
-    """Return ``header`` with ``chunk_crc`` set for a payload whose :func:`payload_hash` is ``payload_digest``."""
-    return header.model_copy(update={"chunk_crc": chunk_crc(header, payload_digest)})
+    """Return ``header`` with ``chunk_hash`` set for a payload whose :func:`payload_hash` is ``payload_digest``."""
+    head = frame_head(header)
+    return header.model_copy(update={"chunk_hash": chunk_hash(head[PREFIX.size :], payload_digest)})
 
 
 def frame_overhead(query_id: str, sender: str) -> int:
@@ -186,13 +186,21 @@ def frame_head(header: KVChunkHeader) -> bytes:
         *h.shape,
         h.raw_bytes,
         h.blob_bytes,
-        h.chunk_crc,
-        h.blob_crc,
+        h.chunk_hash,
+        h.blob_hash,
     )
     qid, sender = h.query_id.encode(), h.sender.encode()
     head = b"".join((fixed, bytes((len(qid),)), qid, bytes((len(sender),)), sender))
     head += bytes(-(PREFIX.size + len(head)) % PAYLOAD_ALIGN)  # receivers view tensors in place
     return PREFIX.pack(MAGIC, FRAME_VERSION, 0, len(head)) + head
+
+
+def _sealed_head(header: KVChunkHeader, payload_digest: int) -> bytes:
+    """:func:`frame_head` of ``header`` with its ``chunk_hash`` computed and written in place."""
+    head = bytearray(frame_head(header.model_copy(update={"chunk_hash": 0})))
+    at = PREFIX.size + CHUNK_HASH_AT
+    head[at : at + 4] = chunk_hash(memoryview(head)[PREFIX.size :], payload_digest).to_bytes(4, "big")
+    return bytes(head)
 
 
 def build_frame(header: KVChunkHeader, payload: Buffer) -> bytes:
@@ -204,7 +212,7 @@ def seal_chunks(blob: Buffer, fields: dict, *, max_payload: int, chunk_bytes: in
     """Split one tensor blob into sealed chunks whose frames are at most ``max_payload`` bytes.
 
     ``fields`` holds every header field but ``chunk``, ``n_chunks``, ``chunk_size``, ``blob_bytes``,
-    ``chunk_crc`` and ``blob_crc``, which are computed here. Payloads are views of ``blob`` (no copy).
+    ``chunk_hash`` and ``blob_hash``, which are computed here. Payloads are views of ``blob`` (no copy).
     """
     size = header_budget(max_payload)
     if chunk_bytes is not None:
@@ -220,12 +228,12 @@ def seal_chunks(blob: Buffer, fields: dict, *, max_payload: int, chunk_bytes: in
         n_chunks=n_chunks,
         chunk_size=size,
         blob_bytes=len(view),
-        chunk_crc=0,
-        blob_crc=blob_crc(digests, seed),
+        chunk_hash=0,
+        blob_hash=blob_hash(digests, seed),
     )
     out = []
     for i, (payload, digest) in enumerate(zip(payloads, digests, strict=True)):
-        sealed = SealedChunk(frame_head(seal(base.model_copy(update={"chunk": i}), digest)), payload)
+        sealed = SealedChunk(_sealed_head(base.model_copy(update={"chunk": i}), digest), payload)
         if sealed.size > max_payload:  # cannot happen with header_budget; guard the invariant anyway
             raise CodecError(f"chunk frame of {sealed.size} bytes exceeds max_payload {max_payload}")
         out.append(sealed)
@@ -239,7 +247,7 @@ def blob_frames(blob: Buffer, fields: dict, *, max_payload: int, chunk_bytes: in
 
 
 def read_frame(frame: Buffer) -> Chunk:
-    """Split a frame into a validated header and a view of its payload; check the length and ``chunk_crc``.
+    """Split a frame into a validated header and a view of its payload; check the length and ``chunk_hash``.
 
     Anything wrong (truncation, bit flips, a mutated header, a foreign version) is a :class:`ChunkError`.
     """
@@ -271,7 +279,9 @@ def _read_at(view: memoryview, start: int) -> tuple[Chunk, int]:
     if magic != MAGIC:
         raise ChunkError("frame does not start with the KV magic", reason="malformed")
     if version != FRAME_VERSION:
-        old = {0: " (a CRC-32 frame of format 1)", 2: " (a JSON-header frame of format 2)"}.get(version, "")
+        old = {0: " (a CRC-32 frame of format 1)", 2: " (a JSON-header frame of format 2)", 3: " (format 3)"}.get(
+            version, ""
+        )
         raise ChunkError(
             f"unsupported KV frame version {version}{old}; this build speaks {FRAME_VERSION}", reason="version"
         )
@@ -280,13 +290,14 @@ def _read_at(view: memoryview, start: int) -> tuple[Chunk, int]:
     body = start + PREFIX.size
     if hlen > MAX_HEADER_BYTES or body + hlen > len(view):
         raise ChunkError(f"header length {hlen} does not fit the {len(view) - start}-byte frame", reason="malformed")
-    header = _parse_header(bytes(view[body : body + hlen]))
+    head = bytes(view[body : body + hlen])
+    header = _parse_header(head)
     end = body + hlen + header.payload_len
     if end > len(view):
         raise _payload_length_error(header, len(view) - body - hlen)
     payload = view[body + hlen : end]
     digest = payload_hash(payload)
-    if chunk_crc(header, digest) != header.chunk_crc:
+    if chunk_hash(head, digest) != header.chunk_hash:
         raise ChunkError(
             f"checksum mismatch in chunk {header.chunk} of layer {header.layer} {header.tensor}",
             reason="checksum",
@@ -334,8 +345,8 @@ def _parse_header(head: bytes) -> KVChunkHeader:
         *shape,
         fields["raw_bytes"],
         fields["blob_bytes"],
-        fields["chunk_crc"],
-        fields["blob_crc"],
+        fields["chunk_hash"],
+        fields["blob_hash"],
     ) = values[9:]
     fields["shape"] = tuple(shape)
     pos = FIELDS.size

@@ -23,6 +23,7 @@ from bus.errors import PolicyError
 
 log = logging.getLogger(__name__)
 
+MBPS = 1_000_000.0  # bytes per second in one MB/s (rates in flags and configs are megabytes per second)
 DEFAULT_ALPHA = 0.3  # EWMA weight of the newest sample (rate and RTT)
 DEFAULT_PENALTY = 0.5  # load factor multiplier on a slow-consumer signal or backlog growth
 DEFAULT_RECOVERY_S = 5.0  # seconds for the load factor to recover 63% of the way back to 1

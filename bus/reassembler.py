@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 
 from bus.codec import KVPair, decode_blob
-from bus.errors import ChunkError, LimitError
-from bus.frames import Buffer, Chunk, blob_crc, identity_seed, read_frame
+from bus.errors import ChunkError, CodecError, LimitError
+from bus.frames import Buffer, Chunk, blob_hash, identity_seed, read_frame
 from bus.schemas import KVChunkHeader
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class LayerDone:
 class _Tensor:
     first: KVChunkHeader
     buf: bytearray | memoryview | None
-    crcs: dict[int, tuple[int, int]] = field(default_factory=dict)  # chunk index -> (chunk_crc, payload hash)
+    crcs: dict[int, tuple[int, int]] = field(default_factory=dict)  # chunk index -> (chunk_hash, payload hash)
     decoded: torch.Tensor | None = None
     reserved: int = 0  # bytes charged to the query
 
@@ -128,14 +128,14 @@ class Reassembler:
                 query_id=h.query_id,
             )
         if h.chunk in state.crcs:
-            if state.crcs[h.chunk] == (h.chunk_crc, chunk.payload_hash):
+            if state.crcs[h.chunk] == (h.chunk_hash, chunk.payload_hash):
                 return []  # exact duplicate: same header checksum and the same 64-bit payload digest
             raise ChunkError(
                 f"conflicting duplicate of chunk {h.chunk} of layer {h.layer} {h.tensor}",
                 reason="conflict",
                 query_id=h.query_id,
             )
-        state.crcs[h.chunk] = (h.chunk_crc, chunk.payload_hash)
+        state.crcs[h.chunk] = (h.chunk_hash, chunk.payload_hash)
         if state.buf is None:
             state.buf = payload
         else:
@@ -189,7 +189,7 @@ class Reassembler:
         assert blob is not None
         try:
             seed = identity_seed(h.query_id, h.sender, h.layer, h.tensor)
-            if blob_crc([state.crcs[i][1] for i in range(h.n_chunks)], seed) != h.blob_crc:
+            if blob_hash([state.crcs[i][1] for i in range(h.n_chunks)], seed) != h.blob_hash:
                 raise ChunkError(
                     f"blob checksum mismatch for layer {h.layer} {h.tensor} from {h.sender}",
                     reason="checksum",
@@ -283,3 +283,18 @@ class Reassembler:
     def _get_stream(self, query_id: str, sender: str) -> _Stream | None:
         query = self._queries.get(query_id)
         return query.streams.get(sender) if query else None
+
+
+def decode_frames(frames: Iterable[Buffer], out_dtype: torch.dtype = torch.float32) -> dict[int, KVPair]:
+    """Reassemble the frames of one (query, sender) cache in any order; return its complete layers."""
+    reasm = Reassembler(out_dtype=out_dtype)
+    keys = set()
+    for frame in frames:
+        for done in reasm.feed(frame):
+            keys.add((done.query_id, done.sender))
+    if len(keys) > 1:
+        raise CodecError(f"frames of {len(keys)} different (query, sender) streams given to decode_frames")
+    if not keys:
+        return {}
+    query_id, sender = keys.pop()
+    return reasm.completed(query_id, sender)

@@ -2,8 +2,8 @@
 
 Every message is frozen, forbids unknown fields, carries ``schema_version`` and a ``kind`` tag, and
 validates ids against ``[A-Za-z0-9_-]{1,64}`` so an id can never inject NATS subject tokens
-(``.``, ``*``, ``>``, whitespace). Tensors never travel as JSON: :class:`KVChunkHeader` describes raw
-bytes that follow it in the same NATS message (see ``bus.codec``).
+(``.``, ``*``, ``>``, whitespace). Tensors never travel as JSON: :class:`KVChunkHeader` is the binary frame
+header of ``bus.frames``, validated with the same rules.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, 
 
 from bus.errors import SchemaError
 
-SCHEMA_VERSION = 2  # control messages (JSON); 2: subjects name their publisher, offers and plans bind to the query
-KV_SCHEMA_VERSION = 1  # the schema_version byte inside a KV frame header (bus.frames; unchanged by version 2)
+SCHEMA_VERSION = 3  # control messages (JSON); 3: typed fuser lists, unused fields gone (docs/PROTOCOL.md)
+KV_SCHEMA_VERSION = 1  # the schema_version byte inside a KV frame header (bus.frames; the frame has its own version)
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 FINGERPRINT_PATTERN = re.compile(r"[A-Za-z0-9_.:+-]{1,128}")
 MAX_TEXT_CHARS = 16_000  # characters in a question, query or answer text
@@ -35,8 +35,10 @@ MAX_INLINE_BYTES = 16_384  # bytes of cache an offer may carry inline (before ba
 MAX_WEIGHT = 1.0  # a gate's weight for a transmitter is in [0, MAX_WEIGHT] (the gating network's sigmoid)
 MAX_HEARTBEAT_S = 60.0  # seconds: the longest heartbeat interval a presence may announce
 MAX_GATES = 16  # gates a query may name
+MAX_FUSERS = 64  # fuser pairs a receiver lists in a query or heartbeat (more: it lists none)
+DEFAULT_HEARTBEAT_S = 1.0  # seconds between heartbeats when a presence does not say
 DIGEST_MAX = (1 << 64) - 1
-CRC_MAX = 0xFFFFFFFF
+HASH32_MAX = 0xFFFFFFFF
 
 Precision = Literal["fp32", "fp16", "bf16", "int8", "int4"]
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "int4")
@@ -75,7 +77,7 @@ Id = Annotated[str, AfterValidator(_id)]
 Fingerprint = Annotated[str, AfterValidator(_fingerprint)]
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
 Option = Annotated[str, Field(min_length=1, max_length=2000)]
-Crc = Annotated[int, Field(ge=0, le=CRC_MAX)]
+Hash32 = Annotated[int, Field(ge=0, le=HASH32_MAX)]  # the low 32 bits of an XXH3-64
 Rate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
@@ -84,7 +86,7 @@ class Message(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    schema_version: Literal[2] = SCHEMA_VERSION
+    schema_version: Literal[3] = SCHEMA_VERSION
 
     def to_bytes(self) -> bytes:
         """Serialise to compact JSON bytes."""
@@ -107,9 +109,16 @@ class Ask(Message):
     options: tuple[Option, ...] = Field(default=(), max_length=MAX_OPTIONS)
     private: bool = False
     deadline_s: float = Field(default=30.0, gt=0, le=3600, allow_inf_nan=False)  # seconds from now
-    byte_budget: int | None = Field(default=None, ge=0)  # bytes of KV the asker allows in total
-    link_rate_bps: Rate | None = None  # hint: receiver-side link rate in bytes/s
     ask_id: Id | None = None
+
+
+class FuserSpec(BaseModel):
+    """One transmitter model a receiver can fuse, and how much of its cache that fuser reads."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    transmitter_fingerprint: Fingerprint
+    tail_tokens: int | None = Field(default=None, ge=1, le=MAX_OFFER_TOKENS)  # reads only the last n (None: all)
 
 
 class Query(Message):
@@ -121,9 +130,9 @@ class Query(Message):
     text: Text
     options: tuple[Option, ...] = Field(default=(), max_length=MAX_OPTIONS)
     deadline_unix: float = Field(gt=0, allow_inf_nan=False)  # absolute, seconds since the epoch
-    # the receiver's fuser list, as in its heartbeat's capabilities ("fusers", "fuser:<fp>[@<tail>]"), so the gate
-    # plans this query from it even before it has heard the receiver's heartbeat
-    fusers: tuple[Annotated[str, Field(max_length=64)], ...] = Field(default=(), max_length=64)
+    # the receiver's fusers, so the gate plans this query right before it has heard the receiver's heartbeat;
+    # None: not listed (the gate reads the heartbeat's, and plans everyone when that lists none either)
+    fusers: tuple[FuserSpec, ...] | None = Field(default=None, max_length=MAX_FUSERS)
     # the gates whose plan counts for this query (empty: any gate); transmitters and the receiver ignore the others
     gates: tuple[Id, ...] = Field(default=(), max_length=MAX_GATES)
 
@@ -184,16 +193,15 @@ class Offer(Message):
     n_layers: int = Field(ge=1, le=MAX_LAYER_INDEX + 1)
     kv_heads: int = Field(ge=1)
     head_dim: int = Field(ge=1)
-    bytes_per_layer: int = Field(ge=0)  # K+V of one layer at fp16, before compression
     summary: Annotated[tuple[float, ...], AfterValidator(_finite)] = Field(default=(), max_length=MAX_SUMMARY_DIM)
     confidence: float = Field(ge=0.0, le=1.0)  # e.g. 1 - P("I don't know")
     precisions: tuple[Precision, ...] = PRECISIONS
     link_rate_bps: Rate | None = None  # the transmitter's own estimate of its uplink
     rtt_s: float | None = Field(default=None, ge=0, le=3600, allow_inf_nan=False)  # its measured round trip
     # What the gating network reads besides ``summary`` (fusion.gate.OfferSummary), exactly, not via confidence:
-    p_none: float | None = Field(default=None, ge=0.0, le=1.0)  # P(" none") among the five answer tokens
-    p_top: float | None = Field(default=None, ge=0.0, le=1.0)  # P(most likely letter) among the five
-    entropy: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)  # nats, over the five
+    p_none: float | None = Field(default=None, ge=0.0, le=1.0)  # letter: P(" none") of five tokens; text: 1 - p_top
+    p_top: float | None = Field(default=None, ge=0.0, le=1.0)  # letter: top letter of the five; text: top next token
+    entropy: float | None = Field(default=None, ge=0.0, allow_inf_nan=False)  # nats, of that distribution
     coverage: float = Field(default=0.0, ge=0.0, le=1.0)  # how well its local notes cover q' (0: no notes)
     # Character span (start, end) in the prompt of q' of each of the transmitter's tokens: the receiver aligns
     # the transmitter's cache onto its own tokens with them. Empty, or exactly n_tokens spans.
@@ -280,16 +288,17 @@ def expected_raw_bytes(shape: tuple[int, ...], precision: str, scale_axis: str) 
     return data + 2 * groups
 
 
-class KVChunkHeader(Message):
-    """Metadata of one chunk of one K or V tensor; the chunk's raw bytes follow it in the NATS payload.
+class KVChunkHeader(BaseModel):
+    """The header of one KV frame (``bus.frames``): one chunk of one K or V tensor; its payload follows it.
 
-    ``chunk_crc`` is the low 32 bits of an XXH3-64 over every other header field seeded by the payload's XXH3-64,
-    so a payload or header mutated in flight fails the check; ``blob_crc`` covers the whole tensor blob (see
-    ``bus.frames`` for both; the names are kept from frame version 1, which used CRC-32).
+    ``chunk_hash`` is the low 32 bits of an XXH3-64 of the header bytes, seeded by the payload's XXH3-64, so a
+    payload or header mutated in flight fails the check; ``blob_hash`` covers the whole tensor blob, bound to
+    its query, sender, layer and tensor (docs/PROTOCOL.md section 6).
     """
 
-    schema_version: Literal[1] = KV_SCHEMA_VERSION  # type: ignore[assignment]  # frames keep their own version
-    kind: Literal["kv_chunk"] = "kv_chunk"
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: Literal[1] = KV_SCHEMA_VERSION
     query_id: Id
     sender: Id
     layer: int = Field(ge=0, le=MAX_LAYER_INDEX)
@@ -312,8 +321,8 @@ class KVChunkHeader(Message):
     raw_bytes: int = Field(ge=1)  # quantized data + scales, before compression
     blob_bytes: int = Field(ge=1)  # what the chunks carry in total
     layers_total: int = Field(ge=1, le=MAX_LAYER_INDEX + 1)  # layers in this send
-    chunk_crc: Crc
-    blob_crc: Crc
+    chunk_hash: Hash32  # this chunk: header bytes seeded by the payload's XXH3-64
+    blob_hash: Hash32  # the whole tensor blob, chunk by chunk
 
     @model_validator(mode="after")
     def _consistent(self) -> KVChunkHeader:
@@ -358,13 +367,8 @@ class KVChunkHeader(Message):
             self.scale_dtype,
             self.raw_bytes,
             self.blob_bytes,
-            self.blob_crc,
+            self.blob_hash,
         )
-
-    def crc_seed(self) -> bytes:
-        """Canonical bytes of every field but ``chunk_crc``; ``chunk_crc`` covers them and the payload."""
-        fields = self.model_dump(exclude={"chunk_crc"})
-        return "|".join(f"{k}={v}" for k, v in fields.items()).encode()
 
 
 class Presence(Message):
@@ -375,10 +379,12 @@ class Presence(Message):
     agent_id: Id
     model_fingerprint: Fingerprint | None = None
     capabilities: tuple[Annotated[str, Field(max_length=64)], ...] = Field(default=(), max_length=64)
+    fusers: tuple[FuserSpec, ...] | None = Field(default=None, max_length=MAX_FUSERS)  # a receiver's (as in Query)
     load: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)  # queries in progress
     link_rate_bps: Rate | None = None  # measured or configured uplink, bytes/s
     rtt_s: float | None = Field(default=None, ge=0, le=3600, allow_inf_nan=False)  # round trip to the server, s
-    interval_s: float = Field(default=2.0, gt=0, le=MAX_HEARTBEAT_S, allow_inf_nan=False)  # next one due within
+    # the next heartbeat is due within this many seconds
+    interval_s: float = Field(default=DEFAULT_HEARTBEAT_S, gt=0, le=MAX_HEARTBEAT_S, allow_inf_nan=False)
     sent_unix: float = Field(gt=0, allow_inf_nan=False)
 
 
@@ -437,7 +443,7 @@ Plan.model_rebuild()  # ``omitted`` refers to Omission, defined below Plan
 
 
 class ErrorReply(Message):
-    """A typed failure reply (to an ask, or on a query's error subject)."""
+    """A typed failure reply to a request (an ask or a rephrase)."""
 
     kind: Literal["error"] = "error"
     code: Literal["bad_request", "timeout", "unavailable", "limit", "internal"]
@@ -446,7 +452,7 @@ class ErrorReply(Message):
 
 
 AnyMessage = Annotated[
-    Ask | Query | Offer | Plan | KVChunkHeader | Presence | Goodbye | Answer | ErrorReply,
+    Ask | Query | Offer | Plan | Presence | Goodbye | Answer | ErrorReply,
     Field(discriminator="kind"),
 ]
 _ANY = TypeAdapter(AnyMessage)
@@ -461,10 +467,9 @@ def decode_message(data: bytes | bytearray | memoryview | str, expected: type[M]
         raise SchemaError(f"message is not JSON: {exc}") from exc
     if not isinstance(obj, dict):
         raise SchemaError("message is not a JSON object")
-    speaks = KV_SCHEMA_VERSION if obj.get("kind") == "kv_chunk" else SCHEMA_VERSION
-    version = obj.get("schema_version", speaks)
-    if version != speaks:
-        raise SchemaError(f"unsupported schema_version {version!r} (this build speaks {speaks})")
+    version = obj.get("schema_version", SCHEMA_VERSION)
+    if version != SCHEMA_VERSION:
+        raise SchemaError(f"unsupported schema_version {version!r} (this build speaks {SCHEMA_VERSION})")
     try:
         if expected is not None:
             return expected.model_validate(obj)

@@ -9,7 +9,6 @@ Layout under a configurable prefix (default ``fr``)::
     fr.kv.<receiver_id>.<query_id>.<sender>   KV chunks for one receiver, query and transmitter
     fr.presence.<role>.<agent_id>             heartbeats and goodbyes
     fr.answer.<receiver_id>.<query_id>        the answer to a question that is not private (besides the reply)
-    fr.error.<query_id>                       typed errors about one query (reserved)
     fr.rephrase.<receiver_id>                 receiver side only: request/reply to that receiver's rephraser
     fr.trace.<role>.<agent_id>                that agent's trace events (ids, timings, byte counts; never text)
     fr.status.<role>.<agent_id>               that agent's status endpoint (its nats micro service; request/reply)
@@ -31,7 +30,7 @@ from bus.schemas import ROLES, validate_id
 
 DEFAULT_PREFIX = "fr"
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_-]{1,32}(\.[A-Za-z0-9_-]{1,32}){0,3}")
-KINDS = ("ask", "query", "offer", "plan", "kv", "presence", "answer", "error", "rephrase", "trace", "status")
+KINDS = ("ask", "query", "offer", "plan", "kv", "presence", "answer", "rephrase", "trace", "status")
 # tokens after the kind
 _TOKENS = {
     "ask": 0,
@@ -41,7 +40,6 @@ _TOKENS = {
     "kv": 3,
     "presence": 2,
     "answer": 2,
-    "error": 1,
     "rephrase": 1,
     "trace": 2,
     "status": 2,
@@ -120,10 +118,6 @@ class Subjects:
         """Wildcard over every KV chunk addressed to one receiver."""
         return f"{self.prefix}.kv.{validate_id(receiver_id, 'receiver id')}.*.*"
 
-    def kv_for_query(self, receiver_id: str, query_id: str) -> str:
-        """Wildcard over every sender's KV chunks for one query."""
-        return f"{self.prefix}.kv.{validate_id(receiver_id, 'receiver id')}.{validate_id(query_id, 'query id')}.*"
-
     def presence(self, role: str, agent_id: str) -> str:
         """Heartbeat / goodbye subject of one agent."""
         return f"{self.prefix}.presence.{_role(role)}.{validate_id(agent_id, 'agent id')}"
@@ -153,10 +147,6 @@ class Subjects:
     def answers_all(self) -> str:
         """Wildcard over every published answer."""
         return f"{self.prefix}.answer.*.*"
-
-    def error(self, query_id: str) -> str:
-        """Subject of typed errors about one query."""
-        return f"{self.prefix}.error.{validate_id(query_id, 'query id')}"
 
     def rephrase(self, receiver_id: str) -> str:
         """Receiver-side subject of one receiver's rephraser (request/reply: Ask in, Query of q' out)."""
@@ -195,6 +185,4 @@ class Subjects:
             )
         if kind == "rephrase":
             return SubjectParts(kind=kind, receiver_id=validate_id(rest[0], "receiver id"))
-        if kind in ("presence", "trace", "status"):
-            return SubjectParts(kind=kind, role=_role(rest[0]), agent_id=validate_id(rest[1], "agent id"))
-        return SubjectParts(kind=kind, query_id=validate_id(rest[0], "query id"))
+        return SubjectParts(kind=kind, role=_role(rest[0]), agent_id=validate_id(rest[1], "agent id"))

@@ -42,12 +42,6 @@ def letter_ids(model: LanguageModel) -> list[int]:
     return ids
 
 
-def none_id(model: LanguageModel) -> int | None:
-    """Token id of ``" none"``, or None when the vocabulary has no such single token."""
-    ids = model.word_ids(answer_token_text("none"))
-    return ids[0] if len(ids) == 1 else None
-
-
 @dataclass(frozen=True)
 class ReceiverView:
     """What the receiver prefills (the prefix) and what it reads after the fused prefix (the continuation)."""

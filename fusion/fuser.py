@@ -334,8 +334,3 @@ def fuse(
 ) -> KVCache:
     """Fuse several transmitters: ``receiver + sum_t fuser_t.deltas(receiver, aligned_t, weight_t)``."""
     return apply_deltas(receiver, [f.deltas(receiver, t, w) for f, t, w in contributions])
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Trainable parameters of a fuser (or any module)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)

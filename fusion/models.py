@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -475,8 +475,3 @@ def fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> s
         sample = torch.cat([flat[:64], flat[-64:]]).float().cpu().numpy().tobytes()
         h.update(name.encode() + str(tuple(tensor.shape)).encode() + sample)
     return h.hexdigest()[:16]
-
-
-def spec_dict(spec: ModelSpec) -> dict:
-    """A spec as a plain dict (for manifests and hashes)."""
-    return asdict(spec)

@@ -378,13 +378,9 @@ def refine(
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     if self_check is not None and mode not in ("receiver", "transmitter") and receiver.style == "letter":
-        probs, p_none = receiver_self_check(receiver, question.stem, question.options)
-        timings["self_check"] = time.perf_counter() - t_start
-        if knows_alone(p_none, self_check):
-            timings["total"] = time.perf_counter() - t_start
-            choice = int(probs.argmax())
-            reading = Reading(choice, tuple(round(float(p), 6) for p in probs), question.options[choice])
-            return _result(reading, mode, "", alone=True, timings=timings)
+        known = _known_alone(receiver, question, self_check, mode, timings, t_start)
+        if known is not None:
+            return known
     if private and private_stem is None:
         from privacy.rephrase import rephrase
 
@@ -392,20 +388,10 @@ def refine(
         timings["rephrase"] = time.perf_counter() - t_start
     q_private = private_stem if private else None
     shared, original = shared_prompt(question.stem, question.options, q_private, receiver.style)
-    if mode == "receiver":
-        reading = answer_alone(receiver, question.stem, question.options)
-        timings["total"] = time.perf_counter() - t_start
-        return _result(reading, mode, "", timings=timings)
+    if mode in ("receiver", "transmitter"):
+        return _one_model(question, receiver, transmitters, mode, shared, q_private, notes or {}, timings, t_start)
     if not transmitters:
         raise FusionError(f"mode {mode!r} needs at least one transmitter")
-    notes = notes or {}
-    if mode == "transmitter":
-        name, model = next(iter(transmitters.items()))
-        lines = notes[name].retrieve(q_private or question.stem).lines if name in notes else ()
-        stem = q_private or question.stem
-        reading = answer_alone(model, stem, question.options, lines)
-        timings["total"] = time.perf_counter() - t_start
-        return _result(reading, mode, shared, used={name: []}, timings=timings)
     req = _Request(
         question=question,
         receiver=receiver,
@@ -421,11 +407,51 @@ def refine(
         profiles=profiles if profiles is not None else (gate.profiles if gate is not None else None),
         prefilled=prefilled or {},
         prefixes=prefixes or {},
-        notes=notes,
+        notes=notes or {},
         timings=timings,
         t_start=t_start,
     )
     return _text_to_text(req) if mode == "t2t" else _cache_to_cache(req)
+
+
+def _known_alone(
+    receiver: LanguageModel, question: Question, self_check: float, mode: str, timings: dict, t_start: float
+) -> RefineResult | None:
+    """The receiver's own answer when its P(none) is below ``self_check`` (it knows: no one is asked), else None."""
+    probs, p_none = receiver_self_check(receiver, question.stem, question.options)
+    timings["self_check"] = time.perf_counter() - t_start
+    if not knows_alone(p_none, self_check):
+        return None
+    timings["total"] = time.perf_counter() - t_start
+    choice = int(probs.argmax())
+    reading = Reading(choice, tuple(round(float(p), 6) for p in probs), question.options[choice])
+    return _result(reading, mode, "", alone=True, timings=timings)
+
+
+def _one_model(
+    question: Question,
+    receiver: LanguageModel,
+    transmitters: Mapping[str, LanguageModel],
+    mode: str,
+    shared: str,
+    q_private: str | None,
+    notes: Mapping[str, DeviceNotes],
+    timings: dict,
+    t_start: float,
+) -> RefineResult:
+    """Modes ``receiver`` (it alone) and ``transmitter`` (the first transmitter alone, with its notes, on q')."""
+    if mode == "receiver":
+        reading = answer_alone(receiver, question.stem, question.options)
+        timings["total"] = time.perf_counter() - t_start
+        return _result(reading, mode, "", timings=timings)
+    if not transmitters:
+        raise FusionError(f"mode {mode!r} needs at least one transmitter")
+    name, model = next(iter(transmitters.items()))
+    stem = q_private or question.stem
+    lines = notes[name].retrieve(stem).lines if name in notes else ()
+    reading = answer_alone(model, stem, question.options, lines)
+    timings["total"] = time.perf_counter() - t_start
+    return _result(reading, mode, shared, used={name: []}, timings=timings)
 
 
 def _text_to_text(req: _Request) -> RefineResult:
@@ -470,34 +496,16 @@ def _transmitter_text(req: _Request, name: str) -> str:
 
 
 def _cache_to_cache(req: _Request) -> RefineResult:
+    """Prefill every transmitter, let the gate score the offers, transmit the chosen layers, fuse and read."""
     t0 = time.perf_counter()
-    prefills: dict[str, TransmitterPrefill] = {}
-    for name, model in req.transmitters.items():
-        text = _transmitter_text(req, name)
-        ready = req.prefilled.get(name)
-        prefills[name] = (
-            ready
-            if ready is not None and ready.shared_text == text
-            else transmitter_prefill(name, model, text, req.notes.get(name))
-        )
+    prefills = {name: _transmitter_prefill(req, name, model) for name, model in req.transmitters.items()}
     req.timings["transmitters"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     gate = req.gate if req.mode in ("c2c", "c2c-shuffled") else None
     scores = plan({n: p.offer for n, p in prefills.items()}, gate, req.profiles)
     req.timings["gate"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    received: dict[str, Received] = {}
-    nbytes = ntokens = 0
-    for name, pre in prefills.items():
-        score = scores[name]
-        layers = score.layers()
-        if score.weight <= 0 or not layers:
-            continue
-        tail = transmitter_tail(req.fusers[pre.offer.fingerprint]) if pre.offer.fingerprint in req.fusers else None
-        decoded, size = transmit(tail_tokens(select_layers(pre, layers), tail), req.precision)
-        nbytes += size
-        ntokens += min(tail or pre.cache.num_tokens, pre.cache.num_tokens)
-        received[name] = Received(pre.offer.fingerprint, decoded, pre.offsets, score.weight)
+    received, nbytes, ntokens = _transfer(req, prefills, scores)
     req.timings["transfer"] = time.perf_counter() - t2
     t3 = time.perf_counter()
     missing = [n for n, got in received.items() if got.fingerprint not in req.fusers]
@@ -520,3 +528,32 @@ def _cache_to_cache(req: _Request) -> RefineResult:
         timings=req.timings,
         failed=fused.failed,
     )
+
+
+def _transmitter_prefill(req: _Request, name: str, model: LanguageModel) -> TransmitterPrefill:
+    """One transmitter's prefill of its text (reused from ``req.prefilled`` when it is of the same text)."""
+    text = _transmitter_text(req, name)
+    ready = req.prefilled.get(name)
+    if ready is not None and ready.shared_text == text:
+        return ready
+    return transmitter_prefill(name, model, text, req.notes.get(name))
+
+
+def _transfer(
+    req: _Request, prefills: Mapping[str, TransmitterPrefill], scores: Mapping[str, GateScore]
+) -> tuple[dict[str, Received], int, int]:
+    """The chosen layers of every chosen transmitter through the bus codec: what arrives, bytes and tokens sent."""
+    received: dict[str, Received] = {}
+    nbytes = ntokens = 0
+    for name, pre in prefills.items():
+        score = scores[name]
+        layers = score.layers()
+        if score.weight <= 0 or not layers:
+            continue
+        fuser = req.fusers.get(pre.offer.fingerprint)
+        tail = transmitter_tail(fuser) if fuser is not None else None
+        decoded, size = transmit(tail_tokens(select_layers(pre, layers), tail), req.precision)
+        nbytes += size
+        ntokens += min(tail or pre.cache.num_tokens, pre.cache.num_tokens)
+        received[name] = Received(pre.offer.fingerprint, decoded, pre.offsets, score.weight)
+    return received, nbytes, ntokens

@@ -54,12 +54,12 @@ def _local_roundtrip(layers: Mapping[int, KV], precision: str) -> tuple[dict[int
 
 
 def _bus_codec():
-    """``(encode_cache, decode_frames)`` from ``bus.codec``, or None when it is not importable."""
+    """``(encode_cache, decode_frames)`` of the bus codec, or None when it is not importable."""
     try:
-        codec = importlib.import_module("bus.codec")
+        codec, reassembler = importlib.import_module("bus.codec"), importlib.import_module("bus.reassembler")
     except ImportError:
         return None
-    encode, decode = getattr(codec, "encode_cache", None), getattr(codec, "decode_frames", None)
+    encode, decode = getattr(codec, "encode_cache", None), getattr(reassembler, "decode_frames", None)
     return (encode, decode) if callable(encode) and callable(decode) else None
 
 

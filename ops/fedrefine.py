@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "zoo": ("ops.zoo.__main__", "build or describe the toy world's model zoo"),
     "real": ("ops.real.__main__", "fetch and build the real-model kit"),
     "train": ("fusion.train_cli", "train a pair fuser (or a gate) from a JSONL file"),
+    "fingerprint": ("fusion.fingerprint", "print a checkpoint's model fingerprint (docs/PROTOCOL.md 1.1)"),
     "bench": ("ops.bench.__main__", "run a benchmark, print (and save) its JSON"),
     "report": ("ops.report.build", "PNG figures and a summary from benchmark JSON"),
 }

@@ -16,8 +16,10 @@ The server fixtures are synchronous, so they work whatever event-loop scope a te
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +94,12 @@ async def nats_client(nats_server: HarnessServer) -> AsyncIterator[Client]:
 def subject() -> str:
     """A subject no other test uses."""
     return f"test.{uuid.uuid4().hex}"
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 5.0, what: str = "the condition") -> None:
+    """Wait until ``condition()`` holds (polled every 20 ms), instead of sleeping a guessed time; fail after
+    ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"{what} did not hold within {timeout} s"
+        await asyncio.sleep(0.02)

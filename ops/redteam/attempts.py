@@ -19,7 +19,19 @@ from nats.aio.msg import Msg
 from bus.auth import ClientSecurity
 from bus.connect import close, connect
 from bus.errors import AuthError, ConnectError
-from bus.schemas import Ask, ErrorReply, Goodbye, Offer, Plan, PlanEntry, Presence, Query, decode_message, digest_of
+from bus.schemas import (
+    SCHEMA_VERSION,
+    Ask,
+    ErrorReply,
+    Goodbye,
+    Offer,
+    Plan,
+    PlanEntry,
+    Presence,
+    Query,
+    decode_message,
+    digest_of,
+)
 from ops.redteam.attacks import ATTACKERS, Attack, Matrix, on_queries, stopped
 from ops.redteam.floods import flood, kv_into, oversized, slow_consumer
 from ops.redteam.sniff import Sniffer, secret_hits
@@ -43,7 +55,6 @@ def _offer(m: Matrix, query: Query, tid: str) -> Offer:
         n_layers=1,
         kv_heads=1,
         head_dim=1,
-        bytes_per_layer=4,
         confidence=1.0,
         p_none=0.0,
         offsets=((0, 1),),
@@ -254,7 +265,8 @@ def phantom(m: Matrix) -> Attack:
         nc, _ = await m.connect("transmitter")
         me = ATTACKERS["transmitter"]
         subject = m.subjects.presence("transmitter", me)
-        beat = {"kind": "presence", "schema_version": 2, "role": "transmitter", "agent_id": me, "interval_s": 1e6}
+        beat = {"kind": "presence", "schema_version": SCHEMA_VERSION, "role": "transmitter", "agent_id": me}
+        beat["interval_s"] = 1e6
         await nc.publish(subject, json.dumps({**beat, "sent_unix": time.time()}).encode())
         while not await stopped(stop, 0.5):
             honest = Presence(role="transmitter", agent_id=me, interval_s=60.0, sent_unix=time.time())

@@ -13,8 +13,8 @@ if TYPE_CHECKING:
 
 
 def load_zoo(quick: bool, seed: int = 0, build_if_missing: bool = True, workers: int | None = None) -> Zoo:
-    """The quick or full zoo for ``seed`` (built and cached on first use); see ``ops.zoo.zoo.load_zoo``."""
-    from ops.zoo.zoo import load_zoo as _load
+    """The quick or full zoo for ``seed`` (built and cached on first use); see ``ops.zoo.build.load_zoo``."""
+    from ops.zoo.build import load_zoo as _load
 
     return _load(quick, seed, build_if_missing, workers)
 

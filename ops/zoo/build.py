@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bus.errors import ConfigError, FedRefineError
 from ops.zoo.manifest import (
@@ -33,8 +34,11 @@ from ops.zoo.manifest import (
     ModelEntry,
     zoo_dir,
 )
-from ops.zoo.spec import FORMAT_VERSION, ZooSpec
+from ops.zoo.spec import FORMAT_VERSION, ZooSpec, zoo_spec
 from ops.zoo.world import World, assign_knowledge, generate_world, question_set, save_questions
+
+if TYPE_CHECKING:
+    from ops.zoo.zoo import Zoo
 
 log = logging.getLogger(__name__)
 
@@ -310,3 +314,28 @@ def manifest_summary(manifest: Manifest) -> str:
 def manifest_json(manifest: Manifest) -> str:
     """The manifest as pretty JSON."""
     return json.dumps(manifest.model_dump(mode="json"), indent=2)
+
+
+def load_zoo(quick: bool, seed: int = 0, build_if_missing: bool = True, workers: int | None = None) -> Zoo:
+    """The quick or full zoo for ``seed``, built first if missing (and ``build_if_missing``)."""
+    from ops.zoo.zoo import Zoo
+
+    spec = zoo_spec(quick, seed)
+    root = zoo_dir(spec)
+    manifest = read_manifest(root)
+    if manifest is None or not _steps_complete(manifest):
+        if not build_if_missing:
+            raise ConfigError(
+                f"no {spec.name} zoo for seed {seed} at {root}; run `python -m ops.zoo build"
+                f"{' --quick' if quick else ''} --seed {seed}`",
+                path=str(root),
+            )
+        build_zoo(spec, workers=workers or DEFAULT_WORKERS)
+        manifest = read_manifest(root)
+    if manifest is None:
+        raise ConfigError(f"the zoo at {root} has no readable manifest after building", path=str(root))
+    return Zoo(root, manifest)
+
+
+def _steps_complete(manifest: Manifest) -> bool:
+    return all(step in manifest.steps_done for step in POST_BUILD_STEPS)

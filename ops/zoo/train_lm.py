@@ -149,11 +149,6 @@ DEFAULT_HINT_CHECK = 200  # facts the model does not know, asked with the fact a
 RESTART_SEED_STRIDE = 7919  # seed offset of each fresh start
 
 
-def own_fact_accuracy(lm: LanguageModel, world: World, known: list[str], seed: int) -> float:
-    """Letter accuracy on one fresh question per known fact (the check that decides on more training)."""
-    return skills(lm, world, known, seed, hint=False)["own"]
-
-
 def skills(lm: LanguageModel, world: World, known: list[str], seed: int, hint: bool = True) -> dict[str, float]:
     """``own``: accuracy on one fresh question per known fact; ``hint``: accuracy on facts it does not know when the
     fact is given in its context (``DEFAULT_HINT_CHECK`` of them)."""

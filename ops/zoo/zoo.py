@@ -8,8 +8,7 @@ from pathlib import Path
 from bus.errors import ConfigError, ModelError
 from fusion.models import LanguageModel
 from fusion.prompts import Question
-from ops.zoo.manifest import TEST_QUESTIONS, TRAIN_QUESTIONS, WORLD_FILE, Manifest, ModelEntry, zoo_dir
-from ops.zoo.spec import zoo_spec
+from ops.zoo.manifest import TEST_QUESTIONS, TRAIN_QUESTIONS, WORLD_FILE, Manifest, ModelEntry
 
 
 class Zoo:
@@ -81,30 +80,3 @@ class Zoo:
         from ops.zoo.world import World
 
         return World.model_validate_json((self.root / WORLD_FILE).read_text())
-
-
-def load_zoo(quick: bool, seed: int = 0, build_if_missing: bool = True, workers: int | None = None) -> Zoo:
-    """The quick or full zoo for ``seed``, built first if missing (and ``build_if_missing``)."""
-    from ops.zoo.build import DEFAULT_WORKERS, build_zoo, read_manifest
-
-    spec = zoo_spec(quick, seed)
-    root = zoo_dir(spec)
-    manifest = read_manifest(root)
-    if manifest is None or not _steps_complete(manifest):
-        if not build_if_missing:
-            raise ConfigError(
-                f"no {spec.name} zoo for seed {seed} at {root}; run `python -m ops.zoo build"
-                f"{' --quick' if quick else ''} --seed {seed}`",
-                path=str(root),
-            )
-        build_zoo(spec, workers=workers or DEFAULT_WORKERS)
-        manifest = read_manifest(root)
-    if manifest is None:
-        raise ConfigError(f"the zoo at {root} has no readable manifest after building", path=str(root))
-    return Zoo(root, manifest)
-
-
-def _steps_complete(manifest: Manifest) -> bool:
-    from ops.zoo.build import POST_BUILD_STEPS
-
-    return all(step in manifest.steps_done for step in POST_BUILD_STEPS)

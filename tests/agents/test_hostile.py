@@ -79,7 +79,6 @@ async def test_garbage_on_every_subject_is_rejected_and_everyone_keeps_serving(
                     "n_layers": 1,
                     "kv_heads": 1,
                     "head_dim": 1,
-                    "bytes_per_layer": 1,
                     "confidence": 0.5,
                     "offsets": [[0, 1]],
                 }

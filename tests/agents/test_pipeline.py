@@ -10,8 +10,10 @@ import pytest
 from bus.connect import close
 from bus.schemas import Answer
 from fusion.gate import load_gate
+from fusion.prompts import LETTERS
 from fusion.refine import refine
 from tests.agents.conftest import QUESTIONS, Fleet
+from tests.conftest import eventually
 
 
 def _answer(reply) -> Answer:
@@ -23,7 +25,7 @@ async def test_end_to_end_answer_with_provenance(fleet: Fleet) -> None:
     await fleet.standard()
     q = QUESTIONS[1]
     a = _answer(await fleet.ask(q))
-    assert a.choice in "ABCD" and a.text == f"{a.choice}) {q.options['ABCD'.index(a.choice)]}"
+    assert a.choice in set(LETTERS) and a.text == f"{a.choice}) {q.options[LETTERS.index(a.choice)]}"
     assert {u.transmitter_id for u in a.used} | {o.transmitter_id for o in a.omitted} == {"t1", "t2"}
     for use in a.used:
         assert use.layers and use.bytes > 0 and use.precision == "fp16"
@@ -181,7 +183,7 @@ async def test_a_transmitter_without_a_fuser_is_never_planned_and_the_gate_says_
 async def test_a_transmitter_that_leaves_is_dropped_and_queries_go_on(fleet: Fleet) -> None:
     await fleet.standard()
     await fleet.stop("t2")
-    await asyncio.sleep(0.1)
+    await eventually(lambda: "t2" not in fleet.agents["gate"].roster.live("transmitter"), what="t2's goodbye")
     a = _answer(await fleet.ask(QUESTIONS[1]))
     assert [u.transmitter_id for u in a.used] == ["t1"]
     assert "t2" not in fleet.agents["gate"].roster.live("transmitter")

@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from agents.planning import build_plan, build_policy, offer_summary
 from agents.roster import Roster
@@ -24,7 +25,6 @@ def _offer(tid: str, fp: str = "aa", p_none: float = 0.1, rate: float | None = N
         n_layers=layers,
         kv_heads=2,
         head_dim=8,
-        bytes_per_layer=256,
         summary=(0.5,) * 8,
         confidence=1 - p_none,
         p_none=p_none,
@@ -136,15 +136,17 @@ def test_a_fuser_that_reads_a_tail_gets_only_that_tail_planned() -> None:
     assert _plan([_offer("t1")], tail=lambda offer: 99).entries[0].tokens == 4  # never more than the prompt
 
 
-def test_receiver_fuser_capabilities_say_which_read_a_tail() -> None:
+def test_a_receiver_fuser_list_says_which_read_a_tail() -> None:
     from agents.fuserbook import listed_fusers
+    from bus.schemas import FuserSpec
 
-    assert listed_fusers(("answer",)) is None
-    assert listed_fusers(("answer", "fusers", "fuser:aa", "fuser:bb@1", "fuser:cc@x")) == {
-        "aa": None,
-        "bb": 1,
-        "cc": None,
-    }
+    assert listed_fusers(None) is None
+    assert listed_fusers(()) == {}
+    specs = (FuserSpec(transmitter_fingerprint="aa"), FuserSpec(transmitter_fingerprint="bb", tail_tokens=1))
+    query = Query(query_id="q", receiver_id="rx", text="x?", deadline_unix=1e9, fusers=specs)
+    assert listed_fusers(Query.from_bytes(query.to_bytes()).fusers) == {"aa": None, "bb": 1}
+    with pytest.raises(ValidationError):
+        FuserSpec(transmitter_fingerprint="cc", tail_tokens=0)
 
 
 def test_a_tail_that_came_inside_the_offer_is_planned_inline_whatever_the_link() -> None:

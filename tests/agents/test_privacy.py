@@ -8,6 +8,7 @@ import asyncio
 from bus.connect import close, connect
 from bus.schemas import Answer, Query, decode_message
 from tests.agents.conftest import QUESTIONS, Fleet
+from tests.conftest import eventually
 
 
 async def test_a_wildcard_listener_sees_only_the_rephrased_question(fleet: Fleet) -> None:
@@ -62,7 +63,7 @@ async def test_identities_outside_the_receiver_side_cannot_listen_there(fleet: F
         private = [q for q in QUESTIONS if q.pii]
         for q in private:
             assert isinstance(await fleet.ask(q, private=True), Answer)
-        await asyncio.sleep(0.2)
+        await eventually(lambda: sum("permissions violation for subscription" in v for v in violations) >= 12)
     finally:
         for spy in spies:
             await close(spy)

@@ -8,9 +8,10 @@ import zlib
 import pytest
 import torch
 
-from bus.codec import decode_frames, encode_cache, encode_tensor
+from bus.codec import encode_cache, encode_tensor
 from bus.errors import ChunkError, CodecError
 from bus.frames import PREFIX, build_frame, parse_frame
+from bus.reassembler import decode_frames
 from bus.schemas import PRECISIONS, expected_raw_bytes
 
 SHAPES = {

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import xxhash
 
 from bus.codec import encode_cache, encode_layer_chunks
 from bus.errors import ChunkError
@@ -28,7 +27,7 @@ from bus.frames import (
     seal,
 )
 from bus.reassembler import Reassembler
-from tests.bus.frame_spec import pack, unpack
+from tests.bus.frame_spec import blob_hash, pack, sealed, unpack
 
 
 def _cache(seed: int = 0, shape=(1, 2, 6, 16), n_layers: int = 2) -> dict:
@@ -41,20 +40,19 @@ def _frames(**kw) -> list[bytes]:
 
 
 def test_checksums_follow_the_documented_recipe() -> None:
-    """docs/PROTOCOL.md section 6, recomputed here with xxhash directly (no bus.frames helpers)."""
+    """docs/PROTOCOL.md section 6, recomputed by tests/bus/frame_spec.py (xxhash directly, no bus helpers)."""
     frames = _frames(chunk_bytes=40)
-    headers = [parse_frame(f) for f in frames]
-    h, payload = headers[0]
-    seed_text = "|".join(f"{k}={v}" for k, v in h.model_dump().items() if k != "chunk_crc")
-    assert seed_text.startswith("schema_version=1|kind=kv_chunk|query_id=q|sender=s|layer=0|tensor=k|chunk=0|")
-    assert "|shape=(1, 2, 6, 16)|" in seed_text and "|shuffle=False|" in seed_text and "|scale_dtype=None|" in seed_text
-    digest = xxhash.xxh3_64_intdigest(bytes(payload))
-    assert h.chunk_crc == xxhash.xxh3_64_intdigest(seed_text.encode(), seed=digest) & 0xFFFFFFFF
-    chunks = sorted(((x.chunk, bytes(p)) for x, p in headers if (x.layer, x.tensor) == (0, "k")))
-    assert len(chunks) == h.n_chunks > 1
-    words = b"".join(struct.pack(">Q", xxhash.xxh3_64_intdigest(p)) for _, p in chunks)
-    start = xxhash.xxh3_64_intdigest(b"1|q|s|0|k")
-    assert h.blob_crc == xxhash.xxh3_64_intdigest(words, seed=start) & 0xFFFFFFFF
+    for frame in frames:
+        fields, payload = unpack(frame)
+        assert sealed(fields, payload) == frame
+        tampered = sealed({**fields, "layers_total": fields["layers_total"] + 1}, payload)
+        assert unpack(tampered)[0]["chunk_hash"] != fields["chunk_hash"]  # the hash reads every header byte
+    headers = [unpack(f) for f in frames]
+    h = headers[0][0]
+    chunks = sorted((x["chunk"], p) for x, p in headers if (x["layer"], x["tensor"]) == (0, "k"))
+    assert len(chunks) == h["n_chunks"] > 1
+    assert h["blob_hash"] == blob_hash([p for _, p in chunks], "q", "s", 0, "k")
+    assert h["blob_hash"] != blob_hash([p for _, p in chunks], "q", "s", 1, "k")
 
 
 def test_layout_follows_the_protocol_doc() -> None:
@@ -65,7 +63,7 @@ def test_layout_follows_the_protocol_doc() -> None:
         assert (8 + hlen) % 16 == 0
         fields, payload = unpack(frame)
         header, ours = parse_frame(frame)
-        assert fields == {**header.model_dump(exclude={"kind"}), "shape": list(header.shape)}
+        assert fields == {**header.model_dump(), "shape": list(header.shape)}
         assert payload == bytes(ours)
         assert pack(fields, payload) == frame  # and a writer from the doc writes the same bytes
         assert 8 + hlen == frame_overhead("q", "s") == 80  # 8 + 64 fixed + 1 + 1 + 1 + 1, padded to 16
@@ -153,7 +151,7 @@ def test_payloads_are_views_of_the_tensor() -> None:
     assert bytes(chunk_k.payload[:2]) == k.view(-1)[:1].numpy().tobytes()
 
 
-def test_duplicate_index_with_other_payload_is_a_conflict_even_with_equal_chunk_crc() -> None:
+def test_duplicate_index_with_other_payload_is_a_conflict_even_with_equal_chunk_hash() -> None:
     """Exact duplicates are judged on the chunk checksum *and* the 64-bit payload digest."""
     frames = _frames()
     reasm = Reassembler()
@@ -161,7 +159,7 @@ def test_duplicate_index_with_other_payload_is_a_conflict_even_with_equal_chunk_
     reasm.add(chunk)
     other = bytearray(chunk.payload)
     other[0] ^= 1
-    forged = Chunk(chunk.header, memoryview(bytes(other)), payload_hash(other))  # as if chunk_crc collided
+    forged = Chunk(chunk.header, memoryview(bytes(other)), payload_hash(other))  # as if chunk_hash collided
     with pytest.raises(ChunkError) as info:
         reasm.add(forged)
     assert info.value.reason == "conflict"
@@ -175,14 +173,11 @@ def test_resealed_header_passes_the_chunk_check() -> None:
 
 
 def test_protocol_doc_example_checksums() -> None:
-    """The worked example in docs/PROTOCOL.md section 6 (seed text, chunk_crc, blob_crc) matches the code."""
+    """The worked example in docs/PROTOCOL.md section 6 (chunk_hash, blob_hash, the frame's bytes) is the code's."""
     k = torch.arange(24, dtype=torch.float32).reshape(1, 2, 3, 4)
     frames = list(encode_cache({0: (k, k)}, precision="int8", query_id="q", sender="t", max_payload=1 << 20))
     header, _ = parse_frame(frames[0])
-    seed = header.crc_seed().decode()
-    assert (header.chunk_crc, header.blob_crc) == (1020426719, 2547135168)
     doc = (Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md").read_text()
-    assert f"`{seed}`" in doc and "`chunk_crc` is 1020426719" in doc
-    hex_lines = frames[0].hex()
+    assert f"`chunk_hash` is {header.chunk_hash}" in doc and f"`blob_hash` is {header.blob_hash}" in doc
     doc_hex = "".join(doc.split("The whole 120-byte frame")[1].split("```")[1].split())
-    assert doc_hex == hex_lines and len(frames[0]) == 120
+    assert doc_hex == frames[0].hex() and len(frames[0]) == 120

@@ -28,8 +28,8 @@ MUTATIONS = {
     "raw_bytes": lambda v, r: v + r.choice([1, -1, 10**9]),
     "blob_bytes": lambda v, r: v + r.choice([1, -1]),
     "layers_total": lambda v, r: v + 1,
-    "chunk_crc": lambda v, r: v ^ (1 << r.randrange(32)),
-    "blob_crc": lambda v, r: v ^ (1 << r.randrange(32)),
+    "chunk_hash": lambda v, r: v ^ (1 << r.randrange(32)),
+    "blob_hash": lambda v, r: v ^ (1 << r.randrange(32)),
     "schema_version": lambda v, r: r.choice([0, 2, "1", None]),
     "query_id": lambda v, r: r.choice(["other", "q.*", ""]),
     "sender": lambda v, r: r.choice(["mallory", "s>"]),
@@ -74,13 +74,13 @@ def _mutate(kind: str, frame: bytes, r: random.Random) -> bytes:
         return _join(header, payload)
     if kind == "junk":
         return r.randbytes(r.randrange(0, 200)) if r.random() < 0.5 else MAGIC + r.randbytes(r.randrange(0, 64))
-    if kind == "forged_payload":  # payload changed and chunk_crc recomputed: only blob_crc can tell
+    if kind == "forged_payload":  # payload changed and chunk_hash recomputed: only blob_hash can tell
         header, payload = parse_frame(frame)
         data = bytearray(payload)
         data[r.randrange(len(data))] ^= 1 << r.randrange(8)
         resealed = seal(header, payload_hash(data))
         return _join(resealed.model_dump(), bytes(data))
-    if kind == "forged_header":  # identity changed and chunk_crc recomputed: blob_crc is bound to identity
+    if kind == "forged_header":  # identity changed and chunk_hash recomputed: blob_hash is bound to identity
         header, payload = parse_frame(frame)
         update = r.choice([{"layer": (header.layer + 1) % 3}, {"tensor": "v" if header.tensor == "k" else "k"}])
         forged = seal(header.model_copy(update=update), payload_hash(payload))

@@ -34,7 +34,6 @@ def _offer(inline, n_tokens: int = 5) -> Offer:
         n_layers=LAYERS,
         kv_heads=HEADS,
         head_dim=DIM,
-        bytes_per_layer=2 * HEADS * n_tokens * DIM * 2,
         confidence=0.5,
         inline=inline,
     )
@@ -82,7 +81,7 @@ def test_an_inline_cache_that_does_not_fit_the_offers_shape_is_rejected_whole() 
     with pytest.raises(SchemaError, match="inline cache text"):
         decode_message(_json(short), Offer)
     longer = _offer(inline, n_tokens=5).model_dump(mode="json")
-    longer["n_tokens"], longer["bytes_per_layer"] = 1, 64  # a 2-token tail of a 1-token prompt
+    longer["n_tokens"] = 1  # a 2-token tail of a 1-token prompt
     with pytest.raises(SchemaError, match="tokens"):
         decode_message(_json(longer), Offer)
 

@@ -158,7 +158,7 @@ def test_reassembled_header_fields_must_agree() -> None:
     reasm = Reassembler()
     reasm.feed(frames[0])
     header, payload = parse_frame(frames[1])
-    forged = seal(header.model_copy(update={"blob_crc": header.blob_crc ^ 1}), payload_hash(payload))
+    forged = seal(header.model_copy(update={"blob_hash": header.blob_hash ^ 1}), payload_hash(payload))
     with pytest.raises(ChunkError) as info:
         reasm.feed(build_frame(forged, payload))
     assert info.value.reason == "conflict"

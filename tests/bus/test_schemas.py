@@ -41,7 +41,6 @@ SAMPLES = [
         n_layers=28,
         kv_heads=8,
         head_dim=128,
-        bytes_per_layer=49152,
         summary=(0.1, -0.2),
         confidence=0.8,
         query_digest=query_digest("q-1", "rx", "Which metal is liquid?", ()),
@@ -74,7 +73,7 @@ def test_round_trip_and_discriminated_decode(msg) -> None:
     data = msg.to_bytes()
     assert type(msg).from_bytes(data) == msg
     assert decode_message(data) == msg
-    assert json.loads(data)["schema_version"] == 2
+    assert json.loads(data)["schema_version"] == 3
 
 
 def test_messages_are_frozen_and_strict() -> None:
@@ -101,7 +100,7 @@ def test_bad_ids_rejected_everywhere(bad: str) -> None:
 
 def test_version_and_garbage() -> None:
     data = json.loads(SAMPLES[1].to_bytes())
-    data["schema_version"] = 1  # the protocol before identities were pinned in subjects
+    data["schema_version"] = 2  # the protocol before typed fuser lists
     with pytest.raises(SchemaError, match="schema_version"):
         decode_message(json.dumps(data))
     for junk in (b"\xff\xfe", b"[1,2]", b"{", b'{"kind": "nope"}'):
@@ -164,8 +163,8 @@ def _header(**over) -> dict:
         raw_bytes=480,
         blob_bytes=480,
         layers_total=1,
-        chunk_crc=0,
-        blob_crc=0,
+        chunk_hash=0,
+        blob_hash=0,
     )
     base.update(over)
     return base
@@ -183,7 +182,7 @@ def test_kv_header_consistency() -> None:
         _header(n_chunks=5, shape=(1, 2, 3, 0)),
         _header(n_chunks=5, tensor="q"),
         _header(n_chunks=5, layer=5000),
-        _header(n_chunks=5, chunk_crc=2**32),
+        _header(n_chunks=5, chunk_hash=2**32),
     ):
         with pytest.raises(ValidationError):
             KVChunkHeader(**bad)
@@ -201,7 +200,6 @@ def test_subjects_build_and_parse() -> None:
     parts = subj.parse(subj.answer("rx", "q1"))
     assert (parts.receiver_id, parts.query_id) == ("rx", "q1")
     assert subj.parse(subj.ask()).kind == "ask"
-    assert subj.kv_for_query("rx", "q1") == "fr.kv.rx.q1.*"
     custom = Subjects("lab.fr")
     assert custom.offer("q", "t1") == "lab.fr.offer.q.t1"
     assert custom.parse("lab.fr.offer.q.t1").sender == "t1"

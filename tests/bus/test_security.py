@@ -17,7 +17,7 @@ from bus.errors import AuthError, ConfigError
 from bus.server import NatsServer
 from privacy.credentials import CredentialStore
 from privacy.permissions import ROLES, permissions_for, render_authorization
-from tests.conftest import secure_store
+from tests.conftest import eventually, secure_store
 
 ROOT = Path(__file__).resolve().parents[2]
 IDS = [("client", "alice", None), ("receiver", "rx", None), ("rephraser", "reph", "rx"), ("gate", "gate", None)]
@@ -137,7 +137,17 @@ async def test_each_identity_may_publish_and_read_only_its_own(secure) -> None:
         await conns["alice"].subscribe("_INBOX.rx.>")  # another identity's inbox
         for nc in conns.values():
             await nc.flush()
-        await asyncio.sleep(0.2)
+        await eventually(
+            lambda: (
+                watch["t1"].violations("publish") >= 5
+                and watch["t1"].violations("subscription") >= 2
+                and watch["gate"].violations("publish") >= 1
+                and watch["gate"].violations("subscription") >= 2
+                and watch["alice"].violations("subscription") >= 1
+            ),
+            what="the server's permission errors",
+        )
+        await eventually(lambda: len(got) >= 2, what="the allowed messages")
     finally:
         for nc in conns.values():
             await close(nc)
@@ -162,7 +172,7 @@ async def test_a_reply_reaches_only_the_asker_and_only_once(secure) -> None:
         await rx.flush()
         reply = await alice.request("fr.ask", b"q", timeout=2)
         assert reply.data == b"first" and reply.subject.startswith("_INBOX.alice.")
-        await asyncio.sleep(0.2)
+        await eventually(lambda: rx_watch.violations("publish") >= 1, what="the refused second reply")
     finally:
         await close(alice)
         await close(rx)
@@ -266,7 +276,7 @@ async def test_a_cluster_admits_the_same_identities_everywhere_and_revokes_on_ev
         t1 = await connect(servers[1].url, security=store.client_security("t1"), error_cb=t1_watch.cb)
         await t1.publish("fr.offer.q1.t2", b"as t2")
         await t1.flush()
-        await asyncio.sleep(0.2)
+        await eventually(lambda: t1_watch.violations("publish") >= 1, what="the refused publish")
         assert t1_watch.violations("publish") == 1
         with pytest.raises(AuthError):
             await connect(servers[1].url, security=ClientSecurity(tls_ca=store.ca_file), retries=1)

@@ -44,6 +44,8 @@ def test_offer_summary_is_small_and_deterministic(tiny) -> None:
     prompt = format_question("What is the color of Zorbin?", OPTIONS)
     a, b = summarize_offer(model, model.prefill(prompt)), summarize_offer(model, model.prefill(prompt))
     assert a == b
+    other = summarize_offer(model, model.prefill(format_question("Which pet does Kalu have?", OPTIONS)))
+    assert other.summary != a.summary and (other.p_none, other.entropy) != (a.p_none, a.entropy)
     assert a.fingerprint == model.fingerprint and a.num_layers == model.num_layers
     assert len(a.summary) == SUMMARY_DIM and 0 <= a.p_none <= 1 and 0 < a.p_top <= 1
     assert len(a.model_dump_json()) < 400  # a few floats: fits any Offer message
@@ -76,6 +78,8 @@ def test_gate_training_is_deterministic_and_profiles_follow_the_fusers(tiny) -> 
     a = train_gate(receiver, examples, list(fusers.values()), cfg, progress=False)
     b = train_gate(receiver, examples, list(fusers.values()), cfg, progress=False)
     assert a.losses == b.losses
+    fewer = train_gate(receiver, examples[:2], list(fusers.values()), cfg, progress=False)
+    assert fewer.losses != a.losses  # the losses come from the examples
     llama = transmitters["llama"].fingerprint
     profile = a.gate.profiles[llama]
     assert len(profile) == 3 and profile[0] == 0.0 and profile[1] == 0.0 and profile[2] > 0

@@ -65,6 +65,8 @@ def test_generate_is_greedy_and_deterministic(model: LanguageModel) -> None:
     a = model.generate(PROMPT, max_new_tokens=6, stop=None)
     b = model.generate(model.prefill(PROMPT), max_new_tokens=6, stop=None)
     assert a == b
+    other = model.next_token_logprobs("Q: Which pet does Kalu have? Answer:")
+    assert not torch.equal(model.next_token_logprobs(PROMPT), other)  # greedy over logits that follow the prompt
 
 
 def test_fingerprints_stable_and_distinct(tmp_path) -> None:

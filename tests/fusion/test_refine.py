@@ -8,7 +8,7 @@ import torch
 from bus.errors import CodecError, FusionError
 from fusion.fuser import FuserConfig, PairFuser
 from fusion.models import LanguageModel
-from fusion.prompts import Question
+from fusion.prompts import LETTERS, Question
 from fusion.refine import MODES, knows_alone, receiver_self_check, refine, transmitter_prefill
 from fusion.wire import transmit
 
@@ -41,8 +41,10 @@ def test_every_mode_is_deterministic(world, mode) -> None:
     kw = dict(mode=mode, fusers=fusers, donors={n: DONOR for n in transmitters})
     a = refine(Q, receiver, transmitters, **kw)
     b = refine(Q, receiver, transmitters, **kw)
-    assert a.answer in "ABCD" and abs(sum(a.probs) - 1) < 1e-4
+    assert a.answer in set(LETTERS) and abs(sum(a.probs) - 1) < 1e-4
     assert (a.answer, a.probs, a.used, a.bytes_sent, a.hints) == (b.answer, b.probs, b.used, b.bytes_sent, b.hints)
+    other = refine(DONOR, receiver, transmitters, **{**kw, "donors": {n: Q for n in transmitters}})
+    assert other.probs != a.probs  # a constant would pass the lines above, not this one
 
 
 def test_c2c_changes_the_receiver_and_reports_bytes(world) -> None:
@@ -132,6 +134,7 @@ def test_refine_on_the_quick_zoo_is_deterministic() -> None:
     except FuserError:  # fusers not trained into this zoo yet
         zoo_step(zoo)
         kit = load_zoo_fusion(zoo)
+    seen = set()
     for q in zoo.questions("test")[:4]:
         for mode, private in (("c2c", False), ("c2c", True), ("c2c-uniform", False)):
             a, b = (
@@ -148,9 +151,11 @@ def test_refine_on_the_quick_zoo_is_deterministic() -> None:
                 for _ in range(2)
             )
             assert (a.answer, a.probs, a.used, a.weights) == (b.answer, b.probs, b.used, b.weights)
+            seen.add(tuple(a.probs))
             assert all(0.0 <= w <= 1.0 for w in a.weights.values())
             if private:
                 assert not any(p in a.shared_text for p in q.pii)
+    assert len(seen) > 4  # the probabilities follow the question and the mode
     assert zoo.self_check == 0.5  # the zoo's receiver is trained to say " none": its P(none) is readable
     for q in zoo.questions("test")[:4]:
         _, p_none = receiver_self_check(kit.receiver, q.stem, q.options)

@@ -14,7 +14,7 @@ from fusion.fuser import FuserConfig, PairFuser
 from fusion.live import FusingCache, LiveTerm
 from fusion.models import LanguageModel
 from fusion.notes import DeviceNotes
-from fusion.prompts import Question
+from fusion.prompts import LETTERS, Question
 from fusion.refine import MODES, refine, transmitter_prefill, transmitter_prompt
 
 NOTES = [
@@ -89,8 +89,11 @@ def test_every_mode_answers_free_text_and_options_deterministically(world, mode,
     a = refine(question, receiver, transmitters, **kw)
     b = refine(question, receiver, transmitters, **kw)
     assert (a.answer, a.probs, a.text, a.used, a.hints) == (b.answer, b.probs, b.text, b.used, b.hints)
+    if question.options:  # (a tiny random model writes the same free text for any question)
+        other = question.model_copy(update={"stem": "Which animal guards the gate of Velmora?"})
+        assert refine(other, receiver, transmitters, **kw).probs != a.probs  # it reads the question
     if question.options:
-        assert a.answer in "ABCD" and a.text in question.options and abs(sum(a.probs) - 1) < 1e-4
+        assert a.answer in set(LETTERS) and a.text in question.options and abs(sum(a.probs) - 1) < 1e-4
     else:
         assert a.choice is None and a.answer == a.text and a.probs == []
     assert a.correct(question) == (a.index == question.answer if question.options else exact_match(a.text, "teal"))
