@@ -154,6 +154,16 @@ class TransmitterConfig(ModelAgentConfig):
     link_burst_bytes: int | None = Field(
         default=None, ge=1, description="bytes the shaped link lets through at once (default: bus.shaper's)"
     )
+    link_trace: str | None = Field(
+        default=None,
+        description="replay this link trace on the uplink: a time_s,rate_mbps CSV or a Mahimahi packet trace "
+        "(bus.linktrace; shipped ones in ops/traces); not with --link-mbps",
+    )
+    policy: str = Field(
+        default="deadline-aware",
+        description="bandwidth policy that re-plans a stream's remaining layers when the link slows mid-stream "
+        "(a bus.policy name or a module:Class of your own)",
+    )
     inline_kv_bytes: int = Field(
         default=DEFAULT_INLINE_KV_BYTES,
         ge=0,
@@ -170,6 +180,36 @@ class TransmitterConfig(ModelAgentConfig):
         default=None, description="this device's notes file, one fact per line (read before q', never sent)"
     )
     top_k: int = Field(default=DEFAULT_TOP_K, ge=1, le=32, description="note lines retrieved for each query")
+
+    @field_validator("link_trace")
+    @classmethod
+    def _trace_file(cls, value: str | None) -> str | None:
+        if value:
+            from bus.linktrace import load_trace
+
+            try:
+                load_trace(value)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from exc
+        return value or None
+
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, value: str) -> str:
+        from bus.errors import PolicyError
+        from bus.policy import policy_class
+
+        try:
+            policy_class(value)
+        except PolicyError as exc:
+            raise ValueError(str(exc)) from exc
+        return value
+
+    @model_validator(mode="after")
+    def _one_link(self) -> TransmitterConfig:
+        if self.link_trace and self.link_mbps:
+            raise ValueError("--link-mbps and --link-trace both shape the uplink; give one")
+        return self
 
     @field_validator("notes")
     @classmethod
@@ -227,7 +267,9 @@ class GateAgentConfig(AgentConfig):
     gate: str | None = Field(
         default=None, description="gating network directory (fusion.gate.save_gate); none: uniform"
     )
-    policy: str = Field(default="deadline-aware", description="bandwidth policy (bus.policy)")
+    policy: str = Field(
+        default="deadline-aware", description="bandwidth policy (a bus.policy name or a module:Class of your own)"
+    )
     precision: Literal["fp32", "fp16", "bf16", "int8", "int4"] = Field(
         default="fp16", description="precision for policies that use one (keep-all, drop-by-importance)"
     )
