@@ -94,6 +94,10 @@ class BandwidthPolicy(ABC):
     def plan(self, req: PolicyRequest) -> SendPlan:
         """What to send for this request, most important layer first."""
 
+    def finish(self, req: PolicyRequest, chosen: list[SendItem], budget: int | None) -> SendPlan:
+        """The :class:`SendPlan` of ``chosen`` (in send order): totals, dropped layers, expected seconds."""
+        return self._finish(req, chosen, budget)
+
     def _finish(self, req: PolicyRequest, chosen: list[SendItem], budget: int | None) -> SendPlan:
         total = sum(i.bytes for i in chosen)
         kept = {i.layer for i in chosen}

@@ -95,6 +95,15 @@ async def test_adaptive_policy_meets_the_deadline_keep_all_misses(fleet: Fleet, 
     assert answer.latency_s <= DEADLINE_S
 
 
+async def test_gate_runs_a_users_policy(fleet: Fleet, tmp_path: Path) -> None:
+    """docs/POLICIES.md's worked example as the gate's --policy: never fp16, everything arrives."""
+    await _federation(fleet, tmp_path, "examples.policies:MeteredPhone")
+    answer, plan = await _ask_and_watch(fleet)
+    (entry,) = plan.entries
+    assert entry.precision in ("int8", "int4")
+    assert _complete(answer, plan), (answer.used, answer.omitted, answer.notes)
+
+
 # ---- a link that drops mid-stream (--link-trace) --------------------------------------------------------------
 
 DROP_AT_S = 30.0  # the trace's 1 MB/s lasts this long, then 0.06 MB/s
