@@ -108,7 +108,7 @@ class TransmitterAgent(Agent):
         self.pending: dict[str, _Pending] = {}
         self.sent = {"queries": 0, "offers": 0, "streams": 0, "inline": 0, "bytes": 0}
         self.replans = 0  # streams whose remaining layers were re-planned mid-way
-        self.layers_sent: dict[str, int] = {}  # precision -> layers streamed at it
+        self.layers_sent: dict[str, int] = {}  # precision -> layers sent at it (streamed, or inline in an offer)
 
     def accepting(self) -> bool:
         """Queries from several receivers at once (each up to its 64): prefills run one at a time anyway, and the
@@ -247,6 +247,9 @@ class TransmitterAgent(Agent):
         if entry.inline:
             if pending.inline is None:
                 raise SchemaError(f"plan of {plan.query_id} takes {self.id}'s cache from its offer, which had none")
+            self.layers_sent[pending.inline.precision] = self.layers_sent.get(pending.inline.precision, 0) + len(
+                entry.layers
+            )
             return  # the receiver has these layers from the offer already
         self.spawn(self._stream(plan, entry, pending), name=f"stream-{plan.query_id}", query_id=plan.query_id)
 

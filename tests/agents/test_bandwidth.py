@@ -163,7 +163,8 @@ def test_bench_rates_parse_and_reject_nonsense() -> None:
     from ops.bench.bandwidth import parse_rates
 
     assert parse_rates("0.25, 1,unshaped") == [0.25, 1.0, None]
-    for bad in ("", "fast", "-1", "0", "nan"):
+    assert parse_rates("") == []  # traces only (--traces)
+    for bad in ("fast", "-1", "0", "nan"):
         with pytest.raises(ConfigError, match="--rates"):
             parse_rates(bad)
 
@@ -189,6 +190,43 @@ async def test_bench_cell_on_tiny_models(fleet: Fleet, tmp_path: Path) -> None:
     txs = {tid: models[name] for tid, name in sorted(setup.transmitters.items())}
     bench_world = World(setup, world.receiver, txs, list(setup.questions))
     row = await run_cell(bench_world, "deadline-aware", 0.008, deadline_s=DEADLINE_S, tls_from=fleet.store)
-    assert row["answered"] == row["n"] == 2 and row["link_mbps"] == 0.008
+    assert row["answered"] == row["n"] == 2 and row["link_mbps"] == 0.008 == row["link"]
     assert row["deadline_met"] == 1.0 and row["precisions"]
     assert 0 < row["bytes_per_query"] <= row["planned_bytes_per_query"]
+    assert sum(row["precision_mix"].values()) == pytest.approx(1.0) and row["layers_sent"] > 0
+
+
+async def test_bench_cell_on_a_trace_with_a_users_policy(fleet: Fleet, tmp_path: Path) -> None:
+    from ops.bench.bandwidth import World, parse_links, run_cell
+    from ops.demo import tiny_setup
+
+    setup = tiny_setup(tmp_path, 2)
+    world = fleet.world
+    txs = {tid: world.models[name] for tid, name in sorted(setup.transmitters.items())}
+    bench_world = World(setup, world.receiver, txs, list(setup.questions))
+    (link,) = parse_links("", "lte-congested.mahi")
+    row = await run_cell(
+        bench_world, "examples.policies:MeteredPhone", link, deadline_s=DEADLINE_S, tls_from=fleet.store
+    )
+    assert row["link"] == row["trace"] == "lte-congested" and row["link_mbps"] is None
+    assert row["policy"] == "metered-phone" and row["answered"] == 2
+    assert set(row["precision_mix"]) <= {"int8", "int4"}  # the example never sends fp16
+
+
+def test_bench_links_and_policies_parse() -> None:
+    from bus.errors import ConfigError, PolicyError
+    from ops.bench.bandwidth import parse_links, parse_policies
+
+    links = parse_links("0.25,unshaped", "wifi-walkout")
+    assert [link.label for link in links] == [0.25, "unshaped", "wifi-walkout"]
+    assert links[2].transmitter_flags()["link_trace"].endswith("wifi-walkout.csv")
+    assert parse_policies("keep,examples.policies:MeteredPhone") == [
+        ("keep", "keep-all"),
+        ("examples.policies:MeteredPhone", "metered-phone"),
+    ]
+    with pytest.raises(ConfigError, match="no trace file"):
+        parse_links("", "nowhere.csv")
+    with pytest.raises(ConfigError, match="at least one link"):
+        parse_links("", "")
+    with pytest.raises(PolicyError, match="has no Nope"):
+        parse_policies("keep-all,examples.policies:Nope")
