@@ -137,13 +137,27 @@ def blob_crc(payload_hashes: list[int], seed: bytes) -> int:
     return xxhash.xxh3_64_intdigest(words, seed=xxhash.xxh3_64_intdigest(seed)) & CHECKSUM_MASK
 
 
+_CRC_FIELDS = tuple(name for name in KVChunkHeader.model_fields if name != "chunk_crc")  # in declaration order
+
+
+def _crc_seed(header: KVChunkHeader) -> bytes:
+    """``KVChunkHeader.crc_seed()``'s bytes, read straight off the attributes (no ``model_dump`` per chunk)."""
+    return "|".join([f"{name}={getattr(header, name)}" for name in _CRC_FIELDS]).encode()
+
+
 def chunk_crc(header: KVChunkHeader, payload_digest: int) -> int:
     """Low 32 bits of XXH3 over every header field but ``chunk_crc``, seeded by the payload's digest."""
-    return xxhash.xxh3_64_intdigest(header.crc_seed(), seed=payload_digest) & CHECKSUM_MASK
+    return xxhash.xxh3_64_intdigest(_crc_seed(header), seed=payload_digest) & CHECKSUM_MASK
 
 
 def seal(header: KVChunkHeader, payload_digest: int) -> KVChunkHeader:
     """Return ``header`` with ``chunk_crc`` set for a payload whose :func:`payload_hash` is ``payload_digest``."""
+    return header.model_copy(update={"chunk_crc": chunk_crc(header, payload_digest)})
+
+
+def _sealed_copy(base: KVChunkHeader, chunk: int, payload_digest: int) -> KVChunkHeader:
+    """``base`` as chunk ``chunk``, sealed: one copy of the header (``chunk_crc`` does not cover itself)."""
+    header = base.model_copy(update={"chunk": chunk}) if chunk != base.chunk else base
     return header.model_copy(update={"chunk_crc": chunk_crc(header, payload_digest)})
 
 
@@ -225,7 +239,7 @@ def seal_chunks(blob: Buffer, fields: dict, *, max_payload: int, chunk_bytes: in
     )
     out = []
     for i, (payload, digest) in enumerate(zip(payloads, digests, strict=True)):
-        sealed = SealedChunk(frame_head(seal(base.model_copy(update={"chunk": i}), digest)), payload)
+        sealed = SealedChunk(frame_head(_sealed_copy(base, i, digest)), payload)
         if sealed.size > max_payload:  # cannot happen with header_budget; guard the invariant anyway
             raise CodecError(f"chunk frame of {sealed.size} bytes exceeds max_payload {max_payload}")
         out.append(sealed)

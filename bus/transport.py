@@ -45,7 +45,7 @@ from bus.subjects import Subjects
 log = logging.getLogger(__name__)
 
 DEFAULT_FLUSH_EVERY = 8 * 1024 * 1024  # bytes published between PING/PONG round trips
-DEFAULT_PACK_BYTES = 64 * 1024  # small frames share a NATS message up to this size (an unshaped link)
+DEFAULT_PACK_BYTES = 1024 * 1024  # bytes of small frames that share one NATS message (an unshaped link)
 DEFAULT_PACK_SECONDS = 0.005  # on a shaped link, a shared message carries at most this much of its rate
 SMALL_TENSOR_ELEMENTS = 2048  # K/V tensors up to this size are encoded inline and never LZ4-probed by "auto"
 DEFAULT_EXPIRE_INTERVAL = 1.0  # seconds between the receiver's deadline sweeps
