@@ -1,5 +1,5 @@
-"""``python -m ops.bench bandwidth --real`` on a tiny real-style kit: rates and a trace, a built-in and a user's
-policy, the issue's row shape."""
+"""The real-size benchmarks on a tiny real-style kit: ``bandwidth --real`` (rates and a trace, a built-in and a
+user's policy, the issue's row shape) and ``e2e --real`` (bus vs in process)."""
 
 from __future__ import annotations
 
@@ -49,3 +49,24 @@ def test_kit_needs_real(tmp_path) -> None:
     add_arguments(parser)
     with pytest.raises(ConfigError, match="--kit needs --real"):
         run(parser.parse_args(["--kit", str(tmp_path), "--rates", "1"]))
+
+
+@pytest.mark.slow
+def test_e2e_real_on_a_tiny_kit(tiny_real_kit, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ops.bench e2e --real``: the real federation as processes against ``refine()`` with the same notes (seven
+    agent processes start: ~1.5 min on a loaded two-core machine)."""
+    from ops.bench import e2e
+
+    root, home = tiny_real_kit
+    monkeypatch.setenv("FEDREFINE_HOME", str(home))
+    parser = argparse.ArgumentParser()
+    e2e.add_arguments(parser)
+    args = parser.parse_args(["--real", "--kit", str(root), "--receiver-model", "m2", "--questions", "3"])
+    args.warmup = 1
+    result = e2e.run(args)
+    assert {"queries", "answered", "parity", "p50_ms", "p50_ms_in_process", "overhead_ratio"} <= set(result)
+    assert result["queries"] == 3 and result["answered"] == 3
+    assert result["parity"] == 1.0  # the bus is transport: the same answers as in process
+    assert result["p50_ms"] > 0 and result["p50_ms_in_process"] > 0
+    assert result["overhead_ratio"] == pytest.approx(result["p50_ms"] / result["p50_ms_in_process"], rel=0.01)
+    assert result["private_queries"] >= 0 and result["transmitters"] == 4
