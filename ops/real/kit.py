@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bus.errors import ConfigError
 from fusion.checkpoints import cache_root, models_dir
-from ops.real.world import NotesSpec, NotesWorld, generate_notes_world
+from ops.real.world import ATTRIBUTES, NotesSpec, NotesWorld, generate_notes_world
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +40,17 @@ GGUF_FILES = {  # model name -> (GGUF file, the package that ships it)
 DEVICES = {"smol-a": "smollm2", "smol-b": "smollm2", "gemma-a": "gemma3", "gemma-b": "gemma3"}  # in device order
 
 
+# the nine word attributes (151 values): a fuser learns a value set it has seen (docs/TRANSFER.md), and "year" has
+# 300 values, most of which a test question would ask that training never showed
+KIT_ATTRIBUTES = tuple(a.name for a in ATTRIBUTES if a.name != "year")
+
+
 class RealSpec(BaseModel):
     """What to build (its JSON and the format version name the cache directory)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    notes: NotesSpec = NotesSpec()
+    notes: NotesSpec = NotesSpec(attributes=KIT_ATTRIBUTES)
     devices: dict[str, str] = Field(default_factory=lambda: dict(DEVICES))  # device -> model name
     models: dict[str, str] = Field(default_factory=dict)  # model name -> checkpoint (empty: the two GGUF_FILES)
     train_questions: int = Field(default=480, ge=8)  # free-text questions of train entities (each read by every device)
@@ -65,7 +70,12 @@ class RealSpec(BaseModel):
 
 
 QUICK = RealSpec(
-    notes=NotesSpec(num_entities=120), train_questions=48, steps=12, gate_steps=10, held_out=8, batch_size=8
+    notes=NotesSpec(num_entities=120, attributes=KIT_ATTRIBUTES),
+    train_questions=48,
+    steps=12,
+    gate_steps=10,
+    held_out=8,
+    batch_size=8,
 )
 
 
