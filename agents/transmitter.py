@@ -11,9 +11,10 @@ important first), at the plan's precision, to ``fr.kv.<receiver_id>.<query_id>.<
 dropped. ``--link-mbps`` paces every KV publish with a :class:`~bus.shaper.LinkShaper`; ``--link-trace`` replays
 a time-varying link instead (:class:`~bus.linktrace.TraceShaper`, the trace's clock starting with the agent).
 
-Mid-stream: between layers a :class:`~bus.steer.DeadlineSteer` projects the rest of the stream at the link
-estimate now; when it would land after the deadline less the receiver's answer reserve, ``--policy`` re-plans the
-remaining layers (the deadline-aware policy: a cheaper precision, then fewer layers).
+Mid-stream, on a shaped link: between layers a :class:`~bus.steer.DeadlineSteer` projects the rest of the stream
+at the link's rate now (with a trace: the trace's) behind the bytes still queued on it; when it would land after
+the deadline less the receiver's answer reserve, ``--policy`` re-plans the remaining layers (the deadline-aware
+policy: a cheaper precision, then fewer layers).
 
 Inline caches: when the receiver's fuser for this model reads only its last token(s) (the query lists the tail)
 and that tail of every layer is at most ``--inline-kv-bytes`` and the link carries it within ``--inline-kv-ms``,
@@ -272,25 +273,33 @@ class TransmitterAgent(Agent):
         finally:
             self._inflight_bytes -= planned
             self.link_now()
-            self.replans += steer.replans > 0
+            self.replans += steer is not None and steer.replans > 0
         await self._account(plan, report)
 
-    def _steer(self, plan: Plan, layers: dict) -> DeadlineSteer:
-        """Re-plans the rest of the stream with ``--policy`` when the link estimate says it would land late."""
+    def _steer(self, plan: Plan, layers: dict) -> DeadlineSteer | None:
+        """Re-plans the rest of the stream with ``--policy`` when the shaped link would deliver it late.
+
+        Only on a shaped link (``--link-mbps``, ``--link-trace``): there the link's rate now and the bytes still
+        queued on it are known. Unshaped, publishes return before the bytes leave and the estimate comes from whole
+        streams (slowed by whatever else the machine does), so a mid-stream projection would only guess.
+        """
+        shaper = self.shaper
+        if shaper is None:
+            return None
+        self.link_now()  # the estimate follows the trace for the next offer and heartbeat
         deadline = time.monotonic() + (plan.deadline_unix - time.time())
         order = list(layers)
-        shaper = self.shaper
         return DeadlineSteer(
             self.policy,
             deadline=deadline,
             shapes={m: tuple(layers[m][0].shape) for m in order},
             importance={m: float(len(order) - i) for i, m in enumerate(order)},  # the plan's order: best first
-            rate=self.link_now,
-            backlog=(lambda: shaper.backlog_bytes()) if shaper is not None else (lambda: 0),
+            rate=lambda: shaper.rate_bps,
+            backlog=shaper.backlog_bytes,
             reserve_s=DEFAULT_ANSWER_RESERVE_S,
         )
 
-    async def _send(self, plan: Plan, entry: PlanEntry, layers: dict, steer: DeadlineSteer) -> SendReport:
+    async def _send(self, plan: Plan, entry: PlanEntry, layers: dict, steer: DeadlineSteer | None) -> SendReport:
         assert self.pub is not None
         return await send_cache(
             self.pub,
