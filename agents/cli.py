@@ -1,8 +1,15 @@
-"""The entry point every ``python -m agents.<role>`` shares: config, logging, threads, model, serve, exit status."""
+"""The entry point every ``python -m agents.<role>`` (and ``fedrefine <role>``) shares.
+
+Flags are parsed before the role's module, and so torch, is imported: ``--help`` and a bad flag answer at once.
+Then logging, threads, the model, and serving until a signal; the exit status says how it ended.
+"""
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import importlib
+import importlib.util
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -10,12 +17,46 @@ from typing import TypeVar
 
 from agents import tracing
 from agents.base import Agent, serve
-from agents.config import AgentConfig, parse_config
+from agents.config import (
+    AgentConfig,
+    GateAgentConfig,
+    ReceiverConfig,
+    RephraserConfig,
+    TransmitterConfig,
+    parse_config,
+)
 from bus.errors import FedRefineError
 
 log = logging.getLogger(__name__)
 
 C = TypeVar("C", bound=AgentConfig)
+
+# role -> (its settings model, the agent class in agents.<role>)
+ROLES: dict[str, tuple[type[AgentConfig], str]] = {
+    "transmitter": (TransmitterConfig, "TransmitterAgent"),
+    "receiver": (ReceiverConfig, "ReceiverAgent"),
+    "gate": (GateAgentConfig, "GateAgent"),
+    "rephraser": (RephraserConfig, "RephraserAgent"),
+}
+
+
+def role_description(role: str) -> str:
+    """The first line of ``agents.<role>``'s docstring, read without importing the module (and torch)."""
+    spec = importlib.util.find_spec(f"agents.{role}")
+    assert spec is not None and spec.origin is not None
+    with open(spec.origin, encoding="utf-8") as fh:
+        doc = ast.get_docstring(ast.parse(fh.read())) or ""
+    return doc.splitlines()[0] if doc else ""
+
+
+def main(role: str, argv: Sequence[str] | None = None) -> int:
+    """``python -m agents.<role>``: parse the flags, then import the role's agent, build and serve it."""
+    cls, agent_name = ROLES[role]
+
+    def factory(cfg: AgentConfig) -> Agent:
+        return getattr(importlib.import_module(f"agents.{role}"), agent_name)(cfg)
+
+    return run_agent(role, cls, factory, argv, role_description(role))
 
 
 def setup_logging(level: str) -> None:

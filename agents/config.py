@@ -1,32 +1,39 @@
-"""Agent configuration: one pydantic model per role, built once at the entry point from flags and environment.
+"""Agent settings: one pydantic-settings model per role, built once at the entry point.
 
-Every field ``some_name`` is the flag ``--some-name`` and the environment variable ``FEDREFINE_SOME_NAME``;
-a flag wins over the environment, the environment over the default. A bad value (flag or environment) is a
-:class:`~bus.errors.ConfigError` with one line; the CLIs print it as ``error: ...`` and exit 2.
+Every field ``some_name`` is the flag ``--some-name``, the environment variable ``FEDREFINE_SOME_NAME`` and the
+key ``some_name`` (or ``some-name``) of an optional TOML file given by ``--config FILE`` (or ``FEDREFINE_CONFIG``).
+A flag wins over the environment, the environment over the file, the file over the default; ``NATS_URL`` is read
+when ``FEDREFINE_NATS`` is not set. In the file, top-level keys apply to every role and a ``[<role>]`` table to
+that role only (it wins). A bad value from anywhere is a :class:`~bus.errors.ConfigError` with one line that
+names where it came from; the CLIs print it as ``error: ...`` and exit 2.
+
+Nothing here imports torch: ``--help`` and a bad flag answer before any model code is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
+import tomllib
 import types
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, NoReturn, TypeVar, Union, get_args, get_origin
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from bus.auth import ClientSecurity, read_creds
+from bus.cli import DEFAULT_NATS_URL, NATS_HELP, NATS_URL_ENV, OneLineParser, nats_servers
 from bus.errors import AuthError, ConfigError
+from bus.policy import POLICIES
 from bus.schemas import MAX_HEARTBEAT_S, MAX_INLINE_BYTES, PRECISIONS, validate_id
 from bus.subjects import DEFAULT_PREFIX, Subjects
 from fusion.notes import DEFAULT_TOP_K
 
 ENV_PREFIX = "FEDREFINE_"
-NATS_URL_ENV = "NATS_URL"  # read when FEDREFINE_NATS is not set
-DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+CONFIG_ENV = "FEDREFINE_CONFIG"  # the TOML settings file when --config is not given
 DEFAULT_HEARTBEAT_S = 1.0  # seconds between presence heartbeats
 DEFAULT_EXPIRY_BEATS = 3.0  # an agent is gone after this many heartbeat intervals of silence
 DEFAULT_DRAIN_S = 10.0  # seconds a stopping agent waits for its in-flight work
@@ -47,6 +54,18 @@ DEFAULT_MAX_DEADLINE_S = 60.0  # the longest deadline an agent honours: an ask o
 
 Level = Literal["debug", "info", "warning", "error"]
 C = TypeVar("C", bound="AgentConfig")
+S = TypeVar("S", bound=BaseSettings)
+
+
+def _existing(value: str | None, what: str, directory: bool) -> str | None:
+    """``value`` (``~`` expanded) when it names a directory (or a file); a ValueError saying what is there instead."""
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not (path.is_dir() if directory else path.is_file()):
+        there = " (it is a file)" if path.is_file() else " (it is a directory)" if path.is_dir() else ""
+        raise ValueError(f"no {what} at {str(path)!r}{there}")
+    return str(path)
 
 
 def default_id(role: str) -> str:
@@ -54,16 +73,12 @@ def default_id(role: str) -> str:
     return f"{role}-{uuid.uuid4().hex[:6]}"
 
 
-class AgentConfig(BaseModel):
+class AgentConfig(BaseSettings):
     """What every agent needs: where the bus is, who it is, how it heartbeats and stops."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = SettingsConfigDict(frozen=True, extra="forbid", env_prefix=ENV_PREFIX, env_ignore_empty=True)
 
-    nats: str = Field(
-        default=DEFAULT_NATS_URL,
-        description="NATS server URL, or several comma-separated (a cluster: the first is tried first, the others on "
-        "failure); also read from NATS_URL",
-    )
+    nats: str = Field(default=DEFAULT_NATS_URL, description=NATS_HELP)
     creds: str | None = Field(
         default=None, description="this agent's credentials file (python -m ops.server --creds-dir DIR writes them)"
     )
@@ -115,11 +130,10 @@ class AgentConfig(BaseModel):
     @field_validator("nats")
     @classmethod
     def _url(cls, value: str) -> str:
-        urls = [u.strip() for u in value.split(",")]
-        for url in urls:
-            if "://" not in url or not url.split("://", 1)[1]:
-                raise ValueError(f"{url!r} is not a URL like nats://127.0.0.1:4222 (several: comma-separated)")
-        return ",".join(urls)
+        try:
+            return nats_servers(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc).removeprefix("--nats: ")) from exc
 
     def security(self) -> ClientSecurity:
         """How this agent connects; :class:`ConfigError` without credentials unless ``insecure`` says so."""
@@ -247,6 +261,11 @@ class ReceiverConfig(ModelAgentConfig):
         "receiver trained to say 'none'; the zoo's is, and 0.5 suits it)",
     )
 
+    @field_validator("fusers")
+    @classmethod
+    def _fusers_dir(cls, value: str | None) -> str | None:
+        return _existing(value, "fusers directory", directory=True)
+
     @field_validator("gates")
     @classmethod
     def _gates(cls, value: str | None) -> str | None:
@@ -265,10 +284,11 @@ class GateAgentConfig(AgentConfig):
     """``python -m agents.gate``."""
 
     gate: str | None = Field(
-        default=None, description="gating network directory (fusion.gate.save_gate); none: uniform"
+        default=None, description="gating network directory (fusion.gate.save_gate: FUSERS/gate-<fp>); unset: uniform"
     )
     policy: str = Field(
-        default="deadline-aware", description="bandwidth policy (a bus.policy name or a module:Class of your own)"
+        default="deadline-aware",
+        description=f"bandwidth policy: {', '.join(POLICIES)}, or a module:Class of your own (docs/POLICIES.md)",
     )
     precision: Literal["fp32", "fp16", "bf16", "int8", "int4"] = Field(
         default="fp16", description="precision for policies that use one (keep-all, drop-by-importance)"
@@ -280,6 +300,23 @@ class GateAgentConfig(AgentConfig):
     answer_reserve_s: float = Field(
         default=DEFAULT_ANSWER_RESERVE_S, ge=0, le=60, description="seconds the receiver keeps after the last byte"
     )
+
+    @field_validator("gate")
+    @classmethod
+    def _gate_dir(cls, value: str | None) -> str | None:
+        return _existing(value, "gating network directory", directory=True)
+
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, value: str) -> str:
+        from bus.errors import PolicyError
+        from bus.policy import policy_class
+
+        try:
+            policy_class(value)  # a built-in name or alias, or a module:Class that imports and fits
+        except PolicyError as exc:
+            raise ValueError(str(exc)) from exc
+        return value
 
     @field_validator("precision")
     @classmethod
@@ -310,15 +347,31 @@ class RephraserConfig(ModelAgentConfig):
         return value
 
 
-# ---- flags and environment ----------------------------------------------------------------------------------
+# ---- flags, environment and the settings file -----------------------------------------------------------------
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one ``error: ...`` line and exit status 2."""
+AGENT_SETTINGS: dict[str, type[BaseSettings]] = {
+    "transmitter": TransmitterConfig,
+    "receiver": ReceiverConfig,
+    "gate": GateAgentConfig,
+    "rephraser": RephraserConfig,
+}
 
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        raise SystemExit(2)
+# Which --help group each flag is listed under; a flag not named here is a "role" flag.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "connection": ("config", "nats", "creds", "tls_ca", "insecure", "id", "prefix", "heartbeat_s", "drain_s",
+                   "connect_retries", "backoff_max_s", "max_control_bytes", "max_inflight", "max_deadline_s",
+                   "log_level", "trace"),
+    "model": ("model", "dtype", "device", "threads", "inline_compute_ms"),
+    "bandwidth": ("link_mbps", "link_burst_bytes", "link_trace", "inline_kv_bytes", "inline_kv_ms", "policy",
+                  "precision", "assumed_rate_mbps"),
+}  # fmt: skip
+GROUP_TITLES = {
+    "connection": "connection (the bus, this agent's identity, limits, logging)",
+    "model": "model",
+    "role": "role",
+    "bandwidth": "bandwidth",
+}
 
 
 def _flag(name: str) -> str:
@@ -333,43 +386,113 @@ def _is_bool(annotation: Any) -> bool:
     return False
 
 
-def build_parser(cls: type[AgentConfig], prog: str, description: str) -> argparse.ArgumentParser:
-    """An argument parser with one flag per config field (help shows the default and the environment name)."""
-    parser = _OneLineParser(prog=prog, description=description)
+def _choices(field: Any) -> list[str] | None:
+    if get_origin(field.annotation) is Literal:
+        return [str(a) for a in get_args(field.annotation)]
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    return list(extra["choices"]) if "choices" in extra else None  # type: ignore[arg-type]
+
+
+def _group_of(name: str) -> str:
+    return next((group for group, names in GROUPS.items() if name in names), "role")
+
+
+def _default_text(field: Any) -> str:
+    if field.is_required():
+        return "required"
+    if field.default is None or field.default == "":
+        return "default: unset"
+    if isinstance(field.default, bool):
+        return "default: on" if field.default else "default: off"
+    return f"default: {field.default}"
+
+
+def build_parser(cls: type[BaseSettings], prog: str, description: str) -> argparse.ArgumentParser:
+    """One flag per settings field in four groups (connection, model, role, bandwidth), with default and env name."""
+    parser = OneLineParser(
+        prog=prog,
+        description=description,
+        epilog=f"Every flag is also an environment variable ({ENV_PREFIX}<FLAG>, e.g. {ENV_PREFIX}NATS) and a key of "
+        "the --config file; a flag wins over the environment, the environment over the file.",
+    )
+    groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
+    groups["connection"].add_argument(
+        "--config", metavar="FILE", default=None, help=f"TOML settings file (default: unset; env {CONFIG_ENV})"
+    )
     for name, field in cls.model_fields.items():
-        env = ENV_PREFIX + name.upper()
-        default = "required" if field.is_required() else f"default {field.default!r}"
-        help_text = f"{field.description or name} ({default}; env {env})"
+        help_text = f"{field.description or name} ({_default_text(field)}; env {ENV_PREFIX}{name.upper()})"
+        group = groups[_group_of(name)]
         if _is_bool(field.annotation):
-            parser.add_argument(
+            group.add_argument(
                 _flag(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
-        else:
-            parser.add_argument(_flag(name), dest=name, default=None, metavar=name.upper(), help=help_text)
+            continue
+        choices = _choices(field)
+        metavar = "{" + ",".join(choices) + "}" if choices else name.upper()
+        group.add_argument(_flag(name), dest=name, default=None, metavar=metavar, help=help_text)
     return parser
 
 
-def _env_values(cls: type[AgentConfig], env: Mapping[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if env.get(NATS_URL_ENV):  # the NATS tools' own variable; FEDREFINE_NATS wins over it
+def _env_values(cls: type[BaseSettings], env: Mapping[str, str]) -> dict[str, Any]:
+    """``FEDREFINE_*`` values (pydantic-settings' env source over ``env``), ``NATS_URL`` under ``FEDREFINE_NATS``."""
+    source = EnvSettingsSource(cls)
+    source.env_vars = {key.lower(): value for key, value in env.items()}
+    out = {key: value for key, value in source().items() if key in cls.model_fields}
+    if "nats" not in out and env.get(NATS_URL_ENV):
         out["nats"] = env[NATS_URL_ENV]
-    for name in cls.model_fields:
-        value = env.get(ENV_PREFIX + name.upper())
-        if value is not None and value != "":
-            out[name] = value
     return out
 
 
-def make_config(cls: type[C], values: Mapping[str, Any], role: str) -> C:
-    """Validate ``values`` into ``cls`` (filling a default id); any problem is one :class:`ConfigError` line."""
-    data = dict(values)
+def read_settings_file(
+    cls: type[BaseSettings], path: str, role: str, roles: Mapping[str, type[BaseSettings]] | None = None
+) -> dict[str, Any]:
+    """The values of a TOML settings file for ``role``: top-level keys, then its ``[role]`` table.
+
+    ``roles`` are the tables a file may hold (default: the four agents); a top-level key none of them knows is an
+    error, one another role knows is left to it.
+    """
     try:
-        cfg = cls(**data)
+        with open(Path(path).expanduser(), "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path}: {exc.strerror or exc}", path=path) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config: {path} is not TOML: {exc}", path=path) from exc
+    roles = roles or AGENT_SETTINGS
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in roles:
+            raise ConfigError(f"--config: {path}: unknown table [{key}] (tables: {', '.join(roles)})", path=path)
+    anyone = {name for other in roles.values() for name in other.model_fields}
+    top = {k.replace("-", "_"): v for k, v in data.items() if not isinstance(v, dict)}
+    for key in top:
+        if key not in anyone:
+            raise ConfigError(f"--config: {path}: {key!r} is no agent's setting", path=path)
+    flat = {k: v for k, v in top.items() if k in cls.model_fields}  # other roles' keys may share the file
+    for key, value in data.get(role, {}).items():
+        if key.replace("-", "_") not in cls.model_fields:
+            raise ConfigError(f"--config: {path}: {key!r} is not a {role} setting", path=path)
+        flat[key.replace("-", "_")] = value
+    return flat
+
+
+def validate_settings(cls: type[S], values: Mapping[str, Any], origins: Mapping[str, str] | None = None) -> S:
+    """``values`` validated into ``cls``; any problem is one :class:`ConfigError` line naming where it came from."""
+    try:
+        return cls.model_validate(dict(values))
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = _flag(str(first["loc"][0])) if first["loc"] else "config"
+        name = str(first["loc"][0]) if first["loc"] else ""
+        where = (origins or {}).get(name) or (_flag(name) if name else "config")
         msg = str(first["msg"]).removeprefix("Value error, ")
         raise ConfigError(f"{where}: {msg}", errors=exc.errors()) from exc
+
+
+def make_config(cls: type[C], values: Mapping[str, Any], role: str, origins: Mapping[str, str] | None = None) -> C:
+    """Validate ``values`` into ``cls`` (filling a default id); any problem is one :class:`ConfigError` line.
+
+    ``origins`` names where each value came from (a flag, a variable, a file), for the message.
+    """
+    cfg = validate_settings(cls, values, origins)
     if cfg.creds is not None:
         cfg = _identity_from_creds(cfg, role)
     if not cfg.id:
@@ -395,6 +518,30 @@ def _identity_from_creds(cfg: C, role: str) -> C:
     return cfg
 
 
+def settings_values(
+    cls: type[BaseSettings],
+    role: str,
+    argv: Sequence[str] | None,
+    env: Mapping[str, str],
+    parser: argparse.ArgumentParser,
+    roles: Mapping[str, type[BaseSettings]] | None = None,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The values of ``cls``'s fields and where each came from: flags over ``FEDREFINE_*`` over the settings file."""
+    args = vars(parser.parse_args(argv))
+    config_file = args.pop("config") or env.get(CONFIG_ENV) or None
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    layers: list[tuple[dict[str, Any], Callable[[str], str]]] = []
+    if config_file:
+        layers.append((read_settings_file(cls, config_file, role, roles), lambda k: f"--config {config_file}: {k}"))
+    layers.append((_env_values(cls, env), lambda k: ENV_PREFIX + k.upper()))
+    layers.append(({k: v for k, v in args.items() if v is not None}, _flag))
+    for layer, origin in layers:
+        values.update(layer)
+        origins.update({key: origin(key) for key in layer})
+    return values, origins
+
+
 def parse_config(
     cls: type[C],
     role: str,
@@ -402,9 +549,7 @@ def parse_config(
     env: Mapping[str, str] | None = None,
     description: str = "",
 ) -> C:
-    """Flags (``argv``) over ``FEDREFINE_*`` variables (``env``, default ``os.environ``) over defaults."""
+    """Flags (``argv``) over ``FEDREFINE_*`` variables (``env``, default ``os.environ``) over the settings file."""
     parser = build_parser(cls, f"python -m agents.{role}", description)
-    args = parser.parse_args(argv)
-    values = _env_values(cls, os.environ if env is None else env)
-    values.update({k: v for k, v in vars(args).items() if v is not None})
-    return make_config(cls, values, role)
+    values, origins = settings_values(cls, role, argv, os.environ if env is None else env, parser)
+    return make_config(cls, values, role, origins)

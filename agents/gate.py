@@ -18,6 +18,11 @@ still planned when it offers), so a phantom presence stalls at most that many qu
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # flags first: --help and a bad flag answer before torch is imported
+    from agents.cli import main
+
+    raise SystemExit(main("gate"))
+
 import asyncio
 import logging
 import time
@@ -27,9 +32,8 @@ from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
 
-from agents import tracing
+from agents import cli, tracing
 from agents.base import Agent, decode
-from agents.cli import run_agent
 from agents.config import GateAgentConfig
 from agents.fuserbook import listed_fusers
 from agents.planning import build_plan, build_policy
@@ -282,8 +286,4 @@ class GateAgent(Agent):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m agents.gate``."""
-    return run_agent("gate", GateAgentConfig, GateAgent, argv, __doc__.splitlines()[0])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return cli.main("gate", argv)

@@ -22,6 +22,11 @@ and deadline; an ask whose deadline is beyond ``--max-deadline-s`` is refused wi
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # flags first: --help and a bad flag answer before torch is imported
+    from agents.cli import main
+
+    raise SystemExit(main("receiver"))
+
 import asyncio
 import logging
 import statistics
@@ -35,10 +40,9 @@ from typing import Any
 import nats
 from nats.aio.msg import Msg
 
-from agents import tracing
+from agents import cli, tracing
 from agents.askqueue import AskQueue
 from agents.base import Agent, decode
-from agents.cli import run_agent
 from agents.config import ReceiverConfig
 from agents.fuserbook import FuserBook
 from agents.gatepick import GatePicker
@@ -377,8 +381,14 @@ class ReceiverAgent(Agent):
                 self.gates.missed(q.gates)  # it had its full time: the gate is suspect (not when our reserve cut it)
             which = f"the gate ({', '.join(q.gates)})" if q.gates else "the gate"
             alive = "" if self.gates.live() else "; no gate is heartbeating"
-            waited = time.monotonic() - q.t0 if q.gate_gone else plan_until - q.t0
-            notes.append(f"no plan from {which} within {waited:.2f} s (gate down?){alive}; answered alone")
+            if plan_until <= q.t0 and not q.gate_gone:  # the reserve took the whole deadline: nothing to wait for
+                notes.append(
+                    f"the deadline ({ask.deadline_s:.3f} s) leaves no time to wait for a plan ({self._reserve():.2f} s "
+                    "kept to answer); answered alone"
+                )
+            else:
+                waited = time.monotonic() - q.t0 if q.gate_gone else plan_until - q.t0
+                notes.append(f"no plan from {which} within {waited:.2f} s (gate down?){alive}; answered alone")
         t_plan = time.monotonic()
         if q.plan is not None:
             await self.tracer.emit(q.query_id, "plan", count=len(q.plan.entries), ms=1000 * (t_plan - q.t0))
@@ -570,8 +580,4 @@ class ReceiverAgent(Agent):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m agents.receiver``."""
-    return run_agent("receiver", ReceiverConfig, ReceiverAgent, argv, __doc__.splitlines()[0])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return cli.main("receiver", argv)

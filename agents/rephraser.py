@@ -11,14 +11,19 @@ same call ``fusion.refine.refine(private=True)`` makes in process.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # flags first: --help and a bad flag answer before torch is imported
+    from agents.cli import main
+
+    raise SystemExit(main("rephraser"))
+
 import logging
 import time
 from collections.abc import Sequence
 
 from nats.aio.msg import Msg
 
+from agents import cli
 from agents.base import Agent, decode
-from agents.cli import run_agent
 from agents.config import RephraserConfig
 from bus.errors import PrivacyError, SchemaError
 from bus.schemas import Ask, ErrorReply, Query
@@ -95,8 +100,4 @@ class RephraserAgent(Agent):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m agents.rephraser``."""
-    return run_agent("rephraser", RephraserConfig, RephraserAgent, argv, __doc__.splitlines()[0])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return cli.main("rephraser", argv)

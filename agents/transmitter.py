@@ -35,6 +35,11 @@ memory for long.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # flags first: --help and a bad flag answer before torch is imported
+    from agents.cli import main
+
+    raise SystemExit(main("transmitter"))
+
 import asyncio
 import logging
 import time
@@ -43,9 +48,8 @@ from dataclasses import dataclass
 
 from nats.aio.msg import Msg
 
-from agents import tracing
+from agents import cli, tracing
 from agents.base import Agent, decode
-from agents.cli import run_agent
 from agents.config import DEFAULT_ANSWER_RESERVE_S, TransmitterConfig
 from agents.fuserbook import listed_fusers
 from agents.roster import DEFAULT_MAX_SKEW_S
@@ -390,8 +394,4 @@ def ordered_layers(prefill: TransmitterPrefill, layers: Sequence[int]) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m agents.transmitter``."""
-    return run_agent("transmitter", TransmitterConfig, TransmitterAgent, argv, __doc__.splitlines()[0])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return cli.main("transmitter", argv)

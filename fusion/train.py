@@ -14,6 +14,11 @@ wreck what the receiver already knows.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # flags first: --help and a bad flag answer before torch is imported
+    from fusion.train_cli import main
+
+    raise SystemExit(main())
+
 import logging
 import math
 import os
@@ -328,9 +333,3 @@ def _reading(receiver: LanguageModel, fuser: PairFuser | None, example: Prepared
     from fusion.answers import Reading
 
     return Reading(None, (), fused_text(receiver, fuser, example))
-
-
-if __name__ == "__main__":
-    from fusion.train_cli import main
-
-    raise SystemExit(main())

@@ -34,6 +34,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from bus.cli import OneLineParser
 from bus.errors import ConfigError, FedRefineError
 
 log = logging.getLogger(__name__)
@@ -57,12 +58,6 @@ class TrainRow(BaseModel):
     keep: bool = False
     split: str = ""
     id: str = ""
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def read_rows(path: str | Path) -> list[TrainRow]:
@@ -115,7 +110,7 @@ def to_item(row: TrainRow):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog="python -m fusion.train", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m fusion.train", description=__doc__.splitlines()[0])
     p.add_argument("--receiver", required=True, help="receiver model (.gguf, checkpoint directory, tiny name)")
     p.add_argument("--transmitter", required=True, action="append", help="transmitter model (--gate: NAME=MODEL)")
     p.add_argument("--data", required=True, type=Path, help="JSONL training items")

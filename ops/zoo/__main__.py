@@ -2,16 +2,56 @@
 
 from __future__ import annotations
 
-import argparse
+import json
 import logging
 import sys
+from pathlib import Path
+from typing import Any
 
+from bus.cli import OneLineParser
 from bus.errors import FedRefineError
+
+
+def zoo_paths(root: Path, manifest: Any) -> dict[str, Any]:
+    """Absolute paths of the zoo, each model, each pair fuser (named by its models) and each gate."""
+    root = root.resolve()
+    names = {m.fingerprint[:16]: m.name for m in manifest.models}
+
+    def named(fp: str) -> str:
+        return names.get(fp, fp)
+
+    fusers, gates = {}, {}
+    for path in sorted((root / "fusers").glob("fuser-*-to-*")):
+        src, dst = path.name.removeprefix("fuser-").split("-to-", 1)
+        fusers[f"{named(src)} -> {named(dst)}"] = str(path)
+    for path in sorted((root / "fusers").glob("gate-*")):
+        gates[named(path.name.removeprefix("gate-"))] = str(path)
+    return {
+        "root": str(root),
+        "models": {m.name: str((root / m.path).resolve()) for m in manifest.models},
+        "fusers_dir": str(root / "fusers"),
+        "fusers": fusers,
+        "gates": gates,
+        "questions": {"train": str(root / "train.jsonl"), "test": str(root / "test.jsonl")},
+    }
+
+
+def paths_text(paths: dict[str, Any]) -> str:
+    """The paths of :func:`zoo_paths` as lines a person reads."""
+    lines = [f"zoo:     {paths['root']}"]
+    lines += [f"model    {name:<24} {path}" for name, path in paths["models"].items()]
+    lines.append(f"fusers:  {paths['fusers_dir']}")
+    lines += [f"fuser    {pair:<24} {path}" for pair, path in paths["fusers"].items()]
+    lines += [f"gate     {'for ' + name:<24} {path}" for name, path in paths["gates"].items()]
+    if not paths["fusers"]:
+        lines.append("(no fusers yet: they are trained on first use, e.g. by make demo)")
+    lines += [f"questions {split:<23} {path}" for split, path in paths["questions"].items()]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command, run it; one ``error: ...`` line and exit 2 on a FedRefine error."""
-    parser = argparse.ArgumentParser(prog="python -m ops.zoo", description="the toy world and its model zoo")
+    parser = OneLineParser(prog="python -m ops.zoo", description="the toy world and its model zoo")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("build", "build (or reuse) the zoo"), ("info", "print the manifest of a built zoo")):
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -41,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"no {spec.name} zoo for seed {args.seed} at {zoo_dir(spec)}; run `python -m ops.zoo build"
                 f"{' --quick' if args.quick else ''} --seed {args.seed}` first"
             )
-        print(manifest_json(manifest) if args.json else manifest_summary(manifest))
+        paths = zoo_paths(zoo_dir(spec), manifest)
+        if args.json:
+            print(json.dumps({**json.loads(manifest_json(manifest)), "paths": paths}, indent=2))
+        else:
+            print(manifest_summary(manifest) + "\n" + paths_text(paths))
         return 0
     except FedRefineError as exc:
         print(f"error: {exc}", file=sys.stderr)

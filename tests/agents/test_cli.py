@@ -48,7 +48,11 @@ def test_every_agent_has_help(role: str, capsys: pytest.CaptureFixture[str]) -> 
         ("transmitter", ["--model", "no/such/dir", "--nats", "nats://127.0.0.1:1", "--insecure"], "no model at"),
         ("transmitter", ["--model", "tiny-llama"], "--creds FILE is required"),
         ("transmitter", ["--model", "tiny-llama", "--creds", "/no/such.creds"], "cannot read credentials"),
-        ("gate", ["--nats", "tls://127.0.0.1:1,127.0.0.1:2"], "'127.0.0.1:2' is not a URL"),
+        ("gate", ["--nats", "tls://127.0.0.1:1,ftp://127.0.0.1:2"], "scheme 'ftp' is not one of"),
+        ("gate", ["--nats", "127.0.0.1:99999"], "port '99999' is not 1..65535"),
+        ("receiver", ["--model", "x", "--insecure", "--fusers", "/nonexistent"], "no fusers directory at"),
+        ("gate", ["--insecure", "--gate", "/nonexistent"], "no gating network directory at"),
+        ("gate", ["--insecure", "--policy", "fastest"], "unknown policy 'fastest'"),
     ],
 )
 def test_bad_input_is_one_line_and_status_2(
@@ -70,7 +74,7 @@ def test_flags_win_over_environment_over_defaults() -> None:
     assert (g.policy, g.id) == ("keep-all", "g1")
     r = parse_config(RephraserConfig, "rephraser", ["--rules-only"], env={})
     assert r.rules_only and r.model == ""
-    with pytest.raises(ConfigError, match="--heartbeat-s"):
+    with pytest.raises(ConfigError, match="FEDREFINE_HEARTBEAT_S"):
         parse_config(ReceiverConfig, "receiver", [], env={"FEDREFINE_MODEL": "m", "FEDREFINE_HEARTBEAT_S": "soon"})
 
 
@@ -198,3 +202,13 @@ async def test_short_model_calls_run_on_the_event_loop_and_long_ones_on_the_comp
     assert agent.computed == {"thread": 3, "loop": 2}
     never = Agent(make_config(AgentConfig, {"inline_compute_ms": 0.0, "insecure": True}, "gate"))
     assert [await never.compute(where) == loop_thread for _ in range(2)] == [False, False]
+
+
+@pytest.mark.parametrize("deadline_s", [0.001, 0.2])
+async def test_a_short_deadline_never_reports_a_negative_wait(fleet: Fleet, deadline_s: float) -> None:
+    """A deadline shorter than the receiver's answer reserve leaves no time for a plan: the note says so."""
+    await fleet.standard()
+    reply = await fleet.ask(QUESTIONS[1], deadline_s=deadline_s)
+    assert isinstance(reply, Answer), reply
+    assert not any("within -" in note for note in reply.notes), reply.notes
+    assert any("leaves no time to wait for a plan" in note for note in reply.notes), reply.notes

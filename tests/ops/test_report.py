@@ -137,3 +137,41 @@ def test_bad_input_is_one_error_line(tmp_path, capsys):
     assert main(["--in", str(tmp_path / "nowhere")]) == 2
     (src / "bandwidth.json").write_text(json.dumps({"rows": [{"policy": "x", "link_mbps": "fast"}]}))
     assert main(["--in", str(src), "--out", str(tmp_path / "out")]) == 2
+
+
+def real_row(label: str, mode: str, fmt: str, accuracy: float, n: int = 100) -> dict:
+    row = {"label": label, "mode": mode, "transmitters": [], "private": False, "precision": "fp16", "format": fmt}
+    return {**row, "task": "device-notes", "accuracy": accuracy, "ci95": 0.04, "n": n, "bytes_per_question": 1234.0}
+
+
+REAL_ACCURACY = {
+    "real": True,
+    "task": "device-notes",
+    "receiver": "smollm2",
+    "rows": [
+        real_row(label, mode, fmt, acc + (0.1 if fmt == "text" else 0.0))
+        for label, mode, acc in (("receiver", "receiver", 0.21), ("c2c+1", "c2c", 0.34), ("c2c+2", "c2c", 0.47),
+                                 ("t2t", "t2t", 0.29), ("int4", "c2c", 0.44))
+        for fmt in ("choice", "text")
+    ],
+}  # fmt: skip
+REAL_LATENCY = {"real": True, "rows": [{"mode": "t2t", "p50_ms": 2345.0, "p95_ms": 2900.0},
+                                       {"mode": "c2c", "p50_ms": 678.0, "p95_ms": 800.0}]}  # fmt: skip
+
+
+def test_real_model_figures_from_rows_with_format_and_task(tmp_path):
+    src = write(tmp_path, accuracy_real=REAL_ACCURACY, latency=REAL_LATENCY)  # a real latency under its toy name
+    md, pngs = build_report(src, tmp_path / "report")
+    names = {p.name for p in pngs}
+    assert names == {"real_accuracy.png", "real_accuracy_vs_devices.png", "real_latency.png"}
+    for p in pngs:
+        assert p.read_bytes()[:8] == PNG_MAGIC and p.stat().st_size > 5000
+    text = md.read_text()
+    assert "| c2c+2 | choice | 47.0% |" in text and "| c2c+2 | text | 57.0% |" in text
+    assert "| t2t | 2,345.0 | 2,900.0 |" in text and "device-notes" not in text.split("## Real models: latency")[1]
+    assert "Latency: text-to-text vs C2C" in text and "not measured (run `python -m ops.bench latency" in text
+
+
+def test_real_sections_say_how_to_measure_them(tmp_path):
+    md, _ = build_report(write(tmp_path), tmp_path / "out")
+    assert "python -m ops.bench accuracy --real" in md.read_text()
