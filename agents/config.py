@@ -28,7 +28,7 @@ from bus.auth import ClientSecurity, read_creds
 from bus.cli import DEFAULT_NATS_URL, NATS_HELP, NATS_URL_ENV, OneLineParser, nats_servers
 from bus.connect import DEFAULT_CONNECT_RETRIES
 from bus.errors import AuthError, ConfigError
-from bus.policy import ALIASES, POLICIES
+from bus.policy import POLICIES
 from bus.schemas import DEFAULT_HEARTBEAT_S, MAX_HEARTBEAT_S, MAX_INLINE_BYTES, PRECISIONS, validate_id
 from bus.subjects import DEFAULT_PREFIX, Subjects
 from fusion.notes import DEFAULT_TOP_K
@@ -166,6 +166,16 @@ class TransmitterConfig(ModelAgentConfig):
     link_burst_bytes: int | None = Field(
         default=None, ge=1, description="bytes the shaped link lets through at once (default: bus.shaper's)"
     )
+    link_trace: str | None = Field(
+        default=None,
+        description="replay this link trace on the uplink: a time_s,rate_mbps CSV or a Mahimahi packet trace "
+        "(bus.linktrace; shipped ones in ops/traces); not with --link-mbps",
+    )
+    policy: str = Field(
+        default="deadline-aware",
+        description="bandwidth policy that re-plans a stream's remaining layers when the link slows mid-stream "
+        "(a bus.policy name or a module:Class of your own)",
+    )
     inline_kv_bytes: int = Field(
         default=DEFAULT_INLINE_KV_BYTES,
         ge=0,
@@ -182,6 +192,36 @@ class TransmitterConfig(ModelAgentConfig):
         default=None, description="this device's notes file, one fact per line (read before q', never sent)"
     )
     top_k: int = Field(default=DEFAULT_TOP_K, ge=1, le=32, description="note lines retrieved for each query")
+
+    @field_validator("link_trace")
+    @classmethod
+    def _trace_file(cls, value: str | None) -> str | None:
+        if value:
+            from bus.linktrace import load_trace
+
+            try:
+                load_trace(value)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from exc
+        return value or None
+
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, value: str) -> str:
+        from bus.errors import PolicyError
+        from bus.policy import policy_class
+
+        try:
+            policy_class(value)
+        except PolicyError as exc:
+            raise ValueError(str(exc)) from exc
+        return value
+
+    @model_validator(mode="after")
+    def _one_link(self) -> TransmitterConfig:
+        if self.link_trace and self.link_mbps:
+            raise ValueError("--link-mbps and --link-trace both shape the uplink; give one")
+        return self
 
     @field_validator("notes")
     @classmethod
@@ -246,8 +286,7 @@ class GateAgentConfig(AgentConfig):
     )
     policy: str = Field(
         default="deadline-aware",
-        description="bandwidth policy (bus.policy)",
-        json_schema_extra={"choices": list(POLICIES)},
+        description=f"bandwidth policy: {', '.join(POLICIES)}, or a module:Class of your own (docs/POLICIES.md)",
     )
     precision: Literal["fp32", "fp16", "bf16", "int8", "int4"] = Field(
         default="fp16", description="precision for policies that use one (keep-all, drop-by-importance)"
@@ -268,8 +307,13 @@ class GateAgentConfig(AgentConfig):
     @field_validator("policy")
     @classmethod
     def _policy(cls, value: str) -> str:
-        if value not in POLICIES and value not in ALIASES:
-            raise ValueError(f"unknown policy {value!r}; choose one of {', '.join(POLICIES)}")
+        from bus.errors import PolicyError
+        from bus.policy import policy_class
+
+        try:
+            policy_class(value)  # a built-in name or alias, or a module:Class that imports and fits
+        except PolicyError as exc:
+            raise ValueError(str(exc)) from exc
         return value
 
     @field_validator("precision")
@@ -317,8 +361,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
                    "connect_retries", "backoff_max_s", "max_control_bytes", "max_inflight", "max_deadline_s",
                    "log_level", "trace"),
     "model": ("model", "dtype", "device", "threads", "inline_compute_ms"),
-    "bandwidth": ("link_mbps", "link_burst_bytes", "inline_kv_bytes", "inline_kv_ms", "policy", "precision",
-                  "assumed_rate_mbps"),
+    "bandwidth": ("link_mbps", "link_burst_bytes", "link_trace", "inline_kv_bytes", "inline_kv_ms", "policy",
+                  "precision", "assumed_rate_mbps"),
 }  # fmt: skip
 GROUP_TITLES = {
     "connection": "connection (the bus, this agent's identity, limits, logging)",

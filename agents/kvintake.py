@@ -5,6 +5,11 @@ this receiver has not opened, or from a sender that the query's plan does not na
 warning (a chunk that arrives before the receiver has read the plan is held provisionally; only planned
 senders are ever fused). Chunks for a query the receiver just answered are late, not hostile: logged at
 debug level only.
+
+Memory per query: with ``budget`` (``(query_id, sender) -> planned wire bytes``, None while no plan is known), a
+stream's messages are refused once they would take it past its planned bytes (the plan's ``byte_budget``, which
+counts every frame header; a transmitter that re-plans mid-stream only ever sends less), so reassembly never holds
+more than the plan allowed. Without a plan yet, the reassembler's per-query limit still bounds it.
 """
 
 from __future__ import annotations
@@ -16,21 +21,25 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from bus.errors import FedRefineError, SchemaError
+from bus.errors import FedRefineError, LimitError, SchemaError
 from bus.transport import KVReceiver
 
 log = logging.getLogger(__name__)
 
 Verdict = Callable[[str, str], str | None]  # (query_id, sender) -> None to accept, else why not
+Budget = Callable[[str, str], int | None]  # (query_id, sender) -> the stream's planned wire bytes (None: unknown)
 
 
 class GuardedKVReceiver(KVReceiver):
     """A :class:`KVReceiver` that drops unwanted streams before reassembly and counts wire bytes per stream."""
 
-    def __init__(self, *args: Any, guard: Verdict, is_late: Callable[[str], bool], **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, guard: Verdict, is_late: Callable[[str], bool], budget: Budget | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.guard = guard
         self.is_late = is_late
+        self.budget = budget
         self.stream_bytes: Counter[tuple[str, str]] = Counter()
         self.late_frames = 0  # KV messages for a query already answered
 
@@ -48,6 +57,14 @@ class GuardedKVReceiver(KVReceiver):
             why = self.guard(parts.query_id, parts.sender)
             if why is not None:
                 raise SchemaError(why)
+            key = (parts.query_id, parts.sender)
+            planned = self.budget(*key) if self.budget is not None else None
+            if planned is not None and self.stream_bytes[key] + len(msg.data) > planned:
+                raise LimitError(
+                    f"KV from {parts.sender} for {parts.query_id} would exceed its planned {planned} bytes; dropped",
+                    reason="planned",
+                    query_id=parts.query_id,
+                )
         except FedRefineError as exc:
             self.stats["messages"] += 1
             await self._error(exc, msg.subject)

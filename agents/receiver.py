@@ -72,6 +72,7 @@ DEFAULT_RESERVE_FACTOR = 1.5  # reserve = factor x mean answer time x (answers q
 DEFAULT_FUSED_WINDOW = 32  # fused answers whose median time judges whether an ask is worth asking the others
 DEFAULT_FUSED_MEMORY_S = 10.0  # ... those of the last seconds only: times from a fault long mended do not shed asks
 DEFAULT_SHED_FACTOR = 2.0  # an ask answers alone when less than this x a fused answer (+ the reserve) is left
+PLAN_SLACK = (1.25, 64 * 1024)  # a stream may exceed its plan's byte estimate by this share and these bytes
 SHED_NOTE = "too little of its deadline was left to ask the others"
 
 
@@ -130,6 +131,7 @@ class ReceiverAgent(Agent):
             on_error=lambda exc, subject: self.reject(subject, str(exc)),
             guard=self._kv_guard,
             is_late=lambda qid: qid in self.closed,
+            budget=self._planned_bytes,
         )
         await self.kv.start()
         await self.listen(self.subjects.offers_all(), self._on_offer)
@@ -148,6 +150,14 @@ class ReceiverAgent(Agent):
         if q.plan is not None and all(e.transmitter_id != sender for e in q.plan.entries):
             return f"KV from {sender}, which the plan of {query_id} does not name"
         return None
+
+    def _planned_bytes(self, query_id: str, sender: str) -> int | None:
+        """What a stream may bring: its plan's bytes with PLAN_SLACK to spare (None before the plan: unbounded)."""
+        q = self.open.get(query_id)
+        if q is None or q.plan is None:
+            return None
+        planned = next((e.byte_budget for e in q.plan.entries if e.transmitter_id == sender), 0)
+        return int(planned * PLAN_SLACK[0]) + PLAN_SLACK[1]
 
     def _on_layer(self, done: LayerDone) -> None:
         q = self.open.get(done.query_id)

@@ -1,13 +1,20 @@
 """Transmitter agent: prefill every query q' with its own model, offer, and stream the layers the gate plans.
 
-``python -m agents.transmitter --model NAME_OR_PATH --nats URL [--id ID] [--link-mbps R]``
+``python -m agents.transmitter --model NAME_OR_PATH --nats URL [--id ID] [--link-mbps R | --link-trace FILE]
+[--policy NAME_OR_MODULE:CLASS]``
 
 Per query: ``fr.query.<receiver_id>`` -> ``fusion.refine.transmitter_prefill`` (same code as in process) -> an
 :class:`~bus.schemas.Offer` on ``fr.offer.<query_id>.<id>`` -> wait for ``fr.plan.<query_id>.<gate>`` (from a gate
 the query names, with the query's digest) -> if the plan names this transmitter, ``bus.transport.send_cache`` of
 exactly the planned layers (cut to their last ``tokens`` when the plan says so), in the plan's order (most
 important first), at the plan's precision, to ``fr.kv.<receiver_id>.<query_id>.<id>``; otherwise the prefill is
-dropped. ``--link-mbps`` paces every KV publish with a :class:`~bus.shaper.LinkShaper`.
+dropped. ``--link-mbps`` paces every KV publish with a :class:`~bus.shaper.LinkShaper`; ``--link-trace`` replays
+a time-varying link instead (:class:`~bus.linktrace.TraceShaper`, the trace's clock starting with the agent).
+
+Mid-stream, on a shaped link: between layers a :class:`~bus.steer.DeadlineSteer` projects the rest of the stream
+at the link's rate now (with a trace: the trace's) behind the bytes still queued on it; when it would land after
+the deadline less the receiver's answer reserve, ``--policy`` re-plans the remaining layers (the deadline-aware
+policy: a cheaper precision, then fewer layers).
 
 Inline caches: when the receiver's fuser for this model reads only its last token(s) (the query lists the tail)
 and that tail of every layer is at most ``--inline-kv-bytes`` and the link carries it within ``--inline-kv-ms``,
@@ -17,7 +24,8 @@ needs no stream: the receiver already has those layers, which saves the plan -> 
 Link estimate (:class:`~bus.linkest.LinkEstimator`): every finished stream is a throughput sample, every
 heartbeat times a flush round trip; a stream cut at its deadline, or a new stream starting while others are
 still going (backlog growth), counts as load. Offers and heartbeats carry the usable rate; the gate plans
-with it.
+with it. On a shaped link the shaper's rate now caps the estimate (with a trace: the trace's rate now, as a
+phone's modem reports its link rate), so the estimate follows the trace.
 
 Bounds: a prefill waits for its plan at most ``DEFAULT_MAX_HOLD_S`` (whatever the query's deadline), at most
 ``DEFAULT_MAX_PENDING_PER_RECEIVER`` of one receiver and ``DEFAULT_MAX_PENDING`` in all wait at once, and a query
@@ -42,16 +50,19 @@ from nats.aio.msg import Msg
 
 from agents import cli, tracing
 from agents.base import Agent, decode
-from agents.config import TransmitterConfig
+from agents.config import DEFAULT_ANSWER_RESERVE_S, TransmitterConfig
 from agents.fuserbook import listed_fusers
 from agents.roster import DEFAULT_MAX_SKEW_S
 from bus import connect as busconn
 from bus.errors import CodecError, FedRefineError, SchemaError
 from bus.inline import encode_inline, inline_bytes
 from bus.linkest import MBPS, LinkEstimator
+from bus.linktrace import TraceShaper, load_trace
+from bus.policy import make_policy
 from bus.schemas import InlineKV, Offer, Plan, PlanEntry, Query, digest_of
 from bus.shaper import LinkShaper
-from bus.transport import send_cache
+from bus.steer import DeadlineSteer
+from bus.transport import SendReport, send_cache
 from fusion.c2c import tail_tokens
 from fusion.models import LanguageModel
 from fusion.notes import DEFAULT_TOP_K, DeviceNotes
@@ -64,6 +75,7 @@ DEFAULT_MAX_HOLD_S = 30.0  # seconds a prefill waits for its plan at most, whate
 DEFAULT_MAX_PENDING = 256  # prefills waiting for a plan at once
 DEFAULT_MAX_PENDING_PER_RECEIVER = 64  # ... of which from one receiver
 INLINE_PRECISION = "fp16"  # what a cache inside an offer is cast to (the gate's choice on an ample link)
+MIN_TRACE_RATE_BPS = 1000.0  # bytes/s; a trace's outage is reported as this (a link rate must be positive)
 
 
 @dataclass
@@ -88,11 +100,19 @@ class TransmitterAgent(Agent):
         self.model_fingerprint = self.model.fingerprint
         self.notes = DeviceNotes.load(cfg.notes) if cfg.notes else None  # this device's knowledge; never sent
         self.link_rate_bps = cfg.link_mbps * MBPS if cfg.link_mbps else None
-        self.shaper = LinkShaper(self.link_rate_bps, cfg.link_burst_bytes) if self.link_rate_bps else None
+        self.shaper: LinkShaper | None = None
+        if cfg.link_trace:
+            self.shaper = TraceShaper(load_trace(cfg.link_trace), cfg.link_burst_bytes)
+            self.link_rate_bps = max(MIN_TRACE_RATE_BPS, self.shaper.rate_bps)
+        elif self.link_rate_bps:
+            self.shaper = LinkShaper(self.link_rate_bps, cfg.link_burst_bytes)
         self.link = LinkEstimator(configured_rate_bps=self.link_rate_bps)
+        self.policy = make_policy(cfg.policy, ignore_unused=True, reserve_s=0.0)  # re-plans streams mid-way
         self._inflight_bytes = 0  # planned bytes of streams still being sent
         self.pending: dict[str, _Pending] = {}
         self.sent = {"queries": 0, "offers": 0, "streams": 0, "inline": 0, "bytes": 0}
+        self.replans = 0  # streams whose remaining layers were re-planned mid-way
+        self.layers_sent: dict[str, int] = {}  # precision -> layers sent at it (streamed, or inline in an offer)
 
     def accepting(self) -> bool:
         """Queries from several receivers at once (each up to its 64): prefills run one at a time anyway, and the
@@ -137,8 +157,16 @@ class TransmitterAgent(Agent):
         self.sent["queries"] += 1
         self.spawn(self._offer(query, shared, left), name=f"offer-{query.query_id}", query_id=query.query_id)
 
+    def link_now(self) -> float | None:
+        """The usable link rate now (bytes/s): with a trace, its rate now caps the estimate first."""
+        if isinstance(self.shaper, TraceShaper):
+            self.link.set_configured_rate(max(MIN_TRACE_RATE_BPS, self.shaper.rate_bps))
+        self.link_rate_bps = self.link.usable_rate_bps
+        return self.link_rate_bps
+
     def inline_budget(self) -> int:
         """Bytes of cache tail (before base64) this transmitter would send inside an offer now (0: none)."""
+        self.link_now()
         rate = self.shaper.rate_bps if self.shaper is not None else self.link.usable_rate_bps
         if rate is None:  # nothing measured yet: the size cap alone
             return self.cfg.inline_kv_bytes
@@ -170,7 +198,7 @@ class TransmitterAgent(Agent):
             head_dim=cache.head_dim,
             summary=summary.summary,
             confidence=min(1.0, max(0.0, 1.0 - summary.p_none)),
-            link_rate_bps=self.link.usable_rate_bps,
+            link_rate_bps=self.link_now(),
             rtt_s=self.link.rtt_s,
             p_none=summary.p_none,
             p_top=summary.p_top,
@@ -222,6 +250,9 @@ class TransmitterAgent(Agent):
         if entry.inline:
             if pending.inline is None:
                 raise SchemaError(f"plan of {plan.query_id} takes {self.id}'s cache from its offer, which had none")
+            self.layers_sent[pending.inline.precision] = self.layers_sent.get(pending.inline.precision, 0) + len(
+                entry.layers
+            )
             return  # the receiver has these layers from the offer already
         self.spawn(self._stream(plan, entry, pending), name=f"stream-{plan.query_id}", query_id=plan.query_id)
 
@@ -231,42 +262,76 @@ class TransmitterAgent(Agent):
         if budget <= 0:
             log.info("transmitter %s: plan for %s arrived after its deadline", self.id, plan.query_id)
             return
-        assert self.pub is not None
         planned = entry.byte_budget
         self.link.observe_backlog(self._inflight_bytes)  # bytes of other streams ahead of this one
         self._inflight_bytes += planned
+        steer = self._steer(plan, layers)
         try:
-            report = await asyncio.wait_for(
-                send_cache(
-                    self.pub,
-                    self.subjects.kv(plan.receiver_id, plan.query_id, self.id),
-                    layers,
-                    precision=entry.precision,
-                    query_id=plan.query_id,
-                    sender=self.id,
-                    shaper=self.shaper,
-                ),
-                timeout=budget,
-            )
+            report = await asyncio.wait_for(self._send(plan, entry, layers, steer), timeout=budget)
         except TimeoutError:
             self.link.observe_slow_consumer()  # the link could not carry what was planned in time
             log.warning("transmitter %s: stream of %s cut at its deadline", self.id, plan.query_id)
             return
         finally:
             self._inflight_bytes -= planned
-            self.link_rate_bps = self.link.usable_rate_bps
+            self.link_now()
+            self.replans += steer is not None and steer.replans > 0
+        await self._account(plan, report)
+
+    def _steer(self, plan: Plan, layers: dict) -> DeadlineSteer | None:
+        """Re-plans the rest of the stream with ``--policy`` when the shaped link would deliver it late.
+
+        Only on a shaped link (``--link-mbps``, ``--link-trace``): there the link's rate now and the bytes still
+        queued on it are known. Unshaped, publishes return before the bytes leave and the estimate comes from whole
+        streams (slowed by whatever else the machine does), so a mid-stream projection would only guess.
+        """
+        shaper = self.shaper
+        if shaper is None:
+            return None
+        self.link_now()  # the estimate follows the trace for the next offer and heartbeat
+        deadline = time.monotonic() + (plan.deadline_unix - time.time())
+        order = list(layers)
+        return DeadlineSteer(
+            self.policy,
+            deadline=deadline,
+            shapes={m: tuple(layers[m][0].shape) for m in order},
+            importance={m: float(len(order) - i) for i, m in enumerate(order)},  # the plan's order: best first
+            rate=lambda: shaper.rate_bps,
+            backlog=shaper.backlog_bytes,
+            reserve_s=DEFAULT_ANSWER_RESERVE_S,
+        )
+
+    async def _send(self, plan: Plan, entry: PlanEntry, layers: dict, steer: DeadlineSteer | None) -> SendReport:
+        assert self.pub is not None
+        return await send_cache(
+            self.pub,
+            self.subjects.kv(plan.receiver_id, plan.query_id, self.id),
+            layers,
+            precision=entry.precision,
+            query_id=plan.query_id,
+            sender=self.id,
+            shaper=self.shaper,
+            steer=steer,
+        )
+
+    async def _account(self, plan: Plan, report: SendReport) -> None:
+        """A finished stream: a throughput sample, counters, and its trace event."""
         self.link.observe_send(report.wire_bytes, report.seconds)
-        self.link_rate_bps = self.link.usable_rate_bps
+        self.link_now()
         self.sent["streams"] += 1
         self.sent["bytes"] += report.wire_bytes
+        for precision in report.precisions:
+            self.layers_sent[precision] = self.layers_sent.get(precision, 0) + 1
         await self.tracer.emit(
             plan.query_id, "kv_out", nbytes=report.wire_bytes, ms=1000 * report.seconds, peer=plan.receiver_id
         )
         log.debug(
-            "transmitter %s sent %s: layers %s, %d bytes, %.3f s",
+            "transmitter %s sent %s: layers %s at %s (dropped %s), %d bytes, %.3f s",
             self.id,
             plan.query_id,
             report.layers,
+            report.precisions,
+            report.dropped,
             report.wire_bytes,
             report.seconds,
         )
@@ -281,7 +346,7 @@ class TransmitterAgent(Agent):
                 self.rtt_s = self.link.rtt_s
             except FedRefineError as exc:
                 log.debug("transmitter %s: no round trip measured: %s", self.id, exc)
-        self.link_rate_bps = self.link.usable_rate_bps
+        self.link_now()
         await super().publish_presence()
 
     async def drain_wait(self, until: float) -> None:

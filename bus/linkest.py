@@ -88,6 +88,10 @@ class LinkEstimator:
         self._load_stamp = clock()
         self.backlog_bytes = 0
 
+    def set_configured_rate(self, rate_bps: float | None) -> None:
+        """A new configured link rate (prior and cap), e.g. a replayed trace's rate now."""
+        self.configured_rate_bps = _positive(rate_bps, "configured link rate")
+
     # -- observations ---------------------------------------------------------------------------------
 
     def observe_send(self, nbytes: int, seconds: float) -> None:

@@ -22,6 +22,7 @@ re-exported here so that ``from bus.policy import PolicyRequest, link_budget, ..
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
 import math
@@ -71,7 +72,9 @@ __all__ = [
     "layer_wire_bytes",
     "link_budget",
     "make_policy",
+    "policy_class",
     "split_budget",
+    "user_policy_class",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,6 +93,10 @@ class BandwidthPolicy(ABC):
     @abstractmethod
     def plan(self, req: PolicyRequest) -> SendPlan:
         """What to send for this request, most important layer first."""
+
+    def finish(self, req: PolicyRequest, chosen: list[SendItem], budget: int | None) -> SendPlan:
+        """The :class:`SendPlan` of ``chosen`` (in send order): totals, dropped layers, expected seconds."""
+        return self._finish(req, chosen, budget)
 
     def _finish(self, req: PolicyRequest, chosen: list[SendItem], budget: int | None) -> SendPlan:
         total = sum(i.bytes for i in chosen)
@@ -233,25 +240,63 @@ POLICIES: dict[str, type[BandwidthPolicy]] = {
 ALIASES = {"keep": "keep-all", "drop": "drop-by-importance", "ladder": "precision-ladder", "deadline": "deadline-aware"}
 
 
+def user_policy_class(spec: str) -> type[BandwidthPolicy]:
+    """The class ``module:Class`` names (imported now); PolicyError unless it is a :class:`BandwidthPolicy`."""
+    module_name, _, attr = spec.strip().partition(":")
+    if not module_name or not attr:
+        raise PolicyError(f"policy {spec!r}: expected module:Class, e.g. examples.policies:GreedyTail", name=spec)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or the user's module failing while it loads
+        raise PolicyError(f"policy {spec!r}: cannot import {module_name}: {exc}", name=spec) from exc
+    cls = getattr(module, attr, None)
+    if cls is None:
+        raise PolicyError(f"policy {spec!r}: module {module_name} has no {attr}", name=spec)
+    if not (isinstance(cls, type) and issubclass(cls, BandwidthPolicy)):
+        raise PolicyError(f"policy {spec!r}: {attr} is not a subclass of bus.policy.BandwidthPolicy", name=spec)
+    if inspect.isabstract(cls):
+        raise PolicyError(f"policy {spec!r}: {attr} does not implement plan()", name=spec)
+    return cls
+
+
+def policy_class(name: str) -> type[BandwidthPolicy]:
+    """A built-in policy by name or alias, or a user's ``module:Class``; PolicyError on anything unknown."""
+    if not isinstance(name, str):
+        raise PolicyError(f"policy name must be a string, got {name!r}")
+    if ":" in name:
+        return user_policy_class(name)
+    key = ALIASES.get(name.strip().lower(), name.strip().lower())
+    if key not in POLICIES:
+        raise PolicyError(
+            f"unknown policy {name!r}; choose one of {', '.join(POLICIES)} or a module:Class of your own", name=name
+        )
+    return POLICIES[key]
+
+
 def make_policy(name: str, *, ignore_unused: bool = False, **params: Any) -> BandwidthPolicy:
-    """The policy called ``name`` (or a short alias) built with ``params``; PolicyError on anything unknown.
+    """The policy called ``name`` (a short alias, or a user's ``module:Class``) built with ``params``; PolicyError
+    on anything unknown.
 
     ``ignore_unused=True`` drops parameters this policy does not take (an agent configures every knob once
     and lets the chosen policy use the ones it knows); unknown names are still errors.
     """
-    if not isinstance(name, str):
-        raise PolicyError(f"policy name must be a string, got {name!r}")
-    key = ALIASES.get(name.strip().lower(), name.strip().lower())
-    if key not in POLICIES:
-        raise PolicyError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}", name=name)
-    cls = POLICIES[key]
+    cls = policy_class(name)
+    label = getattr(cls, "name", None) or name
     if ignore_unused:
-        accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        params = {k: v for k, v in params.items() if k in accepted}
+        sig = inspect.signature(cls.__init__).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.values()):
+            params = {k: v for k, v in params.items() if k in set(sig) - {"self"}}
     try:
-        return cls(**params)
+        policy = cls(**params)
     except TypeError as exc:
-        raise PolicyError(f"bad parameters for policy {key}: {exc}", name=key) from exc
+        raise PolicyError(f"bad parameters for policy {label}: {exc}", name=label) from exc
+    except PolicyError:
+        raise
+    except Exception as exc:  # a user's constructor failing
+        raise PolicyError(f"policy {label} failed to start: {exc}", name=label) from exc
+    if not isinstance(getattr(policy, "name", None), str) or not policy.name:
+        raise PolicyError(f"policy {name!r} has no name (set the class attribute name = '...')", name=name)
+    return policy
 
 
 def decide(name: str, **request: Any) -> SendPlan:

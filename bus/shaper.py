@@ -35,7 +35,7 @@ class LinkShaper:
             burst_bytes = max(MIN_BURST_BYTES, int(rate_bps * DEFAULT_BURST_SECONDS))
         if burst_bytes < 1:
             raise PolicyError(f"burst must be at least 1 byte, got {burst_bytes}")
-        self.rate_bps = float(rate_bps)
+        self._rate_bps = float(rate_bps)
         self.burst_bytes = int(burst_bytes)
         self.clock = clock
         self.sleep = sleep
@@ -44,16 +44,26 @@ class LinkShaper:
         self._tokens = float(self.burst_bytes)
         self._stamp = clock()
 
+    @property
+    def rate_bps(self) -> float:
+        """The link's rate now (bytes/s)."""
+        return self._rate_bps
+
+    def backlog_bytes(self) -> int:
+        """Bytes reserved but not yet carried by the link (the bucket's debt)."""
+        tokens = min(float(self.burst_bytes), self._tokens + (self.clock() - self._stamp) * self._rate_bps)
+        return max(0, math.ceil(-tokens))
+
     def reserve(self, n: int) -> float:
         """Take ``n`` bytes from the bucket now; return how many seconds the caller must wait."""
         if n < 0:
             raise PolicyError(f"cannot send {n} bytes")
         now = self.clock()
-        self._tokens = min(float(self.burst_bytes), self._tokens + (now - self._stamp) * self.rate_bps)
+        self._tokens = min(float(self.burst_bytes), self._tokens + (now - self._stamp) * self._rate_bps)
         self._stamp = now
         self._tokens -= n
         self.bytes_total += n
-        return max(0.0, -self._tokens / self.rate_bps)
+        return max(0.0, -self._tokens / self._rate_bps)
 
     async def acquire(self, n: int) -> float:
         """Wait until ``n`` bytes may go out at the configured rate; return the seconds waited."""

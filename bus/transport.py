@@ -21,7 +21,7 @@ import inspect
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
@@ -45,7 +45,7 @@ from bus.subjects import Subjects
 log = logging.getLogger(__name__)
 
 DEFAULT_FLUSH_EVERY = 8 * 1024 * 1024  # bytes published between PING/PONG round trips
-DEFAULT_PACK_BYTES = 64 * 1024  # small frames share a NATS message up to this size (an unshaped link)
+DEFAULT_PACK_BYTES = 1024 * 1024  # bytes of small frames that share one NATS message (an unshaped link)
 DEFAULT_PACK_SECONDS = 0.005  # on a shaped link, a shared message carries at most this much of its rate
 SMALL_TENSOR_ELEMENTS = 2048  # K/V tensors up to this size are encoded inline and never LZ4-probed by "auto"
 DEFAULT_EXPIRE_INTERVAL = 1.0  # seconds between the receiver's deadline sweeps
@@ -59,12 +59,29 @@ class SendReport:
     query_id: str
     sender: str
     subject: str
-    layers: tuple[int, ...]
-    precision: str
+    layers: tuple[int, ...]  # layers sent, in send order
+    precision: str  # the precision asked for (a steered stream may have sent some layers cheaper)
     chunks: int
     wire_bytes: int  # frame bytes published, headers included
     seconds: float
     messages: int  # NATS messages they went in (small frames share one)
+    precisions: tuple[str, ...] = ()  # per sent layer, in send order
+    dropped: tuple[int, ...] = ()  # layers a steer left out
+
+
+@dataclass(frozen=True)
+class StreamProgress:
+    """Where a stream stands between two layers (what a :data:`Steer` decides from)."""
+
+    sent: tuple[tuple[int, str], ...]  # (layer, precision) already handed to the link, in send order
+    remaining: tuple[tuple[int, str], ...]  # (layer, precision) still to send, in send order
+    wire_bytes: int  # frame bytes handed to the link so far
+    seconds: float  # since the stream started
+
+
+# Called between layers; returns the new remaining (layer, precision) schedule (a subset of the remaining
+# layers, any precision), or None to keep it. A steer re-plans a stream when its link slows down mid-stream.
+Steer = Callable[[StreamProgress], "list[tuple[int, str]] | None"]
 
 
 def _honour_cancel() -> None:
@@ -88,6 +105,93 @@ async def _publish(nc: Client, subject: str, frame: Buffer) -> None:
     _honour_cancel()
 
 
+class _Outbox:
+    """Publishes one stream's chunk frames: packs small ones into a shared message, paces them with the shaper,
+    and round-trips a PING every ``flush_every`` bytes so it never runs far ahead of the server."""
+
+    def __init__(self, nc: Client, subject: str, shaper: LinkShaper | None, pack: int, flush_every: int) -> None:
+        self.nc, self.subject, self.shaper = nc, subject, shaper
+        self.pack, self.flush_every = pack, flush_every
+        self.chunks = self.wire = self.messages = self._since_flush = 0
+        self._buffer = FrameBuffer()  # nats-py copies a payload into its command before publish returns
+        self._packed = bytearray()  # small frames waiting to share one message
+
+    async def put(self, chunk: SealedChunk) -> None:
+        """Queue one chunk: alone when larger than the pack size, else into the shared message."""
+        if self._packed and len(self._packed) + chunk.size > self.pack:
+            await self._send(self._packed)
+            self._packed.clear()
+        if chunk.size > self.pack:
+            await self._send(self._buffer.frame(chunk))
+        else:
+            self._packed += chunk.head
+            self._packed += chunk.payload
+        self.chunks += 1
+        self.wire += chunk.size
+
+    async def close(self) -> None:
+        """Publish what is packed and round-trip a PING: everything reached the server."""
+        if self._packed:
+            await self._send(self._packed)
+            self._packed.clear()
+        await busconn.flush(self.nc)
+
+    async def _send(self, frame: Buffer) -> None:
+        if self.shaper is not None:
+            await self.shaper.acquire(len(frame))
+        await _publish(self.nc, self.subject, frame)
+        self.messages += 1
+        self._since_flush += len(frame)
+        if self._since_flush >= self.flush_every:
+            await busconn.flush(self.nc)
+            _honour_cancel()
+            self._since_flush = 0
+
+
+class _Encoder:
+    """Encodes one layer at a time into sealed chunks: in a worker thread when that overlaps real work (quantizing,
+    LZ4 on big tensors), inline otherwise (a plain float cast is cheaper than the GIL hand-offs)."""
+
+    def __init__(self, layers: Layers, opts: dict[str, Any], small: bool) -> None:
+        self.layers, self.opts, self.small = layers, opts, small
+
+    def start(self, layer: int, precision: str) -> asyncio.Future[list[SealedChunk]]:
+        """A future of the layer's chunks at ``precision``."""
+        k, v = self.layers[layer]
+        quantized = not isinstance(get_format(precision), FloatFormat)
+        if self.opts["compress"] or (quantized and not self.small):
+            return asyncio.ensure_future(
+                asyncio.to_thread(encode_layer_chunks, layer, k, v, precision=precision, **self.opts)
+            )
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(encode_layer_chunks(layer, k, v, precision=precision, **self.opts))
+        return done
+
+
+def _steered(
+    steer: Steer, remaining: list[tuple[int, str]], sent: list[tuple[int, str]], wire: int, start: float
+) -> list[tuple[int, str]] | None:
+    """The steer's new schedule for the remaining layers, checked (TransportError when it is not a subset)."""
+    progress = StreamProgress(tuple(sent), tuple(remaining), wire, time.perf_counter() - start)
+    new = steer(progress)
+    if new is None:
+        return None
+    new = [(int(m), str(p)) for m, p in new]
+    allowed = {m for m, _ in remaining}
+    if any(m not in allowed for m, _ in new) or len({m for m, _ in new}) != len(new):
+        raise TransportError(f"steer returned layers {[m for m, _ in new]} for remaining {sorted(allowed)}")
+    for _, precision in new:
+        get_format(precision)
+    return new
+
+
+async def _cancel(pending: asyncio.Future | None) -> None:
+    if pending is not None and not pending.done():
+        pending.cancel()
+        with contextlib.suppress(BaseException):
+            await pending
+
+
 async def send_cache(
     nc: Client,
     subject: str,
@@ -102,6 +206,7 @@ async def send_cache(
     shaper: LinkShaper | None = None,
     max_payload: int | None = None,
     pack_bytes: int | None = None,
+    steer: Steer | None = None,
 ) -> SendReport:
     """Send ``layers`` (``{layer: (K, V)}``, in the mapping's order) to ``subject`` as KV chunk frames.
 
@@ -114,6 +219,9 @@ async def send_cache(
     shuffle+LZ4 on the first layer and keeps it for the rest only if it shrank a tensor there (on fp16 and
     quantized KV it rarely does, and skipping it saves the work and a thread hand-off per layer); it does not
     try on small tensors (at most ``SMALL_TENSOR_ELEMENTS`` each, e.g. a one-token tail).
+
+    ``steer``, when given, is asked after every layer what to send of the rest (see :data:`Steer`): it may drop
+    layers or send them at another precision (every chunk names its own dtype, so the receiver decodes either).
     """
     validate_id(query_id, "query id")
     validate_id(sender, "sender id")
@@ -124,90 +232,71 @@ async def send_cache(
     limit = busconn.max_payload(nc)
     if max_payload is not None:
         limit = min(limit, max_payload)
-    order = list(layers)
+    schedule = [(m, precision) for m in layers]
     opts: dict[str, Any] = dict(
-        precision=precision,
         query_id=query_id,
         sender=sender,
-        layers_total=len(order),
+        layers_total=len(schedule),
         max_payload=limit,
         compress=bool(compress),
         chunk_bytes=chunk_bytes,
     )
-    quantized = not isinstance(get_format(precision), FloatFormat)
-    small = bool(order) and all(t.numel() <= SMALL_TENSOR_ELEMENTS for kv in layers.values() for t in kv)
+    small = bool(schedule) and all(t.numel() <= SMALL_TENSOR_ELEMENTS for kv in layers.values() for t in kv)
     if compress == "auto" and small:
         opts["compress"] = False  # a few hundred bytes: LZ4's frame would outweigh any saving
-
-    def encode(i: int) -> Awaitable[list[SealedChunk]]:
-        k, v = layers[order[i]]
-        # a plain float cast without LZ4 is a few Python calls and one hash per tensor: a worker thread would cost
-        # more (GIL hand-offs with the publishing loop) than it overlaps; quantizing and LZ4 release the GIL, but
-        # on small tensors (a one-token tail) they too take less time than the hand-off
-        if opts["compress"] or (quantized and not small):
-            return asyncio.ensure_future(asyncio.to_thread(encode_layer_chunks, order[i], k, v, **opts))
-        done = asyncio.get_running_loop().create_future()
-        done.set_result(encode_layer_chunks(order[i], k, v, **opts))
-        return done
-
     if pack_bytes is None:
         pack_bytes = DEFAULT_PACK_BYTES if shaper is None else int(shaper.rate_bps * DEFAULT_PACK_SECONDS)
-    pack = min(limit, max(0, pack_bytes))
+    outbox = _Outbox(nc, subject, shaper, min(limit, max(0, pack_bytes)), flush_every)
+    encoder = _Encoder(layers, opts, small)
     start = time.perf_counter()
-    chunks = wire = since_flush = messages = 0
-    buffer = FrameBuffer()  # nats-py copies a payload into its command before publish returns
-    packed = bytearray()  # small frames waiting to share one message
-
-    async def publish(frame: Buffer) -> None:
-        nonlocal since_flush, messages
-        if shaper is not None:
-            await shaper.acquire(len(frame))
-        await _publish(nc, subject, frame)
-        messages += 1
-        since_flush += len(frame)
-        if since_flush >= flush_every:
-            await busconn.flush(nc)
-            _honour_cancel()
-            since_flush = 0
-
-    pending = encode(0)
+    sent: list[tuple[int, str]] = []
+    pending = encoder.start(*schedule[0]) if schedule else None
     try:
-        for i in range(len(order)):
-            sealed = await pending
+        while len(sent) < len(schedule):
+            i = len(sent)
+            sealed = await pending  # type: ignore[misc]
             if i == 0 and compress == "auto" and not any(c.compressed for c in sealed):
                 opts["compress"] = False
-            pending = encode(i + 1) if i + 1 < len(order) else None
+            pending = encoder.start(*schedule[i + 1]) if i + 1 < len(schedule) else None  # overlaps the publish
             for chunk in sealed:
-                if packed and len(packed) + chunk.size > pack:
-                    await publish(packed)
-                    packed.clear()
-                if chunk.size > pack:
-                    await publish(buffer.frame(chunk))
-                else:
-                    packed += chunk.head
-                    packed += chunk.payload
-                chunks += 1
-                wire += chunk.size
-        if packed:
-            await publish(packed)
-        await busconn.flush(nc)
+                await outbox.put(chunk)
+            sent.append(schedule[i])
+            if steer is None or len(sent) == len(schedule):
+                continue
+            new = _steered(steer, schedule[i + 1 :], sent, outbox.wire, start)
+            if new is not None and new != schedule[i + 1 :]:
+                if not new or new[0] != schedule[i + 1]:
+                    await _cancel(pending)
+                    pending = encoder.start(*new[0]) if new else None
+                schedule = sent + new
+        await outbox.close()
     finally:
-        if pending is not None and not pending.done():
-            pending.cancel()
-            with contextlib.suppress(BaseException):
-                await pending
+        await _cancel(pending)
     seconds = time.perf_counter() - start
     log.debug(
         "sent %d layers of %s/%s: %d chunks in %d messages, %d bytes in %.3f s",
-        len(order),
+        len(sent),
         query_id,
         sender,
-        chunks,
-        messages,
-        wire,
+        outbox.chunks,
+        outbox.messages,
+        outbox.wire,
         seconds,
     )
-    return SendReport(query_id, sender, subject, tuple(order), precision, chunks, wire, seconds, messages)
+    dropped = tuple(m for m in layers if m not in {s for s, _ in sent})
+    return SendReport(
+        query_id,
+        sender,
+        subject,
+        tuple(m for m, _ in sent),
+        precision,
+        outbox.chunks,
+        outbox.wire,
+        seconds,
+        outbox.messages,
+        tuple(p for _, p in sent),
+        dropped,
+    )
 
 
 LayerCallback = Callable[[LayerDone], Any]

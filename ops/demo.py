@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from agents.launch import AgentSpec, Federation, identities_for
 from bus.cli import OneLineParser
@@ -182,13 +182,14 @@ def zoo_setup(full: bool | None, n_questions: int) -> Setup:
     )
 
 
-def real_setup(receiver_model: str, n_questions: int, quick: bool = False, seed: int = 0) -> Setup:
-    """The real pair (``ops.real``'s kit, built if needed): the receiver model with no notes, four devices (two per
-    model) with their notes, held-out questions of both formats (those with personal details private)."""
+def real_setup(receiver_model: str, n_questions: int, quick: bool = False, seed: int = 0, kit: Any = None) -> Setup:
+    """The real pair (``ops.real``'s kit, built if needed, or the ``kit`` given): the receiver model with no notes,
+    four devices (two per model) with their notes, held-out questions of both formats (those with personal details
+    private)."""
     from fusion.models import LanguageModel
     from ops.real.kit import load_kit, model_files
 
-    kit = load_kit(quick=quick)
+    kit = kit if kit is not None else load_kit(quick=quick)
     files = model_files(kit.spec)
     if receiver_model not in files:
         raise ConfigError(f"unknown receiver model {receiver_model!r}; choose one of {sorted(files)}")

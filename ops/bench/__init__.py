@@ -14,7 +14,7 @@ BENCHMARKS: dict[str, str] = {
     "accuracy": "receiver / transmitters / text-to-text / C2C modes on held-out questions",
     "latency": "text-to-text vs C2C wall time and bytes per token",
     "e2e": "the agents over NATS vs refine() in process",
-    "bandwidth": "link rate x policy sweep through the agents",
+    "bandwidth": "links (rates and traces) x policies (built-in or module:Class) through the agents",
     "attacks": "the attack matrix against a federation of processes, with legitimate questions meanwhile",
     "leakage": "what leaves the receiver side: a sniffer, n-gram overlap of q' with q, a KV-inversion attacker",
     "faults": "faults under load on a cluster with leaf nodes: answered by the deadline, wrong answers, recovery",

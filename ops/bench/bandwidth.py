@@ -1,9 +1,12 @@
 """Link rate x bandwidth policy through the agents over NATS, plus text-to-text at the same rates.
 
-    python -m ops.bench bandwidth [--quick | --tiny] [--questions N] [--deadline-s S] [--rates ...] [--json F]
+    python -m ops.bench bandwidth [--quick | --tiny | --real [--kit DIR]] [--questions N] [--deadline-s S]
+        [--rates R,...] [--traces FILE_OR_NAME,...] [--policies P,...] [--json F]
 
-For every link rate (MB/s = 1e6 bytes/s; ``unshaped`` = loopback) and policy, a fresh federation of in-process
-agents (receiver, gate running that policy, every transmitter shaped to that rate) answers the same questions
+For every link (a rate in MB/s = 1e6 bytes/s, ``unshaped`` = loopback, or a replayed trace: ``--traces``, shipped
+names from ``ops/traces`` or files, ``bus.linktrace`` formats) and policy (a ``bus.policy`` name or a user's
+``module:Class``, docs/POLICIES.md), a fresh federation of in-process agents (receiver, gate running that policy,
+every transmitter on that link, re-planning its streams mid-way with the same policy) answers the same questions
 one at a time on its own embedded nats-server (authorization and TLS on, one identity per agent; the CA and
 certificate are made once); the models are loaded once. ``deadline_met`` is the share of
 questions answered by the deadline with every planned layer arrived (a stream cut by the deadline, or no plan,
@@ -11,7 +14,13 @@ is a miss); ``accuracy`` counts the answer whatever arrived. ``bytes_per_query``
 used, ``bytes_per_token`` that over the tokens of the transmitters' caches used. Text-to-text (``policy``
 ``t2t``) runs ``fusion.refine``'s hint pieces in process once per question; each transmitter writes its hint
 in parallel with the others, so its latency is the slowest (generation + hint bytes / rate) plus the
-receiver's read; a question whose hints miss the deadline is answered by the receiver alone.
+receiver's read; a question whose hints miss the deadline is answered by the receiver alone (rates only).
+
+Every policy row has ``link`` (the rate, ``"unshaped"`` or the trace's name), ``precision_mix`` (share of the
+streamed layers sent at each precision, mid-stream re-plans included) and ``layers_sent`` (mean layers the
+receiver used per planned transmitter). ``--real`` runs the real kit (``ops.real``; ``--kit DIR``, the receiver
+``--receiver-model``; free-text questions scored by exact match), at 0.25-50 MB/s by default, without
+text-to-text rows (``ops.bench reallat`` has them); ``receiver_alone_accuracy`` is then measured in process.
 """
 
 from __future__ import annotations
@@ -38,6 +47,12 @@ POLICIES = ("keep-all", "drop-by-importance", "precision-ladder", "deadline-awar
 # per query, not the ~88 KB per token of Qwen3-0.6B, so the link only binds at a few KB/s here; the steps are
 # finer where keep-all starts to miss the 1 s deadline.
 DEFAULT_RATES = "0.001,0.0015,0.002,0.0025,0.003,0.004,0.008,0.016,0.06,0.25,1,4,16,unshaped"
+# A real transmitter's whole fp16 cache of a 60-token q' is ~1.4 MB (SmolLM2-135M: 23 KB a token), 5.6 s at
+# 0.25 MB/s; but the real kit's window-1 fusers read only the last token(s) of each layer, ~20-50 KB a stream,
+# so the link binds only below ~0.1 MB/s: the default sweep adds those rates to the issue's 0.25-50.
+REAL_RATES = "0.01,0.02,0.05,0.1,0.25,0.5,1,4,16,50"
+REAL_QUESTIONS = 24  # per cell with --real
+REAL_DEADLINE_S = 3.0  # per question with --real (prefill, notes retrieval and a generated answer on a CPU)
 DEFAULT_QUESTIONS = 48  # per cell (full zoo)
 QUICK_QUESTIONS = 8  # per cell with --quick / --tiny
 DEFAULT_DEADLINE_S = 1.0  # per question
@@ -50,12 +65,18 @@ DRAIN_S = 2.0  # seconds an agent of a finished cell waits for its in-flight wor
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``python -m ops.bench bandwidth``."""
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--quick", action="store_true", help="the quick zoo and fewer questions")
     which.add_argument("--tiny", action="store_true", help="tiny random models (a smoke run)")
+    which.add_argument("--real", action="store_true", help="the real kit (ops.real): megabyte caches")
+    parser.add_argument("--quick", action="store_true", help="the quick zoo (or quick real kit) and fewer questions")
+    parser.add_argument("--kit", type=Path, default=None, help="--real: a built real kit directory")
+    parser.add_argument("--receiver-model", default="smollm2", help="--real: the receiver model of the kit")
     parser.add_argument("--questions", type=int, default=None, help="questions per cell")
-    parser.add_argument("--deadline-s", type=float, default=DEFAULT_DEADLINE_S, help="per-question deadline")
-    parser.add_argument("--rates", default=DEFAULT_RATES, help="comma-separated MB/s, 'unshaped' for loopback")
-    parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated bus.policy names")
+    parser.add_argument("--deadline-s", type=float, default=None, help="per-question deadline (default 1; real 3)")
+    parser.add_argument("--rates", default=None, help="comma-separated MB/s, 'unshaped' for loopback ('' for none)")
+    parser.add_argument("--traces", default="", help="comma-separated link traces: files or shipped names")
+    parser.add_argument(
+        "--policies", default=",".join(POLICIES), help="comma-separated bus.policy names or module:Class specs"
+    )
     parser.add_argument("--no-t2t", action="store_true", help="skip the text-to-text rows")
 
 
@@ -73,9 +94,60 @@ def parse_rates(text: str) -> list[float | None]:
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"--rates: {part!r} must be a positive number of MB/s")
         rates.append(value)
-    if not rates:
-        raise ConfigError("--rates: give at least one rate")
     return rates
+
+
+@dataclass(frozen=True)
+class Link:
+    """One link of the sweep: a fixed rate (None: unshaped) or a replayed trace."""
+
+    name: str  # what rows show as ``link``
+    mbps: float | None = None
+    trace: Path | None = None
+
+    @property
+    def label(self) -> float | str:
+        """The row's ``link``: the rate, ``"unshaped"``, or the trace's name."""
+        return self.name if self.trace is not None or self.mbps is None else self.mbps
+
+    def transmitter_flags(self) -> dict[str, Any]:
+        """The transmitter config fields that put it on this link."""
+        if self.trace is not None:
+            return {"link_trace": str(self.trace)}
+        if self.mbps is None:
+            return {}
+        return {"link_mbps": self.mbps, "link_burst_bytes": max(MIN_BURST_BYTES, int(self.mbps * 1e6 * BURST_SECONDS))}
+
+
+def parse_links(rates: str, traces: str) -> list[Link]:
+    """Rates (``parse_rates``) then traces (files or shipped names, each loaded once to check it)."""
+    from bus.linktrace import load_trace
+    from ops.traces import resolve_trace
+
+    links = [Link("unshaped" if r is None else str(r), r) for r in parse_rates(rates)]
+    for spec in (t.strip() for t in traces.split(",") if t.strip()):
+        path = resolve_trace(spec)
+        links.append(Link(load_trace(path).name, None, path))
+    if not links:
+        raise ConfigError("give at least one link: --rates or --traces")
+    return links
+
+
+def as_link(link: Link | float | None) -> Link:
+    """A :class:`Link` from a rate in MB/s (None: unshaped) or a link."""
+    if isinstance(link, Link):
+        return link
+    return Link("unshaped" if link is None else str(link), link)
+
+
+def parse_policies(text: str) -> list[tuple[str, str]]:
+    """``(spec, name)`` of each comma-separated policy (built-in or ``module:Class``), each built once to check it."""
+    from bus.policy import make_policy
+
+    policies = [(p.strip(), make_policy(p.strip(), ignore_unused=True).name) for p in text.split(",") if p.strip()]
+    if not policies:
+        raise ConfigError("--policies: give at least one policy")
+    return policies
 
 
 @dataclass
@@ -86,6 +158,7 @@ class World:
     receiver: Any  # LanguageModel
     transmitters: dict[str, Any]  # agent id -> LanguageModel
     questions: list[Any]  # fusion.prompts.Question
+    real: bool = False  # the real kit: answers by generation, free text scored by exact match
 
 
 def load_world(args: argparse.Namespace) -> World:
@@ -93,10 +166,17 @@ def load_world(args: argparse.Namespace) -> World:
     from fusion.models import LanguageModel
     from ops.demo import tiny_setup, zoo_setup
 
-    n = args.questions or (QUICK_QUESTIONS if args.quick or args.tiny else DEFAULT_QUESTIONS)
+    n = args.questions or (
+        REAL_QUESTIONS if args.real else QUICK_QUESTIONS if args.quick or args.tiny else DEFAULT_QUESTIONS
+    )
     if n < 1:
         raise ConfigError("--questions must be at least 1")
-    if args.tiny:
+    if args.real:
+        from ops.demo import real_setup
+        from ops.real.kit import kit_from_args
+
+        setup = real_setup(args.receiver_model, n, kit=kit_from_args(args))
+    elif args.tiny:
         setup = tiny_setup(Path(tempfile.mkdtemp(prefix="fedrefine-bw-")), n)
     else:
         setup = zoo_setup(False if args.quick else None, n)
@@ -104,13 +184,13 @@ def load_world(args: argparse.Namespace) -> World:
     for model in {setup.receiver, *setup.transmitters.values()}:
         cache[model] = LanguageModel.load(model)
     transmitters = {tid: cache[setup.transmitters[tid]] for tid in sorted(setup.transmitters)}
-    return World(setup, cache[setup.receiver], transmitters, list(setup.questions)[:n])
+    return World(setup, cache[setup.receiver], transmitters, list(setup.questions)[:n], real=bool(args.real))
 
 
 # ---- one cell: a rate and a policy through the agents ----------------------------------------------------------
 
 
-async def _start_agents(url: str, store: Any, world: World, policy: str, rate: float | None) -> list:
+async def _start_agents(url: str, store: Any, world: World, policy: str, link: Link) -> list:
     from agents.config import GateAgentConfig, ReceiverConfig, TransmitterConfig, make_config
     from agents.gate import GateAgent
     from agents.receiver import ReceiverAgent
@@ -129,12 +209,9 @@ async def _start_agents(url: str, store: Any, world: World, policy: str, rate: f
     agents.append(ReceiverAgent(rx_cfg, model=world.receiver))
     gate_cfg = make_config(GateAgentConfig, {**creds("gate"), "gate": setup.gate, "policy": policy}, "gate")
     agents.append(GateAgent(gate_cfg))
-    link: dict[str, Any] = {}
-    if rate is not None:
-        burst = max(MIN_BURST_BYTES, int(rate * 1e6 * BURST_SECONDS))
-        link = {"link_mbps": rate, "link_burst_bytes": burst}
     for tid, model in world.transmitters.items():
-        values = {**creds(tid), "model": setup.transmitters[tid], **link}
+        notes = {"notes": setup.notes[tid]} if tid in setup.notes else {}
+        values = {**creds(tid), "model": setup.transmitters[tid], "policy": policy, **notes, **link.transmitter_flags()}
         agents.append(TransmitterAgent(make_config(TransmitterConfig, values, "transmitter"), model=model))
     started = []
     try:
@@ -161,9 +238,12 @@ async def _stop(agents: list) -> None:
             log.exception("stopping %s failed", agent.id)
 
 
-async def run_cell(world: World, policy: str, rate: float | None, deadline_s: float, *, tls_from: Any = None) -> dict:
-    """One row: every question through a fresh federation running ``policy`` on links of ``rate`` MB/s, on a fresh
-    secure server (``tls_from``: a ``CredentialStore`` whose CA and certificate to reuse)."""
+async def run_cell(
+    world: World, policy: str, link: Link | float | None, deadline_s: float, *, tls_from: Any = None
+) -> dict:
+    """One row: every question through a fresh federation running ``policy`` on ``link`` (a :class:`Link`, or a
+    rate in MB/s), on a fresh secure server (``tls_from``: a ``CredentialStore`` whose CA and certificate to
+    reuse)."""
     from privacy.credentials import CredentialStore
 
     root = Path(tempfile.mkdtemp(prefix="fedrefine-bw-creds-"))
@@ -174,20 +254,22 @@ async def run_cell(world: World, policy: str, rate: float | None, deadline_s: fl
     store.ensure(ids + [("transmitter", tid, None) for tid in world.transmitters])
     server = store.server().start()
     try:
-        return await _cell(server.url, store, world, policy, rate, deadline_s)
+        return await _cell(server.url, store, world, policy, as_link(link), deadline_s)
     finally:
         server.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 
-async def _cell(url: str, store: Any, world: World, policy: str, rate: float | None, deadline_s: float) -> dict:
+async def _cell(url: str, store: Any, world: World, policy: str, link: Link, deadline_s: float) -> dict:
     from bus.connect import close, connect
     from bus.schemas import Answer, Offer, Plan
     from bus.subjects import Subjects
     from ops.ask import Item, ask_once
 
     subjects = Subjects(store.prefix)
-    agents = await _start_agents(url, store, world, policy, rate)
+    from agents.transmitter import TransmitterAgent
+
+    agents = await _start_agents(url, store, world, policy, link)
     plans: dict[str, Plan] = {}
     tokens: dict[tuple[str, str], int] = {}
 
@@ -213,17 +295,37 @@ async def _cell(url: str, store: Any, world: World, policy: str, rate: float | N
     finally:
         await close(nc)
         await _stop(agents)
-    return _summarize(rows, plans, tokens, policy, rate, deadline_s, Answer)
+    sent: dict[str, int] = {}
+    for agent in agents:
+        if isinstance(agent, TransmitterAgent):
+            for precision, n in agent.layers_sent.items():
+                sent[precision] = sent.get(precision, 0) + n
+    replans = sum(a.replans for a in agents if isinstance(a, TransmitterAgent))
+    row = _summarize(rows, plans, tokens, parse_policies(policy)[0][1], link, deadline_s, Answer)
+    total = sum(sent.values())
+    row["precision_mix"] = {p: round(n / total, 4) for p, n in sorted(sent.items())} if total else {}
+    row["replans"] = replans
+    return row
 
 
-def _summarize(rows, plans, tokens, policy, rate, deadline_s, answer_cls) -> dict:
+def _right(q: Any, reply: Any) -> bool:
+    """The option the receiver chose, or (free text) an exact match of its answer."""
+    from fusion.prompts import exact_match
+
+    if isinstance(q.answer, str):
+        return exact_match(reply.text or "", q.answer)
+    return reply.choice == q.answer_letter
+
+
+def _summarize(rows, plans, tokens, policy, link, deadline_s, answer_cls) -> dict:
+    link = as_link(link)
     right = met = alone = 0
-    got_bytes, got_tokens, planned, seconds, precisions = [], 0, [], [], []
+    got_bytes, got_tokens, planned, seconds, precisions, layers = [], 0, [], [], [], []
     for q, reply, secs in rows:
         seconds.append(secs)
         if not isinstance(reply, answer_cls):
             continue
-        right += reply.choice == q.answer_letter
+        right += _right(q, reply)
         if reply.alone:  # the receiver's self-check: it knew, asked no one, so there was nothing to wait for
             alone += 1
             met += reply.latency_s <= deadline_s
@@ -235,11 +337,14 @@ def _summarize(rows, plans, tokens, policy, rate, deadline_s, answer_cls) -> dic
         if plan is not None:
             planned.append(sum(e.byte_budget for e in plan.entries))
             precisions += [e.precision for e in plan.entries]
+            layers += [len(used.get(e.transmitter_id, ())) for e in plan.entries]
         got_bytes.append(reply.bytes_received)
         got_tokens += sum(tokens.get((reply.query_id, u.transmitter_id), 0) for u in reply.used)
     n = len(rows)
     return {
-        "link_mbps": rate,
+        "link": link.label,
+        "link_mbps": link.mbps,
+        **({"trace": link.name} if link.trace is not None else {}),
         "policy": policy,
         "accuracy": round(right / n, 4),
         "deadline_met": round(met / n, 4),
@@ -248,6 +353,7 @@ def _summarize(rows, plans, tokens, policy, rate, deadline_s, answer_cls) -> dic
         "p50_ms": round(1000 * statistics.median(seconds), 1),
         "planned_bytes_per_query": round(statistics.fmean(planned)) if planned else 0,
         "precisions": {p: precisions.count(p) for p in sorted(set(precisions))},
+        "layers_sent": round(statistics.fmean(layers), 2) if layers else 0.0,
         "answered": sum(isinstance(r, answer_cls) for _, r, _ in rows),
         "answered_alone": alone,
         "n": n,
@@ -311,6 +417,7 @@ def t2t_row(runs: list[HintRun], rate: float | None, deadline_s: float) -> dict:
         ntokens += sum(t for _, _, t in run.hints.values())
     n = len(runs)
     return {
+        "link": "unshaped" if rate is None else rate,
         "link_mbps": rate,
         "policy": "t2t",
         "accuracy": round(right / n, 4),
@@ -325,51 +432,70 @@ def t2t_row(runs: list[HintRun], rate: float | None, deadline_s: float) -> dict:
 # ---- the sweep -----------------------------------------------------------------------------------------------
 
 
+def receiver_alone(world: World) -> float:
+    """The receiver's accuracy alone, in process (the real kit: its own generated or scored answer, no notes)."""
+    from fusion.answers import is_correct
+    from fusion.refine import answer_alone
+
+    hits = [is_correct(answer_alone(world.receiver, q.stem, q.options), q.answer) for q in world.questions]
+    return sum(hits) / len(hits)
+
+
 def run(args: argparse.Namespace) -> dict:
     """The sweep; returns the issue's JSON (plus per-row extras and the settings)."""
     import torch
     from tqdm import tqdm
 
-    from bus.policy import make_policy
     from privacy.credentials import CredentialStore
 
-    rates = parse_rates(args.rates)
-    policies = [make_policy(p.strip()).name for p in args.policies.split(",") if p.strip()]
-    if not policies:
-        raise ConfigError("--policies: give at least one policy")
-    if not (math.isfinite(args.deadline_s) and args.deadline_s > 0):
+    real = bool(getattr(args, "real", False))
+    rates = args.rates if args.rates is not None else (REAL_RATES if real else DEFAULT_RATES)
+    links = parse_links(rates, getattr(args, "traces", "") or "")
+    policies = parse_policies(args.policies)
+    deadline_s = args.deadline_s if args.deadline_s is not None else (REAL_DEADLINE_S if real else DEFAULT_DEADLINE_S)
+    if not (math.isfinite(deadline_s) and deadline_s > 0):
         raise ConfigError("--deadline-s must be a positive number of seconds")
+    if args.kit is not None and not real:
+        raise ConfigError("--kit needs --real")
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     world = load_world(args)
-    runs, alone = measure_t2t(world)
+    no_t2t = args.no_t2t or real
+    if real:
+        runs, alone = [], receiver_alone(world)
+    else:
+        runs, alone = measure_t2t(world)
     rows: list[dict] = []
     pki_dir = Path(tempfile.mkdtemp(prefix="fedrefine-bw-pki-"))
     pki = CredentialStore(pki_dir)
     pki.ensure_tls()
     try:
-        cells = [(r, p) for r in rates for p in policies]
-        for rate, policy in tqdm(cells, desc="bandwidth cells"):
-            rows.append(asyncio.run(run_cell(world, policy, rate, args.deadline_s, tls_from=pki)))
+        cells = [(link, spec) for link in links for spec, _ in policies]
+        for link, spec in tqdm(cells, desc="bandwidth cells"):
+            rows.append(asyncio.run(run_cell(world, spec, link, deadline_s, tls_from=pki)))
     finally:
         shutil.rmtree(pki_dir, ignore_errors=True)
-    if not args.no_t2t:
-        rows += [t2t_row(runs, rate, args.deadline_s) for rate in rates]
-    fp16_bytes = [r["bytes_per_query"] for r in rows if r["policy"] == "keep-all" and r["link_mbps"] is None]
+    if not no_t2t:
+        rows += [t2t_row(runs, link.mbps, deadline_s) for link in links if link.trace is None]
+    fp16_bytes = [r["bytes_per_query"] for r in rows if r["policy"] == "keep-all" and r["link"] == "unshaped"]
     return {
         "receiver_alone_accuracy": round(alone, 4),
         "rows": rows,
         "setup": world.setup.name,
+        "real": real,
         "transmitters": len(world.transmitters),
         "questions": len(world.questions),
-        "deadline_s": args.deadline_s,
+        "deadline_s": deadline_s,
+        "traces": {link.name: str(link.trace) for link in links if link.trace is not None},
         "keep_all_unshaped_bytes_per_query": fp16_bytes[0] if fp16_bytes else None,
         "notes": (
-            "link_mbps in MB/s (1e6 bytes/s), each transmitter on its own shaped uplink (token bucket, burst "
-            f"{BURST_SECONDS * 1000:.0f} ms of traffic, min {MIN_BURST_BYTES} B); agents in one process, one "
-            "question at a time; deadline_met = answered by the deadline with every planned layer in (or by the "
-            "receiver's self-check, alone); bytes_per_query and bytes_per_token average over the questions that "
-            "were asked (answered_alone counts the others); t2t in process with hint transfer time = bytes / rate"
+            "link in MB/s (1e6 bytes/s), 'unshaped', or a trace name (replayed from agent start, looping); each "
+            f"transmitter on its own shaped uplink (token bucket, burst {BURST_SECONDS * 1000:.0f} ms of traffic, "
+            f"min {MIN_BURST_BYTES} B), re-planning its streams mid-way with the row's policy; agents in one "
+            "process, one question at a time; deadline_met = answered by the deadline with every planned layer in "
+            "(or by the receiver's self-check, alone); bytes_per_query and bytes_per_token average over the "
+            "questions that were asked (answered_alone counts the others); precision_mix = share of streamed "
+            "layers per precision; t2t in process with hint transfer time = bytes / rate"
         ),
         "seconds": round(time.perf_counter() - t_start, 1),
     }

@@ -1,6 +1,7 @@
 """The agents over NATS against ``fusion.refine()`` in process: same questions, same settings, one run.
 
-    python -m ops.bench e2e [--quick | --tiny] [--questions N] [--tls | --insecure] [--json F]
+    python -m ops.bench e2e [--quick | --tiny | --real [--kit DIR] [--receiver-model M]] [--questions N]
+        [--tls | --insecure] [--json F]
 
 Both paths answer every question with the gating network, fp16 caches and private mode for questions that
 carry personal details; questions alternate between the two paths so both see the same machine load. The bus
@@ -11,6 +12,11 @@ Parity is the share of answered questions whose letter equals the in-process let
 ``--tls``: the cost of security. A second federation runs on a server without authorization or TLS, and every
 question goes through both (in turn, the order alternating) and in process: ``overhead_ratio_secure`` is the
 secure bus p50 over the plain bus p50 of the same run. ``--insecure`` runs only the plain federation.
+
+``--real``: the real kit (``ops.real``; ``--kit DIR``, receiver ``--receiver-model``): the demo's real federation
+(four devices with their notes, a rules-only rephraser) against ``refine()`` with the same notes and the same
+rules rephrasing; free-text questions compare the generated text (normalised) for parity and score by exact match.
+Every run reports ``p50_ms`` and ``p50_ms_in_process`` (the same figures as ``bus_p50_ms`` and ``inproc_p50_ms``).
 """
 
 from __future__ import annotations
@@ -26,10 +32,12 @@ from pathlib import Path
 
 from agents.launch import Federation
 from bus.connect import close, connect
+from bus.errors import ConfigError
 from bus.schemas import Answer
 from bus.subjects import Subjects
+from fusion.notes import DeviceNotes
 from ops.ask import ask_once
-from ops.demo import ASKER_ID, Setup, items_of, secure_server, tiny_setup, zoo_setup
+from ops.demo import ASKER_ID, Setup, items_of, real_setup, secure_server, tiny_setup, zoo_setup
 
 DEFAULT_QUESTIONS = 40  # questions through each path
 DEFAULT_WARMUP = 2  # questions through each path before measuring
@@ -42,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--quick", action="store_true", help="the quick zoo (default: the full one if built)")
     which.add_argument("--tiny", action="store_true", help="tiny random models (a smoke run)")
+    which.add_argument("--real", action="store_true", help="the real kit (ops.real)")
+    parser.add_argument("--kit", type=Path, default=None, help="--real: a built real kit directory")
+    parser.add_argument("--receiver-model", default="smollm2", help="--real: the receiver model of the kit")
     parser.add_argument("--questions", type=int, default=DEFAULT_QUESTIONS, help="questions through each path")
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="unmeasured questions first")
     parser.add_argument("--deadline-s", type=float, default=DEFAULT_DEADLINE_S, help="per-question deadline")
@@ -70,12 +81,16 @@ class InProcess:
         }
         self.gate = load_gate(setup.gate) if setup.gate else None
         self.self_check = setup.self_check
+        self.notes = {tid: DeviceNotes.load(path) for tid, path in setup.notes.items()} or None
+        self.rules_only = setup.rules_only  # the rephraser agent redacts by rules: so does the private stem here
 
     def answer(self, question, private: bool):
         """``refine()`` in c2c mode with the settings the agents use; returns (result, seconds)."""
         from fusion.refine import refine
+        from privacy.rephrase import rephrase
 
         t0 = time.perf_counter()
+        private_stem = rephrase(question.stem).text if private and self.rules_only else None
         result = refine(
             question,
             self.receiver,
@@ -84,10 +99,30 @@ class InProcess:
             fusers=self.fusers,
             gate=self.gate,
             private=private,
+            private_stem=private_stem,
             precision=PRECISION,
             self_check=self.self_check,
+            notes=self.notes,
         )
         return result, time.perf_counter() - t0
+
+
+def same_answer(reply: Answer, ref) -> bool:
+    """The bus and ``refine()`` agree: the same option, or (free text) the same normalised text."""
+    from fusion.prompts import exact_match
+
+    if ref.choice is None:
+        return exact_match(reply.text, ref.answer)
+    return reply.choice == ref.answer
+
+
+def right(reply: Answer, question) -> bool:
+    """The bus answer is right: the option, or (free text) an exact match of the normalised answer."""
+    from fusion.prompts import exact_match
+
+    if isinstance(question.answer, str):
+        return exact_match(reply.text, question.answer)
+    return reply.choice == question.answer_letter
 
 
 async def _compare(feds: dict[str, Federation], setup: Setup, local: InProcess, warmup: int, deadline_s: float) -> dict:
@@ -122,18 +157,18 @@ async def _compare(feds: dict[str, Federation], setup: Setup, local: InProcess, 
                 continue
             for name in feds:
                 paths[name].append(times[name] if isinstance(replies[name], Answer) else None)
-            letters = {r.choice if isinstance(r, Answer) else None for r in replies.values()}
+            letters = {(r.choice, r.text) if isinstance(r, Answer) else None for r in replies.values()}
             agree += len(letters) == 1 and None not in letters
             local_bytes.append(ref.bytes_sent)
-            right_local += ref.index == question.answer
+            right_local += ref.correct(question)
             kind = "alone" if ref.alone else "private" if item.private else "plain"
             timed.append((kind, bus_time if isinstance(reply, Answer) else None, local_time))
             if not isinstance(reply, Answer):
                 continue
             answered += 1
             nbytes.append(reply.bytes_received)
-            same += reply.choice == ref.answer
-            right_bus += reply.choice == question.answer_letter
+            same += same_answer(reply, ref)
+            right_bus += right(reply, question)
     finally:
         for conn in conns.values():
             await close(conn)
@@ -143,9 +178,11 @@ async def _compare(feds: dict[str, Federation], setup: Setup, local: InProcess, 
         "queries": n,
         "answered": answered,
         "parity": round(same / answered, 4) if answered else None,
+        "p50_ms": overall["bus_p50_ms"],
+        "p50_ms_in_process": overall["inproc_p50_ms"],
+        "overhead_ratio": overall["overhead_ratio"],
         "bus_p50_ms": overall["bus_p50_ms"],
         "inproc_p50_ms": overall["inproc_p50_ms"],
-        "overhead_ratio": overall["overhead_ratio"],
         "bytes_per_query": round(statistics.fmean(nbytes)) if nbytes else 0,
         "inproc_bytes_per_query": round(statistics.fmean(local_bytes)) if local_bytes else 0,
         "accuracy_bus": round(right_bus / answered, 4) if answered else None,
@@ -215,7 +252,17 @@ def run(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(1)  # each agent process uses one thread for model math; so does refine() here
     total = args.questions + args.warmup
-    if args.tiny:
+    if args.kit is not None and not args.real:
+        raise ConfigError("--kit needs --real")
+    if args.real:
+        from ops.real.kit import kit_from_args
+
+        setup = real_setup(args.receiver_model, total, kit=kit_from_args(args))
+        if len(setup.questions) < total:
+            raise ConfigError(
+                f"the kit has {len(setup.questions)} held-out questions; --questions + --warmup = {total}"
+            )
+    elif args.tiny:
         setup = tiny_setup(Path(tempfile.mkdtemp(prefix="fedrefine-e2e-")), total)
     else:
         setup = zoo_setup(False if args.quick else None, total)

@@ -252,7 +252,7 @@ def section_bandwidth(results: dict[str, Data], out: Path) -> Section:
     if "bandwidth" not in results:
         return text + _missing("bandwidth"), []
     bw = results["bandwidth"]
-    rows = [r for r in bw.get("rows", []) if r.get("policy")]
+    rows = [r for r in bw.get("rows", []) if r.get("policy") and not r.get("trace")]  # rate rows
     if not rows:
         return text + "bandwidth.json has no rows\n", []
     pos, ticks, labels = _rate_axis(rows)

@@ -110,7 +110,7 @@ def _bus_bytes_per_token(results: dict[str, Data]) -> dict[str, float]:
 
 def bandwidth_target(bw: Data) -> list[str]:
     """Sentences on the issue's target: where keep-all misses >= half the deadlines, how the best policy does."""
-    rows = bw.get("rows", [])
+    rows = [r for r in bw.get("rows", []) if not r.get("trace")]  # rate rows (traces have no rate axis)
     base = bw.get("receiver_alone_accuracy")
     keep = {r.get("link_mbps"): r for r in rows if r.get("policy") == "keep-all"}
     full = keep.get(None) or (keep[max((k for k in keep if k is not None), default=None)] if keep else None)

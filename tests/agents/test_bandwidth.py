@@ -9,6 +9,7 @@ Margins are wide (seconds) so the test does not depend on machine speed.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ DEADLINE_S = 3.0
 IMPORTANCE = (0.2, 1.0, 0.6, 0.4)  # the gate's per-layer profile of the wide model
 
 
-async def _federation(fleet: Fleet, tmp_path: Path, policy: str) -> None:
+async def _federation(fleet: Fleet, tmp_path: Path, gate_policy: str, **link: object) -> None:
     world = fleet.world
     wide = LanguageModel.build("llama", ModelSpec(64, 4, 4, 4, 64, 128), seed=5, name="wide")
     registry = FuserRegistry(tmp_path / "fusers")
@@ -40,14 +41,14 @@ async def _federation(fleet: Fleet, tmp_path: Path, policy: str) -> None:
         world.receiver.fingerprint,
     )
     await fleet.receiver(fusers=tmp_path / "fusers")
-    cfg = make_config(GateAgentConfig, fleet._base("gate", "gate", gate=str(gate_path), policy=policy), "gate")
+    cfg = make_config(GateAgentConfig, fleet._base("gate", "gate", gate=str(gate_path), policy=gate_policy), "gate")
     await fleet._start(GateAgent(cfg))
-    await fleet.transmitter("t-slow", wide, link_mbps=LINK_MBPS)
+    await fleet.transmitter("t-slow", wide, **(link or {"link_mbps": LINK_MBPS}))
     await fleet.wait_roster("gate", "transmitter", {"t-slow"})
     await fleet.wait_roster("gate", "receiver", {"rx"})
 
 
-async def _ask_and_watch(fleet: Fleet) -> tuple[Answer, Plan]:
+async def _ask_and_watch(fleet: Fleet, deadline_s: float = DEADLINE_S) -> tuple[Answer, Plan]:
     spy = await fleet.connect(name="plan-spy")
     plans: list[Plan] = []
 
@@ -57,7 +58,7 @@ async def _ask_and_watch(fleet: Fleet) -> tuple[Answer, Plan]:
     await spy.subscribe(fleet.subjects.plans_all(), cb=keep)
     await spy.flush()
     try:
-        reply = await fleet.ask(QUESTIONS[1], deadline_s=DEADLINE_S)
+        reply = await fleet.ask(QUESTIONS[1], deadline_s=deadline_s)
     finally:
         await close(spy)
     assert isinstance(reply, Answer), reply
@@ -94,6 +95,66 @@ async def test_adaptive_policy_meets_the_deadline_keep_all_misses(fleet: Fleet, 
     assert answer.latency_s <= DEADLINE_S
 
 
+async def test_gate_runs_a_users_policy(fleet: Fleet, tmp_path: Path) -> None:
+    """docs/POLICIES.md's worked example as the gate's --policy: never fp16, everything arrives."""
+    await _federation(fleet, tmp_path, "examples.policies:MeteredPhone")
+    answer, plan = await _ask_and_watch(fleet)
+    (entry,) = plan.entries
+    assert entry.precision in ("int8", "int4")
+    assert _complete(answer, plan), (answer.used, answer.omitted, answer.notes)
+
+
+# ---- a link that drops mid-stream (--link-trace) --------------------------------------------------------------
+
+DROP_AT_S = 30.0  # the trace's 1 MB/s lasts this long, then 0.06 MB/s
+
+
+def _drop_trace(tmp_path: Path) -> Path:
+    path = tmp_path / "drop.csv"
+    path.write_text(f"time_s,rate_mbps\n0,1\n{DROP_AT_S},0.06\n90,0.06\n")
+    return path
+
+
+@pytest.mark.parametrize("tx_policy", ["deadline-aware", "keep-all"])
+async def test_link_drop_mid_stream_is_replanned(fleet: Fleet, tmp_path: Path, tx_policy: str) -> None:
+    """The gate plans every layer at fp16 on the 1 MB/s the trace gives at offer time; 10 ms into the stream the
+    trace drops to 0.06 MB/s (the rest at fp16 would take ~3.2 s of the ~2.5 s left). The deadline-aware
+    transmitter re-plans the remaining layers cheaper and they all arrive; a keep-all one does not adapt."""
+    await _federation(fleet, tmp_path, "deadline-aware", link_trace=str(_drop_trace(tmp_path)), policy=tx_policy)
+    tx = fleet.agents["t-slow"]
+    assert tx.link_now() == pytest.approx(1e6)  # the estimate follows the trace
+    send = tx._send
+
+    async def drop_then_send(*args):  # the trace's clock jumps to 10 ms before its drop as the stream starts
+        tx.shaper.origin = time.monotonic() - (DROP_AT_S - 0.01)
+        return await send(*args)
+
+    tx._send = drop_then_send
+    answer, plan = await _ask_and_watch(fleet, deadline_s=4.0)
+    (entry,) = plan.entries
+    assert entry.precision == "fp16" and len(entry.layers) == len(IMPORTANCE)
+    assert answer.latency_s <= 4.0
+    assert tx.link_now() <= 0.06e6 + 1
+    if tx_policy == "keep-all":
+        assert tx.replans == 0 and not _complete(answer, plan)
+        return
+    assert tx.replans == 1 and tx.layers_sent.get("fp16") == 1, tx.layers_sent
+    assert sum(tx.layers_sent.values()) == len(IMPORTANCE)  # cheaper, not fewer
+    assert _complete(answer, plan), (answer.used, answer.omitted, answer.notes)
+
+
+def test_trace_and_rate_are_exclusive(tmp_path: Path) -> None:
+    from agents.config import TransmitterConfig
+    from bus.errors import ConfigError
+
+    base = {"model": "tiny-llama", "insecure": True}
+    with pytest.raises(ConfigError, match="give one"):
+        make_config(TransmitterConfig, {**base, "link_trace": str(_drop_trace(tmp_path)), "link_mbps": 1}, "t")
+    (tmp_path / "bad.csv").write_text("0,1\n0,2\n")
+    with pytest.raises(ConfigError, match="--link-trace: trace bad line 2"):
+        make_config(TransmitterConfig, {**base, "link_trace": str(tmp_path / "bad.csv")}, "t")
+
+
 # ---- the benchmark's pieces (python -m ops.bench bandwidth) ---------------------------------------------------
 
 
@@ -102,7 +163,8 @@ def test_bench_rates_parse_and_reject_nonsense() -> None:
     from ops.bench.bandwidth import parse_rates
 
     assert parse_rates("0.25, 1,unshaped") == [0.25, 1.0, None]
-    for bad in ("", "fast", "-1", "0", "nan"):
+    assert parse_rates("") == []  # traces only (--traces)
+    for bad in ("fast", "-1", "0", "nan"):
         with pytest.raises(ConfigError, match="--rates"):
             parse_rates(bad)
 
@@ -128,6 +190,43 @@ async def test_bench_cell_on_tiny_models(fleet: Fleet, tmp_path: Path) -> None:
     txs = {tid: models[name] for tid, name in sorted(setup.transmitters.items())}
     bench_world = World(setup, world.receiver, txs, list(setup.questions))
     row = await run_cell(bench_world, "deadline-aware", 0.008, deadline_s=DEADLINE_S, tls_from=fleet.store)
-    assert row["answered"] == row["n"] == 2 and row["link_mbps"] == 0.008
+    assert row["answered"] == row["n"] == 2 and row["link_mbps"] == 0.008 == row["link"]
     assert row["deadline_met"] == 1.0 and row["precisions"]
     assert 0 < row["bytes_per_query"] <= row["planned_bytes_per_query"]
+    assert sum(row["precision_mix"].values()) == pytest.approx(1.0) and row["layers_sent"] > 0
+
+
+async def test_bench_cell_on_a_trace_with_a_users_policy(fleet: Fleet, tmp_path: Path) -> None:
+    from ops.bench.bandwidth import World, parse_links, run_cell
+    from ops.demo import tiny_setup
+
+    setup = tiny_setup(tmp_path, 2)
+    world = fleet.world
+    txs = {tid: world.models[name] for tid, name in sorted(setup.transmitters.items())}
+    bench_world = World(setup, world.receiver, txs, list(setup.questions))
+    (link,) = parse_links("", "lte-congested.mahi")
+    row = await run_cell(
+        bench_world, "examples.policies:MeteredPhone", link, deadline_s=DEADLINE_S, tls_from=fleet.store
+    )
+    assert row["link"] == row["trace"] == "lte-congested" and row["link_mbps"] is None
+    assert row["policy"] == "metered-phone" and row["answered"] == 2
+    assert set(row["precision_mix"]) <= {"int8", "int4"}  # the example never sends fp16
+
+
+def test_bench_links_and_policies_parse() -> None:
+    from bus.errors import ConfigError, PolicyError
+    from ops.bench.bandwidth import parse_links, parse_policies
+
+    links = parse_links("0.25,unshaped", "wifi-walkout")
+    assert [link.label for link in links] == [0.25, "unshaped", "wifi-walkout"]
+    assert links[2].transmitter_flags()["link_trace"].endswith("wifi-walkout.csv")
+    assert parse_policies("keep,examples.policies:MeteredPhone") == [
+        ("keep", "keep-all"),
+        ("examples.policies:MeteredPhone", "metered-phone"),
+    ]
+    with pytest.raises(ConfigError, match="no trace file"):
+        parse_links("", "nowhere.csv")
+    with pytest.raises(ConfigError, match="at least one link"):
+        parse_links("", "")
+    with pytest.raises(PolicyError, match="has no Nope"):
+        parse_policies("keep-all,examples.policies:Nope")

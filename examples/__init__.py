@@ -1,0 +1,1 @@
+"""Worked examples of FedRefine's extension points (see docs/POLICIES.md)."""

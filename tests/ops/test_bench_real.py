@@ -1,0 +1,72 @@
+"""The real-size benchmarks on a tiny real-style kit: ``bandwidth --real`` (rates and a trace, a built-in and a
+user's policy, the issue's row shape) and ``e2e --real`` (bus vs in process)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from ops.bench.bandwidth import add_arguments, run
+
+ROW_KEYS = {"link", "policy", "deadline_met", "accuracy", "bytes_per_query", "precision_mix", "layers_sent"}
+
+
+def test_bandwidth_real_rows(tiny_real_kit, monkeypatch: pytest.MonkeyPatch) -> None:
+    root, home = tiny_real_kit
+    monkeypatch.setenv("FEDREFINE_HOME", str(home))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", default=None)
+    add_arguments(parser)
+    args = parser.parse_args(
+        ["--real", "--kit", str(root), "--receiver-model", "m1", "--questions", "2", "--rates", "0.5"]
+        + ["--traces", "wifi-walkout", "--policies", "deadline-aware,examples.policies:MeteredPhone"]
+        + ["--deadline-s", "5"]
+    )
+    result = run(args)
+    assert result["real"] and result["questions"] == 2 and result["transmitters"] == 4
+    assert 0 <= result["receiver_alone_accuracy"] <= 1
+    rows = result["rows"]
+    assert [(r["link"], r["policy"]) for r in rows] == [
+        (0.5, "deadline-aware"),
+        (0.5, "metered-phone"),
+        ("wifi-walkout", "deadline-aware"),
+        ("wifi-walkout", "metered-phone"),
+    ]
+    for row in rows:
+        assert ROW_KEYS <= set(row) and row["answered"] == 2
+        assert row["precision_mix"] and sum(row["precision_mix"].values()) == pytest.approx(1.0)
+        assert row["bytes_per_query"] > 0 and row["layers_sent"] > 0
+    # the kit's window-1 fusers read the last token of each layer: on these tiny models it rides inside the offer
+    # at fp16 whatever the policy (the gate asks no policy for bytes that already travelled)
+    assert all(set(r["precision_mix"]) <= {"fp16", "int8", "int4"} for r in rows)
+
+
+def test_kit_needs_real(tmp_path) -> None:
+    from bus.errors import ConfigError
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(ConfigError, match="--kit needs --real"):
+        run(parser.parse_args(["--kit", str(tmp_path), "--rates", "1"]))
+
+
+@pytest.mark.slow
+def test_e2e_real_on_a_tiny_kit(tiny_real_kit, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ops.bench e2e --real``: the real federation as processes against ``refine()`` with the same notes (seven
+    agent processes start: ~1.5 min on a loaded two-core machine)."""
+    from ops.bench import e2e
+
+    root, home = tiny_real_kit
+    monkeypatch.setenv("FEDREFINE_HOME", str(home))
+    parser = argparse.ArgumentParser()
+    e2e.add_arguments(parser)
+    args = parser.parse_args(["--real", "--kit", str(root), "--receiver-model", "m2", "--questions", "3"])
+    args.warmup = 1
+    result = e2e.run(args)
+    assert {"queries", "answered", "parity", "p50_ms", "p50_ms_in_process", "overhead_ratio"} <= set(result)
+    assert result["queries"] == 3 and result["answered"] == 3
+    assert result["parity"] == 1.0  # the bus is transport: the same answers as in process
+    assert result["p50_ms"] > 0 and result["p50_ms_in_process"] > 0
+    assert result["overhead_ratio"] == pytest.approx(result["p50_ms"] / result["p50_ms_in_process"], rel=0.01)
+    assert result["private_queries"] >= 0 and result["transmitters"] == 4
