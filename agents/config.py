@@ -71,6 +71,14 @@ def default_id(role: str) -> str:
     return f"{role}-{uuid.uuid4().hex[:6]}"
 
 
+def checked_nats(value: str) -> str:
+    """A settings model's ``nats`` value, normalised (``bus.cli.nats_servers``); ValueError when unusable."""
+    try:
+        return nats_servers(value)
+    except ConfigError as exc:
+        raise ValueError(str(exc).removeprefix("--nats: ")) from exc
+
+
 class AgentConfig(BaseSettings):
     """What every agent needs: where the bus is, who it is, how it heartbeats and stops."""
 
@@ -128,10 +136,7 @@ class AgentConfig(BaseSettings):
     @field_validator("nats")
     @classmethod
     def _url(cls, value: str) -> str:
-        try:
-            return nats_servers(value)
-        except ConfigError as exc:
-            raise ValueError(str(exc).removeprefix("--nats: ")) from exc
+        return checked_nats(value)
 
     def security(self) -> ClientSecurity:
         """How this agent connects; :class:`ConfigError` without credentials unless ``insecure`` says so."""

@@ -44,10 +44,11 @@ from agents.config import (
     AGENT_SETTINGS,
     ENV_PREFIX,
     build_parser,
+    checked_nats,
     settings_values,
     validate_settings,
 )
-from bus.cli import DEFAULT_NATS_URL, NATS_HELP, nats_servers
+from bus.cli import DEFAULT_NATS_URL, NATS_HELP
 from bus.errors import ConfigError, FedRefineError
 from bus.subjects import DEFAULT_PREFIX, Subjects
 
@@ -86,10 +87,7 @@ class GatewayConfig(BaseSettings):
     @field_validator("nats")
     @classmethod
     def _url(cls, value: str) -> str:
-        try:
-            return nats_servers(value)
-        except ConfigError as exc:
-            raise ValueError(str(exc).removeprefix("--nats: ")) from exc
+        return checked_nats(value)
 
     def bearer_token(self) -> str | None:
         """The token callers must present (None with ``--no-auth``); ConfigError if ``token_file`` is unreadable."""

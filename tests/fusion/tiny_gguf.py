@@ -88,3 +88,26 @@ def same_logits(a: LanguageModel, b: LanguageModel, text: str) -> bool:
     la = a.prefill(text).logits
     lb = b.prefill(text).logits
     return bool(torch.allclose(la, lb, atol=1e-4, rtol=1e-4))
+
+
+def tiny_kit_spec(root: Path):
+    """A real-kit spec on two tiny GGUF models written under ``root`` (two devices each; a few steps): the real
+    kit's build and benchmarks in seconds. Call it with ``FEDREFINE_HOME`` set where the conversions may go."""
+    from fusion.models import LanguageModel
+    from ops.real.kit import RealSpec
+    from ops.real.world import NotesSpec
+
+    a = LanguageModel.load("tiny-llama")
+    b = LanguageModel.load("tiny-llama")
+    b.model.model.norm.weight.data.mul_(2.0)  # another model, another fingerprint
+    models = {"m1": str(write_tiny_gguf(a, root / "m1.gguf")), "m2": str(write_tiny_gguf(b, root / "m2.gguf"))}
+    return RealSpec(
+        notes=NotesSpec(num_entities=40),
+        devices={"a1": "m1", "a2": "m1", "b1": "m2", "b2": "m2"},
+        models=models,
+        train_questions=16,
+        steps=2,
+        batch_size=4,
+        gate_steps=2,
+        held_out=4,
+    )

@@ -6,32 +6,18 @@ import json
 
 import pytest
 
-from fusion.models import LanguageModel
 from fusion.notes import DeviceNotes
 from fusion.registry import FuserRegistry
 from ops.real.build import build_kit
-from ops.real.kit import RealSpec, load_kit
+from ops.real.kit import load_kit
 from ops.real.world import NotesSpec, generate_notes_world, make_questions
-from tests.fusion.tiny_gguf import write_tiny_gguf
+from tests.fusion.tiny_gguf import tiny_kit_spec
 
 
 @pytest.fixture()
 def spec(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDREFINE_HOME", str(tmp_path / "home"))
-    a = LanguageModel.load("tiny-llama")
-    b = LanguageModel.load("tiny-llama")
-    b.model.model.norm.weight.data.mul_(2.0)  # another model, another fingerprint
-    models = {"m1": str(write_tiny_gguf(a, tmp_path / "m1.gguf")), "m2": str(write_tiny_gguf(b, tmp_path / "m2.gguf"))}
-    return RealSpec(
-        notes=NotesSpec(num_entities=40),
-        devices={"a1": "m1", "a2": "m1", "b1": "m2", "b2": "m2"},
-        models=models,
-        train_questions=16,
-        steps=2,
-        batch_size=4,
-        gate_steps=2,
-        held_out=4,
-    )
+    return tiny_kit_spec(tmp_path)
 
 
 def test_the_kit_builds_four_fusers_and_two_gates_once_and_resumes(spec) -> None:
