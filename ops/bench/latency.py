@@ -13,6 +13,7 @@ import argparse
 import random
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,6 +24,21 @@ from ops.bench.questions import choose, count_or_file
 
 DEFAULT_QUESTIONS = 100
 DEFAULT_WARMUP = 5  # questions run first and not timed
+
+
+def time_modes(i: int, q, modes, run, correct, times: dict, sent: dict, hits: dict) -> None:
+    """Question ``i`` through every mode (``run(q, mode=..., private=...)``), the order alternating per question;
+    after the first DEFAULT_WARMUP questions, each mode's wall time, bytes and tokens sent and hits are recorded."""
+    for mode in modes if i % 2 == 0 else modes[::-1]:
+        t0 = time.perf_counter()
+        res = run(q, mode=mode.removesuffix("-private"), private=mode.endswith("-private"))
+        elapsed = time.perf_counter() - t0
+        if i < DEFAULT_WARMUP:
+            continue
+        times[mode].append(elapsed * 1000)
+        sent[mode][0] += res.bytes_sent
+        sent[mode][1] += res.tokens_sent
+        hits[mode] += correct(res, q)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,27 +87,16 @@ def run(args: argparse.Namespace) -> dict:
     sent: dict[str, list[int]] = {m: [0, 0] for m in modes}  # bytes, tokens
     hits: dict[str, int] = {m: 0 for m in modes}
     for i, q in enumerate(tqdm(questions, desc="latency", leave=False)):
-        order = modes if i % 2 == 0 else modes[::-1]
-        for mode in order:
-            t0 = time.perf_counter()
-            res = refine(
-                q,
-                kit.receiver,
-                kit.transmitters,
-                mode=mode.removesuffix("-private"),
-                private=mode.endswith("-private"),
-                fusers=kit.fusers,
-                gate=kit.gate,
-                precision=args.precision,
-                self_check=zoo.self_check,
-            )
-            elapsed = time.perf_counter() - t0
-            if i < DEFAULT_WARMUP:
-                continue
-            times[mode].append(elapsed * 1000)
-            sent[mode][0] += res.bytes_sent
-            sent[mode][1] += res.tokens_sent
-            hits[mode] += res.index == q.answer
+        run = partial(
+            refine,
+            receiver=kit.receiver,
+            transmitters=kit.transmitters,
+            fusers=kit.fusers,
+            gate=kit.gate,
+            precision=args.precision,
+            self_check=zoo.self_check,
+        )
+        time_modes(i, q, modes, run, lambda res, q: res.index == q.answer, times, sent, hits)
     rows = []
     for mode in modes:
         n = len(times[mode])

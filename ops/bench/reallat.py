@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import time
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
 
 from fusion.refine import refine
-from ops.bench.latency import DEFAULT_WARMUP, percentile
+from ops.bench.latency import DEFAULT_WARMUP, percentile, time_modes
 
 MODES = ("t2t", "c2c", "c2c-private")
 
@@ -38,26 +38,16 @@ def run_real(args: argparse.Namespace) -> dict:
     sent = {m: [0, 0] for m in MODES}  # bytes, tokens
     hits = {m: 0 for m in MODES}
     for i, q in enumerate(tqdm(questions, desc="latency --real", unit="q")):
-        for mode in MODES if i % 2 == 0 else MODES[::-1]:
-            t0 = time.perf_counter()
-            res = refine(
-                q,
-                fed.receiver,
-                fed.transmitters,
-                mode=mode.removesuffix("-private"),
-                private=mode.endswith("-private"),
-                fusers=fed.fusers,
-                gate=fed.gate,
-                notes=fed.notes,
-                precision=args.precision,
-            )
-            elapsed = time.perf_counter() - t0
-            if i < DEFAULT_WARMUP:
-                continue
-            times[mode].append(elapsed * 1000)
-            sent[mode][0] += res.bytes_sent
-            sent[mode][1] += res.tokens_sent
-            hits[mode] += res.correct(q)
+        run = partial(
+            refine,
+            receiver=fed.receiver,
+            transmitters=fed.transmitters,
+            fusers=fed.fusers,
+            gate=fed.gate,
+            notes=fed.notes,
+            precision=args.precision,
+        )
+        time_modes(i, q, MODES, run, lambda res, q: res.correct(q), times, sent, hits)
     rows = []
     for mode in MODES:
         n = len(times[mode])
