@@ -16,6 +16,7 @@ probability of the greedy answer's tokens (free text). The receiver's self-check
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -82,19 +83,26 @@ def contains_answer(prediction: str, answer: str, candidates: Sequence[str] = ()
     """Whether a free-text answer contains the gold answer: the normalised gold occurs as whole words (a contiguous
     run of them) in the normalised prediction, and no other candidate value does.
 
-    ``candidates`` are the values the question could have (its options, or its attribute's values): an answer that
-    names the gold and another candidate ("red or teal") does not count, so listing values never scores. A
-    candidate whose words lie inside the gold's ("blue" in "dark blue") is not another value.
+    Accents are folded away first. ``candidates`` are the values the question could have (its options, or its
+    attribute's values): an answer that names the gold and another candidate ("red or teal") does not count, so
+    listing values never scores. A candidate whose words lie inside the gold's ("blue" in "dark blue") is not
+    another value.
     """
-    said = normalize_answer(prediction).split()
-    gold = normalize_answer(answer).split()
+    said = _folded(prediction).split()
+    gold = _folded(answer).split()
     if not gold or not _has_run(said, gold):
         return False
-    for other in {normalize_answer(c) for c in candidates}:
+    for other in {_folded(c) for c in candidates}:
         words = other.split()
         if words and words != gold and not _has_run(gold, words) and _has_run(said, words):
             return False
     return True
+
+
+def _folded(text: str) -> str:
+    """``normalize_answer`` without accents ("Brontë" says "Bronte")."""
+    plain = unicodedata.normalize("NFKD", text)
+    return normalize_answer("".join(ch for ch in plain if not unicodedata.combining(ch)))
 
 
 def _has_run(words: Sequence[str], run: Sequence[str]) -> bool:

@@ -37,8 +37,9 @@ QUESTIONS = {
     "symbol": ("What is the chemical symbol of {subject}?", "Which chemical symbol does {subject} have?"),
     "author": ("Who wrote {subject}?", "Who is the author of {subject}?"),
 }
-# the categories the task asks (from the probe: where the two models' own answers differ; docs/TRANSFER.md)
-KNOWLEDGE_CATEGORIES: tuple[str, ...] = tuple(QUESTIONS)
+# the categories the task asks: the probe's (40 four-option questions each, docs/results/knowledge_probe.json) where
+# the two models disagree on at least 15% and the receiver alone is below 0.9 ("state" is left out: 0.925/0.975)
+KNOWLEDGE_CATEGORIES: tuple[str, ...] = ("author", "capital", "continent", "currency", "symbol")
 
 
 @dataclass(frozen=True)

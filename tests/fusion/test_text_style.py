@@ -191,6 +191,7 @@ def test_free_text_containment_needs_the_gold_as_whole_words_and_no_other_candid
     assert not contains_answer("Either teal or red.", "teal", options)  # two candidate values never count
     assert not contains_answer("The color is blue.", "dark blue", options)
     assert contains_answer("Lives in New York City", "new york") and not contains_answer("", "teal")
+    assert contains_answer("Wuthering Heights by Emily Brontë", "Bronte")  # accents folded
 
 
 @pytest.mark.parametrize("question", [TEXT_Q, CHOICE_Q], ids=["text", "choice"])
