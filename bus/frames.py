@@ -45,6 +45,8 @@ MAX_HEADER_BYTES = FIELDS.size + 2 + 2 * MAX_ID_BYTES + PAYLOAD_ALIGN  # a longe
 MIN_CHUNK_BYTES = 1024  # a max_payload leaving less than this per chunk is refused
 CHECKSUM_MASK = 0xFFFFFFFF  # header hash fields (bus.schemas.Hash32) carry the low 32 bits of an xxh3_64 digest
 CHUNK_HASH_AT = 56  # offset of chunk_hash in the header (zeroed while it is computed)
+CHUNK_AT = 12  # offset of the chunk index in the header
+_CHUNK_FIELD = struct.Struct(">I")  # the chunk index and chunk_hash fields
 
 # one byte per enumerated field: the code is the value's position in its tuple
 TENSORS = ("k", "v")
@@ -195,14 +197,6 @@ def frame_head(header: KVChunkHeader) -> bytes:
     return PREFIX.pack(MAGIC, FRAME_VERSION, 0, len(head)) + head
 
 
-def _sealed_head(header: KVChunkHeader, payload_digest: int) -> bytes:
-    """:func:`frame_head` of ``header`` with its ``chunk_hash`` computed and written in place."""
-    head = bytearray(frame_head(header.model_copy(update={"chunk_hash": 0})))
-    at = PREFIX.size + CHUNK_HASH_AT
-    head[at : at + 4] = chunk_hash(memoryview(head)[PREFIX.size :], payload_digest).to_bytes(4, "big")
-    return bytes(head)
-
-
 def build_frame(header: KVChunkHeader, payload: Buffer) -> bytes:
     """One standalone frame: :func:`frame_head` followed by ``payload``."""
     return b"".join((frame_head(header), payload))
@@ -231,9 +225,14 @@ def seal_chunks(blob: Buffer, fields: dict, *, max_payload: int, chunk_bytes: in
         chunk_hash=0,
         blob_hash=blob_hash(digests, seed),
     )
+    template = bytearray(frame_head(base))  # chunk 0, chunk_hash 0: patched per chunk below
     out = []
     for i, (payload, digest) in enumerate(zip(payloads, digests, strict=True)):
-        sealed = SealedChunk(_sealed_head(base.model_copy(update={"chunk": i}), digest), payload)
+        head = bytearray(template)
+        _CHUNK_FIELD.pack_into(head, PREFIX.size + CHUNK_AT, i)
+        hashed = xxhash.xxh3_64_intdigest(memoryview(head)[PREFIX.size :], seed=digest) & CHECKSUM_MASK
+        _CHUNK_FIELD.pack_into(head, PREFIX.size + CHUNK_HASH_AT, hashed)
+        sealed = SealedChunk(bytes(head), payload)
         if sealed.size > max_payload:  # cannot happen with header_budget; guard the invariant anyway
             raise CodecError(f"chunk frame of {sealed.size} bytes exceeds max_payload {max_payload}")
         out.append(sealed)
