@@ -19,8 +19,8 @@ agents (the issue's target: at most 0.05).
 
 ``--real``: the real kit's federation (the demo's: four transmitter devices with notes; ``--kit DIR``, receiver
 ``--receiver-model``), e.g. the soak alone over 500 real questions:
-``python -m ops.bench load --real --kit KIT --levels 4 --soak-questions 500 --soak-in-flight 4 --soak-minutes 60
---deadline-s 60``.
+``python -m ops.bench load --real --kit KIT --levels '' --receivers 1 --soak-questions 500 --soak-in-flight 4
+--soak-minutes 60 --deadline-s 60``.
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kit", type=Path, default=None, help="--real: a built real kit directory")
     parser.add_argument("--receiver-model", default="smollm2", help="--real: the receiver model of the kit")
     parser.add_argument("--receivers", type=int, default=DEFAULT_RECEIVERS, help="receivers (users' devices)")
-    parser.add_argument("--levels", default=DEFAULT_LEVELS, help="questions in flight, comma-separated")
+    parser.add_argument(
+        "--levels", default=DEFAULT_LEVELS, help="questions in flight, comma-separated ('': the soak only)"
+    )
     parser.add_argument("--deadline-s", type=float, default=DEFAULT_DEADLINE_S, help="per-question deadline")
     parser.add_argument("--questions", type=int, default=60, help="distinct questions cycled through")
     parser.add_argument("--soak-questions", type=int, default=DEFAULT_SOAK_QUESTIONS, help="questions in the soak")
@@ -243,7 +245,13 @@ def run(args: argparse.Namespace) -> dict:
         levels = [int(x) for x in args.levels.split(",") if x.strip()]
     except ValueError as exc:
         raise ConfigError(f"--levels takes numbers like 20,50,200: {exc}") from exc
-    if not levels or min(levels) < 1 or args.receivers < 1 or args.deadline_s <= 0 or args.soak_in_flight < 1:
+    if (
+        (not levels and args.no_soak)
+        or min(levels, default=1) < 1
+        or args.receivers < 1
+        or args.deadline_s <= 0
+        or args.soak_in_flight < 1
+    ):
         raise ConfigError("--levels, --receivers, --deadline-s and --soak-in-flight must be positive")
     if args.kit is not None and not args.real:
         raise ConfigError("--kit needs --real")
