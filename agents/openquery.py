@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ from agents.fuserbook import FuserBook
 from agents.kvintake import GuardedKVReceiver
 from bus.errors import ChunkError, FusionError, SchemaError
 from bus.inline import decode_inline
-from bus.schemas import Ask, Offer, Omission, OmissionReason, Plan, PlanEntry, TransmitterUse
+from bus.schemas import PRECISIONS, Ask, Offer, Omission, OmissionReason, Plan, PlanEntry, Precision, TransmitterUse
 from fusion.c2c import ReceiverView
 from fusion.fuse import Received
 from fusion.kvcache import KV, KVCache
@@ -109,8 +110,14 @@ class OpenQuery:
             for e in self.plan.entries
             if e.transmitter_id not in self.left
             and e.transmitter_id not in self.inline_errors
-            and not set(e.layers) <= set(self.arrived(e, rejected))
+            and not self.expected(e) <= set(self.arrived(e, rejected))
         ]
+
+    def expected(self, entry: PlanEntry) -> set[int]:
+        """The planned layers still to come from one transmitter: all of them, or those it sent before it cut its
+        stream short (its link slowed and it re-planned: ``bus.frames.StreamCut``)."""
+        cut = None if entry.inline else self.kv.cut_layers(self.query_id, entry.transmitter_id)
+        return set(entry.layers) if cut is None else set(entry.layers) & set(cut)
 
     def received(self, entry: PlanEntry, done: Mapping[int, Any], layers: list[int]) -> Received | None:
         """What a fuser reads of one transmitter: its layers, offsets and weight (None when it cannot be fused)."""
@@ -127,7 +134,8 @@ class OpenQuery:
             if entry.transmitter_id in self.early:
                 continue
             done = self.arrived(entry, rejected)
-            if set(entry.layers) <= set(done) and (got := self.received(entry, done, sorted(entry.layers))):
+            want = self.expected(entry)
+            if want and want <= set(done) and (got := self.received(entry, done, sorted(want))):
                 out.append((entry.transmitter_id, got))
         return out
 
@@ -155,12 +163,15 @@ class OpenQuery:
                 omitted.append(Omission(transmitter_id=tid, reason=why[0], detail=why[1]))
                 continue
             if len(got) < len(entry.layers):
-                self.notes.append(f"{tid}: {len(got)} of {len(entry.layers)} planned layers arrived by the deadline")
+                cut = not entry.inline and self.kv.cut_layers(self.query_id, tid) is not None
+                how = "before its link slowed and it cut the stream" if cut else "by the deadline"
+                self.notes.append(f"{tid}: {len(got)} of {len(entry.layers)} planned layers arrived {how}")
+            precision = self._precision(entry, got)
             received[tid] = self.received(entry, done, got)  # type: ignore[assignment]  # _left_out checked it
             uses[tid] = TransmitterUse(
                 transmitter_id=tid,
                 layers=tuple(got),
-                precision=entry.precision,
+                precision=precision,
                 bytes=self.bytes_from(tid),
                 weight=entry.weight,
             )
@@ -171,6 +182,20 @@ class OpenQuery:
             elif not received:
                 self.notes.append("no transmitter's cache was usable; answered alone")
         return dict(sorted(received.items())), uses, omitted
+
+    def _precision(self, entry: PlanEntry, got: list[int]) -> Precision:
+        """The precision the used layers travelled at: the plan's, or, when a transmitter re-planned mid-stream to a
+        cheaper one, the coarsest that went in (with a note of the mix)."""
+        if entry.inline:
+            return entry.precision
+        seen = self.kv.layer_precisions(self.query_id, entry.transmitter_id)
+        mix = Counter(seen[m] for m in got if m in seen)
+        if not mix or set(mix) == {entry.precision}:
+            return entry.precision
+        coarsest = max(mix, key=PRECISIONS.index)
+        detail = ", ".join(f"{n} at {p}" for p, n in sorted(mix.items(), key=lambda kv: PRECISIONS.index(kv[0])))
+        self.notes.append(f"{entry.transmitter_id}: layers re-planned mid-stream ({detail}; planned {entry.precision})")
+        return coarsest  # type: ignore[return-value]
 
     def _left_out(self, entry: PlanEntry, got: list[int], receiver_fp: str) -> tuple[OmissionReason, str] | None:
         """Why a planned transmitter cannot be used, or None."""

@@ -41,6 +41,7 @@ from agents.kvintake import GuardedKVReceiver
 from agents.openquery import OpenQuery, Rejected
 from agents.roster import Member
 from bus.errors import FedRefineError, LimitError, SchemaError
+from bus.frames import StreamCut
 from bus.schemas import (
     Answer,
     Ask,
@@ -135,6 +136,7 @@ class ReceiverAgent(Agent):
             self.subjects.kv_for_receiver(self.id),
             subjects=self.subjects,
             on_layer=self._on_layer,
+            on_cut=self._on_layer,  # a stream cut short: its sent layers may be all the receiver waits for
             on_error=lambda exc, subject: self.reject(subject, str(exc)),
             guard=self._kv_guard,
             is_late=lambda qid: qid in self.closed,
@@ -166,7 +168,7 @@ class ReceiverAgent(Agent):
         planned = next((e.byte_budget for e in q.plan.entries if e.transmitter_id == sender), 0)
         return int(planned * PLAN_SLACK[0]) + PLAN_SLACK[1]
 
-    def _on_layer(self, done: LayerDone) -> None:
+    def _on_layer(self, done: LayerDone | StreamCut) -> None:
         q = self.open.get(done.query_id)
         if q is not None:
             q.progress.set()

@@ -29,7 +29,7 @@ import xxhash
 from pydantic import ValidationError
 
 from bus.errors import ChunkError, CodecError
-from bus.schemas import ID_PATTERN, KVChunkHeader
+from bus.schemas import ID_PATTERN, MAX_LAYER_INDEX, KVChunkHeader
 from bus.schemas import KV_SCHEMA_VERSION as SCHEMA_VERSION
 
 MAGIC = b"FRKV"
@@ -45,6 +45,8 @@ MAX_HEADER_BYTES = FIELDS.size + 2 + 2 * MAX_ID_BYTES + PAYLOAD_ALIGN  # a longe
 MIN_CHUNK_BYTES = 1024  # a max_payload leaving less than this per chunk is refused
 CHECKSUM_MASK = 0xFFFFFFFF  # header hash fields (bus.schemas.Hash32) carry the low 32 bits of an xxh3_64 digest
 CHUNK_HASH_AT = 56  # offset of chunk_hash in the header (zeroed while it is computed)
+CHUNK_AT = 12  # offset of the chunk index in the header
+_CHUNK_FIELD = struct.Struct(">I")  # the chunk index and chunk_hash fields
 
 # one byte per enumerated field: the code is the value's position in its tuple
 TENSORS = ("k", "v")
@@ -195,14 +197,6 @@ def frame_head(header: KVChunkHeader) -> bytes:
     return PREFIX.pack(MAGIC, FRAME_VERSION, 0, len(head)) + head
 
 
-def _sealed_head(header: KVChunkHeader, payload_digest: int) -> bytes:
-    """:func:`frame_head` of ``header`` with its ``chunk_hash`` computed and written in place."""
-    head = bytearray(frame_head(header.model_copy(update={"chunk_hash": 0})))
-    at = PREFIX.size + CHUNK_HASH_AT
-    head[at : at + 4] = chunk_hash(memoryview(head)[PREFIX.size :], payload_digest).to_bytes(4, "big")
-    return bytes(head)
-
-
 def build_frame(header: KVChunkHeader, payload: Buffer) -> bytes:
     """One standalone frame: :func:`frame_head` followed by ``payload``."""
     return b"".join((frame_head(header), payload))
@@ -231,9 +225,14 @@ def seal_chunks(blob: Buffer, fields: dict, *, max_payload: int, chunk_bytes: in
         chunk_hash=0,
         blob_hash=blob_hash(digests, seed),
     )
+    template = bytearray(frame_head(base))  # chunk 0, chunk_hash 0: patched per chunk below
     out = []
     for i, (payload, digest) in enumerate(zip(payloads, digests, strict=True)):
-        sealed = SealedChunk(_sealed_head(base.model_copy(update={"chunk": i}), digest), payload)
+        head = bytearray(template)
+        _CHUNK_FIELD.pack_into(head, PREFIX.size + CHUNK_AT, i)
+        hashed = xxhash.xxh3_64_intdigest(memoryview(head)[PREFIX.size :], seed=digest) & CHECKSUM_MASK
+        _CHUNK_FIELD.pack_into(head, PREFIX.size + CHUNK_HASH_AT, hashed)
+        sealed = SealedChunk(bytes(head), payload)
         if sealed.size > max_payload:  # cannot happen with header_budget; guard the invariant anyway
             raise CodecError(f"chunk frame of {sealed.size} bytes exceeds max_payload {max_payload}")
         out.append(sealed)
@@ -369,3 +368,87 @@ def _parse_header(head: bytes) -> KVChunkHeader:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "header"
         raise ChunkError(f"invalid chunk header: {where}: {first['msg']}", reason="malformed") from exc
+
+
+# -- the stream-cut notice ------------------------------------------------------------------------------------
+
+CUT_MAGIC = b"FRKX"
+_CUT_COUNT = struct.Struct(">BH")  # schema_version, number of layers sent
+MAX_CUT_LAYERS = MAX_LAYER_INDEX + 1  # a cut names at most every layer, each below this
+
+
+@dataclass(frozen=True)
+class StreamCut:
+    """A sender's notice that its stream ends early: only ``layers`` were sent, the rest of its plan will not come
+    (its link slowed and it re-planned mid-stream). A message of its own on the stream's KV subject."""
+
+    query_id: str
+    sender: str
+    layers: tuple[int, ...]
+
+
+def is_cut(message: Buffer) -> bool:
+    """Whether a KV message is a stream-cut notice (not chunk frames)."""
+    return bytes(memoryview(message)[: len(CUT_MAGIC)]) == CUT_MAGIC
+
+
+def cut_frame(query_id: str, sender: str, layers: list[int] | tuple[int, ...]) -> bytes:
+    """``"FRKX" | version | 0 | u16 header length | header``; the header: u8 schema version, u16 count, that many
+    u16 layer indices (sent, in send order), the two ids as in a chunk header, then u32 ``low32(xxh3_64(header
+    before it))``."""
+    if len(layers) > MAX_CUT_LAYERS or any(not 0 <= m < MAX_CUT_LAYERS for m in layers):
+        raise CodecError(f"a stream cut names at most {MAX_CUT_LAYERS} layers below {MAX_CUT_LAYERS}: {layers}")
+    qid, snd = query_id.encode(), sender.encode()
+    body = b"".join(
+        (
+            _CUT_COUNT.pack(SCHEMA_VERSION, len(layers)),
+            struct.pack(f">{len(layers)}H", *layers),
+            bytes((len(qid),)),
+            qid,
+            bytes((len(snd),)),
+            snd,
+        )
+    )
+    head = body + _CHUNK_FIELD.pack(xxhash.xxh3_64_intdigest(body) & CHECKSUM_MASK)
+    return PREFIX.pack(CUT_MAGIC, FRAME_VERSION, 0, len(head)) + head
+
+
+def read_cut(message: Buffer) -> StreamCut:
+    """Parse and check a stream-cut notice; anything wrong is a :class:`ChunkError`."""
+    view = memoryview(message).cast("B")
+    if len(view) < PREFIX.size + _CUT_COUNT.size + 4:
+        raise ChunkError(f"stream cut of {len(view)} bytes is too short", reason="malformed")
+    magic, version, reserved, hlen = PREFIX.unpack_from(view)
+    if magic != CUT_MAGIC:
+        raise ChunkError("message is not a stream cut", reason="malformed")
+    if version != FRAME_VERSION:
+        raise ChunkError(
+            f"unsupported stream cut version {version}; this build speaks {FRAME_VERSION}", reason="version"
+        )
+    if reserved != 0 or PREFIX.size + hlen != len(view):
+        raise ChunkError("stream cut length or reserved byte is wrong", reason="malformed")
+    head = bytes(view[PREFIX.size :])
+    body, check = head[:-4], _CHUNK_FIELD.unpack(head[-4:])[0]
+    if xxhash.xxh3_64_intdigest(body) & CHECKSUM_MASK != check:
+        raise ChunkError("checksum mismatch in a stream cut", reason="checksum")
+    schema, count = _CUT_COUNT.unpack_from(body)
+    if schema != SCHEMA_VERSION:
+        raise ChunkError(f"unsupported stream cut schema_version {schema}", reason="version")
+    pos = _CUT_COUNT.size + 2 * count
+    if count > MAX_CUT_LAYERS or pos > len(body):
+        raise ChunkError(f"stream cut names {count} layers in a {len(body)}-byte header", reason="malformed")
+    layers = struct.unpack_from(f">{count}H", body, _CUT_COUNT.size)
+    if any(m >= MAX_CUT_LAYERS for m in layers) or len(set(layers)) != count:
+        raise ChunkError("stream cut layers are out of range or repeated", reason="malformed")
+    ids = []
+    for name in ("query_id", "sender"):
+        n = body[pos] if pos < len(body) else 0
+        raw = body[pos + 1 : pos + 1 + n]
+        text = raw.decode("latin-1")
+        if n == 0 or len(raw) != n or ID_PATTERN.fullmatch(text) is None:
+            raise ChunkError(f"stream cut {name} is empty, truncated or not a valid id", reason="malformed")
+        ids.append(text)
+        pos += 1 + n
+    if pos != len(body):
+        raise ChunkError("stream cut has bytes after its ids", reason="malformed")
+    return StreamCut(ids[0], ids[1], tuple(layers))

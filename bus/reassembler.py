@@ -18,7 +18,7 @@ import torch
 
 from bus.codec import KVPair, decode_blob
 from bus.errors import ChunkError, CodecError, LimitError
-from bus.frames import Buffer, Chunk, blob_hash, identity_seed, read_frame
+from bus.frames import Buffer, Chunk, StreamCut, blob_hash, identity_seed, read_frame
 from bus.schemas import KVChunkHeader
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ class _Stream:
     tensors: dict[tuple[int, str], _Tensor] = field(default_factory=dict)
     complete: dict[int, KVPair] = field(default_factory=dict)
     layers_total: int = 0
+    precisions: dict[int, str] = field(default_factory=dict)  # complete layer -> the precision it travelled at
+    cut: tuple[int, ...] | None = None  # the layers sent, when the sender cut the stream short (bus.frames.StreamCut)
 
 
 @dataclass
@@ -114,7 +116,7 @@ class Reassembler:
                 reason="chunks",
                 query_id=h.query_id,
             )
-        stream = self._stream(h)
+        stream = self._stream(h.query_id, h.sender)
         key = (h.layer, h.tensor)
         state = stream.tensors.get(key)
         if state is None:
@@ -146,27 +148,35 @@ class Reassembler:
         self._finish_tensor(h, stream, key, state)
         return self._maybe_layer(h, stream)
 
-    def _stream(self, h: KVChunkHeader) -> _Stream:
-        query = self._queries.get(h.query_id)
+    def cut(self, notice: StreamCut) -> None:
+        """Record that a stream ends early: its sender sent only ``notice.layers`` (see :meth:`cut_layers`)."""
+        if notice.query_id in self._closed:
+            raise ChunkError(
+                f"late stream cut for closed query {notice.query_id}", reason="late", query_id=notice.query_id
+            )
+        self._stream(notice.query_id, notice.sender).cut = notice.layers
+
+    def _stream(self, query_id: str, sender: str) -> _Stream:
+        query = self._queries.get(query_id)
         if query is None:
             if len(self._queries) >= self.limits.max_queries:
                 raise LimitError(
                     f"{len(self._queries)} queries in flight; limit {self.limits.max_queries}",
                     reason="queries",
-                    query_id=h.query_id,
+                    query_id=query_id,
                 )
             query = _Query(deadline=self.clock() + self.limits.ttl)
-            self._queries[h.query_id] = query
-        stream = query.streams.get(h.sender)
+            self._queries[query_id] = query
+        stream = query.streams.get(sender)
         if stream is None:
             if len(query.streams) >= self.limits.max_senders_per_query:
                 raise LimitError(
-                    f"query {h.query_id} already has {len(query.streams)} senders",
+                    f"query {query_id} already has {len(query.streams)} senders",
                     reason="senders",
-                    query_id=h.query_id,
+                    query_id=query_id,
                 )
             stream = _Stream()
-            query.streams[h.sender] = stream
+            query.streams[sender] = stream
         return stream
 
     def _new_tensor(self, h: KVChunkHeader) -> _Tensor:
@@ -218,6 +228,7 @@ class Reassembler:
                 query_id=h.query_id,
             )
         stream.complete[h.layer] = (k, v)
+        stream.precisions[h.layer] = h.precision
         done = LayerDone(h.query_id, h.sender, h.layer, k, v, stream.layers_total)
         if self.on_layer is not None:
             self.on_layer(done)
@@ -231,9 +242,22 @@ class Reassembler:
         return dict(sorted(stream.complete.items())) if stream else {}
 
     def is_complete(self, query_id: str, sender: str) -> bool:
-        """True when a stream delivered as many complete layers as its sender announced."""
+        """True when a stream delivered as many complete layers as its sender announced (or, cut short, every
+        layer its cut names)."""
         stream = self._get_stream(query_id, sender)
+        if stream is not None and stream.cut is not None:
+            return set(stream.cut) <= set(stream.complete)
         return bool(stream and stream.layers_total and len(stream.complete) >= stream.layers_total)
+
+    def cut_layers(self, query_id: str, sender: str) -> tuple[int, ...] | None:
+        """The layers a stream's sender says it sent when it cut the stream short; None while it has not."""
+        stream = self._get_stream(query_id, sender)
+        return stream.cut if stream else None
+
+    def layer_precisions(self, query_id: str, sender: str) -> dict[int, str]:
+        """The precision each complete layer of a stream travelled at (a re-planned stream may mix them)."""
+        stream = self._get_stream(query_id, sender)
+        return dict(stream.precisions) if stream else {}
 
     def senders(self, query_id: str) -> list[str]:
         """Senders with state for a query."""

@@ -35,7 +35,7 @@ from nats.aio.subscription import Subscription
 from bus import connect as busconn
 from bus.codec import KVPair, Layers, check_layers, encode_layer_chunks
 from bus.errors import FedRefineError, SchemaError, TransportError
-from bus.frames import Buffer, FrameBuffer, SealedChunk, read_frames
+from bus.frames import Buffer, FrameBuffer, SealedChunk, StreamCut, cut_frame, is_cut, read_cut, read_frames
 from bus.quant import FloatFormat, get_format
 from bus.reassembler import LayerDone, Reassembler, ReassemblyLimits
 from bus.schemas import KVChunkHeader, validate_id
@@ -136,6 +136,11 @@ class _Outbox:
             self._packed.clear()
         await busconn.flush(self.nc)
 
+    async def notice(self, frame: bytes) -> None:
+        """Publish a control frame (a stream cut) as a message of its own after the stream, and flush it."""
+        await self._send(frame)
+        await busconn.flush(self.nc)
+
     async def _send(self, frame: Buffer) -> None:
         if self.shaper is not None:
             await self.shaper.acquire(len(frame))
@@ -222,6 +227,8 @@ async def send_cache(
 
     ``steer``, when given, is asked after every layer what to send of the rest (see :data:`Steer`): it may drop
     layers or send them at another precision (every chunk names its own dtype, so the receiver decodes either).
+    When it dropped any, a stream-cut notice (:class:`bus.frames.StreamCut`, the layers sent) follows the last
+    frame in a message of its own, so a receiver fuses at once instead of waiting for layers that will not come.
     """
     validate_id(query_id, "query id")
     validate_id(sender, "sender id")
@@ -270,6 +277,8 @@ async def send_cache(
                     pending = encoder.start(*new[0]) if new else None
                 schedule = sent + new
         await outbox.close()
+        if len(sent) < len(layers):  # a steer dropped layers: tell the receiver not to wait for them
+            await outbox.notice(cut_frame(query_id, sender, [m for m, _ in sent]))
     finally:
         await _cancel(pending)
     seconds = time.perf_counter() - start
@@ -301,6 +310,7 @@ async def send_cache(
 
 LayerCallback = Callable[[LayerDone], Any]
 ErrorCallback = Callable[[FedRefineError, str], Any]
+CutCallback = Callable[[StreamCut], Any]
 
 
 class KVReceiver:
@@ -316,6 +326,7 @@ class KVReceiver:
         subjects: Subjects | None = None,
         on_layer: LayerCallback | None = None,
         on_error: ErrorCallback | None = None,
+        on_cut: CutCallback | None = None,
         pending_bytes_limit: int = busconn.DEFAULT_SUB_PENDING_BYTES,
         expire_interval: float = DEFAULT_EXPIRE_INTERVAL,
     ) -> None:
@@ -325,6 +336,7 @@ class KVReceiver:
         self.subjects = subjects
         self.on_layer = on_layer
         self.on_error = on_error
+        self.on_cut = on_cut
         self.pending_bytes_limit = pending_bytes_limit
         self.expire_interval = expire_interval
         self.errors: deque[tuple[str, FedRefineError]] = deque(maxlen=DEFAULT_ERROR_MEMORY)
@@ -371,6 +383,9 @@ class KVReceiver:
         self.stats["messages"] += 1
         self.stats["bytes"] += len(msg.data)
         done: list[LayerDone] = []
+        if is_cut(msg.data):
+            await self._on_cut(msg)
+            return
         try:
             for chunk in read_frames(msg.data):
                 self.stats["frames"] += 1
@@ -395,13 +410,33 @@ class KVReceiver:
         async with self._cond:
             self._cond.notify_all()
 
-    def _check_subject(self, subject: str, header: KVChunkHeader) -> None:
-        """With ``subjects`` set, a chunk must name the query and sender its subject names (no spoofing)."""
+    async def _on_cut(self, msg: Msg) -> None:
+        """A stream-cut notice: the stream's sender sent only the layers it names."""
+        try:
+            notice = read_cut(msg.data)
+            self._check_subject(msg.subject, notice)
+            self.reassembler.cut(notice)
+        except FedRefineError as exc:
+            await self._error(exc, msg.subject)
+            return
+        if self.on_cut is not None:
+            try:
+                result = self.on_cut(notice)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:  # a user callback must not kill the subscription
+                log.exception("on_cut callback failed for %s/%s", notice.query_id, notice.sender)
+                await self._error(TransportError(f"on_cut callback failed: {exc}"), msg.subject)
+        async with self._cond:
+            self._cond.notify_all()
+
+    def _check_subject(self, subject: str, header: KVChunkHeader | StreamCut) -> None:
+        """With ``subjects`` set, a chunk or cut must name the query and sender its subject names (no spoofing)."""
         if self.subjects is None:
             return
         parts = self.subjects.parse(subject)
         if parts.kind != "kv" or parts.query_id != header.query_id or parts.sender != header.sender:
-            raise SchemaError(f"chunk for {header.query_id}/{header.sender} arrived on {subject!r}; dropped")
+            raise SchemaError(f"KV frame for {header.query_id}/{header.sender} arrived on {subject!r}; dropped")
 
     async def _error(self, exc: FedRefineError, subject: str) -> None:
         self.stats["errors"] += 1
@@ -430,8 +465,16 @@ class KVReceiver:
         return self.reassembler.completed(query_id, sender)
 
     def is_complete(self, query_id: str, sender: str) -> bool:
-        """True once a stream delivered every layer its sender announced."""
+        """True once a stream delivered every layer its sender announced (or, cut short, every layer it sent)."""
         return self.reassembler.is_complete(query_id, sender)
+
+    def cut_layers(self, query_id: str, sender: str) -> tuple[int, ...] | None:
+        """The layers a stream's sender sent when it cut the stream short (None: not cut)."""
+        return self.reassembler.cut_layers(query_id, sender)
+
+    def layer_precisions(self, query_id: str, sender: str) -> dict[int, str]:
+        """The precision each complete layer of a stream travelled at."""
+        return self.reassembler.layer_precisions(query_id, sender)
 
     async def wait_complete(
         self, query_id: str, sender: str, *, layers: Iterable[int] | None = None, timeout: float

@@ -1,6 +1,7 @@
 """Load: many questions in flight from several receivers' users at once, and a soak for memory growth.
 
-    python -m ops.bench load [--quick | --tiny] [--receivers 3] [--levels 20,50,200,1000] [--deadline-s 10]
+    python -m ops.bench load [--quick | --tiny | --real [--kit DIR] [--receiver-model M]] [--receivers 3]
+                             [--levels 20,50,200,1000] [--deadline-s 10]
                              [--soak-questions 5000] [--soak-minutes 10] [--no-soak]
 
 A federation of processes on one secure server: ``--receivers`` receivers (users' devices; asks are shared among
@@ -15,6 +16,11 @@ The soak then keeps ``--soak-in-flight`` questions outstanding until ``--soak-qu
 ``--soak-minutes`` passed) and reads every agent's resident memory (``/proc/<pid>/status``) after a warm-up (the
 first ``--warmup-share`` of the questions) and at the end: ``rss_growth`` is the largest end / warm-up - 1 over the
 agents (the issue's target: at most 0.05).
+
+``--real``: the real kit's federation (the demo's: four transmitter devices with notes; ``--kit DIR``, receiver
+``--receiver-model``), e.g. the soak alone over 500 real questions:
+``python -m ops.bench load --real --kit KIT --levels '' --receivers 1 --soak-questions 500 --soak-in-flight 4
+--soak-minutes 60 --deadline-s 60``.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from bus.schemas import Answer
 from bus.subjects import Subjects
 from ops.ask import ReconnectWatch
 from ops.bench.loadkit import Pump, Shot, latency_row
-from ops.demo import ASKER_ID, Setup, items_of, tiny_setup, zoo_setup
+from ops.demo import ASKER_ID, Setup, items_of, real_setup, tiny_setup, zoo_setup
 from privacy.credentials import CredentialStore
 
 DEFAULT_LEVELS = "20,50,200,1000"
@@ -54,8 +60,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--quick", action="store_true", help="the quick zoo (default: the full one if built)")
     which.add_argument("--tiny", action="store_true", help="tiny random models (a smoke run)")
+    which.add_argument("--real", action="store_true", help="the real kit (ops.real): megabyte models, device notes")
+    parser.add_argument("--kit", type=Path, default=None, help="--real: a built real kit directory")
+    parser.add_argument("--receiver-model", default="smollm2", help="--real: the receiver model of the kit")
     parser.add_argument("--receivers", type=int, default=DEFAULT_RECEIVERS, help="receivers (users' devices)")
-    parser.add_argument("--levels", default=DEFAULT_LEVELS, help="questions in flight, comma-separated")
+    parser.add_argument(
+        "--levels", default=DEFAULT_LEVELS, help="questions in flight, comma-separated ('': the soak only)"
+    )
     parser.add_argument("--deadline-s", type=float, default=DEFAULT_DEADLINE_S, help="per-question deadline")
     parser.add_argument("--questions", type=int, default=60, help="distinct questions cycled through")
     parser.add_argument("--soak-questions", type=int, default=DEFAULT_SOAK_QUESTIONS, help="questions in the soak")
@@ -234,9 +245,21 @@ def run(args: argparse.Namespace) -> dict:
         levels = [int(x) for x in args.levels.split(",") if x.strip()]
     except ValueError as exc:
         raise ConfigError(f"--levels takes numbers like 20,50,200: {exc}") from exc
-    if not levels or min(levels) < 1 or args.receivers < 1 or args.deadline_s <= 0 or args.soak_in_flight < 1:
+    if (
+        (not levels and args.no_soak)
+        or min(levels, default=1) < 1
+        or args.receivers < 1
+        or args.deadline_s <= 0
+        or args.soak_in_flight < 1
+    ):
         raise ConfigError("--levels, --receivers, --deadline-s and --soak-in-flight must be positive")
-    if args.tiny:
+    if args.kit is not None and not args.real:
+        raise ConfigError("--kit needs --real")
+    if args.real:
+        from ops.real.kit import kit_from_args
+
+        setup = real_setup(args.receiver_model, args.questions, kit=kit_from_args(args))
+    elif args.tiny:
         setup = tiny_setup(Path(tempfile.mkdtemp(prefix="fedrefine-load-")), args.questions)
     else:
         setup = zoo_setup(False if args.quick else None, args.questions)

@@ -141,6 +141,33 @@ async def test_link_drop_mid_stream_is_replanned(fleet: Fleet, tmp_path: Path, t
     assert tx.replans == 1 and tx.layers_sent.get("fp16") == 1, tx.layers_sent
     assert sum(tx.layers_sent.values()) == len(IMPORTANCE)  # cheaper, not fewer
     assert _complete(answer, plan), (answer.used, answer.omitted, answer.notes)
+    # the answer says what travelled: the coarsest precision that went in, and the mix in a note
+    (use,) = answer.used
+    assert use.precision in ("int8", "int4") and use.precision != entry.precision
+    assert any("re-planned mid-stream" in n and "1 at fp16" in n for n in answer.notes), answer.notes
+
+
+async def test_a_stream_cut_short_is_fused_at_once(fleet: Fleet, tmp_path: Path) -> None:
+    """After the first layer the transmitter's estimate of its link collapses to 200 B/s: the deadline-aware steer
+    drops the rest and says so (a stream cut); the receiver fuses the layer it has at once instead of waiting out
+    its deadline. (The link itself stays at 1 MB/s, so the test does not hang on the timing of a trace.)"""
+    await _federation(fleet, tmp_path, "deadline-aware", link_mbps=1.0, policy="deadline-aware")
+    tx = fleet.agents["t-slow"]
+    make_steer = tx._steer
+
+    def collapsing(plan, layers):
+        steer = make_steer(plan, layers)
+        steer.rate = lambda: 200.0
+        return steer
+
+    tx._steer = collapsing
+    deadline_s = 8.0
+    answer, plan = await _ask_and_watch(fleet, deadline_s=deadline_s)
+    (entry,) = plan.entries
+    (use,) = answer.used
+    assert tx.replans == 1 and use.layers == (entry.layers[0],), (answer.used, answer.notes)
+    assert any("cut the stream" in n for n in answer.notes), answer.notes
+    assert answer.latency_s < deadline_s / 2  # not the deadline minus the reserve: the cut ended the wait
 
 
 def test_trace_and_rate_are_exclusive(tmp_path: Path) -> None:

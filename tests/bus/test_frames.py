@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bus.codec import encode_cache, encode_layer_chunks
-from bus.errors import ChunkError
+from bus.errors import ChunkError, CodecError
 from bus.frames import (
     FRAME_VERSION,
     MAGIC,
@@ -181,3 +181,23 @@ def test_protocol_doc_example_checksums() -> None:
     assert f"`chunk_hash` is {header.chunk_hash}" in doc and f"`blob_hash` is {header.blob_hash}" in doc
     doc_hex = "".join(doc.split("The whole 120-byte frame")[1].split("```")[1].split())
     assert doc_hex == frames[0].hex() and len(frames[0]) == 120
+
+
+def test_stream_cut_round_trip_and_damage() -> None:
+    from bus.frames import cut_frame, is_cut, read_cut
+
+    frame = cut_frame("q-1", "tx_2", [5, 0, 3])
+    assert is_cut(frame) and not is_cut(b"FRKV" + frame[4:])
+    cut = read_cut(frame)
+    assert (cut.query_id, cut.sender, cut.layers) == ("q-1", "tx_2", (5, 0, 3))
+    for i in range(len(frame)):  # every single-byte change is caught
+        bad = bytearray(frame)
+        bad[i] ^= 0x01
+        with pytest.raises(ChunkError):
+            read_cut(bytes(bad))
+    with pytest.raises(ChunkError):
+        read_cut(frame[:-1])
+    with pytest.raises(ChunkError):
+        read_cut(frame + b"\x00")
+    with pytest.raises(CodecError):
+        cut_frame("q", "t", [1024])

@@ -105,13 +105,19 @@ async def test_steered_stream_mixes_precisions_over_the_bus(nats_server, subject
             return [(LAYERS[1], "int4"), (LAYERS[2], "int8")]  # the link slowed: cheaper, and the last layer dropped
         return None
 
+    cuts = []
     async with BusConnections(nats_server.url, name="t", security=nats_server.security) as conns:
         assert conns.pub is not None and conns.sub is not None
-        async with KVReceiver(conns.sub, subject, out_dtype=torch.float32) as rx:
+        async with KVReceiver(conns.sub, subject, out_dtype=torch.float32, on_cut=cuts.append) as rx:
             report = await send_cache(conns.pub, subject, cache, query_id="q1", sender="tx", steer=steer)
-            out = await rx.wait_complete("q1", "tx", layers=report.layers, timeout=30)
+            # no layer list: the stream counts as complete once the layers its cut names are in, not at a timeout
+            out = await rx.wait_complete("q1", "tx", timeout=30)
+            precisions = rx.layer_precisions("q1", "tx")
     assert report.layers == LAYERS[:3] and report.precisions == ("fp16", "int4", "int8")
     assert report.dropped == (LAYERS[3],)
+    assert [(c.query_id, c.sender, c.layers) for c in cuts] == [("q1", "tx", LAYERS[:3])]
+    assert set(out) == set(LAYERS[:3])
+    assert precisions == dict(zip(LAYERS[:3], ("fp16", "int4", "int8"), strict=True))
     assert [len(p.sent) for p in asked] == [1, 2]
     k0, k1, k2 = (out[m][0] for m in LAYERS[:3])
     assert torch.equal(k0, cache[LAYERS[0]][0].float())  # fp16 exactly
@@ -128,3 +134,15 @@ async def test_a_steer_may_not_add_layers(nats_server, subject: str) -> None:
             await send_cache(
                 conns.pub, subject, cache, query_id="q1", sender="tx", steer=lambda p: [(LAYERS[0], "fp16")]
             )
+
+
+async def test_an_unsteered_stream_sends_no_cut(nats_server, subject: str) -> None:
+    cache = _cache()
+    cuts = []
+    async with BusConnections(nats_server.url, name="t", security=nats_server.security) as conns:
+        assert conns.pub is not None and conns.sub is not None
+        async with KVReceiver(conns.sub, subject, out_dtype=torch.float32, on_cut=cuts.append) as rx:
+            report = await send_cache(conns.pub, subject, cache, query_id="q1", sender="tx")
+            await rx.wait_complete("q1", "tx", timeout=30)
+            assert rx.cut_layers("q1", "tx") is None
+    assert cuts == [] and report.dropped == ()

@@ -70,3 +70,27 @@ def test_e2e_real_on_a_tiny_kit(tiny_real_kit, monkeypatch: pytest.MonkeyPatch) 
     assert result["p50_ms"] > 0 and result["p50_ms_in_process"] > 0
     assert result["overhead_ratio"] == pytest.approx(result["p50_ms"] / result["p50_ms_in_process"], rel=0.01)
     assert result["private_queries"] >= 0 and result["transmitters"] == 4
+
+
+@pytest.mark.slow
+def test_load_real_soak_reads_every_agents_memory(tiny_real_kit, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ops.bench load --real --levels ''``: the real federation's soak alone, every agent's memory read."""
+    from ops.bench import load
+
+    root, home = tiny_real_kit
+    monkeypatch.setenv("FEDREFINE_HOME", str(home))
+    parser = argparse.ArgumentParser()
+    load.add_arguments(parser)
+    args = parser.parse_args(
+        ["--real", "--kit", str(root), "--receiver-model", "m1", "--receivers", "1", "--levels", ""]
+        + ["--questions", "3", "--soak-questions", "6", "--soak-in-flight", "2", "--deadline-s", "30"]
+        + ["--warmup-share", "0.34"]
+    )
+    result = load.run(args)
+    assert result["setup"].startswith("real")
+    assert result["rows"] == []  # --levels '': the soak alone
+    soak = result["soak"]
+    assert soak["questions"] == 6 and soak["answered"] == 6
+    # every agent of the federation was read: one receiver, its helpers and the four transmitter devices
+    assert len(soak["rss_mb_end"]) >= 6 and all(mb > 0 for mb in soak["rss_mb_end"].values())
+    assert soak["rss_growth"] is not None
