@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import math
 import shutil
@@ -473,6 +474,10 @@ def run(args: argparse.Namespace) -> dict:
         cells = [(link, spec) for link in links for spec, _ in policies]
         for link, spec in tqdm(cells, desc="bandwidth cells"):
             rows.append(asyncio.run(run_cell(world, spec, link, deadline_s, tls_from=pki)))
+            if getattr(args, "json", None):  # the rows so far, as the run goes (a real sweep takes many minutes)
+                partial = {"partial": len(rows), "cells": len(cells), "rows": rows, "real": real}
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps(partial, indent=2) + "\n")
     finally:
         shutil.rmtree(pki_dir, ignore_errors=True)
     if not no_t2t:

@@ -4,6 +4,7 @@ user's policy, the issue's row shape) and ``e2e --real`` (bus vs in process)."""
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
@@ -12,7 +13,7 @@ from ops.bench.bandwidth import add_arguments, run
 ROW_KEYS = {"link", "policy", "deadline_met", "accuracy", "bytes_per_query", "precision_mix", "layers_sent"}
 
 
-def test_bandwidth_real_rows(tiny_real_kit, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bandwidth_real_rows(tiny_real_kit, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     root, home = tiny_real_kit
     monkeypatch.setenv("FEDREFINE_HOME", str(home))
     parser = argparse.ArgumentParser()
@@ -21,9 +22,11 @@ def test_bandwidth_real_rows(tiny_real_kit, monkeypatch: pytest.MonkeyPatch) -> 
     args = parser.parse_args(
         ["--real", "--kit", str(root), "--receiver-model", "m1", "--questions", "2", "--rates", "0.5"]
         + ["--traces", "wifi-walkout", "--policies", "deadline-aware,examples.policies:MeteredPhone"]
-        + ["--deadline-s", "5"]
+        + ["--deadline-s", "5", "--json", str(tmp_path / "bw.json")]
     )
     result = run(args)
+    partial = json.loads((tmp_path / "bw.json").read_text())  # written cell by cell as the sweep goes
+    assert partial["partial"] == partial["cells"] == 4 and len(partial["rows"]) == 4
     assert result["real"] and result["questions"] == 2 and result["transmitters"] == 4
     assert 0 <= result["receiver_alone_accuracy"] <= 1
     rows = result["rows"]
