@@ -122,8 +122,8 @@ class GateAgent(Agent):
         tracing.QUERY_ID.set(qid)
         if query.receiver_id != self.subjects.parse(msg.subject).receiver_id:
             raise SchemaError(f"query of receiver {query.receiver_id} on {msg.subject}")
-        if query.gates and self.id not in query.gates:
-            self.skipped[qid] = None  # the receiver asked another gate: its offers are that gate's business
+        if query.mode == "t2t" or (query.gates and self.id not in query.gates):
+            self.skipped[qid] = None  # another gate's query (or text-to-text: no plan): its offers are not ours
             while len(self.skipped) > DEFAULT_PLANNED_MEMORY:
                 self.skipped.popitem(last=False)
             self.early.pop(qid, None)

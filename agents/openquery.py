@@ -140,9 +140,10 @@ class OpenQuery:
         return out
 
     def bytes_from(self, tid: str) -> int:
-        """KV bytes that reached the receiver from one transmitter: its stream and its offer's inline text."""
+        """Bytes that reached the receiver from one transmitter: KV stream, offer's inline cache text, hint."""
         offer = self.offers.get(tid)
         carried = len(offer.inline.data) if offer is not None and offer.inline is not None else 0
+        carried += len(offer.hint.encode()) if offer is not None and offer.hint else 0
         return self.kv.stream_bytes.get((self.query_id, tid), 0) + carried
 
     # ---- what goes into the answer ------------------------------------------------------------------------

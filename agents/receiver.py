@@ -67,6 +67,7 @@ from fusion.refine import (
     answer_alone,
     confident_alone,
     knows_alone,
+    read_with_hints,
     receiver_self_check,
     shared_prompt,
 )
@@ -282,11 +283,55 @@ class ReceiverAgent(Agent):
         if alone is not None:
             return alone
         text = await self._rephrase(q) if q.ask.private else q.ask.question
+        if q.ask.mode == "t2t":
+            return await self._text_to_text(q, text)
         await self._publish_query(q, text)
         await self._await_plan(q)
         if q.plan is not None:
             await self._await_streams(q)
         return await self._fuse_and_read(q)
+
+    async def _text_to_text(self, q: OpenQuery, text: str) -> Answer:
+        """The text-to-text baseline over the bus: q' goes out, every live transmitter writes a short hint into its
+        offer (no gate plans, no KV travels); the receiver waits for the hints until the plan share of the deadline
+        (or the answer reserve), then reads its question with them."""
+        expected = set(self.roster.live("transmitter"))
+        query = Query(
+            query_id=q.query_id,
+            receiver_id=self.id,
+            text=text,
+            options=q.ask.options,
+            deadline_unix=q.deadline_unix,
+            mode="t2t",
+        )
+        q.digest = digest_of(query)
+        await self.publish(self.subjects.query(self.id), query)
+        await self.tracer.emit(q.query_id, "query", detail="t2t")
+        until = min(q.t0 + self.cfg.plan_share * q.ask.deadline_s, q.deadline - self._reserve())
+        while not expected <= set(q.offers) and (left := until - time.monotonic()) > 0:
+            q.progress.clear()
+            try:
+                await asyncio.wait_for(q.progress.wait(), timeout=left)
+            except TimeoutError:
+                break
+        hints = {tid: o.hint for tid, o in sorted(q.offers.items()) if o.hint}
+        missing = sorted(expected - set(q.offers))
+        if missing:
+            q.notes.append(f"no hint in time from {', '.join(missing)}")
+        if not hints:
+            q.notes.append("no transmitter wrote a hint; answered alone")
+        self._answering += 1
+        try:
+            reading = await self.compute(
+                read_with_hints, self.model, q.ask.question, q.ask.options, list(hints.values())
+            )
+        finally:
+            self._answering -= 1
+        uses = {
+            tid: TransmitterUse(transmitter_id=tid, layers=(), precision=None, bytes=len(h.encode()))
+            for tid, h in hints.items()
+        }
+        return self._reply(q, reading, used={tid: [] for tid in hints}, uses=uses)
 
     async def _answer_alone_if_known(self, q: OpenQuery) -> Answer | None:
         """With ``--self-check``: the answer, alone, when the receiver knows it (else None): a letter-style model's

@@ -59,14 +59,14 @@ from bus.inline import encode_inline, inline_bytes
 from bus.linkest import MBPS, LinkEstimator
 from bus.linktrace import TraceShaper, load_trace
 from bus.policy import make_policy
-from bus.schemas import InlineKV, Offer, Plan, PlanEntry, Query, digest_of
+from bus.schemas import MAX_HINT_CHARS, InlineKV, Offer, Plan, PlanEntry, Query, digest_of
 from bus.shaper import LinkShaper
 from bus.steer import DeadlineSteer
 from bus.transport import SendReport, send_cache
 from fusion.c2c import tail_tokens
 from fusion.models import LanguageModel
 from fusion.notes import DEFAULT_TOP_K, DeviceNotes
-from fusion.refine import TransmitterPrefill, select_layers, shared_prompt, transmitter_prefill
+from fusion.refine import TransmitterPrefill, select_layers, shared_prompt, transmitter_prefill, write_hint
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,41 @@ class TransmitterAgent(Agent):
             return
         shared, _ = shared_prompt(query.text, query.options, style=self.model.style)  # SchemaError for bad options
         self.sent["queries"] += 1
+        if query.mode == "t2t":
+            self.spawn(self._hint(query), name=f"hint-{query.query_id}", query_id=query.query_id)
+            return
         self.spawn(self._offer(query, shared, left), name=f"offer-{query.query_id}", query_id=query.query_id)
+
+    async def _hint(self, query: Query) -> None:
+        """Text-to-text: write a short answer to q' (after this device's notes) and send it inside the offer; no
+        cache is kept and no plan comes."""
+        t0 = time.perf_counter()
+        hint = await self.compute(device_hint, self.model, query.text, self.notes, self.cfg.top_k)
+        ms = 1000 * (time.perf_counter() - t0)
+        if time.time() >= query.deadline_unix:
+            log.info("transmitter %s: hint for %s written after its deadline; not sent", self.id, query.query_id)
+            return
+        offer = Offer(
+            query_id=query.query_id,
+            transmitter_id=self.id,
+            query_digest=digest_of(query),
+            model_fingerprint=self.model_fingerprint,
+            n_tokens=1,
+            n_layers=self.model.num_layers,
+            kv_heads=self.model.kv_heads,
+            head_dim=self.model.head_dim,
+            confidence=1.0 if hint else 0.0,
+            link_rate_bps=self.link_now(),
+            rtt_s=self.link.rtt_s,
+            hint=hint[:MAX_HINT_CHARS],
+        )
+        if self.shaper is not None:
+            await self.shaper.acquire(len(hint.encode()))
+        nbytes = await self.publish(self.subjects.offer(query.query_id, self.id), offer)
+        self.sent["offers"] += 1
+        self.sent["bytes"] += len(hint.encode())
+        self.latency.add(ms)
+        await self.tracer.emit(query.query_id, "offer", nbytes=nbytes, ms=ms, peer=query.receiver_id, detail="t2t")
 
     def link_now(self) -> float | None:
         """The usable link rate now (bytes/s): with a trace, its rate now caps the estimate first."""
@@ -356,6 +390,12 @@ class TransmitterAgent(Agent):
             await asyncio.sleep(0.05)
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=max(0.0, until - time.monotonic()))
+
+
+def device_hint(model: LanguageModel, text: str, notes: DeviceNotes | None, top_k: int = DEFAULT_TOP_K) -> str:
+    """A transmitter's text-to-text hint for q' (``fusion.refine.write_hint`` after its retrieved notes)."""
+    lines = notes.retrieve(text, top_k).lines if notes is not None else ()
+    return write_hint(model, text, notes=lines)
 
 
 def prefill_with_inline(

@@ -41,6 +41,8 @@ DIGEST_MAX = (1 << 64) - 1
 HASH32_MAX = 0xFFFFFFFF
 
 Precision = Literal["fp32", "fp16", "bf16", "int8", "int4"]
+Mode = Literal["c2c", "t2t"]  # how the others help: KV caches, or text hints (the text-to-text baseline)
+MAX_HINT_CHARS = 2000  # a text hint in an offer
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "int4")
 Role = Literal["receiver", "transmitter", "gate", "rephraser"]
 ROLES: tuple[str, ...] = ("receiver", "transmitter", "gate", "rephraser")
@@ -110,6 +112,8 @@ class Ask(Message):
     private: bool = False
     deadline_s: float = Field(default=30.0, gt=0, le=3600, allow_inf_nan=False)  # seconds from now
     ask_id: Id | None = None
+    # "c2c": the others share KV caches (the method); "t2t": they write short text hints instead (the baseline)
+    mode: Mode = "c2c"
 
 
 class FuserSpec(BaseModel):
@@ -135,6 +139,7 @@ class Query(Message):
     fusers: tuple[FuserSpec, ...] | None = Field(default=None, max_length=MAX_FUSERS)
     # the gates whose plan counts for this query (empty: any gate); transmitters and the receiver ignore the others
     gates: tuple[Id, ...] = Field(default=(), max_length=MAX_GATES)
+    mode: Mode = "c2c"  # "t2t": transmitters answer with a text hint in their offer; no gate plans, no KV travels
 
 
 def query_digest(query_id: str, receiver_id: str, text: str, options: Sequence[str]) -> int:
@@ -209,6 +214,7 @@ class Offer(Message):
         default=(), max_length=MAX_OFFER_TOKENS
     )
     inline: InlineKV | None = None  # the cache tail itself, when small enough to ride along (InlineKV)
+    hint: str | None = Field(default=None, max_length=MAX_HINT_CHARS)  # t2t queries: its short answer ("": none)
 
     @model_validator(mode="after")
     def _offsets_fit(self) -> Offer:
@@ -406,8 +412,8 @@ class TransmitterUse(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     transmitter_id: Id
-    layers: tuple[Annotated[int, Field(ge=0, le=MAX_LAYER_INDEX)], ...]
-    precision: Precision
+    layers: tuple[Annotated[int, Field(ge=0, le=MAX_LAYER_INDEX)], ...]  # empty: its text hint was read (t2t)
+    precision: Precision | None  # None: a text hint (t2t), no cache
     bytes: int = Field(ge=0)
     weight: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
 

@@ -399,14 +399,7 @@ class KVReceiver:
         for ev in done:
             for queue in self._listeners:
                 queue.put_nowait(ev)
-            if self.on_layer is not None:
-                try:
-                    result = self.on_layer(ev)
-                    if inspect.isawaitable(result):
-                        await result
-                except Exception as exc:  # a user callback must not kill the subscription
-                    log.exception("on_layer callback failed for %s/%s layer %d", ev.query_id, ev.sender, ev.layer)
-                    await self._error(TransportError(f"on_layer callback failed: {exc}"), msg.subject)
+            await self._callback("on_layer", ev, msg.subject)
         async with self._cond:
             self._cond.notify_all()
 
@@ -419,16 +412,23 @@ class KVReceiver:
         except FedRefineError as exc:
             await self._error(exc, msg.subject)
             return
-        if self.on_cut is not None:
-            try:
-                result = self.on_cut(notice)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception as exc:  # a user callback must not kill the subscription
-                log.exception("on_cut callback failed for %s/%s", notice.query_id, notice.sender)
-                await self._error(TransportError(f"on_cut callback failed: {exc}"), msg.subject)
+        await self._callback("on_cut", notice, msg.subject)
         async with self._cond:
             self._cond.notify_all()
+
+    async def _callback(self, name: str, event: LayerDone | StreamCut, subject: str) -> None:
+        """Call the user's ``on_layer`` or ``on_cut`` (awaited when it is a coroutine); a failing callback is an
+        error on ``subject``, never the end of the subscription."""
+        callback = getattr(self, name)
+        if callback is None:
+            return
+        try:
+            result = callback(event)
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:
+            log.exception("%s callback failed for %s/%s", name, event.query_id, event.sender)
+            await self._error(TransportError(f"{name} callback failed: {exc}"), subject)
 
     def _check_subject(self, subject: str, header: KVChunkHeader | StreamCut) -> None:
         """With ``subjects`` set, a chunk or cut must name the query and sender its subject names (no spoofing)."""

@@ -325,6 +325,18 @@ def write_hint(
     return answer_alone(model, stem, (), notes).text
 
 
+@torch.no_grad()
+def read_with_hints(receiver: LanguageModel, stem: str, options: Sequence[str], hints: Sequence[str]) -> Reading:
+    """Text-to-text, the receiver's side: its answer to the question with the others' hints before it."""
+    if receiver.style == "letter":
+        probs = letter_probs(receiver, with_hints(hints, stem, options))
+        choice = int(probs.argmax())
+        return Reading(choice, tuple(round(float(p), 6) for p in probs), options[choice])
+    content = with_hints(hints, stem, options, style="text")
+    pre = receiver.prefill(receiver.encode_framed(receiver.format.frame(content)).ids)  # type: ignore[union-attr]
+    return read_answer(receiver, pre.cache.truncate(pre.cache.num_tokens - 1), pre.ids[-1:], options)
+
+
 def with_hints(hints: Sequence[str], stem: str, options: Sequence[str], style: str = "letter") -> str:
     """The receiver's text-to-text input: letter style, one ``Fact:`` line per hint then the lettered question;
     text style, the content (``Hints ...`` lines, then the question) that its frame wraps."""
@@ -511,14 +523,7 @@ def _text_to_text(req: _Request) -> RefineResult:
     req.timings["transmitters"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     q = req.question
-    if req.receiver.style == "letter":
-        probs = letter_probs(req.receiver, with_hints(list(hints.values()), q.stem, q.options))
-        choice = int(probs.argmax())
-        reading = Reading(choice, tuple(round(float(p), 6) for p in probs), q.options[choice])
-    else:
-        content = with_hints(list(hints.values()), q.stem, q.options, style="text")
-        pre = req.receiver.prefill(req.receiver.encode_framed(req.receiver.format.frame(content)).ids)  # type: ignore[union-attr]
-        reading = read_answer(req.receiver, pre.cache.truncate(pre.cache.num_tokens - 1), pre.ids[-1:], q.options)
+    reading = read_with_hints(req.receiver, q.stem, q.options, list(hints.values()))
     req.timings["receiver"] = time.perf_counter() - t1
     req.timings["total"] = time.perf_counter() - req.t_start
     sent = {n: h for n, h in hints.items() if h}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import statistics
@@ -60,6 +61,7 @@ class Item:
     private: bool = False
     answer: int | str | None = None
     id: str = ""
+    mode: str = "c2c"  # "t2t": the others write text hints (the text-to-text baseline)
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ async def ask_once(
 async def _ask(nc: Client, subjects: Subjects, item: Item, deadline_s: float) -> Reply:
     """One request/reply."""
     try:
-        ask = Ask(question=item.stem, options=item.options, private=item.private, deadline_s=deadline_s)
+        ask = Ask(question=item.stem, options=item.options, private=item.private, deadline_s=deadline_s, mode=item.mode)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
@@ -230,6 +232,9 @@ def describe(reply: Reply) -> str:
         return f"error ({reply.code}): {reply.message}"
     lines = [f"answer: {reply.text}    ({1000 * reply.latency_s:.0f} ms, {reply.bytes_received} bytes of KV)"]
     for use in reply.used:
+        if use.precision is None:  # text-to-text: its hint was read
+            lines.append(f"  used     {use.transmitter_id}: its text hint, {use.bytes} bytes")
+            continue
         layers = ",".join(map(str, use.layers))
         lines.append(
             f"  used     {use.transmitter_id}: layers {layers} at {use.precision}, weight {use.weight:.2f}, "
@@ -276,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], help="an answer option (give four)")
     p.add_argument("--file", type=Path, help="JSONL file of questions to push")
     p.add_argument("--private", action="store_true", help="rephrase before anything leaves the receiver side")
+    p.add_argument(
+        "--mode",
+        choices=("c2c", "t2t"),
+        default="c2c",
+        help="c2c: the others share KV caches; t2t: they write text hints (the text-to-text baseline)",
+    )
     p.add_argument("--deadline-ms", type=int, default=DEFAULT_DEADLINE_MS, help="answer deadline (milliseconds)")
     p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="questions in flight with --file")
     p.add_argument("--limit", type=int, default=None, help="push only the first N questions of --file")
@@ -303,6 +314,7 @@ async def _run(args: argparse.Namespace) -> int:
         items = [Item(args.question, tuple(args.option), args.private)]
     else:
         items = load_items(args.file, args.private)[: args.limit]
+    items = [dataclasses.replace(item, mode=args.mode) for item in items]
     security = client_security(args.creds, args.tls_ca, args.insecure)
     watch = ReconnectWatch()
     try:

@@ -9,8 +9,9 @@ names from ``ops/traces`` or files, ``bus.linktrace`` formats) and policy (a ``b
 every transmitter on that link, re-planning its streams mid-way with the same policy) answers the same questions
 one at a time on its own embedded nats-server (authorization and TLS on, one identity per agent; the CA and
 certificate are made once); the models are loaded once. ``deadline_met`` is the share of
-questions answered by the deadline with every planned layer arrived (a stream cut by the deadline, or no plan,
-is a miss); ``accuracy`` counts the answer whatever arrived. ``bytes_per_query`` is the KV the receiver got and
+questions answered by the deadline with every planned layer arrived (a stream cut by the deadline, no plan, or a
+device whose offer missed the gate's window, ``offers_late``, is a miss);
+``accuracy`` counts the answer whatever arrived. ``bytes_per_query`` is the KV the receiver got and
 used, ``bytes_per_token`` that over the tokens of the transmitters' caches used. Text-to-text (``policy``
 ``t2t``) runs ``fusion.refine``'s hint pieces in process once per question; each transmitter writes its hint
 in parallel with the others, so its latency is the slowest (generation + hint bytes / rate) plus the
@@ -19,7 +20,8 @@ receiver's read; a question whose hints miss the deadline is answered by the rec
 Every policy row has ``link`` (the rate, ``"unshaped"`` or the trace's name), ``precision_mix`` (share of the
 streamed layers sent at each precision, mid-stream re-plans included) and ``layers_sent`` (mean layers the
 receiver used per planned transmitter). ``--real`` runs the real kit (``ops.real``; ``--kit DIR``, the receiver
-``--receiver-model``; free-text questions scored by exact match), at 0.25-50 MB/s by default, without
+``--receiver-model``; free-text questions scored by exact match; a 12 s deadline and 2 s heartbeats, since four
+real prefills share this one process), at 0.002-1 MB/s by default, without
 text-to-text rows (``ops.bench reallat`` has them); ``receiver_alone_accuracy`` is then measured in process.
 """
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import math
 import shutil
@@ -50,9 +53,12 @@ DEFAULT_RATES = "0.001,0.0015,0.002,0.0025,0.003,0.004,0.008,0.016,0.06,0.25,1,4
 # A real transmitter's whole fp16 cache of a 60-token q' is ~1.4 MB (SmolLM2-135M: 23 KB a token), 5.6 s at
 # 0.25 MB/s; but the real kit's window-1 fusers read only the last token(s) of each layer, ~20-50 KB a stream,
 # so the link binds only below ~0.1 MB/s: the default sweep adds those rates to the issue's 0.25-50.
-REAL_RATES = "0.01,0.02,0.05,0.1,0.25,0.5,1,4,16,50"
-REAL_QUESTIONS = 24  # per cell with --real
-REAL_DEADLINE_S = 3.0  # per question with --real (prefill, notes retrieval and a generated answer on a CPU)
+# The deadline leaves the streams ~6 s after the offers (their window is 30% of it: four real prefills in one process
+# on two cores), so ~25 KB a transmitter binds below ~0.004 MB/s.
+REAL_RATES = "0.002,0.004,0.008,0.02,0.25,1"
+REAL_QUESTIONS = 12  # per cell with --real
+REAL_DEADLINE_S = 12.0  # per question with --real (four prefills with notes, then a generated answer, on a CPU)
+REAL_HEARTBEAT_S = 2.0  # with --real: model work holds the one process's GIL for long; beats every 0.5 s would expire
 DEFAULT_QUESTIONS = 48  # per cell (full zoo)
 QUICK_QUESTIONS = 8  # per cell with --quick / --tiny
 DEFAULT_DEADLINE_S = 1.0  # per question
@@ -196,7 +202,8 @@ async def _start_agents(url: str, store: Any, world: World, policy: str, link: L
     from agents.receiver import ReceiverAgent
     from agents.transmitter import TransmitterAgent
 
-    base = {"nats": url, "prefix": store.prefix, "heartbeat_s": 0.5, "drain_s": DRAIN_S, "log_level": "warning"}
+    beat = REAL_HEARTBEAT_S if world.real else 0.5
+    base = {"nats": url, "prefix": store.prefix, "heartbeat_s": beat, "drain_s": DRAIN_S, "log_level": "warning"}
     base["tls_ca"] = str(store.ca_file)
 
     def creds(agent_id: str) -> dict[str, Any]:
@@ -319,7 +326,7 @@ def _right(q: Any, reply: Any) -> bool:
 
 def _summarize(rows, plans, tokens, policy, link, deadline_s, answer_cls) -> dict:
     link = as_link(link)
-    right = met = alone = 0
+    right = met = alone = offers_late = 0
     got_bytes, got_tokens, planned, seconds, precisions, layers = [], 0, [], [], [], []
     for q, reply, secs in rows:
         seconds.append(secs)
@@ -332,7 +339,9 @@ def _summarize(rows, plans, tokens, policy, link, deadline_s, answer_cls) -> dic
             continue
         plan = plans.get(reply.query_id)
         used = {u.transmitter_id: set(u.layers) for u in reply.used}
-        if plan is not None and reply.latency_s <= deadline_s:
+        late = any(o.reason == "late" and "no offer" in (o.detail or "") for o in reply.omitted)
+        offers_late += late
+        if plan is not None and reply.latency_s <= deadline_s and not late:  # a device whose offer came late missed
             met += all(set(e.layers) <= used.get(e.transmitter_id, set()) for e in plan.entries)
         if plan is not None:
             planned.append(sum(e.byte_budget for e in plan.entries))
@@ -356,6 +365,7 @@ def _summarize(rows, plans, tokens, policy, link, deadline_s, answer_cls) -> dic
         "layers_sent": round(statistics.fmean(layers), 2) if layers else 0.0,
         "answered": sum(isinstance(r, answer_cls) for _, r, _ in rows),
         "answered_alone": alone,
+        "offers_late": round(offers_late / n, 4),  # questions where some device's offer missed the gate's window
         "n": n,
     }
 
@@ -473,6 +483,10 @@ def run(args: argparse.Namespace) -> dict:
         cells = [(link, spec) for link in links for spec, _ in policies]
         for link, spec in tqdm(cells, desc="bandwidth cells"):
             rows.append(asyncio.run(run_cell(world, spec, link, deadline_s, tls_from=pki)))
+            if getattr(args, "json", None):  # the rows so far, as the run goes (a real sweep takes many minutes)
+                partial = {"partial": len(rows), "cells": len(cells), "rows": rows, "real": real}
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps(partial, indent=2) + "\n")
     finally:
         shutil.rmtree(pki_dir, ignore_errors=True)
     if not no_t2t:
@@ -494,7 +508,8 @@ def run(args: argparse.Namespace) -> dict:
             f"min {MIN_BURST_BYTES} B), re-planning its streams mid-way with the row's policy; agents in one "
             "process, one question at a time; deadline_met = answered by the deadline with every planned layer in "
             "(or by the receiver's self-check, alone); bytes_per_query and bytes_per_token average over the "
-            "questions that were asked (answered_alone counts the others); precision_mix = share of streamed "
+            "questions that were asked (answered_alone counts the others); offers_late = share of questions where a "
+            "device's offer missed the gate's window (counted as deadline misses); precision_mix = share of streamed "
             "layers per precision; t2t in process with hint transfer time = bytes / rate"
         ),
         "seconds": round(time.perf_counter() - t_start, 1),

