@@ -26,6 +26,12 @@ def _parser() -> argparse.ArgumentParser:
     for q in (build, info):
         q.add_argument("--quick", action="store_true", help="the small kit the tests use")
     build.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    build.add_argument(
+        "--receiver-model",
+        action="append",
+        default=None,
+        help="only the fusers into this receiver model and its gate (repeatable; a later build finishes the rest)",
+    )
     info.add_argument("--json", action="store_true", help="print the manifest as JSON")
     return p
 
@@ -87,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "build":
             from ops.real.build import build_kit
 
-            build_kit(spec, threads=args.threads)
+            build_kit(spec, threads=args.threads, receivers=args.receiver_model)
         kit = load_kit(spec, build_if_missing=False)
         print(_info(kit, getattr(args, "json", False)))
     except FedRefineError as exc:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from bus.errors import ConfigError
 from fusion.examples import FusionItem, combine, receiver_sides, text_targets, transmitter_sides
 from fusion.gate_train import GateTrainConfig, gate_example, train_gate
 from fusion.models import LanguageModel
@@ -71,8 +72,9 @@ class _Caches:
         return combine(sides, reads, text_targets(self.models[receiver], items, sides))
 
 
-def build_kit(spec: RealSpec, threads: int | None = None) -> Path:
-    """Build (or finish building) the kit of ``spec``; returns its directory."""
+def build_kit(spec: RealSpec, threads: int | None = None, receivers: list[str] | None = None) -> Path:
+    """Build (or finish building) the kit of ``spec``; returns its directory. ``receivers``: only the fusers into
+    these receiver models and their gates (a later build without it finishes the rest)."""
     root = kit_dir(spec)
     root.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(root) or {"format": FORMAT_VERSION, "spec": spec.model_dump(mode="json"), "done": {}}
@@ -113,7 +115,10 @@ def build_kit(spec: RealSpec, threads: int | None = None) -> Path:
     caches = _Caches(models)
     registry = FuserRegistry(root / "fusers")
     fusers_done = done.setdefault("fusers", {})
-    for receiver in names:
+    wanted = [n for n in names if receivers is None or n in receivers]
+    if receivers is not None and set(receivers) - set(names):
+        raise ConfigError(f"unknown receiver model(s) {sorted(set(receivers) - set(names))}; the kit has {names}")
+    for receiver in wanted:
         for transmitter in names:
             pair = f"{transmitter}->{receiver}"
             if pair in fusers_done:
@@ -137,7 +142,7 @@ def build_kit(spec: RealSpec, threads: int | None = None) -> Path:
             write_manifest(root, manifest)
     gates_done = done.setdefault("gates", {})
     gate_rows = _rows(root / "train" / "gate.jsonl")[:DEFAULT_GATE_QUESTIONS]
-    for receiver in names:
+    for receiver in wanted:
         if receiver in gates_done:
             continue
         t0 = time.perf_counter()

@@ -22,7 +22,12 @@ def spec(tmp_path, monkeypatch):
 
 
 def test_the_kit_builds_four_fusers_and_two_gates_once_and_resumes(spec) -> None:
-    root = build_kit(spec)
+    with pytest.raises(ConfigError, match="unknown receiver model"):
+        build_kit(spec, receivers=["m3"])
+    build_kit(spec, receivers=["m1"])  # one direction first (--receiver-model): its two fusers and its gate
+    partial = json.loads((load_kit(spec, build_if_missing=False).root / "manifest.json").read_text())["done"]
+    assert set(partial["fusers"]) == {"m1->m1", "m2->m1"} and set(partial["gates"]) == {"m1"}
+    root = build_kit(spec)  # then the rest
     kit = load_kit(spec, build_if_missing=False)
     assert kit.root == root
     done = kit.manifest["done"]
