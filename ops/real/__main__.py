@@ -1,5 +1,7 @@
-"""``python -m ops.real fetch | build [--quick] | info [--quick] [--json] | probe --kit DIR``: the real models and their
-kit; ``probe`` runs each model alone on every pretrained-knowledge category (``ops.real.knowledge``)."""
+"""``python -m ops.real fetch | build [--quick] | info [--quick] [--json] | probe``: the real models and their kit.
+
+``probe [--kit DIR]`` runs each model alone on every pretrained-knowledge category (``ops.real.knowledge``).
+"""
 
 from __future__ import annotations
 
