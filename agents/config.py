@@ -260,8 +260,9 @@ class ReceiverConfig(ModelAgentConfig):
         default=None,
         gt=0,
         le=1,
-        description="answer alone, asking no one, when the receiver's own P(none) is below this (only for a "
-        "receiver trained to say 'none'; the zoo's is, and 0.5 suits it)",
+        description="answer alone, asking no one, when the receiver knows: a letter-style receiver trained to say "
+        "'none' when its P(none) is below this (the zoo's: 0.5 suits it); a text-style (pretrained) one when its "
+        "confidence in its own answer is at least this (calibrate it: accuracy --real reports the threshold)",
     )
 
     @field_validator("fusers")

@@ -65,6 +65,7 @@ from fusion.prompts import LETTERS, option_letter
 from fusion.refine import (
     answer_after,
     answer_alone,
+    confident_alone,
     knows_alone,
     read_with_hints,
     receiver_self_check,
@@ -333,9 +334,17 @@ class ReceiverAgent(Agent):
         return self._reply(q, reading, used={tid: [] for tid in hints}, uses=uses)
 
     async def _answer_alone_if_known(self, q: OpenQuery) -> Answer | None:
-        """With ``--self-check``: the answer, alone, when the receiver's own P(none) says it knows (else None)."""
-        if self.cfg.self_check is None or self.model.style != "letter":
+        """With ``--self-check``: the answer, alone, when the receiver knows it (else None): a letter-style model's
+        P(none) is below the threshold, a text-style model's confidence in its own answer reaches it."""
+        if self.cfg.self_check is None:
             return None
+        if self.model.style != "letter":
+            reading = await self.compute(answer_alone, self.model, q.ask.question, q.ask.options)
+            if not confident_alone(reading.confidence, self.cfg.self_check):
+                return None
+            knows = f"its confidence {reading.confidence:.3f} >= {self.cfg.self_check}"
+            q.notes.append(f"answered alone: the receiver knows this ({knows}); nobody was asked")
+            return self._reply(q, reading, alone=True)
         probs, p_none = await self.compute(receiver_self_check, self.model, q.ask.question, q.ask.options)
         if not knows_alone(p_none, self.cfg.self_check):
             return None

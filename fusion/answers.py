@@ -7,11 +7,16 @@ After the receiver's prefix (fused or not) it reads its view's continuation, the
   writes a greedy answer (a free-text question) cut at a newline, its end-of-turn token or ``max_new_tokens``.
 
 Free-text answers are scored by exact match after ``normalize_answer`` (lower case, no punctuation, no leading
-article, single spaces), as in SQuAD-style evaluation.
+article, single spaces), as in SQuAD-style evaluation, and by containment (``contains_answer``): an instruct model
+answers in sentences ("The color of Zorbin is teal."), which exact match never accepts.
+
+Every reading carries the model's ``confidence`` in it: the chosen option's probability (choice), the mean
+probability of the greedy answer's tokens (free text). The receiver's self-check (``fusion.refine``) reads it.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -21,7 +26,7 @@ from fusion.kvcache import KVCache
 from fusion.models import LanguageModel
 from fusion.prompts import exact_match, normalize_answer
 
-__all__ = ["Reading", "read_answer", "is_correct", "exact_match", "normalize_answer"]
+__all__ = ["Reading", "read_answer", "is_correct", "contains_answer", "exact_match", "normalize_answer"]
 
 DEFAULT_MAX_ANSWER_TOKENS = 16  # longest free-text answer a receiver writes
 ANSWER_STOP = "\n"  # a free-text answer ends at the first newline
@@ -35,6 +40,7 @@ class Reading:
     probs: tuple[float, ...] = ()  # over the options (softmax of their log-likelihoods or letter logits)
     text: str = ""  # the chosen option's text, or the generated answer
     scores: tuple[float, ...] = field(default=(), repr=False)  # raw option log-likelihoods (text style)
+    confidence: float | None = None  # the chosen option's probability, or the free text's mean token probability
 
 
 @torch.no_grad()
@@ -54,15 +60,16 @@ def read_answer(
         logits = receiver.forward_from(cache, list(continuation), live)[-1]  # (vocab,)
         probs = torch.softmax(logits[letter_ids(receiver)].float().cpu(), -1)
         choice = int(probs.argmax())
-        return Reading(choice, _rounded(probs), options[choice] if options else "")
+        return Reading(choice, _rounded(probs), options[choice] if options else "", confidence=float(probs.max()))
     after = receiver.extend(cache, list(continuation), live)
     if options:
         scores = receiver.score_ids(after, [receiver.answer_ids(o) for o in options])
         probs = torch.softmax(scores, -1)
         choice = int(scores.argmax())
-        return Reading(choice, _rounded(probs), options[choice], tuple(round(float(x), 4) for x in scores))
-    text = receiver.generate(after, max_new_tokens=max_new_tokens, stop=ANSWER_STOP)
-    return Reading(None, (), text.strip())
+        raw = tuple(round(float(x), 4) for x in scores)
+        return Reading(choice, _rounded(probs), options[choice], raw, confidence=float(probs.max()))
+    text, token_probs = receiver.generate_scored(after, max_new_tokens=max_new_tokens, stop=ANSWER_STOP)
+    return Reading(None, (), text.strip(), confidence=sum(token_probs) / len(token_probs) if token_probs else 0.0)
 
 
 def is_correct(reading: Reading, answer: int | str) -> bool:
@@ -70,6 +77,38 @@ def is_correct(reading: Reading, answer: int | str) -> bool:
     if isinstance(answer, int):
         return reading.choice == answer
     return exact_match(reading.text, answer)
+
+
+def contains_answer(prediction: str, answer: str, candidates: Sequence[str] = ()) -> bool:
+    """Whether a free-text answer contains the gold answer: the normalised gold occurs as whole words (a contiguous
+    run of them) in the normalised prediction, and no other candidate value does.
+
+    Accents are folded away first. ``candidates`` are the values the question could have (its options, or its
+    attribute's values): an answer that names the gold and another candidate ("red or teal") does not count, so
+    listing values never scores. A candidate whose words lie inside the gold's ("blue" in "dark blue") is not
+    another value.
+    """
+    said = _folded(prediction).split()
+    gold = _folded(answer).split()
+    if not gold or not _has_run(said, gold):
+        return False
+    for other in {_folded(c) for c in candidates}:
+        words = other.split()
+        if words and words != gold and not _has_run(gold, words) and _has_run(said, words):
+            return False
+    return True
+
+
+def _folded(text: str) -> str:
+    """``normalize_answer`` without accents ("Brontë" says "Bronte")."""
+    plain = unicodedata.normalize("NFKD", text)
+    return normalize_answer("".join(ch for ch in plain if not unicodedata.combining(ch)))
+
+
+def _has_run(words: Sequence[str], run: Sequence[str]) -> bool:
+    """Whether ``run`` occurs as a contiguous sub-sequence of ``words``."""
+    n = len(run)
+    return any(list(words[i : i + n]) == list(run) for i in range(len(words) - n + 1))
 
 
 def _rounded(probs: torch.Tensor) -> tuple[float, ...]:

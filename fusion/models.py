@@ -446,22 +446,31 @@ class LanguageModel:
     @torch.no_grad()
     def generate(self, prompt: str | list[int] | Prefill, max_new_tokens: int = 32, stop: str | None = "\n") -> str:
         """Greedy continuation of the prompt, cut at ``stop``, end of text or the format's end-of-turn token."""
+        return self.generate_scored(prompt, max_new_tokens, stop)[0]
+
+    @torch.no_grad()
+    def generate_scored(
+        self, prompt: str | list[int] | Prefill, max_new_tokens: int = 32, stop: str | None = "\n"
+    ) -> tuple[str, list[float]]:
+        """``generate``'s text and the probability of each greedy token it chose (the stop token's included when
+        the model ended by itself): how sure the model was of what it wrote."""
         pre = prompt if isinstance(prompt, Prefill) else self.prefill(prompt)
-        cache, logits, out_ids = pre.cache, pre.logits, []
+        cache, logits, out_ids, probs = pre.cache, pre.logits, [], []
         stops = set(self.format.stop_tokens) if self.format is not None else set()
         if self.tokenizer.eos_token_id is not None:
             stops.add(self.tokenizer.eos_token_id)
         for _ in range(max_new_tokens):
             token = int(logits.argmax())
+            probs.append(float(torch.softmax(logits.float(), -1)[token]))
             if token in stops:
                 break
             out_ids.append(token)
             text = self.decode(out_ids).lstrip()  # a reply may open with a newline before its first word
             if stop and stop in text:
-                return text.split(stop, 1)[0]
+                return text.split(stop, 1)[0], probs
             step_logits, cache = self.forward_ids(torch.tensor([[token]]), cache, logits_to_keep=1)
             logits = step_logits[0, -1]
-        return self.decode(out_ids).lstrip()
+        return self.decode(out_ids).lstrip(), probs
 
 
 def fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast) -> str:

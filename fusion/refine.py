@@ -15,10 +15,14 @@ transmitter writes a short text the receiver reads), ``c2c`` (fusers weighted by
 ``c2c-uniform`` (every transmitter at weight 1), ``c2c-shuffled`` (each transmitter's cache of a different
 question).
 
-Self-check (``self_check=P``, for a receiver trained to abstain): before anything leaves, the receiver reads
-its own question; when its P(" none") is below P it knows the answer and answers alone, asking no one (no
-rephrase, no query, no bytes). Fusion then only ever runs where the receiver does not know, so it cannot
-overwrite what the receiver knows (a transmitter that guesses confidently did, on the toy zoo).
+Self-check (``self_check=P``): before anything leaves, the receiver reads its own question and, when it knows
+the answer, answers alone, asking no one (no rephrase, no query, no bytes). Fusion then only ever runs where the
+receiver does not know, so it cannot overwrite what the receiver knows (a transmitter that guesses confidently
+did, on the toy zoo; a fuser trained on notes did on real-world facts, REALWORLD.md). A letter-style receiver
+trained to abstain knows when its P(" none") is below P; a text-style receiver (a pretrained model) when its own
+answer's confidence is at least P (``Reading.confidence``: the chosen option's probability from its likelihood
+scoring, or its greedy answer's mean token probability), P calibrated on training questions
+(``calibrate_self_check``).
 """
 
 from __future__ import annotations
@@ -101,6 +105,7 @@ class RefineResult:
     choice: int | None = None  # the chosen option's index (None for free text)
     text: str = ""  # the chosen option's text, or the generated answer
     failed: dict[str, str] = field(default_factory=dict)  # transmitter name -> why its cache was not fused
+    confidence: float | None = None  # the answering model's confidence in its answer (``Reading.confidence``)
 
     @property
     def index(self) -> int:
@@ -260,6 +265,26 @@ def knows_alone(p_none: float | None, threshold: float | None) -> bool:
     return threshold is not None and p_none is not None and p_none < threshold
 
 
+def confident_alone(confidence: float | None, threshold: float | None) -> bool:
+    """Whether a text-style receiver this confident in its own answer answers alone (``threshold`` None: off)."""
+    return threshold is not None and confidence is not None and confidence >= threshold
+
+
+def calibrate_self_check(
+    confidence: Sequence[float], alone_right: Sequence[bool], fused_right: Sequence[bool]
+) -> float:
+    """The confidence threshold (answer alone at or above it) that answers the most calibration questions right,
+    given each question's receiver confidence and whether alone and fused were right; ties go to the lower
+    threshold (fewer questions leave). ``inf`` when fusing every question is strictly best."""
+    rows = list(zip(confidence, alone_right, fused_right, strict=True))
+    best, best_right = float("inf"), sum(f for _, _, f in rows)
+    for t in sorted({c for c, _, _ in rows}, reverse=True):
+        right = sum(a if c >= t else f for c, a, f in rows)
+        if right >= best_right:
+            best, best_right = t, right
+    return best
+
+
 @torch.no_grad()
 def letter_probs(model: LanguageModel, prompt: str) -> torch.Tensor:
     """A model's probabilities ``(4,)`` over the letters after a prompt."""
@@ -328,7 +353,16 @@ def with_hints(hints: Sequence[str], stem: str, options: Sequence[str], style: s
 
 def _result(reading: Reading, mode: str, shared: str, **kw) -> RefineResult:
     answer = option_letter(reading.choice) if reading.choice is not None else reading.text
-    return RefineResult(answer, list(reading.probs), mode, shared, choice=reading.choice, text=reading.text, **kw)
+    return RefineResult(
+        answer,
+        list(reading.probs),
+        mode,
+        shared,
+        choice=reading.choice,
+        text=reading.text,
+        confidence=reading.confidence,
+        **kw,
+    )
 
 
 @dataclass
@@ -380,7 +414,8 @@ def refine(
     ``profiles``: per transmitter fingerprint, the layers worth sending when no gate scores them (default: the
     gate's). ``prefilled``: transmitter prefills already made (reused when their text is the one needed).
     ``prefixes``: the receiver's own prefix caches already made, by ``(S, original)`` (``receiver_prefix``).
-    ``self_check``: P(none) below which the receiver answers alone (module docstring; None: off). ``notes``: per
+    ``self_check``: P(none) below which a letter-style receiver answers alone, or the confidence at or above which a
+    text-style one does (module docstring; None: off). ``notes``: per
     transmitter name, its device's notes (text-style models; read before q', never sent).
     """
     if mode not in MODES:
@@ -389,8 +424,9 @@ def refine(
         raise FusionError(f"{receiver.name} answers {len(LETTERS)}-option questions by letter")
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    if self_check is not None and mode not in ("receiver", "transmitter") and receiver.style == "letter":
-        known = _known_alone(receiver, question, self_check, mode, timings, t_start)
+    if self_check is not None and mode not in ("receiver", "transmitter"):
+        check = _known_alone if receiver.style == "letter" else _confident_alone
+        known = check(receiver, question, self_check, mode, timings, t_start)
         if known is not None:
             return known
     if private and private_stem is None:
@@ -437,6 +473,18 @@ def _known_alone(
     timings["total"] = time.perf_counter() - t_start
     choice = int(probs.argmax())
     reading = Reading(choice, tuple(round(float(p), 6) for p in probs), question.options[choice])
+    return _result(reading, mode, "", alone=True, timings=timings)
+
+
+def _confident_alone(
+    receiver: LanguageModel, question: Question, self_check: float, mode: str, timings: dict, t_start: float
+) -> RefineResult | None:
+    """A text-style receiver's own answer when its confidence in it is at least ``self_check``, else None."""
+    reading = answer_alone(receiver, question.stem, question.options)
+    timings["self_check"] = time.perf_counter() - t_start
+    if not confident_alone(reading.confidence, self_check):
+        return None
+    timings["total"] = time.perf_counter() - t_start
     return _result(reading, mode, "", alone=True, timings=timings)
 
 

@@ -52,6 +52,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--questions", type=Path, default=None, help="a JSONL question file instead of the held-out set"
     )
+    parser.add_argument(
+        "--task",
+        default="notes",
+        choices=("notes", "notes-unseen", "knowledge"),
+        help="--real: the held-out task (ops.real.tasks): the kit's notes, unseen entities and values, or "
+        "pretrained knowledge without notes",
+    )
+    parser.add_argument("--rows", default=None, help="--real: only these rows (comma-separated labels)")
+    parser.add_argument(
+        "--calibrate",
+        type=int,
+        default=None,
+        help="--real: training-side questions per format that calibrate the self-check row (default 40)",
+    )
 
 
 def ci95(p: float, n: int) -> float:

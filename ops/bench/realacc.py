@@ -17,14 +17,23 @@ import json
 import random
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from fusion.answers import is_correct
+from fusion.answers import contains_answer, exact_match
 from fusion.prompts import Question
-from fusion.refine import answer_alone, receiver_prefix, refine, shared_prompt, transmitter_prefill
+from fusion.refine import (
+    answer_alone,
+    calibrate_self_check,
+    confident_alone,
+    receiver_prefix,
+    refine,
+    shared_prompt,
+    transmitter_prefill,
+)
 from privacy.rephrase import rephrase
 
 DEFAULT_PER_FORMAT = 300  # held-out questions per format (choice, text)
@@ -37,23 +46,56 @@ def ci95(p: float, n: int) -> float:
     return round(1.96 * (max(p * (1 - p), 0.0) / n) ** 0.5, 4) if n else float("nan")
 
 
-def row_specs(devices: list[str], precision: str) -> list[dict]:
-    """Every row's label, mode, devices, private flag and precision, in report order."""
+SELF_CHECK = "self-check"  # the label suffix of the row where the receiver's own confidence keeps fusion out
+DEFAULT_CALIBRATE = 40  # calibration (training-side) questions per format that set the self-check threshold
+
+
+def row_specs(devices: list[str], precision: str, task: str = "notes") -> list[dict]:
+    """Every row's label, mode, devices, private flag and precision, in report order (``task``: without notes, no
+    ceiling and no oracle of holders; the either-right oracle of the models alone instead)."""
+    notes = task != "knowledge"
+    everyone = f"c2c+{len(devices)}"
     rows = [{"label": "receiver", "mode": "receiver", "transmitters": [], "private": False, "precision": None}]
     rows += [{"label": f"alone:{d}", "mode": "transmitter", "transmitters": [d]} for d in devices]
-    rows += [{"label": "ceiling", "mode": "ceiling", "transmitters": []}]
+    if notes:
+        rows += [{"label": "ceiling", "mode": "ceiling", "transmitters": []}]
+    else:  # derived: right when the receiver alone or any device alone is right
+        rows += [{"label": "either-right", "mode": "either", "transmitters": devices}]
     rows += [{"label": "t2t", "mode": "t2t", "transmitters": devices}]
     rows += [{"label": f"c2c+{k}", "mode": "c2c", "transmitters": devices[:k]} for k in range(1, len(devices) + 1)]
     rows += [{"label": f"c2c:{d}", "mode": "c2c", "transmitters": [d]} for d in devices[1:]]
     rows += [{"label": "c2c-uniform", "mode": "c2c-uniform", "transmitters": devices}]
     rows += [{"label": "c2c-shuffled", "mode": "c2c-shuffled", "transmitters": devices}]
-    rows += [{"label": "oracle", "mode": "oracle", "transmitters": []}]
+    if notes:
+        rows += [{"label": "oracle", "mode": "oracle", "transmitters": []}]
     rows += [{"label": "private", "mode": "c2c", "transmitters": devices, "private": True}]
     rows += [{"label": p, "mode": "c2c", "transmitters": devices, "precision": p} for p in ("int8", "int4")]
+    # derived: the receiver alone where its own confidence reaches the calibrated threshold, else everyone's C2C
+    rows += [{"label": f"{everyone} {SELF_CHECK}", "mode": SELF_CHECK, "transmitters": devices}]
     for row in rows:
         row.setdefault("private", False)
         row.setdefault("precision", precision if row["mode"].startswith("c2c") or row["mode"] == "oracle" else None)
     return rows
+
+
+def select_rows(specs: list[dict], wanted: str | None) -> list[dict]:
+    """The rows ``--rows`` names (comma-separated labels; None: all), with the rows a derived row reads."""
+    if not wanted:
+        return specs
+    labels = [w.strip() for w in wanted.split(",") if w.strip()]
+    known = {s["label"] for s in specs}
+    unknown = [w for w in labels if w not in known]
+    if unknown:
+        from bus.errors import ConfigError
+
+        raise ConfigError(f"unknown rows {unknown}; this task has {sorted(known)}", rows=unknown)
+    keep = set(labels)
+    for spec in specs:
+        if spec["label"] in keep and spec["mode"] == "either":
+            keep |= {"receiver", *(f"alone:{d}" for d in spec["transmitters"])}
+        if spec["label"] in keep and spec["mode"] == SELF_CHECK:
+            keep |= {"receiver", spec["label"].split()[0]}
+    return [s for s in specs if s["label"] in keep]
 
 
 def pick_questions(questions: list[Question], per_format: int | None, seed: int) -> list[Question]:
@@ -70,15 +112,7 @@ def pick_questions(questions: list[Question], per_format: int | None, seed: int)
     return picked
 
 
-def holders(kit, fed, q: Question) -> list[str]:
-    """The devices whose notes hold the fact (the world's ground truth; else: those whose notes cover q fully)."""
-    devices = list(fed.transmitters)
-    if q.fact_id and q.fact_id in kit.world.holders:
-        return [devices[i] for i in kit.world.holders[q.fact_id] if i < len(devices)]
-    return [d for d in devices if fed.notes[d].retrieve(q.stem).coverage >= 0.999]
-
-
-def _summary(specs, hits, sent, meta) -> dict:
+def _summary(specs, hits, contained, sent, meta) -> dict:
     rows = []
     for spec in specs:
         for fmt in ("choice", "text"):
@@ -86,6 +120,8 @@ def _summary(specs, hits, sent, meta) -> dict:
             if not got:
                 continue
             acc = sum(got) / len(got)
+            within = contained[(spec["label"], fmt)]
+            contains = sum(within) / len(within)
             nbytes = sent[(spec["label"], fmt)]
             rows.append(
                 {
@@ -94,6 +130,8 @@ def _summary(specs, hits, sent, meta) -> dict:
                     "task": meta["task"],
                     "accuracy": round(acc, 4),
                     "ci95": ci95(acc, len(got)),
+                    "contains": round(contains, 4),
+                    "contains_ci95": ci95(contains, len(within)),
                     "n": len(got),
                     "bytes_per_question": round(sum(nbytes) / len(nbytes), 1) if nbytes else 0.0,
                 }
@@ -101,25 +139,115 @@ def _summary(specs, hits, sent, meta) -> dict:
     return {**meta, "rows": rows}
 
 
+@dataclass(frozen=True)
+class Graded:
+    """One row's answer to one question: right (option, or exact match), contains (free text), bytes sent, and the
+    answering model's confidence."""
+
+    right: bool
+    contains: bool
+    nbytes: int = 0
+    confidence: float | None = None
+
+
+def grade(task, q: Question, choice: int | None, text: str, nbytes: int = 0, confidence=None) -> Graded:
+    """A reading graded both ways (a choice question: ``contains`` is ``right``)."""
+    if q.options:
+        right = choice == q.answer
+        return Graded(right, right, nbytes, confidence)
+    return Graded(exact_match(text, q.answer), contains_answer(text, q.answer, task.values_of(q)), nbytes, confidence)
+
+
+def _ask(task, fed, q: Question, spec: dict, prefilled, prefixes, q_private: str, donor: Question) -> Graded:
+    """One computed row's answer to ``q`` (not the derived rows)."""
+    rx, mode, used = fed.receiver, spec["mode"], spec["transmitters"]
+    holding = task.holding(q)
+    if mode == "ceiling":
+        lines = task.notes[holding[0]].retrieve(q.stem).lines if holding else ()
+        reading = answer_alone(rx, q.stem, q.options, lines)
+        return grade(task, q, reading.choice, reading.text, 0, reading.confidence)
+    if mode == "oracle":
+        mode, used = ("c2c", holding) if holding else ("receiver", [])
+    res = refine(
+        q,
+        rx,
+        {d: fed.transmitters[d] for d in used},
+        mode=mode,
+        private=spec["private"],
+        private_stem=q_private if spec["private"] else None,
+        precision=spec["precision"] or "fp16",
+        donors={d: donor for d in used},
+        prefilled=prefilled[spec["private"]],
+        prefixes=prefixes,
+        fusers=fed.fusers,
+        gate=fed.gate,
+        notes=task.notes,
+    )
+    return grade(task, q, res.choice, res.text, res.bytes_sent, res.confidence)
+
+
+def _derived(spec: dict, got: dict[str, Graded], threshold: float) -> Graded:
+    """A derived row from the rows it reads: either-right, or the self-check (alone when confident enough)."""
+    if spec["mode"] == "either":
+        parts = [got["receiver"], *(got[f"alone:{d}"] for d in spec["transmitters"])]
+        return Graded(any(p.right for p in parts), any(p.contains for p in parts))
+    alone = got["receiver"]
+    if confident_alone(alone.confidence, threshold):
+        return alone
+    return got[spec["label"].split()[0]]
+
+
+def calibrate(task, fed, specs: list[dict], per_format: int, seed: int, progress: bool = True) -> dict[str, float]:
+    """Per format, the self-check threshold (``fusion.refine.calibrate_self_check``) on the task's calibration
+    questions: the receiver alone vs everyone's C2C, graded by ``contains`` (exact match for choice)."""
+    check = next(s for s in specs if s["mode"] == SELF_CHECK)
+    fused = next(s for s in specs if s["label"] == check["label"].split()[0])
+    receiver = next(s for s in specs if s["label"] == "receiver")
+    questions = pick_questions(task.calibration, per_format, seed)
+    seen: dict[str, list[tuple[float, bool, bool]]] = defaultdict(list)
+    for q in tqdm(questions, desc="self-check calibration", unit="q", disable=not progress):
+        texts = shared_prompt(q.stem, q.options, None, "text")
+        prefilled = {False: _prefills(task, fed, texts[0])}
+        prefixes = {texts: receiver_prefix(fed.receiver, *texts)}
+        alone = _ask(task, fed, q, receiver, prefilled, prefixes, q.stem, q)
+        helped = _ask(task, fed, q, fused, prefilled, prefixes, q.stem, q)
+        seen[q.format].append((alone.confidence or 0.0, alone.contains, helped.contains))
+    return {fmt: calibrate_self_check(*zip(*rows, strict=True)) for fmt, rows in seen.items()}
+
+
+def _prefills(task, fed, text: str) -> dict:
+    return {d: transmitter_prefill(d, fed.transmitters[d], text, task.notes.get(d)) for d in task.devices}
+
+
 def run_real(args: argparse.Namespace) -> dict:
-    """Every row over the same held-out questions of the real kit (or ``--questions``)."""
+    """Every row of the task over the same held-out questions of the real kit (or ``--questions``)."""
     from ops.bench.questions import read_questions
     from ops.real.kit import kit_from_args
+    from ops.real.tasks import bench_task
 
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     kit = kit_from_args(args)
     fed = kit.federation(args.receiver_model)
-    devices = list(fed.transmitters)
-    pool = read_questions(args.questions) if args.questions else kit.test_questions()
-    questions = pick_questions(pool, args.limit or DEFAULT_PER_FORMAT, kit.spec.seed)
-    specs = row_specs(devices, args.precision)
+    user = read_questions(args.questions) if args.questions else None
+    task = bench_task(getattr(args, "task", None) or "notes", kit, fed, kit.spec.seed, user)
+    questions = pick_questions(task.test, args.limit or DEFAULT_PER_FORMAT, kit.spec.seed)
+    specs = select_rows(row_specs(task.devices, args.precision, task.name), getattr(args, "rows", None))
+    computed = [s for s in specs if s["mode"] not in ("either", SELF_CHECK)]
+    derived = [s for s in specs if s["mode"] in ("either", SELF_CHECK)]
+    thresholds: dict[str, float] = {}
+    if any(s["mode"] == SELF_CHECK for s in specs):
+        n = getattr(args, "calibrate", None)
+        thresholds = calibrate(task, fed, specs, DEFAULT_CALIBRATE if n is None else n, kit.spec.seed)
     hits: dict[tuple, list[bool]] = defaultdict(list)
+    contained: dict[tuple, list[bool]] = defaultdict(list)
     sent: dict[tuple, list[int]] = defaultdict(list)
     meta = {
         "real": True,
-        "task": (questions[0].task or "questions") if questions else "",
+        "task": task.name if user is None else ((questions[0].task or "questions") if questions else ""),
         "receiver": args.receiver_model,
+        "devices_used": task.devices,
+        "self_check": {f: (None if t == float("inf") else round(t, 4)) for f, t in thresholds.items()},
         "models": kit.manifest.get("models", []),
         "fusers": [
             {"pair": f["pair"], "params": f["params"], "bytes": f["bytes_fp16"], "train_s": f.get("train_s")}
@@ -128,54 +256,24 @@ def run_real(args: argparse.Namespace) -> dict:
         "devices": dict(kit.spec.devices),
         "questions_file": str(args.questions) if args.questions else None,
     }
-    common = {"fusers": fed.fusers, "gate": fed.gate, "notes": fed.notes}
-    for i, q in enumerate(tqdm(questions, desc="accuracy --real", unit="q")):
-        rx = fed.receiver
+    sending = {s["private"] for s in computed if s["mode"] not in ("receiver", "transmitter", "ceiling", "t2t")}
+    for i, q in enumerate(tqdm(questions, desc=f"accuracy --real --task {task.name}", unit="q")):
         q_private = rephrase(q.stem).text
-        texts = {
-            False: shared_prompt(q.stem, q.options, None, "text"),
-            True: shared_prompt(q.stem, q.options, q_private, "text"),
-        }
-        prefilled = {
-            private: {
-                d: transmitter_prefill(d, m, texts[private][0], fed.notes[d]) for d, m in fed.transmitters.items()
-            }
-            for private in (False, True)
-        }
-        prefixes = {texts[p]: receiver_prefix(rx, *texts[p]) for p in (False, True)}
+        texts = {p: shared_prompt(q.stem, q.options, q_private if p else None, "text") for p in (False, True)}
+        prefilled = {p: _prefills(task, fed, texts[p][0]) if p in sending else {} for p in (False, True)}
+        prefixes = {texts[p]: receiver_prefix(fed.receiver, *texts[p]) for p in sending}
         donor = questions[(i + 1) % len(questions)]
-        holding = holders(kit, fed, q)
-        for spec in specs:
-            mode, used = spec["mode"], spec["transmitters"]
-            if mode == "ceiling":
-                lines = fed.notes[holding[0]].retrieve(q.stem).lines if holding else ()
-                right = is_correct(answer_alone(rx, q.stem, q.options, lines), q.answer)
-                nbytes = 0
-            else:
-                if mode == "oracle":
-                    mode, used = "c2c", holding
-                    if not used:
-                        mode = "receiver"
-                res = refine(
-                    q,
-                    rx,
-                    {d: fed.transmitters[d] for d in used},
-                    mode=mode,
-                    private=spec["private"],
-                    private_stem=q_private if spec["private"] else None,
-                    precision=spec["precision"] or "fp16",
-                    donors={d: donor for d in used},
-                    prefilled=prefilled[spec["private"]],
-                    prefixes=prefixes,
-                    **common,
-                )
-                right, nbytes = res.correct(q), res.bytes_sent
-            hits[(spec["label"], q.format)].append(right)
-            sent[(spec["label"], q.format)].append(nbytes)
+        got = {s["label"]: _ask(task, fed, q, s, prefilled, prefixes, q_private, donor) for s in computed}
+        for spec in derived:
+            got[spec["label"]] = _derived(spec, got, thresholds.get(q.format, float("inf")))
+        for label, g in got.items():
+            hits[(label, q.format)].append(g.right)
+            contained[(label, q.format)].append(g.contains)
+            sent[(label, q.format)].append(g.nbytes)
         if args.json is not None and (i + 1) % PARTIAL_EVERY == 0:
             partial = _summary(
-                specs, hits, sent, meta | {"partial": i + 1, "seconds": round(time.perf_counter() - t_start)}
+                specs, hits, contained, sent, meta | {"partial": i + 1, "seconds": round(time.perf_counter() - t_start)}
             )
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(partial, indent=2) + "\n")
-    return _summary(specs, hits, sent, meta | {"seconds": round(time.perf_counter() - t_start, 1)})
+    return _summary(specs, hits, contained, sent, meta | {"seconds": round(time.perf_counter() - t_start, 1)})

@@ -1,4 +1,7 @@
-"""``python -m ops.real fetch | build [--quick] | info [--quick] [--json]``: the real models and their kit."""
+"""``python -m ops.real fetch | build [--quick] | info [--quick] [--json] | probe``: the real models and their kit.
+
+``probe [--kit DIR]`` runs each model alone on every pretrained-knowledge category (``ops.real.knowledge``).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +21,10 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("--convert", action="store_true", help="also convert them once to float checkpoints")
     build = sub.add_parser("build", help="notes world, four pair fusers and two gates (cached; resumes)")
     info = sub.add_parser("info", help="what a built kit holds (absolute paths, models, fusers, timings)")
+    probe = sub.add_parser("probe", help="each model alone on the pretrained-knowledge categories (no notes)")
+    probe.add_argument("--kit", default=None, help="a built real kit directory (default: the full kit)")
+    probe.add_argument("--per-category", type=int, default=40, help="four-option questions per category")
+    probe.add_argument("--threads", type=int, default=1, help="torch threads")
     for q in (build, info):
         q.add_argument("--quick", action="store_true", help="the small kit the tests use")
     build.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -55,6 +62,19 @@ def _info(kit, as_json: bool) -> str:
     return "\n".join(lines)
 
 
+def _probe(args) -> int:
+    import torch
+
+    from ops.real.kit import load_kit, open_kit
+    from ops.real.knowledge import probe
+
+    torch.set_num_threads(args.threads)
+    kit = open_kit(args.kit) if args.kit else load_kit(build_if_missing=False)
+    models = {name: kit.model(name) for name in dict.fromkeys(kit.spec.devices.values())}
+    print(json.dumps(probe(models, args.per_category), indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     args = _parser().parse_args(argv)
@@ -69,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                 converted = f" -> {convert_gguf(path)}" if args.convert else ""
                 print(f"{name}: {path.resolve()}{converted}")
             return 0
+        if args.command == "probe":
+            return _probe(args)
         spec = QUICK if args.quick else RealSpec()
         if args.command == "build":
             from ops.real.build import build_kit

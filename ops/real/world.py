@@ -13,7 +13,7 @@ Everything is a pure function of the ``NotesSpec``.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -269,8 +269,15 @@ def _option_pool(world: NotesWorld, attribute: Attribute) -> tuple[str, ...]:
     return attribute.all_values()
 
 
-def make_questions(world: NotesWorld, facts: Iterable[Fact], salt: str) -> list[Question]:
-    """Per fact, one four-option question and one free-text question (each maybe with personal details)."""
+def make_questions(
+    world: NotesWorld,
+    facts: Iterable[Fact],
+    salt: str,
+    option_pools: Mapping[str, Sequence[str]] | None = None,
+    task: str = "notes",
+) -> list[Question]:
+    """Per fact, one four-option question and one free-text question (each maybe with personal details);
+    ``option_pools``: per attribute, the values distractors come from (default: the attribute's own)."""
     rng = random.Random(f"notes-questions/{world.spec.seed}/{salt}")
     out = []
     for fact in facts:
@@ -285,9 +292,10 @@ def make_questions(world: NotesWorld, facts: Iterable[Fact], salt: str) -> list[
                 pii = tuple(sorted((v for k, v in details.items() if "{" + k + "}" in template), key=greeting.index))
                 stem = f"{greeting} {stem}"
             common = {"id": f"{salt}-{fact.id}-{fmt}", "stem": stem, "fact_id": fact.id, "entity": fact.entity}
-            common |= {"attribute": fact.attribute, "pii": pii, "task": "notes"}
+            common |= {"attribute": fact.attribute, "pii": pii, "task": task}
             if fmt == "choice":
-                others = rng.sample([v for v in _option_pool(world, attribute) if v != fact.value], 3)
+                pool = option_pools[fact.attribute] if option_pools else _option_pool(world, attribute)
+                others = rng.sample([v for v in pool if v != fact.value], 3)
                 options = [fact.value, *others]
                 rng.shuffle(options)
                 out.append(Question(options=tuple(options), answer=options.index(fact.value), **common))

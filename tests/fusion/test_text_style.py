@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bus.errors import FusionError
-from fusion.answers import exact_match, normalize_answer, read_answer
+from fusion.answers import contains_answer, exact_match, normalize_answer, read_answer
 from fusion.c2c import receiver_view
 from fusion.fuse import Received, fuse
 from fusion.fuser import FuserConfig, PairFuser
@@ -15,7 +15,14 @@ from fusion.live import FusingCache, LiveTerm
 from fusion.models import LanguageModel
 from fusion.notes import DeviceNotes
 from fusion.prompts import LETTERS, Question
-from fusion.refine import MODES, refine, transmitter_prefill, transmitter_prompt
+from fusion.refine import (
+    MODES,
+    answer_alone,
+    calibrate_self_check,
+    refine,
+    transmitter_prefill,
+    transmitter_prompt,
+)
 
 NOTES = [
     "The color of Zorbin is teal.",
@@ -174,3 +181,35 @@ def test_batched_prefill_equals_one_at_a_time(world) -> None:
         for (k1, v1), (k2, v2) in zip(single.cache.layers, many.cache.layers, strict=True):
             torch.testing.assert_close(k1, k2, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(v1, v2, atol=1e-5, rtol=1e-4)
+
+
+def test_free_text_containment_needs_the_gold_as_whole_words_and_no_other_candidate() -> None:
+    options = ("red", "teal", "dark blue", "blue")
+    assert contains_answer("The color of Zorbin is teal.", "teal", options)
+    assert contains_answer("It is Dark Blue!", "dark blue", options)  # "blue" lies inside the gold: not another
+    assert not contains_answer("It is tealish.", "teal", options)  # whole words only
+    assert not contains_answer("Either teal or red.", "teal", options)  # two candidate values never count
+    assert not contains_answer("The color is blue.", "dark blue", options)
+    assert contains_answer("Lives in New York City", "new york") and not contains_answer("", "teal")
+    assert contains_answer("Wuthering Heights by Emily Brontë", "Bronte")  # accents folded
+
+
+@pytest.mark.parametrize("question", [TEXT_Q, CHOICE_Q], ids=["text", "choice"])
+def test_a_confident_text_receiver_answers_alone_and_an_unsure_one_fuses(world, question) -> None:
+    receiver, transmitters, fusers, notes = world
+    own = answer_alone(receiver, question.stem, question.options)
+    assert own.confidence is not None and 0 < own.confidence <= 1
+    kw = dict(mode="c2c-uniform", fusers=fusers, notes=notes)
+    sure = refine(question, receiver, transmitters, self_check=own.confidence, **kw)
+    assert sure.alone and sure.bytes_sent == 0 and not sure.used and sure.text == own.text
+    unsure = refine(question, receiver, transmitters, self_check=own.confidence + 1e-6, **kw)
+    assert not unsure.alone and unsure.bytes_sent > 0 and set(unsure.used) == set(transmitters)
+    assert unsure.probs == refine(question, receiver, transmitters, **kw).probs  # the check changes nothing else
+
+
+def test_the_self_check_threshold_keeps_out_fusion_where_it_harms_on_calibration() -> None:
+    conf = [0.9, 0.8, 0.6, 0.3, 0.2]
+    # the receiver is right where it is sure, fusion where it is not: alone at 0.6 and above
+    assert calibrate_self_check(conf, [1, 1, 1, 0, 0], [0, 0, 0, 1, 1]) == 0.6
+    assert calibrate_self_check(conf, [0] * 5, [1] * 5) == float("inf")  # fusion always better: never alone
+    assert calibrate_self_check(conf, [1] * 5, [1] * 5) == 0.2  # a tie: fewer questions leave

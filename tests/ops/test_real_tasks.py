@@ -1,0 +1,88 @@
+"""The held-out tasks of ``accuracy --real --task``: unseen entities and values, pretrained knowledge, and the
+benchmark's rows on a tiny real-style kit (containment beside exact match, either-right, the self-check row)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from bus.errors import ConfigError
+from fusion.notes import DeviceNotes
+from ops.real.kit import KIT_ATTRIBUTES
+from ops.real.knowledge import KNOWLEDGE_CATEGORIES, knowledge_questions, known_facts, split_facts
+from ops.real.tasks import UNSEEN_ATTRIBUTES, unseen_pools, unseen_world
+from ops.real.world import ALL_ATTRIBUTES, NotesSpec, generate_notes_world, make_questions
+
+
+def test_unseen_entities_and_values_never_occur_in_the_kit_world_and_spread_over_devices() -> None:
+    world = generate_notes_world(NotesSpec(num_entities=120, attributes=KIT_ATTRIBUTES))
+    unseen = unseen_world(world, seed=3, num_entities=300)
+    assert unseen == unseen_world(world, seed=3, num_entities=300)  # a pure function of the world and the seed
+    seen_words = {w.lower() for a in KIT_ATTRIBUTES for v in ALL_ATTRIBUTES[a].all_values() for w in v.split()}
+    assert not {f.entity for f in unseen.facts} & {f.entity for f in world.facts}
+    assert all(not {w.lower() for w in f.value.split()} & seen_words for f in unseen.facts)
+    assert {f.attribute for f in unseen.facts} == set(UNSEEN_ATTRIBUTES)
+    assert max(len(f.value.split()) for f in unseen.facts) >= 2  # one to several words
+    held_by = [sum(d in unseen.holders[f.id] for f in unseen.facts) / len(unseen.facts) for d in range(4)]
+    assert all(abs(got - want) < 0.12 for got, want in zip(held_by, world.spec.device_shares, strict=True))
+    assert any(not unseen.holders[f.id] for f in unseen.facts)  # some facts are on no device
+    test, calibration = unseen.split("test"), unseen.split("train")
+    assert test and calibration and not {f.entity for f in test} & {f.entity for f in calibration}
+    pools = unseen_pools(world)
+    questions = make_questions(unseen, test, "u", pools, task="notes-unseen")
+    assert all(q.task == "notes-unseen" for q in questions)
+    assert all(set(q.options) <= set(pools[q.attribute]) for q in questions if q.options)
+    fact = next(f for f in test if 0 in unseen.holders[f.id])
+    notes = DeviceNotes(world.device_notes(0) + unseen.device_notes(0))
+    stem = next(q.stem for q in questions if q.fact_id == fact.id and q.format == "text")
+    assert notes.retrieve(stem).lines[0] == fact.sentence
+
+
+def test_knowledge_facts_split_by_subject_and_ask_both_formats() -> None:
+    facts = known_facts()
+    assert set(KNOWLEDGE_CATEGORIES) <= {f.category for f in facts} and len(facts) > 500
+    assert any(f.id == "state.Ohio" and f.answer == "OH" for f in facts)  # the state codes line up
+    assert any(f.id == "symbol.iron" and f.answer == "Fe" for f in facts)
+    calibration, test = split_facts(facts)
+    assert not {f.id for f in calibration} & {f.id for f in test} and len(calibration) < len(test)
+    questions, candidates = knowledge_questions(test[:10], "k")
+    assert len(questions) == 20 and {q.format for q in questions} == {"choice", "text"}
+    for q in questions:
+        assert q.task == "knowledge" and len(candidates[q.id]) == 4
+        answer = q.options[q.answer] if q.options else q.answer
+        assert answer in candidates[q.id]
+
+
+def _args(root, **kw) -> argparse.Namespace:
+    base = dict(quick=False, kit=root, receiver_model="m1", questions=None, limit=2, precision="fp16", threads=1)
+    return argparse.Namespace(**(base | {"json": None, "calibrate": 2} | kw))
+
+
+@pytest.mark.parametrize("task", ["notes-unseen", "knowledge"])
+def test_accuracy_real_runs_a_task_with_containment_and_the_self_check(tiny_real_kit, monkeypatch, task) -> None:
+    from ops.bench.realacc import run_real
+
+    root, home = tiny_real_kit
+    monkeypatch.setenv("FEDREFINE_HOME", str(home))
+    devices = 2 if task == "knowledge" else 4
+    wanted = f"receiver,c2c-shuffled,c2c+{devices} self-check" + (",either-right" if task == "knowledge" else "")
+    result = run_real(_args(root, task=task, rows=wanted))
+    assert result["task"] == task and set(result["self_check"]) == {"choice", "text"}
+    rows = {(r["label"], r["format"]): r for r in result["rows"]}
+    labels = {label for label, _ in rows}
+    assert f"c2c+{devices}" in labels and "receiver" in labels  # the rows a derived row reads run too
+    assert ("ceiling" in labels) is False and all(r["task"] == task and r["n"] == 2 for r in rows.values())
+    for (_, fmt), row in rows.items():
+        assert 0 <= row["accuracy"] <= 1 and 0 <= row["contains"] <= 1
+        if fmt == "choice":
+            assert row["contains"] == row["accuracy"]
+        else:
+            assert row["contains"] >= row["accuracy"]  # an exact match always contains the answer
+    if task == "knowledge":
+        assert result["devices_used"] == ["a1", "b1"]  # one device per model: no notes, so two would be twins
+        for fmt in ("choice", "text"):
+            parts = [rows[(label, fmt)]["contains"] for label in ("receiver", "alone:a1", "alone:b1")]
+            assert rows[("either-right", fmt)]["contains"] >= max(parts)
+    with pytest.raises(ConfigError, match="unknown rows"):
+        run_real(_args(root, task=task, rows="receiver,nonsense"))
