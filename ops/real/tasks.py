@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from fusion.notes import DeviceNotes
 from fusion.prompts import Question
-from ops.real.world import ALL_ATTRIBUTES, Fact, NotesWorld, make_questions
+from ops.real.world import ALL_ATTRIBUTES, NotesWorld, held_fact, make_questions
 
 TASKS: tuple[str, ...] = ("notes", "notes-unseen", "knowledge")
 UNSEEN_ATTRIBUTES = {"color": "color", "city": "city", "job": "job", "owner": "name", "code": "word"}  # -> pool
@@ -110,16 +110,9 @@ def unseen_world(world: NotesWorld, seed: int = 0, num_entities: int = UNSEEN_EN
     facts, holders = [], {}
     for i, entity in enumerate(entities):
         attribute = ALL_ATTRIBUTES[names[i % len(names)]]
-        value = rng.choice(pools[attribute.name])
-        fact = Fact(
-            id=f"{entity}.{attribute.name}",
-            entity=entity,
-            attribute=attribute.name,
-            value=value,
-            sentence=attribute.sentence.format(entity=entity, value=value),
-        )
+        fact, held = held_fact(rng, entity, attribute, rng.choice(pools[attribute.name]), world.spec.device_shares)
         facts.append(fact)
-        holders[fact.id] = tuple(d for d, share in enumerate(world.spec.device_shares) if rng.random() < share)
+        holders[fact.id] = held
     order = list(entities)
     rng.shuffle(order)
     test = tuple(sorted(order[round(len(order) * UNSEEN_CALIBRATION_SHARE) :]))

@@ -251,17 +251,24 @@ def generate_notes_world(spec: NotesSpec) -> NotesWorld:
         for attribute in rng.sample(attributes, min(spec.facts_per_entity, len(attributes))):
             train_values, test_values = pools[attribute.name]
             values = test_values if entity in test_set and spec.value_test_share > 0 else train_values
-            value = rng.choice(values)
-            fact = Fact(
-                id=f"{entity}.{attribute.name}",
-                entity=entity,
-                attribute=attribute.name,
-                value=value,
-                sentence=attribute.sentence.format(entity=entity, value=value),
-            )
+            fact, held = held_fact(rng, entity, attribute, rng.choice(values), spec.device_shares)
             facts.append(fact)
-            holders[fact.id] = tuple(d for d, share in enumerate(spec.device_shares) if rng.random() < share)
+            holders[fact.id] = held
     return NotesWorld(spec=spec, facts=tuple(facts), test_entities=test, holders=holders)
+
+
+def held_fact(
+    rng: random.Random, entity: str, attribute: Attribute, value: str, device_shares: Sequence[float]
+) -> tuple[Fact, tuple[int, ...]]:
+    """One fact and the devices that hold it (each device with its share's chance, drawn from ``rng``)."""
+    fact = Fact(
+        id=f"{entity}.{attribute.name}",
+        entity=entity,
+        attribute=attribute.name,
+        value=value,
+        sentence=attribute.sentence.format(entity=entity, value=value),
+    )
+    return fact, tuple(d for d, share in enumerate(device_shares) if rng.random() < share)
 
 
 def _option_pool(world: NotesWorld, attribute: Attribute) -> tuple[str, ...]:
