@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bus.auth import ClientSecurity, read_creds
-from bus.connect import close, connect
+from bus.connect import close, connect, subscribed
 from bus.errors import AuthError, ConfigError, ConnectError
 from bus.server import NatsServer
 from privacy.credentials import CredentialStore
@@ -120,7 +120,7 @@ async def test_each_identity_may_publish_and_read_only_its_own(secure) -> None:
         rx = conns["rx"]
         for subject in ("fr.offer.*.*", "fr.plan.*.*", "fr.presence.*.*", "fr.ask"):
             await rx.subscribe(subject, cb=note)
-        await rx.flush()
+        await subscribed(rx)  # the SUBs reached the server (one flush can race them)
         t1, gate = conns["t1"], conns["gate"]
         await t1.publish("fr.offer.q1.t1", b"own")  # allowed
         await t1.publish("fr.offer.q1.t2", b"as t2")  # another transmitter's subject
@@ -169,7 +169,7 @@ async def test_a_reply_reaches_only_the_asker_and_only_once(secure) -> None:
 
     try:
         await rx.subscribe("fr.ask", cb=answer_twice)
-        await rx.flush()
+        await subscribed(rx)
         reply = await alice.request("fr.ask", b"q", timeout=2)
         assert reply.data == b"first" and reply.subject.startswith("_INBOX.alice.")
         await eventually(lambda: rx_watch.violations("publish") >= 1, what="the refused second reply")
@@ -270,7 +270,7 @@ async def test_a_cluster_admits_the_same_identities_everywhere_and_revokes_on_ev
             await msg.respond(b"ok")
 
         await rx.subscribe("fr.ask", cb=answer)
-        await rx.flush()
+        await subscribed(rx)
         watch = Watch()
         alice = await connect(urls, security=store.client_security("alice"), error_cb=watch.cb)
         reply = await _eventually_reply(alice)
