@@ -16,7 +16,7 @@ import pytest
 
 from agents.config import GateAgentConfig, make_config
 from agents.gate import GateAgent
-from bus.connect import close
+from bus.connect import close, subscribed
 from bus.schemas import Answer, Plan
 from fusion.fuser import FuserConfig, PairFuser
 from fusion.gate import GateConfig, GateNetwork, save_gate
@@ -56,7 +56,7 @@ async def _ask_and_watch(fleet: Fleet, deadline_s: float = DEADLINE_S) -> tuple[
         plans.append(Plan.from_bytes(msg.data))
 
     await spy.subscribe(fleet.subjects.plans_all(), cb=keep)
-    await spy.flush()
+    await subscribed(spy)
     try:
         reply = await fleet.ask(QUESTIONS[1], deadline_s=deadline_s)
     finally:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bus.codec import encode_layer_frames
-from bus.connect import close
+from bus.connect import close, subscribed
 from bus.schemas import Answer, ErrorReply, Plan, Query, decode_message
 from tests.agents.conftest import QUESTIONS, Fleet
 
@@ -177,7 +177,7 @@ async def test_chunks_from_a_sender_not_in_the_plan_are_rejected(fleet: Fleet) -
         sent.set()
 
     await nc.subscribe(s.plans_all(), cb=on_plan)
-    await nc.flush()
+    await subscribed(nc)
     try:
         a = await fleet.ask(QUESTIONS[1], deadline_s=8.0)
     finally:

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from bus.connect import close
+from bus.connect import close, subscribed
 from bus.schemas import Answer
 from fusion.gate import load_gate
 from fusion.prompts import LETTERS
@@ -143,7 +143,7 @@ async def test_a_receiver_that_knows_answers_alone_and_asks_no_one(fleet: Fleet,
             seen.append(msg.subject)
 
         await spy.subscribe(f"{fleet.prefix}.>", cb=note)
-        await spy.flush()
+        await subscribed(spy)
         for private in (False, True):
             a = _answer(await fleet.ask(QUESTIONS[0], private=private))
             ref = refine(QUESTIONS[0], fleet.world.receiver, {}, mode="receiver")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from bus.connect import close, connect
+from bus.connect import close, connect, subscribed
 from bus.schemas import Answer, Query, decode_message
 from tests.agents.conftest import QUESTIONS, Fleet
 from tests.conftest import eventually
@@ -20,7 +20,7 @@ async def test_a_wildcard_listener_sees_only_the_rephrased_question(fleet: Fleet
         seen.append((msg.subject, bytes(msg.data)))
 
     await spy.subscribe(">", cb=record)
-    await spy.flush()
+    await subscribed(spy)
     private = [q for q in QUESTIONS if q.pii]
     try:
         for q in private:
@@ -57,7 +57,7 @@ async def test_identities_outside_the_receiver_side_cannot_listen_there(fleet: F
         spy = await connect(fleet.url, name=agent_id, security=fleet.security(agent_id, role), error_cb=on_error)
         for pattern in (">", fleet.subjects.ask(), f"{fleet.prefix}.rephrase.*", "_INBOX.>"):
             await spy.subscribe(pattern, cb=record)
-        await spy.flush()
+        await subscribed(spy)
         spies.append(spy)
     try:
         private = [q for q in QUESTIONS if q.pii]

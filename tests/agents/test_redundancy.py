@@ -7,7 +7,7 @@ import asyncio
 import time
 from collections import Counter
 
-from bus.connect import close
+from bus.connect import close, subscribed
 from bus.schemas import Answer, Query, decode_message
 from tests.agents.conftest import QUESTIONS, Fleet
 
@@ -40,7 +40,7 @@ async def test_two_gates_share_the_queries_and_each_query_gets_exactly_one_plan(
             plans[msg.subject.split(".")[-2]] += 1
 
         await spy.subscribe(f"{fleet.prefix}.plan.*.*", cb=on_plan)
-        await spy.flush()
+        await subscribed(spy)
         answers = [_answer(await fleet.ask(QUESTIONS[i % 4], private=i % 2 == 0)) for i in range(8)]
         await asyncio.sleep(0.2)
     finally:
@@ -98,7 +98,7 @@ async def test_a_private_question_is_never_sent_unrephrased_whoever_dies(fleet: 
             sent.append(query.text)
 
         await spy.subscribe(f"{fleet.prefix}.query.*", cb=on_query)
-        await spy.flush()
+        await subscribed(spy)
         question = QUESTIONS[0]
         one = _answer(await fleet.ask(question, private=True))
         await fleet.crash("reph")

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from agents.launch import AgentSpec, Federation
-from bus.connect import close
+from bus.connect import close, subscribed
 from bus.schemas import Answer
 from fusion.fuser import FuserConfig, PairFuser
 from fusion.models import LanguageModel, ModelSpec
@@ -48,7 +48,7 @@ async def test_a_transmitter_killed_mid_stream_is_dropped_and_the_answer_arrives
                 fed.kill("t-slow")  # SIGKILL: no goodbye, half a stream on the wire
 
         await spy.subscribe(f"{fleet.prefix}.kv.rx.*.t-slow", cb=on_chunk)
-        await spy.flush()
+        await subscribed(spy)
         deadline = 4.0
         t0 = time.monotonic()
         a = await fleet.ask(QUESTIONS[1], deadline_s=deadline)

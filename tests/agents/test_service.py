@@ -7,7 +7,7 @@ import json
 import logging
 
 from agents import tracing
-from bus.connect import close
+from bus.connect import close, subscribed
 from bus.schemas import Answer
 from bus.trace import Trace
 from tests.agents.conftest import QUESTIONS, Fleet
@@ -104,7 +104,7 @@ async def test_trace_events_follow_each_query_and_log_lines_name_it(fleet: Fleet
 
     try:
         await mon.subscribe(f"{fleet.prefix}.trace.*.*", cb=on_trace)
-        await mon.flush()
+        await subscribed(mon)
         answers = [await fleet.ask(q, private=True) for q in QUESTIONS[:2]]
         await asyncio.sleep(0.3)
     finally:
