@@ -168,10 +168,12 @@ class OpenQuery:
                 how = "before its link slowed and it cut the stream" if cut else "by the deadline"
                 self.notes.append(f"{tid}: {len(got)} of {len(entry.layers)} planned layers arrived {how}")
             precision = self._precision(entry, got)
+            cut_to = None if entry.inline else self.kv.cut_layers(self.query_id, tid)
             received[tid] = self.received(entry, done, got)  # type: ignore[assignment]  # _left_out checked it
             uses[tid] = TransmitterUse(
                 transmitter_id=tid,
                 layers=tuple(got),
+                sent=None if cut_to is None else tuple(m for m in cut_to if m in set(entry.layers)),
                 precision=precision,
                 bytes=self.bytes_from(tid),
                 weight=entry.weight,

@@ -416,6 +416,8 @@ class TransmitterUse(BaseModel):
     precision: Precision | None  # None: a text hint (t2t), no cache
     bytes: int = Field(ge=0)
     weight: float = Field(default=1.0, ge=0.0, allow_inf_nan=False)
+    # the planned layers it said it sent when it cut its stream short (a stream cut); None: it did not cut
+    sent: tuple[Annotated[int, Field(ge=0, le=MAX_LAYER_INDEX)], ...] | None = None
 
 
 class Omission(BaseModel):

@@ -9,8 +9,9 @@ names from ``ops/traces`` or files, ``bus.linktrace`` formats) and policy (a ``b
 every transmitter on that link, re-planning its streams mid-way with the same policy) answers the same questions
 one at a time on its own embedded nats-server (authorization and TLS on, one identity per agent; the CA and
 certificate are made once); the models are loaded once. ``deadline_met`` is the share of
-questions answered by the deadline with every planned layer arrived (a stream cut by the deadline, no plan, or a
-device whose offer missed the gate's window, ``offers_late``, is a miss);
+questions answered by the deadline with every planned layer arrived, or, where a transmitter's steer cut its stream
+short (the stream-cut notice), every layer it sent (a stream cut by the deadline, no plan, or a device whose offer
+missed the gate's window, ``offers_late``, is a miss);
 ``accuracy`` counts the answer whatever arrived. ``bytes_per_query`` is the KV the receiver got and
 used, ``bytes_per_token`` that over the tokens of the transmitters' caches used. Text-to-text (``policy``
 ``t2t``) runs ``fusion.refine``'s hint pieces in process once per question; each transmitter writes its hint
@@ -342,7 +343,13 @@ def _summarize(rows, plans, tokens, policy, link, deadline_s, answer_cls) -> dic
         late = any(o.reason == "late" and "no offer" in (o.detail or "") for o in reply.omitted)
         offers_late += late
         if plan is not None and reply.latency_s <= deadline_s and not late:  # a device whose offer came late missed
-            met += all(set(e.layers) <= used.get(e.transmitter_id, set()) for e in plan.entries)
+            # every planned layer arrived, or every layer a transmitter said it sent when its steer cut the stream
+            sent = {u.transmitter_id: set(u.sent) for u in reply.used if u.sent is not None}
+            met += all(
+                set(e.layers) <= used.get(e.transmitter_id, set())
+                or (e.transmitter_id in sent and sent[e.transmitter_id] <= used[e.transmitter_id])
+                for e in plan.entries
+            )
         if plan is not None:
             planned.append(sum(e.byte_budget for e in plan.entries))
             precisions += [e.precision for e in plan.entries]

@@ -166,6 +166,7 @@ async def test_a_stream_cut_short_is_fused_at_once(fleet: Fleet, tmp_path: Path)
     (entry,) = plan.entries
     (use,) = answer.used
     assert tx.replans == 1 and use.layers == (entry.layers[0],), (answer.used, answer.notes)
+    assert use.sent == (entry.layers[0],)  # the answer says what the transmitter sent before it cut the stream
     assert any("cut the stream" in n for n in answer.notes), answer.notes
     assert answer.latency_s < deadline_s / 2  # not the deadline minus the reserve: the cut ended the wait
 
