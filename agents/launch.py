@@ -26,7 +26,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bus.connect import close, connect
+from bus.connect import (
+    DEFAULT_CONNECT_RETRIES,
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_RETRY_WAIT,
+    close,
+    connect,
+)
 from bus.errors import AgentError
 from bus.schemas import Presence, decode_message, validate_id
 from bus.subjects import DEFAULT_PREFIX, Subjects
@@ -156,7 +162,11 @@ class Federation:
         want = set(self.procs if ids is None else ids)
         seen: set[str] = set()
         security = self.store.client_security(MONITOR_ID) if self.store is not None else None
-        nc = await connect(self.url, name="launcher", security=security)
+        # the servers were just started beside many agent processes: keep trying for up to 30 s, not ~11 s
+        patience = max(
+            DEFAULT_CONNECT_RETRIES, int(min(timeout, 30.0) / (DEFAULT_CONNECT_TIMEOUT + DEFAULT_RETRY_WAIT))
+        )
+        nc = await connect(self.url, name="launcher", security=security, retries=patience)
         try:
 
             async def on_beat(msg) -> None:
