@@ -26,19 +26,39 @@ DEFAULT_QUESTIONS = 100
 DEFAULT_WARMUP = 5  # questions run first and not timed
 
 
-def time_modes(i: int, q, modes, run, correct, times: dict, sent: dict, hits: dict) -> None:
-    """Question ``i`` through every mode (``run(q, mode=..., private=...)``), the order alternating per question;
-    after the first DEFAULT_WARMUP questions, each mode's wall time, bytes and tokens sent and hits are recorded."""
-    for mode in modes if i % 2 == 0 else modes[::-1]:
-        t0 = time.perf_counter()
-        res = run(q, mode=mode.removesuffix("-private"), private=mode.endswith("-private"))
-        elapsed = time.perf_counter() - t0
-        if i < DEFAULT_WARMUP:
-            continue
-        times[mode].append(elapsed * 1000)
-        sent[mode][0] += res.bytes_sent
-        sent[mode][1] += res.tokens_sent
-        hits[mode] += correct(res, q)
+def time_modes(questions, modes, run, correct, desc: str, digits: int) -> list[dict]:
+    """Every question through every mode (``run(q, mode=..., private=...)``), the order alternating per question;
+    after the first DEFAULT_WARMUP questions, each mode's wall time, bytes and tokens sent and hits are recorded.
+    One row per mode: p50 / p95 (ms, rounded to ``digits``), bytes per token and per question, accuracy."""
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    sent: dict[str, list[int]] = {m: [0, 0] for m in modes}  # bytes, tokens
+    hits: dict[str, int] = {m: 0 for m in modes}
+    for i, q in enumerate(tqdm(questions, desc=desc, unit="q", leave=False)):
+        for mode in modes if i % 2 == 0 else modes[::-1]:
+            t0 = time.perf_counter()
+            res = run(q, mode=mode.removesuffix("-private"), private=mode.endswith("-private"))
+            elapsed = time.perf_counter() - t0
+            if i < DEFAULT_WARMUP:
+                continue
+            times[mode].append(elapsed * 1000)
+            sent[mode][0] += res.bytes_sent
+            sent[mode][1] += res.tokens_sent
+            hits[mode] += correct(res, q)
+    rows = []
+    for mode in modes:
+        n = len(times[mode])
+        rows.append(
+            {
+                "mode": mode,
+                "p50_ms": round(statistics.median(times[mode]), digits),
+                "p95_ms": round(percentile(times[mode], 0.95), digits),
+                "bytes_per_token": round(sent[mode][0] / sent[mode][1], 2) if sent[mode][1] else 0.0,
+                "bytes_per_question": round(sent[mode][0] / n, 1),
+                "accuracy": round(hits[mode] / n, 4),
+                "n": n,
+            }
+        )
+    return rows
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -83,32 +103,14 @@ def run(args: argparse.Namespace) -> dict:
     rng = random.Random(f"bench-latency/{args.seed}")
     questions = choose(args.questions, list(zoo.questions("test")), DEFAULT_QUESTIONS, rng, DEFAULT_WARMUP)
     modes = ("t2t", "c2c", "c2c-private")  # c2c-private includes rephrasing q on the receiver
-    times: dict[str, list[float]] = {m: [] for m in modes}
-    sent: dict[str, list[int]] = {m: [0, 0] for m in modes}  # bytes, tokens
-    hits: dict[str, int] = {m: 0 for m in modes}
-    for i, q in enumerate(tqdm(questions, desc="latency", leave=False)):
-        run = partial(
-            refine,
-            receiver=kit.receiver,
-            transmitters=kit.transmitters,
-            fusers=kit.fusers,
-            gate=kit.gate,
-            precision=args.precision,
-            self_check=zoo.self_check,
-        )
-        time_modes(i, q, modes, run, lambda res, q: res.index == q.answer, times, sent, hits)
-    rows = []
-    for mode in modes:
-        n = len(times[mode])
-        rows.append(
-            {
-                "mode": mode,
-                "p50_ms": round(statistics.median(times[mode]), 2),
-                "p95_ms": round(percentile(times[mode], 0.95), 2),
-                "bytes_per_token": round(sent[mode][0] / sent[mode][1], 2) if sent[mode][1] else 0.0,
-                "bytes_per_question": round(sent[mode][0] / n, 1),
-                "accuracy": round(hits[mode] / n, 4),
-                "n": n,
-            }
-        )
+    run = partial(
+        refine,
+        receiver=kit.receiver,
+        transmitters=kit.transmitters,
+        fusers=kit.fusers,
+        gate=kit.gate,
+        precision=args.precision,
+        self_check=zoo.self_check,
+    )
+    rows = time_modes(questions, modes, run, lambda res, q: res.index == q.answer, "latency", 2)
     return {"zoo": zoo.manifest.spec.name, "precision": args.precision, "rows": rows}

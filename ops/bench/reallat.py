@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 from functools import partial
 
 import torch
-from tqdm.auto import tqdm
 
 from fusion.refine import refine
-from ops.bench.latency import DEFAULT_WARMUP, percentile, time_modes
+from ops.bench.latency import DEFAULT_WARMUP, time_modes
 
 MODES = ("t2t", "c2c", "c2c-private")
 
@@ -34,34 +32,16 @@ def run_real(args: argparse.Namespace) -> dict:
     fed = kit.federation(args.receiver_model)
     pool = [q for q in kit.test_questions() if q.format == "text"]
     questions = choose(args.questions, pool, 40, random.Random("bench-latency-real"), DEFAULT_WARMUP)
-    times: dict[str, list[float]] = {m: [] for m in MODES}
-    sent = {m: [0, 0] for m in MODES}  # bytes, tokens
-    hits = {m: 0 for m in MODES}
-    for i, q in enumerate(tqdm(questions, desc="latency --real", unit="q")):
-        run = partial(
-            refine,
-            receiver=fed.receiver,
-            transmitters=fed.transmitters,
-            fusers=fed.fusers,
-            gate=fed.gate,
-            notes=fed.notes,
-            precision=args.precision,
-        )
-        time_modes(i, q, MODES, run, lambda res, q: res.correct(q), times, sent, hits)
-    rows = []
-    for mode in MODES:
-        n = len(times[mode])
-        rows.append(
-            {
-                "mode": mode,
-                "p50_ms": round(statistics.median(times[mode]), 1),
-                "p95_ms": round(percentile(times[mode], 0.95), 1),
-                "bytes_per_token": round(sent[mode][0] / sent[mode][1], 2) if sent[mode][1] else 0.0,
-                "bytes_per_question": round(sent[mode][0] / n, 1),
-                "accuracy": round(hits[mode] / n, 4),
-                "n": n,
-            }
-        )
+    run = partial(
+        refine,
+        receiver=fed.receiver,
+        transmitters=fed.transmitters,
+        fusers=fed.fusers,
+        gate=fed.gate,
+        notes=fed.notes,
+        precision=args.precision,
+    )
+    rows = time_modes(questions, MODES, run, lambda res, q: res.correct(q), "latency --real", 1)
     ratio = rows[0]["p50_ms"] / rows[1]["p50_ms"] if rows[1]["p50_ms"] else None
     return {
         "real": True,
