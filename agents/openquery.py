@@ -116,8 +116,26 @@ class OpenQuery:
     def expected(self, entry: PlanEntry) -> set[int]:
         """The planned layers still to come from one transmitter: all of them, or those it sent before it cut its
         stream short (its link slowed and it re-planned: ``bus.frames.StreamCut``)."""
+        sent = self.cut_short(entry)
+        return set(entry.layers if sent is None else sent)
+
+    def cut_short(self, entry: PlanEntry) -> tuple[int, ...] | None:
+        """The planned layers a transmitter said it sent when it cut its stream short, in send order (None: it did
+        not cut it)."""
         cut = None if entry.inline else self.kv.cut_layers(self.query_id, entry.transmitter_id)
-        return set(entry.layers) if cut is None else set(entry.layers) & set(cut)
+        if cut is None:
+            return None
+        planned = set(entry.layers)
+        return tuple(m for m in cut if m in planned)
+
+    async def progressed(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the next offer, layer, cut or departure; False when none came."""
+        self.progress.clear()
+        try:
+            await asyncio.wait_for(self.progress.wait(), timeout=timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def received(self, entry: PlanEntry, done: Mapping[int, Any], layers: list[int]) -> Received | None:
         """What a fuser reads of one transmitter: its layers, offsets and weight (None when it cannot be fused)."""
@@ -163,17 +181,16 @@ class OpenQuery:
             if why is not None:
                 omitted.append(Omission(transmitter_id=tid, reason=why[0], detail=why[1]))
                 continue
+            sent = self.cut_short(entry)
             if len(got) < len(entry.layers):
-                cut = not entry.inline and self.kv.cut_layers(self.query_id, tid) is not None
-                how = "before its link slowed and it cut the stream" if cut else "by the deadline"
+                how = "before its link slowed and it cut the stream" if sent is not None else "by the deadline"
                 self.notes.append(f"{tid}: {len(got)} of {len(entry.layers)} planned layers arrived {how}")
             precision = self._precision(entry, got)
-            cut_to = None if entry.inline else self.kv.cut_layers(self.query_id, tid)
             received[tid] = self.received(entry, done, got)  # type: ignore[assignment]  # _left_out checked it
             uses[tid] = TransmitterUse(
                 transmitter_id=tid,
                 layers=tuple(got),
-                sent=None if cut_to is None else tuple(m for m in cut_to if m in set(entry.layers)),
+                sent=sent,
                 precision=precision,
                 bytes=self.bytes_from(tid),
                 weight=entry.weight,

@@ -309,10 +309,7 @@ class ReceiverAgent(Agent):
         await self.tracer.emit(q.query_id, "query", detail="t2t")
         until = min(q.t0 + self.cfg.plan_share * q.ask.deadline_s, q.deadline - self._reserve())
         while not expected <= set(q.offers) and (left := until - time.monotonic()) > 0:
-            q.progress.clear()
-            try:
-                await asyncio.wait_for(q.progress.wait(), timeout=left)
-            except TimeoutError:
+            if not await q.progressed(left):
                 break
         hints = {tid: o.hint for tid, o in sorted(q.offers.items()) if o.hint}
         missing = sorted(expected - set(q.offers))
@@ -435,12 +432,7 @@ class ReceiverAgent(Agent):
             for tid, got in q.complete_streams(rejected):
                 q.early[tid] = (tuple(sorted(got.layers)), asyncio.ensure_future(self._deltas(q, got)))
             left = q.deadline - self._reserve() - time.monotonic()
-            if not q.awaited(rejected) or left <= 0:
-                return
-            q.progress.clear()
-            try:
-                await asyncio.wait_for(q.progress.wait(), timeout=left)
-            except TimeoutError:
+            if not q.awaited(rejected) or left <= 0 or not await q.progressed(left):
                 return
 
     async def _deltas(self, q: OpenQuery, got: Received) -> Any:
