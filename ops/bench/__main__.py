@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bus.cli import OneLineParser
 from bus.errors import FedRefineError
-from ops.bench import BENCHMARKS
+from ops.bench import BENCHMARKS, write_json
 
 
 def _usage() -> str:
@@ -55,11 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    print(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return 0
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import math
 import shutil
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from bus.errors import AgentError, ConfigError
+from ops.bench import write_json
 
 log = logging.getLogger(__name__)
 
@@ -490,10 +490,10 @@ def run(args: argparse.Namespace) -> dict:
         cells = [(link, spec) for link in links for spec, _ in policies]
         for link, spec in tqdm(cells, desc="bandwidth cells"):
             rows.append(asyncio.run(run_cell(world, spec, link, deadline_s, tls_from=pki)))
-            if getattr(args, "json", None):  # the rows so far, as the run goes (a real sweep takes many minutes)
-                partial = {"partial": len(rows), "cells": len(cells), "rows": rows, "real": real}
-                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.json).write_text(json.dumps(partial, indent=2) + "\n")
+            # the rows so far, as the run goes (a real sweep takes many minutes)
+            write_json(
+                getattr(args, "json", None), {"partial": len(rows), "cells": len(cells), "rows": rows, "real": real}
+            )
     finally:
         shutil.rmtree(pki_dir, ignore_errors=True)
     if not no_t2t:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import tempfile
@@ -41,6 +40,7 @@ from bus.connect import close, connect
 from bus.schemas import Answer
 from bus.subjects import Subjects
 from ops.ask import ReconnectWatch
+from ops.bench import write_json
 from ops.bench.loadkit import Pump, Shot, latency_row
 from ops.demo import ASKER_ID, Setup, items_of, real_setup, tiny_setup, zoo_setup
 from privacy.credentials import CredentialStore
@@ -211,10 +211,7 @@ class LoadBench:
 
     def _partial(self, soak: dict) -> None:
         """The soak so far, written to ``--json`` as it goes (a real soak runs for many minutes)."""
-        path = getattr(self.args, "json", None)
-        if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(json.dumps({"partial": True, "soak": soak}, indent=2) + "\n")
+        write_json(getattr(self.args, "json", None), {"partial": True, "soak": soak})
 
     def memory(self) -> dict[str, float]:
         """Every live agent's resident memory, MB."""

@@ -13,12 +13,10 @@ written to ``--json`` as the run goes.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -34,6 +32,7 @@ from fusion.refine import (
     shared_prompt,
     transmitter_prefill,
 )
+from ops.bench import write_json
 from privacy.rephrase import rephrase
 
 DEFAULT_PER_FORMAT = 300  # held-out questions per format (choice, text)
@@ -271,9 +270,6 @@ def run_real(args: argparse.Namespace) -> dict:
             contained[(label, q.format)].append(g.contains)
             sent[(label, q.format)].append(g.nbytes)
         if args.json is not None and (i + 1) % PARTIAL_EVERY == 0:
-            partial = _summary(
-                specs, hits, contained, sent, meta | {"partial": i + 1, "seconds": round(time.perf_counter() - t_start)}
-            )
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(partial, indent=2) + "\n")
+            seconds = round(time.perf_counter() - t_start)
+            write_json(args.json, _summary(specs, hits, contained, sent, meta | {"partial": i + 1, "seconds": seconds}))
     return _summary(specs, hits, contained, sent, meta | {"seconds": round(time.perf_counter() - t_start, 1)})
