@@ -183,13 +183,7 @@ class TransmitterAgent(Agent):
             rtt_s=self.link.rtt_s,
             hint=hint[:MAX_HINT_CHARS],
         )
-        if self.shaper is not None:
-            await self.shaper.acquire(len(hint.encode()))
-        nbytes = await self.publish(self.subjects.offer(query.query_id, self.id), offer)
-        self.sent["offers"] += 1
-        self.sent["bytes"] += len(hint.encode())
-        self.latency.add(ms)
-        await self.tracer.emit(query.query_id, "offer", nbytes=nbytes, ms=ms, peer=query.receiver_id, detail="t2t")
+        await self._send_offer(query, offer, len(hint.encode()), ms, detail="t2t")
 
     def link_now(self) -> float | None:
         """The usable link rate now (bytes/s): with a trace, its rate now caps the estimate first."""
@@ -242,16 +236,21 @@ class TransmitterAgent(Agent):
             inline=inline,
         )
         if inline is not None:
-            nbytes = len(inline.data)  # on the wire: the base64 text
-            if self.shaper is not None:
-                await self.shaper.acquire(nbytes)
             self.sent["inline"] += 1
-            self.sent["bytes"] += nbytes
+        await self._send_offer(query, offer, len(inline.data) if inline is not None else 0, prefill_ms)
+        self._forget_expired()
+
+    async def _send_offer(self, query: Query, offer: Offer, carried: int, ms: float, detail: str = "") -> None:
+        """Publish an offer after the shaped link has passed the ``carried`` bytes it brings (an inline cache's
+        base64 text, or a hint); count it and trace it with the ``ms`` its work took."""
+        if carried:
+            if self.shaper is not None:
+                await self.shaper.acquire(carried)
+            self.sent["bytes"] += carried
         nbytes = await self.publish(self.subjects.offer(query.query_id, self.id), offer)
         self.sent["offers"] += 1
-        self.latency.add(prefill_ms)
-        self._forget_expired()
-        await self.tracer.emit(query.query_id, "offer", nbytes=nbytes, ms=prefill_ms, peer=query.receiver_id)
+        self.latency.add(ms)
+        await self.tracer.emit(query.query_id, "offer", nbytes=nbytes, ms=ms, peer=query.receiver_id, detail=detail)
 
     def _forget_expired(self) -> None:
         now = time.monotonic()
