@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from bus.errors import ChunkError, CodecError
-from bus.frames import Buffer, SealedChunk, seal_chunks
+from bus.frames import Buffer, PackEntry, SealedChunk, pack_entry, seal_chunks
 from bus.quant import SCALE_DTYPE, Section, get_format
 from bus.schemas import MAX_LAYER_INDEX, KVChunkHeader, validate_id
 
@@ -130,6 +130,20 @@ def decode_blob(blob: Buffer, header: KVChunkHeader, out_dtype: torch.dtype = to
     return fmt.decode(sections, header.shape, header.scale_axis, out_dtype)
 
 
+def _header_fields(enc: EncodedTensor) -> dict:
+    """The chunk-header fields that describe an encoded tensor."""
+    return dict(
+        dtype=enc.dtype,
+        shape=enc.shape,
+        precision=enc.precision,
+        shuffle=enc.shuffle,
+        compression=enc.compression,
+        scale_axis=enc.scale_axis,
+        scale_dtype=SCALE_DTYPE if enc.scale_axis != "none" else None,
+        raw_bytes=enc.raw_bytes,
+    )
+
+
 def tensor_chunks(
     enc: EncodedTensor,
     *,
@@ -143,19 +157,7 @@ def tensor_chunks(
 ) -> list[SealedChunk]:
     """Split an encoded tensor into sealed chunks whose frames are no longer than ``max_payload`` bytes."""
     fields = dict(
-        query_id=query_id,
-        sender=sender,
-        layer=layer,
-        tensor=tensor,
-        dtype=enc.dtype,
-        shape=enc.shape,
-        precision=enc.precision,
-        shuffle=enc.shuffle,
-        compression=enc.compression,
-        scale_axis=enc.scale_axis,
-        scale_dtype=SCALE_DTYPE if enc.scale_axis != "none" else None,
-        raw_bytes=enc.raw_bytes,
-        layers_total=layers_total,
+        query_id=query_id, sender=sender, layer=layer, tensor=tensor, layers_total=layers_total, **_header_fields(enc)
     )
     return seal_chunks(enc.blob, fields, max_payload=max_payload, chunk_bytes=chunk_bytes)
 
@@ -197,11 +199,21 @@ def encode_layer_chunks(
     max_payload: int = DEFAULT_MAX_PAYLOAD,
     compress: bool = True,
     chunk_bytes: int | None = None,
-) -> list[SealedChunk]:
-    """Encode one layer's K and V into sealed chunks (K first); payloads are views of the encoded blobs."""
-    chunks: list[SealedChunk] = []
+    pack_limit: int = 0,
+) -> list[SealedChunk | PackEntry]:
+    """Encode one layer's K and V into sealed chunks (K first); payloads are views of the encoded blobs.
+
+    A tensor whose blob is at most ``pack_limit`` bytes (and ``chunk_bytes``, when given) comes out whole, as a
+    :class:`~bus.frames.PackEntry` for a tensor pack (``bus.frames.pack_message``), instead of a sealed chunk.
+    """
+    if chunk_bytes is not None:
+        pack_limit = min(pack_limit, chunk_bytes)
+    chunks: list[SealedChunk | PackEntry] = []
     for name, x in (("k", k), ("v", v)):
         enc = encode_tensor(x, precision, tensor=name, compress=compress)
+        if len(enc.blob) <= pack_limit:
+            chunks.append(pack_entry(layer, name, enc.blob, _header_fields(enc)))
+            continue
         chunks += tensor_chunks(
             enc,
             query_id=query_id,

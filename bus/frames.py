@@ -75,6 +75,7 @@ class Chunk:
     header: KVChunkHeader
     payload: memoryview
     payload_hash: int
+    packed: bool = False  # from a tensor pack: the pack's check covers it (chunk and blob hashes are 0)
 
 
 @dataclass(frozen=True)
@@ -452,3 +453,203 @@ def read_cut(message: Buffer) -> StreamCut:
     if pos != len(body):
         raise ChunkError("stream cut has bytes after its ids", reason="malformed")
     return StreamCut(ids[0], ids[1], tuple(layers))
+
+
+# -- the tensor pack: many whole small tensors of one stream in one message ----------------------------------
+
+PACK_MAGIC = b"FRKP"
+_PACK_FIXED = struct.Struct(">BHH")  # schema_version, layers_total, number of entries
+# tensor, layer, precision, dtype, scale_axis, scale_dtype, shuffle, compression, shape[4], raw_bytes, blob_bytes
+PACK_ENTRY = struct.Struct(">BHBBBBBB4III")
+MAX_PACK_ENTRIES = 1024  # tensors in one pack (its header length is a u16)
+_ENTRY_ENUMS = (  # the entry's enumerated fields, in PACK_ENTRY's order after the layer
+    ("precision", PRECISION_CODES),
+    ("dtype", DTYPE_CODES),
+    ("scale_axis", SCALE_AXIS_CODES),
+    ("scale_dtype", SCALE_DTYPE_CODES),
+)
+
+
+@dataclass(frozen=True)
+class PackEntry:
+    """One whole K or V tensor of a stream, encoded, waiting to share a pack with others (see :func:`pack_message`)."""
+
+    layer: int
+    tensor: str
+    blob: Buffer
+    fields: tuple  # PACK_ENTRY's values without the tensor and layer codes: precision .. blob_bytes
+
+    @property
+    def compressed(self) -> bool:
+        """Whether its blob is LZ4-compressed."""
+        return self.fields[5] == COMPRESSION_CODES.index("lz4")
+
+    @property
+    def size(self) -> int:
+        """Bytes the entry adds to a pack: its table row and its blob, padded to the payload alignment."""
+        return PACK_ENTRY.size + _padded(len(self.blob))
+
+
+def _padded(n: int) -> int:
+    return -(-n // PAYLOAD_ALIGN) * PAYLOAD_ALIGN
+
+
+def pack_entry(layer: int, tensor: str, blob: Buffer, header: dict) -> PackEntry:
+    """A tensor for a pack: ``header`` holds the chunk-header fields that describe an encoded tensor (``dtype``,
+    ``shape``, ``precision``, ``shuffle``, ``compression``, ``scale_axis``, ``scale_dtype``, ``raw_bytes``)."""
+    h = header
+    fields = (
+        PRECISION_CODES.index(h["precision"]),
+        DTYPE_CODES.index(h["dtype"]),
+        SCALE_AXIS_CODES.index(h["scale_axis"]),
+        SCALE_DTYPE_CODES.index(h["scale_dtype"]),
+        int(h["shuffle"]),
+        COMPRESSION_CODES.index(h["compression"]),
+        *h["shape"],
+        h["raw_bytes"],
+        len(memoryview(blob).cast("B")),
+    )
+    return PackEntry(layer, tensor, blob, fields)
+
+
+def pack_overhead(query_id: str, sender: str) -> int:
+    """Bytes of a pack message besides its entries: prefix, fixed fields, ids, check and the largest padding."""
+    return PREFIX.size + _PACK_FIXED.size + 2 + len(query_id.encode()) + len(sender.encode()) + 4 + PAYLOAD_ALIGN
+
+
+def pack_message(query_id: str, sender: str, layers_total: int, entries: list[PackEntry]) -> bytes:
+    """``"FRKP" | version | 0 | u16 header length | header | blobs``, each blob zero-padded to 16 bytes.
+
+    The header: u8 schema version, u16 layers_total, u16 entry count, the two ids as in a chunk header, one
+    :data:`PACK_ENTRY` row per tensor (in blob order), then u32 ``low32(xxh3_64(header before it,
+    seed=xxh3_64(the blobs' xxh3_64 digests as 8-byte words)))``, zeros up to a 16-aligned payload. Every byte of
+    the message is checked (docs/PROTOCOL.md section 6).
+    """
+    if not 1 <= len(entries) <= MAX_PACK_ENTRIES:
+        raise CodecError(f"a pack holds 1 to {MAX_PACK_ENTRIES} tensors, got {len(entries)}")
+    qid, snd = query_id.encode(), sender.encode()
+    rows = [PACK_ENTRY.pack(TENSORS.index(e.tensor), e.layer, *e.fields) for e in entries]
+    body = b"".join(
+        (_PACK_FIXED.pack(SCHEMA_VERSION, layers_total, len(entries)), bytes((len(qid),)), qid, bytes((len(snd),)), snd)
+    )
+    body += b"".join(rows)
+    parts, digests = [], []
+    for e in entries:
+        view = memoryview(e.blob).cast("B")
+        digests.append(payload_hash(view))
+        parts.append(view)
+        parts.append(bytes(-len(view) % PAYLOAD_ALIGN))
+    seed = xxhash.xxh3_64_intdigest(struct.pack(f">{len(digests)}Q", *digests))
+    head = body + _CHUNK_FIELD.pack(xxhash.xxh3_64_intdigest(body, seed=seed) & CHECKSUM_MASK)
+    head += bytes(-(PREFIX.size + len(head)) % PAYLOAD_ALIGN)
+    return b"".join((PREFIX.pack(PACK_MAGIC, FRAME_VERSION, 0, len(head)), head, *parts))
+
+
+def is_pack(message: Buffer) -> bool:
+    """Whether a KV message is a tensor pack (not chunk frames)."""
+    return bytes(memoryview(message)[: len(PACK_MAGIC)]) == PACK_MAGIC
+
+
+def read_pack(message: Buffer) -> list[Chunk]:
+    """Parse and check a tensor pack; each tensor comes out as a one-chunk :class:`Chunk` (``packed=True``: the
+    pack's check stands for the chunk and blob checksums, which are 0). Anything wrong is a :class:`ChunkError`
+    and nothing of the message is used."""
+    view = memoryview(message).cast("B")
+    if len(view) < PREFIX.size + _PACK_FIXED.size:
+        raise ChunkError(f"tensor pack of {len(view)} bytes is too short", reason="malformed")
+    magic, version, reserved, hlen = PREFIX.unpack_from(view)
+    if magic != PACK_MAGIC:
+        raise ChunkError("message is not a tensor pack", reason="malformed")
+    if version != FRAME_VERSION:
+        raise ChunkError(
+            f"unsupported tensor pack version {version}; this build speaks {FRAME_VERSION}", reason="version"
+        )
+    if reserved != 0 or PREFIX.size + hlen > len(view) or (PREFIX.size + hlen) % PAYLOAD_ALIGN:
+        raise ChunkError("tensor pack header length or reserved byte is wrong", reason="malformed")
+    head = bytes(view[PREFIX.size : PREFIX.size + hlen])
+    schema, layers_total, count = _PACK_FIXED.unpack_from(head)
+    if schema != SCHEMA_VERSION:
+        raise ChunkError(f"unsupported tensor pack schema_version {schema}", reason="version")
+    if not 1 <= count <= MAX_PACK_ENTRIES:
+        raise ChunkError(f"tensor pack names {count} tensors", reason="malformed")
+    pos, ids = _PACK_FIXED.size, []
+    for name in ("query_id", "sender"):
+        n = head[pos] if pos < len(head) else 0
+        raw = head[pos + 1 : pos + 1 + n]
+        text = raw.decode("latin-1")
+        if n == 0 or len(raw) != n or ID_PATTERN.fullmatch(text) is None:
+            raise ChunkError(f"tensor pack {name} is empty, truncated or not a valid id", reason="malformed")
+        ids.append(text)
+        pos += 1 + n
+    table, check_at = pos, pos + count * PACK_ENTRY.size
+    padding = head[check_at + 4 :]
+    if check_at + 4 > len(head) or len(padding) >= PAYLOAD_ALIGN or any(padding):
+        raise ChunkError("tensor pack header does not fit its entries, or its padding is not zeros", reason="malformed")
+    rows = list(PACK_ENTRY.iter_unpack(head[table:check_at]))
+    sizes = [row[-1] for row in rows]
+    payload = PREFIX.size + hlen
+    if payload + sum(_padded(n) for n in sizes) != len(view):
+        raise ChunkError("tensor pack length does not match its entries' blobs", reason="malformed")
+    blobs, digests, at = [], [], payload
+    for n in sizes:
+        blob = view[at : at + n]
+        blobs.append(blob)
+        digests.append(payload_hash(blob))
+        if any(view[at + n : at + _padded(n)]):
+            raise ChunkError("tensor pack blob padding is not zeros", reason="malformed")
+        at += _padded(n)
+    seed = xxhash.xxh3_64_intdigest(struct.pack(f">{count}Q", *digests))
+    check = xxhash.xxh3_64_intdigest(head[:check_at], seed=seed) & CHECKSUM_MASK
+    if check != _CHUNK_FIELD.unpack_from(head, check_at)[0]:
+        raise ChunkError("checksum mismatch in a tensor pack", reason="checksum", query_id=ids[0])
+    chunks, seen = [], set()
+    checked: dict[tuple, KVChunkHeader] = {}  # entries that differ only in their layer validate once
+    for row, blob, digest in zip(rows, blobs, digests, strict=True):
+        key = (row[0], *row[2:])
+        header = checked.get(key)
+        if header is None or row[1] > MAX_LAYER_INDEX:
+            header = checked[key] = _entry_header(row, ids[0], ids[1], layers_total)
+        elif header.layer != row[1]:
+            header = header.model_copy(update={"layer": row[1]})
+        if (header.layer, header.tensor) in seen:
+            raise ChunkError(f"tensor pack holds layer {header.layer} {header.tensor} twice", reason="malformed")
+        seen.add((header.layer, header.tensor))
+        chunks.append(Chunk(header, blob, digest, packed=True))
+    return chunks
+
+
+def _entry_header(row: tuple, query_id: str, sender: str, layers_total: int) -> KVChunkHeader:
+    """The one-chunk header a pack entry stands for (validated as a chunk header is)."""
+    tensor, layer, *codes = row[:8]
+    shuffle, compression = codes[4], codes[5]
+    fields: dict = {"query_id": query_id, "sender": sender, "layer": layer, "layers_total": layers_total}
+    if tensor >= len(TENSORS) or shuffle not in (0, 1) or compression >= len(COMPRESSION_CODES):
+        raise ChunkError("tensor pack entry has an undefined tensor, shuffle or compression code", reason="malformed")
+    fields.update(tensor=TENSORS[tensor], shuffle=bool(shuffle), compression=COMPRESSION_CODES[compression])
+    for (name, table), code in zip(_ENTRY_ENUMS, codes[:4], strict=True):
+        if code >= len(table):
+            raise ChunkError(f"tensor pack entry {name} code {code} is not defined", reason="malformed")
+        fields[name] = table[code]
+    *shape, raw_bytes, blob_bytes = row[8:]
+    fields.update(
+        shape=tuple(shape),
+        raw_bytes=raw_bytes,
+        blob_bytes=blob_bytes,
+        chunk=0,
+        n_chunks=1,
+        chunk_size=max(1, blob_bytes),
+        chunk_hash=0,
+        blob_hash=0,
+    )
+    try:
+        return KVChunkHeader.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "entry"
+        raise ChunkError(f"invalid tensor pack entry: {where}: {first['msg']}", reason="malformed") from exc
+
+
+def read_message(message: Buffer) -> list[Chunk] | Iterator[Chunk]:
+    """The chunks of one KV message: a tensor pack's tensors (checked all at once) or its chunk frames (checked one
+    by one as they are reached, see :func:`read_frames`). A stream cut is not chunks (:func:`is_cut`)."""
+    return read_pack(message) if is_pack(message) else read_frames(message)

@@ -16,6 +16,7 @@ Blob layout before shuffle/compression: ``[scales fp16][data]`` (int) or ``[data
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 import numpy as np
@@ -84,7 +85,7 @@ class FloatFormat:
 
     def layout(self, shape: tuple[int, int, int, int], axis: str) -> list[tuple[int, int]]:
         """(bytes, element size) of each section for a tensor of ``shape``."""
-        return [(int(np.prod(shape)) * self.itemsize, self.itemsize)]
+        return [(math.prod(shape) * self.itemsize, self.itemsize)]
 
     def decode(
         self, sections: list[np.ndarray], shape: tuple[int, int, int, int], axis: str, out_dtype: torch.dtype
@@ -131,7 +132,7 @@ class IntFormat:
     def layout(self, shape: tuple[int, int, int, int], axis: str) -> list[tuple[int, int]]:
         """(bytes, element size) of the scale and data sections."""
         total = expected_raw_bytes(shape, self.name, axis)
-        n = int(np.prod(shape))
+        n = math.prod(shape)
         data = n if self.bits == 8 else (n + 1) // 2
         return [(total - data, 2), (data, 1)]
 

@@ -61,6 +61,7 @@ class _Tensor:
     crcs: dict[int, tuple[int, int]] = field(default_factory=dict)  # chunk index -> (chunk_hash, payload hash)
     decoded: torch.Tensor | None = None
     reserved: int = 0  # bytes charged to the query
+    packed: bool = False  # came whole in a tensor pack, whose check covered it
 
 
 @dataclass
@@ -121,6 +122,7 @@ class Reassembler:
         state = stream.tensors.get(key)
         if state is None:
             state = self._new_tensor(h)
+            state.packed = chunk.packed
             stream.tensors[key] = state
         elif state.first.tensor_fields != h.tensor_fields:
             raise ChunkError(
@@ -198,13 +200,14 @@ class Reassembler:
         blob, state.buf = state.buf, None
         assert blob is not None
         try:
-            seed = identity_seed(h.query_id, h.sender, h.layer, h.tensor)
-            if blob_hash([state.crcs[i][1] for i in range(h.n_chunks)], seed) != h.blob_hash:
-                raise ChunkError(
-                    f"blob checksum mismatch for layer {h.layer} {h.tensor} from {h.sender}",
-                    reason="checksum",
-                    query_id=h.query_id,
-                )
+            if not state.packed:  # a pack's own check covered a packed tensor's blob
+                digests = [state.crcs[i][1] for i in range(h.n_chunks)]
+                if blob_hash(digests, identity_seed(h.query_id, h.sender, h.layer, h.tensor)) != h.blob_hash:
+                    raise ChunkError(
+                        f"blob checksum mismatch for layer {h.layer} {h.tensor} from {h.sender}",
+                        reason="checksum",
+                        query_id=h.query_id,
+                    )
             state.decoded = decode_blob(blob, h, self.out_dtype)
         except ChunkError:
             del stream.tensors[key]  # drop it whole so a resend can start clean

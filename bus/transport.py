@@ -1,5 +1,5 @@
-"""Move KV caches over NATS: :func:`send_cache` publishes chunk frames with flow control, :class:`KVReceiver`
-subscribes, reassembles and hands out complete layers per (query_id, sender).
+"""Move KV caches over NATS: :func:`send_cache` publishes tensor packs and chunk frames with flow control,
+:class:`KVReceiver` subscribes, reassembles and hands out complete layers per (query_id, sender).
 
 Flow control: when it quantizes or compresses, the sender encodes the next layer in a worker thread while it
 publishes the current one (a plain float cast is encoded inline: cheaper than GIL hand-offs). It round-trips a
@@ -35,7 +35,21 @@ from nats.aio.subscription import Subscription
 from bus import connect as busconn
 from bus.codec import KVPair, Layers, check_layers, encode_layer_chunks
 from bus.errors import FedRefineError, SchemaError, TransportError
-from bus.frames import Buffer, FrameBuffer, SealedChunk, StreamCut, cut_frame, is_cut, read_cut, read_frames
+from bus.frames import (
+    MAX_PACK_ENTRIES,
+    PACK_ENTRY,
+    Buffer,
+    FrameBuffer,
+    PackEntry,
+    SealedChunk,
+    StreamCut,
+    cut_frame,
+    is_cut,
+    pack_message,
+    pack_overhead,
+    read_cut,
+    read_message,
+)
 from bus.quant import FloatFormat, get_format
 from bus.reassembler import LayerDone, Reassembler, ReassemblyLimits
 from bus.schemas import KVChunkHeader, validate_id
@@ -45,7 +59,8 @@ from bus.subjects import Subjects
 log = logging.getLogger(__name__)
 
 DEFAULT_FLUSH_EVERY = 8 * 1024 * 1024  # bytes published between PING/PONG round trips
-DEFAULT_PACK_BYTES = 1024 * 1024  # bytes of small frames that share one NATS message (an unshaped link)
+DEFAULT_PACK_BYTES = 128 * 1024  # bytes of a tensor pack or of frames sharing one NATS message (an unshaped link):
+# nats-py moves 32-128 KiB messages fastest here; 1 MiB ones take ~1.7x as long for the same bytes
 DEFAULT_PACK_SECONDS = 0.005  # on a shaped link, a shared message carries at most this much of its rate
 SMALL_TENSOR_ELEMENTS = 2048  # K/V tensors up to this size are encoded inline and never LZ4-probed by "auto"
 DEFAULT_EXPIRE_INTERVAL = 1.0  # seconds between the receiver's deadline sweeps
@@ -106,40 +121,75 @@ async def _publish(nc: Client, subject: str, frame: Buffer) -> None:
 
 
 class _Outbox:
-    """Publishes one stream's chunk frames: packs small ones into a shared message, paces them with the shaper,
+    """Publishes one stream: whole small tensors share a tensor pack (``bus.frames.pack_message``), larger ones go
+    as chunk frames (a small last chunk shares a message with the next frames); paces messages with the shaper
     and round-trips a PING every ``flush_every`` bytes so it never runs far ahead of the server."""
 
-    def __init__(self, nc: Client, subject: str, shaper: LinkShaper | None, pack: int, flush_every: int) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        subject: str,
+        shaper: LinkShaper | None,
+        pack: int,
+        flush_every: int,
+        stream: tuple[str, str, int],
+    ) -> None:
         self.nc, self.subject, self.shaper = nc, subject, shaper
         self.pack, self.flush_every = pack, flush_every
+        self.stream = stream  # query id, sender, layers in the send
         self.chunks = self.wire = self.messages = self._since_flush = 0
         self._buffer = FrameBuffer()  # nats-py copies a payload into its command before publish returns
         self._packed = bytearray()  # small frames waiting to share one message
+        self._entries: list[PackEntry] = []  # whole tensors waiting to share one tensor pack
+        self._pack_size = 0
+        self._pack_overhead = pack_overhead(stream[0], stream[1])
 
-    async def put(self, chunk: SealedChunk) -> None:
-        """Queue one chunk: alone when larger than the pack size, else into the shared message."""
-        if self._packed and len(self._packed) + chunk.size > self.pack:
-            await self._send(self._packed)
-            self._packed.clear()
-        if chunk.size > self.pack:
-            await self._send(self._buffer.frame(chunk))
+    async def put(self, part: SealedChunk | PackEntry) -> None:
+        """Queue one chunk or whole tensor: into the pending pack or shared message, or alone when large."""
+        if isinstance(part, PackEntry):
+            await self._send_frames()  # a message holds frames or a pack, not both
+            full = len(self._entries) >= MAX_PACK_ENTRIES
+            if self._entries and (full or self._pack_size + part.size > self.pack):
+                await self._send_pack()
+            if not self._entries:
+                self._pack_size = self._pack_overhead
+                self.wire += self._pack_overhead
+            self._entries.append(part)
+            self._pack_size += part.size
+            self.wire += part.size
         else:
-            self._packed += chunk.head
-            self._packed += chunk.payload
+            await self._send_pack()
+            if self._packed and len(self._packed) + part.size > self.pack:
+                await self._send_frames()
+            if part.size > self.pack:
+                await self._send(self._buffer.frame(part))
+            else:
+                self._packed += part.head
+                self._packed += part.payload
+            self.wire += part.size
         self.chunks += 1
-        self.wire += chunk.size
 
     async def close(self) -> None:
-        """Publish what is packed and round-trip a PING: everything reached the server."""
-        if self._packed:
-            await self._send(self._packed)
-            self._packed.clear()
+        """Publish what is pending and round-trip a PING: everything reached the server."""
+        await self._send_pack()
+        await self._send_frames()
         await busconn.flush(self.nc)
 
     async def notice(self, frame: bytes) -> None:
         """Publish a control frame (a stream cut) as a message of its own after the stream, and flush it."""
         await self._send(frame)
         await busconn.flush(self.nc)
+
+    async def _send_pack(self) -> None:
+        if self._entries:
+            message = pack_message(*self.stream, self._entries)
+            self._entries = []
+            await self._send(message)
+
+    async def _send_frames(self) -> None:
+        if self._packed:
+            await self._send(self._packed)
+            self._packed.clear()
 
     async def _send(self, frame: Buffer) -> None:
         if self.shaper is not None:
@@ -160,7 +210,7 @@ class _Encoder:
     def __init__(self, layers: Layers, opts: dict[str, Any], small: bool) -> None:
         self.layers, self.opts, self.small = layers, opts, small
 
-    def start(self, layer: int, precision: str) -> asyncio.Future[list[SealedChunk]]:
+    def start(self, layer: int, precision: str) -> asyncio.Future[list[SealedChunk | PackEntry]]:
         """A future of the layer's chunks at ``precision``."""
         k, v = self.layers[layer]
         quantized = not isinstance(get_format(precision), FloatFormat)
@@ -213,11 +263,12 @@ async def send_cache(
     pack_bytes: int | None = None,
     steer: Steer | None = None,
 ) -> SendReport:
-    """Send ``layers`` (``{layer: (K, V)}``, in the mapping's order) to ``subject`` as KV chunk frames.
+    """Send ``layers`` (``{layer: (K, V)}``, in the mapping's order) to ``subject`` as KV chunk frames and packs.
 
-    Frames go out back to back in as few NATS messages as fit ``pack_bytes`` (default: ``DEFAULT_PACK_BYTES``,
-    or ``DEFAULT_PACK_SECONDS`` of a shaper's rate, so a slow link still delivers layer by layer); a frame larger
-    than that travels alone. A one-token tail of every layer is then one message instead of two per layer.
+    A tensor whose blob fits ``pack_bytes`` (default: ``DEFAULT_PACK_BYTES``, or ``DEFAULT_PACK_SECONDS`` of a
+    shaper's rate, so a slow link still delivers layer by layer) travels whole in a tensor pack with the next
+    ones (one header and one check for all: ``bus.frames.pack_message``); a larger one as chunk frames, small
+    frames sharing a message up to that size. A one-token tail of every layer is then one message.
 
     Chunks fit the connected server's ``max_payload`` (or the smaller ``max_payload`` given). The tensors
     must not change until this returns: payloads are read from them at publish time. ``compress="auto"`` tries
@@ -253,7 +304,9 @@ async def send_cache(
         opts["compress"] = False  # a few hundred bytes: LZ4's frame would outweigh any saving
     if pack_bytes is None:
         pack_bytes = DEFAULT_PACK_BYTES if shaper is None else int(shaper.rate_bps * DEFAULT_PACK_SECONDS)
-    outbox = _Outbox(nc, subject, shaper, min(limit, max(0, pack_bytes)), flush_every)
+    pack = min(limit, max(0, pack_bytes))
+    outbox = _Outbox(nc, subject, shaper, pack, flush_every, (query_id, sender, len(schedule)))
+    opts["pack_limit"] = max(0, pack - pack_overhead(query_id, sender) - PACK_ENTRY.size)
     encoder = _Encoder(layers, opts, small)
     start = time.perf_counter()
     sent: list[tuple[int, str]] = []
@@ -265,8 +318,8 @@ async def send_cache(
             if i == 0 and compress == "auto" and not any(c.compressed for c in sealed):
                 opts["compress"] = False
             pending = encoder.start(*schedule[i + 1]) if i + 1 < len(schedule) else None  # overlaps the publish
-            for chunk in sealed:
-                await outbox.put(chunk)
+            for part in sealed:
+                await outbox.put(part)
             sent.append(schedule[i])
             if steer is None or len(sent) == len(schedule):
                 continue
@@ -387,7 +440,7 @@ class KVReceiver:
             await self._on_cut(msg)
             return
         try:
-            for chunk in read_frames(msg.data):
+            for chunk in read_message(msg.data):
                 self.stats["frames"] += 1
                 self._check_subject(msg.subject, chunk.header)
                 done += self.reassembler.add(chunk)

@@ -10,7 +10,7 @@ import torch
 from bus.codec import encode_cache
 from bus.connect import BusConnections, close, connect, subscribe
 from bus.errors import ConnectError, SchemaError, TransportError
-from bus.frames import read_frame, read_frames
+from bus.frames import read_frame, read_frames, read_message
 from bus.shaper import LinkShaper
 from bus.subjects import Subjects
 from bus.transport import KVReceiver, send_cache
@@ -201,7 +201,7 @@ async def test_publish_copies_the_payload_before_returning(nats_client, subject:
     assert got == [b"a" * 4096]
 
 
-@pytest.mark.parametrize(("pack", "messages"), [(None, 1), (0, 12), (200_000, 2), (65_536, 6)])
+@pytest.mark.parametrize(("pack", "messages"), [(None, 2), (0, 12), (200_000, 2), (65_536, 6)])
 async def test_send_cache_frames_equal_standalone_frames(nats_client, subject: str, pack, messages) -> None:
     """The frames published (through the reused buffer, or packed several to a message) are byte-identical to
     encode_cache's frames, in order; ``pack_bytes`` decides how many share a message."""
@@ -234,11 +234,13 @@ async def test_a_one_token_tail_of_every_layer_is_one_message(nats_server, subje
 
 
 async def test_a_shaped_link_packs_only_what_it_carries_in_a_few_milliseconds(nats_server, subject: str) -> None:
-    """At 50 kB/s a message holds at most 250 bytes, so a slow link still delivers layer by layer."""
+    """At 50 kB/s a message holds at most 250 bytes, so a slow link still delivers layer by layer (a pack of a
+    layer's K and V: 2 x 64 bytes of fp16 and their table rows)."""
     cache = {i: (torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)) for i in range(4)}
     shaper = LinkShaper(50_000, burst_bytes=100_000)
     out, rx = await _send_and_receive(nats_server, subject, cache, precision="fp16", shaper=shaper)
-    assert rx.stats["messages"] == 8 and len(out) == 4
+    assert rx.stats["messages"] == 4 and rx.stats["frames"] == 8 and len(out) == 4
+    assert rx.stats["bytes"] <= 4 * 250
 
 
 async def test_receiver_is_subscribed_when_start_returns(nats_server, subject: str) -> None:
@@ -316,7 +318,7 @@ async def test_auto_compression_stops_trying_lz4_after_a_first_layer_it_did_not_
     nc = _RecordingClient()
     layers = {0: (noise, noise), 1: (zeros, zeros)}
     await send_cache(nc, "s", layers, precision="fp16", query_id="q", sender="t", compress=compress)  # type: ignore[arg-type]
-    headers = [c.header for f in nc.frames for c in read_frames(f)]
+    headers = [c.header for f in nc.frames for c in read_message(f)]
     assert all(h.compression == "none" for h in headers if h.layer == 0)
     assert all((h.compression == "lz4") == layer1_lz4 for h in headers if h.layer == 1)
 
@@ -325,7 +327,7 @@ async def test_auto_compression_keeps_lz4_where_the_first_layer_shrank() -> None
     zeros = torch.zeros(1, 2, 128, 16)
     nc = _RecordingClient()
     await send_cache(nc, "s", {0: (zeros, zeros), 1: (zeros, zeros)}, precision="fp32", query_id="q", sender="t")  # type: ignore[arg-type]
-    assert {c.header.compression for f in nc.frames for c in read_frames(f)} == {"lz4"}
+    assert {c.header.compression for f in nc.frames for c in read_message(f)} == {"lz4"}
 
 
 async def test_auto_compression_does_not_try_small_tensors() -> None:
@@ -334,5 +336,5 @@ async def test_auto_compression_does_not_try_small_tensors() -> None:
     for precision in ("fp16", "int4"):
         nc = _RecordingClient()
         await send_cache(nc, "s", {0: (zeros, zeros), 1: (zeros, zeros)}, precision=precision, query_id="q", sender="t")  # type: ignore[arg-type]
-        assert {c.header.compression for f in nc.frames for c in read_frames(f)} == {"none"}
-        assert sum(1 for f in nc.frames for _ in read_frames(f)) == 4 and len(nc.frames) == 1  # one message
+        assert {c.header.compression for f in nc.frames for c in read_message(f)} == {"none"}
+        assert sum(1 for f in nc.frames for _ in read_message(f)) == 4 and len(nc.frames) == 1  # one message

@@ -1,0 +1,150 @@
+"""Tensor packs: many whole small tensors of one stream in one message (docs/PROTOCOL.md section 6)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+import xxhash
+
+from bus.codec import encode_layer_chunks
+from bus.errors import ChunkError, CodecError
+from bus.frames import (
+    PACK_ENTRY,
+    PACK_MAGIC,
+    PackEntry,
+    SealedChunk,
+    is_pack,
+    pack_message,
+    read_message,
+    read_pack,
+)
+from bus.reassembler import Reassembler
+
+
+def _cache(n_layers: int = 3, tokens: int = 1, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (1, 2, tokens, 16)
+    return {i: (torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)) for i in range(n_layers)}
+
+
+def _entries(cache: dict, precision: str = "fp16", query_id: str = "q-1", sender: str = "tx_2") -> list:
+    parts = []
+    for layer, (k, v) in cache.items():
+        parts += encode_layer_chunks(
+            layer,
+            k,
+            v,
+            precision=precision,
+            query_id=query_id,
+            sender=sender,
+            layers_total=len(cache),
+            compress=False,
+            pack_limit=1 << 20,
+        )
+    return parts
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16", "int8", "int4"])
+def test_a_pack_round_trips_every_precision(precision: str) -> None:
+    cache = _cache()
+    entries = _entries(cache, precision)
+    assert all(isinstance(e, PackEntry) for e in entries)
+    message = pack_message("q-1", "tx_2", 3, entries)
+    assert is_pack(message) and len(message) % 16 == 0
+    chunks = read_pack(message)
+    assert [(c.header.layer, c.header.tensor) for c in chunks] == [(m, t) for m in range(3) for t in "kv"]
+    assert all(c.packed and c.header.n_chunks == 1 and c.header.layers_total == 3 for c in chunks)
+    reasm = Reassembler(out_dtype=torch.float32)
+    done = [ev for c in read_message(message) for ev in reasm.add(c)]
+    assert [ev.layer for ev in done] == [0, 1, 2]
+    tol = {"fp32": 0, "fp16": 1e-3, "bf16": 1e-2, "int8": 3e-2, "int4": 0.4}[precision]
+    for ev in done:
+        k, v = cache[ev.layer]
+        assert torch.allclose(ev.k, k, atol=tol) and torch.allclose(ev.v, v, atol=tol)
+
+
+def test_the_pack_layout_and_check_follow_the_protocol_doc() -> None:
+    """Parsed with struct from the doc's description alone: prefix, fixed fields, ids, table, check, padding."""
+    entries = _entries(_cache(n_layers=2), "int8")
+    message = pack_message("q-1", "tx_2", 2, entries)
+    magic, version, reserved, hlen = struct.unpack_from(">4sBBH", message)
+    assert (magic, version, reserved) == (b"FRKP", 4, 0) and (8 + hlen) % 16 == 0
+    head = message[8 : 8 + hlen]
+    schema, layers_total, count = struct.unpack_from(">BHH", head)
+    assert (schema, layers_total, count) == (1, 2, 4)
+    pos = 5
+    ids = []
+    for _ in range(2):
+        n = head[pos]
+        ids.append(head[pos + 1 : pos + 1 + n].decode())
+        pos += 1 + n
+    assert ids == ["q-1", "tx_2"]
+    rows = [struct.unpack_from(">BHBBBBBB4III", head, pos + 33 * i) for i in range(count)]
+    check_at = pos + 33 * count
+    blobs, at = [], 8 + hlen
+    for row in rows:
+        blobs.append(message[at : at + row[-1]])
+        at += -(-row[-1] // 16) * 16
+    assert at == len(message)
+    digests = struct.pack(f">{count}Q", *(xxhash.xxh3_64_intdigest(b) for b in blobs))
+    check = xxhash.xxh3_64_intdigest(head[:check_at], seed=xxhash.xxh3_64_intdigest(digests)) & 0xFFFFFFFF
+    assert struct.unpack_from(">I", head, check_at)[0] == check
+    assert [(r[0], r[1], r[2]) for r in rows] == [(0, 0, 3), (1, 0, 3), (0, 1, 3), (1, 1, 3)]  # k/v, layer, int8
+
+
+def test_every_single_byte_change_of_a_pack_is_refused() -> None:
+    message = pack_message("q-1", "tx_2", 2, _entries(_cache(n_layers=2), "int4"))
+    for i in range(len(message)):
+        bad = bytearray(message)
+        bad[i] ^= 0x01
+        with pytest.raises(ChunkError):
+            list(read_message(bytes(bad)))
+    for bad in (message[:-1], message[:-16], message + bytes(16), message[:40]):
+        with pytest.raises(ChunkError):
+            read_pack(bad)
+
+
+def test_a_pack_that_names_a_tensor_twice_or_nothing_is_refused() -> None:
+    entries = _entries(_cache(n_layers=1))
+    with pytest.raises(ChunkError, match="twice"):
+        read_pack(pack_message("q", "t", 1, [entries[0], entries[0]]))
+    with pytest.raises(CodecError):
+        pack_message("q", "t", 1, [])
+
+
+def test_a_pack_entry_that_breaks_the_header_rules_is_refused() -> None:
+    """An entry is validated as a one-chunk chunk header: here raw_bytes does not fit its shape and precision."""
+    (k_entry, _) = _entries(_cache(n_layers=1))
+    forged = PackEntry(k_entry.layer, k_entry.tensor, k_entry.blob, (*k_entry.fields[:-2], 999, k_entry.fields[-1]))
+    with pytest.raises(ChunkError, match="raw_bytes"):
+        read_pack(pack_message("q", "t", 1, [forged]))
+
+
+def test_only_tensors_within_the_pack_limit_come_out_whole() -> None:
+    k = torch.randn(1, 2, 40, 16)  # 2,560 bytes at fp16
+    small = torch.randn(1, 2, 1, 16)
+    parts = encode_layer_chunks(
+        0, k, small, precision="fp16", query_id="q", sender="t", layers_total=1, compress=False, pack_limit=1000
+    )
+    assert isinstance(parts[0], SealedChunk) and isinstance(parts[1], PackEntry)
+    chunked = encode_layer_chunks(
+        0, small, small, precision="fp16", query_id="q", sender="t", layers_total=1, pack_limit=1000, chunk_bytes=32
+    )
+    assert all(isinstance(p, SealedChunk) for p in chunked)  # chunk_bytes caps what travels whole too
+    assert PACK_ENTRY.size == 33 and PACK_MAGIC == b"FRKP"
+
+
+def test_a_chunk_and_a_packed_copy_of_one_tensor_conflict() -> None:
+    """A pack cannot complete (or overwrite) a tensor that chunk frames started: the headers differ."""
+    cache = _cache(n_layers=1, tokens=4)
+    (k, v) = cache[0]
+    framed = encode_layer_chunks(0, k, v, precision="fp16", query_id="q", sender="t", layers_total=1, chunk_bytes=64)
+    reasm = Reassembler()
+    from bus.frames import read_frame
+
+    reasm.add(read_frame(framed[0].frame()))
+    packed = read_pack(pack_message("q", "t", 1, _entries(cache, query_id="q", sender="t")))
+    with pytest.raises(ChunkError, match="conflicts"):
+        reasm.add(packed[0])

@@ -1,0 +1,23 @@
+"""``ops.bench bus`` end to end on a small cache: both raw baselines, the KV leg, an extra precision, JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_bus_bench_reports_both_raw_baselines_for_the_real_tail(tmp_path: Path) -> None:
+    out = tmp_path / "bus.json"
+    cmd = [sys.executable, "-m", "ops.bench", "bus", "--real-size", "tail", "--repeats", "2", "--extra", "int4"]
+    subprocess.run([*cmd, "--json", str(out)], check=True, capture_output=True, timeout=120)
+    got = json.loads(out.read_text())
+    assert got["cache"] == {"layers": 30, "kv_heads": 3, "tokens": 1, "head_dim": 64, "dtype": "float16"}
+    assert got["cache_bytes"] == 30 * 2 * 3 * 64 * 2 and got["secure"] is True
+    assert got["raw_nats_mb_s"] > 0 and got["raw_packed_mb_s"] > 0 and got["kv_transfer_mb_s"] > 0
+    assert abs(got["ratio_vs_packed"] - got["kv_transfer_mb_s"] / got["raw_packed_mb_s"]) < 0.01  # MB/s are rounded
+    # the one-token tail travels in one tensor pack: 60 table rows and blobs, one header
+    assert got["cache_bytes"] < got["kv_wire_bytes"] < got["cache_bytes"] + 60 * 33 + 100
+    (int4,) = got["extra_kv"]
+    assert int4["precision"] == "int4" and int4["wire_bytes"] < got["kv_wire_bytes"] / 2.5  # 3 heads x (32 + 2) B
