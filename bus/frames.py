@@ -2,7 +2,10 @@
 
 A NATS message carries one or more whole frames back to back and nothing else (no NATS headers), so what
 the server checks against ``max_payload`` is exactly the frames' length; a frame's own length follows
-from its header (:func:`read_frames` walks a message, :func:`read_frame` reads a message of one).
+from its header (:func:`read_frames` walks a message, :func:`read_frame` reads a message of one). A message
+may instead be a *tensor pack* (magic ``FRKP``: many whole small tensors under one header and one check,
+:func:`pack_message` / :func:`read_pack`) or a *stream cut* (``FRKX``); :func:`read_message` reads either kind
+of chunk-carrying message.
 
 Frame version 4: a fixed binary header (64 bytes of big-endian fields, the two ids, zero padding so the
 payload starts 16-aligned), checksums with xxHash (XXH3, 64-bit), chained so every payload byte is hashed
