@@ -252,11 +252,14 @@ def _loss_without(
 def layer_profiles(
     receiver: LanguageModel, examples: Sequence[GateExample], fusers: Sequence[PairFuser], batch_size: int = 64
 ) -> dict[str, tuple[float, ...]]:
-    """Per transmitter: each of its layers' usefulness, the mean loss increase when it alone is withheld (max 1)."""
+    """Per transmitter model: each of its layers' usefulness, the mean loss increase when it alone is withheld (max
+    1). Devices that run the same model share its profile (keyed by fingerprint): the first device's is measured."""
     out: dict[str, tuple[float, ...]] = {}
     examples = sorted(examples, key=lambda e: len(e.continuation))  # batches of like continuations pad little
     for t, fuser in enumerate(fusers):
         offer = examples[0].offers[t]
+        if offer.fingerprint in out:
+            continue  # another device of this model: the same fuser and profile key, a pass per layer saved
         used = fuser.transmitter_layers_used()
         increase = torch.zeros(offer.num_layers)
         for start in range(0, len(examples), batch_size):
