@@ -345,6 +345,7 @@ class TransmitterAgent(Agent):
             sender=self.id,
             shaper=self.shaper,
             steer=steer,
+            compress=self.cfg.compress,
         )
 
     async def _account(self, plan: Plan, report: SendReport) -> None:

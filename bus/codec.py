@@ -9,6 +9,7 @@ The receiving side is ``bus.reassembler`` (``Reassembler``, ``decode_frames``).
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PAYLOAD = 1024 * 1024  # bytes; nats-server's stock limit, for callers without a connection
 LZ4_LEVEL = 0  # lz4.frame fast mode
+DEFLATE_LEVEL = 1  # zlib's fastest: nearly all of level 6's saving on KV here (4.29x vs 4.30x at int4)
+CODECS = ("none", "lz4", "deflate")  # what ``compress`` may name (bus.frames.COMPRESSION_CODES)
 _SOURCE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 KVPair = tuple[torch.Tensor, torch.Tensor]
@@ -43,6 +46,15 @@ class EncodedTensor:
     compression: str
     scale_axis: str
     raw_bytes: int  # before compression
+
+
+def compression_codec(compress: bool | str) -> str:
+    """The codec a ``compress`` argument names: False/"none", True/"lz4", "deflate"; anything else is a CodecError."""
+    if isinstance(compress, bool):
+        return "lz4" if compress else "none"
+    if compress not in CODECS:
+        raise CodecError(f"unknown compression {compress!r}; choose one of {', '.join(CODECS)}")
+    return compress
 
 
 def _shuffle(section: np.ndarray, itemsize: int) -> np.ndarray:
@@ -73,23 +85,29 @@ def _check_tensor(x: torch.Tensor, what: str) -> torch.Tensor:
     return x.detach().to("cpu").contiguous()
 
 
-def encode_tensor(x: torch.Tensor, precision: str, *, tensor: str = "k", compress: bool = True) -> EncodedTensor:
-    """Quantize ``x`` (scale axes: ``bus.schemas.int_scale_axis``), then byte-shuffle and LZ4 when ``compress``.
+def encode_tensor(x: torch.Tensor, precision: str, *, tensor: str = "k", compress: bool | str = True) -> EncodedTensor:
+    """Quantize ``x`` (scale axes: ``bus.schemas.int_scale_axis``), then byte-shuffle and compress.
 
-    LZ4 output that is not smaller than its input is dropped (``compression="none"``, ``shuffle=False``):
-    quantized integers and wide-exponent fp16 rarely compress.
+    ``compress``: False or ``"none"``; True or ``"lz4"`` (fast, finds runs: zeros, bf16 exponents); ``"deflate"``
+    (zlib level 1: Huffman codes find the skew of quantized values and fp16 exponents, 4.3-4.8x fp16 at int4 on the
+    real models' caches vs 3.8x without, at ~50 MB/s). Output that is not smaller than its input is dropped
+    (``compression="none"``, ``shuffle=False``).
     """
+    codec = compression_codec(compress)
     fmt = get_format(precision)
     x = _check_tensor(x, f"{tensor.upper()} tensor")
     axis = fmt.scale_axis(tensor, tuple(x.shape))
     sections = fmt.encode(x, axis)
     raw_bytes = sum(arr.nbytes for arr, _ in sections)
     blob, compression, shuffled = _join(sections), "none", False
-    if compress:
+    if codec != "none":
         shuffled_bytes = _join([(_shuffle(arr, size), size) for arr, size in sections])
-        packed = lz4.frame.compress(shuffled_bytes, compression_level=LZ4_LEVEL, store_size=True)
+        if codec == "lz4":
+            packed = lz4.frame.compress(shuffled_bytes, compression_level=LZ4_LEVEL, store_size=True)
+        else:
+            packed = zlib.compress(shuffled_bytes, DEFLATE_LEVEL)
         if len(packed) < raw_bytes:  # else send the plain bytes: the receiver skips unshuffling too
-            blob, compression, shuffled = packed, "lz4", True
+            blob, compression, shuffled = packed, codec, True
     return EncodedTensor(
         blob=blob,
         shape=tuple(int(s) for s in x.shape),
@@ -108,13 +126,18 @@ def decode_blob(blob: Buffer, header: KVChunkHeader, out_dtype: torch.dtype = to
     Without compression, shuffle or a dtype change the result shares ``blob``'s memory (no copy).
     """
     where = f"layer {header.layer} {header.tensor}"
-    if header.compression == "lz4":
-        try:
-            dec = lz4.frame.LZ4FrameDecompressor()
-            raw = dec.decompress(bytes(blob), max_length=header.raw_bytes + 1)
-            finished = dec.eof
-        except (RuntimeError, ValueError, OSError) as exc:
-            raise ChunkError(f"LZ4 data of {where} is corrupt: {exc}", reason="decode") from exc
+    if header.compression != "none":
+        try:  # at most raw_bytes + 1 out: a blob that inflates further is refused, not held
+            if header.compression == "lz4":
+                dec = lz4.frame.LZ4FrameDecompressor()
+                raw = dec.decompress(bytes(blob), max_length=header.raw_bytes + 1)
+                finished = dec.eof
+            else:
+                inflate = zlib.decompressobj()
+                raw = inflate.decompress(bytes(blob), header.raw_bytes + 1)
+                finished = inflate.eof and not inflate.unused_data
+        except (RuntimeError, ValueError, OSError, zlib.error) as exc:
+            raise ChunkError(f"{header.compression} data of {where} is corrupt: {exc}", reason="decode") from exc
         if len(raw) != header.raw_bytes or not finished:
             raise ChunkError(f"{where} decompressed to {len(raw)} bytes, expected {header.raw_bytes}", reason="decode")
         blob = bytearray(raw)
@@ -197,7 +220,7 @@ def encode_layer_chunks(
     sender: str,
     layers_total: int,
     max_payload: int = DEFAULT_MAX_PAYLOAD,
-    compress: bool = True,
+    compress: bool | str = True,
     chunk_bytes: int | None = None,
     pack_limit: int = 0,
 ) -> list[SealedChunk | PackEntry]:
@@ -237,7 +260,7 @@ def encode_layer_frames(
     sender: str,
     layers_total: int,
     max_payload: int = DEFAULT_MAX_PAYLOAD,
-    compress: bool = True,
+    compress: bool | str = True,
     chunk_bytes: int | None = None,
 ) -> list[bytes]:
     """Like :func:`encode_layer_chunks`, as standalone ``bytes`` frames (one copy of each payload)."""
@@ -263,7 +286,7 @@ def encode_cache(
     query_id: str,
     sender: str,
     max_payload: int = DEFAULT_MAX_PAYLOAD,
-    compress: bool = True,
+    compress: bool | str = True,
     chunk_bytes: int | None = None,
 ) -> Iterator[bytes]:
     """Frames of a whole cache (or a subset of its layers), layer by layer in the mapping's order."""

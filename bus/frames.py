@@ -57,7 +57,7 @@ PRECISION_CODES = ("fp32", "fp16", "bf16", "int8", "int4")
 DTYPE_CODES = ("float32", "float16", "bfloat16")
 SCALE_AXIS_CODES = ("none", "channel", "token")
 SCALE_DTYPE_CODES = (None, "float16")
-COMPRESSION_CODES = ("none", "lz4")
+COMPRESSION_CODES = ("none", "lz4", "deflate")
 _COMPRESSION_AT = PREFIX.size + 9  # offset of the compression code in a frame
 _ENUMS = (
     ("tensor", TENSORS),
@@ -90,8 +90,8 @@ class SealedChunk:
 
     @property
     def compressed(self) -> bool:
-        """Whether its tensor blob is LZ4-compressed (the header's ``compression`` byte)."""
-        return self.head[_COMPRESSION_AT] == COMPRESSION_CODES.index("lz4")
+        """Whether its tensor blob is compressed (the header's ``compression`` byte)."""
+        return self.head[_COMPRESSION_AT] != COMPRESSION_CODES.index("none")
 
     @property
     def size(self) -> int:
@@ -484,8 +484,8 @@ class PackEntry:
 
     @property
     def compressed(self) -> bool:
-        """Whether its blob is LZ4-compressed."""
-        return self.fields[5] == COMPRESSION_CODES.index("lz4")
+        """Whether its blob is compressed."""
+        return self.fields[5] != COMPRESSION_CODES.index("none")
 
     @property
     def size(self) -> int:

@@ -321,7 +321,7 @@ class KVChunkHeader(BaseModel):
     ]  # (batch, kv_heads, tokens, head_dim)
     precision: Precision
     shuffle: bool
-    compression: Literal["none", "lz4"]
+    compression: Literal["none", "lz4", "deflate"]
     scale_axis: ScaleAxis  # int formats: "channel" (K, KIVI) or "token" (V); floats: "none"
     scale_dtype: Literal["float16"] | None
     raw_bytes: int = Field(ge=1)  # quantized data + scales, before compression
@@ -343,8 +343,8 @@ class KVChunkHeader(BaseModel):
             raise ValueError("raw_bytes does not match shape and precision")
         if self.compression == "none" and self.blob_bytes != self.raw_bytes:
             raise ValueError("uncompressed blob must be raw_bytes long")
-        if self.compression == "lz4" and self.blob_bytes > self.raw_bytes + self.raw_bytes // 64 + 1024:
-            raise ValueError("compressed blob larger than LZ4 can produce")
+        if self.compression != "none" and self.blob_bytes > self.raw_bytes + self.raw_bytes // 64 + 1024:
+            raise ValueError(f"compressed blob larger than {self.compression} can produce")
         return self
 
     @property

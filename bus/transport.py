@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 import nats
 import torch
@@ -33,7 +33,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from bus import connect as busconn
-from bus.codec import KVPair, Layers, check_layers, encode_layer_chunks
+from bus.codec import KVPair, Layers, check_layers, compression_codec, encode_layer_chunks
 from bus.errors import FedRefineError, SchemaError, TransportError
 from bus.frames import (
     MAX_PACK_ENTRIES,
@@ -214,7 +214,7 @@ class _Encoder:
         """A future of the layer's chunks at ``precision``."""
         k, v = self.layers[layer]
         quantized = not isinstance(get_format(precision), FloatFormat)
-        if self.opts["compress"] or (quantized and not self.small):
+        if self.opts["compress"] != "none" or (quantized and not self.small):
             return asyncio.ensure_future(
                 asyncio.to_thread(encode_layer_chunks, layer, k, v, precision=precision, **self.opts)
             )
@@ -255,7 +255,7 @@ async def send_cache(
     precision: str = "fp16",
     query_id: str,
     sender: str,
-    compress: bool | Literal["auto"] = "auto",
+    compress: bool | str = "auto",
     chunk_bytes: int | None = None,
     flush_every: int = DEFAULT_FLUSH_EVERY,
     shaper: LinkShaper | None = None,
@@ -271,10 +271,12 @@ async def send_cache(
     frames sharing a message up to that size. A one-token tail of every layer is then one message.
 
     Chunks fit the connected server's ``max_payload`` (or the smaller ``max_payload`` given). The tensors
-    must not change until this returns: payloads are read from them at publish time. ``compress="auto"`` tries
-    shuffle+LZ4 on the first layer and keeps it for the rest only if it shrank a tensor there (on fp16 and
-    quantized KV it rarely does, and skipping it saves the work and a thread hand-off per layer); it does not
-    try on small tensors (at most ``SMALL_TENSOR_ELEMENTS`` each, e.g. a one-token tail).
+    must not change until this returns: payloads are read from them at publish time. ``compress``: ``"none"``
+    (or False), ``"lz4"`` (or True), ``"deflate"`` (``bus.codec.encode_tensor``: smaller, slower; it pays on slow
+    links), or ``"auto"``, which tries shuffle+LZ4 on the first layer and keeps it for the rest only if it shrank
+    a tensor there (on fp16 and quantized KV it rarely does, and skipping it saves the work and a thread hand-off
+    per layer); no codec is tried on small tensors (at most ``SMALL_TENSOR_ELEMENTS`` each, e.g. a one-token
+    tail) under ``"auto"``.
 
     ``steer``, when given, is asked after every layer what to send of the rest (see :data:`Steer`): it may drop
     layers or send them at another precision (every chunk names its own dtype, so the receiver decodes either).
@@ -296,12 +298,12 @@ async def send_cache(
         sender=sender,
         layers_total=len(schedule),
         max_payload=limit,
-        compress=bool(compress),
+        compress="lz4" if compress == "auto" else compression_codec(compress),
         chunk_bytes=chunk_bytes,
     )
     small = bool(schedule) and all(t.numel() <= SMALL_TENSOR_ELEMENTS for kv in layers.values() for t in kv)
     if compress == "auto" and small:
-        opts["compress"] = False  # a few hundred bytes: LZ4's frame would outweigh any saving
+        opts["compress"] = "none"  # a few hundred bytes: LZ4's frame would outweigh any saving
     if pack_bytes is None:
         pack_bytes = DEFAULT_PACK_BYTES if shaper is None else int(shaper.rate_bps * DEFAULT_PACK_SECONDS)
     pack = min(limit, max(0, pack_bytes))
@@ -316,7 +318,7 @@ async def send_cache(
             i = len(sent)
             sealed = await pending  # type: ignore[misc]
             if i == 0 and compress == "auto" and not any(c.compressed for c in sealed):
-                opts["compress"] = False
+                opts["compress"] = "none"
             pending = encoder.start(*schedule[i + 1]) if i + 1 < len(schedule) else None  # overlaps the publish
             for part in sealed:
                 await outbox.put(part)

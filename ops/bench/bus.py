@@ -74,7 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=9, help="alternating timed runs per leg; medians reported")
     parser.add_argument("--max-payload", type=int, default=DEFAULT_MAX_PAYLOAD, help="embedded server max_payload")
     parser.add_argument("--nats", type=nats_argument, default=None, help="use this server instead of an embedded one")
-    parser.add_argument("--extra", default="fp16+lz4,int8,int4", help="extra KV rows (precision[+lz4]), or ''")
+    parser.add_argument(
+        "--extra", default="fp16+lz4,int8,int4,int4+deflate", help="extra KV rows (precision[+lz4|+deflate]), or ''"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--insecure", action="store_true", help="embedded server without authorization or TLS")
 
@@ -118,7 +120,7 @@ async def _raw_leg(conns: BusConnections, blobs: list[bytes], chunk: int) -> flo
     return seconds
 
 
-async def _kv_leg(conns: BusConnections, cache: dict, precision: str, compress: bool) -> tuple[float, int]:
+async def _kv_leg(conns: BusConnections, cache: dict, precision: str, compress: str) -> tuple[float, int]:
     """Send the cache through our transport; seconds until every layer is decoded, and wire bytes."""
     assert conns.pub is not None and conns.sub is not None
     subject = f"bench.kv.{uuid.uuid4().hex}"
@@ -162,7 +164,7 @@ async def _bench(args: argparse.Namespace, url: str, security: ClientSecurity | 
         pack_chunk = min(chunk, DEFAULT_PACK_BYTES)
         await _raw_leg(conns, blobs, chunk)  # warm-up every leg
         await _raw_leg(conns, packed, pack_chunk)
-        await _kv_leg(conns, cache, "fp16", False)
+        await _kv_leg(conns, cache, "fp16", "none")
         raw_s, packed_s, kv_s, raw_cpu, kv_cpu = [], [], [], [], []
         wire = 0
         lost: dict[str, int] = {}
@@ -172,14 +174,14 @@ async def _bench(args: argparse.Namespace, url: str, security: ClientSecurity | 
             raw_cpu.append(time.process_time() - cpu)
             packed_s.append(await _retry(lost, "raw_packed", lambda: _raw_leg(conns, packed, pack_chunk)))
             cpu = time.process_time()
-            seconds, wire = await _retry(lost, "kv", lambda: _kv_leg(conns, cache, "fp16", False))
+            seconds, wire = await _retry(lost, "kv", lambda: _kv_leg(conns, cache, "fp16", "none"))
             kv_cpu.append(time.process_time() - cpu)
             kv_s.append(seconds)
         extra = []
         for spec in [s for s in args.extra.split(",") if s]:
             precision, _, comp = spec.partition("+")
             runs = [
-                await _retry(lost, spec, lambda p=precision, c=comp: _kv_leg(conns, cache, p, c == "lz4"))
+                await _retry(lost, spec, lambda p=precision, c=comp: _kv_leg(conns, cache, p, c or "none"))
                 for _ in range(args.repeats)
             ]
             med = statistics.median(r[0] for r in runs)

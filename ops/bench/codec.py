@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from bus.codec import encode_tensor, tensor_frames
+from bus.codec import CODECS, encode_tensor, tensor_frames
 from bus.reassembler import Reassembler
 from bus.schemas import PRECISIONS
 from bus.server import DEFAULT_MAX_PAYLOAD
@@ -76,14 +76,14 @@ def make_cache(layers: int, batch: int, heads: int, tokens: int, head_dim: int, 
     return cache
 
 
-def _encode(cache: dict, precision: str, compress: bool, max_payload: int) -> tuple[list[bytes], int, int]:
+def _encode(cache: dict, precision: str, compress: str, max_payload: int) -> tuple[list[bytes], int, int]:
     frames: list[bytes] = []
-    blob_bytes = lz4_tensors = 0
+    blob_bytes = kept = 0
     for layer, kv in cache.items():
         for name, x in zip(("k", "v"), kv, strict=True):
             enc = encode_tensor(x, precision, tensor=name, compress=compress)
             blob_bytes += len(enc.blob)
-            lz4_tensors += enc.compression == "lz4"
+            kept += enc.compression != "none"
             frames += tensor_frames(
                 enc,
                 query_id="bench",
@@ -93,7 +93,7 @@ def _encode(cache: dict, precision: str, compress: bool, max_payload: int) -> tu
                 layers_total=len(cache),
                 max_payload=max_payload,
             )
-    return frames, blob_bytes, lz4_tensors
+    return frames, blob_bytes, kept
 
 
 def _decode(frames: list[bytes]) -> dict:
@@ -113,16 +113,17 @@ def _rel_l2(cache: dict, out: dict) -> float:
 
 
 def measure(cache: dict, tokens: int, repeats: int) -> list[dict]:
-    """Every precision with and without shuffle+LZ4 on one cache: bytes per token, ratio, speed, error."""
+    """Every precision without compression, with shuffle+LZ4 and with shuffle+deflate on one cache: bytes per token,
+    ratio, speed, error."""
     fp16_bytes = sum(2 * t.numel() for kv in cache.values() for t in kv)
     rows = []
-    for compress in (False, True):
+    for compress in CODECS:
         for precision in PRECISIONS:
             _decode(_encode(cache, precision, compress, DEFAULT_MAX_PAYLOAD)[0])  # warm-up
             enc_s, dec_s = [], []
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                frames, blob_bytes, lz4_tensors = _encode(cache, precision, compress, DEFAULT_MAX_PAYLOAD)
+                frames, blob_bytes, kept = _encode(cache, precision, compress, DEFAULT_MAX_PAYLOAD)
                 t1 = time.perf_counter()
                 out = _decode(frames)
                 t2 = time.perf_counter()
@@ -132,14 +133,15 @@ def measure(cache: dict, tokens: int, repeats: int) -> list[dict]:
             rows.append(
                 {
                     "precision": precision,
-                    "shuffle_lz4": compress,
+                    "compression": compress,
+                    "shuffle_lz4": compress == "lz4",
                     "bytes_per_token": round(blob_bytes / tokens, 1),
                     "wire_bytes_per_token": round(wire / tokens, 1),
                     "ratio_vs_fp16": round(fp16_bytes / blob_bytes, 4),
                     "encode_mb_s": round(fp16_bytes / statistics.median(enc_s) / 1e6, 1),
                     "decode_mb_s": round(fp16_bytes / statistics.median(dec_s) / 1e6, 1),
                     "rel_l2_error": float(f"{_rel_l2(cache, out):.3g}"),
-                    "lz4_kept_tensors": lz4_tensors,
+                    "compressed_tensors": kept,
                     "chunks": len(frames),
                 }
             )
@@ -160,7 +162,7 @@ def _shape(cache: dict, tokens: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Measure every precision with and without shuffle+LZ4; return the rows and the target checks."""
+    """Measure every precision without compression, with shuffle+LZ4, with shuffle+deflate; rows and target checks."""
     torch.set_num_threads(args.threads)
     if args.real:
         rows, shapes = [], {}
@@ -182,12 +184,13 @@ def run(args: argparse.Namespace) -> dict:
         "cache": cache_info,
         "data": data,
         "notes": (
-            "bytes_per_token = quantized data + fp16 scales (+ LZ4 framing when kept), all layers, K and V; "
+            "bytes_per_token = quantized data + fp16 scales (+ LZ4 or zlib framing when kept), all layers, K and V; "
             "wire_bytes_per_token adds chunk headers at 8 MB max_payload; MB/s = 1e6 bytes of the fp16 cache per "
-            "second; encode = quantize+shuffle+LZ4+chunk framing+xxh3 checksums, "
+            "second; encode = quantize+shuffle+LZ4/deflate+chunk framing+xxh3 checksums, "
             "decode = parse+checksums+reassemble+dequantize to float32; "
-            "int formats are symmetric with per-channel (K) / per-token (V) fp16 scales; LZ4 output "
-            "is dropped when it does not shrink a tensor (lz4_kept_tensors counts where it did)"
+            "int formats are symmetric with per-channel (K) / per-token (V) fp16 scales; compressed output "
+            "is dropped when it does not shrink a tensor (compressed_tensors counts where it did); deflate = zlib "
+            "level 1 (lossless: rel_l2_error as without it)"
         ),
         "torch_threads": args.threads,
         "repeats": args.repeats,

@@ -19,7 +19,7 @@ ENUMS = {
     "dtype": ("float32", "float16", "bfloat16"),
     "scale_axis": ("none", "channel", "token"),
     "scale_dtype": (None, "float16"),
-    "compression": ("none", "lz4"),
+    "compression": ("none", "lz4", "deflate"),
 }
 ORDER = (
     "schema_version",

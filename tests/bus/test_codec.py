@@ -8,11 +8,11 @@ import zlib
 import pytest
 import torch
 
-from bus.codec import encode_cache, encode_tensor
+from bus.codec import decode_blob, encode_cache, encode_tensor
 from bus.errors import ChunkError, CodecError
 from bus.frames import PREFIX, build_frame, parse_frame
 from bus.reassembler import decode_frames
-from bus.schemas import PRECISIONS, expected_raw_bytes
+from bus.schemas import PRECISIONS, KVChunkHeader, expected_raw_bytes
 
 SHAPES = {
     "batch2": (2, 4, 16, 64),
@@ -40,10 +40,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 
 
-@pytest.mark.parametrize("compress", [True, False], ids=["lz4", "raw"])
+@pytest.mark.parametrize("compress", [True, False, "deflate"], ids=["lz4", "raw", "deflate"])
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_round_trip(precision: str, shape_name: str, compress: bool) -> None:
+def test_round_trip(precision: str, shape_name: str, compress: bool | str) -> None:
     shape = SHAPES[shape_name]
     n_layers = 24 if shape_name == "many_layers" else 2
     cache = _cache(shape, n_layers, seed=zlib.crc32(f"{precision}{shape_name}".encode()))
@@ -203,3 +203,40 @@ def test_a_one_token_k_is_scaled_per_token_and_stays_smaller_than_fp16(precision
         next(iter(encode_cache({0: (k.expand(1, 2, 4, 24), v)}, precision=precision, query_id="q", sender="s")))
     )[0]
     assert longer.scale_axis == "channel"  # four tokens: per-channel scales are no more than the data
+
+
+def test_deflate_shrinks_int4_where_lz4_cannot_and_decodes_the_same() -> None:
+    """Quantized KV is skewed (most codes near zero): Huffman codes shrink it, LZ4's byte matches do not."""
+    k, v = _cache((1, 4, 64, 64), 1, seed=11)[0]
+    sizes = {c: len(encode_tensor(v, "int4", tensor="v", compress=c).blob) for c in ("none", "lz4", "deflate")}
+    assert sizes["deflate"] < 0.95 * sizes["none"] <= sizes["lz4"]
+    plain = decode_frames(encode_cache({0: (k, v)}, precision="int4", query_id="q", sender="s", compress="none"))
+    packed = decode_frames(encode_cache({0: (k, v)}, precision="int4", query_id="q", sender="s", compress="deflate"))
+    assert all(torch.equal(a, b) for a, b in zip(plain[0], packed[0], strict=True))  # lossless on top of int4
+    with pytest.raises(CodecError, match="unknown compression"):
+        encode_tensor(v, "int4", compress="zstd")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda z: z[:-3],  # cut short
+        lambda z: z + b"\x00",  # bytes after the stream
+        lambda z: zlib.compress(bytes(70_000), 1),  # inflates past raw_bytes (a bomb, in small)
+        lambda z: z[:2] + bytes(len(z) - 2),  # not deflate data
+    ],
+    ids=["truncated", "trailing", "too-long", "garbage"],
+)
+def test_bad_deflate_data_is_a_decode_error(damage) -> None:
+    x = torch.randn(1, 2, 32, 64)
+    enc = encode_tensor(x, "int8", tensor="v", compress="deflate")
+    assert enc.compression == "deflate"
+    blob = damage(bytes(enc.blob))
+    header = KVChunkHeader(
+        query_id="q", sender="s", layer=0, tensor="v", chunk=0, n_chunks=1, chunk_size=len(blob), dtype="float32",
+        shape=enc.shape, precision="int8", shuffle=True, compression="deflate", scale_axis=enc.scale_axis,
+        scale_dtype="float16", raw_bytes=enc.raw_bytes, blob_bytes=len(blob), layers_total=1, chunk_hash=0,
+        blob_hash=0,
+    )  # fmt: skip
+    with pytest.raises(ChunkError, match="deflate|decompressed"):
+        decode_blob(blob, header)

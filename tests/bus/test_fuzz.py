@@ -89,8 +89,8 @@ def _mutate(kind: str, frame: bytes, r: random.Random) -> bytes:
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int4"])
-@pytest.mark.parametrize("compress", [True, False], ids=["lz4", "raw"])
-def test_fuzz_malformed_chunks(precision: str, compress: bool) -> None:
+@pytest.mark.parametrize("compress", [True, False, "deflate"], ids=["lz4", "raw", "deflate"])
+def test_fuzz_malformed_chunks(precision: str, compress: bool | str) -> None:
     r = random.Random(f"{precision}-{compress}")
     good = list(
         encode_cache(_cache(1), precision=precision, query_id="q", sender="s", compress=compress, chunk_bytes=48)

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import torch
 
-from bus.codec import encode_cache
+from bus.codec import encode_cache, encode_tensor
 from bus.connect import BusConnections, close, connect, subscribe
 from bus.errors import ConnectError, SchemaError, TransportError
 from bus.frames import read_frame, read_frames, read_message
@@ -58,12 +58,20 @@ async def test_64mb_cache_no_slow_consumer_drops(nats_server, subject: str) -> N
     assert all(torch.equal(out[i][1], cache[i][1]) for i in cache)
 
 
-async def test_int4_compressed_cache_round_trip(nats_server_1mb, subject: str) -> None:
+@pytest.mark.parametrize("compress", ["auto", "deflate"])
+async def test_int4_compressed_cache_round_trip(nats_server_1mb, subject: str, compress: str) -> None:
     cache = _cache(2 * MB, n_layers=4)
-    out, _ = await _send_and_receive(nats_server_1mb, subject, cache, precision="int4")
+    out, rx = await _send_and_receive(nats_server_1mb, subject, cache, precision="int4", compress=compress)
     for i, (k, _v) in cache.items():
         rel = float((out[i][0].float() - k.float()).norm() / k.float().norm())
         assert rel < 0.2
+    if compress == "deflate":  # Huffman codes shrink quantized values; the bytes on the wire show it
+        plain = sum(
+            len(encode_tensor(t, "int4", tensor=n, compress=False).blob)
+            for kv in cache.values()
+            for n, t in zip("kv", kv, strict=True)
+        )
+        assert rx.stats["bytes"] < 0.95 * plain
 
 
 async def test_two_caches_interleaved_on_one_subscription(nats_server, subject: str) -> None:
