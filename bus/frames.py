@@ -374,6 +374,26 @@ def _parse_header(head: bytes) -> KVChunkHeader:
         raise ChunkError(f"invalid chunk header: {where}: {first['msg']}", reason="malformed") from exc
 
 
+def _ids(query_id: str, sender: str) -> bytes:
+    """The two ids as every header writes them: ``u8 len | bytes`` each."""
+    qid, snd = query_id.encode(), sender.encode()
+    return b"".join((bytes((len(qid),)), qid, bytes((len(snd),)), snd))
+
+
+def _read_ids(head: bytes, pos: int, what: str) -> tuple[str, str, int]:
+    """The query id and sender at ``pos`` of a header (each ``u8 len | bytes``, a valid id) and the offset after."""
+    ids = []
+    for name in ("query_id", "sender"):
+        n = head[pos] if pos < len(head) else 0
+        raw = head[pos + 1 : pos + 1 + n]
+        text = raw.decode("latin-1")
+        if n == 0 or len(raw) != n or ID_PATTERN.fullmatch(text) is None:
+            raise ChunkError(f"{what} {name} is empty, truncated or not a valid id", reason="malformed")
+        ids.append(text)
+        pos += 1 + n
+    return ids[0], ids[1], pos
+
+
 # -- the stream-cut notice ------------------------------------------------------------------------------------
 
 CUT_MAGIC = b"FRKX"
@@ -402,16 +422,8 @@ def cut_frame(query_id: str, sender: str, layers: list[int] | tuple[int, ...]) -
     before it))``."""
     if len(layers) > MAX_CUT_LAYERS or any(not 0 <= m < MAX_CUT_LAYERS for m in layers):
         raise CodecError(f"a stream cut names at most {MAX_CUT_LAYERS} layers below {MAX_CUT_LAYERS}: {layers}")
-    qid, snd = query_id.encode(), sender.encode()
     body = b"".join(
-        (
-            _CUT_COUNT.pack(SCHEMA_VERSION, len(layers)),
-            struct.pack(f">{len(layers)}H", *layers),
-            bytes((len(qid),)),
-            qid,
-            bytes((len(snd),)),
-            snd,
-        )
+        (_CUT_COUNT.pack(SCHEMA_VERSION, len(layers)), struct.pack(f">{len(layers)}H", *layers), _ids(query_id, sender))
     )
     head = body + _CHUNK_FIELD.pack(xxhash.xxh3_64_intdigest(body) & CHECKSUM_MASK)
     return PREFIX.pack(CUT_MAGIC, FRAME_VERSION, 0, len(head)) + head
@@ -444,18 +456,10 @@ def read_cut(message: Buffer) -> StreamCut:
     layers = struct.unpack_from(f">{count}H", body, _CUT_COUNT.size)
     if any(m >= MAX_CUT_LAYERS for m in layers) or len(set(layers)) != count:
         raise ChunkError("stream cut layers are out of range or repeated", reason="malformed")
-    ids = []
-    for name in ("query_id", "sender"):
-        n = body[pos] if pos < len(body) else 0
-        raw = body[pos + 1 : pos + 1 + n]
-        text = raw.decode("latin-1")
-        if n == 0 or len(raw) != n or ID_PATTERN.fullmatch(text) is None:
-            raise ChunkError(f"stream cut {name} is empty, truncated or not a valid id", reason="malformed")
-        ids.append(text)
-        pos += 1 + n
+    query_id, sender, pos = _read_ids(body, pos, "stream cut")
     if pos != len(body):
         raise ChunkError("stream cut has bytes after its ids", reason="malformed")
-    return StreamCut(ids[0], ids[1], tuple(layers))
+    return StreamCut(query_id, sender, tuple(layers))
 
 
 # -- the tensor pack: many whole small tensors of one stream in one message ----------------------------------
@@ -530,12 +534,8 @@ def pack_message(query_id: str, sender: str, layers_total: int, entries: list[Pa
     """
     if not 1 <= len(entries) <= MAX_PACK_ENTRIES:
         raise CodecError(f"a pack holds 1 to {MAX_PACK_ENTRIES} tensors, got {len(entries)}")
-    qid, snd = query_id.encode(), sender.encode()
     rows = [PACK_ENTRY.pack(TENSORS.index(e.tensor), e.layer, *e.fields) for e in entries]
-    body = b"".join(
-        (_PACK_FIXED.pack(SCHEMA_VERSION, layers_total, len(entries)), bytes((len(qid),)), qid, bytes((len(snd),)), snd)
-    )
-    body += b"".join(rows)
+    body = b"".join((_PACK_FIXED.pack(SCHEMA_VERSION, layers_total, len(entries)), _ids(query_id, sender), *rows))
     parts, digests = [], []
     for e in entries:
         view = memoryview(e.blob).cast("B")
@@ -575,16 +575,8 @@ def read_pack(message: Buffer) -> list[Chunk]:
         raise ChunkError(f"unsupported tensor pack schema_version {schema}", reason="version")
     if not 1 <= count <= MAX_PACK_ENTRIES:
         raise ChunkError(f"tensor pack names {count} tensors", reason="malformed")
-    pos, ids = _PACK_FIXED.size, []
-    for name in ("query_id", "sender"):
-        n = head[pos] if pos < len(head) else 0
-        raw = head[pos + 1 : pos + 1 + n]
-        text = raw.decode("latin-1")
-        if n == 0 or len(raw) != n or ID_PATTERN.fullmatch(text) is None:
-            raise ChunkError(f"tensor pack {name} is empty, truncated or not a valid id", reason="malformed")
-        ids.append(text)
-        pos += 1 + n
-    table, check_at = pos, pos + count * PACK_ENTRY.size
+    query_id, sender, table = _read_ids(head, _PACK_FIXED.size, "tensor pack")
+    check_at = table + count * PACK_ENTRY.size
     padding = head[check_at + 4 :]
     if check_at + 4 > len(head) or len(padding) >= PAYLOAD_ALIGN or any(padding):
         raise ChunkError("tensor pack header does not fit its entries, or its padding is not zeros", reason="malformed")
@@ -604,14 +596,14 @@ def read_pack(message: Buffer) -> list[Chunk]:
     seed = xxhash.xxh3_64_intdigest(struct.pack(f">{count}Q", *digests))
     check = xxhash.xxh3_64_intdigest(head[:check_at], seed=seed) & CHECKSUM_MASK
     if check != _CHUNK_FIELD.unpack_from(head, check_at)[0]:
-        raise ChunkError("checksum mismatch in a tensor pack", reason="checksum", query_id=ids[0])
+        raise ChunkError("checksum mismatch in a tensor pack", reason="checksum", query_id=query_id)
     chunks, seen = [], set()
     checked: dict[tuple, KVChunkHeader] = {}  # entries that differ only in their layer validate once
     for row, blob, digest in zip(rows, blobs, digests, strict=True):
         key = (row[0], *row[2:])
         header = checked.get(key)
         if header is None or row[1] > MAX_LAYER_INDEX:
-            header = checked[key] = _entry_header(row, ids[0], ids[1], layers_total)
+            header = checked[key] = _entry_header(row, query_id, sender, layers_total)
         elif header.layer != row[1]:
             header = header.model_copy(update={"layer": row[1]})
         if (header.layer, header.tensor) in seen:
