@@ -61,7 +61,8 @@ log = logging.getLogger(__name__)
 DEFAULT_FLUSH_EVERY = 8 * 1024 * 1024  # bytes published between PING/PONG round trips
 DEFAULT_PACK_BYTES = 128 * 1024  # bytes of a tensor pack or of frames sharing one NATS message (an unshaped link):
 # nats-py moves 32-128 KiB messages fastest here; 1 MiB ones take ~1.7x as long for the same bytes
-DEFAULT_PACK_SECONDS = 0.005  # on a shaped link, a shared message carries at most this much of its rate
+DEFAULT_PACK_SECONDS = 0.005  # on a shaped link, a shared message carries at most this much of its rate ...
+SHAPED_LAYER_PACK_BYTES = 16 * 1024  # ... but a small layer's K and V share one tensor pack, sent at the layer's end
 SMALL_TENSOR_ELEMENTS = 2048  # K/V tensors up to this size are encoded inline and never LZ4-probed by "auto"
 DEFAULT_EXPIRE_INTERVAL = 1.0  # seconds between the receiver's deadline sweeps
 DEFAULT_ERROR_MEMORY = 100  # recent receive errors a KVReceiver keeps
@@ -133,9 +134,11 @@ class _Outbox:
         pack: int,
         flush_every: int,
         stream: tuple[str, str, int],
+        entry_pack: int | None = None,
     ) -> None:
         self.nc, self.subject, self.shaper = nc, subject, shaper
         self.pack, self.flush_every = pack, flush_every
+        self.entry_pack = pack if entry_pack is None else entry_pack  # bytes of whole tensors one pack may hold
         self.stream = stream  # query id, sender, layers in the send
         self.chunks = self.wire = self.messages = self._since_flush = 0
         self._buffer = FrameBuffer()  # nats-py copies a payload into its command before publish returns
@@ -149,7 +152,7 @@ class _Outbox:
         if isinstance(part, PackEntry):
             await self._send_frames()  # a message holds frames or a pack, not both
             full = len(self._entries) >= MAX_PACK_ENTRIES
-            if self._entries and (full or self._pack_size + part.size > self.pack):
+            if self._entries and (full or self._pack_size + part.size > self.entry_pack):
                 await self._send_pack()
             if not self._entries:
                 self._pack_size = self._pack_overhead
@@ -179,6 +182,11 @@ class _Outbox:
         """Publish a control frame (a stream cut) as a message of its own after the stream, and flush it."""
         await self._send(frame)
         await busconn.flush(self.nc)
+
+    async def end_layer(self) -> None:
+        """A layer is queued: on a shaped link its pack goes now, so the link carries the stream layer by layer."""
+        if self.shaper is not None:
+            await self._send_pack()
 
     async def _send_pack(self) -> None:
         if self._entries:
@@ -268,7 +276,8 @@ async def send_cache(
     A tensor whose blob fits ``pack_bytes`` (default: ``DEFAULT_PACK_BYTES``, or ``DEFAULT_PACK_SECONDS`` of a
     shaper's rate, so a slow link still delivers layer by layer) travels whole in a tensor pack with the next
     ones (one header and one check for all: ``bus.frames.pack_message``); a larger one as chunk frames, small
-    frames sharing a message up to that size. A one-token tail of every layer is then one message.
+    frames sharing a message up to that size. A one-token tail of every layer is then one message. On a shaped
+    link a layer's K and V share a pack when both fit ``SHAPED_LAYER_PACK_BYTES``, sent at the layer's end.
 
     Chunks fit the connected server's ``max_payload`` (or the smaller ``max_payload`` given). The tensors
     must not change until this returns: payloads are read from them at publish time. ``compress``: ``"none"``
@@ -307,8 +316,9 @@ async def send_cache(
     if pack_bytes is None:
         pack_bytes = DEFAULT_PACK_BYTES if shaper is None else int(shaper.rate_bps * DEFAULT_PACK_SECONDS)
     pack = min(limit, max(0, pack_bytes))
-    outbox = _Outbox(nc, subject, shaper, pack, flush_every, (query_id, sender, len(schedule)))
-    opts["pack_limit"] = max(0, pack - pack_overhead(query_id, sender) - PACK_ENTRY.size)
+    entry_pack = pack if shaper is None else min(limit, max(pack, SHAPED_LAYER_PACK_BYTES))
+    outbox = _Outbox(nc, subject, shaper, pack, flush_every, (query_id, sender, len(schedule)), entry_pack)
+    opts["pack_limit"] = max(0, entry_pack - pack_overhead(query_id, sender) - PACK_ENTRY.size)
     encoder = _Encoder(layers, opts, small)
     start = time.perf_counter()
     sent: list[tuple[int, str]] = []
@@ -322,6 +332,7 @@ async def send_cache(
             pending = encoder.start(*schedule[i + 1]) if i + 1 < len(schedule) else None  # overlaps the publish
             for part in sealed:
                 await outbox.put(part)
+            await outbox.end_layer()
             sent.append(schedule[i])
             if steer is None or len(sent) == len(schedule):
                 continue

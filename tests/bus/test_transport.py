@@ -242,8 +242,8 @@ async def test_a_one_token_tail_of_every_layer_is_one_message(nats_server, subje
 
 
 async def test_a_shaped_link_packs_only_what_it_carries_in_a_few_milliseconds(nats_server, subject: str) -> None:
-    """At 50 kB/s a message holds at most 250 bytes, so a slow link still delivers layer by layer (a pack of a
-    layer's K and V: 2 x 64 bytes of fp16 and their table rows)."""
+    """At 50 kB/s frames share at most 250 bytes (5 ms) and a tensor pack holds one layer, sent at its end, so a
+    slow link still delivers layer by layer (a pack: 2 x 64 bytes of fp16 and their table rows)."""
     cache = {i: (torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16)) for i in range(4)}
     shaper = LinkShaper(50_000, burst_bytes=100_000)
     out, rx = await _send_and_receive(nats_server, subject, cache, precision="fp16", shaper=shaper)
