@@ -191,6 +191,7 @@ class _Outbox:
     async def _send_pack(self) -> None:
         if self._entries:
             message = pack_message(*self.stream, self._entries)
+            self.wire += len(message) - self._pack_size  # the estimate counted the most header padding
             self._entries = []
             await self._send(message)
 

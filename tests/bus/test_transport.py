@@ -35,7 +35,7 @@ async def _send_and_receive(server: NatsServer, subject: str, cache: dict, **kw)
         async with KVReceiver(conns.sub, subject, out_dtype=torch.float16) as rx:
             report = await send_cache(conns.pub, subject, cache, query_id="q1", sender="tx", **kw)
             out = await rx.wait_complete("q1", "tx", timeout=60)
-            assert report.chunks == rx.stats["frames"]
+            assert report.chunks == rx.stats["frames"] and report.wire_bytes == rx.stats["bytes"]  # packs too
             return out, rx
 
 
