@@ -9,8 +9,10 @@ bytes and seconds it is expected to take. :func:`link_budget` turns a link rate 
 
 Byte estimates (:func:`layer_wire_bytes`) are raw quantised sizes (``bus.schemas.expected_raw_bytes``: data
 plus fp16 scales) plus a frame header per chunk (``bus.frames.frame_overhead`` of the query's and sender's ids
-when the planner knows them, else the worst case for 64-character ids). They are what travels without compression; LZ4
-saves ~0-10% on fp16 KV and ~nothing on int8/int4 (DESIGN.md), so the estimate is slightly conservative.
+when the planner knows them, else the worst case for 64-character ids), or, for a small layer that travels in a
+tensor pack, a 33-byte row and padding per tensor and one header per layer. They are what travels without
+compression; LZ4 saves ~0-10% on fp16 KV and ~nothing on int8/int4, deflate 12-20% (``bus.codec``), so the estimate
+is slightly conservative.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bus.errors import PolicyError
-from bus.frames import MAX_FRAME_OVERHEAD
+from bus.frames import LAYER_PACK_TENSOR_BYTES, MAX_FRAME_OVERHEAD, packed_tensor_bytes
 from bus.schemas import MAX_LAYER_INDEX, PRECISIONS, expected_raw_bytes, int_scale_axis
 
 log = logging.getLogger(__name__)
@@ -152,8 +154,15 @@ def layer_wire_bytes(
     *,
     max_payload: int = DEFAULT_MAX_PAYLOAD,
     frame_overhead: int = FRAME_OVERHEAD_BYTES,
+    packed: bool = True,
 ) -> int:
-    """Estimated wire bytes of one layer's K and V of ``shape`` (batch, kv_heads, tokens, head_dim)."""
+    """Estimated wire bytes of one layer's K and V of ``shape`` (batch, kv_heads, tokens, head_dim).
+
+    A layer whose K and V are each at most ``bus.frames.LAYER_PACK_TENSOR_BYTES`` travels in a tensor pack (the
+    reference sender's rule; ``packed=False``: as chunk frames, e.g. a sender that does not pack): a table row and
+    16-aligned blob per tensor plus one header, counted as ``frame_overhead`` (a pack's header with the same ids is
+    smaller). Otherwise each tensor's chunks pay a frame header each.
+    """
     if precision not in PRECISIONS:
         raise PolicyError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
     if len(shape) != 4 or any(not isinstance(s, int) or s < 1 for s in shape):
@@ -161,13 +170,13 @@ def layer_wire_bytes(
     if max_payload <= frame_overhead:
         raise PolicyError(f"max_payload {max_payload} must exceed the frame overhead {frame_overhead}")
     is_int = precision in ("int8", "int4")
-    total = 0
-    for tensor in ("k", "v"):
-        axis = int_scale_axis(tensor, tuple(shape), precision) if is_int else "none"
-        raw = expected_raw_bytes(tuple(shape), precision, axis)
-        chunks = -(-raw // (max_payload - frame_overhead))
-        total += raw + chunks * frame_overhead
-    return total
+    raws = [
+        expected_raw_bytes(tuple(shape), precision, int_scale_axis(t, tuple(shape), precision) if is_int else "none")
+        for t in ("k", "v")
+    ]
+    if packed and max(raws) <= LAYER_PACK_TENSOR_BYTES:
+        return frame_overhead + sum(packed_tensor_bytes(raw) for raw in raws)
+    return sum(raw + -(-raw // (max_payload - frame_overhead)) * frame_overhead for raw in raws)
 
 
 def layer_costs(

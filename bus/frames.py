@@ -469,6 +469,8 @@ _PACK_FIXED = struct.Struct(">BHH")  # schema_version, layers_total, number of e
 # tensor, layer, precision, dtype, scale_axis, scale_dtype, shuffle, compression, shape[4], raw_bytes, blob_bytes
 PACK_ENTRY = struct.Struct(">BHBBBBBB4III")
 MAX_PACK_ENTRIES = 1024  # tensors in one pack (its header length is a u16)
+LAYER_PACK_TENSOR_BYTES = 16 * 1024  # a layer whose K and V blobs are each at most this travels as one pack or
+# in one with other layers (bus.transport, on any link), so byte estimates (bus.budget) count it as packed
 _ENTRY_ENUMS = (  # the entry's enumerated fields, in PACK_ENTRY's order after the layer
     ("precision", PRECISION_CODES),
     ("dtype", DTYPE_CODES),
@@ -494,11 +496,16 @@ class PackEntry:
     @property
     def size(self) -> int:
         """Bytes the entry adds to a pack: its table row and its blob, padded to the payload alignment."""
-        return PACK_ENTRY.size + _padded(len(self.blob))
+        return packed_tensor_bytes(len(self.blob))
 
 
 def _padded(n: int) -> int:
     return -(-n // PAYLOAD_ALIGN) * PAYLOAD_ALIGN
+
+
+def packed_tensor_bytes(blob_bytes: int) -> int:
+    """Bytes a tensor of ``blob_bytes`` adds to a pack: its table row and its blob, padded."""
+    return PACK_ENTRY.size + _padded(blob_bytes)
 
 
 def pack_entry(layer: int, tensor: str, blob: Buffer, header: dict) -> PackEntry:

@@ -36,6 +36,7 @@ from bus import connect as busconn
 from bus.codec import KVPair, Layers, check_layers, compression_codec, encode_layer_chunks
 from bus.errors import FedRefineError, SchemaError, TransportError
 from bus.frames import (
+    LAYER_PACK_TENSOR_BYTES,
     MAX_PACK_ENTRIES,
     PACK_ENTRY,
     Buffer,
@@ -47,6 +48,7 @@ from bus.frames import (
     is_cut,
     pack_message,
     pack_overhead,
+    packed_tensor_bytes,
     read_cut,
     read_message,
 )
@@ -61,8 +63,8 @@ log = logging.getLogger(__name__)
 DEFAULT_FLUSH_EVERY = 8 * 1024 * 1024  # bytes published between PING/PONG round trips
 DEFAULT_PACK_BYTES = 128 * 1024  # bytes of a tensor pack or of frames sharing one NATS message (an unshaped link):
 # nats-py moves 32-128 KiB messages fastest here; 1 MiB ones take ~1.7x as long for the same bytes
-DEFAULT_PACK_SECONDS = 0.005  # on a shaped link, a shared message carries at most this much of its rate ...
-SHAPED_LAYER_PACK_BYTES = 16 * 1024  # ... but a small layer's K and V share one tensor pack, sent at the layer's end
+DEFAULT_PACK_SECONDS = 0.005  # on a shaped link, a shared message carries at most this much of its rate, but a
+# small layer's K and V (bus.frames.LAYER_PACK_TENSOR_BYTES each) share one tensor pack, sent at the layer's end
 SMALL_TENSOR_ELEMENTS = 2048  # K/V tensors up to this size are encoded inline and never LZ4-probed by "auto"
 DEFAULT_EXPIRE_INTERVAL = 1.0  # seconds between the receiver's deadline sweeps
 DEFAULT_ERROR_MEMORY = 100  # recent receive errors a KVReceiver keeps
@@ -278,7 +280,7 @@ async def send_cache(
     shaper's rate, so a slow link still delivers layer by layer) travels whole in a tensor pack with the next
     ones (one header and one check for all: ``bus.frames.pack_message``); a larger one as chunk frames, small
     frames sharing a message up to that size. A one-token tail of every layer is then one message. On a shaped
-    link a layer's K and V share a pack when both fit ``SHAPED_LAYER_PACK_BYTES``, sent at the layer's end.
+    link a layer's K and V share a pack when each fits ``LAYER_PACK_TENSOR_BYTES``, sent at the layer's end.
 
     Chunks fit the connected server's ``max_payload`` (or the smaller ``max_payload`` given). The tensors
     must not change until this returns: payloads are read from them at publish time. ``compress``: ``"none"``
@@ -317,9 +319,14 @@ async def send_cache(
     if pack_bytes is None:
         pack_bytes = DEFAULT_PACK_BYTES if shaper is None else int(shaper.rate_bps * DEFAULT_PACK_SECONDS)
     pack = min(limit, max(0, pack_bytes))
-    entry_pack = pack if shaper is None else min(limit, max(pack, SHAPED_LAYER_PACK_BYTES))
+    overhead = pack_overhead(query_id, sender)
+    if shaper is None:  # packs of many layers, up to the pack size
+        entry_pack = pack
+        opts["pack_limit"] = max(0, pack - overhead - PACK_ENTRY.size)
+    else:  # a pack per layer: its K and V, each up to LAYER_PACK_TENSOR_BYTES
+        entry_pack = min(limit, max(pack, overhead + 2 * packed_tensor_bytes(LAYER_PACK_TENSOR_BYTES)))
+        opts["pack_limit"] = min(LAYER_PACK_TENSOR_BYTES, max(0, entry_pack - overhead - PACK_ENTRY.size))
     outbox = _Outbox(nc, subject, shaper, pack, flush_every, (query_id, sender, len(schedule)), entry_pack)
-    opts["pack_limit"] = max(0, entry_pack - pack_overhead(query_id, sender) - PACK_ENTRY.size)
     encoder = _Encoder(layers, opts, small)
     start = time.perf_counter()
     sent: list[tuple[int, str]] = []

@@ -195,7 +195,7 @@ def test_a_one_token_k_is_scaled_per_token_and_stays_smaller_than_fp16(precision
     assert [h.scale_axis for h in headers] == ["token", "token"]
     assert sum(map(len, frames[precision])) < sum(map(len, frames["fp16"]))
     assert sum(map(len, frames[precision])) == layer_wire_bytes(
-        shape, precision, frame_overhead=frame_overhead("q", "s")
+        shape, precision, frame_overhead=frame_overhead("q", "s"), packed=False
     )
     k2, v2 = decode_frames(frames[precision])[0]
     assert _rel(k2, k) <= REL_L2_BOUND[precision] and _rel(v2, v) <= REL_L2_BOUND[precision]
