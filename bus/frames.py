@@ -394,6 +394,19 @@ def _read_ids(head: bytes, pos: int, what: str) -> tuple[str, str, int]:
     return ids[0], ids[1], pos
 
 
+def _control_prefix(view: memoryview, magic: bytes, what: str, min_header: int) -> tuple[int, int]:
+    """The reserved byte and header length of a stream cut or tensor pack, once its length, magic and version are
+    checked (a :class:`ChunkError` otherwise)."""
+    if len(view) < PREFIX.size + min_header:
+        raise ChunkError(f"{what} of {len(view)} bytes is too short", reason="malformed")
+    got, version, reserved, hlen = PREFIX.unpack_from(view)
+    if got != magic:
+        raise ChunkError(f"message is not a {what}", reason="malformed")
+    if version != FRAME_VERSION:
+        raise ChunkError(f"unsupported {what} version {version}; this build speaks {FRAME_VERSION}", reason="version")
+    return reserved, hlen
+
+
 # -- the stream-cut notice ------------------------------------------------------------------------------------
 
 CUT_MAGIC = b"FRKX"
@@ -432,15 +445,7 @@ def cut_frame(query_id: str, sender: str, layers: list[int] | tuple[int, ...]) -
 def read_cut(message: Buffer) -> StreamCut:
     """Parse and check a stream-cut notice; anything wrong is a :class:`ChunkError`."""
     view = memoryview(message).cast("B")
-    if len(view) < PREFIX.size + _CUT_COUNT.size + 4:
-        raise ChunkError(f"stream cut of {len(view)} bytes is too short", reason="malformed")
-    magic, version, reserved, hlen = PREFIX.unpack_from(view)
-    if magic != CUT_MAGIC:
-        raise ChunkError("message is not a stream cut", reason="malformed")
-    if version != FRAME_VERSION:
-        raise ChunkError(
-            f"unsupported stream cut version {version}; this build speaks {FRAME_VERSION}", reason="version"
-        )
+    reserved, hlen = _control_prefix(view, CUT_MAGIC, "stream cut", _CUT_COUNT.size + 4)
     if reserved != 0 or PREFIX.size + hlen != len(view):
         raise ChunkError("stream cut length or reserved byte is wrong", reason="malformed")
     head = bytes(view[PREFIX.size :])
@@ -565,15 +570,7 @@ def read_pack(message: Buffer) -> list[Chunk]:
     pack's check stands for the chunk and blob checksums, which are 0). Anything wrong is a :class:`ChunkError`
     and nothing of the message is used."""
     view = memoryview(message).cast("B")
-    if len(view) < PREFIX.size + _PACK_FIXED.size:
-        raise ChunkError(f"tensor pack of {len(view)} bytes is too short", reason="malformed")
-    magic, version, reserved, hlen = PREFIX.unpack_from(view)
-    if magic != PACK_MAGIC:
-        raise ChunkError("message is not a tensor pack", reason="malformed")
-    if version != FRAME_VERSION:
-        raise ChunkError(
-            f"unsupported tensor pack version {version}; this build speaks {FRAME_VERSION}", reason="version"
-        )
+    reserved, hlen = _control_prefix(view, PACK_MAGIC, "tensor pack", _PACK_FIXED.size)
     if reserved != 0 or PREFIX.size + hlen > len(view) or (PREFIX.size + hlen) % PAYLOAD_ALIGN:
         raise ChunkError("tensor pack header length or reserved byte is wrong", reason="malformed")
     head = bytes(view[PREFIX.size : PREFIX.size + hlen])
