@@ -21,6 +21,7 @@ from bus.frames import (
     read_pack,
 )
 from bus.reassembler import Reassembler
+from tests.bus.test_transport import _RecordingClient
 
 
 def _cache(n_layers: int = 3, tokens: int = 1, seed: int = 0) -> dict:
@@ -150,20 +151,6 @@ def test_a_chunk_and_a_packed_copy_of_one_tensor_conflict() -> None:
         reasm.add(packed[0])
 
 
-class _Recording:
-    is_connected = True
-    max_payload = 8 * 1024 * 1024
-
-    def __init__(self) -> None:
-        self.messages: list[bytes] = []
-
-    async def publish(self, subject: str, payload) -> None:
-        self.messages.append(bytes(payload))
-
-    async def flush(self, timeout: float) -> None:
-        return None
-
-
 @pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])
 async def test_a_shaped_link_sends_a_pack_per_small_layer_within_the_planners_estimate(precision: str) -> None:
     """A real one-token tail (3 kv heads x 64) on a slow shaped link: one pack per layer, each within
@@ -177,14 +164,14 @@ async def test_a_shaped_link_sends_a_pack_per_small_layer_within_the_planners_es
         return None
 
     cache = {m: (torch.randn(1, 3, 1, 64).half(), torch.randn(1, 3, 1, 64).half()) for m in range(4)}
-    nc = _Recording()
+    nc = _RecordingClient()
     qid, sender = "0123456789abcdef", "gemma-a"
     report = await send_cache(
         nc, "s", cache, precision=precision, query_id=qid, sender=sender, shaper=LinkShaper(1000, sleep=no_wait)
     )  # type: ignore[arg-type]
-    assert len(nc.messages) == 4 and all(is_pack(m) for m in nc.messages)
-    assert report.wire_bytes == sum(map(len, nc.messages))
+    assert len(nc.frames) == 4 and all(is_pack(m) for m in nc.frames)
+    assert report.wire_bytes == sum(map(len, nc.frames))
     overhead = frame_overhead(qid, sender)
     packed = layer_wire_bytes((1, 3, 1, 64), precision, frame_overhead=overhead)
     framed = layer_wire_bytes((1, 3, 1, 64), precision, frame_overhead=overhead, packed=False)
-    assert all(len(m) <= packed < framed for m in nc.messages)
+    assert all(len(m) <= packed < framed for m in nc.frames)
