@@ -79,6 +79,11 @@ def test_accuracy_real_runs_a_task_with_containment_and_the_self_check(tiny_real
             assert row["contains"] == row["accuracy"]
         else:
             assert row["contains"] >= row["accuracy"]  # an exact match always contains the answer
+    for (label, fmt), row in rows.items():  # every row against the receiver alone, question by question
+        assert set(row["paired"]) == (set() if label == "receiver" else {"receiver"})
+        if label != "receiver":
+            p = row["paired"]["receiver"]
+            assert p["diff"] == pytest.approx(row["accuracy"] - rows[("receiver", fmt)]["accuracy"], abs=1e-3)
     if task == "knowledge":
         assert result["devices_used"] == ["a1", "b1"]  # one device per model: no notes, so two would be twins
         for fmt in ("choice", "text"):
@@ -86,3 +91,26 @@ def test_accuracy_real_runs_a_task_with_containment_and_the_self_check(tiny_real
             assert rows[("either-right", fmt)]["contains"] >= max(parts)
     with pytest.raises(ConfigError, match="unknown rows"):
         run_real(_args(root, task=task, rows="receiver,nonsense"))
+
+
+def test_paired_difference_counts_the_questions_that_changed() -> None:
+    from ops.bench.realacc import paired
+
+    same = [True, False] * 50
+    assert paired(same, same) == {"diff": 0.0, "ci95": 0.0, "better": 0, "worse": 0}
+    one_worse = list(same)
+    one_worse[0] = False  # one question of 100 lost
+    got = paired(one_worse, same)
+    assert got["diff"] == -0.01 and got["worse"] == 1 and got["better"] == 0
+    assert got["ci95"] < 0.03 < 1.96 * (0.25 / 100) ** 0.5  # far tighter than an unpaired interval (~0.1)
+
+
+def test_a_precision_or_private_row_is_also_paired_with_the_fp16_row_of_its_devices() -> None:
+    from ops.bench.realacc import _paired_bases
+
+    labels = {"receiver", "c2c+4", "int4", "private", "c2c-shuffled"}
+    spec = {"label": "int4", "mode": "c2c", "transmitters": ["a", "b", "c", "d"], "private": False}
+    assert _paired_bases(spec, labels) == ["receiver", "c2c+4"]
+    assert _paired_bases(spec | {"label": "private", "private": True}, labels) == ["receiver", "c2c+4"]
+    assert _paired_bases(spec | {"label": "c2c-shuffled", "mode": "c2c-shuffled"}, labels) == ["receiver"]
+    assert _paired_bases(spec | {"label": "c2c+4"}, labels) == ["receiver"]
