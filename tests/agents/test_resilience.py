@@ -18,10 +18,11 @@ from tests.agents.conftest import QUESTIONS, Fleet, TinyWorld, fleet_store
 
 
 async def test_a_transmitter_killed_mid_stream_is_dropped_and_the_answer_arrives(fleet: Fleet, tmp_path: Path) -> None:
-    # A wider model whose every KV tensor is larger than the shaper's burst: at 0.00625 MB/s the first frame
-    # leaves after ~1.5 s, and no layer (K and V) can be complete when the process is killed on it.
+    # A wider model whose every KV tensor is larger than a layer pack (16 KiB each, bus.frames) and the shaper's
+    # burst: K and V go as chunk frames, at 0.00625 MB/s the first leaves after ~1.5 s, and no layer (K and V) can
+    # be complete when the process is killed on it.
     world = fleet.world
-    wide = LanguageModel.build("llama", ModelSpec(128, 2, 4, 4, 32, 256), seed=5, name="wide")
+    wide = LanguageModel.build("llama", ModelSpec(256, 2, 8, 8, 32, 512), seed=5, name="wide")
     wide.save(tmp_path / "wide")
     registry = FuserRegistry(tmp_path / "fusers")
     for model in (wide, world.models["tiny-qwen2"]):
