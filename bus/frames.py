@@ -366,12 +366,18 @@ def _parse_header(head: bytes) -> KVChunkHeader:
     padding = head[pos:]
     if len(padding) >= PAYLOAD_ALIGN or any(padding) or (PREFIX.size + len(head)) % PAYLOAD_ALIGN:
         raise ChunkError("chunk header padding is not zeros up to a 16-byte boundary", reason="malformed")
+    return _validated(fields, "chunk header", "header")
+
+
+def _validated(fields: dict, what: str, whole: str) -> KVChunkHeader:
+    """``fields`` as a checked header; the first schema violation is a malformed :class:`ChunkError` naming ``what``
+    and the field (``whole`` for a rule across fields)."""
     try:
         return KVChunkHeader.model_validate(fields)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "header"
-        raise ChunkError(f"invalid chunk header: {where}: {first['msg']}", reason="malformed") from exc
+        where = ".".join(str(p) for p in first["loc"]) or whole
+        raise ChunkError(f"invalid {what}: {where}: {first['msg']}", reason="malformed") from exc
 
 
 def _ids(query_id: str, sender: str) -> bytes:
@@ -640,12 +646,7 @@ def _entry_header(row: tuple, query_id: str, sender: str, layers_total: int) -> 
         chunk_hash=0,
         blob_hash=0,
     )
-    try:
-        return KVChunkHeader.model_validate(fields)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "entry"
-        raise ChunkError(f"invalid tensor pack entry: {where}: {first['msg']}", reason="malformed") from exc
+    return _validated(fields, "tensor pack entry", "entry")
 
 
 def read_message(message: Buffer) -> list[Chunk] | Iterator[Chunk]:
