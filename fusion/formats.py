@@ -19,7 +19,7 @@ SYSTEM_LINE = "Answer the question with the answer only, in as few words as poss
 PLAIN_HEAD = "Question: "  # a base model's frame: head + content + tail, then the answer after a space
 PLAIN_TAIL = "\nAnswer:"
 NOTES_HEAD = "Notes:\n"  # a transmitter's local notes, one per line, before the question
-NOTES_QUESTION = "\nQuestion: "  # between the notes and the question inside a transmitter's content
+QUESTION_LABEL = "Question: "  # what opens the question after a notes block
 _MARK = "\x00FEDREFINE-CONTENT\x00"  # stands in for the content while the chat template renders
 
 
@@ -72,9 +72,14 @@ class PromptFormat:
         return Framed(self.head + content + self.tail, len(self.head), len(self.head) + len(content))
 
 
+def notes_block(notes: list[str] | tuple[str, ...]) -> str:
+    """The note lines as a model reads them before a question (``Notes:`` then one ``- line`` each)."""
+    return NOTES_HEAD + "".join(f"- {' '.join(n.split())}\n" for n in notes)
+
+
 def notes_content(notes: list[str] | tuple[str, ...], question: str) -> tuple[str, int]:
     """A transmitter's content: its notes, then the question; and where the question starts in it."""
     if not notes:
         return question, 0
-    lead = NOTES_HEAD + "".join(f"- {' '.join(n.split())}\n" for n in notes) + NOTES_QUESTION.lstrip("\n")
+    lead = notes_block(notes) + QUESTION_LABEL
     return lead + question, len(lead)

@@ -62,13 +62,23 @@ from fusion.prompts import (
     option_letter,
     parse_completion,
 )
+from fusion.translate import CacheTranslator, note_span, translated_prompt
 from fusion.wire import transmit
 
 __all__ = ["Fused", "Received", "fuse", "transmitter_deltas"]  # the fusion loop, re-exported for callers of refine
 
 log = logging.getLogger(__name__)
 
-MODES: tuple[str, ...] = ("receiver", "transmitter", "t2t", "c2c", "c2c-uniform", "c2c-shuffled")
+MODES: tuple[str, ...] = (
+    "receiver",
+    "transmitter",
+    "t2t",
+    "c2c",
+    "c2c-uniform",
+    "c2c-shuffled",
+    "translate",
+    "translate-shuffled",
+)
 DEFAULT_HINT_TOKENS = 24  # longest hint a transmitter writes in text-to-text mode
 HINTS_HEAD = "Hints from other devices:\n"  # text-to-text, text style: before the hints the receiver reads
 DEFAULT_SELF_CHECK = 0.5  # P(none) below which a receiver trained to abstain answers alone (the gate prior's midpoint)
@@ -386,6 +396,7 @@ class _Request:
     notes: Mapping[str, DeviceNotes]
     timings: dict[str, float]
     t_start: float
+    translators: Mapping[str, CacheTranslator] = field(default_factory=dict)
 
 
 def refine(
@@ -405,6 +416,7 @@ def refine(
     prefixes: Mapping[tuple[str, str | None], KVCache] | None = None,
     self_check: float | None = None,
     notes: Mapping[str, DeviceNotes] | None = None,
+    translators: Mapping[str, CacheTranslator] | None = None,
 ) -> RefineResult:
     """Answer ``question`` with the receiver helped by ``transmitters`` (name -> model) in ``mode``.
 
@@ -416,7 +428,9 @@ def refine(
     ``prefixes``: the receiver's own prefix caches already made, by ``(S, original)`` (``receiver_prefix``).
     ``self_check``: P(none) below which a letter-style receiver answers alone, or the confidence at or above which a
     text-style one does (module docstring; None: off). ``notes``: per
-    transmitter name, its device's notes (text-style models; read before q', never sent).
+    transmitter name, its device's notes (text-style models; read before q'; in c2c modes never sent, in translate
+    modes their cache is). ``translators``: transmitter fingerprint -> ``fusion.translate.CacheTranslator`` into
+    this receiver (translate modes).
     """
     if mode not in MODES:
         raise FusionError(f"unknown mode {mode!r}; choose one of {MODES}", mode=mode)
@@ -458,8 +472,11 @@ def refine(
         notes=notes or {},
         timings=timings,
         t_start=t_start,
+        translators=translators or {},
     )
-    return _text_to_text(req) if mode == "t2t" else _cache_to_cache(req)
+    if mode == "t2t":
+        return _text_to_text(req)
+    return _translated(req) if mode.startswith("translate") else _cache_to_cache(req)
 
 
 def _known_alone(
@@ -580,6 +597,63 @@ def _cache_to_cache(req: _Request) -> RefineResult:
         tokens_sent=ntokens,
         timings=req.timings,
         failed=fused.failed,
+    )
+
+
+def _translated(req: _Request) -> RefineResult:
+    """Translate modes: every transmitter sends its cache of the note lines it retrieved for q' (``translate-
+    shuffled``: for another question), the receiver translates each, places them before its own question and reads
+    the answer; nothing arrived (no notes, no translator): it answers alone."""
+    q = req.question
+    t0 = time.perf_counter()
+    spans = {}
+    for name, model in req.transmitters.items():
+        stem = req.hint_stem
+        if req.mode == "translate-shuffled":
+            if name not in req.donors:
+                raise FusionError(f"translate-shuffled needs a donor question for transmitter {name}")
+            stem = req.donors[name].stem
+        span = note_span(model, req.notes[name].retrieve(stem).lines) if name in req.notes else None
+        if span is not None:
+            spans[name] = (model.fingerprint, span)
+    req.timings["transmitters"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    arrived, failed, used = [], {}, {}
+    nbytes = ntokens = 0
+    for name in sorted(spans):
+        fingerprint, span = spans[name]
+        translator = req.translators.get(fingerprint)
+        if translator is None:
+            failed[name] = f"no translator for transmitter model {fingerprint} into this receiver"
+            continue
+        decoded, size = transmit(span.layers, req.precision)
+        try:
+            arrived.append(translator(decoded))
+        except FusionError as exc:
+            failed[name] = str(exc)
+            continue
+        nbytes += size
+        ntokens += span.num_tokens
+        used[name] = sorted(decoded)
+    req.timings["transfer"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    if arrived:
+        cache, continuation = translated_prompt(req.receiver, q.stem, arrived)
+        reading = read_answer(req.receiver, cache, continuation, q.options)
+    else:
+        reading = answer_alone(req.receiver, q.stem, q.options)
+    req.timings["receiver"] = time.perf_counter() - t2
+    req.timings["total"] = time.perf_counter() - req.t_start
+    return _result(
+        reading,
+        req.mode,
+        req.hint_stem,
+        used=used,
+        weights={n: 1.0 for n in used},
+        bytes_sent=nbytes,
+        tokens_sent=ntokens,
+        timings=req.timings,
+        failed=failed,
     )
 
 

@@ -41,7 +41,7 @@ WEIGHTS_FILE = "model.safetensors"
 _FP = re.compile(r"^[0-9a-f]{4,64}$")
 
 
-def _check_fp(fp: str, side: str) -> str:
+def check_fp(fp: str, side: str) -> str:
     if not isinstance(fp, str) or not _FP.match(fp):
         raise FuserError(f"bad {side} fingerprint {fp!r}: expected lowercase hex", side=side)
     return fp
@@ -94,6 +94,19 @@ def read_module(path: str | Path, expected_format: str) -> tuple[dict[str, Any],
     return config, state
 
 
+def check_pair(
+    path: str | Path, config: dict[str, Any], transmitter_fp: str | None, receiver_fp: str | None, what: str
+) -> None:
+    """``FuserError`` when a module on disk was made for another model pair than the one given."""
+    for side, want in (("transmitter", transmitter_fp), ("receiver", receiver_fp)):
+        if want is not None and config.get(side) != want:
+            raise FuserError(
+                f"{path} is a {what} for {side} {config.get(side)}, not {want}: wrong model pair",
+                path=str(path),
+                side=side,
+            )
+
+
 def module_size(module: torch.nn.Module, dtype: torch.dtype = torch.float16) -> tuple[int, int]:
     """``(parameters, bytes)`` of a module's weights stored at ``dtype``."""
     params = sum(p.numel() for p in module.parameters())
@@ -108,8 +121,8 @@ def save_fuser(
     config = {
         "format": FUSER_FORMAT,
         "version": FORMAT_VERSION,
-        "transmitter": _check_fp(transmitter_fp, "transmitter"),
-        "receiver": _check_fp(receiver_fp, "receiver"),
+        "transmitter": check_fp(transmitter_fp, "transmitter"),
+        "receiver": check_fp(receiver_fp, "receiver"),
         "config": fuser.cfg.to_dict(),
         "layer_map": list(fuser.layer_map),
         "params": params,
@@ -124,13 +137,7 @@ def load_fuser(
 ) -> tuple[PairFuser, dict[str, Any]]:
     """A fuser (in eval mode) and its meta; ``FuserError`` if it was trained for another pair than the one given."""
     config, state = read_module(path, FUSER_FORMAT)
-    for side, want in (("transmitter", transmitter_fp), ("receiver", receiver_fp)):
-        if want is not None and config.get(side) != want:
-            raise FuserError(
-                f"{path} is a fuser for {side} {config.get(side)}, not {want}: wrong model pair",
-                path=str(path),
-                side=side,
-            )
+    check_pair(path, config, transmitter_fp, receiver_fp, "fuser")
     try:
         fuser = PairFuser(FuserConfig(**config["config"]))
         fuser.load_state_dict(state)
@@ -154,12 +161,12 @@ class FuserRegistry:
 
     def path_for(self, transmitter_fp: str, receiver_fp: str) -> Path:
         """Where the fuser of this pair lives."""
-        t, r = _check_fp(transmitter_fp, "transmitter"), _check_fp(receiver_fp, "receiver")
+        t, r = check_fp(transmitter_fp, "transmitter"), check_fp(receiver_fp, "receiver")
         return self.root / f"fuser-{t}-to-{r}"
 
     def gate_path(self, receiver_fp: str) -> Path:
         """Where the gating network of this receiver lives."""
-        return self.root / f"gate-{_check_fp(receiver_fp, 'receiver')}"
+        return self.root / f"gate-{check_fp(receiver_fp, 'receiver')}"
 
     def has(self, transmitter_fp: str, receiver_fp: str) -> bool:
         """Whether a fuser for this pair is saved."""
@@ -190,6 +197,24 @@ class FuserRegistry:
     def meta(self, transmitter_fp: str, receiver_fp: str) -> dict[str, Any]:
         """The training facts saved with this pair's fuser."""
         return load_fuser(self.path_for(transmitter_fp, receiver_fp), transmitter_fp, receiver_fp)[1]
+
+    def translator_path(self, transmitter_fp: str, receiver_fp: str) -> Path:
+        """Where the cache translator of this pair lives (``fusion.translate``)."""
+        t, r = check_fp(transmitter_fp, "transmitter"), check_fp(receiver_fp, "receiver")
+        return self.root / f"translator-{t}-to-{r}"
+
+    def load_translator(self, transmitter_fp: str, receiver_fp: str):
+        """The translator of this pair; ``FuserError`` if none is saved or the directory is for another pair."""
+        from fusion.translate import load_translator
+
+        path = self.translator_path(transmitter_fp, receiver_fp)
+        if not path.exists():
+            raise FuserError(
+                f"no translator for transmitter {transmitter_fp} -> receiver {receiver_fp} in {self.root}",
+                transmitter=transmitter_fp,
+                receiver=receiver_fp,
+            )
+        return load_translator(path, transmitter_fp, receiver_fp)[0]
 
     def pairs(self) -> list[tuple[str, str]]:
         """``(transmitter_fp, receiver_fp)`` of every saved fuser."""

@@ -14,6 +14,15 @@ computed once; the loss is on the answer tokens; progress bar; ``--resume`` cont
 in DIR. The fuser lands in DIR as ``fuser-<transmitter fp>-to-<receiver fp>/`` (``fusion.registry``), with
 its parameters, bytes and training facts, and the held-out accuracy fused and alone is printed as JSON.
 
+A cache translator (``fusion.translate``: no answers needed, any text both models read)::
+
+    python -m fusion.train --translator --receiver M --transmitter M --data FILE --out DIR [--rank 256]
+
+where FILE is plain text, one note or sentence per line (read in seeded blocks of ``--lines-per-block``), or a
+JSONL training file whose rows' ``notes`` are the blocks. The rows (each transmitter token's cache against the
+receiver's) are checkpointed as they are computed (``--resume``); the fit is one ridge regression (seconds to
+minutes); the held-out R^2, parameters and bytes are printed. A model into itself gets the exact identity.
+
 A gate (after the fusers of every transmitter model into this receiver are in DIR)::
 
     python -m fusion.train --gate --receiver M --transmitter NAME=M [--transmitter NAME=M ...] --data FILE --out DIR
@@ -116,6 +125,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path, help="JSONL training items")
     p.add_argument("--out", required=True, type=Path, help="fuser registry directory (the receiver's --fusers)")
     p.add_argument("--gate", action="store_true", help="train the receiver's gate instead of a fuser")
+    p.add_argument("--translator", action="store_true", help="fit a cache translator instead of a fuser")
+    p.add_argument("--rank", type=int, default=None, help="translator rank (default 256)")
+    p.add_argument("--ridge", type=float, default=None, help="translator ridge on standardised features")
+    p.add_argument("--lines-per-block", type=int, default=3, help="translator: text lines read as one block")
     p.add_argument("--window", default="1", help="fuse the last N shared tokens, or 'all' (default 1)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=32, help="items per step")
@@ -202,6 +215,87 @@ def train_pair(args: argparse.Namespace) -> dict:
     return result | {"prepare_s": round(prepare_s, 1)}
 
 
+def read_blocks(path: Path, lines_per_block: int, seed: int) -> list[list[str]]:
+    """Blocks of note lines a translator is fitted on: a JSONL training file's ``notes``, or a text file's lines
+    in seeded blocks of ``lines_per_block``."""
+    if lines_per_block < 1:
+        raise ConfigError("--lines-per-block must be at least 1")
+    if path.suffix == ".jsonl":
+        blocks = [list(r.notes) for r in read_rows(path) if isinstance(r.notes, tuple) and r.notes]
+    else:
+        try:
+            lines = [" ".join(x.split()) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read translator text {str(path)!r}: {exc}", path=str(path)) from exc
+        random.Random(f"translator-blocks/{seed}").shuffle(lines)
+        blocks = [lines[i : i + lines_per_block] for i in range(0, len(lines), lines_per_block)]
+    if not blocks:
+        raise ConfigError(f"{path} has no text lines to fit a translator on", path=str(path))
+    return blocks
+
+
+def fit_translator_pair(receiver, transmitter, blocks, out: Path, rank=None, ridge=None, resume=False, seed=0):
+    """Rows of every block (checkpointed in ``out``), the ridge fit, and the translator saved in registry ``out``."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from fusion.registry import FuserRegistry, module_size
+    from fusion.translate import TranslatorConfig, fit_translator, save_translator, translation_rows
+
+    kwargs = {k: v for k, v in (("rank", rank), ("ridge", ridge)) if v is not None}
+    cfg = TranslatorConfig.for_models(receiver, transmitter, **kwargs)
+    registry = FuserRegistry(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / f"rows-{transmitter.fingerprint}-to-{receiver.fingerprint}.pt"
+    xs, ys = (torch.load(ckpt)) if resume and ckpt.exists() and not cfg.identity else ([], [])
+    t0 = time.perf_counter()
+    if not cfg.identity:
+        todo = blocks[len(xs) :]
+        for n, lines in enumerate(tqdm(todo, desc="translator rows", unit="block", initial=len(xs), total=len(blocks))):
+            x, y = translation_rows(receiver, transmitter, lines)
+            xs.append(x.half())
+            ys.append(y.half())
+            if (n + 1) % 100 == 0:
+                torch.save((xs, ys), ckpt)
+    rows_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    if cfg.identity:
+        x = y = torch.zeros(0)
+    else:
+        x, y = torch.cat(xs).float(), torch.cat(ys).float()
+    translator, stats = fit_translator(cfg, x, y, seed=seed)
+    meta = stats | {"blocks": len(blocks), "rows_s": round(rows_s, 1), "fit_s": round(time.perf_counter() - t1, 1)}
+    path = save_translator(
+        translator,
+        registry.translator_path(transmitter.fingerprint, receiver.fingerprint),
+        transmitter.fingerprint,
+        receiver.fingerprint,
+        meta,
+    )
+    ckpt.unlink(missing_ok=True)
+    params, nbytes = module_size(translator)
+    return {"translator": str(path), "params": params, "bytes_fp16": nbytes, **meta}
+
+
+def train_pair_translator(args: argparse.Namespace) -> dict:
+    """Fit and save one pair's cache translator from the command line's text file; returns what happened."""
+    import torch
+
+    from fusion.models import LanguageModel
+
+    if len(args.transmitter) != 1:
+        raise ConfigError("a translator has one --transmitter")
+    torch.set_num_threads(args.threads)
+    blocks = read_blocks(args.data, args.lines_per_block, args.seed)
+    receiver = LanguageModel.load(args.receiver, device=args.device, dtype=args.dtype)
+    transmitter = LanguageModel.load(args.transmitter[0], device=args.device, dtype=args.dtype)
+    if receiver.style != "text" or transmitter.style != "text":
+        raise ConfigError("a translator is for pretrained (text-style) models; zoo models answer by letter")
+    return fit_translator_pair(
+        receiver, transmitter, blocks, args.out, args.rank, args.ridge, resume=args.resume, seed=args.seed
+    )
+
+
 def train_receiver_gate(args: argparse.Namespace) -> dict:
     """Train and save the gate of a receiver over named transmitters; returns what happened."""
     import torch
@@ -256,7 +350,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        result = train_receiver_gate(args) if args.gate else train_pair(args)
+        if args.gate and args.translator:
+            raise ConfigError("--gate and --translator are two different jobs: give one")
+        if args.translator:
+            result = train_pair_translator(args)
+        else:
+            result = train_receiver_gate(args) if args.gate else train_pair(args)
     except FedRefineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -71,9 +71,25 @@ def row_specs(devices: list[str], precision: str, task: str = "notes") -> list[d
     rows += [{"label": p, "mode": "c2c", "transmitters": devices, "precision": p} for p in ("int8", "int4")]
     # derived: the receiver alone where its own confidence reaches the calibrated threshold, else everyone's C2C
     rows += [{"label": f"{everyone} {SELF_CHECK}", "mode": SELF_CHECK, "transmitters": devices}]
+    if notes:  # cache translation (fusion.translate): each device sends its notes' cache, translated
+        every = f"translate+{len(devices)}"
+        rows += [
+            {"label": f"translate+{k}", "mode": "translate", "transmitters": devices[:k]}
+            for k in range(1, len(devices) + 1)
+        ]
+        rows += [{"label": f"translate:{d}", "mode": "translate", "transmitters": [d]} for d in devices[1:]]
+        rows += [{"label": "translate-shuffled", "mode": "translate-shuffled", "transmitters": devices}]
+        rows += [{"label": "translate-oracle", "mode": "translate-oracle", "transmitters": []}]
+        rows += [{"label": "translate-private", "mode": "translate", "transmitters": devices, "private": True}]
+        rows += [
+            {"label": f"translate-{p}", "mode": "translate", "transmitters": devices, "precision": p}
+            for p in ("int8", "int4")
+        ]
+        rows += [{"label": f"{every} {SELF_CHECK}", "mode": SELF_CHECK, "transmitters": devices}]
     for row in rows:
         row.setdefault("private", False)
-        row.setdefault("precision", precision if row["mode"].startswith("c2c") or row["mode"] == "oracle" else None)
+        sends = row["mode"].startswith(("c2c", "translate")) or row["mode"] == "oracle"
+        row.setdefault("precision", precision if sends else None)
     return rows
 
 
@@ -127,8 +143,10 @@ def _paired_bases(spec: dict, labels: set[str]) -> list[str]:
     """Rows a row is compared with question by question: the receiver alone, and for a precision or private row
     the plain fp16 row of the same devices."""
     bases = ["receiver"] if spec["label"] != "receiver" else []
-    same = f"c2c+{len(spec['transmitters'])}"
-    if spec["label"] != same and spec["mode"] == "c2c" and (spec["private"] or spec["label"] in ("int8", "int4")):
+    kind = "translate" if spec["mode"] == "translate" else "c2c"
+    same = f"{kind}+{len(spec['transmitters'])}"
+    variant = spec["private"] or spec["label"].endswith(("int8", "int4"))
+    if spec["label"] != same and spec["mode"] == kind and variant:
         bases.append(same)
     return [b for b in bases if b in labels]
 
@@ -189,8 +207,9 @@ def _ask(task, fed, q: Question, spec: dict, prefilled, prefixes, q_private: str
         lines = task.notes[holding[0]].retrieve(q.stem).lines if holding else ()
         reading = answer_alone(rx, q.stem, q.options, lines)
         return grade(task, q, reading.choice, reading.text, 0, reading.confidence)
-    if mode == "oracle":
-        mode, used = ("c2c", holding) if holding else ("receiver", [])
+    if mode in ("oracle", "translate-oracle"):
+        kind = "c2c" if mode == "oracle" else "translate"
+        mode, used = (kind, holding) if holding else ("receiver", [])
     res = refine(
         q,
         rx,
@@ -205,6 +224,7 @@ def _ask(task, fed, q: Question, spec: dict, prefilled, prefixes, q_private: str
         fusers=fed.fusers,
         gate=fed.gate,
         notes=task.notes,
+        translators=fed.translators,
     )
     return grade(task, q, res.choice, res.text, res.bytes_sent, res.confidence)
 
@@ -220,22 +240,29 @@ def _derived(spec: dict, got: dict[str, Graded], threshold: float) -> Graded:
     return got[spec["label"].split()[0]]
 
 
-def calibrate(task, fed, specs: list[dict], per_format: int, seed: int, progress: bool = True) -> dict[str, float]:
-    """Per format, the self-check threshold (``fusion.refine.calibrate_self_check``) on the task's calibration
-    questions: the receiver alone vs everyone's C2C, graded by ``contains`` (exact match for choice)."""
-    check = next(s for s in specs if s["mode"] == SELF_CHECK)
-    fused = next(s for s in specs if s["label"] == check["label"].split()[0])
+def calibrate(
+    task, fed, specs: list[dict], per_format: int, seed: int, progress: bool = True
+) -> dict[str, dict[str, float]]:
+    """Per self-check row and format, its threshold (``fusion.refine.calibrate_self_check``) on the task's
+    calibration questions: the receiver alone vs the row it falls back to, graded by ``contains`` (exact match for
+    choice)."""
+    checks = [s for s in specs if s["mode"] == SELF_CHECK]
+    fused = {c["label"]: next(s for s in specs if s["label"] == c["label"].split()[0]) for c in checks}
     receiver = next(s for s in specs if s["label"] == "receiver")
     questions = pick_questions(task.calibration, per_format, seed)
-    seen: dict[str, list[tuple[float, bool, bool]]] = defaultdict(list)
+    seen: dict[str, dict[str, list[tuple[float, bool, bool]]]] = defaultdict(lambda: defaultdict(list))
     for q in tqdm(questions, desc="self-check calibration", unit="q", disable=not progress):
         texts = shared_prompt(q.stem, q.options, None, "text")
         prefilled = {False: _prefills(task, fed, texts[0])}
         prefixes = {texts: receiver_prefix(fed.receiver, *texts)}
         alone = _ask(task, fed, q, receiver, prefilled, prefixes, q.stem, q)
-        helped = _ask(task, fed, q, fused, prefilled, prefixes, q.stem, q)
-        seen[q.format].append((alone.confidence or 0.0, alone.contains, helped.contains))
-    return {fmt: calibrate_self_check(*zip(*rows, strict=True)) for fmt, rows in seen.items()}
+        for label, spec in fused.items():
+            helped = _ask(task, fed, q, spec, prefilled, prefixes, q.stem, q)
+            seen[label][q.format].append((alone.confidence or 0.0, alone.contains, helped.contains))
+    return {
+        label: {fmt: calibrate_self_check(*zip(*rows, strict=True)) for fmt, rows in per.items()}
+        for label, per in seen.items()
+    }
 
 
 def _prefills(task, fed, text: str) -> dict:
@@ -258,7 +285,7 @@ def run_real(args: argparse.Namespace) -> dict:
     specs = select_rows(row_specs(task.devices, args.precision, task.name), getattr(args, "rows", None))
     computed = [s for s in specs if s["mode"] not in ("either", SELF_CHECK)]
     derived = [s for s in specs if s["mode"] in ("either", SELF_CHECK)]
-    thresholds: dict[str, float] = {}
+    thresholds: dict[str, dict[str, float]] = {}
     if any(s["mode"] == SELF_CHECK for s in specs):
         n = getattr(args, "calibrate", None)
         thresholds = calibrate(task, fed, specs, DEFAULT_CALIBRATE if n is None else n, kit.spec.seed)
@@ -270,7 +297,10 @@ def run_real(args: argparse.Namespace) -> dict:
         "task": task.name if user is None else ((questions[0].task or "questions") if questions else ""),
         "receiver": args.receiver_model,
         "devices_used": task.devices,
-        "self_check": {f: (None if t == float("inf") else round(t, 4)) for f, t in thresholds.items()},
+        "self_check": {
+            label: {f: (None if t == float("inf") else round(t, 4)) for f, t in per.items()}
+            for label, per in thresholds.items()
+        },
         "models": kit.manifest.get("models", []),
         "fusers": [
             {"pair": f["pair"], "params": f["params"], "bytes": f["bytes_fp16"], "train_s": f.get("train_s")}
@@ -279,7 +309,8 @@ def run_real(args: argparse.Namespace) -> dict:
         "devices": dict(kit.spec.devices),
         "questions_file": str(args.questions) if args.questions else None,
     }
-    sending = {s["private"] for s in computed if s["mode"] not in ("receiver", "transmitter", "ceiling", "t2t")}
+    alone_or_text = ("receiver", "transmitter", "ceiling", "t2t")
+    sending = {s["private"] for s in computed if s["mode"] not in alone_or_text and "translate" not in s["mode"]}
     for i, q in enumerate(tqdm(questions, desc=f"accuracy --real --task {task.name}", unit="q")):
         q_private = rephrase(q.stem).text
         texts = {p: shared_prompt(q.stem, q.options, q_private if p else None, "text") for p in (False, True)}
@@ -288,7 +319,8 @@ def run_real(args: argparse.Namespace) -> dict:
         donor = questions[(i + 1) % len(questions)]
         got = {s["label"]: _ask(task, fed, q, s, prefilled, prefixes, q_private, donor) for s in computed}
         for spec in derived:
-            got[spec["label"]] = _derived(spec, got, thresholds.get(q.format, float("inf")))
+            limit = thresholds.get(spec["label"], {}).get(q.format, float("inf"))
+            got[spec["label"]] = _derived(spec, got, limit)
         for label, g in got.items():
             hits[(label, q.format)].append(g.right)
             contained[(label, q.format)].append(g.contains)

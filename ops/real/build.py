@@ -21,15 +21,19 @@ from fusion.examples import FusionItem, combine, receiver_sides, text_targets, t
 from fusion.gate_train import GateTrainConfig, gate_example, train_gate
 from fusion.models import LanguageModel
 from fusion.registry import FuserRegistry
-from fusion.train_cli import TrainRow, fit_pair, fuser_config, to_item
-from ops.real.data import train_questions, write_notes, write_test, write_training
+from fusion.train_cli import TrainRow, fit_pair, fit_translator_pair, fuser_config, to_item
+from ops.real.data import train_questions, translator_blocks, write_notes, write_test, write_training
 from ops.real.kit import FORMAT_VERSION, RealSpec, elapsed, kit_dir, model_files, read_manifest, write_manifest
-from ops.real.world import generate_notes_world
+from ops.real.world import NotesWorld, generate_notes_world
 
 log = logging.getLogger(__name__)
 
-STEPS = ("data", "fusers", "gates")
+STEPS = ("data", "fusers", "gates", "translators")
 DEFAULT_GATE_QUESTIONS = 160  # training questions the gate sees (each read by every device)
+# A translator's text (not in the spec: adding the step kept every kit built before it): blocks of three training
+# facts and single standard-library paragraphs (ops.real.data.translator_blocks; docs/TRANSFER.md for the sizes)
+TRANSLATOR_NOTE_BLOCKS = 300
+TRANSLATOR_GENERIC = 200
 
 
 def _rows(path: Path) -> list[TrainRow]:
@@ -181,6 +185,20 @@ def build_kit(spec: RealSpec, threads: int | None = None, receivers: list[str] |
         save_gate(trained.gate, registry.gate_path(r_model.fingerprint), r_model.fingerprint, meta)
         gates_done[receiver] = meta | {"seconds": elapsed(t0), "devices": dict(spec.devices)}
         write_manifest(root, manifest)
+    translators_done = done.setdefault("translators", {})
+    blocks = None
+    for receiver in wanted:
+        for transmitter in names:
+            pair = f"{transmitter}->{receiver}"
+            if pair in translators_done:
+                continue
+            if blocks is None:
+                world = NotesWorld.model_validate_json((root / "world.json").read_text())
+                blocks = translator_blocks(world, TRANSLATOR_NOTE_BLOCKS, TRANSLATOR_GENERIC, spec.seed)
+            t0 = time.perf_counter()
+            result = fit_translator_pair(models[receiver], models[transmitter], blocks, root / "fusers", seed=spec.seed)
+            translators_done[pair] = result | {"pair": [receiver, transmitter], "seconds": elapsed(t0)}
+            write_manifest(root, manifest)
     manifest["build_s"] = round(manifest.get("build_s", 0.0) + time.perf_counter() - t_build, 1)
     manifest["cpu_s"] = round(manifest.get("cpu_s", 0.0) + time.process_time() - cpu_build, 1)
     write_manifest(root, manifest)

@@ -107,3 +107,50 @@ def write_test(world: NotesWorld, root: Path) -> Path:
     path = root / "questions" / "test.jsonl"
     save_jsonl(path, test_questions(world))
     return path
+
+
+# Prose both models read when a translator is fitted, besides the notes: paragraphs of the Python standard
+# library's own docstrings (English sentences about anything, on every machine, nothing downloaded).
+GENERIC_MODULES = (
+    "argparse asyncio calendar collections csv dataclasses datetime decimal email fractions heapq http.client "
+    "inspect json logging os pathlib random re shutil socket sqlite3 ssl statistics string subprocess tarfile "
+    "textwrap threading typing unittest urllib.parse zipfile"
+).split()
+
+
+def generic_paragraphs(count: int, seed: int = 0) -> list[str]:
+    """Up to ``count`` prose paragraphs (80-260 characters, ASCII, no code) from standard-library docstrings, in a
+    seeded order."""
+    import importlib
+    import re
+    import warnings
+
+    found = set()
+    for name in GENERIC_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        with warnings.catch_warnings():  # a deprecated attribute warns when touched (typing.io)
+            warnings.simplefilter("ignore")
+            objects = [module, *(getattr(module, a, None) for a in dir(module) if not a.startswith("_"))]
+            docs = [getattr(obj, "__doc__", None) for obj in objects]
+        for doc in docs:
+            if not isinstance(doc, str):
+                continue
+            for para in re.split(r"\n\s*\n", doc):
+                para = " ".join(para.split())
+                if 80 <= len(para) <= 260 and para.isascii() and not para.startswith((">>>", "..")):
+                    found.add(para)
+    out = sorted(found)
+    random.Random(f"generic/{seed}").shuffle(out)
+    return out[:count]
+
+
+def translator_blocks(world: NotesWorld, notes_blocks: int, generic: int, seed: int = 0) -> list[list[str]]:
+    """What a kit's translators are fitted on: blocks of three sentences of the training entities' facts (never a
+    test entity's) and single generic paragraphs (``generic_paragraphs``)."""
+    rng = random.Random(f"translator-blocks/{seed}")
+    sentences = [f.sentence for f in world.split("train")]
+    blocks = [rng.sample(sentences, min(3, len(sentences))) for _ in range(notes_blocks)]
+    return blocks + [[p] for p in generic_paragraphs(generic, seed)]

@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -123,6 +123,7 @@ class Federation:
     notes: dict[str, Any]  # device -> fusion.notes.DeviceNotes
     fusers: dict[str, Any]  # transmitter fingerprint -> fusion.fuser.PairFuser into the receiver
     gate: Any  # fusion.gate.GateNetwork
+    translators: dict[str, Any] = field(default_factory=dict)  # transmitter fp -> fusion.translate.CacheTranslator
 
 
 def model_files(spec: RealSpec) -> dict[str, Path]:
@@ -183,9 +184,13 @@ class Kit:
         transmitters = {d: self.model(m) for d, m in self.spec.devices.items()}
         fusers = {t.fingerprint: registry.load(t.fingerprint, rx.fingerprint) for t in transmitters.values()}
         notes = {d: DeviceNotes.load(self.notes_path(d)) for d in self.spec.devices}
-        return Federation(
-            rx, transmitters, notes, fusers, load_gate(registry.gate_path(rx.fingerprint), rx.fingerprint)
-        )
+        translators = {  # a kit built before translators existed has none (``python -m ops.real build`` adds them)
+            t.fingerprint: registry.load_translator(t.fingerprint, rx.fingerprint)
+            for t in transmitters.values()
+            if registry.translator_path(t.fingerprint, rx.fingerprint).exists()
+        }
+        gate = load_gate(registry.gate_path(rx.fingerprint), rx.fingerprint)
+        return Federation(rx, transmitters, notes, fusers, gate, translators)
 
     def test_questions(self):
         """The held-out questions."""

@@ -68,7 +68,8 @@ def test_accuracy_real_runs_a_task_with_containment_and_the_self_check(tiny_real
     devices = 2 if task == "knowledge" else 4
     wanted = f"receiver,c2c-shuffled,c2c+{devices} self-check" + (",either-right" if task == "knowledge" else "")
     result = run_real(_args(root, task=task, rows=wanted))
-    assert result["task"] == task and set(result["self_check"]) == {"choice", "text"}
+    assert result["task"] == task and set(result["self_check"]) == {f"c2c+{devices} self-check"}
+    assert set(result["self_check"][f"c2c+{devices} self-check"]) == {"choice", "text"}
     rows = {(r["label"], r["format"]): r for r in result["rows"]}
     labels = {label for label, _ in rows}
     assert f"c2c+{devices}" in labels and "receiver" in labels  # the rows a derived row reads run too
@@ -114,3 +115,34 @@ def test_a_precision_or_private_row_is_also_paired_with_the_fp16_row_of_its_devi
     assert _paired_bases(spec | {"label": "private", "private": True}, labels) == ["receiver", "c2c+4"]
     assert _paired_bases(spec | {"label": "c2c-shuffled", "mode": "c2c-shuffled"}, labels) == ["receiver"]
     assert _paired_bases(spec | {"label": "c2c+4"}, labels) == ["receiver"]
+    translate = {"receiver", "translate+4", "translate-int4", "translate-private", "translate-shuffled"}
+    t_spec = spec | {"label": "translate-int4", "mode": "translate", "precision": "int4"}
+    assert _paired_bases(t_spec, translate) == ["receiver", "translate+4"]
+    assert _paired_bases(t_spec | {"label": "translate-private", "private": True}, translate) == [
+        "receiver",
+        "translate+4",
+    ]
+    assert _paired_bases(t_spec | {"label": "translate+4"}, translate) == ["receiver"]
+
+
+def test_accuracy_real_translate_rows_send_the_notes_cache_translated(tiny_real_kit, monkeypatch) -> None:
+    from ops.bench.realacc import run_real
+    from ops.real.kit import open_kit
+
+    root, home = tiny_real_kit
+    monkeypatch.setenv("FEDREFINE_HOME", str(home))
+    kit = open_kit(root)
+    assert set(kit.manifest["done"]["translators"]) == {"m1->m1", "m2->m1", "m1->m2", "m2->m2"}
+    fed = kit.federation("m1")
+    assert len(fed.translators) == 2  # one per transmitter model: the identity into itself and m2's
+    wanted = "receiver,translate-shuffled,translate-oracle,translate-int4,translate+4 self-check"
+    result = run_real(_args(root, task="notes", rows=wanted))
+    rows = {(r["label"], r["format"]): r for r in result["rows"]}
+    assert {label for label, _ in rows} == set(wanted.split(",")) | {"translate+4"}
+    assert set(result["self_check"]) == {"translate+4 self-check"}
+    for fmt in ("choice", "text"):
+        assert rows[("translate+4", fmt)]["bytes_per_question"] > rows[("translate-int4", fmt)]["bytes_per_question"]
+        assert (
+            rows[("translate+4", fmt)]["bytes_per_question"] > 0 and rows[("receiver", fmt)]["bytes_per_question"] == 0
+        )
+        assert set(rows[("translate-int4", fmt)]["paired"]) == {"receiver", "translate+4"}

@@ -1,0 +1,400 @@
+"""Cache translation: a transmitter's cache of its notes, rewritten into the receiver's cache space.
+
+The C2C fusers (``fusion.fuser``) add deltas to the receiver's own positions of the shared question; trained on
+question/answer pairs they learn which of the answers they saw the transmitter's cache points at, and carry
+nothing of a value they never saw (docs/TRANSFER.md). A translator instead learns how the *receiver* would have
+cached a text from how the *transmitter* cached it, token by token, on any text both read, with no answers at all:
+
+- the transmitter prefills its retrieved note lines (``note_span``) and sends the cache of those positions with
+  its keys made position-free (RoPE undone at its own positions), every layer at the plan's precision;
+- the receiver's translator maps each transmitter token's K and V over all transmitter layers (``features``:
+  standardised, a missing layer at its mean) to the receiver's K and V over all its layers: one ridge regression
+  to the receiver's cache at the token that covers the transmitter token's last character, kept at a low rank;
+- the receiver places the translated positions after its own frame head, rotates their keys to those positions
+  (``translated_prompt``) and reads ``Question: q`` itself on top, as if it had read the notes: its own attention,
+  not a trained decoder, finds the value, so values never seen in training carry.
+
+The receiver never sees the note text; one receiver position stands for each transmitter token. A model into
+itself needs no translator (``identity``: its own cache, re-rotated). What travels is the notes' cache: a
+receiver with a translator reads them much as if sent as text (docs/PROTOCOL.md, privacy).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bus.errors import FuserError, FusionError
+from fusion.formats import QUESTION_LABEL, notes_block
+from fusion.kvcache import KV, KVCache
+from fusion.models import LanguageModel
+
+log = logging.getLogger(__name__)
+
+TRANSLATOR_FORMAT = "fedrefine.translator"
+DEFAULT_RANK = 256  # 9216 -> 256 -> 11,520 for Gemma-3-270M into SmolLM2-135M: 5.3M parameters, 10.6 MB fp16
+DEFAULT_RIDGE = 1000.0  # on standardised features (chosen on held-out rows of the real pair: docs/TRANSFER.md)
+
+
+# ---- positions ----------------------------------------------------------------------------------
+
+
+def rope_tables(model: LanguageModel, start: int, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the model's rotary ``(cos, sin)``, each ``(1, length, head_dim)``, at positions ``start..``."""
+    emb = getattr(model.body, "rotary_emb", None)
+    if emb is None:
+        raise FusionError(f"{model.name} ({model.arch}) has no rotary position embedding to translate keys with")
+    x = torch.zeros(1, length, 1, dtype=torch.float32, device=model.device)
+    pos = torch.arange(start, start + length, device=model.device)[None]
+    types = getattr(model.config, "layer_types", None)
+    if hasattr(emb, "layer_types") and types:  # one table per layer type (Gemma 3: local and global theta)
+        per = {t: emb(x, pos, t) for t in set(types)}
+        return [per[t] for t in types]
+    return [emb(x, pos)] * model.num_layers
+
+
+def turn_keys(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Keys ``(B, H, T, D)`` rotated to the table's positions (``inverse``: the rotation undone)."""
+    c, s = cos[:, None].to(k.dtype), sin[:, None].to(k.dtype)
+    half = k.shape[-1] // 2
+    rotated = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
+    return k * c - rotated * s if inverse else k * c + rotated * s
+
+
+# ---- the transmitter's side ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NoteSpan:
+    """A transmitter's cache of its note lines: what it sends in translate mode."""
+
+    layers: dict[int, KV]  # layer -> (position-free K, V), each (1, H, n, D)
+    ends: tuple[int, ...]  # each token's end (characters into ``notes_block(lines)``)
+    lines: tuple[str, ...]  # the note lines read (never sent)
+
+    @property
+    def num_tokens(self) -> int:
+        """Positions sent."""
+        return len(self.ends)
+
+
+@torch.no_grad()
+def note_span(model: LanguageModel, lines: Sequence[str]) -> NoteSpan | None:
+    """The model's position-free cache of ``notes_block(lines)`` read after its frame head (None: no lines)."""
+    if not lines:
+        return None
+    fmt = model.format
+    if fmt is None:
+        raise FusionError(f"{model.name} answers by letter (a zoo model); it has no notes to send")
+    block = notes_block(list(lines))
+    enc = model.tokenizer(fmt.head + block, add_special_tokens=fmt.add_special_tokens, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    start = len(fmt.head)
+    inside = [i for i, (s, e) in enumerate(offsets) if s >= start and e > s]
+    if not inside:
+        raise FusionError(f"{model.name} has no tokens for its notes")
+    pre = model.prefill(ids[: inside[-1] + 1])
+    index = torch.tensor(inside, device=model.device)
+    tables = rope_tables(model, 0, inside[-1] + 1)
+    layers = {}
+    for m, (k, v) in enumerate(pre.cache.layers):
+        cos, sin = tables[m]
+        free = turn_keys(k, cos, sin, inverse=True)
+        layers[m] = (free.index_select(2, index), v.index_select(2, index))
+    return NoteSpan(layers, tuple(offsets[i][1] - start for i in inside), tuple(lines))
+
+
+# ---- the translator -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TranslatorConfig:
+    """Shapes of both models' caches, the rank kept and the ridge used (``identity``: a model into itself)."""
+
+    receiver_layers: int
+    receiver_kv_heads: int
+    receiver_head_dim: int
+    transmitter_layers: int
+    transmitter_kv_heads: int
+    transmitter_head_dim: int
+    rank: int = DEFAULT_RANK
+    ridge: float = DEFAULT_RIDGE
+    identity: bool = False
+
+    @classmethod
+    def for_models(cls, receiver: LanguageModel, transmitter: LanguageModel, **kwargs: Any) -> TranslatorConfig:
+        """The config for translating ``transmitter``'s cache into ``receiver``'s (the rank at most the narrower
+        side's width)."""
+        r = (receiver.num_layers, receiver.kv_heads, receiver.head_dim)
+        t = (transmitter.num_layers, transmitter.kv_heads, transmitter.head_dim)
+        widest = 2 * min(r[0] * r[1] * r[2], t[0] * t[1] * t[2])
+        kwargs["rank"] = min(kwargs.get("rank", DEFAULT_RANK), widest)
+        return cls(*r, *t, identity=receiver.fingerprint == transmitter.fingerprint, **kwargs)
+
+    @property
+    def in_features(self) -> int:
+        """Per transmitter token: K and V of every layer."""
+        return 2 * self.transmitter_layers * self.transmitter_kv_heads * self.transmitter_head_dim
+
+    @property
+    def out_features(self) -> int:
+        """Per receiver position: K and V of every layer."""
+        return 2 * self.receiver_layers * self.receiver_kv_heads * self.receiver_head_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able fields."""
+        return asdict(self)
+
+
+class CacheTranslator(nn.Module):
+    """Transmitter cache rows -> receiver cache rows: standardise, project to ``rank``, expand, add the mean."""
+
+    def __init__(self, cfg: TranslatorConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        if cfg.identity:
+            if cfg.in_features != cfg.out_features:
+                raise FuserError("an identity translator needs the same cache shape on both sides")
+            return
+        if not 0 < cfg.rank <= min(cfg.in_features, cfg.out_features):
+            raise FuserError(f"rank {cfg.rank} is outside 1..{min(cfg.in_features, cfg.out_features)}")
+        frozen = {"requires_grad": False}
+        self.mean = nn.Parameter(torch.zeros(cfg.in_features), **frozen)
+        self.scale = nn.Parameter(torch.ones(cfg.in_features), **frozen)
+        self.down = nn.Parameter(torch.zeros(cfg.in_features, cfg.rank), **frozen)
+        self.up = nn.Parameter(torch.zeros(cfg.rank, cfg.out_features), **frozen)
+        self.bias = nn.Parameter(torch.zeros(cfg.out_features), **frozen)
+
+    def check(self, layers: Mapping[int, KV]) -> int:
+        """Tokens in ``layers`` (a transmitter's span); ``FusionError`` when they do not fit this translator."""
+        cfg = self.cfg
+        if not layers:
+            raise FusionError("no transmitter layers to translate")
+        counts = set()
+        for m, (k, v) in layers.items():
+            if not 0 <= m < cfg.transmitter_layers:
+                raise FusionError(f"transmitter layer {m} is outside 0..{cfg.transmitter_layers - 1}")
+            want = (1, cfg.transmitter_kv_heads, cfg.transmitter_head_dim)
+            for t in (k, v):
+                if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != want:
+                    raise FusionError(
+                        f"transmitter layer {m} has shape {tuple(t.shape)}; this translator reads (1, "
+                        f"{want[1]}, T, {want[2]}): wrong model pair"
+                    )
+            counts.add(k.shape[2])
+            counts.add(v.shape[2])
+        if len(counts) != 1 or 0 in counts:
+            raise FusionError(f"transmitter layers disagree on their token count: {sorted(counts)}")
+        return counts.pop()
+
+    def features(self, layers: Mapping[int, KV]) -> torch.Tensor:
+        """``(n, in_features)``: per token, K of every transmitter layer then V of every layer (a layer that did not
+        arrive stands at its mean, so the gate may drop layers)."""
+        cfg = self.cfg
+        n = self.check(layers)
+        width = cfg.transmitter_kv_heads * cfg.transmitter_head_dim
+        half = cfg.transmitter_layers * width
+        out = self.mean.detach().float().expand(n, -1).clone() if not cfg.identity else torch.zeros(n, 2 * half)
+        for m, (k, v) in layers.items():
+            out[:, m * width : (m + 1) * width] = k[0].permute(1, 0, 2).reshape(n, width).float()
+            out[:, half + m * width : half + (m + 1) * width] = v[0].permute(1, 0, 2).reshape(n, width).float()
+        return out
+
+    def rows(self, features: torch.Tensor) -> torch.Tensor:
+        """Receiver rows ``(n, out_features)`` from transmitter feature rows."""
+        if self.cfg.identity:
+            return features
+        z = (features - self.mean) / self.scale
+        return (z @ self.down) @ self.up + self.bias
+
+    @torch.no_grad()
+    def forward(self, layers: Mapping[int, KV]) -> dict[int, KV]:
+        """The receiver's position-free cache ``{layer: (K, V)}``, each ``(1, H_r, n, D_r)``."""
+        cfg = self.cfg
+        if cfg.identity and len(layers) != cfg.transmitter_layers:
+            missing = sorted(set(range(cfg.transmitter_layers)) - set(layers))
+            raise FusionError(f"a model read into itself needs every layer; layers {missing} did not arrive")
+        rows = self.rows(self.features(layers))
+        n = rows.shape[0]
+        H, D, L = cfg.receiver_kv_heads, cfg.receiver_head_dim, cfg.receiver_layers
+        k = rows[:, : L * H * D].reshape(n, L, H, D).permute(1, 2, 0, 3)  # (L, H, n, D)
+        v = rows[:, L * H * D :].reshape(n, L, H, D).permute(1, 2, 0, 3)
+        return {m: (k[m][None].contiguous(), v[m][None].contiguous()) for m in range(L)}
+
+
+# ---- the receiver's side ------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def translated_prompt(
+    receiver: LanguageModel, stem: str, spans: Sequence[Mapping[int, KV]]
+) -> tuple[KVCache, list[int]]:
+    """The receiver's cache of its frame head then each translated span (keys rotated to their positions), and the
+    tokens it reads after them (``Question: q`` and its frame's tail): ``fusion.answers.read_answer`` reads on."""
+    fmt = receiver.format
+    if fmt is None:
+        raise FusionError(f"{receiver.name} answers by letter (a zoo model); it cannot read translated notes")
+    head = list(receiver.tokenizer(fmt.head, add_special_tokens=fmt.add_special_tokens)["input_ids"])
+    rest = list(
+        receiver.tokenizer(QUESTION_LABEL + " ".join(stem.split()) + fmt.tail, add_special_tokens=False)["input_ids"]
+    )
+    if not head:
+        raise FusionError(f"{receiver.name}'s frame has no head to place translated notes after")
+    layers = [list(kv) for kv in receiver.prefill(head).cache.layers]
+    pos = len(head)
+    for span in spans:
+        n = next(iter(span.values()))[0].shape[2]
+        tables = rope_tables(receiver, pos, n)
+        for m in range(receiver.num_layers):
+            k, v = span[m]
+            cos, sin = tables[m]
+            dtype = layers[m][0].dtype
+            layers[m][0] = torch.cat([layers[m][0], turn_keys(k.to(dtype), cos, sin)], dim=2)
+            layers[m][1] = torch.cat([layers[m][1], v.to(dtype)], dim=2)
+        pos += n
+    return KVCache([(k, v) for k, v in layers]), rest
+
+
+# ---- fitting ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def translation_rows(
+    receiver: LanguageModel, transmitter: LanguageModel, lines: Sequence[str], question: str = "What is it?"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training rows of one notes block: the transmitter's features per note token (as ``note_span`` sends them)
+    and the receiver's position-free K and V, every layer, at the token covering that token's last character when
+    the receiver reads the same notes and a question in its own frame."""
+    from fusion.formats import notes_content
+
+    span = note_span(transmitter, lines)
+    if span is None:
+        raise FusionError("a training block needs at least one note line")
+    cfg = TranslatorConfig.for_models(receiver, transmitter, rank=1)
+    x = CacheTranslator(TranslatorConfig(**{**cfg.to_dict(), "identity": False})).features(span.layers)
+    content, _ = notes_content(list(lines), question)
+    framed = receiver.format.frame(content)  # type: ignore[union-attr]
+    enc = receiver.encode_framed(framed)
+    pre = receiver.prefill(enc.ids)
+    tables = rope_tables(receiver, 0, len(enc.ids))
+    starts = torch.tensor([s for s, _ in enc.offsets])
+    index = []
+    for end in span.ends:
+        char = framed.start + end - 1
+        index.append(int((starts <= char).nonzero().max()))
+    pick = torch.tensor(index, device=receiver.device)
+    keys, values = [], []
+    for m, (k, v) in enumerate(pre.cache.layers):
+        cos, sin = tables[m]
+        free = turn_keys(k, cos, sin, inverse=True).index_select(2, pick)[0]  # (H, n, D)
+        keys.append(free.permute(1, 0, 2).reshape(len(index), -1))
+        values.append(v.index_select(2, pick)[0].permute(1, 0, 2).reshape(len(index), -1))
+    return x, torch.cat(keys + values, dim=1).float().cpu()
+
+
+@torch.no_grad()
+def fit_translator(
+    cfg: TranslatorConfig, x: torch.Tensor, y: torch.Tensor, held_out: float = 0.1, seed: int = 0
+) -> tuple[CacheTranslator, dict[str, float]]:
+    """A translator fitted to rows ``x`` (n, in) -> ``y`` (n, out) by ridge regression on standardised features,
+    kept at ``cfg.rank`` (the top singular directions of its fitted outputs), and its R^2 on held-out rows
+    (``held_out`` of them, refitted on all rows afterwards)."""
+    if cfg.identity:
+        return CacheTranslator(cfg), {"r2_heldout": 1.0, "rows": float(x.shape[0])}
+    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
+        raise FuserError(f"translation rows do not pair up: x {tuple(x.shape)}, y {tuple(y.shape)}")
+    if x.shape[1] != cfg.in_features or y.shape[1] != cfg.out_features:
+        raise FuserError(
+            f"rows are {x.shape[1]} -> {y.shape[1]} wide; the pair needs {cfg.in_features} -> {cfg.out_features}"
+        )
+    if x.shape[0] < 2:
+        raise FuserError("a translator needs at least two rows")
+    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
+    cut = max(1, int(round(x.shape[0] * (1 - held_out)))) if held_out > 0 else x.shape[0]
+    stats: dict[str, float] = {"rows": float(x.shape[0])}
+    if cut < x.shape[0]:
+        part = _solve(cfg, x[order[:cut]], y[order[:cut]])
+        test = order[cut:]
+        pred = part.rows(x[test].float())
+        truth = y[test].float()
+        resid = ((pred - truth) ** 2).sum(0)
+        total = ((truth - truth.mean(0)) ** 2).sum(0).clamp_min(1e-12)
+        stats["r2_heldout"] = round(float((1 - resid / total).mean()), 4)
+    return _solve(cfg, x, y), stats
+
+
+def _solve(cfg: TranslatorConfig, x: torch.Tensor, y: torch.Tensor) -> CacheTranslator:
+    x, y = x.float(), y.float()
+    mean, scale = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mean) / scale
+    y_mean = y.mean(0)
+    gram = z.T @ z
+    gram.diagonal().add_(cfg.ridge)
+    w = torch.cholesky_solve(z.T @ (y - y_mean), torch.linalg.cholesky(gram))  # (in, out)
+    basis = _top_directions(z, w, min(cfg.rank, *w.shape))  # (out, rank)
+    out = CacheTranslator(cfg)
+    out.mean.copy_(mean)
+    out.scale.copy_(scale)
+    out.down.copy_(w @ basis)
+    out.up.copy_(basis.T)
+    out.bias.copy_(y_mean)
+    return out
+
+
+def _top_directions(z: torch.Tensor, w: torch.Tensor, rank: int, power: int = 2, seed: int = 0) -> torch.Tensor:
+    """The top ``rank`` right singular vectors of the fitted outputs ``z @ w`` (randomised, never forming them)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(w.shape[1], min(rank + 16, w.shape[1]), generator=gen)
+    for _ in range(power):  # subspace iteration on (z w)^T (z w)
+        q, _ = torch.linalg.qr(w.T @ (z.T @ (z @ (w @ q))))
+    small = z @ (w @ q)  # (n, k): the fitted outputs in the subspace
+    _, _, vh = torch.linalg.svd(small, full_matrices=False)
+    return (q @ vh.T)[:, :rank]
+
+
+# ---- on disk ------------------------------------------------------------------------------------
+
+
+def save_translator(
+    translator: CacheTranslator, path: str | Path, transmitter_fp: str, receiver_fp: str, meta: dict | None = None
+) -> Path:
+    """Write a translator directory (``config.json`` with both fingerprints, shapes and version, and weights)."""
+    from fusion.registry import FORMAT_VERSION, check_fp, module_size, write_module
+
+    params, nbytes = module_size(translator)
+    config = {
+        "format": TRANSLATOR_FORMAT,
+        "version": FORMAT_VERSION,
+        "transmitter": check_fp(transmitter_fp, "transmitter"),
+        "receiver": check_fp(receiver_fp, "receiver"),
+        "config": translator.cfg.to_dict(),
+        "params": params,
+        "bytes_fp16": nbytes,
+        "meta": dict(meta or {}),
+    }
+    return write_module(path, config, {k: v.half() for k, v in translator.state_dict().items()})
+
+
+def load_translator(
+    path: str | Path, transmitter_fp: str | None = None, receiver_fp: str | None = None
+) -> tuple[CacheTranslator, dict[str, Any]]:
+    """A translator and its meta; ``FuserError`` for a wrong pair, a damaged file or another version."""
+    from fusion.registry import check_pair, read_module
+
+    config, state = read_module(path, TRANSLATOR_FORMAT)
+    check_pair(path, config, transmitter_fp, receiver_fp, "translator")
+    try:
+        translator = CacheTranslator(TranslatorConfig(**config["config"]))
+        translator.load_state_dict({k: v.float() for k, v in state.items()})
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise FuserError(f"{path} holds a translator this code cannot rebuild: {exc}", path=str(path)) from exc
+    meta = dict(config.get("meta", {}))
+    meta.update(transmitter=config["transmitter"], receiver=config["receiver"], params=config.get("params"))
+    meta.update(bytes_fp16=config.get("bytes_fp16"))
+    return translator.eval(), meta
