@@ -397,6 +397,7 @@ class _Request:
     timings: dict[str, float]
     t_start: float
     translators: Mapping[str, CacheTranslator] = field(default_factory=dict)
+    spans: dict | None = None
 
 
 def refine(
@@ -417,6 +418,7 @@ def refine(
     self_check: float | None = None,
     notes: Mapping[str, DeviceNotes] | None = None,
     translators: Mapping[str, CacheTranslator] | None = None,
+    spans: dict | None = None,
 ) -> RefineResult:
     """Answer ``question`` with the receiver helped by ``transmitters`` (name -> model) in ``mode``.
 
@@ -430,7 +432,8 @@ def refine(
     text-style one does (module docstring; None: off). ``notes``: per
     transmitter name, its device's notes (text-style models; read before q'; in c2c modes never sent, in translate
     modes their cache is). ``translators``: transmitter fingerprint -> ``fusion.translate.CacheTranslator`` into
-    this receiver (translate modes).
+    this receiver (translate modes); ``spans``: a dict the translate modes keep note-span caches in, by model
+    fingerprint and lines, to reuse across calls (a benchmark asking one question in several rows).
     """
     if mode not in MODES:
         raise FusionError(f"unknown mode {mode!r}; choose one of {MODES}", mode=mode)
@@ -473,6 +476,7 @@ def refine(
         timings=timings,
         t_start=t_start,
         translators=translators or {},
+        spans=spans,
     )
     if mode == "t2t":
         return _text_to_text(req)
@@ -613,7 +617,13 @@ def _translated(req: _Request) -> RefineResult:
             if name not in req.donors:
                 raise FusionError(f"translate-shuffled needs a donor question for transmitter {name}")
             stem = req.donors[name].stem
-        span = note_span(model, req.notes[name].retrieve(stem).lines) if name in req.notes else None
+        lines = req.notes[name].retrieve(stem).lines if name in req.notes else ()
+        key = (model.fingerprint, lines)
+        span = req.spans.get(key) if req.spans is not None else None
+        if span is None:
+            span = note_span(model, lines)
+            if req.spans is not None:
+                req.spans[key] = span
         if span is not None:
             spans[name] = (model.fingerprint, span)
     req.timings["transmitters"] = time.perf_counter() - t0

@@ -199,7 +199,9 @@ def grade(task, q: Question, choice: int | None, text: str, nbytes: int = 0, con
     return Graded(exact_match(text, q.answer), contains_answer(text, q.answer, task.values_of(q)), nbytes, confidence)
 
 
-def _ask(task, fed, q: Question, spec: dict, prefilled, prefixes, q_private: str, donor: Question) -> Graded:
+def _ask(
+    task, fed, q: Question, spec: dict, prefilled, prefixes, q_private: str, donor: Question, spans=None
+) -> Graded:
     """One computed row's answer to ``q`` (not the derived rows)."""
     rx, mode, used = fed.receiver, spec["mode"], spec["transmitters"]
     holding = task.holding(q)
@@ -225,6 +227,7 @@ def _ask(task, fed, q: Question, spec: dict, prefilled, prefixes, q_private: str
         gate=fed.gate,
         notes=task.notes,
         translators=fed.translators,
+        spans=spans,
     )
     return grade(task, q, res.choice, res.text, res.bytes_sent, res.confidence)
 
@@ -317,7 +320,8 @@ def run_real(args: argparse.Namespace) -> dict:
         prefilled = {p: _prefills(task, fed, texts[p][0]) if p in sending else {} for p in (False, True)}
         prefixes = {texts[p]: receiver_prefix(fed.receiver, *texts[p]) for p in sending}
         donor = questions[(i + 1) % len(questions)]
-        got = {s["label"]: _ask(task, fed, q, s, prefilled, prefixes, q_private, donor) for s in computed}
+        spans: dict = {}  # note-span caches, shared by this question's translate rows
+        got = {s["label"]: _ask(task, fed, q, s, prefilled, prefixes, q_private, donor, spans) for s in computed}
         for spec in derived:
             limit = thresholds.get(spec["label"], {}).get(q.format, float("inf"))
             got[spec["label"]] = _derived(spec, got, limit)
