@@ -21,7 +21,9 @@ A cache translator (``fusion.translate``: no answers needed, any text both model
 where FILE is plain text, one note or sentence per line (read in seeded blocks of ``--lines-per-block``), or a
 JSONL training file whose rows' ``notes`` are the blocks. The rows (each transmitter token's cache against the
 receiver's) are checkpointed as they are computed (``--resume``); the fit is one ridge regression (seconds to
-minutes); the held-out R^2, parameters and bytes are printed. A model into itself gets the exact identity.
+minutes); then ``--tune-steps`` of tuning make the receiver, reading the translation, write what a reader of the
+real lines writes (each block repeated; a JSONL row's answer to its question); the held-out R^2, the tuning loss,
+parameters and bytes are printed. A model into itself gets the exact identity.
 
 A gate (after the fusers of every transmitter model into this receiver are in DIR)::
 
@@ -129,6 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=None, help="translator rank (default 256)")
     p.add_argument("--ridge", type=float, default=None, help="translator ridge on standardised features")
     p.add_argument("--lines-per-block", type=int, default=3, help="translator: text lines read as one block")
+    p.add_argument("--tune-steps", type=int, default=100, help="translator: tuning steps after the fit (0: none)")
     p.add_argument("--window", default="1", help="fuse the last N shared tokens, or 'all' (default 1)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=32, help="items per step")
@@ -234,8 +237,20 @@ def read_blocks(path: Path, lines_per_block: int, seed: int) -> list[list[str]]:
     return blocks
 
 
-def fit_translator_pair(receiver, transmitter, blocks, out: Path, rank=None, ridge=None, resume=False, seed=0):
-    """Rows of every block (checkpointed in ``out``), the ridge fit, and the translator saved in registry ``out``."""
+def fit_translator_pair(
+    receiver,
+    transmitter,
+    blocks,
+    out: Path,
+    rank=None,
+    ridge=None,
+    resume=False,
+    seed=0,
+    tune_items=(),
+    tune_steps: int = 0,
+):
+    """Rows of every block (checkpointed in ``out``), the ridge fit, the tuning on ``tune_items`` (``tune_steps``
+    steps; ``fusion.translate.tune_translator``), and the translator saved in registry ``out``."""
     import torch
     from tqdm.auto import tqdm
 
@@ -265,6 +280,21 @@ def fit_translator_pair(receiver, transmitter, blocks, out: Path, rank=None, rid
         x, y = torch.cat(xs).float(), torch.cat(ys).float()
     translator, stats = fit_translator(cfg, x, y, seed=seed)
     meta = stats | {"blocks": len(blocks), "rows_s": round(rows_s, 1), "fit_s": round(time.perf_counter() - t1, 1)}
+    if tune_steps > 0 and tune_items and not cfg.identity:
+        from fusion.translate import tune_translator
+
+        t2 = time.perf_counter()
+        losses = tune_translator(
+            translator, receiver, transmitter, list(tune_items), tune_steps, seed=seed, progress=True
+        )
+        tail = max(1, len(losses) // 10)
+        meta |= {
+            "tune_steps": tune_steps,
+            "tune_items": len(tune_items),
+            "tune_loss_first": round(sum(losses[:tail]) / tail, 4),
+            "tune_loss_last": round(sum(losses[-tail:]) / tail, 4),
+            "tune_s": round(time.perf_counter() - t2, 1),
+        }
     path = save_translator(
         translator,
         registry.translator_path(transmitter.fingerprint, receiver.fingerprint),
@@ -287,13 +317,43 @@ def train_pair_translator(args: argparse.Namespace) -> dict:
         raise ConfigError("a translator has one --transmitter")
     torch.set_num_threads(args.threads)
     blocks = read_blocks(args.data, args.lines_per_block, args.seed)
+    items = tune_items(args.data, blocks)
     receiver = LanguageModel.load(args.receiver, device=args.device, dtype=args.dtype)
     transmitter = LanguageModel.load(args.transmitter[0], device=args.device, dtype=args.dtype)
     if receiver.style != "text" or transmitter.style != "text":
         raise ConfigError("a translator is for pretrained (text-style) models; zoo models answer by letter")
+    if args.tune_steps < 0:
+        raise ConfigError("--tune-steps must be 0 or more")
     return fit_translator_pair(
-        receiver, transmitter, blocks, args.out, args.rank, args.ridge, resume=args.resume, seed=args.seed
+        receiver,
+        transmitter,
+        blocks,
+        args.out,
+        args.rank,
+        args.ridge,
+        resume=args.resume,
+        seed=args.seed,
+        tune_items=items,
+        tune_steps=args.tune_steps,
     )
+
+
+def tune_items(path: Path, blocks: list[list[str]]) -> list:
+    """What a translator is tuned on: every block written back (``repeat_item``), and a JSONL file's rows with notes
+    and a text answer (an option index: its option) as questions about them."""
+    from fusion.translate import TuneItem, repeat_item
+
+    items = [repeat_item(b) for b in blocks]
+    if path.suffix == ".jsonl":
+        for row in read_rows(path):
+            if not isinstance(row.notes, tuple) or not row.notes or row.keep:
+                continue
+            answer = row.answer if isinstance(row.answer, str) else None
+            if isinstance(row.answer, int) and 0 <= row.answer < len(row.options):
+                answer = row.options[row.answer]
+            if answer:
+                items.append(TuneItem(tuple(row.notes), row.stem, answer))
+    return items
 
 
 def train_receiver_gate(args: argparse.Namespace) -> dict:

@@ -358,6 +358,111 @@ def _top_directions(z: torch.Tensor, w: torch.Tensor, rank: int, power: int = 2,
     return (q @ vh.T)[:, :rank]
 
 
+# ---- tuning: the receiver reads from the translation --------------------------------------------
+
+REPEAT_STEM = "Repeat the notes word for word."  # a tuning question any text answers: its own lines
+
+
+@dataclass(frozen=True)
+class TuneItem:
+    """One tuning example: the note lines the transmitter reads, the question the receiver reads after their
+    translation, and the answer it should then write (a line repeated, a fact's sentence or value)."""
+
+    lines: tuple[str, ...]
+    stem: str
+    answer: str
+
+
+def repeat_item(lines: Sequence[str]) -> TuneItem:
+    """An item from any text: read the lines, write them back (the copy a reader of the real text makes)."""
+    return TuneItem(tuple(lines), REPEAT_STEM, " ".join(" ".join(x.split()) for x in lines))
+
+
+def _translated_cache(receiver: LanguageModel, translator: CacheTranslator, head, span: NoteSpan):
+    """The receiver's cache of its frame head then the translated span, differentiable in the translator."""
+    from transformers import DynamicCache
+
+    out = translator.rows(translator.features(span.layers))
+    n = out.shape[0]
+    L, H, D = receiver.num_layers, receiver.kv_heads, receiver.head_dim
+    k = out[:, : L * H * D].reshape(n, L, H, D).permute(1, 2, 0, 3)
+    v = out[:, L * H * D :].reshape(n, L, H, D).permute(1, 2, 0, 3)
+    tables = rope_tables(receiver, head.num_tokens, n)
+    cache = DynamicCache(config=receiver.config)
+    for m in range(L):
+        k0, v0 = head.layers[m]
+        placed = turn_keys(k[m][None].to(k0.dtype), *tables[m])
+        cache.update(torch.cat([k0, placed], dim=2), torch.cat([v0, v[m][None].to(v0.dtype)], dim=2), m)
+    return cache
+
+
+def tune_translator(
+    translator: CacheTranslator,
+    receiver: LanguageModel,
+    transmitter: LanguageModel,
+    items: Sequence[TuneItem],
+    steps: int = 100,
+    batch_size: int = 8,
+    lr: float = 1e-4,
+    seed: int = 0,
+    progress: bool = False,
+) -> list[float]:
+    """Tune a fitted translator (its projections and mean) so the frozen receiver, reading the translation, writes
+    what a reader of the real lines writes: cross-entropy on each item's answer after its question. The ridge fit
+    matches caches number by number; this makes the numbers that the receiver's attention copies from right.
+    Returns the loss per step."""
+    from tqdm.auto import tqdm
+
+    if translator.cfg.identity:
+        return []
+    if not items:
+        raise FuserError("tuning a translator needs at least one item")
+    fmt = receiver.format
+    if fmt is None:
+        raise FusionError(f"{receiver.name} answers by letter (a zoo model); it cannot read translated notes")
+    frozen = [p.requires_grad for p in receiver.model.parameters()]
+    for p in receiver.model.parameters():
+        p.requires_grad_(False)
+    tuned = [translator.down, translator.up, translator.bias]
+    for p in tuned:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(tuned, lr=lr, weight_decay=0.0)
+    head_ids = list(receiver.tokenizer(fmt.head, add_special_tokens=fmt.add_special_tokens)["input_ids"])
+    with torch.no_grad():
+        head = receiver.prefill(head_ids).cache
+    spans: dict[tuple[str, ...], NoteSpan] = {}
+    rng = torch.Generator().manual_seed(seed)
+    losses = []
+    try:
+        for _ in tqdm(range(steps), desc="translator tuning", unit="step", disable=not progress):
+            opt.zero_grad()
+            total = 0.0
+            for j in torch.randint(len(items), (batch_size,), generator=rng).tolist():
+                item = items[j]
+                if item.lines not in spans:
+                    spans[item.lines] = note_span(transmitter, item.lines)  # type: ignore[assignment]
+                cache = _translated_cache(receiver, translator, head, spans[item.lines])
+                question = receiver.tokenizer(
+                    QUESTION_LABEL + " ".join(item.stem.split()) + fmt.tail, add_special_tokens=False
+                )["input_ids"]
+                answer = receiver.answer_target(item.answer)
+                ids = torch.tensor([list(question) + answer], device=receiver.device)
+                logits = receiver.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=len(answer) + 1)
+                target = torch.tensor(answer, device=receiver.device)
+                loss = torch.nn.functional.cross_entropy(logits.logits[0, :-1].float(), target) / batch_size
+                loss.backward()
+                total += float(loss)
+            opt.step()
+            losses.append(round(total, 4))
+    finally:
+        for p in tuned:
+            p.requires_grad_(False)
+        for p, flag in zip(receiver.model.parameters(), frozen, strict=True):
+            p.requires_grad_(flag)
+    translator.eval()
+    return losses
+
+
 # ---- on disk ------------------------------------------------------------------------------------
 
 

@@ -22,7 +22,14 @@ from fusion.gate_train import GateTrainConfig, gate_example, train_gate
 from fusion.models import LanguageModel
 from fusion.registry import FuserRegistry
 from fusion.train_cli import TrainRow, fit_pair, fit_translator_pair, fuser_config, to_item
-from ops.real.data import train_questions, translator_blocks, write_notes, write_test, write_training
+from ops.real.data import (
+    train_questions,
+    translator_blocks,
+    translator_tune_items,
+    write_notes,
+    write_test,
+    write_training,
+)
 from ops.real.kit import FORMAT_VERSION, RealSpec, elapsed, kit_dir, model_files, read_manifest, write_manifest
 from ops.real.world import NotesWorld, generate_notes_world
 
@@ -34,6 +41,9 @@ DEFAULT_GATE_QUESTIONS = 160  # training questions the gate sees (each read by e
 # facts and single standard-library paragraphs (ops.real.data.translator_blocks; docs/TRANSFER.md for the sizes)
 TRANSLATOR_NOTE_BLOCKS = 300
 TRANSLATOR_GENERIC = 200
+TRANSLATOR_TUNE_QUESTIONS = 600  # tuning items: questions about training facts, and generic paragraphs repeated
+TRANSLATOR_TUNE_GENERIC = 300
+TRANSLATOR_TUNE_STEPS = 250
 
 
 def _rows(path: Path) -> list[TrainRow]:
@@ -195,8 +205,19 @@ def build_kit(spec: RealSpec, threads: int | None = None, receivers: list[str] |
             if blocks is None:
                 world = NotesWorld.model_validate_json((root / "world.json").read_text())
                 blocks = translator_blocks(world, TRANSLATOR_NOTE_BLOCKS, TRANSLATOR_GENERIC, spec.seed)
+                tune = translator_tune_items(world, TRANSLATOR_TUNE_QUESTIONS, TRANSLATOR_TUNE_GENERIC, spec.seed)
             t0 = time.perf_counter()
-            result = fit_translator_pair(models[receiver], models[transmitter], blocks, root / "fusers", seed=spec.seed)
+            # a small kit (the tests') tunes as many steps as its fusers train
+            steps = TRANSLATOR_TUNE_STEPS if spec.steps >= 100 else min(spec.steps, TRANSLATOR_TUNE_STEPS)
+            result = fit_translator_pair(
+                models[receiver],
+                models[transmitter],
+                blocks,
+                root / "fusers",
+                seed=spec.seed,
+                tune_items=tune,
+                tune_steps=steps,
+            )
             translators_done[pair] = result | {"pair": [receiver, transmitter], "seconds": elapsed(t0)}
             write_manifest(root, manifest)
     manifest["build_s"] = round(manifest.get("build_s", 0.0) + time.perf_counter() - t_build, 1)

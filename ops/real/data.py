@@ -154,3 +154,22 @@ def translator_blocks(world: NotesWorld, notes_blocks: int, generic: int, seed: 
     sentences = [f.sentence for f in world.split("train")]
     blocks = [rng.sample(sentences, min(3, len(sentences))) for _ in range(notes_blocks)]
     return blocks + [[p] for p in generic_paragraphs(generic, seed)]
+
+
+def translator_tune_items(world: NotesWorld, count: int, generic: int, seed: int = 0) -> list:
+    """What a kit's translators are tuned on (``fusion.translate.tune_translator``): ``count`` questions about one of
+    three training facts read as notes (answered by the value, or by the fact's sentence), and ``generic``
+    standard-library paragraphs written back word for word."""
+    from fusion.translate import TuneItem, repeat_item
+    from ops.real.world import ALL_ATTRIBUTES
+
+    rng = random.Random(f"translator-tune/{seed}")
+    facts = world.split("train")
+    items = []
+    for _ in range(count):
+        picked = rng.sample(facts, min(3, len(facts)))
+        fact = rng.choice(picked)
+        stem = rng.choice(ALL_ATTRIBUTES[fact.attribute].questions).format(entity=fact.entity)
+        answer = fact.sentence if rng.random() < 0.3 else fact.value
+        items.append(TuneItem(tuple(f.sentence for f in picked), stem, answer))
+    return items + [repeat_item([p]) for p in generic_paragraphs(generic, seed + 1)]

@@ -122,12 +122,15 @@ def test_a_translator_for_a_pair_from_plain_text_and_the_identity_for_a_model_in
     text = tmp_path / "notes.txt"
     text.write_text("".join(f"The color of Zorbin{i} is teal.\nKalu{i} is located in Oslo.\n" for i in range(6)))
     base = ["--translator", "--receiver", receiver, "--data", str(text), "--out", str(tmp_path / "reg")]
-    assert main([*base, "--transmitter", transmitter, "--rank", "4", "--lines-per-block", "2"]) == 0
+    assert (
+        main([*base, "--transmitter", transmitter, "--rank", "4", "--lines-per-block", "2", "--tune-steps", "3"]) == 0
+    )
     result = json.loads(capsys.readouterr().out)
     r, t = LanguageModel.load(receiver), LanguageModel.load(transmitter)
     path = FuserRegistry(tmp_path / "reg").translator_path(t.fingerprint, r.fingerprint)
     translator, meta = load_translator(path, t.fingerprint, r.fingerprint)
     assert meta["blocks"] == 6 and translator.cfg.rank == 4 and result["params"] == meta["params"] > 0
+    assert meta["tune_steps"] == 3 and meta["tune_items"] == 6 and meta["tune_loss_last"] > 0  # each block repeated
     assert not (tmp_path / "reg" / f"rows-{t.fingerprint}-to-{r.fingerprint}.pt").exists()  # checkpoint removed
     assert main([*base, "--transmitter", receiver]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -135,6 +138,7 @@ def test_a_translator_for_a_pair_from_plain_text_and_the_identity_for_a_model_in
     assert main([*base, "--transmitter", transmitter, "--gate"]) == 2
     assert "two different jobs" in capsys.readouterr().err
     assert main([*base, "--transmitter", transmitter, "--lines-per-block", "0"]) == 2
+    assert main([*base, "--transmitter", transmitter, "--tune-steps", "-1"]) == 2
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     args = ["--translator", "--receiver", receiver, "--transmitter", transmitter, "--data", str(empty), "--out", "x"]

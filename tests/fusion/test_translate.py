@@ -152,3 +152,25 @@ def test_translate_modes_of_refine(models) -> None:
     assert shuffled.bytes_sent > 0
     with pytest.raises(FusionError, match="donor"):
         refine(CHOICE_Q, receiver, txs, mode="translate-shuffled", notes=notes, translators=translators)
+
+
+def test_tuning_makes_the_receiver_write_what_a_reader_of_the_lines_writes(models) -> None:
+    from fusion.translate import TuneItem, repeat_item, tune_translator
+
+    receiver, transmitter = models["tiny-qwen3"], models["tiny-llama"]
+    xs, ys = zip(*(translation_rows(receiver, transmitter, [line]) for line in NOTES), strict=True)
+    translator, _ = fit_translator(
+        TranslatorConfig.for_models(receiver, transmitter, rank=8), torch.cat(xs), torch.cat(ys)
+    )
+    items = [repeat_item([line]) for line in NOTES] + [TuneItem((NOTES[0],), TEXT_Q.stem, "teal")]
+    assert items[0].answer == NOTES[0] and items[0].lines == (NOTES[0],)
+    before = {k: v.clone() for k, v in translator.state_dict().items()}
+    flags = [p.requires_grad for p in receiver.model.parameters()]
+    losses = tune_translator(translator, receiver, transmitter, items, steps=30, batch_size=4, lr=3e-2)
+    assert len(losses) == 30 and sum(losses[-5:]) < 0.95 * sum(losses[:5])  # it learns (random tiny: slowly)
+    after = translator.state_dict()
+    assert not torch.equal(before["up"], after["up"]) and torch.equal(before["scale"], after["scale"])
+    assert not any(p.requires_grad for p in translator.parameters())
+    assert [p.requires_grad for p in receiver.model.parameters()] == flags  # the receiver as it was
+    ident = CacheTranslator(TranslatorConfig.for_models(receiver, receiver))
+    assert tune_translator(ident, receiver, receiver, items) == []
