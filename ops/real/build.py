@@ -41,9 +41,11 @@ DEFAULT_GATE_QUESTIONS = 160  # training questions the gate sees (each read by e
 # facts and single standard-library paragraphs (ops.real.data.translator_blocks; docs/TRANSFER.md for the sizes)
 TRANSLATOR_NOTE_BLOCKS = 300
 TRANSLATOR_GENERIC = 200
-TRANSLATOR_TUNE_QUESTIONS = 600  # tuning items: questions about training facts, and generic paragraphs repeated
+# tuning items: questions about training facts (half) and generic paragraphs repeated (half); longer tuning or more
+# value answers taught the training values (docs/TRANSFER.md)
+TRANSLATOR_TUNE_QUESTIONS = 300
 TRANSLATOR_TUNE_GENERIC = 300
-TRANSLATOR_TUNE_STEPS = 250
+TRANSLATOR_TUNE_STEPS = 100
 
 
 def _rows(path: Path) -> list[TrainRow]:

@@ -170,6 +170,6 @@ def translator_tune_items(world: NotesWorld, count: int, generic: int, seed: int
         picked = rng.sample(facts, min(3, len(facts)))
         fact = rng.choice(picked)
         stem = rng.choice(ALL_ATTRIBUTES[fact.attribute].questions).format(entity=fact.entity)
-        answer = fact.sentence if rng.random() < 0.3 else fact.value
+        answer = fact.sentence if rng.random() < 0.5 else fact.value
         items.append(TuneItem(tuple(f.sentence for f in picked), stem, answer))
     return items + [repeat_item([p]) for p in generic_paragraphs(generic, seed + 1)]

@@ -146,3 +146,24 @@ def test_accuracy_real_translate_rows_send_the_notes_cache_translated(tiny_real_
             rows[("translate+4", fmt)]["bytes_per_question"] > 0 and rows[("receiver", fmt)]["bytes_per_question"] == 0
         )
         assert set(rows[("translate-int4", fmt)]["paired"]) == {"receiver", "translate+4"}
+
+
+def test_a_translator_reads_training_facts_and_generic_prose_never_a_test_entity() -> None:
+    from ops.real.data import generic_paragraphs, translator_blocks, translator_tune_items
+
+    world = generate_notes_world(NotesSpec(num_entities=120, attributes=KIT_ATTRIBUTES))
+    prose = generic_paragraphs(50, seed=1)
+    assert prose == generic_paragraphs(50, seed=1) and len(prose) == 50 and len(set(prose)) == 50
+    assert all(80 <= len(p) <= 260 and p.isascii() for p in prose)
+    blocks = translator_blocks(world, 40, 10, seed=1)
+    assert len(blocks) == 50 and all(len(b) == 3 for b in blocks[:40]) and all(len(b) == 1 for b in blocks[40:])
+    test = set(world.test_entities)
+    text = " ".join(line for b in blocks for line in b)
+    assert not any(f" {e} " in f" {text} " or f" {e}." in text for e in test)
+    items = translator_tune_items(world, 30, 5, seed=1)
+    assert len(items) == 35 and not any(e in " ".join(i.lines) + i.stem for i in items for e in test)
+    facts = {f.sentence: f for f in world.facts}
+    for item in items[:30]:  # a question about one of its three lines, answered by its value or its sentence
+        about = [facts[line] for line in item.lines if facts[line].entity in item.stem]
+        assert about and item.answer in {about[0].value, about[0].sentence}
+    assert all(i.answer == i.lines[0] for i in items[30:])  # generic prose: written back
