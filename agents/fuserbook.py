@@ -1,4 +1,4 @@
-"""The receiver's fusers: which transmitter models it can fuse, loaded on first use, and how it says so.
+"""The receiver's fusers and translators: which transmitter models it can read, loaded on first use, and how it says so.
 
 Fusers come from a ``fusion.registry.FuserRegistry`` directory (rescanned on every heartbeat, so a fuser
 trained while the receiver runs is used from the next query on) or are handed in directly (tests). The list
@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from bus.errors import FuserError
 from bus.schemas import MAX_FUSERS, FuserSpec
@@ -30,20 +31,26 @@ class FuserBook:
         self.registry = FuserRegistry(root) if root else None
         self.loaded: dict[str, PairFuser] = dict(fusers or {})
 
+    kind = "fuser"  # the registry entries this book reads
+
     def fingerprints(self) -> list[str]:
         """Transmitter fingerprints there is a fuser for."""
         fps = set(self.loaded)
         if self.registry is not None:
-            fps |= {t for t, r in self.registry.pairs() if r == self.receiver_fp}
+            fps |= {t for t, r in self.registry.pairs(self.kind) if r == self.receiver_fp}
         return sorted(fps)
 
-    def get(self, fingerprint: str) -> PairFuser | None:
+    def _load(self, fingerprint: str) -> Any:
+        assert self.registry is not None
+        return self.registry.load(fingerprint, self.receiver_fp)
+
+    def get(self, fingerprint: str) -> Any:
         """The fuser for that transmitter model (loaded once), or None."""
         if fingerprint not in self.loaded and self.registry is not None:
             try:
-                self.loaded[fingerprint] = self.registry.load(fingerprint, self.receiver_fp)
+                self.loaded[fingerprint] = self._load(fingerprint)
             except FuserError as exc:
-                log.debug("no fuser: %s", exc)
+                log.debug("no %s: %s", self.kind, exc)
                 return None
         return self.loaded.get(fingerprint)
 
@@ -55,9 +62,20 @@ class FuserBook:
         specs = []
         for fp in fps:
             fuser = self.get(fp)
-            tail = transmitter_tail(fuser) if fuser is not None else None
+            tail = transmitter_tail(fuser) if isinstance(fuser, PairFuser) else None
             specs.append(FuserSpec(transmitter_fingerprint=fp, tail_tokens=tail or None))
         return tuple(specs)
+
+
+class TranslatorBook(FuserBook):
+    """Cache translators into one receiver model (``fusion.translate``), by transmitter fingerprint: the book a
+    receiver reads for ``translate`` asks (the same registry directory holds both)."""
+
+    kind = "translator"
+
+    def _load(self, fingerprint: str) -> Any:
+        assert self.registry is not None
+        return self.registry.load_translator(fingerprint, self.receiver_fp)
 
 
 def listed_fusers(specs: Sequence[FuserSpec] | None) -> dict[str, int | None] | None:

@@ -36,7 +36,7 @@ class OpenQuery:
     deadline: float  # monotonic
     deadline_unix: float
     kv: GuardedKVReceiver  # the receiver's KV intake (streamed layers land there)
-    book: FuserBook  # the receiver's fusers
+    book: FuserBook  # the receiver's fusers (translate asks: its translators)
     queued_s: float = 0.0  # seconds it waited in the receiver's queue before its turn
     notes: list[str] = field(default_factory=list)  # what the answer's notes will say
     digest: int | None = None  # digest_of(the Query it published): offers and plans must carry it
@@ -137,10 +137,14 @@ class OpenQuery:
             return False
         return True
 
+    def fits(self, offer: Offer) -> bool:
+        """Its offsets place its tokens in q' (a translate offer sends its notes' cache: no offsets at all)."""
+        return len(offer.offsets) == offer.n_tokens or (self.ask.mode == "translate" and not offer.offsets)
+
     def received(self, entry: PlanEntry, done: Mapping[int, Any], layers: list[int]) -> Received | None:
         """What a fuser reads of one transmitter: its layers, offsets and weight (None when it cannot be fused)."""
         offer = self.offers.get(entry.transmitter_id)
-        if offer is None or len(offer.offsets) != offer.n_tokens or self.book.get(offer.model_fingerprint) is None:
+        if offer is None or not self.fits(offer) or self.book.get(offer.model_fingerprint) is None:
             return None
         return Received(offer.model_fingerprint, {m: done[m] for m in layers}, list(offer.offsets), entry.weight)
 
@@ -226,7 +230,7 @@ class OpenQuery:
         if not got:
             reason: OmissionReason = "left" if tid in self.left else "late"
             return reason, f"0 of {len(entry.layers)} planned layers complete by the deadline"
-        if offer is None or len(offer.offsets) != offer.n_tokens:
+        if offer is None or not self.fits(offer):
             return "error", "no offer with token offsets seen for this query"
         if self.book.get(offer.model_fingerprint) is None:
             return "no_fuser", f"no fuser for model {offer.model_fingerprint} into {receiver_fp}"

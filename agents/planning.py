@@ -191,6 +191,8 @@ def _scores(query: Query, usable: Mapping[str, Offer], gate: GateNetwork | None)
     if not usable:
         return {}
     summaries = {tid: offer_summary(o) for tid, o in usable.items()}
+    if query.mode == "translate":  # a translator reads every layer of every notes' cache: no gate weights them
+        return score_offers(summaries, None)
     try:
         return score_offers(summaries, gate)
     except FusionError as exc:

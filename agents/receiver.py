@@ -35,7 +35,7 @@ from agents import cli, tracing
 from agents.askqueue import AskQueue
 from agents.base import Agent, decode
 from agents.config import ReceiverConfig
-from agents.fuserbook import FuserBook
+from agents.fuserbook import FuserBook, TranslatorBook
 from agents.gatepick import GatePicker
 from agents.kvintake import GuardedKVReceiver
 from agents.openquery import OpenQuery, Rejected
@@ -71,6 +71,7 @@ from fusion.refine import (
     receiver_self_check,
     shared_prompt,
 )
+from fusion.translate import read_translated
 from privacy.rephrase import rephrase
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class ReceiverAgent(Agent):
         self.model = model if model is not None else cfg.load_model()
         self.model_fingerprint = self.model.fingerprint
         self.book = FuserBook(self.model_fingerprint, cfg.fusers, fusers)
+        self.translators = TranslatorBook(self.model_fingerprint, cfg.fusers)  # translate asks (same directory)
         self.open: dict[str, OpenQuery] = {}
         self.closed: OrderedDict[str, None] = OrderedDict()
         self.kv: GuardedKVReceiver | None = None
@@ -245,7 +247,8 @@ class ReceiverAgent(Agent):
         qid = uuid.uuid4().hex[:16]
         left = t0 + ask.deadline_s - time.monotonic()  # the deadline runs from receipt, queued or not
         assert self.kv is not None
-        q = OpenQuery(qid, ask, t0, t0 + ask.deadline_s, time.time() + left, self.kv, self.book)
+        book = self.translators if ask.mode == "translate" else self.book
+        q = OpenQuery(qid, ask, t0, t0 + ask.deadline_s, time.time() + left, self.kv, book)
         q.queued_s = time.monotonic() - t0 if queued else 0.0
         tracing.QUERY_ID.set(qid)  # every log line about this ask names it
         self.count["asks"] += 1
@@ -390,8 +393,9 @@ class ReceiverAgent(Agent):
             text=text,
             options=ask.options,
             deadline_unix=q.deadline_unix,
-            fusers=self.book.specs(),
+            fusers=q.book.specs(),
             gates=q.gates,
+            mode=ask.mode,
         )
         q.digest = digest_of(query)
         await self.publish(self.subjects.query(self.id), query)
@@ -436,13 +440,45 @@ class ReceiverAgent(Agent):
                 return
 
     async def _deltas(self, q: OpenQuery, got: Received) -> Any:
-        """One transmitter's deltas on this receiver's prefix (on the compute thread)."""
+        """One transmitter's deltas on this receiver's prefix, or (translate) its notes translated (on the compute
+        thread)."""
+        if q.ask.mode == "translate":
+            return await self.compute(q.book.get(got.fingerprint), got.layers)
         assert q.prefix is not None and q.view is not None
         prefix = await q.prefix
         return await self.compute(transmitter_deltas, q.view, prefix, got, self.book.get(got.fingerprint))
 
+    async def _translate_and_read(self, q: OpenQuery) -> Answer:
+        """Translate mode: every notes' cache that arrived complete, translated (most while others travelled), placed
+        before the receiver's own question, then the answer read (alone when nothing arrived)."""
+        received, uses, omitted = q.gather(self.model_fingerprint, self._inline_rejected(q))
+        self._answering += 1
+        try:
+            ready = await q.ready_deltas(received)
+            spans, used = [], {}
+            for tid in sorted(received):
+                got = received[tid]
+                try:
+                    early = ready.get(tid)
+                    if early is not None and early[0] == tuple(sorted(got.layers)):
+                        spans.append(early[1])
+                    else:
+                        spans.append(await self.compute(q.book.get(got.fingerprint), got.layers))
+                except FedRefineError as exc:
+                    q.notes.append(f"{tid}: translation failed ({exc}); left out")
+                    omitted.append(Omission(transmitter_id=tid, reason="error", detail=str(exc)[:500]))
+                    continue
+                used[tid] = sorted(got.layers)
+            reading = await self.compute(read_translated, self.model, q.ask.question, q.ask.options, spans)
+        finally:
+            self._answering -= 1
+            q.cancel_early()
+        return self._reply(q, reading, used, uses, omitted)
+
     async def _fuse_and_read(self, q: OpenQuery) -> Answer:
         """Fuse what arrived complete into its prefix, read the answer, and reply with what went in."""
+        if q.ask.mode == "translate":
+            return await self._translate_and_read(q)
         received, uses, omitted = q.gather(self.model_fingerprint, self._inline_rejected(q))
         assert q.prefix is not None
         self._answering += 1

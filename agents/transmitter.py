@@ -16,6 +16,10 @@ at the link's rate now (with a trace: the trace's) behind the bytes still queued
 the deadline less the receiver's answer reserve, ``--policy`` re-plans the remaining layers (the deadline-aware
 policy: a cheaper precision, then fewer layers).
 
+Translate queries (``Query.mode == "translate"``, docs/PROTOCOL.md section 3.2): the offer is summarised the same
+way, but the cache it offers and streams is that of the note lines it retrieved for q' (keys position-free, no
+offsets); with no notes for q' it makes no offer.
+
 Inline caches: when the receiver's fuser for this model reads only its last token(s) (the query lists the tail)
 and that tail of every layer is at most ``--inline-kv-bytes`` and the link carries it within ``--inline-kv-ms``,
 the tail rides inside the offer at fp16 (:class:`~bus.schemas.InlineKV`). A plan entry marked ``inline`` then
@@ -44,7 +48,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nats.aio.msg import Msg
 
@@ -64,9 +68,11 @@ from bus.shaper import LinkShaper
 from bus.steer import DeadlineSteer
 from bus.transport import SendReport, send_cache
 from fusion.c2c import tail_tokens
+from fusion.kvcache import KVCache
 from fusion.models import LanguageModel
 from fusion.notes import DEFAULT_TOP_K, DeviceNotes
 from fusion.refine import TransmitterPrefill, select_layers, shared_prompt, transmitter_prefill, write_hint
+from fusion.translate import note_span
 
 log = logging.getLogger(__name__)
 
@@ -205,9 +211,15 @@ class TransmitterAgent(Agent):
         budget = self.inline_budget()
         tail = (listed_fusers(query.fusers) or {}).get(self.model_fingerprint) if budget else None
         t0 = time.perf_counter()
-        pre, inline = await self.compute(
-            prefill_with_inline, self.id, self.model, shared, tail, budget, self.notes, self.cfg.top_k
-        )
+        if query.mode == "translate":
+            pre, inline = await self.compute(prefill_notes, self.id, self.model, shared, self.notes, self.cfg.top_k)
+            if pre is None:
+                log.info("transmitter %s: no notes for %s; nothing to translate, no offer", self.id, query.query_id)
+                return
+        else:
+            pre, inline = await self.compute(
+                prefill_with_inline, self.id, self.model, shared, tail, budget, self.notes, self.cfg.top_k
+            )
         prefill_ms = 1000 * (time.perf_counter() - t0)
         if time.time() >= query.deadline_unix:
             log.info("transmitter %s: prefill of %s finished after its deadline; no offer", self.id, query.query_id)
@@ -422,6 +434,23 @@ def prefill_with_inline(
     except CodecError as exc:  # NaN/inf in the cache: the stream path reports it if the plan asks for it
         log.info("transmitter %s: no inline cache: %s", name, exc)
         return pre, None
+
+
+def prefill_notes(
+    name: str, model: LanguageModel, shared: str, notes: DeviceNotes | None = None, top_k: int = DEFAULT_TOP_K
+) -> tuple[TransmitterPrefill | None, None]:
+    """Translate mode: the offer's summary from ``transmitter_prefill`` as always, but the cache that travels is
+    that of the note lines it retrieved (``fusion.translate.note_span``, keys position-free; no offsets in q').
+    ``(None, None)`` when it has no notes for q' (nothing to translate); never an inline cache."""
+    if notes is None or model.style != "text":
+        return None, None
+    retrieved = notes.retrieve(shared, top_k)
+    span = note_span(model, retrieved.lines)
+    if span is None:
+        return None, None
+    pre = transmitter_prefill(name, model, shared, retrieved)
+    cache = KVCache([span.layers[m] for m in range(len(span.layers))])
+    return replace(pre, cache=cache, offsets=[]), None
 
 
 def ordered_layers(prefill: TransmitterPrefill, layers: Sequence[int]) -> dict:

@@ -41,7 +41,9 @@ DIGEST_MAX = (1 << 64) - 1
 HASH32_MAX = 0xFFFFFFFF
 
 Precision = Literal["fp32", "fp16", "bf16", "int8", "int4"]
-Mode = Literal["c2c", "t2t"]  # how the others help: KV caches, or text hints (the text-to-text baseline)
+# how the others help: KV caches of q' fused (c2c), text hints (the text-to-text baseline), or the caches of their
+# retrieved notes translated into the receiver's (translate: docs/PROTOCOL.md section 3.2)
+Mode = Literal["c2c", "t2t", "translate"]
 MAX_HINT_CHARS = 2000  # a text hint in an offer
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "int4")
 Role = Literal["receiver", "transmitter", "gate", "rephraser"]

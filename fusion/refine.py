@@ -62,7 +62,7 @@ from fusion.prompts import (
     option_letter,
     parse_completion,
 )
-from fusion.translate import CacheTranslator, note_span, translated_prompt
+from fusion.translate import CacheTranslator, note_span, read_translated
 from fusion.wire import transmit
 
 __all__ = ["Fused", "Received", "fuse", "transmitter_deltas"]  # the fusion loop, re-exported for callers of refine
@@ -647,11 +647,7 @@ def _translated(req: _Request) -> RefineResult:
         used[name] = sorted(decoded)
     req.timings["transfer"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    if arrived:
-        cache, continuation = translated_prompt(req.receiver, q.stem, arrived)
-        reading = read_answer(req.receiver, cache, continuation, q.options)
-    else:
-        reading = answer_alone(req.receiver, q.stem, q.options)
+    reading = read_translated(req.receiver, q.stem, q.options, arrived)
     req.timings["receiver"] = time.perf_counter() - t2
     req.timings["total"] = time.perf_counter() - req.t_start
     return _result(

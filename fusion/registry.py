@@ -216,11 +216,11 @@ class FuserRegistry:
             )
         return load_translator(path, transmitter_fp, receiver_fp)[0]
 
-    def pairs(self) -> list[tuple[str, str]]:
-        """``(transmitter_fp, receiver_fp)`` of every saved fuser."""
+    def pairs(self, kind: str = "fuser") -> list[tuple[str, str]]:
+        """``(transmitter_fp, receiver_fp)`` of every saved fuser (``kind="translator"``: translator)."""
         out = []
-        for path in sorted(self.root.glob("fuser-*-to-*")):
+        for path in sorted(self.root.glob(f"{kind}-*-to-*")):
             if (path / CONFIG_FILE).is_file():
-                t, _, r = path.name.removeprefix("fuser-").partition("-to-")
+                t, _, r = path.name.removeprefix(f"{kind}-").partition("-to-")
                 out.append((t, r))
         return out

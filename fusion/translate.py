@@ -261,6 +261,20 @@ def translated_prompt(
     return KVCache([(k, v) for k, v in layers]), rest
 
 
+@torch.no_grad()
+def read_translated(receiver: LanguageModel, stem: str, options: Sequence[str], spans: Sequence[Mapping[int, KV]]):
+    """The receiver's reading of its question after the translated spans (``fusion.answers.Reading``); with none,
+    its answer alone."""
+    from fusion.answers import read_answer
+
+    if not spans:
+        from fusion.refine import answer_alone
+
+        return answer_alone(receiver, stem, options)
+    cache, continuation = translated_prompt(receiver, stem, spans)
+    return read_answer(receiver, cache, continuation, options)
+
+
 # ---- fitting ------------------------------------------------------------------------------------
 
 
@@ -451,7 +465,7 @@ def tune_translator(
                 target = torch.tensor(answer, device=receiver.device)
                 loss = torch.nn.functional.cross_entropy(logits.logits[0, :-1].float(), target) / batch_size
                 loss.backward()
-                total += float(loss)
+                total += float(loss.detach())
             opt.step()
             losses.append(round(total, 4))
     finally:

@@ -61,7 +61,7 @@ class Item:
     private: bool = False
     answer: int | str | None = None
     id: str = ""
-    mode: str = "c2c"  # "t2t": the others write text hints (the text-to-text baseline)
+    mode: str = "c2c"  # "t2t": the others write text hints (the baseline); "translate": their notes' caches
 
 
 @dataclass(frozen=True)
@@ -283,9 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", help="rephrase before anything leaves the receiver side")
     p.add_argument(
         "--mode",
-        choices=("c2c", "t2t"),
+        choices=("c2c", "t2t", "translate"),
         default="c2c",
-        help="c2c: the others share KV caches; t2t: they write text hints (the text-to-text baseline)",
+        help="c2c: the others share KV caches; t2t: they write text hints (the text-to-text baseline); translate: "
+        "they send their retrieved notes' caches, which the receiver's translators read",
     )
     p.add_argument("--deadline-ms", type=int, default=DEFAULT_DEADLINE_MS, help="answer deadline (milliseconds)")
     p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="questions in flight with --file")

@@ -1,7 +1,7 @@
 """The agents over NATS against ``fusion.refine()`` in process: same questions, same settings, one run.
 
     python -m ops.bench e2e [--quick | --tiny | --real [--kit DIR] [--receiver-model M]] [--questions N]
-        [--tls | --insecure] [--t2t] [--json F]
+        [--tls | --insecure] [--t2t] [--translate] [--json F]
 
 Both paths answer every question with the gating network, fp16 caches and private mode for questions that
 carry personal details; questions alternate between the two paths so both see the same machine load. The bus
@@ -22,6 +22,11 @@ Every run reports ``p50_ms`` and ``p50_ms_in_process`` (the same figures as ``bu
 transmitter writes its short answer, the receiver reads the hints) through the same federation, the two modes in
 alternating order: ``t2t_p50_ms`` and ``t2t_over_c2c_p50`` (text-to-text p50 over C2C p50, same run), with
 ``accuracy_t2t`` and ``t2t_bytes_per_query``.
+
+``--translate``: every question is also asked in translate mode (``Ask.mode="translate"``: each transmitter sends
+its retrieved notes' cache, the receiver's translators read it; ``fusion.translate``) and answered in process by
+``refine(mode="translate")``: ``translate_parity``, ``translate_p50_ms``, ``accuracy_translate``,
+``translate_bytes_per_query``.
 """
 
 from __future__ import annotations
@@ -63,6 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="unmeasured questions first")
     parser.add_argument("--deadline-s", type=float, default=DEFAULT_DEADLINE_S, help="per-question deadline")
     parser.add_argument("--t2t", action="store_true", help="also text-to-text over the bus (Fig. 3c): t2t_over_c2c_p50")
+    parser.add_argument(
+        "--translate",
+        action="store_true",
+        help="also translate mode over the bus (the notes' caches translated): its parity with refine() and p50",
+    )
     secure = parser.add_mutually_exclusive_group()
     secure.add_argument("--tls", action="store_true", help="also a plain federation: overhead_ratio_secure")
     secure.add_argument("--insecure", action="store_true", help="the bus without authorization or TLS")
@@ -87,12 +97,17 @@ class InProcess:
             m.fingerprint: registry.load(m.fingerprint, self.receiver.fingerprint) for m in self.transmitters.values()
         }
         self.gate = load_gate(setup.gate) if setup.gate else None
+        self.translators = {
+            m.fingerprint: registry.load_translator(m.fingerprint, self.receiver.fingerprint)
+            for m in self.transmitters.values()
+            if registry.translator_path(m.fingerprint, self.receiver.fingerprint).exists()
+        }
         self.self_check = setup.self_check
         self.notes = {tid: DeviceNotes.load(path) for tid, path in setup.notes.items()} or None
         self.rules_only = setup.rules_only  # the rephraser agent redacts by rules: so does the private stem here
 
-    def answer(self, question, private: bool):
-        """``refine()`` in c2c mode with the settings the agents use; returns (result, seconds)."""
+    def answer(self, question, private: bool, mode: str = "c2c"):
+        """``refine()`` in ``mode`` (c2c, or translate) with the settings the agents use; returns (result, seconds)."""
         from fusion.refine import refine
         from privacy.rephrase import rephrase
 
@@ -102,7 +117,8 @@ class InProcess:
             question,
             self.receiver,
             self.transmitters,
-            mode="c2c",
+            mode=mode,
+            translators=self.translators,
             fusers=self.fusers,
             gate=self.gate,
             private=private,
@@ -133,7 +149,13 @@ def right(reply: Answer, question) -> bool:
 
 
 async def _compare(
-    feds: dict[str, Federation], setup: Setup, local: InProcess, warmup: int, deadline_s: float, t2t: bool = False
+    feds: dict[str, Federation],
+    setup: Setup,
+    local: InProcess,
+    warmup: int,
+    deadline_s: float,
+    t2t: bool = False,
+    translate: bool = False,
 ) -> dict:
     """Every question through each federation (the first is the one compared with ``refine()``) and in process."""
     from tqdm import tqdm
@@ -155,6 +177,9 @@ async def _compare(
     t2t_times: list[float] = []
     t2t_bytes: list[int] = []
     t2t_right = 0
+    tr_times: list[float] = []
+    tr_bytes: list[int] = []
+    tr_same = tr_right = tr_asked = 0
     try:
         for i, (question, item) in enumerate(tqdm(list(zip(setup.questions, items, strict=True)), desc="e2e")):
             order = list(feds) if i % 2 == 0 else list(feds)[::-1]  # neither federation always goes first
@@ -170,8 +195,22 @@ async def _compare(
                 t2t_reply, t2t_time = await _ask_t2t(conns[main], subjects, item, deadline_s)
             reply, bus_time = replies[main], times[main]
             ref, local_time = local.answer(question, item.private)
+            if translate:
+                t0 = time.perf_counter()
+                tr_reply = await ask_once(
+                    conns[main], subjects, dataclasses.replace(item, mode="translate"), deadline_s
+                )
+                tr_time = time.perf_counter() - t0
+                tr_ref, _ = local.answer(question, item.private, mode="translate")
             if i < warmup:
                 continue
+            if translate:
+                tr_asked += 1
+                if isinstance(tr_reply, Answer):
+                    tr_times.append(tr_time)
+                    tr_bytes.append(tr_reply.bytes_received)
+                    tr_same += same_answer(tr_reply, tr_ref)
+                    tr_right += right(tr_reply, question)
             if t2t and isinstance(t2t_reply, Answer):
                 t2t_times.append(t2t_time)
                 t2t_bytes.append(t2t_reply.bytes_received)
@@ -226,6 +265,16 @@ async def _compare(
             "t2t_over_c2c_p50": round(1000 * t2t_p50 / out["p50_ms"], 3) if t2t_p50 and out["p50_ms"] else None,
             "accuracy_t2t": round(t2t_right / len(t2t_times), 4) if t2t_times else None,
             "t2t_bytes_per_query": round(statistics.fmean(t2t_bytes)) if t2t_bytes else 0,
+        }
+    if translate:
+        tr_p50 = statistics.median(tr_times) if tr_times else None
+        out |= {
+            "translate_queries": tr_asked,
+            "translate_answered": len(tr_times),
+            "translate_parity": round(tr_same / len(tr_times), 4) if tr_times else None,
+            "translate_p50_ms": round(1000 * tr_p50, 1) if tr_p50 is not None else None,
+            "accuracy_translate": round(tr_right / len(tr_times), 4) if tr_times else None,
+            "translate_bytes_per_query": round(statistics.fmean(tr_bytes)) if tr_bytes else 0,
         }
     return out
 
@@ -312,7 +361,8 @@ def run(args: argparse.Namespace) -> dict:
             server, store = secure_server(setup.specs(), insecure=kind == "plain", warn=not args.tls)
             servers.append((server, store))
             feds[kind] = Federation(server.url, setup.specs(), store=store).start()
-        return asyncio.run(_compare(feds, setup, local, args.warmup, args.deadline_s, t2t=args.t2t))
+        compared = _compare(feds, setup, local, args.warmup, args.deadline_s, t2t=args.t2t, translate=args.translate)
+        return asyncio.run(compared)
     finally:
         for fed in feds.values():
             fed.stop()

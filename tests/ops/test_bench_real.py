@@ -64,7 +64,8 @@ def test_e2e_real_on_a_tiny_kit(tiny_real_kit, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("FEDREFINE_HOME", str(home))
     parser = argparse.ArgumentParser()
     e2e.add_arguments(parser)
-    args = parser.parse_args(["--real", "--kit", str(root), "--receiver-model", "m2", "--questions", "3", "--t2t"])
+    argv = ["--real", "--kit", str(root), "--receiver-model", "m2", "--questions", "3", "--t2t", "--translate"]
+    args = parser.parse_args(argv)
     args.warmup = 1
     result = e2e.run(args)
     assert {"queries", "answered", "parity", "p50_ms", "p50_ms_in_process", "overhead_ratio"} <= set(result)
@@ -77,6 +78,10 @@ def test_e2e_real_on_a_tiny_kit(tiny_real_kit, monkeypatch: pytest.MonkeyPatch) 
     assert result["t2t_answered"] == 3 and result["t2t_p50_ms"] > 0
     assert result["t2t_over_c2c_p50"] == pytest.approx(result["t2t_p50_ms"] / result["p50_ms"], rel=0.01)
     assert 0 <= result["accuracy_t2t"] <= 1
+    # translate mode over the same federation: the notes' caches on the bus, translated as in process
+    assert result["translate_queries"] == 3 and result["translate_answered"] == 3
+    assert result["translate_parity"] == 1.0 and result["translate_p50_ms"] > 0
+    assert result["translate_bytes_per_query"] > 0
 
 
 @pytest.mark.slow
