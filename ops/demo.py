@@ -73,6 +73,7 @@ class Setup:
     self_check: float | None = None  # the receiver answers alone below this P(none) (fusion.refine)
     notes: dict[str, str] = field(default_factory=dict)  # agent id -> its device's notes file (real models)
     rules_only: bool = False  # the rephraser redacts by rules only (the real models were never taught to reword)
+    mode: str = "c2c"  # how the questions are asked (translate: the devices send their notes' caches, translated)
 
     def specs(self, receiver_id: str = "receiver", redundant: bool = False) -> list[AgentSpec]:
         """The seven agents of the demo (``redundant``: and a second gate and a second rephraser, nine)."""
@@ -210,9 +211,9 @@ def real_setup(receiver_model: str, n_questions: int, quick: bool = False, seed:
     )
 
 
-def items_of(questions: Sequence[Question]) -> list[Item]:
-    """Questions as pushable items: those carrying personal details go private."""
-    return [Item(q.stem, q.options, private=bool(q.pii), answer=q.answer, id=q.id) for q in questions]
+def items_of(questions: Sequence[Question], mode: str = "c2c") -> list[Item]:
+    """Questions as pushable items (asked in ``mode``): those carrying personal details go private."""
+    return [Item(q.stem, q.options, private=bool(q.pii), answer=q.answer, id=q.id, mode=mode) for q in questions]
 
 
 # ---- running ------------------------------------------------------------------------------------------------
@@ -260,7 +261,7 @@ async def _drive(fed: Federation, setup: Setup, deadline_s: float, concurrency: 
     watch = ReconnectWatch()
     nc = await connect(fed.url, name="ops.demo", security=security, reconnected_cb=watch.on_reconnect)
     try:
-        items = items_of(setup.questions)
+        items = items_of(setup.questions, setup.mode)
         with tqdm(total=len(items), desc="questions", unit="q", disable=quiet, file=sys.stderr) as bar:
             return await _until_interrupted(
                 push_many(
@@ -397,6 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--tiny", action="store_true", help="tiny random models: a smoke run in seconds")
     which.add_argument("--real", action="store_true", help="the real pretrained pair (make real; the kit builds once)")
     p.add_argument("--receiver-model", default="smollm2", help="--real: the receiver (smollm2 or gemma3)")
+    p.add_argument(
+        "--mode",
+        choices=("c2c", "translate"),
+        default="c2c",
+        help="--real: c2c (fusers on q' caches) or translate (the devices' notes' caches, translated)",
+    )
     p.add_argument("--questions", type=int, default=DEFAULT_QUESTIONS, help="how many test questions to push")
     p.add_argument("--deadline-ms", type=int, default=DEFAULT_DEADLINE_MS, help="per-question deadline")
     p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="questions in flight at once")
@@ -429,6 +436,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             setup = real_setup(args.receiver_model, args.questions)
         else:
             setup = zoo_setup(True if args.full else False if args.quick else None, args.questions)
+        if args.mode != "c2c" and not args.real:
+            raise ConfigError("--mode translate needs --real (translators are for pretrained models)")
+        setup.mode = args.mode
         alone = None if args.tiny else receiver_alone(setup)
         outcomes = run_demo(
             setup,

@@ -183,3 +183,10 @@ def test_zoo_info_paths_are_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert all(Path(p).is_absolute() for p in everything)
     assert all(p in paths_text(paths) for p in everything)
     json.dumps(paths)
+
+
+def test_the_demo_translates_only_real_models(capsys: pytest.CaptureFixture[str]) -> None:
+    from ops.demo import main
+
+    assert main(["--tiny", "--mode", "translate", "--questions", "1"]) == 2
+    assert "--mode translate needs --real" in capsys.readouterr().err
