@@ -61,6 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--rows", default=None, help="--real: only these rows (comma-separated labels)")
     parser.add_argument(
+        "--held-by",
+        default=None,
+        help="--real: only questions whose fact these devices hold (comma-separated); the ceiling and the oracles "
+        "then read those devices' notes only (e.g. gemma-a,gemma-b: transfer across models alone)",
+    )
+    parser.add_argument(
         "--calibrate",
         type=int,
         default=None,

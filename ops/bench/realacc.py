@@ -200,11 +200,20 @@ def grade(task, q: Question, choice: int | None, text: str, nbytes: int = 0, con
 
 
 def _ask(
-    task, fed, q: Question, spec: dict, prefilled, prefixes, q_private: str, donor: Question, spans=None
+    task,
+    fed,
+    q: Question,
+    spec: dict,
+    prefilled,
+    prefixes,
+    q_private: str,
+    donor: Question,
+    spans=None,
+    held_by: set[str] | None = None,
 ) -> Graded:
     """One computed row's answer to ``q`` (not the derived rows)."""
     rx, mode, used = fed.receiver, spec["mode"], spec["transmitters"]
-    holding = task.holding(q)
+    holding = [d for d in task.holding(q) if held_by is None or d in held_by]
     if mode == "ceiling":
         lines = task.notes[holding[0]].retrieve(q.stem).lines if holding else ()
         reading = answer_alone(rx, q.stem, q.options, lines)
@@ -284,6 +293,13 @@ def run_real(args: argparse.Namespace) -> dict:
     fed = kit.federation(args.receiver_model)
     user = read_questions(args.questions) if args.questions else None
     task = bench_task(getattr(args, "task", None) or "notes", kit, fed, kit.spec.seed, user)
+    held_by = {d.strip() for d in args.held_by.split(",") if d.strip()} if getattr(args, "held_by", None) else None
+    if held_by is not None:
+        from bus.errors import ConfigError
+
+        if held_by - set(task.devices):
+            raise ConfigError(f"--held-by: unknown devices {sorted(held_by - set(task.devices))}; {task.devices}")
+        task.test = [q for q in task.test if set(task.holding(q)) & held_by]
     questions = pick_questions(task.test, args.limit or DEFAULT_PER_FORMAT, kit.spec.seed)
     specs = select_rows(row_specs(task.devices, args.precision, task.name), getattr(args, "rows", None))
     computed = [s for s in specs if s["mode"] not in ("either", SELF_CHECK)]
@@ -311,6 +327,7 @@ def run_real(args: argparse.Namespace) -> dict:
         ],
         "devices": dict(kit.spec.devices),
         "questions_file": str(args.questions) if args.questions else None,
+        "held_by": sorted(held_by) if held_by is not None else None,
     }
     alone_or_text = ("receiver", "transmitter", "ceiling", "t2t")
     sending = {s["private"] for s in computed if s["mode"] not in alone_or_text and "translate" not in s["mode"]}
@@ -321,7 +338,9 @@ def run_real(args: argparse.Namespace) -> dict:
         prefixes = {texts[p]: receiver_prefix(fed.receiver, *texts[p]) for p in sending}
         donor = questions[(i + 1) % len(questions)]
         spans: dict = {}  # note-span caches, shared by this question's translate rows
-        got = {s["label"]: _ask(task, fed, q, s, prefilled, prefixes, q_private, donor, spans) for s in computed}
+        got = {
+            s["label"]: _ask(task, fed, q, s, prefilled, prefixes, q_private, donor, spans, held_by) for s in computed
+        }
         for spec in derived:
             limit = thresholds.get(spec["label"], {}).get(q.format, float("inf"))
             got[spec["label"]] = _derived(spec, got, limit)

@@ -167,3 +167,16 @@ def test_a_translator_reads_training_facts_and_generic_prose_never_a_test_entity
         about = [facts[line] for line in item.lines if facts[line].entity in item.stem]
         assert about and item.answer in {about[0].value, about[0].sentence}
     assert all(i.answer == i.lines[0] for i in items[30:])  # generic prose: written back
+
+
+def test_held_by_keeps_the_questions_those_devices_hold_and_their_notes_only(tiny_real_kit, monkeypatch) -> None:
+    from ops.bench.realacc import run_real
+
+    root, home = tiny_real_kit
+    monkeypatch.setenv("FEDREFINE_HOME", str(home))
+    result = run_real(_args(root, task="notes", rows="receiver,ceiling,translate-oracle", held_by="b1,b2", limit=3))
+    assert result["held_by"] == ["b1", "b2"]
+    assert {r["label"] for r in result["rows"]} == {"receiver", "ceiling", "translate-oracle"}
+    assert all(r["n"] > 0 for r in result["rows"])
+    with pytest.raises(ConfigError, match="unknown devices"):
+        run_real(_args(root, task="notes", rows="receiver", held_by="nobody"))
