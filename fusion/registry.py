@@ -113,22 +113,30 @@ def module_size(module: torch.nn.Module, dtype: torch.dtype = torch.float16) -> 
     return params, params * torch.finfo(dtype).bits // 8
 
 
-def save_fuser(
-    fuser: PairFuser, path: str | Path, transmitter_fp: str, receiver_fp: str, meta: dict[str, Any] | None = None
-) -> Path:
-    """Write a fuser directory with both fingerprints, its config, layer map, size and a format version."""
-    params, nbytes = module_size(fuser)
-    config = {
-        "format": FUSER_FORMAT,
+def pair_config(
+    fmt: str, module: torch.nn.Module, transmitter_fp: str, receiver_fp: str, meta: dict | None, **extra: Any
+) -> dict[str, Any]:
+    """The ``config.json`` of a pair module (a fuser or a translator): format, version, both fingerprints, its
+    config, size and meta, and any ``extra`` fields."""
+    params, nbytes = module_size(module)
+    return {
+        "format": fmt,
         "version": FORMAT_VERSION,
         "transmitter": check_fp(transmitter_fp, "transmitter"),
         "receiver": check_fp(receiver_fp, "receiver"),
-        "config": fuser.cfg.to_dict(),
-        "layer_map": list(fuser.layer_map),
+        "config": module.cfg.to_dict(),
+        **extra,
         "params": params,
         "bytes_fp16": nbytes,
         "meta": dict(meta or {}),
     }
+
+
+def save_fuser(
+    fuser: PairFuser, path: str | Path, transmitter_fp: str, receiver_fp: str, meta: dict[str, Any] | None = None
+) -> Path:
+    """Write a fuser directory with both fingerprints, its config, layer map, size and a format version."""
+    config = pair_config(FUSER_FORMAT, fuser, transmitter_fp, receiver_fp, meta, layer_map=list(fuser.layer_map))
     return write_module(path, config, fuser.state_dict())
 
 
@@ -185,13 +193,7 @@ class FuserRegistry:
 
     def load(self, transmitter_fp: str, receiver_fp: str) -> PairFuser:
         """The fuser of this pair; ``FuserError`` if none is saved or the directory is for another pair."""
-        path = self.path_for(transmitter_fp, receiver_fp)
-        if not path.exists():
-            raise FuserError(
-                f"no fuser for transmitter {transmitter_fp} -> receiver {receiver_fp} in {self.root}",
-                transmitter=transmitter_fp,
-                receiver=receiver_fp,
-            )
+        path = self._saved(self.path_for(transmitter_fp, receiver_fp), "fuser", transmitter_fp, receiver_fp)
         return load_fuser(path, transmitter_fp, receiver_fp)[0]
 
     def meta(self, transmitter_fp: str, receiver_fp: str) -> dict[str, Any]:
@@ -207,14 +209,18 @@ class FuserRegistry:
         """The translator of this pair; ``FuserError`` if none is saved or the directory is for another pair."""
         from fusion.translate import load_translator
 
-        path = self.translator_path(transmitter_fp, receiver_fp)
+        path = self._saved(self.translator_path(transmitter_fp, receiver_fp), "translator", transmitter_fp, receiver_fp)
+        return load_translator(path, transmitter_fp, receiver_fp)[0]
+
+    def _saved(self, path: Path, what: str, transmitter_fp: str, receiver_fp: str) -> Path:
+        """``path`` when something is saved there, else the ``FuserError`` that none is."""
         if not path.exists():
             raise FuserError(
-                f"no translator for transmitter {transmitter_fp} -> receiver {receiver_fp} in {self.root}",
+                f"no {what} for transmitter {transmitter_fp} -> receiver {receiver_fp} in {self.root}",
                 transmitter=transmitter_fp,
                 receiver=receiver_fp,
             )
-        return load_translator(path, transmitter_fp, receiver_fp)[0]
+        return path
 
     def pairs(self, kind: str = "fuser") -> list[tuple[str, str]]:
         """``(transmitter_fp, receiver_fp)`` of every saved fuser (``kind="translator"``: translator)."""

@@ -484,19 +484,9 @@ def save_translator(
     translator: CacheTranslator, path: str | Path, transmitter_fp: str, receiver_fp: str, meta: dict | None = None
 ) -> Path:
     """Write a translator directory (``config.json`` with both fingerprints, shapes and version, and weights)."""
-    from fusion.registry import FORMAT_VERSION, check_fp, module_size, write_module
+    from fusion.registry import pair_config, write_module
 
-    params, nbytes = module_size(translator)
-    config = {
-        "format": TRANSLATOR_FORMAT,
-        "version": FORMAT_VERSION,
-        "transmitter": check_fp(transmitter_fp, "transmitter"),
-        "receiver": check_fp(receiver_fp, "receiver"),
-        "config": translator.cfg.to_dict(),
-        "params": params,
-        "bytes_fp16": nbytes,
-        "meta": dict(meta or {}),
-    }
+    config = pair_config(TRANSLATOR_FORMAT, translator, transmitter_fp, receiver_fp, meta)
     return write_module(path, config, {k: v.half() for k, v in translator.state_dict().items()})
 
 
