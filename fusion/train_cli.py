@@ -132,6 +132,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ridge", type=float, default=None, help="translator ridge on standardised features")
     p.add_argument("--lines-per-block", type=int, default=3, help="translator: text lines read as one block")
     p.add_argument("--tune-steps", type=int, default=100, help="translator: tuning steps after the fit (0: none)")
+    p.add_argument(
+        "--weights",
+        choices=["int8", "fp16"],
+        default="int8",
+        help="translator: how its two matrices are stored (int8: half the bytes, one scale per column)",
+    )
     p.add_argument("--window", default="1", help="fuse the last N shared tokens, or 'all' (default 1)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=32, help="items per step")
@@ -248,9 +254,11 @@ def fit_translator_pair(
     seed=0,
     tune_items=(),
     tune_steps: int = 0,
+    weights: str = "int8",
 ):
     """Rows of every block (checkpointed in ``out``), the ridge fit, the tuning on ``tune_items`` (``tune_steps``
-    steps; ``fusion.translate.tune_translator``), and the translator saved in registry ``out``."""
+    steps; ``fusion.translate.tune_translator``), and the translator saved in registry ``out`` with ``weights``
+    (``fusion.translate.pack_weights``)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -301,10 +309,12 @@ def fit_translator_pair(
         transmitter.fingerprint,
         receiver.fingerprint,
         meta,
+        weights=weights,
     )
     ckpt.unlink(missing_ok=True)
     params, nbytes = module_size(translator)
-    return {"translator": str(path), "params": params, "bytes_fp16": nbytes, **meta}
+    stored = {"weights": weights, "bytes": json.loads((path / "config.json").read_text())["bytes"]}
+    return {"translator": str(path), "params": params, "bytes_fp16": nbytes, **stored, **meta}
 
 
 def train_pair_translator(args: argparse.Namespace) -> dict:
@@ -335,6 +345,7 @@ def train_pair_translator(args: argparse.Namespace) -> dict:
         seed=args.seed,
         tune_items=items,
         tune_steps=args.tune_steps,
+        weights=args.weights,
     )
 
 

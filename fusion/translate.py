@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bus.errors import FuserError, FusionError
+from bus.errors import ConfigError, FuserError, FusionError
 from fusion.formats import QUESTION_LABEL, notes_block
 from fusion.kvcache import KV, KVCache
 from fusion.models import LanguageModel
@@ -480,14 +480,70 @@ def tune_translator(
 # ---- on disk ------------------------------------------------------------------------------------
 
 
+TRANSLATOR_WEIGHTS = ("fp16", "int8")
+_QUANTIZED = ("down", "up")  # the two matrices (all but ~1% of a translator's weights)
+
+
+def pack_weights(state: Mapping[str, torch.Tensor], weights: str = "fp16") -> dict[str, torch.Tensor]:
+    """A translator's weights as stored: fp16, or the two matrices as int8 with one float32 scale per column (each
+    column is a direction of the fit or one receiver feature) and the rest fp16."""
+    if weights not in TRANSLATOR_WEIGHTS:
+        raise ConfigError(f"unknown translator weights {weights!r}; choose from {list(TRANSLATOR_WEIGHTS)}")
+    out = {}
+    for name, value in state.items():
+        value = value.detach().float()
+        if weights == "int8" and name in _QUANTIZED:
+            scale = (value.abs().amax(dim=0) / 127.0).clamp_min(1e-12)
+            out[name] = torch.round(value / scale).clamp(-127, 127).to(torch.int8)
+            out[f"{name}.scale"] = scale
+        else:
+            out[name] = value.half()
+    return out
+
+
+def unpack_weights(packed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The float weights of ``pack_weights``'s output."""
+    return {
+        name: value.float() * packed[f"{name}.scale"].float() if f"{name}.scale" in packed else value.float()
+        for name, value in packed.items()
+        if not name.endswith(".scale")
+    }
+
+
+def stored_copy(translator: CacheTranslator, weights: str) -> CacheTranslator:
+    """``translator`` as it reads after being stored with ``weights`` (to measure what a precision costs)."""
+    copy = CacheTranslator(translator.cfg)
+    copy.load_state_dict(unpack_weights(pack_weights(translator.state_dict(), weights)))
+    return copy.eval()
+
+
 def save_translator(
-    translator: CacheTranslator, path: str | Path, transmitter_fp: str, receiver_fp: str, meta: dict | None = None
+    translator: CacheTranslator,
+    path: str | Path,
+    transmitter_fp: str,
+    receiver_fp: str,
+    meta: dict | None = None,
+    weights: str = "fp16",
 ) -> Path:
-    """Write a translator directory (``config.json`` with both fingerprints, shapes and version, and weights)."""
+    """Write a translator directory (``config.json`` with both fingerprints, shapes, version, its weights'
+    precision and stored bytes; the weights, ``pack_weights``)."""
     from fusion.registry import pair_config, write_module
 
-    config = pair_config(TRANSLATOR_FORMAT, translator, transmitter_fp, receiver_fp, meta)
-    return write_module(path, config, {k: v.half() for k, v in translator.state_dict().items()})
+    packed = pack_weights(translator.state_dict(), weights)
+    stored = sum(t.numel() * t.element_size() for t in packed.values())
+    config = pair_config(TRANSLATOR_FORMAT, translator, transmitter_fp, receiver_fp, meta, weights=weights)
+    config["bytes"] = stored
+    return write_module(path, config, packed)
+
+
+def restore_translator(path: str | Path, weights: str) -> int:
+    """Store the translator at ``path`` again with ``weights`` (same pair, config and meta); its stored bytes."""
+    from fusion.registry import read_module
+
+    config, _ = read_module(path, TRANSLATOR_FORMAT)
+    translator, _ = load_translator(path)
+    save_translator(translator, path, config["transmitter"], config["receiver"], config.get("meta"), weights=weights)
+    return read_module(path, TRANSLATOR_FORMAT)[0]["bytes"]
 
 
 def load_translator(
@@ -500,10 +556,11 @@ def load_translator(
     check_pair(path, config, transmitter_fp, receiver_fp, "translator")
     try:
         translator = CacheTranslator(TranslatorConfig(**config["config"]))
-        translator.load_state_dict({k: v.float() for k, v in state.items()})
+        translator.load_state_dict(unpack_weights(state))
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise FuserError(f"{path} holds a translator this code cannot rebuild: {exc}", path=str(path)) from exc
     meta = dict(config.get("meta", {}))
     meta.update(transmitter=config["transmitter"], receiver=config["receiver"], params=config.get("params"))
-    meta.update(bytes_fp16=config.get("bytes_fp16"))
+    meta.update(bytes_fp16=config.get("bytes_fp16"), weights=config.get("weights", "fp16"))
+    meta.update(bytes=config.get("bytes", config.get("bytes_fp16")))
     return translator.eval(), meta

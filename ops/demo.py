@@ -183,11 +183,14 @@ def zoo_setup(full: bool | None, n_questions: int) -> Setup:
     )
 
 
-def real_setup(receiver_model: str, n_questions: int, quick: bool = False, seed: int = 0, kit: Any = None) -> Setup:
+def real_setup(
+    receiver_model: str, n_questions: int, quick: bool = False, seed: int = 0, kit: Any = None, mode: str = "c2c"
+) -> Setup:
     """The real pair (``ops.real``'s kit, built if needed, or the ``kit`` given): the receiver model with no notes,
     four devices (two per model) with their notes, held-out questions of both formats (those with personal details
-    private)."""
+    private). A receiver whose kit holds its translators only runs ``mode="translate"`` (no gate: uniform)."""
     from fusion.models import LanguageModel
+    from fusion.registry import FuserRegistry
     from ops.real.kit import load_kit, model_files
 
     kit = kit if kit is not None else load_kit(quick=quick)
@@ -195,6 +198,12 @@ def real_setup(receiver_model: str, n_questions: int, quick: bool = False, seed:
     if receiver_model not in files:
         raise ConfigError(f"unknown receiver model {receiver_model!r}; choose one of {sorted(files)}")
     receiver_fp = LanguageModel.load(files[receiver_model]).fingerprint
+    registry = FuserRegistry(kit.fusers_dir)
+    if mode == "c2c" and not registry.has_gate(receiver_fp):
+        raise ConfigError(
+            f"this kit has no fusers into {receiver_model} (its translators only): run `python -m ops.real build "
+            f"--receiver-model {receiver_model}`, or ask with --mode translate"
+        )
     pool = kit.test_questions()
     questions = random.Random(f"demo-real/{seed}").sample(pool, min(n_questions, len(pool)))
     devices = list(kit.spec.devices)
@@ -203,7 +212,7 @@ def real_setup(receiver_model: str, n_questions: int, quick: bool = False, seed:
         receiver=str(files[receiver_model]),
         transmitters={d: str(files[m]) for d, m in kit.spec.devices.items()},
         fusers=str(kit.fusers_dir),
-        gate=str(kit.fusers_dir / f"gate-{receiver_fp}"),
+        gate=str(registry.gate_path(receiver_fp)) if registry.has_gate(receiver_fp) else None,
         questions=questions,
         links_mbps=dict(zip(devices, DEFAULT_LINKS_MBPS, strict=False)),
         notes={d: str(kit.notes_path(d)) for d in devices},
@@ -433,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.tiny:
             setup = tiny_setup(Path(tempfile.mkdtemp(prefix="fedrefine-tiny-")), args.questions)
         elif args.real:
-            setup = real_setup(args.receiver_model, args.questions)
+            setup = real_setup(args.receiver_model, args.questions, mode=args.mode)
         else:
             setup = zoo_setup(True if args.full else False if args.quick else None, args.questions)
         if args.mode != "c2c" and not args.real:

@@ -85,6 +85,8 @@ def row_specs(devices: list[str], precision: str, task: str = "notes") -> list[d
             {"label": f"translate-{p}", "mode": "translate", "transmitters": devices, "precision": p}
             for p in ("int8", "int4")
         ]
+        # the translators' own weights stored at int8 (fusion.translate.pack_weights), everything else as translate+N
+        rows += [{"label": "translate-w8", "mode": "translate", "transmitters": devices, "weights": "int8"}]
         rows += [{"label": f"{every} {SELF_CHECK}", "mode": SELF_CHECK, "transmitters": devices}]
     for row in rows:
         row.setdefault("private", False)
@@ -145,7 +147,7 @@ def _paired_bases(spec: dict, labels: set[str]) -> list[str]:
     bases = ["receiver"] if spec["label"] != "receiver" else []
     kind = "translate" if spec["mode"] == "translate" else "c2c"
     same = f"{kind}+{len(spec['transmitters'])}"
-    variant = spec["private"] or spec["label"].endswith(("int8", "int4"))
+    variant = spec["private"] or spec["label"].endswith(("int8", "int4")) or bool(spec.get("weights"))
     if spec["label"] != same and spec["mode"] == kind and variant:
         bases.append(same)
     return [b for b in bases if b in labels]
@@ -210,8 +212,9 @@ def _ask(
     donor: Question,
     spans=None,
     held_by: set[str] | None = None,
+    translators: dict | None = None,
 ) -> Graded:
-    """One computed row's answer to ``q`` (not the derived rows)."""
+    """One computed row's answer to ``q`` (not the derived rows); ``translators`` replace the federation's."""
     rx, mode, used = fed.receiver, spec["mode"], spec["transmitters"]
     holding = [d for d in task.holding(q) if held_by is None or d in held_by]
     if mode == "ceiling":
@@ -235,7 +238,7 @@ def _ask(
         fusers=fed.fusers,
         gate=fed.gate,
         notes=task.notes,
-        translators=fed.translators,
+        translators=fed.translators if translators is None else translators,
         spans=spans,
     )
     return grade(task, q, res.choice, res.text, res.bytes_sent, res.confidence)
@@ -304,6 +307,10 @@ def run_real(args: argparse.Namespace) -> dict:
     specs = select_rows(row_specs(task.devices, args.precision, task.name), getattr(args, "rows", None))
     computed = [s for s in specs if s["mode"] not in ("either", SELF_CHECK)]
     derived = [s for s in specs if s["mode"] in ("either", SELF_CHECK)]
+    fusing = [s["label"] for s in specs if s["mode"].startswith("c2c") or s["mode"] == "oracle"]
+    fusing += [s["label"] for s in derived if s["label"].startswith("c2c")]
+    if fusing:
+        fed.need_fusers(f"rows {fusing}")
     thresholds: dict[str, dict[str, float]] = {}
     if any(s["mode"] == SELF_CHECK for s in specs):
         n = getattr(args, "calibrate", None)
@@ -325,12 +332,23 @@ def run_real(args: argparse.Namespace) -> dict:
             {"pair": f["pair"], "params": f["params"], "bytes": f["bytes_fp16"], "train_s": f.get("train_s")}
             for f in kit.manifest.get("done", {}).get("fusers", {}).values()
         ],
+        "translators": [
+            {"pair": t["pair"], "params": t["params"], "bytes": t.get("bytes", t["bytes_fp16"])}
+            | {"weights": t.get("weights", "fp16")}
+            for t in kit.manifest.get("done", {}).get("translators", {}).values()
+        ],
         "devices": dict(kit.spec.devices),
         "questions_file": str(args.questions) if args.questions else None,
         "held_by": sorted(held_by) if held_by is not None else None,
     }
     alone_or_text = ("receiver", "transmitter", "ceiling", "t2t")
     sending = {s["private"] for s in computed if s["mode"] not in alone_or_text and "translate" not in s["mode"]}
+    from fusion.translate import stored_copy
+
+    stored = {  # the translators as another precision of their weights reads them (rows with "weights")
+        w: {fp: stored_copy(t, w) for fp, t in fed.translators.items()}
+        for w in {s.get("weights") for s in computed} - {None}
+    }
     for i, q in enumerate(tqdm(questions, desc=f"accuracy --real --task {task.name}", unit="q")):
         q_private = rephrase(q.stem).text
         texts = {p: shared_prompt(q.stem, q.options, q_private if p else None, "text") for p in (False, True)}
@@ -339,7 +357,10 @@ def run_real(args: argparse.Namespace) -> dict:
         donor = questions[(i + 1) % len(questions)]
         spans: dict = {}  # note-span caches, shared by this question's translate rows
         got = {
-            s["label"]: _ask(task, fed, q, s, prefilled, prefixes, q_private, donor, spans, held_by) for s in computed
+            s["label"]: _ask(
+                task, fed, q, s, prefilled, prefixes, q_private, donor, spans, held_by, stored.get(s.get("weights"))
+            )
+            for s in computed
         }
         for spec in derived:
             limit = thresholds.get(spec["label"], {}).get(q.format, float("inf"))

@@ -30,6 +30,7 @@ def run_real(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     kit = kit_from_args(args)
     fed = kit.federation(args.receiver_model)
+    fed.need_fusers("latency --real (C2C)")
     pool = [q for q in kit.test_questions() if q.format == "text"]
     questions = choose(args.questions, pool, 40, random.Random("bench-latency-real"), DEFAULT_WARMUP)
     run = partial(

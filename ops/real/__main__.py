@@ -34,7 +34,15 @@ def _parser() -> argparse.ArgumentParser:
         "--receiver-model",
         action="append",
         default=None,
-        help="only the fusers into this receiver model and its gate (repeatable; a later build finishes the rest)",
+        help="only the fusers, gate and translators into this receiver model (repeatable; a later build finishes "
+        "the rest)",
+    )
+    build.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        choices=["fusers", "gates", "translators"],
+        help="only this step of the pairs (repeatable; a later build finishes the rest)",
     )
     info.add_argument("--json", action="store_true", help="print the manifest as JSON")
     return p
@@ -61,7 +69,8 @@ def _info(kit, as_json: bool) -> str:
     for receiver, g in m.get("done", {}).get("gates", {}).items():
         lines.append(f"  gate of {receiver}: trained {g.get('train_s')} s on {g.get('examples')} questions")
     for pair, t in m.get("done", {}).get("translators", {}).items():
-        size = f"{t['params'] / 1e6:.2f}M params ({t['bytes_fp16'] / 1e6:.1f} MB fp16)" if t["params"] else "identity"
+        stored = f"{t.get('bytes', t['bytes_fp16']) / 1e6:.1f} MB {t.get('weights', 'fp16')}"
+        size = f"{t['params'] / 1e6:.2f}M params ({stored})" if t["params"] else "identity"
         lines.append(
             f"  translator {pair}: {t['translator']} {size}, held-out R^2 {t.get('r2_heldout')}, "
             f"{t.get('seconds')} s (rows {t.get('rows_s')}, fit {t.get('fit_s')}, tuning {t.get('tune_s', 0)})"
@@ -103,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "build":
             from ops.real.build import build_kit
 
-            build_kit(spec, threads=args.threads, receivers=args.receiver_model)
+            build_kit(spec, threads=args.threads, receivers=args.receiver_model, only=args.only)
         kit = load_kit(spec, build_if_missing=False)
         print(_info(kit, getattr(args, "json", False)))
     except FedRefineError as exc:

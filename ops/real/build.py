@@ -46,6 +46,9 @@ TRANSLATOR_GENERIC = 200
 TRANSLATOR_TUNE_QUESTIONS = 300
 TRANSLATOR_TUNE_GENERIC = 300
 TRANSLATOR_TUNE_STEPS = 100
+# a translator's two matrices stored at int8 (fusion.translate.pack_weights): half of fp16, the same answers on 300
+# questions (docs/TRANSFER.md); a kit built before stores its translators again on the next build
+TRANSLATOR_WEIGHTS = "int8"
 
 
 def _rows(path: Path) -> list[TrainRow]:
@@ -88,9 +91,19 @@ class _Caches:
         return combine(sides, reads, text_targets(self.models[receiver], items, sides))
 
 
-def build_kit(spec: RealSpec, threads: int | None = None, receivers: list[str] | None = None) -> Path:
-    """Build (or finish building) the kit of ``spec``; returns its directory. ``receivers``: only the fusers into
-    these receiver models and their gates (a later build without it finishes the rest)."""
+def build_kit(
+    spec: RealSpec,
+    threads: int | None = None,
+    receivers: list[str] | None = None,
+    only: Sequence[str] | None = None,
+) -> Path:
+    """Build (or finish building) the kit of ``spec``; returns its directory. ``receivers``: only the fusers,
+    gates and translators into these receiver models; ``only``: only these of the pair steps (``fusers``,
+    ``gates``, ``translators``; the data comes first always). A later build without them finishes the rest."""
+    unknown = sorted(set(only or ()) - set(STEPS[1:]))
+    if unknown:
+        raise ConfigError(f"unknown build step(s) {unknown}; choose from {list(STEPS[1:])}")
+    pair_steps = set(only) if only else set(STEPS[1:])
     root = kit_dir(spec)
     root.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(root) or {"format": FORMAT_VERSION, "spec": spec.model_dump(mode="json"), "done": {}}
@@ -134,7 +147,7 @@ def build_kit(spec: RealSpec, threads: int | None = None, receivers: list[str] |
     wanted = [n for n in names if receivers is None or n in receivers]
     if receivers is not None and set(receivers) - set(names):
         raise ConfigError(f"unknown receiver model(s) {sorted(set(receivers) - set(names))}; the kit has {names}")
-    for receiver in wanted:
+    for receiver in wanted if "fusers" in pair_steps else ():
         for transmitter in names:
             pair = f"{transmitter}->{receiver}"
             if pair in fusers_done:
@@ -158,7 +171,7 @@ def build_kit(spec: RealSpec, threads: int | None = None, receivers: list[str] |
             write_manifest(root, manifest)
     gates_done = done.setdefault("gates", {})
     gate_rows = _rows(root / "train" / "gate.jsonl")[:DEFAULT_GATE_QUESTIONS]
-    for receiver in wanted:
+    for receiver in wanted if "gates" in pair_steps else ():
         if receiver in gates_done:
             continue
         t0 = time.perf_counter()
@@ -199,7 +212,7 @@ def build_kit(spec: RealSpec, threads: int | None = None, receivers: list[str] |
         write_manifest(root, manifest)
     translators_done = done.setdefault("translators", {})
     blocks = None
-    for receiver in wanted:
+    for receiver in wanted if "translators" in pair_steps else ():
         for transmitter in names:
             pair = f"{transmitter}->{receiver}"
             if pair in translators_done:
@@ -219,8 +232,16 @@ def build_kit(spec: RealSpec, threads: int | None = None, receivers: list[str] |
                 seed=spec.seed,
                 tune_items=tune,
                 tune_steps=steps,
+                weights=TRANSLATOR_WEIGHTS,
             )
             translators_done[pair] = result | {"pair": [receiver, transmitter], "seconds": elapsed(t0)}
+            write_manifest(root, manifest)
+    for entry in translators_done.values() if "translators" in pair_steps else ():
+        if entry.get("params") and entry.get("weights", "fp16") != TRANSLATOR_WEIGHTS:
+            from fusion.translate import restore_translator
+
+            stored = restore_translator(entry["translator"], TRANSLATOR_WEIGHTS)
+            entry.update(weights=TRANSLATOR_WEIGHTS, bytes=stored)
             write_manifest(root, manifest)
     manifest["build_s"] = round(manifest.get("build_s", 0.0) + time.perf_counter() - t_build, 1)
     manifest["cpu_s"] = round(manifest.get("cpu_s", 0.0) + time.process_time() - cpu_build, 1)

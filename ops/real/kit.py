@@ -122,8 +122,17 @@ class Federation:
     transmitters: dict[str, Any]  # device -> its model (two devices share a model object)
     notes: dict[str, Any]  # device -> fusion.notes.DeviceNotes
     fusers: dict[str, Any]  # transmitter fingerprint -> fusion.fuser.PairFuser into the receiver
-    gate: Any  # fusion.gate.GateNetwork
+    gate: Any  # fusion.gate.GateNetwork (None with no fusers)
     translators: dict[str, Any] = field(default_factory=dict)  # transmitter fp -> fusion.translate.CacheTranslator
+
+    def need_fusers(self, what: str) -> None:
+        """``ConfigError`` naming the build command when ``what`` needs fusers this receiver does not have."""
+        if not self.fusers:
+            name = getattr(self.receiver, "name", "this receiver")
+            raise ConfigError(
+                f"{what} needs the fusers into {name}, which this kit has not built (it has its translators only): "
+                f"run `python -m ops.real build --receiver-model {name}`, or use the translate mode"
+            )
 
 
 def model_files(spec: RealSpec) -> dict[str, Path]:
@@ -170,7 +179,8 @@ class Kit:
         return self._models[name]
 
     def federation(self, receiver: str) -> Federation:
-        """The receiver model ``receiver`` with every device as a transmitter, their notes, fusers and gate."""
+        """The receiver model ``receiver`` with every device as a transmitter, their notes, fusers, gate and
+        translators (a receiver with translators only, ``build --only translators``: no fusers and no gate)."""
         from fusion.gate import load_gate
         from fusion.notes import DeviceNotes
         from fusion.registry import FuserRegistry
@@ -182,13 +192,16 @@ class Kit:
         rx = self.model(receiver)
         registry = FuserRegistry(self.fusers_dir)
         transmitters = {d: self.model(m) for d, m in self.spec.devices.items()}
-        fusers = {t.fingerprint: registry.load(t.fingerprint, rx.fingerprint) for t in transmitters.values()}
+        fps = {t.fingerprint for t in transmitters.values()}
         notes = {d: DeviceNotes.load(self.notes_path(d)) for d in self.spec.devices}
         translators = {  # a kit built before translators existed has none (``python -m ops.real build`` adds them)
-            t.fingerprint: registry.load_translator(t.fingerprint, rx.fingerprint)
-            for t in transmitters.values()
-            if registry.translator_path(t.fingerprint, rx.fingerprint).exists()
+            fp: registry.load_translator(fp, rx.fingerprint)
+            for fp in fps
+            if registry.translator_path(fp, rx.fingerprint).exists()
         }
+        if translators and not any(registry.has(fp, rx.fingerprint) for fp in fps):
+            return Federation(rx, transmitters, notes, {}, None, translators)  # built --only translators
+        fusers = {fp: registry.load(fp, rx.fingerprint) for fp in fps}
         gate = load_gate(registry.gate_path(rx.fingerprint), rx.fingerprint)
         return Federation(rx, transmitters, notes, fusers, gate, translators)
 

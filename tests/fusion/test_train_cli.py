@@ -131,6 +131,7 @@ def test_a_translator_for_a_pair_from_plain_text_and_the_identity_for_a_model_in
     translator, meta = load_translator(path, t.fingerprint, r.fingerprint)
     assert meta["blocks"] == 6 and translator.cfg.rank == 4 and result["params"] == meta["params"] > 0
     assert meta["tune_steps"] == 3 and meta["tune_items"] == 6 and meta["tune_loss_last"] > 0  # each block repeated
+    assert meta["weights"] == result["weights"] == "int8" and result["bytes"] < result["bytes_fp16"]
     assert not (tmp_path / "reg" / f"rows-{t.fingerprint}-to-{r.fingerprint}.pt").exists()  # checkpoint removed
     assert main([*base, "--transmitter", receiver]) == 0
     result = json.loads(capsys.readouterr().out)

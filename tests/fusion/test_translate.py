@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bus.errors import FuserError, FusionError
+from bus.errors import ConfigError, FuserError, FusionError
 from fusion.answers import read_answer
 from fusion.formats import notes_content
 from fusion.models import LanguageModel
@@ -20,8 +20,11 @@ from fusion.translate import (
     fit_translator,
     load_translator,
     note_span,
+    pack_weights,
+    restore_translator,
     rope_tables,
     save_translator,
+    stored_copy,
     translated_prompt,
     translation_rows,
     turn_keys,
@@ -174,3 +177,31 @@ def test_tuning_makes_the_receiver_write_what_a_reader_of_the_lines_writes(model
     assert [p.requires_grad for p in receiver.model.parameters()] == flags  # the receiver as it was
     ident = CacheTranslator(TranslatorConfig.for_models(receiver, receiver))
     assert tune_translator(ident, receiver, receiver, items) == []
+
+
+def test_int8_weights_store_half_the_bytes_and_translate_as_the_float_weights(tmp_path) -> None:
+    cfg = TranslatorConfig(3, 2, 8, 4, 1, 16, rank=12)  # 128 features -> 96 outputs
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(800, cfg.in_features, generator=gen) * torch.linspace(0.1, 5, cfg.in_features)
+    y = x @ torch.randn(cfg.in_features, cfg.out_features, generator=gen) / 10
+    translator, _ = fit_translator(cfg, x, y)
+    packed = pack_weights(translator.state_dict(), "int8")
+    assert packed["down"].dtype == packed["up"].dtype == torch.int8 and packed["up.scale"].shape == (cfg.out_features,)
+    sizes = {}
+    for weights in ("fp16", "int8"):
+        path = save_translator(translator, tmp_path / weights, "a" * 16, "b" * 16, {"note": 1}, weights=weights)
+        back, meta = load_translator(path, "a" * 16, "b" * 16)
+        sizes[weights] = meta["bytes"]
+        assert meta["weights"] == weights and meta["note"] == 1
+        a, b = translator.rows(x[:50]), back.rows(x[:50])
+        assert ((a - b).pow(2).mean() / a.var()).item() < 1e-4  # the same translation, within 0.01% of its variance
+    params = sum(p.numel() for p in translator.parameters())
+    matrices = translator.down.numel() + translator.up.numel()
+    scales = 4 * (cfg.rank + cfg.out_features)  # one float32 per column of each matrix
+    assert sizes["fp16"] == 2 * params and sizes["int8"] == matrices + scales + 2 * (params - matrices)
+    copy = stored_copy(translator, "int8")
+    assert torch.allclose(copy.rows(x[:5]), back.rows(x[:5]), atol=1e-3)  # what the bench row reads is the file's
+    assert restore_translator(tmp_path / "fp16", "int8") == sizes["int8"]  # a kit's fp16 file stored again
+    assert load_translator(tmp_path / "fp16")[1]["weights"] == "int8"
+    with pytest.raises(ConfigError, match="unknown translator weights"):
+        pack_weights(translator.state_dict(), "int3")

@@ -24,6 +24,21 @@ def spec(tmp_path, monkeypatch):
 def test_the_kit_builds_four_fusers_and_two_gates_once_and_resumes(spec) -> None:
     with pytest.raises(ConfigError, match="unknown receiver model"):
         build_kit(spec, receivers=["m3"])
+    with pytest.raises(ConfigError, match="unknown build step"):
+        build_kit(spec, only=["gate"])
+    build_kit(spec, receivers=["m1"], only=["translators"])  # --only translators: no fuser, no gate
+    partial = json.loads((load_kit(spec, build_if_missing=False).root / "manifest.json").read_text())["done"]
+    assert not partial["fusers"] and not partial["gates"] and set(partial["translators"]) == {"m1->m1", "m2->m1"}
+    assert partial["translators"]["m2->m1"]["weights"] == "int8"
+    fed = load_kit(spec, build_if_missing=False).federation("m1")  # a receiver with its translators only
+    assert not fed.fusers and fed.gate is None and len(fed.translators) == 2
+    with pytest.raises(ConfigError, match="--receiver-model m1"):
+        fed.need_fusers("C2C")
+    from ops.demo import real_setup
+
+    with pytest.raises(ConfigError, match="--mode translate"):
+        real_setup("m1", 2, kit=load_kit(spec, build_if_missing=False))
+    assert real_setup("m1", 2, kit=load_kit(spec, build_if_missing=False), mode="translate").gate is None
     build_kit(spec, receivers=["m1"])  # one direction first (--receiver-model): its two fusers and its gate
     partial = json.loads((load_kit(spec, build_if_missing=False).root / "manifest.json").read_text())["done"]
     assert set(partial["fusers"]) == {"m1->m1", "m2->m1"} and set(partial["gates"]) == {"m1"}
@@ -46,6 +61,18 @@ def test_the_kit_builds_four_fusers_and_two_gates_once_and_resumes(spec) -> None
     assert {q.entity for q in questions} <= test_entities
     rows = [json.loads(line) for line in (kit.root / "train" / "fuser-m1.jsonl").read_text().splitlines()]
     assert rows and not any(r["stem"].split()[-1].rstrip("?") in test_entities for r in rows)
+    # a translator stored at fp16 (a kit built before int8 weights) is stored again at int8 by the next build
+    from fusion.translate import restore_translator
+    from ops.real.kit import write_manifest
+
+    entry = kit.manifest["done"]["translators"]["m2->m1"]
+    int8_bytes = entry["bytes"]
+    entry.update(weights="fp16", bytes=restore_translator(entry["translator"], "fp16"))
+    write_manifest(kit.root, kit.manifest)
+    build_kit(spec)
+    entry = load_kit(spec, build_if_missing=False).manifest["done"]["translators"]["m2->m1"]
+    assert entry["weights"] == "int8" and entry["bytes"] == int8_bytes
+    kit = load_kit(spec, build_if_missing=False)
     stamp = (kit.root / "manifest.json").stat().st_mtime_ns
     build_kit(spec)  # every step is done: nothing is trained again
     assert json.loads((kit.root / "manifest.json").read_text())["done"] == kit.manifest["done"]
