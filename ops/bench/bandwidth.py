@@ -24,6 +24,9 @@ receiver used per planned transmitter). ``--real`` runs the real kit (``ops.real
 ``--receiver-model``; free-text questions scored by exact match; a 12 s deadline and 2 s heartbeats, since four
 real prefills share this one process), at 0.002-1 MB/s by default, without
 text-to-text rows (``ops.bench reallat`` has them); ``receiver_alone_accuracy`` is then measured in process.
+``--real --mode translate`` asks every question in translate mode: each device with notes for q' streams every
+layer of its notes' cache (~0.7 MB a device at fp16, docs/PROTOCOL.md 3.2), so the links bind at 0.05-1 MB/s and a
+dropped layer stands at its mean in the translator; ``--format choice|text`` keeps one kind of question.
 """
 
 from __future__ import annotations
@@ -85,6 +88,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--policies", default=",".join(POLICIES), help="comma-separated bus.policy names or module:Class specs"
     )
     parser.add_argument("--no-t2t", action="store_true", help="skip the text-to-text rows")
+    parser.add_argument(
+        "--mode",
+        choices=["c2c", "translate"],
+        default="c2c",
+        help="--real: c2c (fusers on q' caches) or translate (each device's notes' cache, translated: megabytes)",
+    )
+    parser.add_argument(
+        "--format", choices=["both", "choice", "text"], default="both", help="--real: which questions to ask"
+    )
 
 
 def parse_rates(text: str) -> list[float | None]:
@@ -166,6 +178,7 @@ class World:
     transmitters: dict[str, Any]  # agent id -> LanguageModel
     questions: list[Any]  # fusion.prompts.Question
     real: bool = False  # the real kit: answers by generation, free text scored by exact match
+    mode: str = "c2c"  # how every question is asked (``Ask.mode``): "translate" sends the notes' caches
 
 
 def load_world(args: argparse.Namespace) -> World:
@@ -178,11 +191,17 @@ def load_world(args: argparse.Namespace) -> World:
     )
     if n < 1:
         raise ConfigError("--questions must be at least 1")
+    mode, fmt = getattr(args, "mode", "c2c"), getattr(args, "format", "both")
+    if (mode != "c2c" or fmt != "both") and not args.real:
+        raise ConfigError("--mode and --format need --real (translators are for pretrained models)")
     if args.real:
         from ops.demo import real_setup
         from ops.real.kit import kit_from_args
 
-        setup = real_setup(args.receiver_model, n, kit=kit_from_args(args))
+        kit = kit_from_args(args)
+        setup = real_setup(args.receiver_model, n if fmt == "both" else 10**6, kit=kit, mode=mode)
+        if fmt != "both":
+            setup.questions = [q for q in setup.questions if q.format == fmt][:n]
     elif args.tiny:
         setup = tiny_setup(Path(tempfile.mkdtemp(prefix="fedrefine-bw-")), n)
     else:
@@ -191,7 +210,8 @@ def load_world(args: argparse.Namespace) -> World:
     for model in {setup.receiver, *setup.transmitters.values()}:
         cache[model] = LanguageModel.load(model)
     transmitters = {tid: cache[setup.transmitters[tid]] for tid in sorted(setup.transmitters)}
-    return World(setup, cache[setup.receiver], transmitters, list(setup.questions)[:n], real=bool(args.real))
+    questions = list(setup.questions)[:n]
+    return World(setup, cache[setup.receiver], transmitters, questions, real=bool(args.real), mode=mode)
 
 
 # ---- one cell: a rate and a policy through the agents ----------------------------------------------------------
@@ -297,7 +317,8 @@ async def _cell(url: str, store: Any, world: World, policy: str, link: Link, dea
         await nc.flush()
         for q in world.questions:
             t0 = time.perf_counter()
-            reply = await ask_once(nc, subjects, Item(q.stem, q.options, False, q.answer, q.id), deadline_s)
+            item = Item(q.stem, q.options, False, q.answer, q.id, mode=world.mode)
+            reply = await ask_once(nc, subjects, item, deadline_s)
             rows.append((q, reply, time.perf_counter() - t0))
         await asyncio.sleep(0.05)  # the spy's last callbacks
     finally:
@@ -504,6 +525,7 @@ def run(args: argparse.Namespace) -> dict:
         "rows": rows,
         "setup": world.setup.name,
         "real": real,
+        "mode": world.mode,
         "transmitters": len(world.transmitters),
         "questions": len(world.questions),
         "deadline_s": deadline_s,

@@ -45,6 +45,24 @@ def test_bandwidth_real_rows(tiny_real_kit, monkeypatch: pytest.MonkeyPatch, tmp
     assert all(set(r["precision_mix"]) <= {"fp16", "int8", "int4"} for r in rows)
 
 
+def test_bandwidth_real_translate_streams_the_notes_caches(tiny_real_kit, monkeypatch, tmp_path) -> None:
+    root, home = tiny_real_kit
+    monkeypatch.setenv("FEDREFINE_HOME", str(home))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", default=None)
+    add_arguments(parser)
+    args = parser.parse_args(
+        ["--real", "--kit", str(root), "--receiver-model", "m1", "--questions", "2", "--rates", "unshaped"]
+        + ["--policies", "keep-all", "--deadline-s", "5", "--mode", "translate", "--format", "choice"]
+    )
+    result = run(args)
+    assert result["mode"] == "translate" and result["questions"] == 2
+    (row,) = result["rows"]
+    assert row["answered"] == 2 and row["deadline_met"] == 1.0
+    # every device with notes for q' streams every layer of its notes' cache: far more than a window-1 fuser reads
+    assert row["layers_sent"] > 1 and row["bytes_per_token"] and row["bytes_per_query"] > 1000
+
+
 def test_kit_needs_real(tmp_path) -> None:
     from bus.errors import ConfigError
 
@@ -52,6 +70,8 @@ def test_kit_needs_real(tmp_path) -> None:
     add_arguments(parser)
     with pytest.raises(ConfigError, match="--kit needs --real"):
         run(parser.parse_args(["--kit", str(tmp_path), "--rates", "1"]))
+    with pytest.raises(ConfigError, match="need --real"):
+        run(parser.parse_args(["--mode", "translate", "--rates", "1"]))
 
 
 @pytest.mark.slow
