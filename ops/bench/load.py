@@ -75,6 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--soak-in-flight", type=int, default=DEFAULT_SOAK_IN_FLIGHT, help="outstanding in the soak")
     parser.add_argument("--warmup-share", type=float, default=DEFAULT_WARMUP_SHARE, help="soak share before reading")
     parser.add_argument("--no-soak", action="store_true", help="the levels only")
+    parser.add_argument(
+        "--mode",
+        choices=["c2c", "translate"],
+        default="c2c",
+        help="--real: how every question is asked (translate: each device streams its notes' cache, megabytes)",
+    )
 
 
 def load_specs(setup: Setup, receivers: int) -> list[AgentSpec]:
@@ -129,7 +135,7 @@ class LoadBench:
 
     def __init__(self, fed: Federation, store: CredentialStore, setup: Setup, args: argparse.Namespace) -> None:
         self.fed, self.store, self.setup, self.args = fed, store, setup, args
-        self.items = items_of(setup.questions)
+        self.items = items_of(setup.questions, setup.mode)
         self.askers: list[tuple] = []
 
     async def open(self, n: int) -> None:
@@ -261,10 +267,13 @@ def run(args: argparse.Namespace) -> dict:
         raise ConfigError("--levels, --receivers, --deadline-s and --soak-in-flight must be positive")
     if args.kit is not None and not args.real:
         raise ConfigError("--kit needs --real")
+    if getattr(args, "mode", "c2c") != "c2c" and not args.real:
+        raise ConfigError("--mode translate needs --real (translators are for pretrained models)")
     if args.real:
         from ops.real.kit import kit_from_args
 
-        setup = real_setup(args.receiver_model, args.questions, kit=kit_from_args(args))
+        setup = real_setup(args.receiver_model, args.questions, kit=kit_from_args(args), mode=args.mode)
+        setup.mode = args.mode
     elif args.tiny:
         setup = tiny_setup(Path(tempfile.mkdtemp(prefix="fedrefine-load-")), args.questions)
     else:
@@ -285,6 +294,7 @@ def run(args: argparse.Namespace) -> dict:
     return {
         **result,
         "setup": setup.name,
+        "mode": setup.mode,
         "receivers": args.receivers,
         "deadline_s": args.deadline_s,
         "max_inflight_per_receiver": 64,

@@ -106,7 +106,8 @@ def test_e2e_real_on_a_tiny_kit(tiny_real_kit, monkeypatch: pytest.MonkeyPatch) 
 
 @pytest.mark.slow
 def test_load_real_soak_reads_every_agents_memory(tiny_real_kit, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``ops.bench load --real --levels ''``: the real federation's soak alone, every agent's memory read."""
+    """``ops.bench load --real --levels '' --mode translate``: the real federation's soak alone, every question in
+    translate mode (the notes' caches on the bus), every agent's memory read."""
     from ops.bench import load
 
     root, home = tiny_real_kit
@@ -116,10 +117,10 @@ def test_load_real_soak_reads_every_agents_memory(tiny_real_kit, monkeypatch: py
     args = parser.parse_args(
         ["--real", "--kit", str(root), "--receiver-model", "m1", "--receivers", "1", "--levels", ""]
         + ["--questions", "3", "--soak-questions", "6", "--soak-in-flight", "2", "--deadline-s", "30"]
-        + ["--warmup-share", "0.34"]
+        + ["--warmup-share", "0.34", "--mode", "translate"]
     )
     result = load.run(args)
-    assert result["setup"].startswith("real")
+    assert result["setup"].startswith("real") and result["mode"] == "translate"
     assert result["rows"] == []  # --levels '': the soak alone
     soak = result["soak"]
     assert soak["questions"] == 6 and soak["answered"] == 6
