@@ -178,7 +178,9 @@ def _fusable_offers(
     omitted: list[Omission] = []
     for tid in sorted(offers):
         offer = offers[tid]
-        if fusable(offer):
+        if offer.declined:
+            omitted.append(Omission(transmitter_id=tid, reason="not_chosen", detail="declined: nothing to send"))
+        elif fusable(offer):
             usable[tid] = offer
         else:
             detail = f"receiver {query.receiver_id} has no fuser for model {offer.model_fingerprint}"

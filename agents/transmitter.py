@@ -214,7 +214,8 @@ class TransmitterAgent(Agent):
         if query.mode == "translate":
             pre, inline = await self.compute(prefill_notes, self.id, self.model, shared, self.notes, self.cfg.top_k)
             if pre is None:
-                log.info("transmitter %s: no notes for %s; nothing to translate, no offer", self.id, query.query_id)
+                log.info("transmitter %s: no notes specific to %s; declined", self.id, query.query_id)
+                await self._decline(query, 1000 * (time.perf_counter() - t0))
                 return
         else:
             pre, inline = await self.compute(
@@ -251,6 +252,25 @@ class TransmitterAgent(Agent):
             self.sent["inline"] += 1
         await self._send_offer(query, offer, len(inline.data) if inline is not None else 0, prefill_ms)
         self._forget_expired()
+
+    async def _decline(self, query: Query, ms: float) -> None:
+        """Tell the gate there is nothing to send for ``query`` (so that it does not wait out its window)."""
+        model = self.model
+        offer = Offer(
+            query_id=query.query_id,
+            transmitter_id=self.id,
+            query_digest=digest_of(query),
+            model_fingerprint=model.fingerprint,
+            n_tokens=0,
+            n_layers=model.num_layers,
+            kv_heads=model.kv_heads,
+            head_dim=model.head_dim,
+            confidence=0.0,
+            link_rate_bps=self.link_now(),
+            rtt_s=self.link.rtt_s,
+            declined=True,
+        )
+        await self._send_offer(query, offer, 0, ms, detail="declined")
 
     async def _send_offer(self, query: Query, offer: Offer, carried: int, ms: float, detail: str = "") -> None:
         """Publish an offer after the shaped link has passed the ``carried`` bytes it brings (an inline cache's
@@ -441,10 +461,13 @@ def prefill_notes(
 ) -> tuple[TransmitterPrefill | None, None]:
     """Translate mode: the offer's summary from ``transmitter_prefill`` as always, but the cache that travels is
     that of the note lines it retrieved (``fusion.translate.note_span``, keys position-free; no offsets in q').
-    ``(None, None)`` when it has no notes for q' (nothing to translate); never an inline cache."""
+    ``(None, None)`` when it has no notes specific to q' (``fusion.notes.Retrieved.specific``: nothing worth
+    translating, and its other lines stay home); never an inline cache."""
     if notes is None or model.style != "text":
         return None, None
     retrieved = notes.retrieve(shared, top_k)
+    if not retrieved.specific:
+        return None, None
     span = note_span(model, retrieved.lines)
     if span is None:
         return None, None

@@ -196,7 +196,7 @@ class Offer(Message):
     transmitter_id: Id
     query_digest: int = Field(ge=0, le=DIGEST_MAX)  # digest_of(the Query it answers)
     model_fingerprint: Fingerprint
-    n_tokens: int = Field(ge=1)
+    n_tokens: int = Field(ge=0)  # 0 only in a declined offer
     n_layers: int = Field(ge=1, le=MAX_LAYER_INDEX + 1)
     kv_heads: int = Field(ge=1)
     head_dim: int = Field(ge=1)
@@ -217,9 +217,16 @@ class Offer(Message):
     )
     inline: InlineKV | None = None  # the cache tail itself, when small enough to ride along (InlineKV)
     hint: str | None = Field(default=None, max_length=MAX_HINT_CHARS)  # t2t queries: its short answer ("": none)
+    # translate queries: nothing worth sending (no notes specific to q'): the gate stops waiting for this device
+    # and never plans it; a declined offer carries no tokens, offsets, inline cache or hint
+    declined: bool = False
 
     @model_validator(mode="after")
     def _offsets_fit(self) -> Offer:
+        if self.declined != (self.n_tokens == 0):
+            raise ValueError("an offer has tokens unless it is declined, and a declined offer has none")
+        if self.declined and (self.offsets or self.inline is not None or self.hint is not None):
+            raise ValueError("a declined offer carries nothing")
         if self.offsets and len(self.offsets) != self.n_tokens:
             raise ValueError(f"{len(self.offsets)} token offsets for n_tokens={self.n_tokens}")
         if any(start > end for start, end in self.offsets):

@@ -78,6 +78,7 @@ MODES: tuple[str, ...] = (
     "c2c-shuffled",
     "translate",
     "translate-shuffled",
+    "translate-every",
 )
 DEFAULT_HINT_TOKENS = 24  # longest hint a transmitter writes in text-to-text mode
 HINTS_HEAD = "Hints from other devices:\n"  # text-to-text, text style: before the hints the receiver reads
@@ -605,9 +606,10 @@ def _cache_to_cache(req: _Request) -> RefineResult:
 
 
 def _translated(req: _Request) -> RefineResult:
-    """Translate modes: every transmitter sends its cache of the note lines it retrieved for q' (``translate-
-    shuffled``: for another question), the receiver translates each, places them before its own question and reads
-    the answer; nothing arrived (no notes, no translator): it answers alone."""
+    """Translate modes: every transmitter whose notes are specific to q' (``Retrieved.specific``; ``translate-
+    every``: whatever it retrieved) sends its cache of the note lines it retrieved (``translate-shuffled``: for
+    another question), the receiver translates each, places them before its own question and reads the answer;
+    nothing arrived (no notes, no translator): it answers alone."""
     q = req.question
     t0 = time.perf_counter()
     spans = {}
@@ -617,7 +619,8 @@ def _translated(req: _Request) -> RefineResult:
             if name not in req.donors:
                 raise FusionError(f"translate-shuffled needs a donor question for transmitter {name}")
             stem = req.donors[name].stem
-        lines = req.notes[name].retrieve(stem).lines if name in req.notes else ()
+        got = req.notes[name].retrieve(stem) if name in req.notes else None
+        lines = got.lines if got is not None and (got.specific or req.mode == "translate-every") else ()
         key = (model.fingerprint, lines)
         span = req.spans.get(key) if req.spans is not None else None
         if span is None:

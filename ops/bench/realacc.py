@@ -79,6 +79,8 @@ def row_specs(devices: list[str], precision: str, task: str = "notes") -> list[d
         ]
         rows += [{"label": f"translate:{d}", "mode": "translate", "transmitters": [d]} for d in devices[1:]]
         rows += [{"label": "translate-shuffled", "mode": "translate-shuffled", "transmitters": devices}]
+        # every device sends what it retrieved, specific to q' or not (translate+N: only notes that name its subject)
+        rows += [{"label": "translate-every", "mode": "translate-every", "transmitters": devices}]
         rows += [{"label": "translate-oracle", "mode": "translate-oracle", "transmitters": []}]
         rows += [{"label": "translate-private", "mode": "translate", "transmitters": devices, "private": True}]
         rows += [
@@ -145,10 +147,10 @@ def _paired_bases(spec: dict, labels: set[str]) -> list[str]:
     """Rows a row is compared with question by question: the receiver alone, and for a precision or private row
     the plain fp16 row of the same devices."""
     bases = ["receiver"] if spec["label"] != "receiver" else []
-    kind = "translate" if spec["mode"] == "translate" else "c2c"
+    kind = "translate" if spec["mode"].startswith("translate") else "c2c"
     same = f"{kind}+{len(spec['transmitters'])}"
     variant = spec["private"] or spec["label"].endswith(("int8", "int4")) or bool(spec.get("weights"))
-    if spec["label"] != same and spec["mode"] == kind and variant:
+    if spec["label"] != same and (variant or spec["mode"] == "translate-every"):
         bases.append(same)
     return [b for b in bases if b in labels]
 

@@ -164,3 +164,16 @@ def test_a_tail_that_came_inside_the_offer_is_planned_inline_whatever_the_link()
     kept = _plan([slow], tail=lambda o: 1, left_s=1.0).entries[0]  # ... but the fp16 tail already travelled
     assert kept.inline and kept.precision == "fp16" and kept.layers == entry.layers and kept.byte_budget == 0
     assert not _plan([_offer("t2")], tail=lambda o: 1).entries[0].inline  # no inline cache, nothing to take
+
+
+def test_a_declined_offer_is_never_planned_and_never_waited_for() -> None:
+    declined = _offer("t2").model_copy(update={"n_tokens": 0, "offsets": (), "declined": True})
+    Offer.model_validate(declined.model_dump())  # a valid message
+    plan = _plan([_offer("t1"), declined], expected=("t1", "t2"))
+    assert [e.transmitter_id for e in plan.entries] == ["t1"]
+    assert [(o.transmitter_id, o.reason, o.detail) for o in plan.omitted] == [
+        ("t2", "not_chosen", "declined: nothing to send")
+    ]
+    for bad in ({"declined": True}, {"n_tokens": 0, "offsets": ()}, {**declined.model_dump(), "hint": ""}):
+        with pytest.raises(ValidationError, match="declined"):
+            Offer.model_validate({**_offer("t3").model_dump(), **bad})

@@ -166,6 +166,17 @@ def test_notes_retrieval_ranks_the_entity_and_reports_coverage() -> None:
     assert DeviceNotes([]).retrieve("anything").lines == ()
 
 
+def test_notes_are_specific_to_a_question_when_their_best_line_names_its_subject() -> None:
+    many = DeviceNotes([f"The color of Entity{i} is red." for i in range(8)] + ["Kalu plays the harp."])
+    assert many.retrieve("What is the color of Entity3?").specific  # "entity3": one line of nine
+    assert many.retrieve("What does Kalu play?").specific
+    other = many.retrieve("What is the color of Glorp?")
+    assert other.lines and not other.specific  # "color" is in eight lines: another entity's facts, not Glorp's
+    big = DeviceNotes([f"Thing{i} likes item{i % 5}." for i in range(600)])
+    assert big.retrieve("What does Thing7 like?").specific  # one line
+    assert not big.retrieve("Who likes item3?").specific  # 120 lines: above 1% of 600
+
+
 def test_free_text_is_scored_by_normalised_exact_match() -> None:
     assert normalize_answer("  The Teal.\nmore") == "teal"
     assert exact_match("a fox", "fox") and exact_match("Oslo!", "oslo")

@@ -153,6 +153,12 @@ def test_translate_modes_of_refine(models) -> None:
         donors={"a": donor, "self": donor},
     )
     assert shuffled.bytes_sent > 0
+    # notes that do not name the question's subject stay home; translate-every sends them anyway
+    crowd = {"a": DeviceNotes([f"The color of Entity{i} is red." for i in range(8)])}
+    kept = refine(CHOICE_Q, receiver, {"a": transmitter}, mode="translate", notes=crowd, translators=translators)
+    assert kept.bytes_sent == 0 and kept.probs == alone.probs
+    every = refine(CHOICE_Q, receiver, {"a": transmitter}, mode="translate-every", notes=crowd, translators=translators)
+    assert every.bytes_sent > 0 and list(every.used) == ["a"]
     with pytest.raises(FusionError, match="donor"):
         refine(CHOICE_Q, receiver, txs, mode="translate-shuffled", notes=notes, translators=translators)
 

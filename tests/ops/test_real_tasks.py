@@ -135,7 +135,8 @@ def test_accuracy_real_translate_rows_send_the_notes_cache_translated(tiny_real_
     assert set(kit.manifest["done"]["translators"]) == {"m1->m1", "m2->m1", "m1->m2", "m2->m2"}
     fed = kit.federation("m1")
     assert len(fed.translators) == 2  # one per transmitter model: the identity into itself and m2's
-    wanted = "receiver,translate-shuffled,translate-oracle,translate-int4,translate+4 self-check"
+    wanted = "receiver,translate-shuffled,translate-oracle,translate-int4,translate-every,translate-w8"
+    wanted += ",translate+4 self-check"
     result = run_real(_args(root, task="notes", rows=wanted))
     rows = {(r["label"], r["format"]): r for r in result["rows"]}
     assert {label for label, _ in rows} == set(wanted.split(",")) | {"translate+4"}
@@ -146,6 +147,10 @@ def test_accuracy_real_translate_rows_send_the_notes_cache_translated(tiny_real_
             rows[("translate+4", fmt)]["bytes_per_question"] > 0 and rows[("receiver", fmt)]["bytes_per_question"] == 0
         )
         assert set(rows[("translate-int4", fmt)]["paired"]) == {"receiver", "translate+4"}
+        assert set(rows[("translate-every", fmt)]["paired"]) == {"receiver", "translate+4"}
+        assert rows[("translate-every", fmt)]["bytes_per_question"] >= rows[("translate+4", fmt)]["bytes_per_question"]
+        assert set(rows[("translate-w8", fmt)]["paired"]) == {"receiver", "translate+4"}
+    assert {t["weights"] for t in result["translators"] if t["params"]} == {"int8"}
 
 
 def test_a_translator_reads_training_facts_and_generic_prose_never_a_test_entity() -> None:
