@@ -318,7 +318,9 @@ def fit_translator(
 ) -> tuple[CacheTranslator, dict[str, float]]:
     """A translator fitted to rows ``x`` (n, in) -> ``y`` (n, out) by ridge regression on standardised features,
     kept at ``cfg.rank`` (the top singular directions of its fitted outputs), and its R^2 on held-out rows
-    (``held_out`` of them, refitted on all rows afterwards)."""
+    (``held_out`` of them, refitted on all rows afterwards): ``r2_heldout``, the mean over output numbers that vary
+    (a number the receiver's cache holds constant, as some of Gemma's do, has no R^2), and ``r2_heldout_pooled``,
+    one minus all residual variance over all variance."""
     if cfg.identity:
         return CacheTranslator(cfg), {"r2_heldout": 1.0, "rows": float(x.shape[0])}
     if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
@@ -338,8 +340,10 @@ def fit_translator(
         pred = part.rows(x[test].float())
         truth = y[test].float()
         resid = ((pred - truth) ** 2).sum(0)
-        total = ((truth - truth.mean(0)) ** 2).sum(0).clamp_min(1e-12)
-        stats["r2_heldout"] = round(float((1 - resid / total).mean()), 4)
+        total = ((truth - truth.mean(0)) ** 2).sum(0)
+        varies = total > 1e-6 * float(total.mean()) + 1e-12
+        stats["r2_heldout"] = round(float((1 - resid[varies] / total[varies]).mean()), 4) if varies.any() else 0.0
+        stats["r2_heldout_pooled"] = round(float(1 - resid.sum() / total.sum().clamp_min(1e-12)), 4)
     return _solve(cfg, x, y), stats
 
 

@@ -86,7 +86,10 @@ def test_the_fit_recovers_a_known_low_rank_map_and_reports_held_out_r2() -> None
     truth = torch.randn(cfg.in_features, 3, generator=gen) @ torch.randn(3, cfg.out_features, generator=gen)
     y = x @ truth + 0.5
     translator, stats = fit_translator(cfg, x, y)
-    assert stats["r2_heldout"] > 0.999 and stats["rows"] == 600
+    assert stats["r2_heldout"] > 0.999 and stats["r2_heldout_pooled"] > 0.999 and stats["rows"] == 600
+    flat = y.clone()
+    flat[:, 0] = 7.0 + 1e-7 * torch.randn(600, generator=gen)  # a number the receiver holds constant: no R^2 of its own
+    assert fit_translator(cfg, x, flat)[1]["r2_heldout"] > 0.999
     assert tuple(translator.down.shape) == (24, 3) and tuple(translator.up.shape) == (3, 16)
     test = torch.randn(5, cfg.in_features, generator=gen)
     assert torch.allclose(translator.rows(test), test @ truth + 0.5, atol=1e-2)
