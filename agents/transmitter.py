@@ -460,7 +460,8 @@ def prefill_notes(
     name: str, model: LanguageModel, shared: str, notes: DeviceNotes | None = None, top_k: int = DEFAULT_TOP_K
 ) -> tuple[TransmitterPrefill | None, None]:
     """Translate mode: the offer's summary from ``transmitter_prefill`` as always, but the cache that travels is
-    that of the note lines it retrieved (``fusion.translate.note_span``, keys position-free; no offsets in q').
+    that of the retrieved note lines that name q''s subject (``fusion.notes.Retrieved.named``;
+    ``fusion.translate.note_span``, keys position-free; no offsets in q').
     ``(None, None)`` when it has no notes specific to q' (``fusion.notes.Retrieved.specific``: nothing worth
     translating, and its other lines stay home); never an inline cache."""
     if notes is None or model.style != "text":
@@ -468,7 +469,7 @@ def prefill_notes(
     retrieved = notes.retrieve(shared, top_k)
     if not retrieved.specific:
         return None, None
-    span = note_span(model, retrieved.lines)
+    span = note_span(model, retrieved.named)
     if span is None:
         return None, None
     pre = transmitter_prefill(name, model, shared, retrieved)

@@ -5,8 +5,9 @@ retrieves the few lines most relevant to q' (BM25; the lines returned include ot
 retriever's would) and prefills them before q'; only its cache of the q' positions is sent. ``coverage`` says
 how much of the query's term weight the best line matched (0..1): the transmitter's own signal that its notes
 cover the question, which travels in its offer for the gate. ``specific`` says whether the best line names what the
-query asks about (a query term that few of the device's lines contain: a name, not a template word); in translate
-mode a device whose notes are not specific to q' sends nothing (their lines would be another entity's facts).
+query asks about (a query term that few of the device's lines contain: a name, not a template word), and ``named``
+which retrieved lines do; in translate mode a device sends the cache of its named lines only, and nothing when its
+notes are not specific to q' (the other lines are other entities' facts: distractors).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Retrieved:
     lines: tuple[str, ...]
     coverage: float  # share of the query's IDF weight that the best line contains (0..1)
     specific: bool = False  # the best line contains a query term that few lines contain (it names the subject)
+    named: tuple[str, ...] = ()  # the retrieved lines that contain such a term (best first): what translate sends
 
 
 class DeviceNotes:
@@ -92,5 +94,7 @@ class DeviceNotes:
         weight = {t: self._idf.get(t, math.log(1 + (len(self.lines) + 0.5) / 0.5)) for t in set(q)}
         best = self._docs[ranked[0]]
         covered = sum(w for t, w in weight.items() if t in best) / max(sum(weight.values()), 1e-9)
-        specific = any(t in best and self._df[t] <= self._specific_df for t in set(q))
-        return Retrieved(tuple(self.lines[i] for i in ranked), round(covered, 4), specific)
+        rare = {t for t in set(q) if 0 < self._df.get(t, 0) <= self._specific_df}
+        named = tuple(self.lines[i] for i in ranked if rare & self._docs[i].keys())
+        specific = bool(rare & best.keys())
+        return Retrieved(tuple(self.lines[i] for i in ranked), round(covered, 4), specific, named)

@@ -606,10 +606,10 @@ def _cache_to_cache(req: _Request) -> RefineResult:
 
 
 def _translated(req: _Request) -> RefineResult:
-    """Translate modes: every transmitter whose notes are specific to q' (``Retrieved.specific``; ``translate-
-    every``: whatever it retrieved) sends its cache of the note lines it retrieved (``translate-shuffled``: for
-    another question), the receiver translates each, places them before its own question and reads the answer;
-    nothing arrived (no notes, no translator): it answers alone."""
+    """Translate modes: every transmitter whose notes are specific to q' (``Retrieved.specific``) sends its cache of
+    the retrieved lines that name q''s subject (``Retrieved.named``; ``translate-every``: every device, every line
+    it retrieved; ``translate-shuffled``: for another question), the receiver translates each, places them before
+    its own question and reads the answer; nothing arrived (no notes, no translator): it answers alone."""
     q = req.question
     t0 = time.perf_counter()
     spans = {}
@@ -620,7 +620,10 @@ def _translated(req: _Request) -> RefineResult:
                 raise FusionError(f"translate-shuffled needs a donor question for transmitter {name}")
             stem = req.donors[name].stem
         got = req.notes[name].retrieve(stem) if name in req.notes else None
-        lines = got.lines if got is not None and (got.specific or req.mode == "translate-every") else ()
+        if got is None or not (got.specific or req.mode == "translate-every"):
+            lines: tuple[str, ...] = ()
+        else:
+            lines = got.lines if req.mode == "translate-every" else got.named
         key = (model.fingerprint, lines)
         span = req.spans.get(key) if req.spans is not None else None
         if span is None:

@@ -138,7 +138,7 @@ def test_translate_modes_of_refine(models) -> None:
     res = refine(CHOICE_Q, receiver, txs, mode="translate", notes=notes, translators=translators, precision="int8")
     assert res.failed == {"self": f"no translator for transmitter model {receiver.fingerprint} into this receiver"}
     assert list(res.used) == ["a"] and res.bytes_sent > 0 and res.choice is not None
-    assert res.tokens_sent == note_span(transmitter, notes["a"].retrieve(CHOICE_Q.stem).lines).num_tokens
+    assert res.tokens_sent == note_span(transmitter, notes["a"].retrieve(CHOICE_Q.stem).named).num_tokens
     ident = {receiver.fingerprint: CacheTranslator(TranslatorConfig.for_models(receiver, receiver))}
     both = refine(TEXT_Q, receiver, txs, mode="translate", notes=notes, translators=translators | ident)
     assert sorted(both.used) == ["a", "self"] and isinstance(both.text, str) and not both.failed
@@ -162,6 +162,9 @@ def test_translate_modes_of_refine(models) -> None:
     assert kept.bytes_sent == 0 and kept.probs == alone.probs
     every = refine(CHOICE_Q, receiver, {"a": transmitter}, mode="translate-every", notes=crowd, translators=translators)
     assert every.bytes_sent > 0 and list(every.used) == ["a"]
+    mixed = {"a": DeviceNotes([f"The color of Entity{i} is red." for i in range(8)] + NOTES)}
+    one = refine(CHOICE_Q, receiver, {"a": transmitter}, mode="translate", notes=mixed, translators=translators)
+    assert one.tokens_sent == note_span(transmitter, NOTES[:1]).num_tokens  # the Zorbin line only, not two colours
     with pytest.raises(FusionError, match="donor"):
         refine(CHOICE_Q, receiver, txs, mode="translate-shuffled", notes=notes, translators=translators)
 
