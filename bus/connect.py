@@ -157,11 +157,38 @@ async def subscribe(
 
 
 async def flush(nc: Client, timeout: float = DEFAULT_FLUSH_TIMEOUT) -> None:
-    """Round-trip a PING so everything published so far has reached the server."""
+    """Round-trip a PING so everything published so far has reached the server.
+
+    nats-py cancels its PONG future when a flush times out or its caller is cancelled (a stream cut at its
+    deadline) but leaves it queued; when that PONG arrives, setting its result raises ``InvalidStateError`` inside
+    the read loop, which then stops: the connection silently receives nothing more. So the flush runs in a task
+    of its own that a cancelled caller leaves to finish, and a future that nats-py cancelled on its timeout is
+    replaced by a fresh one at once (before any PONG can reach it), so the late PONG lands there and the next PONG
+    still answers the next PING.
+    """
+    task = asyncio.ensure_future(_flush_guarded(nc, timeout))
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: never "never retrieved"
+        raise
+
+
+async def _flush_guarded(nc: Client, timeout: float) -> None:
     try:
         await nc.flush(timeout=timeout)
     except (TimeoutError, nats.errors.Error) as exc:
+        _replace_cancelled_pongs(nc)
         raise TransportError(f"flush failed: {exc or type(exc).__name__}") from exc
+
+
+def _replace_cancelled_pongs(nc: Client) -> None:
+    pongs = getattr(nc, "_pongs", None)
+    if not isinstance(pongs, list):
+        return
+    for i, future in enumerate(pongs):
+        if isinstance(future, asyncio.Future) and future.cancelled():
+            pongs[i] = future.get_loop().create_future()
 
 
 async def subscribed(nc: Client) -> None:
