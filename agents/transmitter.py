@@ -49,6 +49,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from nats.aio.msg import Msg
 
@@ -175,21 +176,23 @@ class TransmitterAgent(Agent):
         if time.time() >= query.deadline_unix:
             log.info("transmitter %s: hint for %s written after its deadline; not sent", self.id, query.query_id)
             return
-        offer = Offer(
+        offer = self._cacheless_offer(query, n_tokens=1, confidence=1.0 if hint else 0.0, hint=hint[:MAX_HINT_CHARS])
+        await self._send_offer(query, offer, len(hint.encode()), ms, detail="t2t")
+
+    def _cacheless_offer(self, query: Query, **fields: Any) -> Offer:
+        """An offer that carries no cache (a text hint, or a decline): this model's shape, this link's estimate."""
+        return Offer(
             query_id=query.query_id,
             transmitter_id=self.id,
             query_digest=digest_of(query),
             model_fingerprint=self.model_fingerprint,
-            n_tokens=1,
             n_layers=self.model.num_layers,
             kv_heads=self.model.kv_heads,
             head_dim=self.model.head_dim,
-            confidence=1.0 if hint else 0.0,
             link_rate_bps=self.link_now(),
             rtt_s=self.link.rtt_s,
-            hint=hint[:MAX_HINT_CHARS],
+            **fields,
         )
-        await self._send_offer(query, offer, len(hint.encode()), ms, detail="t2t")
 
     def link_now(self) -> float | None:
         """The usable link rate now (bytes/s): with a trace, its rate now caps the estimate first."""
@@ -255,21 +258,7 @@ class TransmitterAgent(Agent):
 
     async def _decline(self, query: Query, ms: float) -> None:
         """Tell the gate there is nothing to send for ``query`` (so that it does not wait out its window)."""
-        model = self.model
-        offer = Offer(
-            query_id=query.query_id,
-            transmitter_id=self.id,
-            query_digest=digest_of(query),
-            model_fingerprint=model.fingerprint,
-            n_tokens=0,
-            n_layers=model.num_layers,
-            kv_heads=model.kv_heads,
-            head_dim=model.head_dim,
-            confidence=0.0,
-            link_rate_bps=self.link_now(),
-            rtt_s=self.link.rtt_s,
-            declined=True,
-        )
+        offer = self._cacheless_offer(query, n_tokens=0, confidence=0.0, declined=True)
         await self._send_offer(query, offer, 0, ms, detail="declined")
 
     async def _send_offer(self, query: Query, offer: Offer, carried: int, ms: float, detail: str = "") -> None:
@@ -467,9 +456,7 @@ def prefill_notes(
     if notes is None or model.style != "text":
         return None, None
     retrieved = notes.retrieve(shared, top_k)
-    if not retrieved.specific:
-        return None, None
-    span = note_span(model, retrieved.named)
+    span = note_span(model, retrieved.translated)
     if span is None:
         return None, None
     pre = transmitter_prefill(name, model, shared, retrieved)

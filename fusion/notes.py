@@ -45,7 +45,13 @@ class Retrieved:
     lines: tuple[str, ...]
     coverage: float  # share of the query's IDF weight that the best line contains (0..1)
     specific: bool = False  # the best line contains a query term that few lines contain (it names the subject)
-    named: tuple[str, ...] = ()  # the retrieved lines that contain such a term (best first): what translate sends
+    named: tuple[str, ...] = ()  # the retrieved lines that contain such a term (best first)
+
+    @property
+    def translated(self) -> tuple[str, ...]:
+        """What translate mode sends the cache of: the named lines when the notes are specific to the query, else
+        nothing."""
+        return self.named if self.specific else ()
 
 
 class DeviceNotes:

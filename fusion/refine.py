@@ -620,10 +620,7 @@ def _translated(req: _Request) -> RefineResult:
                 raise FusionError(f"translate-shuffled needs a donor question for transmitter {name}")
             stem = req.donors[name].stem
         got = req.notes[name].retrieve(stem) if name in req.notes else None
-        if got is None or not (got.specific or req.mode == "translate-every"):
-            lines: tuple[str, ...] = ()
-        else:
-            lines = got.lines if req.mode == "translate-every" else got.named
+        lines = () if got is None else got.lines if req.mode == "translate-every" else got.translated
         key = (model.fingerprint, lines)
         span = req.spans.get(key) if req.spans is not None else None
         if span is None:

@@ -217,6 +217,7 @@ def real_setup(
         links_mbps=dict(zip(devices, DEFAULT_LINKS_MBPS, strict=False)),
         notes={d: str(kit.notes_path(d)) for d in devices},
         rules_only=True,
+        mode=mode,
     )
 
 

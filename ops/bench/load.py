@@ -273,7 +273,6 @@ def run(args: argparse.Namespace) -> dict:
         from ops.real.kit import kit_from_args
 
         setup = real_setup(args.receiver_model, args.questions, kit=kit_from_args(args), mode=args.mode)
-        setup.mode = args.mode
     elif args.tiny:
         setup = tiny_setup(Path(tempfile.mkdtemp(prefix="fedrefine-load-")), args.questions)
     else:

@@ -171,8 +171,10 @@ def test_notes_are_specific_to_a_question_when_their_best_line_names_its_subject
     assert many.retrieve("What is the color of Entity3?").specific  # "entity3": one line of nine
     assert many.retrieve("What does Kalu play?").specific
     assert many.retrieve("What is the color of Entity3?").named == ("The color of Entity3 is red.",)
+    assert many.retrieve("What is the color of Entity3?").translated == ("The color of Entity3 is red.",)
     other = many.retrieve("What is the color of Glorp?")
     assert other.lines and not other.specific and not other.named  # "color" is in eight lines: not Glorp's facts
+    assert other.translated == ()
     big = DeviceNotes([f"Thing{i} likes item{i % 5}." for i in range(600)])
     assert big.retrieve("What does Thing7 like?").specific  # one line
     assert not big.retrieve("Who likes item3?").specific  # 120 lines: above 1% of 600

@@ -13,18 +13,23 @@ from ops.bench.bandwidth import add_arguments, run
 ROW_KEYS = {"link", "policy", "deadline_met", "accuracy", "bytes_per_query", "precision_mix", "layers_sent"}
 
 
-def test_bandwidth_real_rows(tiny_real_kit, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+def _bandwidth_real(tiny_real_kit, monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> dict:
+    """``ops.bench bandwidth --real`` on the tiny kit, receiver m1, two questions, with ``argv`` added."""
     root, home = tiny_real_kit
     monkeypatch.setenv("FEDREFINE_HOME", str(home))
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default=None)
     add_arguments(parser)
-    args = parser.parse_args(
-        ["--real", "--kit", str(root), "--receiver-model", "m1", "--questions", "2", "--rates", "0.5"]
-        + ["--traces", "wifi-walkout", "--policies", "deadline-aware,examples.policies:MeteredPhone"]
-        + ["--deadline-s", "5", "--json", str(tmp_path / "bw.json")]
+    return run(parser.parse_args(["--real", "--kit", str(root), "--receiver-model", "m1", "--questions", "2", *argv]))
+
+
+def test_bandwidth_real_rows(tiny_real_kit, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    result = _bandwidth_real(
+        tiny_real_kit,
+        monkeypatch,
+        ["--rates", "0.5", "--traces", "wifi-walkout", "--policies", "deadline-aware,examples.policies:MeteredPhone"]
+        + ["--deadline-s", "5", "--json", str(tmp_path / "bw.json")],
     )
-    result = run(args)
     partial = json.loads((tmp_path / "bw.json").read_text())  # written cell by cell as the sweep goes
     assert partial["partial"] == partial["cells"] == 4 and len(partial["rows"]) == 4
     assert result["real"] and result["questions"] == 2 and result["transmitters"] == 4
@@ -45,17 +50,13 @@ def test_bandwidth_real_rows(tiny_real_kit, monkeypatch: pytest.MonkeyPatch, tmp
     assert all(set(r["precision_mix"]) <= {"fp16", "int8", "int4"} for r in rows)
 
 
-def test_bandwidth_real_translate_streams_the_notes_caches(tiny_real_kit, monkeypatch, tmp_path) -> None:
-    root, home = tiny_real_kit
-    monkeypatch.setenv("FEDREFINE_HOME", str(home))
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--json", default=None)
-    add_arguments(parser)
-    args = parser.parse_args(
-        ["--real", "--kit", str(root), "--receiver-model", "m1", "--questions", "2", "--rates", "unshaped"]
-        + ["--policies", "keep-all", "--deadline-s", "5", "--mode", "translate", "--format", "choice"]
+def test_bandwidth_real_translate_streams_the_notes_caches(tiny_real_kit, monkeypatch) -> None:
+    result = _bandwidth_real(
+        tiny_real_kit,
+        monkeypatch,
+        ["--rates", "unshaped", "--policies", "keep-all", "--deadline-s", "5", "--mode", "translate"]
+        + ["--format", "choice"],
     )
-    result = run(args)
     assert result["mode"] == "translate" and result["questions"] == 2
     (row,) = result["rows"]
     assert row["answered"] == 2 and row["deadline_met"] == 1.0
