@@ -46,6 +46,7 @@ DEFAULT_CLOSE_TIMEOUT = 5.0  # seconds a drain may take before the socket is cut
 DEFAULT_ABANDON_TIMEOUT = 1.0  # seconds to wait for nats-py's close to finish once the socket is cut
 
 ErrorCallback = Callable[[Exception], Awaitable[None]]
+Buffer = bytes | bytearray | memoryview
 
 
 def _quiet_error_cb(name: str) -> ErrorCallback:
@@ -132,6 +133,50 @@ def max_payload(nc: Client) -> int:
     if not nc.is_connected:
         raise TransportError("not connected to NATS")
     return int(nc.max_payload)
+
+
+_CRLF = b"\r\n"
+
+
+def can_publish_views(nc: Client) -> bool:
+    """Whether :func:`publish_views` can queue on ``nc``: a connected nats-py client on TCP (TLS or not) with the
+    pending queue of the nats-py versions this project pins (checked, not assumed)."""
+    from nats.aio.transport import TcpTransport
+
+    return (
+        isinstance(nc, Client)
+        and nc.is_connected
+        and not nc.is_draining_pubs
+        and isinstance(getattr(nc, "_transport", None), TcpTransport)
+        and isinstance(getattr(nc, "_pending", None), list)
+        and isinstance(getattr(nc, "_pending_data_size", None), int)
+        and isinstance(getattr(nc, "stats", None), dict)
+    )
+
+
+async def publish_views(nc: Client, subject: str, parts: tuple[Buffer, ...]) -> None:
+    """Publish one message whose payload is ``parts`` joined, without joining them: the PUB line and the parts go
+    on nats-py's outgoing queue as they are, and the socket writes them from there (TLS encrypts each in place).
+
+    ``Client.publish`` copies a payload twice (``PUB`` line + payload, then + CRLF) before the socket write; a KV
+    frame (a header and a megabyte view of the tensor) would be a third copy to assemble. The parts must not
+    change until the queue is flushed (``flush``). Use only where :func:`can_publish_views` holds; the checks of
+    ``publish`` (subject, size) are made here.
+    """
+    size = sum(len(p) for p in parts)
+    if not subject or any(c.isspace() for c in subject):
+        raise TransportError(f"bad subject {subject!r}", subject=subject)
+    if size > nc.max_payload:
+        raise TransportError(f"{size}-byte message exceeds the server's max_payload {nc.max_payload}")
+    head = f"PUB {subject}  {size}\r\n".encode()
+    nc._pending.extend((head, *parts, _CRLF))  # one synchronous step: no other publish can land in between
+    nc._pending_data_size += len(head) + size + len(_CRLF)
+    nc.stats["out_msgs"] += 1
+    nc.stats["out_bytes"] += size
+    if nc._max_pending_size > 0 and nc._pending_data_size > nc._max_pending_size:
+        await nc._flush_pending(force_flush=True)
+    elif nc._flush_queue is not None and nc._flush_queue.empty():
+        await nc._flush_pending()
 
 
 async def subscribe(

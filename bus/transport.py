@@ -8,9 +8,12 @@ subscription's pending limits are raised (``bus.connect``) so a 64 MB cache is b
 consumer. An optional :class:`~bus.shaper.LinkShaper` paces publishes.
 
 Copies: encoding hashes and seals chunks whose payloads are views of the encoded tensor (for uncompressed
-fp16/bf16/fp32 that is the caller's tensor memory itself), and each frame is assembled in one reused
-:class:`~bus.frames.FrameBuffer` right before its publish. On receipt, one-chunk tensors are decoded in place
-from the message bytes; multi-chunk tensors are copied once into their assembly buffer.
+fp16/bf16/fp32 that is the caller's tensor memory itself). A chunk that fills a message of its own goes on
+nats-py's outgoing queue as its head and that view (``bus.connect.publish_views``): the socket reads the tensor
+memory itself, no copy (``Client.publish`` would copy a payload twice); where that queue is not available (another
+transport) the frame is assembled in one reused :class:`~bus.frames.FrameBuffer` and published. Packs and frames
+that share a message are built, then published. On receipt, one-chunk tensors are decoded in place from the
+message bytes; multi-chunk tensors are copied once into their assembly buffer.
 """
 
 from __future__ import annotations
@@ -167,7 +170,7 @@ class _Outbox:
             if self._packed and len(self._packed) + part.size > self.pack:
                 await self._send_frames()
             if part.size > self.pack:
-                await self._send(self._buffer.frame(part))
+                await self._send_chunk(part)
             else:
                 self._packed += part.head
                 self._packed += part.payload
@@ -206,8 +209,26 @@ class _Outbox:
         if self.shaper is not None:
             await self.shaper.acquire(len(frame))
         await _publish(self.nc, self.subject, frame)
+        await self._sent(len(frame))
+
+    async def _send_chunk(self, part: SealedChunk) -> None:
+        """A chunk frame in a message of its own: its head and payload view queued as they are where nats-py allows
+        (``bus.connect.publish_views``), else assembled in the frame buffer and published."""
+        if not busconn.can_publish_views(self.nc):
+            await self._send(self._buffer.frame(part))
+            return
+        if self.shaper is not None:
+            await self.shaper.acquire(part.size)
+        try:
+            await busconn.publish_views(self.nc, self.subject, (part.head, part.payload))
+        except (nats.errors.Error, OSError) as exc:
+            raise TransportError(f"publish to {self.subject!r} failed: {exc or type(exc).__name__}") from exc
+        _honour_cancel()
+        await self._sent(part.size)
+
+    async def _sent(self, size: int) -> None:
         self.messages += 1
-        self._since_flush += len(frame)
+        self._since_flush += size
         if self._since_flush >= self.flush_every:
             await busconn.flush(self.nc)
             _honour_cancel()
@@ -276,24 +297,25 @@ async def send_cache(
 ) -> SendReport:
     """Send ``layers`` (``{layer: (K, V)}``, in the mapping's order) to ``subject`` as KV chunk frames and packs.
 
-    A tensor whose blob fits ``pack_bytes`` (default: ``DEFAULT_PACK_BYTES``, or ``DEFAULT_PACK_SECONDS`` of a
-    shaper's rate, so a slow link still delivers layer by layer) travels whole in a tensor pack with the next
-    ones (one header and one check for all: ``bus.frames.pack_message``); a larger one as chunk frames, small
-    frames sharing a message up to that size. A one-token tail of every layer is then one message. On a shaped
-    link a layer's K and V share a pack when each fits ``LAYER_PACK_TENSOR_BYTES``, sent at the layer's end.
+        A tensor whose blob fits ``pack_bytes`` (default: ``DEFAULT_PACK_BYTES``, or ``DEFAULT_PACK_SECONDS`` of a
+        shaper's rate, so a slow link still delivers layer by layer) travels whole in a tensor pack with the next
+        ones (one header and one check for all: ``bus.frames.pack_message``); a larger one as chunk frames, small
+        frames sharing a message up to that size. A one-token tail of every layer is then one message. On a shaped
+        link a layer's K and V share a pack when each fits ``LAYER_PACK_TENSOR_BYTES``, sent at the layer's end.
 
-    Chunks fit the connected server's ``max_payload`` (or the smaller ``max_payload`` given). The tensors
-    must not change until this returns: payloads are read from them at publish time. ``compress``: ``"none"``
-    (or False), ``"lz4"`` (or True), ``"deflate"`` (``bus.codec.encode_tensor``: smaller, slower; it pays on slow
-    links), or ``"auto"``, which tries shuffle+LZ4 on the first layer and keeps it for the rest only if it shrank
-    a tensor there (on fp16 and quantized KV it rarely does, and skipping it saves the work and a thread hand-off
-    per layer); no codec is tried on small tensors (at most ``SMALL_TENSOR_ELEMENTS`` each, e.g. a one-token
-    tail) under ``"auto"``.
+        Chunks fit the connected server's ``max_payload`` (or the smaller ``max_payload`` given). The tensors
+        must not change until this returns: the socket reads chunk payloads from their memory (after a cancelled send,
+    until the connection has flushed; a tensor changed before that fails the receiver's checksum, it is not decoded). ``compress``: ``"none"``
+        (or False), ``"lz4"`` (or True), ``"deflate"`` (``bus.codec.encode_tensor``: smaller, slower; it pays on slow
+        links), or ``"auto"``, which tries shuffle+LZ4 on the first layer and keeps it for the rest only if it shrank
+        a tensor there (on fp16 and quantized KV it rarely does, and skipping it saves the work and a thread hand-off
+        per layer); no codec is tried on small tensors (at most ``SMALL_TENSOR_ELEMENTS`` each, e.g. a one-token
+        tail) under ``"auto"``.
 
-    ``steer``, when given, is asked after every layer what to send of the rest (see :data:`Steer`): it may drop
-    layers or send them at another precision (every chunk names its own dtype, so the receiver decodes either).
-    When it dropped any, a stream-cut notice (:class:`bus.frames.StreamCut`, the layers sent) follows the last
-    frame in a message of its own, so a receiver fuses at once instead of waiting for layers that will not come.
+        ``steer``, when given, is asked after every layer what to send of the rest (see :data:`Steer`): it may drop
+        layers or send them at another precision (every chunk names its own dtype, so the receiver decodes either).
+        When it dropped any, a stream-cut notice (:class:`bus.frames.StreamCut`, the layers sent) follows the last
+        frame in a message of its own, so a receiver fuses at once instead of waiting for layers that will not come.
     """
     validate_id(query_id, "query id")
     validate_id(sender, "sender id")
