@@ -22,7 +22,7 @@ import warnings
 import numpy as np
 import torch
 
-from bus.errors import CodecError
+from bus.errors import ChunkError, CodecError
 from bus.schemas import PRECISIONS, expected_raw_bytes, int_scale_axis
 
 _EXPONENT_MASKS = {torch.float32: 0x7F800000, torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
@@ -61,6 +61,14 @@ def _as_u8(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().view(torch.uint8).numpy().reshape(-1)
 
 
+def _nonfinite(data: np.ndarray, dtype: torch.dtype) -> bool:
+    """Whether the float bits in ``data`` (flat uint8) hold NaN or inf: |x| at or above the all-ones exponent."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    words = data.view(np.uint32 if itemsize == 4 else np.uint16)
+    sign = 0x80000000 if itemsize == 4 else 0x8000
+    return bool(words.size) and int((words & (sign - 1)).max()) >= _EXPONENT_MASKS[dtype]
+
+
 class FloatFormat:
     """A plain cast to a float dtype (fp32, fp16 or bf16)."""
 
@@ -76,10 +84,7 @@ class FloatFormat:
     def encode(self, x: torch.Tensor, axis: str) -> list[Section]:
         """Cast ``x`` and return its bytes as one section; NaN, inf or fp16 overflow is a CodecError."""
         data = _as_u8(x.to(self.dtype))
-        exp_mask = _EXPONENT_MASKS[self.dtype]
-        words = data.view(np.uint32 if self.itemsize == 4 else np.uint16)
-        sign = 0x80000000 if self.itemsize == 4 else 0x8000
-        if int((words & (sign - 1)).max()) >= exp_mask:  # |x| bits at or above all-ones exponent: inf or NaN
+        if _nonfinite(data, self.dtype):
             raise CodecError(f"tensor holds NaN/inf or values beyond the range of {self.name}", reason="range")
         return [(data, self.itemsize)]
 
@@ -90,9 +95,17 @@ class FloatFormat:
     def decode(
         self, sections: list[np.ndarray], shape: tuple[int, int, int, int], axis: str, out_dtype: torch.dtype
     ) -> torch.Tensor:
-        """Rebuild the tensor in ``out_dtype`` from the (unshuffled) data section."""
+        """Rebuild the tensor in ``out_dtype`` from the (unshuffled) data section; NaN/inf on the wire, or values
+        beyond ``out_dtype``'s range, are a ChunkError (a sender's bad cache never reaches a model)."""
+        if _nonfinite(sections[0], self.dtype):
+            raise ChunkError(f"{self.name} data holds NaN/inf", reason="range")
         data = _tensor(sections[0]).view(self.dtype).reshape(shape)  # (B, heads, T, head_dim)
-        return data if data.dtype == out_dtype else data.to(out_dtype)
+        if data.dtype == out_dtype:
+            return data
+        out = data.to(out_dtype)
+        if out.element_size() < data.element_size() and not bool(torch.isfinite(out).all()):
+            raise ChunkError(f"{self.name} values exceed the range of {out_dtype}", reason="range")
+        return out
 
 
 class IntFormat:
@@ -142,6 +155,8 @@ class IntFormat:
         """Dequantize the scale and data sections into ``out_dtype``."""
         b, h, t, d = shape
         scale_shape = (b, h, 1, d) if _reduce_dim(axis) == 2 else (b, h, t, 1)
+        if _nonfinite(sections[0], torch.float16):
+            raise ChunkError(f"{self.name} scales hold NaN/inf", reason="range")
         scale = _tensor(sections[0]).view(torch.float16).reshape(scale_shape).float()
         n = b * h * t * d
         raw = _tensor(sections[1])
@@ -150,7 +165,12 @@ class IntFormat:
         else:
             q = torch.stack([raw & 0x0F, raw >> 4], dim=1).reshape(-1)[:n].to(torch.int8) - 8
         x = q.reshape(shape).float() * scale  # (B, heads, T, head_dim)
-        return x if out_dtype == torch.float32 else x.to(out_dtype)
+        if out_dtype == torch.float32:
+            return x
+        out = x.to(out_dtype)
+        if out_dtype == torch.float16 and not bool(torch.isfinite(out).all()):  # scales near fp16's top
+            raise ChunkError(f"{self.name} values exceed the range of {out_dtype}", reason="range")
+        return out
 
 
 _FORMATS: dict[str, FloatFormat | IntFormat] = {

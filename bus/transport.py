@@ -297,25 +297,25 @@ async def send_cache(
 ) -> SendReport:
     """Send ``layers`` (``{layer: (K, V)}``, in the mapping's order) to ``subject`` as KV chunk frames and packs.
 
-        A tensor whose blob fits ``pack_bytes`` (default: ``DEFAULT_PACK_BYTES``, or ``DEFAULT_PACK_SECONDS`` of a
-        shaper's rate, so a slow link still delivers layer by layer) travels whole in a tensor pack with the next
-        ones (one header and one check for all: ``bus.frames.pack_message``); a larger one as chunk frames, small
-        frames sharing a message up to that size. A one-token tail of every layer is then one message. On a shaped
-        link a layer's K and V share a pack when each fits ``LAYER_PACK_TENSOR_BYTES``, sent at the layer's end.
+    A tensor whose blob fits ``pack_bytes`` (default: ``DEFAULT_PACK_BYTES``, or ``DEFAULT_PACK_SECONDS`` of a
+    shaper's rate, so a slow link still delivers layer by layer) travels whole in a tensor pack with the next
+    ones (one header and one check for all: ``bus.frames.pack_message``); a larger one as chunk frames, small
+    frames sharing a message up to that size. A one-token tail of every layer is then one message. On a shaped
+    link a layer's K and V share a pack when each fits ``LAYER_PACK_TENSOR_BYTES``, sent at the layer's end.
 
-        Chunks fit the connected server's ``max_payload`` (or the smaller ``max_payload`` given). The tensors
-        must not change until this returns: the socket reads chunk payloads from their memory (after a cancelled send,
-    until the connection has flushed; a tensor changed before that fails the receiver's checksum, it is not decoded). ``compress``: ``"none"``
-        (or False), ``"lz4"`` (or True), ``"deflate"`` (``bus.codec.encode_tensor``: smaller, slower; it pays on slow
-        links), or ``"auto"``, which tries shuffle+LZ4 on the first layer and keeps it for the rest only if it shrank
-        a tensor there (on fp16 and quantized KV it rarely does, and skipping it saves the work and a thread hand-off
-        per layer); no codec is tried on small tensors (at most ``SMALL_TENSOR_ELEMENTS`` each, e.g. a one-token
-        tail) under ``"auto"``.
+    Chunks fit the connected server's ``max_payload`` (or the smaller ``max_payload`` given). The tensors must not
+    change until this returns: the socket reads chunk payloads from their memory (after a cancelled send, until the
+    connection has flushed; a tensor changed before that fails the receiver's checksum and is not decoded).
+    ``compress``: ``"none"`` (or False), ``"lz4"`` (or True), ``"deflate"`` (``bus.codec.encode_tensor``: smaller,
+    slower; it pays on slow links), or ``"auto"``, which tries shuffle+LZ4 on the first layer and keeps it for the
+    rest only if it shrank a tensor there (on fp16 and quantized KV it rarely does, and skipping it saves the work
+    and a thread hand-off per layer); no codec is tried on small tensors (at most ``SMALL_TENSOR_ELEMENTS`` each,
+    e.g. a one-token tail) under ``"auto"``.
 
-        ``steer``, when given, is asked after every layer what to send of the rest (see :data:`Steer`): it may drop
-        layers or send them at another precision (every chunk names its own dtype, so the receiver decodes either).
-        When it dropped any, a stream-cut notice (:class:`bus.frames.StreamCut`, the layers sent) follows the last
-        frame in a message of its own, so a receiver fuses at once instead of waiting for layers that will not come.
+    ``steer``, when given, is asked after every layer what to send of the rest (see :data:`Steer`): it may drop
+    layers or send them at another precision (every chunk names its own dtype, so the receiver decodes either).
+    When it dropped any, a stream-cut notice (:class:`bus.frames.StreamCut`, the layers sent) follows the last
+    frame in a message of its own, so a receiver fuses at once instead of waiting for layers that will not come.
     """
     validate_id(query_id, "query id")
     validate_id(sender, "sender id")

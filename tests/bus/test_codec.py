@@ -5,13 +5,14 @@ from __future__ import annotations
 import random
 import zlib
 
+import numpy as np
 import pytest
 import torch
 
 from bus.codec import decode_blob, encode_cache, encode_tensor
 from bus.errors import ChunkError, CodecError
-from bus.frames import PREFIX, build_frame, parse_frame
-from bus.reassembler import decode_frames
+from bus.frames import PREFIX, blob_frames, build_frame, parse_frame
+from bus.reassembler import Reassembler, decode_frames
 from bus.schemas import PRECISIONS, KVChunkHeader, expected_raw_bytes
 
 SHAPES = {
@@ -240,3 +241,27 @@ def test_bad_deflate_data_is_a_decode_error(damage) -> None:
     )  # fmt: skip
     with pytest.raises(ChunkError, match="deflate|decompressed"):
         decode_blob(blob, header)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32", "int8"])
+def test_a_received_blob_with_nan_or_inf_is_refused(precision: str) -> None:
+    """A sender that skips the encoder's check (or lies) cannot put NaN/inf into a receiver's cache."""
+    cache = _cache((1, 2, 4, 8), 1, seed=11, dtype=torch.float32)
+    header, payload = parse_frame(next(iter(encode_cache(cache, precision=precision, query_id="q", sender="s"))))
+    blob = bytearray(payload)  # one chunk: the whole blob; its first value (or int8's first fp16 scale) -> inf
+    width = 4 if precision == "fp32" else 2
+    blob[:width] = np.array([np.inf], dtype=np.float32 if width == 4 else np.float16).tobytes()
+    computed = {"chunk", "n_chunks", "chunk_size", "blob_bytes", "chunk_hash", "blob_hash"}
+    fields = {k: v for k, v in header.model_dump().items() if k not in computed}
+    (bad,) = blob_frames(bytes(blob), fields, max_payload=1 << 20)  # sealed like an honest frame
+    with pytest.raises(ChunkError, match="NaN/inf") as err:
+        Reassembler(out_dtype=torch.float32).feed(bad)
+    assert err.value.reason == "range"
+
+
+def test_decoding_into_a_narrower_dtype_refuses_overflow() -> None:
+    big = {0: (torch.full((1, 1, 2, 4), 1e6), torch.ones(1, 1, 2, 4))}
+    frames = list(encode_cache(big, precision="fp32", query_id="q", sender="s"))
+    with pytest.raises(ChunkError, match="range of torch.float16"):
+        Reassembler(out_dtype=torch.float16).feed(frames[0])
+    assert Reassembler(out_dtype=torch.float32).feed(frames[0]) == []  # K alone completes no layer
