@@ -77,6 +77,25 @@ class TranslatorBook(FuserBook):
         assert self.registry is not None
         return self.registry.load_translator(fingerprint, self.receiver_fp)
 
+    def specs(self) -> tuple[FuserSpec, ...] | None:
+        """One :class:`FuserSpec` per transmitter model; the receiver's own model is read only whole (its cache is
+        re-rotated, not translated: a missing layer has nothing to stand in for it), so its streams keep every
+        layer (``bus.policy``: ``whole``)."""
+        fps = self.fingerprints()
+        if len(fps) > MAX_FUSERS:
+            return None
+        return tuple(FuserSpec(transmitter_fingerprint=fp, whole=_identity(self.get(fp))) for fp in fps)
+
+
+def _identity(translator: Any) -> bool:
+    cfg = getattr(translator, "cfg", None)
+    return bool(getattr(cfg, "identity", False))
+
+
+def whole_models(specs: Sequence[FuserSpec] | None) -> set[str]:
+    """The transmitter fingerprints whose caches a receiver reads only whole (every layer or none)."""
+    return {spec.transmitter_fingerprint for spec in specs or () if spec.whole}
+
 
 def listed_fusers(specs: Sequence[FuserSpec] | None) -> dict[str, int | None] | None:
     """A receiver's fuser list -> {transmitter fingerprint: tail tokens or None}; None if it lists none."""

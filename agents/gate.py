@@ -35,7 +35,7 @@ from nats.aio.msg import Msg
 from agents import cli, tracing
 from agents.base import Agent, decode
 from agents.config import GateAgentConfig
-from agents.fuserbook import listed_fusers
+from agents.fuserbook import listed_fusers, whole_models
 from agents.planning import build_plan, build_policy
 from agents.roster import DEFAULT_MAX_SKEW_S, Member
 from bus.errors import SchemaError
@@ -256,6 +256,7 @@ class GateAgent(Agent):
         receiver = self.roster.get("receiver", state.query.receiver_id)
         if listed is None and receiver is not None:
             listed = listed_fusers(receiver.presence.fusers)
+        whole = whole_models(state.query.fusers)  # caches the receiver reads only with every layer
         plan = build_plan(
             state.query,
             state.offers,
@@ -265,6 +266,7 @@ class GateAgent(Agent):
             expected=state.expected,
             fusable=lambda offer: self._fusable(offer, state.query.receiver_id, listed),
             tail=lambda offer: (listed or {}).get(offer.model_fingerprint),
+            whole=lambda offer: offer.model_fingerprint in whole,
             rates=rates,
             rtts=rtts,
             assumed_rate_bps=self.cfg.assumed_rate_mbps * MBPS,

@@ -28,6 +28,7 @@ from bus.policy import (
     layer_costs,
     link_budget,
     make_policy,
+    plan_whole,
 )
 from bus.schemas import PRECISIONS, Offer, Omission, Plan, PlanEntry, Query, digest_of
 from fusion.gate import GateNetwork, OfferSummary
@@ -71,6 +72,7 @@ def _entry(
     reserve_s: float = 0.0,
     rtt_s: float = 0.0,
     tail: int | None = None,
+    whole: bool = False,
 ) -> PlanEntry | Omission:
     tokens = min(tail, offer.n_tokens) if tail else offer.n_tokens  # what travels per layer
     if offer.inline is not None and offer.inline.tokens == tokens:
@@ -102,12 +104,14 @@ def _entry(
             time_left_s=time_left_s,
             precisions=precisions,
             rtt_s=rtt_s,
+            whole=whole,
         )
-        sent = policy.plan(req)
+        sent = plan_whole(policy, req)
     except PolicyError as exc:
         return Omission(transmitter_id=tid, reason="not_chosen", detail=f"policy {policy.name}: {exc}"[:500])
     if not sent.items or sent.precision is None:
-        detail = f"nothing fits the deadline at {rate_bps / 1e6:.2f} MB/s with {time_left_s:.2f} s left"
+        what = "its cache (read only whole) does not fit" if whole else "nothing fits"
+        detail = f"{what} the deadline at {rate_bps / 1e6:.2f} MB/s with {time_left_s:.2f} s left"
         return Omission(transmitter_id=tid, reason="not_chosen", detail=detail)
     return PlanEntry(
         transmitter_id=tid,
@@ -129,6 +133,7 @@ def build_plan(
     expected: Iterable[str] = (),
     fusable: Callable[[Offer], bool] = lambda offer: True,
     tail: Callable[[Offer], int | None] = lambda offer: None,
+    whole: Callable[[Offer], bool] = lambda offer: False,
     rates: Mapping[str, float] | None = None,
     rtts: Mapping[str, float] | None = None,
     assumed_rate_bps: float,
@@ -155,7 +160,7 @@ def build_plan(
         rate = offer.link_rate_bps or (rates or {}).get(tid) or assumed_rate_bps
         rtt = offer.rtt_s if offer.rtt_s is not None else (rtts or {}).get(tid, 0.0)
         args = (score.weight, score.layer_importance, layers, policy, rate, time_left, precision, reserve_s, rtt)
-        item = _entry(tid, offer, *args, tail(offer))
+        item = _entry(tid, offer, *args, tail(offer), whole(offer))
         (entries if isinstance(item, PlanEntry) else omitted).append(item)  # type: ignore[arg-type]
     for tid in sorted(set(expected) - set(offers)):
         detail = f"no offer within {window_s:.2f} s" if math.isfinite(window_s) else "no offer"

@@ -56,7 +56,7 @@ from nats.aio.msg import Msg
 from agents import cli, tracing
 from agents.base import Agent, decode
 from agents.config import DEFAULT_ANSWER_RESERVE_S, TransmitterConfig
-from agents.fuserbook import listed_fusers
+from agents.fuserbook import listed_fusers, whole_models
 from agents.roster import DEFAULT_MAX_SKEW_S
 from bus import connect as busconn
 from bus.errors import CodecError, FedRefineError, SchemaError
@@ -319,7 +319,7 @@ class TransmitterAgent(Agent):
         planned = entry.byte_budget
         self.link.observe_backlog(self._inflight_bytes)  # bytes of other streams ahead of this one
         self._inflight_bytes += planned
-        steer = self._steer(plan, layers)
+        steer = self._steer(plan, layers, self.model_fingerprint in whole_models(pending.query.fusers))
         try:
             report = await asyncio.wait_for(self._send(plan, entry, layers, steer), timeout=budget)
         except TimeoutError:
@@ -332,8 +332,9 @@ class TransmitterAgent(Agent):
             self.replans += steer is not None and steer.replans > 0
         await self._account(plan, report)
 
-    def _steer(self, plan: Plan, layers: dict) -> DeadlineSteer | None:
-        """Re-plans the rest of the stream with ``--policy`` when the shaped link would deliver it late.
+    def _steer(self, plan: Plan, layers: dict, whole: bool = False) -> DeadlineSteer | None:
+        """Re-plans the rest of the stream with ``--policy`` when the shaped link would deliver it late (``whole``:
+        the receiver reads this cache only with every layer, so the rest goes cheaper or the stream is cut).
 
         Only on a shaped link (``--link-mbps``, ``--link-trace``): there the link's rate now and the bytes still
         queued on it are known. Unshaped, publishes return before the bytes leave and the estimate comes from whole
@@ -353,6 +354,7 @@ class TransmitterAgent(Agent):
             rate=lambda: shaper.rate_bps,
             backlog=shaper.backlog_bytes,
             reserve_s=DEFAULT_ANSWER_RESERVE_S,
+            whole=whole,
         )
 
     async def _send(self, plan: Plan, entry: PlanEntry, layers: dict, steer: DeadlineSteer | None) -> SendReport:

@@ -86,6 +86,7 @@ class PolicyRequest(_PolicyModel):
     rtt_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)  # round trip to the server
     backlog_bytes: int = Field(default=0, ge=0)  # bytes already queued ahead of this send
     precisions: tuple[str, ...] = Field(default=LADDER, min_length=1)  # what the sender may use, best first
+    whole: bool = False  # the receiver uses these layers only all together: a plan sends every one or none
 
     @field_validator("precisions")
     @classmethod

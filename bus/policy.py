@@ -13,6 +13,10 @@ Policies (``make_policy(name, **params)``; an unknown name or parameter is a :cl
 - ``deadline-aware``      budget = safety x rate x (time left - rtt - reserve) - backlog (capped by the
                           plan's budget), then the ladder.
 
+A request marked ``whole`` (a cache the receiver reads only with every layer: a model read into itself in
+translate mode) never loses a layer: the built-in policies send all of it at the best precision that fits, or
+nothing; a user's policy that drops layers of such a request is treated as sending nothing (``plan_whole``).
+
 Precision is uniform per plan: the wire (``PlanEntry.precision``, one ``send_cache`` call per stream) carries
 one precision per transmitter, so the ladder degrades every layer at once before it drops any.
 
@@ -72,6 +76,7 @@ __all__ = [
     "layer_wire_bytes",
     "link_budget",
     "make_policy",
+    "plan_whole",
     "policy_class",
     "split_budget",
     "user_policy_class",
@@ -125,8 +130,11 @@ def _precision_for(req: PolicyRequest, precision: str) -> str:
 
 
 def _greedy(req: PolicyRequest, precision: str, budget: int | None) -> list[SendItem]:
-    """Most important first; a layer that does not fit is skipped (a cheaper later one may still fit)."""
+    """Most important first; a layer that does not fit is skipped (a cheaper later one may still fit). A request
+    for a whole cache (``req.whole``) gets every layer or, when they do not all fit, none."""
     left = math.inf if budget is None else budget
+    if req.whole and sum(c.bytes[precision] for c in req.layers) > left:
+        return []
     chosen = []
     for cost in req.ranked():
         size = cost.bytes[precision]
@@ -238,6 +246,14 @@ POLICIES: dict[str, type[BandwidthPolicy]] = {
     cls.name: cls for cls in (KeepAll, DropByImportance, PrecisionLadder, DeadlineAware)
 }
 ALIASES = {"keep": "keep-all", "drop": "drop-by-importance", "ladder": "precision-ladder", "deadline": "deadline-aware"}
+
+
+def plan_whole(policy: BandwidthPolicy, req: PolicyRequest) -> SendPlan:
+    """``policy.plan(req)``, held to ``req.whole``: a plan that leaves out some layers of a whole request sends none."""
+    plan = policy.plan(req)
+    if req.whole and plan.items and len(plan.items) < len(req.layers):
+        return policy.finish(req, [], plan.budget_bytes)
+    return plan
 
 
 def user_policy_class(spec: str) -> type[BandwidthPolicy]:

@@ -125,6 +125,7 @@ class FuserSpec(BaseModel):
 
     transmitter_fingerprint: Fingerprint
     tail_tokens: int | None = Field(default=None, ge=1, le=MAX_OFFER_TOKENS)  # reads only the last n (None: all)
+    whole: bool = False  # reads this cache only whole: every layer or none (a model read into itself, translate mode)
 
 
 class Query(Message):

@@ -6,7 +6,9 @@ replayed trace) behind the bytes still queued on the link (``backlog()``). If th
 (less ``reserve_s``, the receiver's time to fuse and answer), it asks the bandwidth policy again, for the
 remaining layers only, with the time and rate left, at the stream's precision or cheaper: the deadline-aware
 policy then degrades the remaining layers' precision and, when even int4 is too much, drops the least important
-ones. While the projection holds, the stream goes on unchanged. Pure: no bus, no clock of its own (``clock``).
+ones. A stream the receiver reads only whole (``whole``: a model read into itself in translate mode) never loses
+a layer: its rest goes cheaper, or, when even that is late, the stream is cut there (what went is of no use
+alone). While the projection holds, the stream goes on unchanged. Pure: no bus, no clock of its own (``clock``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from bus.budget import LADDER, LayerCost, PolicyRequest, layer_wire_bytes, link_budget
 from bus.errors import PolicyError
 from bus.frames import MAX_FRAME_OVERHEAD
-from bus.policy import DEFAULT_MAX_PAYLOAD, DEFAULT_SAFETY, BandwidthPolicy
+from bus.policy import DEFAULT_MAX_PAYLOAD, DEFAULT_SAFETY, BandwidthPolicy, plan_whole
 from bus.schemas import PRECISIONS
 from bus.transport import StreamProgress
 
@@ -53,8 +55,10 @@ class DeadlineSteer:
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         frame_overhead: int = MAX_FRAME_OVERHEAD,
         clock: Callable[[], float] = time.monotonic,
+        whole: bool = False,
     ) -> None:
         self.policy = policy
+        self.whole = whole  # the receiver reads the stream only whole: the rest goes cheaper, or the stream is cut
         self.deadline = deadline  # on ``clock``
         self.shapes = {m: tuple(s) for m, s in shapes.items()}
         self.importance = dict(importance)
@@ -98,8 +102,9 @@ class DeadlineSteer:
                 time_left_s=left,
                 backlog_bytes=backlog,
                 precisions=allowed,
+                whole=self.whole,
             )
-            plan = self.policy.plan(req)
+            plan = plan_whole(self.policy, req)
         except PolicyError as exc:  # a policy that cannot re-plan (e.g. a fixed precision above the stream's)
             log.debug("no re-plan by %s: %s", getattr(self.policy, "name", self.policy), exc)
             return None

@@ -155,8 +155,8 @@ async def test_a_stream_cut_short_is_fused_at_once(fleet: Fleet, tmp_path: Path)
     tx = fleet.agents["t-slow"]
     make_steer = tx._steer
 
-    def collapsing(plan, layers):
-        steer = make_steer(plan, layers)
+    def collapsing(plan, layers, whole=False):
+        steer = make_steer(plan, layers, whole)
         steer.rate = lambda: 200.0
         return steer
 

@@ -82,6 +82,37 @@ def test_a_slow_link_gets_a_cheaper_precision_not_a_stall() -> None:
     assert entry.precision in ("int8", "int4") and entry.byte_budget > 0
 
 
+def test_a_cache_read_only_whole_is_planned_whole_or_left_out() -> None:
+    """A receiver reads its own model's notes' cache only with every layer (translate mode): where the link thins
+    another device's plan to one or two int4 layers, that device's is left out, and says why."""
+    whole = lambda offer: offer.model_fingerprint == "aa"  # noqa: E731
+    thinned = _plan([_offer("t1", rate=1000.0), _offer("t2", fp="bb", rate=1000.0)], left_s=1.0, whole=whole)
+    (entry,) = thinned.entries
+    assert entry.transmitter_id == "t2" and entry.layers == (0, 1) and entry.precision == "int4"
+    (out,) = thinned.omitted
+    assert out.transmitter_id == "t1" and out.reason == "not_chosen" and "read only whole" in out.detail
+    (kept,) = _plan([_offer("t1", rate=1500.0)], left_s=1.0, whole=whole).entries
+    assert kept.layers == (0, 1, 2) and kept.precision == "int4"
+
+
+def test_a_translate_receiver_lists_its_own_model_as_read_only_whole() -> None:
+    from types import SimpleNamespace
+
+    from agents.fuserbook import TranslatorBook, whole_models
+
+    own, other = "a" * 16, "b" * 16
+    book = TranslatorBook(
+        own,
+        fusers={
+            own: SimpleNamespace(cfg=SimpleNamespace(identity=True)),
+            other: SimpleNamespace(cfg=SimpleNamespace()),
+        },
+    )
+    specs = book.specs()
+    assert [(s.transmitter_fingerprint, s.whole) for s in specs] == [(own, True), (other, False)]
+    assert whole_models(specs) == {own} and whole_models(None) == set()
+
+
 def test_unknown_policy_is_a_policy_error() -> None:
     with pytest.raises(PolicyError, match="unknown policy"):
         build_policy("yolo", precision="fp16", reserve_s=0.1, assumed_rate_bps=1.0)

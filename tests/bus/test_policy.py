@@ -20,6 +20,7 @@ from bus.policy import (
     layer_wire_bytes,
     link_budget,
     make_policy,
+    plan_whole,
     split_budget,
 )
 from bus.schemas import expected_raw_bytes
@@ -243,3 +244,31 @@ def test_factory_aliases_and_decide():
         make_policy("nope", ignore_unused=True)
     assume = make_policy("deadline", assumed_rate_bps=1e6).plan(request(time_left_s=1.0))
     assert 0 < assume.expected_bytes <= 0.8e6
+
+
+@pytest.mark.parametrize("name", ["drop-by-importance", "precision-ladder", "deadline-aware"])
+def test_a_whole_request_gets_every_layer_or_none(name):
+    """A cache the receiver reads only whole: every layer at the best precision that fits, or nothing."""
+    every = len(IMPORTANCE)
+    int4_all = sum(layer_wire_bytes(SHAPE, "int4") for _ in IMPORTANCE)
+    kw = dict(link_rate_bps=1e6, time_left_s=1000.0)  # deadline-aware: a budget far above the plan's cap
+    for budget, fits in ((int4_all, True), (int4_all - 1, False)):
+        plan = make_policy(name).plan(request(budget_bytes=budget, whole=True, **kw))
+        if name == "drop-by-importance":  # one precision (fp16): the whole cache never fits an int4 budget
+            fits = False
+        assert len(plan.items) == (every if fits else 0), (name, budget, plan)
+        thinned = make_policy(name).plan(request(budget_bytes=budget, **kw))
+        assert 0 < len(thinned.items)  # without whole the same budget keeps some layers
+
+
+def test_plan_whole_holds_a_users_policy_to_whole_requests():
+    class KeepsTwo(BandwidthPolicy):
+        name = "keeps-two"
+
+        def plan(self, req):
+            return self.finish(req, make_policy("keep-all").plan(req).items[:2], None)
+
+    req = request(whole=True)
+    assert len(KeepsTwo().plan(req).items) == 2
+    assert plan_whole(KeepsTwo(), req).items == ()
+    assert len(plan_whole(KeepsTwo(), request()).items) == 2

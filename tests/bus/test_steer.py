@@ -23,7 +23,9 @@ class Clock:
         return self.now
 
 
-def _steer(policy: str, rate: float, deadline: float = 2.0, backlog: int = 0) -> tuple[DeadlineSteer, Clock]:
+def _steer(
+    policy: str, rate: float, deadline: float = 2.0, backlog: int = 0, whole: bool = False
+) -> tuple[DeadlineSteer, Clock]:
     clock = Clock()
     steer = DeadlineSteer(
         make_policy(policy),
@@ -34,6 +36,7 @@ def _steer(policy: str, rate: float, deadline: float = 2.0, backlog: int = 0) ->
         backlog=lambda: backlog,
         reserve_s=0.25,
         clock=clock,
+        whole=whole,
     )
     return steer, clock
 
@@ -67,6 +70,18 @@ def test_rate_collapse_drops_the_least_important() -> None:
     assert 0 < len(new) < 3 and new[0][0] == LAYERS[1]  # the most important of the rest first
     clock.now = 1.9  # past the deadline less the reserve: nothing more
     assert steer(_progress(2, "int4")) == []
+
+
+def test_a_whole_stream_goes_cheaper_or_is_cut_never_thinned() -> None:
+    """Where the deadline-aware steer drops the least important layers, a whole stream (the receiver reads it only
+    with every layer) keeps every layer at a cheaper precision, or is cut when even int4 is late."""
+    steer, clock = _steer("deadline-aware", rate=0.15e6, whole=True)
+    clock.now = 0.5
+    new = steer(_progress(1))
+    assert new is not None and [m for m, _ in new] == list(LAYERS[1:]) and {p for _, p in new} <= {"int8", "int4"}
+    steer, clock = _steer("deadline-aware", rate=0.02e6, whole=True)  # thinned to 1-2 int4 layers unless whole
+    clock.now = 0.5
+    assert steer(_progress(1)) == [] and steer.replans == 1
 
 
 def test_backlog_counts() -> None:
