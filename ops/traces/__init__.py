@@ -4,6 +4,8 @@
                        hand-over gap, then a cellular uplink near 0.5 MB/s (loops after 12 s).
 ``lte-congested.csv``  a congested LTE cell: a three-state load chain (4, 1, 0.25 MB/s) with fast fading,
                        100 ms steps, 20 s loop.
+``walkout-slow.csv``   wifi-walkout at 1/100 of its rates that stays on the cell (0.2 MB/s, then ~0.005 MB/s until
+                       a 60 s loop): where a translate-mode federation's megabyte caches meet the drop.
 ``lte-congested.mahi`` the same cell as a Mahimahi packet-delivery trace (1500-byte opportunities per ms).
 
 ``resolve_trace("wifi-walkout")`` finds a shipped trace by name; any other text is taken as a file path.

@@ -8,6 +8,10 @@ Models (rates in MB/s = 1e6 bytes/s, one value per 100 ms step):
   and the rate falls geometrically from 20 to 2 MB/s; 6.0-6.3 s the phone hands over to the cell and carries
   almost nothing (0.05 MB/s); 6.3-12 s a cellular uplink at 0.5 MB/s with +-20% jitter. Looping means walking
   back in: every 12 s a stream may start on Wi-Fi and finish on the cell.
+- **walkout-slow** (60 s loop): wifi-walkout at 1/100 of its rates that stays on the cell: 0-5 s 0.2 MB/s
+  (+-10%), 5-6 s a fade to 0.02, 6.0-6.3 s 0.0005, then 0.005 MB/s (+-20%) until the loop, so a stream that meets
+  the drop does not get the fast link back before its deadline: the regime of a translate-mode federation, whose
+  notes' caches (~0.2 MB a device) a 0.5 MB/s cell carries in well under a second.
 - **lte-congested** (20 s loop): a Markov chain over cell load -- free (4 MB/s), busy (1 MB/s) and congested
   (0.25 MB/s), staying in a state with probability 0.9 per step, else moving to a neighbouring one -- times
   log-normal fast fading (sigma 0.3). Written both as a rate CSV and as a Mahimahi packet-delivery trace
@@ -44,6 +48,23 @@ def wifi_walkout(rng: random.Random) -> list[float]:
         else:
             rate = 0.5 * math.exp(rng.gauss(0, 0.2))
         rates.append(round(rate, 4))
+    return rates
+
+
+def walkout_slow(rng: random.Random) -> list[float]:
+    """MB/s per 100 ms step over 60 s (see the module docstring)."""
+    rates = []
+    for i in range(600):
+        t = i * STEP_S
+        if t < 5.0:
+            rate = 0.2 * math.exp(rng.gauss(0, 0.1))
+        elif t < 6.0:
+            rate = 0.2 * (2.0 / 20.0) ** ((t - 5.0) / 1.0)
+        elif t < 6.3:
+            rate = 0.0005
+        else:
+            rate = 0.005 * math.exp(rng.gauss(0, 0.2))
+        rates.append(round(rate, 6))
     return rates
 
 
@@ -90,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "wifi-walkout.csv").write_text(rate_csv(walk, "a phone walking out of Wi-Fi (ops/traces/make.py)"))
     (args.out / "lte-congested.csv").write_text(rate_csv(lte, "a congested LTE cell (ops/traces/make.py)"))
     (args.out / "lte-congested.mahi").write_text(mahimahi(lte))
-    for name in ("wifi-walkout.csv", "lte-congested.csv", "lte-congested.mahi"):
+    slow = walkout_slow(random.Random(args.seed + 2))
+    title = "a phone walking out of Wi-Fi at 1/100 of the rates, staying on the cell (ops/traces/make.py)"
+    (args.out / "walkout-slow.csv").write_text(rate_csv(slow, title))
+    for name in ("wifi-walkout.csv", "lte-congested.csv", "lte-congested.mahi", "walkout-slow.csv"):
         print(args.out / name)
     return 0
 
