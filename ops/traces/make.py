@@ -34,10 +34,11 @@ LTE_STAY = 0.9  # probability of staying in a load state for the next step
 LTE_SIGMA = 0.3  # log-normal fast fading
 
 
-def wifi_walkout(rng: random.Random) -> list[float]:
-    """MB/s per 100 ms step over 12 s (see the module docstring)."""
+def wifi_walkout(rng: random.Random, scale: float = 1.0, seconds: float = 12.0) -> list[float]:
+    """MB/s per 100 ms step (see the module docstring): wifi-walkout, or at ``scale`` of its rates for ``seconds``
+    (walkout-slow: 1/100 over 60 s, the cell part going on), rounded to 4 significant decimals of the full scale."""
     rates = []
-    for i in range(120):
+    for i in range(round(seconds / STEP_S)):
         t = i * STEP_S
         if t < 5.0:
             rate = 20.0 * math.exp(rng.gauss(0, 0.1))
@@ -47,24 +48,7 @@ def wifi_walkout(rng: random.Random) -> list[float]:
             rate = 0.05
         else:
             rate = 0.5 * math.exp(rng.gauss(0, 0.2))
-        rates.append(round(rate, 4))
-    return rates
-
-
-def walkout_slow(rng: random.Random) -> list[float]:
-    """MB/s per 100 ms step over 60 s (see the module docstring)."""
-    rates = []
-    for i in range(600):
-        t = i * STEP_S
-        if t < 5.0:
-            rate = 0.2 * math.exp(rng.gauss(0, 0.1))
-        elif t < 6.0:
-            rate = 0.2 * (2.0 / 20.0) ** ((t - 5.0) / 1.0)
-        elif t < 6.3:
-            rate = 0.0005
-        else:
-            rate = 0.005 * math.exp(rng.gauss(0, 0.2))
-        rates.append(round(rate, 6))
+        rates.append(round(rate * scale, 4 + round(-math.log10(scale))))
     return rates
 
 
@@ -111,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "wifi-walkout.csv").write_text(rate_csv(walk, "a phone walking out of Wi-Fi (ops/traces/make.py)"))
     (args.out / "lte-congested.csv").write_text(rate_csv(lte, "a congested LTE cell (ops/traces/make.py)"))
     (args.out / "lte-congested.mahi").write_text(mahimahi(lte))
-    slow = walkout_slow(random.Random(args.seed + 2))
+    slow = wifi_walkout(random.Random(args.seed + 2), scale=0.01, seconds=60.0)
     title = "a phone walking out of Wi-Fi at 1/100 of the rates, staying on the cell (ops/traces/make.py)"
     (args.out / "walkout-slow.csv").write_text(rate_csv(slow, title))
     for name in ("wifi-walkout.csv", "lte-congested.csv", "lte-congested.mahi", "walkout-slow.csv"):
