@@ -85,6 +85,8 @@ def decode_inline(
         raise ChunkError(f"inline cache of {offer.transmitter_id} fails its digest", reason="checksum")
     shape = (offer.n_layers, 2, 1, offer.kv_heads, inline.tokens, offer.head_dim)
     data = torch.frombuffer(bytearray(raw), dtype=_dtype(inline.precision)).view(shape).to(out_dtype)
+    if not bool(torch.isfinite(data).all()):  # NaN/inf sent, or beyond out_dtype's range: never reaches a model
+        raise ChunkError(f"inline cache of {offer.transmitter_id} holds NaN/inf", reason="range")
     wanted = range(offer.n_layers) if layers is None else layers
     bad = [m for m in wanted if not 0 <= m < offer.n_layers]
     if bad:

@@ -74,6 +74,21 @@ def test_a_corrupt_inline_cache_is_a_chunk_error_at_the_receiver() -> None:
         decode_inline(_offer(None))
 
 
+def test_an_inline_cache_with_nan_is_refused_even_with_a_right_digest() -> None:
+    """A sender that skips the encoder's check (its digest matches what it sent) cannot put NaN into a receiver."""
+    import numpy as np
+    import xxhash
+
+    inline = encode_inline(_layers(), "fp16")
+    raw = bytearray(base64.b64decode(inline.data))
+    raw[0:2] = np.array([np.nan], dtype=np.float16).tobytes()
+    data = base64.b64encode(bytes(raw)).decode()
+    bad = _offer(inline.model_copy(update={"data": data, "digest": xxhash.xxh3_64_intdigest(bytes(raw))}))
+    with pytest.raises(ChunkError, match="NaN/inf") as err:
+        decode_inline(bad)
+    assert err.value.reason == "range"
+
+
 def test_an_inline_cache_that_does_not_fit_the_offers_shape_is_rejected_whole() -> None:
     inline = encode_inline(_layers(tokens=2))
     short = _offer(inline).model_dump(mode="json")
