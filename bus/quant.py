@@ -63,9 +63,9 @@ def _as_u8(t: torch.Tensor) -> np.ndarray:
 
 def _nonfinite(data: np.ndarray, dtype: torch.dtype) -> bool:
     """Whether the float bits in ``data`` (flat uint8) hold NaN or inf: |x| at or above the all-ones exponent."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    words = data.view(np.uint32 if itemsize == 4 else np.uint16)
-    sign = 0x80000000 if itemsize == 4 else 0x8000
+    wide = dtype == torch.float32
+    words = data.view(np.uint32 if wide else np.uint16)
+    sign = 0x80000000 if wide else 0x8000
     return bool(words.size) and int((words & (sign - 1)).max()) >= _EXPONENT_MASKS[dtype]
 
 
