@@ -3,8 +3,8 @@
 Load it with ``--policy examples.policies:MeteredPhone`` (gate, transmitter, ``python -m ops.bench bandwidth
 --policies ...``); docs/POLICIES.md walks through it. It never sends more than ``max_bytes`` per query and never
 fp16: int8 when every planned layer fits the budget at int8, else int4, else the most important layers at int4
-that fit. The budget is the smallest of ``max_bytes``, the plan's byte budget and what the link carries before
-the deadline.
+that fit (nothing, for a request marked ``whole``: a cache the receiver reads only with every layer). The budget
+is the smallest of ``max_bytes``, the plan's byte budget and what the link carries before the deadline.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ class MeteredPhone(BandwidthPolicy):
         for precision in usable:
             if sum(c.bytes[precision] for c in req.layers) <= budget:
                 return self.finish(req, self._items(req, precision, None), budget)
+        if req.whole:  # the receiver reads these layers only all together: a few of them would be wasted bytes
+            return self.finish(req, [], budget)
         return self.finish(req, self._items(req, usable[-1], budget), budget)
 
     @staticmethod

@@ -31,6 +31,8 @@ def test_the_worked_example_loads_and_plans() -> None:
     assert starved.precision == "int4" and starved.layers == (0, 2) and starved.dropped == (1,)
     capped = make_policy(EXAMPLE, max_bytes=1)
     assert capped.plan(_request(10e6)).items == ()
+    assert policy.plan(_request(0.035e6, whole=True)).items == ()  # read only whole: two of three would be waste
+    assert len(policy.plan(_request(10e6, whole=True)).items) == 3
 
 
 def test_the_agents_knobs_reach_only_what_it_takes() -> None:
