@@ -15,7 +15,16 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal, TypeVar
 
 import xxhash
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from bus.errors import SchemaError
 
@@ -126,6 +135,15 @@ class FuserSpec(BaseModel):
     transmitter_fingerprint: Fingerprint
     tail_tokens: int | None = Field(default=None, ge=1, le=MAX_OFFER_TOKENS)  # reads only the last n (None: all)
     whole: bool = False  # reads this cache only whole: every layer or none (a model read into itself, translate mode)
+
+    @model_serializer(mode="wrap")
+    def _whole_only_when_true(self, handler: Any) -> Any:
+        """``whole`` is written only when true: a query without such a model reads the same to a peer that
+        predates the field."""
+        data = handler(self)
+        if not self.whole and isinstance(data, dict):
+            data.pop("whole", None)
+        return data
 
 
 class Query(Message):

@@ -111,6 +111,7 @@ def test_a_translate_receiver_lists_its_own_model_as_read_only_whole() -> None:
     specs = book.specs()
     assert [(s.transmitter_fingerprint, s.whole) for s in specs] == [(own, True), (other, False)]
     assert whole_models(specs) == {own} and whole_models(None) == set()
+    assert "whole" not in specs[1].model_dump_json() and '"whole":true' in specs[0].model_dump_json()
 
 
 def test_unknown_policy_is_a_policy_error() -> None:
