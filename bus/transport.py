@@ -116,11 +116,16 @@ def _honour_cancel() -> None:
         raise asyncio.CancelledError
 
 
-async def _publish(nc: Client, subject: str, frame: Buffer) -> None:
+async def _publish(nc: Client, subject: str, parts: tuple[Buffer, ...]) -> None:
+    """One message: a single buffer through ``Client.publish``, several queued as they are (``publish_views``)."""
     try:
-        await nc.publish(subject, frame)
+        if len(parts) == 1:
+            await nc.publish(subject, parts[0])
+        else:
+            await busconn.publish_views(nc, subject, parts)
     except nats.errors.MaxPayloadError as exc:
-        raise TransportError(f"{len(frame)}-byte frame exceeds the server's max_payload {nc.max_payload}") from exc
+        size = sum(len(p) for p in parts)
+        raise TransportError(f"{size}-byte frame exceeds the server's max_payload {nc.max_payload}") from exc
     except (nats.errors.Error, OSError) as exc:
         raise TransportError(f"publish to {subject!r} failed: {exc or type(exc).__name__}", subject=subject) from exc
     _honour_cancel()
@@ -169,8 +174,11 @@ class _Outbox:
             await self._send_pack()
             if self._packed and len(self._packed) + part.size > self.pack:
                 await self._send_frames()
-            if part.size > self.pack:
-                await self._send_chunk(part)
+            if part.size > self.pack:  # a message of its own: head and payload view queued as they are, if possible
+                if busconn.can_publish_views(self.nc):
+                    await self._send(part.head, part.payload)
+                else:
+                    await self._send(self._buffer.frame(part))
             else:
                 self._packed += part.head
                 self._packed += part.payload
@@ -205,28 +213,12 @@ class _Outbox:
             await self._send(self._packed)
             self._packed.clear()
 
-    async def _send(self, frame: Buffer) -> None:
+    async def _send(self, *parts: Buffer) -> None:
+        """Publish one message made of ``parts`` (paced by the shaper), and round-trip a PING when it is due."""
+        size = sum(len(p) for p in parts)
         if self.shaper is not None:
-            await self.shaper.acquire(len(frame))
-        await _publish(self.nc, self.subject, frame)
-        await self._sent(len(frame))
-
-    async def _send_chunk(self, part: SealedChunk) -> None:
-        """A chunk frame in a message of its own: its head and payload view queued as they are where nats-py allows
-        (``bus.connect.publish_views``), else assembled in the frame buffer and published."""
-        if not busconn.can_publish_views(self.nc):
-            await self._send(self._buffer.frame(part))
-            return
-        if self.shaper is not None:
-            await self.shaper.acquire(part.size)
-        try:
-            await busconn.publish_views(self.nc, self.subject, (part.head, part.payload))
-        except (nats.errors.Error, OSError) as exc:
-            raise TransportError(f"publish to {self.subject!r} failed: {exc or type(exc).__name__}") from exc
-        _honour_cancel()
-        await self._sent(part.size)
-
-    async def _sent(self, size: int) -> None:
+            await self.shaper.acquire(size)
+        await _publish(self.nc, self.subject, parts)
         self.messages += 1
         self._since_flush += size
         if self._since_flush >= self.flush_every:
