@@ -69,6 +69,17 @@ def _nonfinite(data: np.ndarray, dtype: torch.dtype) -> bool:
     return bool(words.size) and int((words & (sign - 1)).max()) >= _EXPONENT_MASKS[dtype]
 
 
+def _cast_checked(x: torch.Tensor, out_dtype: torch.dtype, what: str) -> torch.Tensor:
+    """``x`` in ``out_dtype``; a ChunkError when that dtype's range is narrower and a value overflowed it (to inf)."""
+    if x.dtype == out_dtype:
+        return x
+    out = x.to(out_dtype)
+    narrower = torch.finfo(out_dtype).max < torch.finfo(x.dtype).max
+    if narrower and not bool(torch.isfinite(out).all()):
+        raise ChunkError(f"{what} values exceed the range of {out_dtype}", reason="range")
+    return out
+
+
 class FloatFormat:
     """A plain cast to a float dtype (fp32, fp16 or bf16)."""
 
@@ -100,12 +111,7 @@ class FloatFormat:
         if _nonfinite(sections[0], self.dtype):
             raise ChunkError(f"{self.name} data holds NaN/inf", reason="range")
         data = _tensor(sections[0]).view(self.dtype).reshape(shape)  # (B, heads, T, head_dim)
-        if data.dtype == out_dtype:
-            return data
-        out = data.to(out_dtype)
-        if out.element_size() < data.element_size() and not bool(torch.isfinite(out).all()):
-            raise ChunkError(f"{self.name} values exceed the range of {out_dtype}", reason="range")
-        return out
+        return _cast_checked(data, out_dtype, self.name)
 
 
 class IntFormat:
@@ -165,12 +171,7 @@ class IntFormat:
         else:
             q = torch.stack([raw & 0x0F, raw >> 4], dim=1).reshape(-1)[:n].to(torch.int8) - 8
         x = q.reshape(shape).float() * scale  # (B, heads, T, head_dim)
-        if out_dtype == torch.float32:
-            return x
-        out = x.to(out_dtype)
-        if out_dtype == torch.float16 and not bool(torch.isfinite(out).all()):  # scales near fp16's top
-            raise ChunkError(f"{self.name} values exceed the range of {out_dtype}", reason="range")
-        return out
+        return _cast_checked(x, out_dtype, self.name)  # scales near fp16's top overflow it
 
 
 _FORMATS: dict[str, FloatFormat | IntFormat] = {

@@ -265,3 +265,6 @@ def test_decoding_into_a_narrower_dtype_refuses_overflow() -> None:
     with pytest.raises(ChunkError, match="range of torch.float16"):
         Reassembler(out_dtype=torch.float16).feed(frames[0])
     assert Reassembler(out_dtype=torch.float32).feed(frames[0]) == []  # K alone completes no layer
+    as_bf16 = list(encode_cache(big, precision="bf16", query_id="q", sender="s"))  # bf16 holds 1e6; fp16 does not
+    with pytest.raises(ChunkError, match="range of torch.float16"):
+        Reassembler(out_dtype=torch.float16).feed(as_bf16[0])
