@@ -59,12 +59,12 @@ class FuserBook:
         fps = self.fingerprints()
         if len(fps) > MAX_FUSERS:
             return None
-        specs = []
-        for fp in fps:
-            fuser = self.get(fp)
-            tail = transmitter_tail(fuser) if isinstance(fuser, PairFuser) else None
-            specs.append(FuserSpec(transmitter_fingerprint=fp, tail_tokens=tail or None))
-        return tuple(specs)
+        return tuple(self._spec(fp) for fp in fps)
+
+    def _spec(self, fingerprint: str) -> FuserSpec:
+        fuser = self.get(fingerprint)
+        tail = transmitter_tail(fuser) if isinstance(fuser, PairFuser) else None
+        return FuserSpec(transmitter_fingerprint=fingerprint, tail_tokens=tail or None)
 
 
 class TranslatorBook(FuserBook):
@@ -77,19 +77,11 @@ class TranslatorBook(FuserBook):
         assert self.registry is not None
         return self.registry.load_translator(fingerprint, self.receiver_fp)
 
-    def specs(self) -> tuple[FuserSpec, ...] | None:
-        """One :class:`FuserSpec` per transmitter model; the receiver's own model is read only whole (its cache is
-        re-rotated, not translated: a missing layer has nothing to stand in for it), so its streams keep every
-        layer (``bus.policy``: ``whole``)."""
-        fps = self.fingerprints()
-        if len(fps) > MAX_FUSERS:
-            return None
-        return tuple(FuserSpec(transmitter_fingerprint=fp, whole=_identity(self.get(fp))) for fp in fps)
-
-
-def _identity(translator: Any) -> bool:
-    cfg = getattr(translator, "cfg", None)
-    return bool(getattr(cfg, "identity", False))
+    def _spec(self, fingerprint: str) -> FuserSpec:
+        """The receiver's own model is read only whole (its cache is re-rotated, not translated: a missing layer has
+        nothing to stand in for it), so its streams keep every layer (``bus.policy``: ``whole``)."""
+        identity = bool(getattr(getattr(self.get(fingerprint), "cfg", None), "identity", False))
+        return FuserSpec(transmitter_fingerprint=fingerprint, whole=identity)
 
 
 def whole_models(specs: Sequence[FuserSpec] | None) -> set[str]:
