@@ -133,6 +133,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lines-per-block", type=int, default=3, help="translator: text lines read as one block")
     p.add_argument("--tune-steps", type=int, default=100, help="translator: tuning steps after the fit (0: none)")
     p.add_argument(
+        "--tune-window",
+        type=int,
+        default=None,
+        help="translator: answer tokens scored per tuning item (a random window of a longer answer; 0: all; "
+        "default 16)",
+    )
+    p.add_argument(
         "--weights",
         choices=["int8", "fp16"],
         default="int8",
@@ -255,6 +262,7 @@ def fit_translator_pair(
     tune_items=(),
     tune_steps: int = 0,
     weights: str = "int8",
+    tune_window: int | None = None,
 ):
     """Rows of every block (checkpointed in ``out``), the ridge fit, the tuning on ``tune_items`` (``tune_steps``
     steps; ``fusion.translate.tune_translator``), and the translator saved in registry ``out`` with ``weights``
@@ -289,15 +297,17 @@ def fit_translator_pair(
     translator, stats = fit_translator(cfg, x, y, seed=seed)
     meta = stats | {"blocks": len(blocks), "rows_s": round(rows_s, 1), "fit_s": round(time.perf_counter() - t1, 1)}
     if tune_steps > 0 and tune_items and not cfg.identity:
-        from fusion.translate import tune_translator
+        from fusion.translate import DEFAULT_TUNE_WINDOW, tune_translator
 
         t2 = time.perf_counter()
+        window = {} if tune_window is None else {"window": tune_window}
         losses = tune_translator(
-            translator, receiver, transmitter, list(tune_items), tune_steps, seed=seed, progress=True
+            translator, receiver, transmitter, list(tune_items), tune_steps, seed=seed, progress=True, **window
         )
         tail = max(1, len(losses) // 10)
         meta |= {
             "tune_steps": tune_steps,
+            "tune_window": tune_window if tune_window is not None else DEFAULT_TUNE_WINDOW,
             "tune_items": len(tune_items),
             "tune_loss_first": round(sum(losses[:tail]) / tail, 4),
             "tune_loss_last": round(sum(losses[-tail:]) / tail, 4),
@@ -334,6 +344,8 @@ def train_pair_translator(args: argparse.Namespace) -> dict:
         raise ConfigError("a translator is for pretrained (text-style) models; zoo models answer by letter")
     if args.tune_steps < 0:
         raise ConfigError("--tune-steps must be 0 or more")
+    if args.tune_window is not None and args.tune_window < 0:
+        raise ConfigError("--tune-window must be 0 (whole answers) or more tokens")
     return fit_translator_pair(
         receiver,
         transmitter,
@@ -346,6 +358,7 @@ def train_pair_translator(args: argparse.Namespace) -> dict:
         tune_items=items,
         tune_steps=args.tune_steps,
         weights=args.weights,
+        tune_window=args.tune_window,
     )
 
 

@@ -318,7 +318,8 @@ def fit_translator(
 ) -> tuple[CacheTranslator, dict[str, float]]:
     """A translator fitted to rows ``x`` (n, in) -> ``y`` (n, out) by ridge regression on standardised features,
     kept at ``cfg.rank`` (the top singular directions of its fitted outputs), and its R^2 on held-out rows
-    (``held_out`` of them, refitted on all rows afterwards): ``r2_heldout``, the mean over output numbers that vary
+    (``held_out`` of them; the fit without them reuses the moments of all rows less theirs, so the two fits cost
+    about one): ``r2_heldout``, the mean over output numbers that vary
     (a number the receiver's cache holds constant, as some of Gemma's do, has no R^2), and ``r2_heldout_pooled``,
     one minus all residual variance over all variance."""
     if cfg.identity:
@@ -331,37 +332,51 @@ def fit_translator(
         )
     if x.shape[0] < 2:
         raise FuserError("a translator needs at least two rows")
+    x, y = x.float(), y.float()
+    mean, scale = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mean) / scale
+    y_mean = y.mean(0)
+    centred = y - y_mean
+    gram, cross = z.T @ z, z.T @ centred  # once: the held-out fit subtracts its rows' share
     order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
     cut = max(1, int(round(x.shape[0] * (1 - held_out)))) if held_out > 0 else x.shape[0]
     stats: dict[str, float] = {"rows": float(x.shape[0])}
     if cut < x.shape[0]:
-        part = _solve(cfg, x[order[:cut]], y[order[:cut]])
-        test = order[cut:]
-        pred = part.rows(x[test].float())
-        truth = y[test].float()
+        train, test = order[:cut], order[cut:]
+        zh, ch = z[test], centred[test]
+        z_mean = (z.sum(0) - zh.sum(0)) / cut  # the training rows' means, in the features and outputs
+        c_mean = (centred.sum(0) - ch.sum(0)) / cut
+        part_gram = gram - zh.T @ zh - cut * torch.outer(z_mean, z_mean)
+        part_cross = cross - zh.T @ ch - cut * torch.outer(z_mean, c_mean)
+        # the training rows' fit, as if standardised by their own means (the scale is all rows'): its R^2 on the rest
+        part = _from_moments(cfg, part_gram, part_cross, z[train] - z_mean, mean + z_mean * scale, scale)
+        part.bias.copy_(y_mean + c_mean)
+        pred = part.rows(x[test])
+        truth = y[test]
         resid = ((pred - truth) ** 2).sum(0)
         total = ((truth - truth.mean(0)) ** 2).sum(0)
         varies = total > 1e-6 * float(total.mean()) + 1e-12
         stats["r2_heldout"] = round(float((1 - resid[varies] / total[varies]).mean()), 4) if varies.any() else 0.0
         stats["r2_heldout_pooled"] = round(float(1 - resid.sum() / total.sum().clamp_min(1e-12)), 4)
-    return _solve(cfg, x, y), stats
+    out = _from_moments(cfg, gram, cross, z, mean, scale)
+    out.bias.copy_(y_mean)
+    return out, stats
 
 
-def _solve(cfg: TranslatorConfig, x: torch.Tensor, y: torch.Tensor) -> CacheTranslator:
-    x, y = x.float(), y.float()
-    mean, scale = x.mean(0), x.std(0).clamp_min(1e-6)
-    z = (x - mean) / scale
-    y_mean = y.mean(0)
-    gram = z.T @ z
+def _from_moments(
+    cfg: TranslatorConfig, gram: torch.Tensor, cross: torch.Tensor, z: torch.Tensor, mean, scale
+) -> CacheTranslator:
+    """The ridge solution from the standardised features' ``gram`` (Z^T Z) and ``cross`` (Z^T Y, both centred),
+    kept at ``cfg.rank`` directions of the fitted outputs ``z @ w``; the bias is the caller's."""
+    gram = gram.clone()
     gram.diagonal().add_(cfg.ridge)
-    w = torch.cholesky_solve(z.T @ (y - y_mean), torch.linalg.cholesky(gram))  # (in, out)
+    w = torch.cholesky_solve(cross, torch.linalg.cholesky(gram))  # (in, out)
     basis = _top_directions(z, w, min(cfg.rank, *w.shape))  # (out, rank)
     out = CacheTranslator(cfg)
     out.mean.copy_(mean)
     out.scale.copy_(scale)
     out.down.copy_(w @ basis)
     out.up.copy_(basis.T)
-    out.bias.copy_(y_mean)
     return out
 
 
@@ -379,6 +394,12 @@ def _top_directions(z: torch.Tensor, w: torch.Tensor, rank: int, power: int = 2,
 # ---- tuning: the receiver reads from the translation --------------------------------------------
 
 REPEAT_STEM = "Repeat the notes word for word."  # a tuning question any text answers: its own lines
+# Answer tokens one tuning item is scored on: a longer answer (a paragraph repeated) is scored on a window of this
+# many consecutive tokens, its end drawn at random, read after the answer's tokens before it. The receiver's vocabulary
+# projection and its backward, per scored token, are most of a step for a large vocabulary (Gemma-3: 262,144 x 640,
+# ~40% of a step on the paragraph repeats); the window bounds them, and over the steps every part of an answer is
+# scored (docs/TRANSFER.md: the build time and the answers with and without it).
+DEFAULT_TUNE_WINDOW = 16
 
 
 @dataclass(frozen=True)
@@ -424,9 +445,11 @@ def tune_translator(
     lr: float = 1e-4,
     seed: int = 0,
     progress: bool = False,
+    window: int = DEFAULT_TUNE_WINDOW,
 ) -> list[float]:
     """Tune a fitted translator (its projections and mean) so the frozen receiver, reading the translation, writes
-    what a reader of the real lines writes: cross-entropy on each item's answer after its question. The ridge fit
+    what a reader of the real lines writes: cross-entropy on each item's answer after its question (on a window of
+    ``window`` answer tokens ending at a random token when the answer is longer; 0: the whole answer). The ridge fit
     matches caches number by number; this makes the numbers that the receiver's attention copies from right.
     Returns the loss per step."""
     from tqdm.auto import tqdm
@@ -435,6 +458,8 @@ def tune_translator(
         return []
     if not items:
         raise FuserError("tuning a translator needs at least one item")
+    if window < 0:
+        raise ConfigError(f"the tuning window must be 0 (whole answers) or more tokens, got {window}")
     fmt = receiver.format
     if fmt is None:
         raise FusionError(f"{receiver.name} answers by letter (a zoo model); it cannot read translated notes")
@@ -464,9 +489,14 @@ def tune_translator(
                     QUESTION_LABEL + " ".join(item.stem.split()) + fmt.tail, add_special_tokens=False
                 )["input_ids"]
                 answer = receiver.answer_target(item.answer)
+                if 0 < window < len(answer):  # read up to a random end, score the window before it
+                    end = int(torch.randint(window, len(answer) + 1, (1,), generator=rng))
+                    answer, scored = answer[:end], answer[end - window : end]
+                else:
+                    scored = answer
                 ids = torch.tensor([list(question) + answer], device=receiver.device)
-                logits = receiver.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=len(answer) + 1)
-                target = torch.tensor(answer, device=receiver.device)
+                logits = receiver.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=len(scored) + 1)
+                target = torch.tensor(scored, device=receiver.device)
                 loss = torch.nn.functional.cross_entropy(logits.logits[0, :-1].float(), target) / batch_size
                 loss.backward()
                 total += float(loss.detach())

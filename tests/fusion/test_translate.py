@@ -169,6 +169,26 @@ def test_translate_modes_of_refine(models) -> None:
         refine(CHOICE_Q, receiver, txs, mode="translate-shuffled", notes=notes, translators=translators)
 
 
+def test_the_held_out_fit_from_shared_moments_is_the_ridge_fit_of_the_training_rows() -> None:
+    cfg = TranslatorConfig(2, 1, 4, 3, 1, 4, rank=16, ridge=50.0)  # 24 -> 16, full rank: no truncation
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(300, cfg.in_features, generator=gen).exp() * 2 - 1  # skewed: the split moves the means
+    y = torch.tanh(x @ torch.randn(cfg.in_features, cfg.out_features, generator=gen)) + 0.1 * torch.randn(
+        300, 16, generator=gen
+    )
+    _, stats = fit_translator(cfg, x, y, held_out=0.2, seed=3)
+    order = torch.randperm(300, generator=torch.Generator().manual_seed(3))
+    train, test = order[:240], order[240:]
+    z = (x - x.mean(0)) / x.std(0)  # all rows' scale, the training rows' own means: solved directly here
+    zt = z[train] - z[train].mean(0)
+    w = torch.linalg.solve(zt.T @ zt + 50.0 * torch.eye(24), zt.T @ (y[train] - y[train].mean(0)))
+    pred = (z[test] - z[train].mean(0)) @ w + y[train].mean(0)
+    truth = y[test]
+    r2 = 1 - ((pred - truth) ** 2).sum(0) / ((truth - truth.mean(0)) ** 2).sum(0)
+    assert abs(stats["r2_heldout"] - float(r2.mean())) < 2e-4
+    assert 0.2 < stats["r2_heldout"] < 0.999  # a fit with something left to miss
+
+
 def test_tuning_makes_the_receiver_write_what_a_reader_of_the_lines_writes(models) -> None:
     from fusion.translate import TuneItem, repeat_item, tune_translator
 
@@ -217,3 +237,35 @@ def test_int8_weights_store_half_the_bytes_and_translate_as_the_float_weights(tm
     assert load_translator(tmp_path / "fp16")[1]["weights"] == "int8"
     with pytest.raises(ConfigError, match="unknown translator weights"):
         pack_weights(translator.state_dict(), "int3")
+
+
+def test_tuning_scores_a_window_of_a_long_answer(models) -> None:
+    from fusion.translate import repeat_item, tune_translator
+
+    receiver, transmitter = models["tiny-qwen3"], models["tiny-llama"]
+    translator = CacheTranslator(TranslatorConfig.for_models(receiver, transmitter, rank=8))
+    item = repeat_item([" ".join(NOTES)])  # an answer of many tokens
+    answer = receiver.answer_target(item.answer)
+    assert len(answer) > 6
+    seen: list[tuple[int, int]] = []  # (tokens read, logits kept) per scoring call of the receiver
+    forward = receiver.model.forward
+
+    def spy(*args, **kwargs):
+        if kwargs.get("logits_to_keep", 0) > 1:  # not the frame head's prefill (its last logit)
+            seen.append((kwargs["input_ids"].shape[1], kwargs["logits_to_keep"]))
+        return forward(*args, **kwargs)
+
+    receiver.model.forward = spy
+    try:
+        tune_translator(translator, receiver, transmitter, [item], steps=4, batch_size=3, window=3)
+        windowed, seen[:] = list(seen), []
+        tune_translator(translator, receiver, transmitter, [item], steps=1, batch_size=2, window=0)
+        whole = list(seen)
+    finally:
+        del receiver.model.forward
+    assert {kept for _, kept in windowed} == {4}  # three answer tokens scored, whatever the answer's length
+    assert len({read for read, _ in windowed}) > 1  # the window ends at different answer tokens
+    assert max(read for read, _ in windowed) <= whole[0][0]  # never beyond the answer
+    assert {kept for _, kept in whole} == {len(answer) + 1}  # window 0: the whole answer, as before
+    with pytest.raises(ConfigError, match="window"):
+        tune_translator(translator, receiver, transmitter, [item], steps=1, window=-1)
