@@ -4,8 +4,8 @@ Both legs use the same embedded server (authorization and TLS on, an ``admin`` i
 the same two connections (publisher, subscriber) in one process, and the same message size. Raw: the cache's
 fp16 bytes are published as plain messages and counted at a subscriber. KV: ``send_cache`` (fp16, no
 compression: the same bytes) to a ``KVReceiver`` until every layer is reassembled, checksummed and decoded. Legs
-alternate after a warm-up; medians are reported. Extra rows show other precisions (throughput counted in
-fp16-cache bytes, i.e. effective).
+alternate after a warm-up, their order rotating (each leg runs first, second and third equally often); medians
+are reported. Extra rows show other precisions (throughput counted in fp16-cache bytes, i.e. effective).
 
 ``--real-size``: one real transmitter's query at SmolLM2-135M's shape (30 layers, 3 kv heads x 64): ``q`` (the
 default) a 60-token q' cache, 1.4 MB in 60 tensors of 23 KB; ``tail`` the one-token tail the real kit's fusers
@@ -168,15 +168,26 @@ async def _bench(args: argparse.Namespace, url: str, security: ClientSecurity | 
         raw_s, packed_s, kv_s, raw_cpu, kv_cpu = [], [], [], [], []
         wire = 0
         lost: dict[str, int] = {}
-        for _ in range(args.repeats):
+
+        async def raw() -> None:
             cpu = time.process_time()  # CPU of this process (all threads): less sensitive to a loaded machine
             raw_s.append(await _retry(lost, "raw", lambda: _raw_leg(conns, blobs, chunk)))
             raw_cpu.append(time.process_time() - cpu)
+
+        async def raw_packed() -> None:
             packed_s.append(await _retry(lost, "raw_packed", lambda: _raw_leg(conns, packed, pack_chunk)))
+
+        async def kv() -> None:
+            nonlocal wire
             cpu = time.process_time()
             seconds, wire = await _retry(lost, "kv", lambda: _kv_leg(conns, cache, "fp16", "none"))
             kv_cpu.append(time.process_time() - cpu)
             kv_s.append(seconds)
+
+        legs = [raw, raw_packed, kv]
+        for i in range(args.repeats):  # each leg first, second and third equally often: a leg's time depends on
+            for leg in legs[i % 3 :] + legs[: i % 3]:  # the one before it (a KV leg after the packed one: ~+10%)
+                await leg()
         extra = []
         for spec in [s for s in args.extra.split(",") if s]:
             precision, _, comp = spec.partition("+")
@@ -211,6 +222,7 @@ async def _bench(args: argparse.Namespace, url: str, security: ClientSecurity | 
         "raw_packed_message_bytes": pack_chunk,
         "server_max_payload": server_payload,
         "repeats": args.repeats,
+        "leg_order": "rotating: raw, raw_packed, kv; then raw_packed, kv, raw; then kv, raw, raw_packed; ...",
         "pair_ratios": [round(r / k, 3) for r, k in zip(raw_s, kv_s, strict=True)],
         "client_cpu_ms": {
             "raw": round(statistics.median(raw_cpu) * 1e3, 1),
