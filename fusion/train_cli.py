@@ -300,14 +300,14 @@ def fit_translator_pair(
         from fusion.translate import DEFAULT_TUNE_WINDOW, tune_translator
 
         t2 = time.perf_counter()
-        window = {} if tune_window is None else {"window": tune_window}
+        window = DEFAULT_TUNE_WINDOW if tune_window is None else tune_window
         losses = tune_translator(
-            translator, receiver, transmitter, list(tune_items), tune_steps, seed=seed, progress=True, **window
+            translator, receiver, transmitter, list(tune_items), tune_steps, seed=seed, progress=True, window=window
         )
         tail = max(1, len(losses) // 10)
         meta |= {
             "tune_steps": tune_steps,
-            "tune_window": tune_window if tune_window is not None else DEFAULT_TUNE_WINDOW,
+            "tune_window": window,
             "tune_items": len(tune_items),
             "tune_loss_first": round(sum(losses[:tail]) / tail, 4),
             "tune_loss_last": round(sum(losses[-tail:]) / tail, 4),

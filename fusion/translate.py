@@ -349,8 +349,9 @@ def fit_translator(
         part_gram = gram - zh.T @ zh - cut * torch.outer(z_mean, z_mean)
         part_cross = cross - zh.T @ ch - cut * torch.outer(z_mean, c_mean)
         # the training rows' fit, as if standardised by their own means (the scale is all rows'): its R^2 on the rest
-        part = _from_moments(cfg, part_gram, part_cross, z[train] - z_mean, mean + z_mean * scale, scale)
-        part.bias.copy_(y_mean + c_mean)
+        part = _from_moments(
+            cfg, part_gram, part_cross, z[train] - z_mean, mean + z_mean * scale, scale, y_mean + c_mean
+        )
         pred = part.rows(x[test])
         truth = y[test]
         resid = ((pred - truth) ** 2).sum(0)
@@ -358,16 +359,15 @@ def fit_translator(
         varies = total > 1e-6 * float(total.mean()) + 1e-12
         stats["r2_heldout"] = round(float((1 - resid[varies] / total[varies]).mean()), 4) if varies.any() else 0.0
         stats["r2_heldout_pooled"] = round(float(1 - resid.sum() / total.sum().clamp_min(1e-12)), 4)
-    out = _from_moments(cfg, gram, cross, z, mean, scale)
-    out.bias.copy_(y_mean)
-    return out, stats
+    return _from_moments(cfg, gram, cross, z, mean, scale, y_mean), stats
 
 
 def _from_moments(
-    cfg: TranslatorConfig, gram: torch.Tensor, cross: torch.Tensor, z: torch.Tensor, mean, scale
+    cfg: TranslatorConfig, gram: torch.Tensor, cross: torch.Tensor, z: torch.Tensor, mean, scale, bias
 ) -> CacheTranslator:
     """The ridge solution from the standardised features' ``gram`` (Z^T Z) and ``cross`` (Z^T Y, both centred),
-    kept at ``cfg.rank`` directions of the fitted outputs ``z @ w``; the bias is the caller's."""
+    kept at ``cfg.rank`` directions of the fitted outputs ``z @ w``; ``mean``, ``scale`` standardise an input row,
+    ``bias`` is the outputs' mean."""
     gram = gram.clone()
     gram.diagonal().add_(cfg.ridge)
     w = torch.cholesky_solve(cross, torch.linalg.cholesky(gram))  # (in, out)
@@ -377,6 +377,7 @@ def _from_moments(
     out.scale.copy_(scale)
     out.down.copy_(w @ basis)
     out.up.copy_(basis.T)
+    out.bias.copy_(bias)
     return out
 
 
