@@ -401,6 +401,9 @@ REPEAT_STEM = "Repeat the notes word for word."  # a tuning question any text an
 # ~40% of a step on the paragraph repeats); the window bounds them, and over the steps every part of an answer is
 # scored (docs/TRANSFER.md: the build time and the answers with and without it).
 DEFAULT_TUNE_WINDOW = 16
+# a batch of tuning rows costs about this many tokens more than its rows (every weight read once per forward):
+# rows of like length share a batch, a short one is not padded to a long one's length (docs/TRANSFER.md)
+TUNE_GROUP_TOKENS = 40
 
 
 @dataclass(frozen=True)
@@ -418,22 +421,92 @@ def repeat_item(lines: Sequence[str]) -> TuneItem:
     return TuneItem(tuple(lines), REPEAT_STEM, " ".join(" ".join(x.split()) for x in lines))
 
 
-def _translated_cache(receiver: LanguageModel, translator: CacheTranslator, head, span: NoteSpan):
-    """The receiver's cache of its frame head then the translated span, differentiable in the translator."""
+@dataclass(frozen=True)
+class _Scored:
+    """One drawn item of a tuning step: the span read, the receiver's tokens after it, how many of the last score."""
+
+    span: NoteSpan
+    ids: list[int]  # question, then the answer up to the window's end
+    scored: int  # the last ``scored`` of ``ids`` are the targets
+
+
+def _groups(rows: list[_Scored], head: int, sliding: int | None, fixed: int = TUNE_GROUP_TOKENS) -> list[list[_Scored]]:
+    """The step's rows in padded batches: runs of like length (sorted by tokens read) that minimise the tokens the
+    receiver runs, pads included, plus ``fixed`` per batch (a forward reads every weight once, whatever its rows).
+    On a sliding-window model a padded batch stays within the window (a pad shifts the index distances that the
+    window counts); a row longer than the window runs alone, unpadded, as one at a time would."""
+    rows = sorted(rows, key=lambda r: (len(r.ids), r.span.num_tokens))
+    best: list[tuple[float, int]] = [(0.0, 0)]  # (cost of rows[:j], where its last batch starts)
+    for j in range(1, len(rows) + 1):
+        options = []
+        for i in range(j):
+            group = rows[i:j]
+            longest = head + max(r.span.num_tokens for r in group) + len(rows[j - 1].ids)
+            if j - i > 1 and sliding is not None and longest > sliding:
+                continue
+            options.append((best[i][0] + fixed + (j - i) * len(rows[j - 1].ids), i))
+        best.append(min(options))
+    groups, j = [], len(rows)
+    while j > 0:
+        i = best[j][1]
+        groups.append(rows[i:j])
+        j = i
+    return groups[::-1]
+
+
+def _batch_loss(receiver: LanguageModel, translator: CacheTranslator, head, rows: list[_Scored]) -> torch.Tensor:
+    """The summed cross-entropy (each row's mean over its scored tokens) of ``rows`` in one padded forward of the
+    receiver, differentiable in the translator: row i reads the frame head, its translated span (padded to the
+    longest span), then its tokens (padded before them to the longest), pads masked out and positions as unpadded.
+    The same losses as one row at a time, up to float noise; the weights are read once for the batch."""
     from transformers import DynamicCache
 
-    out = translator.rows(translator.features(span.layers))
-    n = out.shape[0]
+    B, h = len(rows), head.num_tokens
     L, H, D = receiver.num_layers, receiver.kv_heads, receiver.head_dim
-    k = out[:, : L * H * D].reshape(n, L, H, D).permute(1, 2, 0, 3)
-    v = out[:, L * H * D :].reshape(n, L, H, D).permute(1, 2, 0, 3)
-    tables = rope_tables(receiver, head.num_tokens, n)
+    counts = [r.span.num_tokens for r in rows]
+    N, Q = max(counts), max(len(r.ids) for r in rows)
+    out = translator.rows(torch.cat([translator.features(r.span.layers) for r in rows]))  # one projection for all
+    padded = out.new_zeros(B, N, out.shape[1])
+    at = 0
+    for i, n in enumerate(counts):
+        padded[i, :n] = out[at : at + n]
+        at += n
+    k = padded[..., : L * H * D].reshape(B, N, L, H, D).permute(2, 0, 3, 1, 4)  # (L, B, H, N, D)
+    v = padded[..., L * H * D :].reshape(B, N, L, H, D).permute(2, 0, 3, 1, 4)
+    tables = rope_tables(receiver, h, N)  # row i's span sits at h..h+n_i-1: the first n_i rows of these tables
     cache = DynamicCache(config=receiver.config)
     for m in range(L):
         k0, v0 = head.layers[m]
-        placed = turn_keys(k[m][None].to(k0.dtype), *tables[m])
-        cache.update(torch.cat([k0, placed], dim=2), torch.cat([v0, v[m][None].to(v0.dtype)], dim=2), m)
-    return cache
+        placed = turn_keys(k[m].to(k0.dtype), *tables[m])
+        cache.update(
+            torch.cat([k0.expand(B, -1, -1, -1), placed], dim=2),
+            torch.cat([v0.expand(B, -1, -1, -1), v[m].to(v0.dtype)], dim=2),
+            m,
+        )
+    pad = receiver.tokenizer.pad_token_id if receiver.tokenizer.pad_token_id is not None else 0
+    ids = torch.full((B, Q), pad, dtype=torch.long)
+    mask = torch.zeros(B, h + N + Q, dtype=torch.long)
+    positions = torch.zeros(B, Q, dtype=torch.long)
+    mask[:, :h] = 1
+    for i, (row, n) in enumerate(zip(rows, counts, strict=True)):
+        q = len(row.ids)
+        ids[i, Q - q :] = torch.tensor(row.ids)
+        mask[i, h : h + n] = 1
+        mask[i, h + N + Q - q :] = 1
+        positions[i, Q - q :] = torch.arange(h + n, h + n + q)
+        positions[i, : Q - q] = h + n  # pads: masked as keys, their outputs unread
+    dev = receiver.device
+    hidden = receiver.body(
+        input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev), cache=cache, use_cache=True
+    ).last_hidden_state  # (B, Q, hidden)
+    # the vocabulary projection only where a token is scored (position p predicts token p + 1): for a large
+    # vocabulary it and its backward cost as much as the rest of the step
+    at_row = torch.cat([torch.full((r.scored,), i) for i, r in enumerate(rows)])
+    at_pos = torch.cat([torch.arange(Q - r.scored - 1, Q - 1) for r in rows])
+    target = torch.tensor([t for r in rows for t in r.ids[len(r.ids) - r.scored :]], device=dev)
+    weight = torch.cat([torch.full((r.scored,), 1.0 / r.scored) for r in rows]).to(dev)  # each row's mean
+    logits = receiver.head_logits(hidden[at_row.to(dev), at_pos.to(dev)]).float()
+    return (torch.nn.functional.cross_entropy(logits, target, reduction="none") * weight).sum()
 
 
 def tune_translator(
@@ -475,30 +548,29 @@ def tune_translator(
     with torch.no_grad():
         head = receiver.prefill(head_ids).cache
     spans: dict[tuple[str, ...], NoteSpan] = {}
+    sliding = getattr(receiver.config, "sliding_window", None)
     rng = torch.Generator().manual_seed(seed)
     losses = []
     try:
         for _ in tqdm(range(steps), desc="translator tuning", unit="step", disable=not progress):
             opt.zero_grad()
             total = 0.0
+            rows = []
             for j in torch.randint(len(items), (batch_size,), generator=rng).tolist():
                 item = items[j]
                 if item.lines not in spans:
                     spans[item.lines] = note_span(transmitter, item.lines)  # type: ignore[assignment]
-                cache = _translated_cache(receiver, translator, head, spans[item.lines])
                 question = receiver.tokenizer(
                     QUESTION_LABEL + " ".join(item.stem.split()) + fmt.tail, add_special_tokens=False
                 )["input_ids"]
                 answer = receiver.answer_target(item.answer)
+                scored = len(answer)
                 if 0 < window < len(answer):  # read up to a random end, score the window before it
                     end = int(torch.randint(window, len(answer) + 1, (1,), generator=rng))
-                    answer, scored = answer[:end], answer[end - window : end]
-                else:
-                    scored = answer
-                ids = torch.tensor([list(question) + answer], device=receiver.device)
-                logits = receiver.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=len(scored) + 1)
-                target = torch.tensor(scored, device=receiver.device)
-                loss = torch.nn.functional.cross_entropy(logits.logits[0, :-1].float(), target) / batch_size
+                    answer, scored = answer[:end], window
+                rows.append(_Scored(spans[item.lines], list(question) + answer, scored))
+            for group in _groups(rows, head.num_tokens, sliding):
+                loss = _batch_loss(receiver, translator, head, group) / batch_size
                 loss.backward()
                 total += float(loss.detach())
             opt.step()

@@ -247,25 +247,146 @@ def test_tuning_scores_a_window_of_a_long_answer(models) -> None:
     item = repeat_item([" ".join(NOTES)])  # an answer of many tokens
     answer = receiver.answer_target(item.answer)
     assert len(answer) > 6
-    seen: list[tuple[int, int]] = []  # (tokens read, logits kept) per scoring call of the receiver
-    forward = receiver.model.forward
+    read: list[int] = []  # tokens each batch of the receiver reads after the translated notes
+    scored: list[int] = []  # positions the vocabulary projection scores, per batch
+    body, head_logits = receiver.body.forward, receiver.head_logits
 
-    def spy(*args, **kwargs):
-        if kwargs.get("logits_to_keep", 0) > 1:  # not the frame head's prefill (its last logit)
-            seen.append((kwargs["input_ids"].shape[1], kwargs["logits_to_keep"]))
-        return forward(*args, **kwargs)
+    def read_spy(*args, **kwargs):
+        if kwargs.get("position_ids") is not None:  # a tuning batch, not the frame head's prefill
+            read.append(kwargs["input_ids"].shape[1])
+        return body(*args, **kwargs)
 
-    receiver.model.forward = spy
+    def scored_spy(hidden):
+        scored.append(hidden.shape[0])
+        return head_logits(hidden)
+
+    receiver.body.forward, receiver.head_logits = read_spy, scored_spy
     try:
         tune_translator(translator, receiver, transmitter, [item], steps=4, batch_size=3, window=3)
-        windowed, seen[:] = list(seen), []
+        windowed, read[:], scored[:] = (list(read), list(scored)), [], []
         tune_translator(translator, receiver, transmitter, [item], steps=1, batch_size=2, window=0)
-        whole = list(seen)
+        whole = (list(read), list(scored))
     finally:
-        del receiver.model.forward
-    assert {kept for _, kept in windowed} == {4}  # three answer tokens scored, whatever the answer's length
-    assert len({read for read, _ in windowed}) > 1  # the window ends at different answer tokens
-    assert max(read for read, _ in windowed) <= whole[0][0]  # never beyond the answer
-    assert {kept for _, kept in whole} == {len(answer) + 1}  # window 0: the whole answer, as before
+        del receiver.body.forward, receiver.head_logits
+    assert sum(windowed[1]) == 4 * 3 * 3  # three answer tokens scored per row, whatever the answer's length
+    assert len(set(windowed[0])) > 1  # the window ends at different answer tokens
+    assert max(windowed[0]) <= whole[0][0]  # never beyond the answer
+    assert whole[1] == [2 * len(answer)]  # window 0: the whole answer of both rows, in one batch
     with pytest.raises(ConfigError, match="window"):
         tune_translator(translator, receiver, transmitter, [item], steps=1, window=-1)
+
+
+def tiny_gemma3(tokenizer_from: LanguageModel, sliding: int) -> LanguageModel:
+    """A random two-layer Gemma 3 (a sliding-window layer and a global one) on a tiny model's tokenizer."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tok = tokenizer_from.tokenizer
+    cfg = Gemma3TextConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=sliding,
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(3)
+    return LanguageModel(Gemma3ForCausalLM(cfg).eval(), tok, "tiny-gemma3-text", style="text")
+
+
+@pytest.mark.parametrize("receiver_name", ["tiny-qwen3", "gemma3-sliding"])
+def test_a_padded_tuning_batch_has_the_losses_and_gradients_of_one_row_at_a_time(models, receiver_name) -> None:
+    from transformers import DynamicCache
+
+    from fusion.formats import QUESTION_LABEL
+    from fusion.translate import _batch_loss, _groups, _Scored
+
+    transmitter = models["tiny-llama"]
+    receiver = tiny_gemma3(models["tiny-qwen3"], 128) if receiver_name == "gemma3-sliding" else models[receiver_name]
+    translator, _ = fit_translator(
+        TranslatorConfig.for_models(receiver, transmitter, rank=8),
+        *(torch.cat(t) for t in zip(*(translation_rows(receiver, transmitter, [x]) for x in NOTES), strict=True)),
+    )
+    fmt = receiver.format
+    head = receiver.prefill(list(receiver.tokenizer(fmt.head, add_special_tokens=fmt.add_special_tokens)["input_ids"]))
+    head = head.cache
+    rows = []  # spans and reads of different lengths, some answers scored in part
+    for lines, stem, answer, scored in [
+        (NOTES[:1], "What is the color of Zorbin?", "teal", 0),
+        (NOTES, "Where is Brenna Tol?", "Brenna Tol is located in Oslo.", 4),
+        (NOTES[1:], "Repeat.", " ".join(NOTES[1:]), 7),
+        (NOTES[2:], "Mascot?", "a fox", 0),
+    ]:
+        q = receiver.tokenizer(QUESTION_LABEL + stem + fmt.tail, add_special_tokens=False)["input_ids"]
+        a = receiver.answer_target(answer)
+        rows.append(_Scored(note_span(transmitter, lines), list(q) + a, scored or len(a)))
+    tuned = (translator.down, translator.up, translator.bias)
+
+    def reference(row: _Scored) -> torch.Tensor:  # one row through the model's own forward, as tuning ran before
+        out = translator.rows(translator.features(row.span.layers))
+        n, L, H, D = out.shape[0], receiver.num_layers, receiver.kv_heads, receiver.head_dim
+        k = out[:, : L * H * D].reshape(n, L, H, D).permute(1, 2, 0, 3)
+        v = out[:, L * H * D :].reshape(n, L, H, D).permute(1, 2, 0, 3)
+        tables = rope_tables(receiver, head.num_tokens, n)
+        cache = DynamicCache(config=receiver.config)
+        for m in range(L):
+            k0, v0 = head.layers[m]
+            cache.update(torch.cat([k0, turn_keys(k[m][None], *tables[m])], 2), torch.cat([v0, v[m][None]], 2), m)
+        logits = receiver.model(
+            input_ids=torch.tensor([row.ids]), cache=cache, use_cache=True, logits_to_keep=row.scored + 1
+        ).logits
+        return torch.nn.functional.cross_entropy(logits[0, :-1], torch.tensor(row.ids[-row.scored :]))
+
+    def loss_and_grads(fn) -> tuple[float, list[torch.Tensor]]:
+        for p in tuned:
+            p.requires_grad_(True)
+            p.grad = None
+        loss = fn()
+        loss.backward()
+        grads = [p.grad.clone() for p in tuned]
+        for p in tuned:
+            p.requires_grad_(False)
+        return float(loss.detach()), grads
+
+    want, want_grads = loss_and_grads(lambda: sum(reference(r) for r in rows))
+    longest = head.num_tokens + max(r.span.num_tokens for r in rows) + max(len(r.ids) for r in rows)
+    sliding = getattr(receiver.config, "sliding_window", None)
+    groups = _groups(rows, head.num_tokens, sliding, fixed=10**6)  # as few batches as the window allows
+    if sliding is not None:
+        assert longest > sliding and 1 < len(groups) < len(rows)  # the window splits this step, not into single rows
+        for group in groups:
+            padded = head.num_tokens + max(r.span.num_tokens for r in group) + max(len(r.ids) for r in group)
+            assert len(group) == 1 or padded <= sliding
+    else:
+        assert [len(g) for g in groups] == [4]
+    got, got_grads = loss_and_grads(lambda: sum(_batch_loss(receiver, translator, head, g) for g in groups))
+    assert abs(got - want) < 1e-4 * abs(want)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert ((a - b).norm() / b.norm()).item() < 1e-3
+    assert sorted(len(r.ids) for g in groups for r in g) == sorted(len(r.ids) for r in rows)  # every row, once
+
+
+def test_tuning_batches_group_rows_of_like_length() -> None:
+    from fusion.translate import _groups, _Scored
+
+    def row(span: int, read: int) -> _Scored:
+        return _Scored(NoteSpanStub(span), [1] * read, 1)  # type: ignore[arg-type]
+
+    rows = [row(10, 80), row(10, 12), row(10, 78), row(10, 14), row(10, 13), row(10, 79)]
+    groups = _groups(rows, 4, None, fixed=20)
+    assert [sorted(len(r.ids) for r in g) for g in groups] == [[12, 13, 14], [78, 79, 80]]  # not 6 x 80
+    assert [len(g) for g in _groups(rows, 4, None, fixed=10**6)] == [6]  # a batch costs more than any padding
+    assert [len(g) for g in _groups(rows, 4, None, fixed=0)] == [1, 1, 1, 1, 1, 1]  # padding costs, batches not
+    lone = _groups([row(10, 12), row(500, 20), row(10, 13)], 4, 64, fixed=10**6)
+    assert [[len(r.ids) for r in g] for g in lone] == [[12, 13], [20]]  # longer than the window: alone
+
+
+class NoteSpanStub:
+    def __init__(self, n: int) -> None:
+        self.num_tokens = n
