@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import lz4.frame
@@ -19,7 +19,7 @@ import torch
 
 from bus.errors import ChunkError, CodecError
 from bus.frames import Buffer, PackEntry, SealedChunk, pack_entry, seal_chunks
-from bus.quant import SCALE_DTYPE, Section, get_format
+from bus.quant import SCALE_DTYPE, FloatFormat, Section, get_format
 from bus.schemas import MAX_LAYER_INDEX, KVChunkHeader, validate_id
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,22 @@ def decode_blob(blob: Buffer, header: KVChunkHeader, out_dtype: torch.dtype = to
     return fmt.decode(sections, header.shape, header.scale_axis, out_dtype)
 
 
+def decode_block(
+    block: Buffer, header: KVChunkHeader, count: int, out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``count`` tensors that ``header`` describes but for their layer and K/V (uncompressed, unshuffled floats),
+    back to back in ``block``, decoded at once: ``(count, *shape)``, one NaN/inf check and one cast for all (a
+    tensor pack of small tensors, ``bus.frames.PackBlock``). The same values as :func:`decode_blob` of each."""
+    fmt = get_format(header.precision)
+    if not isinstance(fmt, FloatFormat) or header.compression != "none" or header.shuffle:
+        raise CodecError(f"a block of {header.precision} tensors with {header.compression} compression is not plain")
+    flat = np.frombuffer(block, dtype=np.uint8)
+    if len(flat) != count * header.raw_bytes:
+        raise ChunkError(f"a block of {count} tensors holds {len(flat)} bytes, expected {count * header.raw_bytes}")
+    b, h, t, d = header.shape
+    return fmt.decode([flat], (count * b, h, t, d), "none", out_dtype).reshape(count, b, h, t, d)
+
+
 def _header_fields(enc: EncodedTensor) -> dict:
     """The chunk-header fields that describe an encoded tensor."""
     return dict(
@@ -248,6 +264,52 @@ def encode_layer_chunks(
             chunk_bytes=chunk_bytes,
         )
     return chunks
+
+
+def encode_pack_entries(
+    items: Sequence[tuple[int, torch.Tensor, torch.Tensor]], precision: str, pack_limit: int
+) -> dict[int, list[PackEntry]] | None:
+    """Many layers' K and V (``(layer, K, V)``) as tensor-pack entries at a float precision without compression,
+    encoded at once: one copy into one buffer, one cast and one NaN/inf check for all, each blob a view of it
+    (:func:`encode_layer_chunks` per layer gives the same entries, tensor by tensor). None when they do not all
+    qualify (4-D float tensors of one shape and dtype, each blob within ``pack_limit``) or a value is NaN/inf:
+    encoding layer by layer then sends what it can and reports the bad tensor where it is."""
+    fmt = get_format(precision)
+    tensors = [t for _, k, v in items for t in (k, v)]
+    if not isinstance(fmt, FloatFormat) or not tensors or not isinstance(tensors[0], torch.Tensor):
+        return None
+    first = tensors[0]
+    alike = all(
+        isinstance(t, torch.Tensor) and t.shape == first.shape and t.dtype == first.dtype and t.device == first.device
+        for t in tensors
+    )
+    nbytes = first.numel() * fmt.itemsize
+    if not alike or first.dim() != 4 or not first.is_floating_point() or not 0 < nbytes <= pack_limit:
+        return None
+    try:
+        ((data, _),) = fmt.encode(torch.stack([t.detach() for t in tensors]).to("cpu"), "none")
+    except CodecError:
+        return None
+    shape = tuple(int(x) for x in first.shape)
+    header = dict(
+        dtype=_SOURCE_DTYPES.get(first.dtype, "float32"),
+        shape=shape,
+        precision=precision,
+        shuffle=False,
+        compression="none",
+        scale_axis="none",
+        scale_dtype=None,
+        raw_bytes=nbytes,
+    )
+    view = memoryview(data)
+    fields = pack_entry(items[0][0], "k", view[:nbytes], header).fields
+    return {
+        layer: [
+            PackEntry(layer, "k", view[2 * i * nbytes : (2 * i + 1) * nbytes], fields),
+            PackEntry(layer, "v", view[(2 * i + 1) * nbytes : (2 * i + 2) * nbytes], fields),
+        ]
+        for i, (layer, _, _) in enumerate(items)
+    }
 
 
 def encode_layer_frames(

@@ -58,6 +58,7 @@ DTYPE_CODES = ("float32", "float16", "bfloat16")
 SCALE_AXIS_CODES = ("none", "channel", "token")
 SCALE_DTYPE_CODES = (None, "float16")
 COMPRESSION_CODES = ("none", "lz4", "deflate")
+FLOAT_PRECISIONS = ("fp32", "fp16", "bf16")  # a plain cast: a blob is the tensor's bytes
 _COMPRESSION_AT = PREFIX.size + 9  # offset of the compression code in a frame
 _ENUMS = (
     ("tensor", TENSORS),
@@ -71,6 +72,19 @@ _ENUMS = (
 Buffer = bytes | bytearray | memoryview
 
 
+class PackBlock:
+    """The blobs of a tensor pack whose tensors differ only in layer and K/V, all uncompressed floats, back to back
+    without padding: the reassembler decodes them in one go (one NaN/inf check, one cast) and keeps the result in
+    ``decoded``, or marks the block ``failed`` and decodes tensor by tensor (so a bad one fails alone)."""
+
+    __slots__ = ("view", "count", "decoded", "failed")
+
+    def __init__(self, view: memoryview, count: int) -> None:
+        self.view, self.count = view, count
+        self.decoded = None  # (count, *shape) once decoded
+        self.failed = False
+
+
 @dataclass(frozen=True)
 class Chunk:
     """A parsed, checked frame: its header, a view of its payload, and the payload's xxh3_64 digest."""
@@ -79,6 +93,8 @@ class Chunk:
     payload: memoryview
     payload_hash: int
     packed: bool = False  # from a tensor pack: the pack's check covers it (chunk and blob hashes are 0)
+    block: PackBlock | None = None  # a pack's tensors that decode together; this chunk is tensor ``index`` of it
+    index: int = 0
 
 
 @dataclass(frozen=True)
@@ -607,9 +623,15 @@ def read_pack(message: Buffer) -> list[Chunk]:
     check = xxhash.xxh3_64_intdigest(head[:check_at], seed=seed) & CHECKSUM_MASK
     if check != _CHUNK_FIELD.unpack_from(head, check_at)[0]:
         raise ChunkError("checksum mismatch in a tensor pack", reason="checksum", query_id=query_id)
+    block = None
+    if count > 1 and len({row[2:] for row in rows}) == 1:  # tensors alike but for layer and K/V
+        _, _, precision, _, _, _, shuffle, compression = rows[0][:8]
+        plain = compression == COMPRESSION_CODES.index("none") and not shuffle and sizes[0] % PAYLOAD_ALIGN == 0
+        if plain and precision < len(PRECISION_CODES) and PRECISION_CODES[precision] in FLOAT_PRECISIONS:
+            block = PackBlock(view[payload:], count)  # the blobs back to back: nothing pads between them
     chunks, seen = [], set()
     checked: dict[tuple, KVChunkHeader] = {}  # entries that differ only in their layer validate once
-    for row, blob, digest in zip(rows, blobs, digests, strict=True):
+    for i, (row, blob, digest) in enumerate(zip(rows, blobs, digests, strict=True)):
         key = (row[0], *row[2:])
         header = checked.get(key)
         if header is None or row[1] > MAX_LAYER_INDEX:
@@ -619,7 +641,7 @@ def read_pack(message: Buffer) -> list[Chunk]:
         if (header.layer, header.tensor) in seen:
             raise ChunkError(f"tensor pack holds layer {header.layer} {header.tensor} twice", reason="malformed")
         seen.add((header.layer, header.tensor))
-        chunks.append(Chunk(header, blob, digest, packed=True))
+        chunks.append(Chunk(header, blob, digest, True, block, i))
     return chunks
 
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bus.codec import KVPair, decode_blob
+from bus.codec import KVPair, decode_blob, decode_block
 from bus.errors import ChunkError, CodecError, LimitError
-from bus.frames import Buffer, Chunk, StreamCut, blob_hash, identity_seed, read_frame
+from bus.frames import Buffer, Chunk, PackBlock, StreamCut, blob_hash, identity_seed, read_frame
 from bus.schemas import KVChunkHeader
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class Reassembler:
         stream.layers_total = max(stream.layers_total, h.layers_total)
         if len(state.crcs) < h.n_chunks:
             return []
-        self._finish_tensor(h, stream, key, state)
+        self._finish_tensor(h, stream, key, state, chunk.block, chunk.index)
         return self._maybe_layer(h, stream)
 
     def cut(self, notice: StreamCut) -> None:
@@ -195,7 +195,15 @@ class Reassembler:
         # a one-chunk tensor decodes straight from its message (no copy); others assemble into a buffer
         return _Tensor(first=h, buf=bytearray(h.blob_bytes) if h.n_chunks > 1 else None, reserved=need)
 
-    def _finish_tensor(self, h: KVChunkHeader, stream: _Stream, key: tuple[int, str], state: _Tensor) -> None:
+    def _finish_tensor(
+        self,
+        h: KVChunkHeader,
+        stream: _Stream,
+        key: tuple[int, str],
+        state: _Tensor,
+        block: PackBlock | None = None,
+        index: int = 0,
+    ) -> None:
         query = self._queries[h.query_id]
         blob, state.buf = state.buf, None
         assert blob is not None
@@ -208,7 +216,8 @@ class Reassembler:
                         reason="checksum",
                         query_id=h.query_id,
                     )
-            state.decoded = decode_blob(blob, h, self.out_dtype)
+            decoded = self._from_block(block, h) if block is not None else None
+            state.decoded = decode_blob(blob, h, self.out_dtype) if decoded is None else decoded[index]
         except ChunkError:
             del stream.tensors[key]  # drop it whole so a resend can start clean
             query.bytes -= state.reserved
@@ -216,6 +225,16 @@ class Reassembler:
         keep = state.decoded.numel() * state.decoded.element_size()
         query.bytes -= state.reserved - keep
         state.reserved = keep
+
+    def _from_block(self, block: PackBlock, h: KVChunkHeader) -> torch.Tensor | None:
+        """A pack's tensors decoded together, once (None when that failed: each then decodes alone, so a NaN fails
+        only its own tensor, as it would have arrived in a pack of one)."""
+        if block.decoded is None and not block.failed:
+            try:
+                block.decoded = decode_block(block.view, h, block.count, self.out_dtype)
+            except (ChunkError, CodecError):
+                block.failed = True
+        return block.decoded
 
     def _maybe_layer(self, h: KVChunkHeader, stream: _Stream) -> list[LayerDone]:
         k_state = stream.tensors.get((h.layer, "k"))

@@ -36,7 +36,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from bus import connect as busconn
-from bus.codec import KVPair, Layers, check_layers, compression_codec, encode_layer_chunks
+from bus.codec import KVPair, Layers, check_layers, compression_codec, encode_layer_chunks, encode_pack_entries
 from bus.errors import FedRefineError, SchemaError, TransportError
 from bus.frames import (
     LAYER_PACK_TENSOR_BYTES,
@@ -68,6 +68,7 @@ DEFAULT_PACK_BYTES = 128 * 1024  # bytes of a tensor pack or of frames sharing o
 # nats-py moves 32-128 KiB messages fastest here; 1 MiB ones take ~1.7x as long for the same bytes
 DEFAULT_PACK_SECONDS = 0.005  # on a shaped link, a shared message carries at most this much of its rate, but a
 # small layer's K and V (bus.frames.LAYER_PACK_TENSOR_BYTES each) share one tensor pack, sent at the layer's end
+BLOCK_BYTES = 8 * 1024 * 1024  # source bytes of small tensors encoded at once (a copy the sender holds meanwhile)
 SMALL_TENSOR_ELEMENTS = 2048  # K/V tensors up to this size are encoded inline and never LZ4-probed by "auto"
 DEFAULT_EXPIRE_INTERVAL = 1.0  # seconds between the receiver's deadline sweeps
 DEFAULT_ERROR_MEMORY = 100  # recent receive errors a KVReceiver keeps
@@ -229,22 +230,53 @@ class _Outbox:
 
 class _Encoder:
     """Encodes one layer at a time into sealed chunks: in a worker thread when that overlaps real work (quantizing,
-    LZ4 on big tensors), inline otherwise (a plain float cast is cheaper than the GIL hand-offs)."""
+    LZ4 on big tensors), inline otherwise (a plain float cast is cheaper than the GIL hand-offs). Small tensors at a
+    float precision without compression are encoded many layers at once (``bus.codec.encode_pack_entries``: one
+    cast and one check instead of one per tensor), from the layer asked for on, up to ``BLOCK_BYTES``."""
 
     def __init__(self, layers: Layers, opts: dict[str, Any], small: bool) -> None:
         self.layers, self.opts, self.small = layers, opts, small
+        self._order = list(layers)
+        self._ready: dict[tuple[int, str], list[SealedChunk | PackEntry]] = {}
+        self._refused: set[str] = set()  # precisions whose tensors do not encode as a block
 
     def start(self, layer: int, precision: str) -> asyncio.Future[list[SealedChunk | PackEntry]]:
         """A future of the layer's chunks at ``precision``."""
         k, v = self.layers[layer]
+        done = asyncio.get_running_loop().create_future()
+        ready = self._block(layer, precision)
+        if ready is not None:
+            done.set_result(ready)
+            return done
         quantized = not isinstance(get_format(precision), FloatFormat)
         if self.opts["compress"] != "none" or (quantized and not self.small):
             return asyncio.ensure_future(
                 asyncio.to_thread(encode_layer_chunks, layer, k, v, precision=precision, **self.opts)
             )
-        done = asyncio.get_running_loop().create_future()
         done.set_result(encode_layer_chunks(layer, k, v, precision=precision, **self.opts))
         return done
+
+    def _block(self, layer: int, precision: str) -> list[SealedChunk | PackEntry] | None:
+        """The layer's pack entries from a block encoded at once, when its tensors qualify (None: they do not)."""
+        if (layer, precision) not in self._ready:
+            limit = self.opts["pack_limit"]
+            if self.opts["chunk_bytes"] is not None:
+                limit = min(limit, self.opts["chunk_bytes"])
+            if self.opts["compress"] != "none" or limit <= 0 or precision in self._refused:
+                return None
+            items, total = [], 0
+            for m in self._order[self._order.index(layer) :]:
+                k, v = self.layers[m]
+                total += k.numel() * k.element_size() + v.numel() * v.element_size()
+                if items and total > BLOCK_BYTES:
+                    break
+                items.append((m, k, v))
+            entries = encode_pack_entries(items, precision, limit)
+            if entries is None:
+                self._refused.add(precision)
+                return None
+            self._ready.update({(m, precision): e for m, e in entries.items()})
+        return self._ready.pop((layer, precision))
 
 
 def _steered(

@@ -175,3 +175,100 @@ async def test_a_shaped_link_sends_a_pack_per_small_layer_within_the_planners_es
     packed = layer_wire_bytes((1, 3, 1, 64), precision, frame_overhead=overhead)
     framed = layer_wire_bytes((1, 3, 1, 64), precision, frame_overhead=overhead, packed=False)
     assert all(len(m) <= packed < framed for m in nc.frames)
+
+
+def _nan_entry(like: PackEntry, layer: int) -> PackEntry:
+    """A pack entry whose blob holds a NaN (a sender that skipped the encoder's check)."""
+    blob = bytearray(bytes(like.blob))
+    blob[0:2] = b"\x00\x7e"  # fp16 NaN, little-endian
+    return PackEntry(layer, like.tensor, bytes(blob), like.fields)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.float32])
+def test_a_pack_of_alike_float_tensors_decodes_as_one_block_to_the_same_values(out_dtype: torch.dtype) -> None:
+    from bus.codec import decode_blob
+
+    cache = _cache(n_layers=4, tokens=8)  # 512-byte fp16 blobs: a multiple of 16, nothing pads between them
+    message = pack_message("q-1", "tx_2", 4, _entries(cache))
+    chunks = read_pack(message)
+    block = chunks[0].block
+    assert block is not None and all(c.block is block for c in chunks) and [c.index for c in chunks] == list(range(8))
+    reasm = Reassembler(out_dtype=out_dtype)
+    done = [ev for c in chunks for ev in reasm.add(c)]
+    assert block.decoded is not None and block.decoded.shape == (8, 1, 2, 8, 16) and not block.failed
+    assert [ev.layer for ev in done] == [0, 1, 2, 3]
+    for c, ev in zip(chunks[::2], done, strict=True):
+        assert torch.equal(ev.k, decode_blob(c.payload, c.header, out_dtype)) and ev.k.dtype == out_dtype
+    for ev in done:
+        k, v = cache[ev.layer]
+        assert torch.allclose(ev.k.float(), k, atol=1e-3) and torch.allclose(ev.v.float(), v, atol=1e-3)
+
+
+def test_packs_of_unlike_or_quantized_tensors_decode_tensor_by_tensor() -> None:
+    mixed = {0: _cache(1, tokens=8)[0], 1: _cache(1, tokens=16, seed=1)[0]}  # two shapes
+    assert all(c.block is None for c in read_pack(pack_message("q", "t", 2, _entries(mixed, query_id="q", sender="t"))))
+    quantized = pack_message("q", "t", 3, _entries(_cache(tokens=8), "int8", query_id="q", sender="t"))
+    assert all(c.block is None for c in read_pack(quantized))
+    odd = pack_message("q", "t", 3, _entries(_cache(tokens=1), query_id="q", sender="t"))  # 64 B: aligned, a block
+    assert read_pack(odd)[0].block is not None
+    ragged = {0: (torch.randn(1, 1, 1, 3), torch.randn(1, 1, 1, 3))}  # 6-byte blobs: padded apart, no block
+    assert all(
+        c.block is None for c in read_pack(pack_message("q", "t", 1, _entries(ragged, query_id="q", sender="t")))
+    )
+
+
+def test_a_nan_in_a_block_fails_only_its_own_tensor() -> None:
+    """One bad tensor in a pack decoded as a block: the layers before it complete, the bad one is refused alone,
+    as it would be in a pack of its own."""
+    cache = _cache(n_layers=3, tokens=8)
+    entries = _entries(cache, query_id="q", sender="t")
+    entries[3] = _nan_entry(entries[3], 1)  # layer 1's V
+    chunks = read_pack(pack_message("q", "t", 3, entries))
+    assert chunks[0].block is not None
+    reasm = Reassembler(out_dtype=torch.float32)
+    done = []
+    with pytest.raises(ChunkError, match="NaN/inf"):
+        for c in chunks:
+            done += reasm.add(c)
+    assert chunks[0].block.failed and [ev.layer for ev in done] == [0]
+    assert set(reasm.completed("q", "t")) == {0}
+
+
+def test_a_block_of_pack_entries_is_the_entries_layer_by_layer() -> None:
+    from bus.codec import encode_pack_entries
+
+    cache = {m: (k.half(), v.float()) for m, (k, v) in _cache(n_layers=3, tokens=4).items()}
+    same_dtype = {m: (k, v.half()) for m, (k, v) in cache.items()}
+    items = [(m, k, v) for m, (k, v) in same_dtype.items()]
+    for precision in ("fp16", "fp32", "bf16"):
+        block = encode_pack_entries(items, precision, 1 << 20)
+        assert block is not None and list(block) == [0, 1, 2]
+        per_layer = {
+            m: encode_layer_chunks(
+                m,
+                k,
+                v,
+                precision=precision,
+                query_id="q",
+                sender="t",
+                layers_total=3,
+                compress=False,
+                pack_limit=1 << 20,
+            )
+            for m, k, v in items
+        }
+        for m in block:
+            got = [(e.layer, e.tensor, e.fields, bytes(e.blob)) for e in block[m]]
+            assert got == [(e.layer, e.tensor, e.fields, bytes(e.blob)) for e in per_layer[m]]
+    nan = {m: (k.clone(), v) for m, (k, v) in same_dtype.items()}
+    nan[2][0][0, 0, 0, 0] = float("nan")
+    refused = [
+        [(m, k, v) for m, (k, v) in cache.items()],  # K fp16, V fp32: not one block
+        [(m, k, v) for m, (k, v) in nan.items()],  # a NaN: layer by layer reports it where it is
+        [(0, torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))],  # not 4-D
+        [(0, torch.zeros(1, 2, 4, 16, dtype=torch.int32), torch.zeros(1, 2, 4, 16, dtype=torch.int32))],
+    ]
+    for bad in refused:
+        assert encode_pack_entries(bad, "fp16", 1 << 20) is None
+    assert encode_pack_entries(items, "fp16", 100) is None  # a blob over the pack limit
+    assert encode_pack_entries(items, "int8", 1 << 20) is None  # quantized: tensor by tensor

@@ -9,7 +9,7 @@ import torch
 
 from bus.codec import encode_cache, encode_tensor
 from bus.connect import BusConnections, close, connect, subscribe
-from bus.errors import ConnectError, SchemaError, TransportError
+from bus.errors import CodecError, ConnectError, SchemaError, TransportError
 from bus.frames import read_frame, read_frames, read_message
 from bus.shaper import LinkShaper
 from bus.subjects import Subjects
@@ -346,3 +346,35 @@ async def test_auto_compression_does_not_try_small_tensors() -> None:
         await send_cache(nc, "s", {0: (zeros, zeros), 1: (zeros, zeros)}, precision=precision, query_id="q", sender="t")  # type: ignore[arg-type]
         assert {c.header.compression for f in nc.frames for c in read_message(f)} == {"none"}
         assert sum(1 for f in nc.frames for _ in read_message(f)) == 4 and len(nc.frames) == 1  # one message
+
+
+@pytest.mark.parametrize("block_bytes", [8 * MB, 3000])
+async def test_small_float_layers_encode_in_blocks_and_send_what_layer_by_layer_sends(monkeypatch, block_bytes) -> None:
+    """A real-shaped q' stream (3 kv heads x 64) at fp16 without compression: its layers encode a block at a time
+    (one call for all, or one per ``BLOCK_BYTES``) and the messages are byte for byte the layer-by-layer ones."""
+    import bus.transport as transport
+
+    cache = {m: (torch.randn(1, 3, 4, 64), torch.randn(1, 3, 4, 64)) for m in range(6)}  # 1,536 B fp16 blobs
+    calls: list[int] = []
+    real = transport.encode_pack_entries
+
+    def spy(items, precision, limit):
+        calls.append(len(items))
+        return real(items, precision, limit)
+
+    monkeypatch.setattr(transport, "BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(transport, "encode_pack_entries", spy)
+    blocked = _RecordingClient()
+    await send_cache(blocked, "s", cache, precision="fp16", query_id="q", sender="t", compress="none")  # type: ignore[arg-type]
+    monkeypatch.setattr(transport, "encode_pack_entries", lambda *a: None)
+    plain = _RecordingClient()
+    await send_cache(plain, "s", cache, precision="fp16", query_id="q", sender="t", compress="none")  # type: ignore[arg-type]
+    assert blocked.frames == plain.frames and len(blocked.frames) >= 1
+    assert calls == ([6] if block_bytes > MB else [1] * 6)  # 6,144 source bytes a layer: one layer a block
+
+
+async def test_a_nan_in_a_small_float_stream_is_still_a_codec_error() -> None:
+    cache = {m: (torch.randn(1, 3, 4, 64), torch.randn(1, 3, 4, 64)) for m in range(6)}
+    cache[3][1][0, 0, 0, 0] = float("nan")
+    with pytest.raises(CodecError, match="NaN"):
+        await send_cache(_RecordingClient(), "s", cache, precision="fp16", query_id="q", sender="t", compress="none")  # type: ignore[arg-type]
