@@ -412,7 +412,8 @@ async def send_cache(
         outbox.wire,
         seconds,
     )
-    dropped = tuple(m for m in layers if m not in {s for s, _ in sent})
+    went = {m for m, _ in sent}
+    dropped = tuple(m for m in layers if m not in went)
     return SendReport(
         query_id,
         sender,
