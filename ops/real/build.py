@@ -41,8 +41,11 @@ DEFAULT_GATE_QUESTIONS = 160  # training questions the gate sees (each read by e
 # facts and single standard-library paragraphs (ops.real.data.translator_blocks; docs/TRANSFER.md for the sizes)
 TRANSLATOR_NOTE_BLOCKS = 300
 TRANSLATOR_GENERIC = 200
-# tuning items: questions about training facts (half) and generic paragraphs repeated (half); longer tuning or more
-# value answers taught the training values (docs/TRANSFER.md)
+# tuning items: questions about training facts (half) and generic paragraphs repeated (half); longer tuning at a
+# higher rate taught the training values (docs/TRANSFER.md). The questions are answered by the bare value (a share
+# TRANSLATOR_TUNE_SENTENCES by the fact's sentence: 0.5 until the fifth stop of 2026-12-07, when value answers took
+# free-text exact match from 0.507 to 0.840 on Gemma-held notes, choice and the shuffled control unchanged)
+TRANSLATOR_TUNE_SENTENCES = 0.0
 TRANSLATOR_TUNE_QUESTIONS = 300
 TRANSLATOR_TUNE_GENERIC = 300
 TRANSLATOR_TUNE_STEPS = 100
@@ -220,7 +223,9 @@ def build_kit(
             if blocks is None:
                 world = NotesWorld.model_validate_json((root / "world.json").read_text())
                 blocks = translator_blocks(world, TRANSLATOR_NOTE_BLOCKS, TRANSLATOR_GENERIC, spec.seed)
-                tune = translator_tune_items(world, TRANSLATOR_TUNE_QUESTIONS, TRANSLATOR_TUNE_GENERIC, spec.seed)
+                tune = translator_tune_items(
+                    world, TRANSLATOR_TUNE_QUESTIONS, TRANSLATOR_TUNE_GENERIC, spec.seed, TRANSLATOR_TUNE_SENTENCES
+                )
             t0 = time.perf_counter()
             # a small kit (the tests') tunes as many steps as its fusers train
             steps = TRANSLATOR_TUNE_STEPS if spec.steps >= 100 else min(spec.steps, TRANSLATOR_TUNE_STEPS)
@@ -234,7 +239,11 @@ def build_kit(
                 tune_steps=steps,
                 weights=TRANSLATOR_WEIGHTS,
             )
-            translators_done[pair] = result | {"pair": [receiver, transmitter], "seconds": elapsed(t0)}
+            translators_done[pair] = result | {
+                "pair": [receiver, transmitter],
+                "seconds": elapsed(t0),
+                "tune_sentences": TRANSLATOR_TUNE_SENTENCES,
+            }
             write_manifest(root, manifest)
     for entry in translators_done.values() if "translators" in pair_steps else ():
         if entry.get("params") and entry.get("weights", "fp16") != TRANSLATOR_WEIGHTS:

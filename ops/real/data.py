@@ -156,10 +156,11 @@ def translator_blocks(world: NotesWorld, notes_blocks: int, generic: int, seed: 
     return blocks + [[p] for p in generic_paragraphs(generic, seed)]
 
 
-def translator_tune_items(world: NotesWorld, count: int, generic: int, seed: int = 0) -> list:
+def translator_tune_items(world: NotesWorld, count: int, generic: int, seed: int = 0, sentences: float = 0.0) -> list:
     """What a kit's translators are tuned on (``fusion.translate.tune_translator``): ``count`` questions about one of
-    three training facts read as notes (answered by the value, or by the fact's sentence), and ``generic``
-    standard-library paragraphs written back word for word."""
+    three training facts read as notes, answered by the value (by the fact's sentence for a share ``sentences`` of
+    them: the receiver then learns to answer in sentences, which exact match counts wrong; docs/TRANSFER.md), and
+    ``generic`` standard-library paragraphs written back word for word."""
     from fusion.translate import TuneItem, repeat_item
     from ops.real.world import ALL_ATTRIBUTES
 
@@ -170,6 +171,6 @@ def translator_tune_items(world: NotesWorld, count: int, generic: int, seed: int
         picked = rng.sample(facts, min(3, len(facts)))
         fact = rng.choice(picked)
         stem = rng.choice(ALL_ATTRIBUTES[fact.attribute].questions).format(entity=fact.entity)
-        answer = fact.sentence if rng.random() < 0.5 else fact.value
+        answer = fact.sentence if rng.random() < sentences else fact.value  # the same draws whatever the share
         items.append(TuneItem(tuple(f.sentence for f in picked), stem, answer))
     return items + [repeat_item([p]) for p in generic_paragraphs(generic, seed + 1)]

@@ -168,9 +168,11 @@ def test_a_translator_reads_training_facts_and_generic_prose_never_a_test_entity
     items = translator_tune_items(world, 30, 5, seed=1)
     assert len(items) == 35 and not any(e in " ".join(i.lines) + i.stem for i in items for e in test)
     facts = {f.sentence: f for f in world.facts}
-    for item in items[:30]:  # a question about one of its three lines, answered by its value or its sentence
+    sentences = translator_tune_items(world, 30, 5, seed=1, sentences=1.0)
+    for item, said in zip(items[:30], sentences[:30], strict=True):  # a question about one of its three lines
         about = [facts[line] for line in item.lines if facts[line].entity in item.stem]
-        assert about and item.answer in {about[0].value, about[0].sentence}
+        assert about and item.answer == about[0].value  # the kit's: the bare value
+        assert (said.lines, said.stem, said.answer) == (item.lines, item.stem, about[0].sentence)  # same draws
     assert all(i.answer == i.lines[0] for i in items[30:])  # generic prose: written back
 
 
