@@ -75,7 +75,10 @@ Buffer = bytes | bytearray | memoryview
 class PackBlock:
     """The blobs of a tensor pack whose tensors differ only in layer and K/V, all uncompressed floats, back to back
     without padding: the reassembler decodes them in one go (one NaN/inf check, one cast) and keeps the result in
-    ``decoded``, or marks the block ``failed`` and decodes tensor by tensor (so a bad one fails alone)."""
+    ``decoded``, or marks the block ``failed`` and decodes tensor by tensor (so a bad one fails alone). Its tensors
+    are views of one buffer, each charged to its query as it completes; a tensor the receiver refuses after the block
+    was decoded (a limit reached mid-pack) leaves its share of that buffer held until the others are freed: at most
+    one message's decoded bytes."""
 
     __slots__ = ("view", "count", "decoded", "failed")
 

@@ -243,17 +243,16 @@ class _Encoder:
     def start(self, layer: int, precision: str) -> asyncio.Future[list[SealedChunk | PackEntry]]:
         """A future of the layer's chunks at ``precision``."""
         k, v = self.layers[layer]
-        done = asyncio.get_running_loop().create_future()
         ready = self._block(layer, precision)
-        if ready is not None:
-            done.set_result(ready)
-            return done
         quantized = not isinstance(get_format(precision), FloatFormat)
-        if self.opts["compress"] != "none" or (quantized and not self.small):
+        if ready is None and (self.opts["compress"] != "none" or (quantized and not self.small)):
             return asyncio.ensure_future(
                 asyncio.to_thread(encode_layer_chunks, layer, k, v, precision=precision, **self.opts)
             )
-        done.set_result(encode_layer_chunks(layer, k, v, precision=precision, **self.opts))
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(
+            ready if ready is not None else encode_layer_chunks(layer, k, v, precision=precision, **self.opts)
+        )
         return done
 
     def _block(self, layer: int, precision: str) -> list[SealedChunk | PackEntry] | None:
@@ -267,6 +266,8 @@ class _Encoder:
             items, total = [], 0
             for m in self._order[self._order.index(layer) :]:
                 k, v = self.layers[m]
+                if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
+                    break  # not a tensor: layer by layer reports it
                 total += k.numel() * k.element_size() + v.numel() * v.element_size()
                 if items and total > BLOCK_BYTES:
                     break
@@ -359,7 +360,10 @@ async def send_cache(
         compress="lz4" if compress == "auto" else compression_codec(compress),
         chunk_bytes=chunk_bytes,
     )
-    small = bool(schedule) and all(t.numel() <= SMALL_TENSOR_ELEMENTS for kv in layers.values() for t in kv)
+    tensors = [t for kv in layers.values() for t in kv]
+    small = all(
+        isinstance(t, torch.Tensor) and t.numel() <= SMALL_TENSOR_ELEMENTS for t in tensors
+    )  # else: encoding says
     if compress == "auto" and small:
         opts["compress"] = "none"  # a few hundred bytes: LZ4's frame would outweigh any saving
     if pack_bytes is None:

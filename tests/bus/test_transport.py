@@ -378,3 +378,13 @@ async def test_a_nan_in_a_small_float_stream_is_still_a_codec_error() -> None:
     cache[3][1][0, 0, 0, 0] = float("nan")
     with pytest.raises(CodecError, match="NaN"):
         await send_cache(_RecordingClient(), "s", cache, precision="fp16", query_id="q", sender="t", compress="none")  # type: ignore[arg-type]
+
+
+async def test_a_bad_tensor_in_a_small_float_stream_is_still_a_codec_error() -> None:
+    good = torch.randn(1, 3, 4, 64)
+    for bad in ("tensor", torch.zeros(1, 3, 4), torch.zeros(1, 3, 4, 64, dtype=torch.int32)):
+        cache = {0: (good, good), 1: (bad, good), 2: (good, good)}
+        with pytest.raises(CodecError):
+            await send_cache(
+                _RecordingClient(), "s", cache, precision="fp16", query_id="q", sender="t", compress="none"
+            )  # type: ignore[arg-type]
