@@ -290,19 +290,18 @@ def encode_pack_entries(
         ((data, _),) = fmt.encode(torch.stack([t.detach() for t in tensors]).to("cpu"), "none")
     except CodecError:
         return None
-    shape = tuple(int(x) for x in first.shape)
-    header = dict(
+    view = memoryview(data)
+    like = EncodedTensor(  # what encode_tensor gives each of them, but for its blob
+        blob=view[:nbytes],
+        shape=tuple(int(x) for x in first.shape),
         dtype=_SOURCE_DTYPES.get(first.dtype, "float32"),
-        shape=shape,
         precision=precision,
         shuffle=False,
         compression="none",
         scale_axis="none",
-        scale_dtype=None,
         raw_bytes=nbytes,
     )
-    view = memoryview(data)
-    fields = pack_entry(items[0][0], "k", view[:nbytes], header).fields
+    fields = pack_entry(items[0][0], "k", like.blob, _header_fields(like)).fields
     return {
         layer: [
             PackEntry(layer, "k", view[2 * i * nbytes : (2 * i + 1) * nbytes], fields),

@@ -237,6 +237,8 @@ class _Encoder:
     def __init__(self, layers: Layers, opts: dict[str, Any], small: bool) -> None:
         self.layers, self.opts, self.small = layers, opts, small
         self._order = list(layers)
+        chunk_bytes = opts["chunk_bytes"]  # as encode_layer_chunks: what travels whole fits a chunk too
+        self._limit = opts["pack_limit"] if chunk_bytes is None else min(opts["pack_limit"], chunk_bytes)
         self._ready: dict[tuple[int, str], list[SealedChunk | PackEntry]] = {}
         self._refused: set[str] = set()  # precisions whose tensors do not encode as a block
 
@@ -258,10 +260,7 @@ class _Encoder:
     def _block(self, layer: int, precision: str) -> list[SealedChunk | PackEntry] | None:
         """The layer's pack entries from a block encoded at once, when its tensors qualify (None: they do not)."""
         if (layer, precision) not in self._ready:
-            limit = self.opts["pack_limit"]
-            if self.opts["chunk_bytes"] is not None:
-                limit = min(limit, self.opts["chunk_bytes"])
-            if self.opts["compress"] != "none" or limit <= 0 or precision in self._refused:
+            if self.opts["compress"] != "none" or self._limit <= 0 or precision in self._refused:
                 return None
             items, total = [], 0
             for m in self._order[self._order.index(layer) :]:
@@ -272,7 +271,7 @@ class _Encoder:
                 if items and total > BLOCK_BYTES:
                     break
                 items.append((m, k, v))
-            entries = encode_pack_entries(items, precision, limit)
+            entries = encode_pack_entries(items, precision, self._limit)
             if entries is None:
                 self._refused.add(precision)
                 return None
@@ -360,10 +359,8 @@ async def send_cache(
         compress="lz4" if compress == "auto" else compression_codec(compress),
         chunk_bytes=chunk_bytes,
     )
-    tensors = [t for kv in layers.values() for t in kv]
-    small = all(
-        isinstance(t, torch.Tensor) and t.numel() <= SMALL_TENSOR_ELEMENTS for t in tensors
-    )  # else: encoding says
+    tensors = [t for kv in layers.values() for t in kv]  # a non-tensor is not small: encoding reports it
+    small = all(isinstance(t, torch.Tensor) and t.numel() <= SMALL_TENSOR_ELEMENTS for t in tensors)
     if compress == "auto" and small:
         opts["compress"] = "none"  # a few hundred bytes: LZ4's frame would outweigh any saving
     if pack_bytes is None:

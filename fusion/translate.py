@@ -466,11 +466,7 @@ def _batch_loss(receiver: LanguageModel, translator: CacheTranslator, head, rows
     counts = [r.span.num_tokens for r in rows]
     N, Q = max(counts), max(len(r.ids) for r in rows)
     out = translator.rows(torch.cat([translator.features(r.span.layers) for r in rows]))  # one projection for all
-    padded = out.new_zeros(B, N, out.shape[1])
-    at = 0
-    for i, n in enumerate(counts):
-        padded[i, :n] = out[at : at + n]
-        at += n
+    padded = torch.nn.utils.rnn.pad_sequence(out.split(counts), batch_first=True)  # (B, N, out), zeros after a span
     k = padded[..., : L * H * D].reshape(B, N, L, H, D).permute(2, 0, 3, 1, 4)  # (L, B, H, N, D)
     v = padded[..., L * H * D :].reshape(B, N, L, H, D).permute(2, 0, 3, 1, 4)
     tables = rope_tables(receiver, h, N)  # row i's span sits at h..h+n_i-1: the first n_i rows of these tables
