@@ -84,7 +84,7 @@ class PackBlock:
 
     def __init__(self, view: memoryview, count: int) -> None:
         self.view, self.count = view, count
-        self.decoded = None  # (count, *shape) once decoded
+        self.decoded = None  # its tensors once decoded (views of one buffer, in pack order)
         self.failed = False
 
 
@@ -526,7 +526,7 @@ class PackEntry:
     @property
     def size(self) -> int:
         """Bytes the entry adds to a pack: its table row and its blob, padded to the payload alignment."""
-        return packed_tensor_bytes(len(self.blob))
+        return packed_tensor_bytes(self.fields[-1])
 
 
 def _padded(n: int) -> int:
@@ -561,8 +561,11 @@ def pack_overhead(query_id: str, sender: str) -> int:
     return PREFIX.size + _PACK_FIXED.size + 2 + len(query_id.encode()) + len(sender.encode()) + 4 + PAYLOAD_ALIGN
 
 
-def pack_message(query_id: str, sender: str, layers_total: int, entries: list[PackEntry]) -> bytes:
-    """``"FRKP" | version | 0 | u16 header length | header | blobs``, each blob zero-padded to 16 bytes.
+def pack_parts(query_id: str, sender: str, layers_total: int, entries: list[PackEntry]) -> list[Buffer]:
+    """A tensor pack as the buffers it is made of, in order: its head (prefix, header, check, padding), then each
+    blob (a view of the entry's memory, not copied) and its zero padding where it has any. Joined, they are
+    :func:`pack_message`: ``"FRKP" | version | 0 | u16 header length | header | blobs``, each blob zero-padded to
+    16 bytes.
 
     The header: u8 schema version, u16 layers_total, u16 entry count, the two ids as in a chunk header, one
     :data:`PACK_ENTRY` row per tensor (in blob order), then u32 ``low32(xxh3_64(header before it,
@@ -578,11 +581,17 @@ def pack_message(query_id: str, sender: str, layers_total: int, entries: list[Pa
         view = memoryview(e.blob).cast("B")
         digests.append(payload_hash(view))
         parts.append(view)
-        parts.append(bytes(-len(view) % PAYLOAD_ALIGN))
+        if len(view) % PAYLOAD_ALIGN:
+            parts.append(bytes(-len(view) % PAYLOAD_ALIGN))
     seed = xxhash.xxh3_64_intdigest(struct.pack(f">{len(digests)}Q", *digests))
     head = body + _CHUNK_FIELD.pack(xxhash.xxh3_64_intdigest(body, seed=seed) & CHECKSUM_MASK)
     head += bytes(-(PREFIX.size + len(head)) % PAYLOAD_ALIGN)
-    return b"".join((PREFIX.pack(PACK_MAGIC, FRAME_VERSION, 0, len(head)), head, *parts))
+    return [PREFIX.pack(PACK_MAGIC, FRAME_VERSION, 0, len(head)) + head, *parts]
+
+
+def pack_message(query_id: str, sender: str, layers_total: int, entries: list[PackEntry]) -> bytes:
+    """A tensor pack as one message (:func:`pack_parts` joined; its layout and check are described there)."""
+    return b"".join(pack_parts(query_id, sender, layers_total, entries))
 
 
 def is_pack(message: Buffer) -> bool:
@@ -615,11 +624,12 @@ def read_pack(message: Buffer) -> list[Chunk]:
     if payload + sum(_padded(n) for n in sizes) != len(view):
         raise ChunkError("tensor pack length does not match its entries' blobs", reason="malformed")
     blobs, digests, at = [], [], payload
+    unpadded = all(n % PAYLOAD_ALIGN == 0 for n in sizes)  # blobs back to back: no padding bytes to check
     for n in sizes:
         blob = view[at : at + n]
         blobs.append(blob)
         digests.append(payload_hash(blob))
-        if any(view[at + n : at + _padded(n)]):
+        if not unpadded and any(view[at + n : at + _padded(n)]):
             raise ChunkError("tensor pack blob padding is not zeros", reason="malformed")
         at += _padded(n)
     seed = xxhash.xxh3_64_intdigest(struct.pack(f">{count}Q", *digests))
@@ -633,19 +643,37 @@ def read_pack(message: Buffer) -> list[Chunk]:
         if plain and precision < len(PRECISION_CODES) and PRECISION_CODES[precision] in FLOAT_PRECISIONS:
             block = PackBlock(view[payload:], count)  # the blobs back to back: nothing pads between them
     chunks, seen = [], set()
-    checked: dict[tuple, KVChunkHeader] = {}  # entries that differ only in their layer validate once
     for i, (row, blob, digest) in enumerate(zip(rows, blobs, digests, strict=True)):
-        key = (row[0], *row[2:])
-        header = checked.get(key)
-        if header is None or row[1] > MAX_LAYER_INDEX:
-            header = checked[key] = _entry_header(row, query_id, sender, layers_total)
-        elif header.layer != row[1]:
-            header = header.model_copy(update={"layer": row[1]})
-        if (header.layer, header.tensor) in seen:
+        tensor, layer = row[0], row[1]
+        if tensor >= len(TENSORS) or layer > MAX_LAYER_INDEX:  # an entry past either is validated to say which
+            header = _entry_header(row, query_id, sender, layers_total)
+        else:
+            header = _alike_header(row, query_id, sender, layers_total)
+            if header.layer != layer or header.tensor != TENSORS[tensor]:
+                header = header.model_copy(update={"layer": layer, "tensor": TENSORS[tensor]})
+        if (layer, tensor) in seen:
             raise ChunkError(f"tensor pack holds layer {header.layer} {header.tensor} twice", reason="malformed")
-        seen.add((header.layer, header.tensor))
+        seen.add((layer, tensor))
         chunks.append(Chunk(header, blob, digest, True, block, i))
     return chunks
+
+
+_ALIKE_HEADERS: dict[tuple, KVChunkHeader] = {}  # validated pack entry headers by all but layer and K/V
+_ALIKE_MEMORY = 256  # entries kept (a stream's packs repeat a handful of kinds; cleared when full)
+
+
+def _alike_header(row: tuple, query_id: str, sender: str, layers_total: int) -> KVChunkHeader:
+    """A validated header of an entry like ``row`` but maybe for its layer and K/V: the entries of a stream's packs
+    differ in little else, so each kind validates once per stream, not once per tensor (a layer within range and
+    K or V is valid for any entry that validated with another, ``KVChunkHeader`` judging neither with the rest)."""
+    key = (query_id, sender, layers_total, row[2:])
+    header = _ALIKE_HEADERS.get(key)
+    if header is None:
+        header = _entry_header(row, query_id, sender, layers_total)
+        if len(_ALIKE_HEADERS) >= _ALIKE_MEMORY:
+            _ALIKE_HEADERS.clear()
+        _ALIKE_HEADERS[key] = header
+    return header
 
 
 def _entry_header(row: tuple, query_id: str, sender: str, layers_total: int) -> KVChunkHeader:

@@ -120,6 +120,8 @@ class Reassembler:
         stream = self._stream(h.query_id, h.sender)
         key = (h.layer, h.tensor)
         state = stream.tensors.get(key)
+        if state is None and chunk.packed:
+            return self._add_packed(chunk, stream, key)
         if state is None:
             state = self._new_tensor(h)
             state.packed = chunk.packed
@@ -148,6 +150,29 @@ class Reassembler:
         if len(state.crcs) < h.n_chunks:
             return []
         self._finish_tensor(h, stream, key, state, chunk.block, chunk.index)
+        return self._maybe_layer(h, stream)
+
+    def _add_packed(self, chunk: Chunk, stream: _Stream, key: tuple[int, str]) -> list[LayerDone]:
+        """A whole tensor from a tensor pack, the first of its key: what :meth:`add` and :meth:`_finish_tensor` do
+        for it, without the assembly a chunked tensor needs (the pack's check covered its blob)."""
+        h = chunk.header
+        query = self._queries[h.query_id]
+        shape = h.shape
+        keep = shape[0] * shape[1] * shape[2] * shape[3] * self.out_dtype.itemsize
+        need = h.blob_bytes + h.raw_bytes + keep
+        if query.bytes + need > self.limits.max_bytes_per_query:
+            raise LimitError(
+                f"query {h.query_id} would hold {query.bytes + need} bytes; limit {self.limits.max_bytes_per_query}",
+                reason="bytes",
+                query_id=h.query_id,
+            )
+        block = chunk.block
+        decoded = self._from_block(block, h) if block is not None else None
+        tensor = decode_blob(chunk.payload, h, self.out_dtype) if decoded is None else decoded[chunk.index]
+        state = _Tensor(h, None, {0: (h.chunk_hash, chunk.payload_hash)}, tensor, keep, True)
+        stream.tensors[key] = state
+        query.bytes += keep
+        stream.layers_total = max(stream.layers_total, h.layers_total)
         return self._maybe_layer(h, stream)
 
     def cut(self, notice: StreamCut) -> None:
@@ -226,12 +251,12 @@ class Reassembler:
         query.bytes -= state.reserved - keep
         state.reserved = keep
 
-    def _from_block(self, block: PackBlock, h: KVChunkHeader) -> torch.Tensor | None:
+    def _from_block(self, block: PackBlock, h: KVChunkHeader) -> tuple[torch.Tensor, ...] | None:
         """A pack's tensors decoded together, once (None when that failed: each then decodes alone, so a NaN fails
         only its own tensor, as it would have arrived in a pack of one)."""
         if block.decoded is None and not block.failed:
             try:
-                block.decoded = decode_block(block.view, h, block.count, self.out_dtype)
+                block.decoded = decode_block(block.view, h, block.count, self.out_dtype).unbind(0)
             except (ChunkError, CodecError):
                 block.failed = True
         return block.decoded

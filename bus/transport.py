@@ -49,8 +49,8 @@ from bus.frames import (
     StreamCut,
     cut_frame,
     is_cut,
-    pack_message,
     pack_overhead,
+    pack_parts,
     packed_tensor_bytes,
     read_cut,
     read_message,
@@ -59,7 +59,7 @@ from bus.quant import FloatFormat, get_format
 from bus.reassembler import LayerDone, Reassembler, ReassemblyLimits
 from bus.schemas import KVChunkHeader, validate_id
 from bus.shaper import LinkShaper
-from bus.subjects import Subjects
+from bus.subjects import SubjectParts, Subjects
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ DEFAULT_PACK_BYTES = 128 * 1024  # bytes of a tensor pack or of frames sharing o
 # nats-py moves 32-128 KiB messages fastest here; 1 MiB ones take ~1.7x as long for the same bytes
 DEFAULT_PACK_SECONDS = 0.005  # on a shaped link, a shared message carries at most this much of its rate, but a
 # small layer's K and V (bus.frames.LAYER_PACK_TENSOR_BYTES each) share one tensor pack, sent at the layer's end
+PACK_VIEW_BYTES = 4096  # a pack whose tensors average this much goes on the socket as views of them, not joined
 BLOCK_BYTES = 8 * 1024 * 1024  # source bytes of small tensors encoded at once (a copy the sender holds meanwhile)
 SMALL_TENSOR_ELEMENTS = 2048  # K/V tensors up to this size are encoded inline and never LZ4-probed by "auto"
 DEFAULT_EXPIRE_INTERVAL = 1.0  # seconds between the receiver's deadline sweeps
@@ -161,16 +162,18 @@ class _Outbox:
     async def put(self, part: SealedChunk | PackEntry) -> None:
         """Queue one chunk or whole tensor: into the pending pack or shared message, or alone when large."""
         if isinstance(part, PackEntry):
-            await self._send_frames()  # a message holds frames or a pack, not both
+            if self._packed:
+                await self._send_frames()  # a message holds frames or a pack, not both
+            size = part.size
             full = len(self._entries) >= MAX_PACK_ENTRIES
-            if self._entries and (full or self._pack_size + part.size > self.entry_pack):
+            if self._entries and (full or self._pack_size + size > self.entry_pack):
                 await self._send_pack()
             if not self._entries:
                 self._pack_size = self._pack_overhead
                 self.wire += self._pack_overhead
             self._entries.append(part)
-            self._pack_size += part.size
-            self.wire += part.size
+            self._pack_size += size
+            self.wire += size
         else:
             await self._send_pack()
             if self._packed and len(self._packed) + part.size > self.pack:
@@ -204,10 +207,12 @@ class _Outbox:
 
     async def _send_pack(self) -> None:
         if self._entries:
-            message = pack_message(*self.stream, self._entries)
-            self.wire += len(message) - self._pack_size  # the estimate counted the most header padding
+            parts = pack_parts(*self.stream, self._entries)
+            size = sum(len(p) for p in parts)
+            self.wire += size - self._pack_size  # the estimate counted the most header padding
+            views = size >= PACK_VIEW_BYTES * len(self._entries) and busconn.can_publish_views(self.nc)
             self._entries = []
-            await self._send(message)
+            await self._send(*parts) if views else await self._send(b"".join(parts))
 
     async def _send_frames(self) -> None:
         if self._packed:
@@ -508,10 +513,11 @@ class KVReceiver:
         if is_cut(msg.data):
             await self._on_cut(msg)
             return
+        parts = None  # the subject's parts, parsed once per message
         try:
             for chunk in read_message(msg.data):
                 self.stats["frames"] += 1
-                self._check_subject(msg.subject, chunk.header)
+                parts = self._check_subject(msg.subject, chunk.header, parts)
                 done += self.reassembler.add(chunk)
         except FedRefineError as exc:
             await self._error(exc, msg.subject)  # the message's frames before this one are kept
@@ -521,7 +527,8 @@ class KVReceiver:
         for ev in done:
             for queue in self._listeners:
                 queue.put_nowait(ev)
-            await self._callback("on_layer", ev, msg.subject)
+            if self.on_layer is not None:
+                await self._callback("on_layer", ev, msg.subject)
         async with self._cond:
             self._cond.notify_all()
 
@@ -552,13 +559,17 @@ class KVReceiver:
             log.exception("%s callback failed for %s/%s", name, event.query_id, event.sender)
             await self._error(TransportError(f"{name} callback failed: {exc}"), subject)
 
-    def _check_subject(self, subject: str, header: KVChunkHeader | StreamCut) -> None:
-        """With ``subjects`` set, a chunk or cut must name the query and sender its subject names (no spoofing)."""
+    def _check_subject(
+        self, subject: str, header: KVChunkHeader | StreamCut, parts: SubjectParts | None = None
+    ) -> SubjectParts | None:
+        """With ``subjects`` set, a chunk or cut must name the query and sender its subject names (no spoofing).
+        Returns the subject's parts (``parts``: already parsed from ``subject``), None without ``subjects``."""
         if self.subjects is None:
-            return
-        parts = self.subjects.parse(subject)
+            return None
+        parts = parts or self.subjects.parse(subject)
         if parts.kind != "kv" or parts.query_id != header.query_id or parts.sender != header.sender:
             raise SchemaError(f"KV frame for {header.query_id}/{header.sender} arrived on {subject!r}; dropped")
+        return parts
 
     async def _error(self, exc: FedRefineError, subject: str) -> None:
         self.stats["errors"] += 1

@@ -9,7 +9,7 @@ import torch
 import xxhash
 
 from bus.codec import encode_layer_chunks
-from bus.errors import ChunkError, CodecError
+from bus.errors import ChunkError, CodecError, LimitError
 from bus.frames import (
     PACK_ENTRY,
     PACK_MAGIC,
@@ -123,6 +123,73 @@ def test_a_pack_entry_that_breaks_the_header_rules_is_refused() -> None:
         read_pack(pack_message("q", "t", 1, [forged]))
 
 
+def test_entries_validated_once_per_kind_are_each_the_header_their_row_validates_to(monkeypatch) -> None:
+    """A stream's pack entries alike but for layer and K/V validate once (kept across its packs): every chunk still
+    carries the header its own row validates to, and a later pack of the same stream whose entry differs in any
+    other field, names a layer out of range or an undefined tensor is refused as before."""
+    import bus.frames as frames
+    from bus.schemas import MAX_LAYER_INDEX, KVChunkHeader
+
+    entries = _entries(_cache(n_layers=4, tokens=8), query_id="q-alike", sender="t")
+    for _ in range(2):  # the second read takes the kept headers
+        for chunk, entry in zip(read_pack(pack_message("q-alike", "t", 4, entries)), entries, strict=True):
+            want = frames._entry_header(
+                (frames.TENSORS.index(entry.tensor), entry.layer, *entry.fields), "q-alike", "t", 4
+            )
+            assert chunk.header == want and isinstance(chunk.header, KVChunkHeader)
+            assert (chunk.header.layer, chunk.header.tensor) == (entry.layer, entry.tensor)
+    k = entries[0]
+    forged = PackEntry(k.layer, k.tensor, k.blob, (*k.fields[:-2], 999, k.fields[-1]))
+    with pytest.raises(ChunkError, match="raw_bytes"):
+        read_pack(pack_message("q-alike", "t", 4, [entries[1], forged]))
+    with pytest.raises(ChunkError, match="layer"):
+        read_pack(pack_message("q-alike", "t", 4, [entries[0], PackEntry(MAX_LAYER_INDEX + 1, "k", k.blob, k.fields)]))
+    monkeypatch.setattr(frames, "TENSORS", ("k", "v", "x"))  # a sender writing tensor code 2
+    message = pack_message("q-alike", "t", 4, [entries[0], PackEntry(2, "x", k.blob, k.fields)])
+    monkeypatch.undo()
+    with pytest.raises(ChunkError, match="undefined tensor"):
+        read_pack(message)
+
+
+def test_packed_tensors_are_charged_deduplicated_and_limited_as_chunked_ones() -> None:
+    """A pack read twice adds nothing the second time; a packed tensor that differs from one already held is a
+    conflict; a pack that crosses the query's byte limit completes the tensors before the limit, refuses the one
+    that crosses it, and charges the query exactly the decoded tensors it keeps."""
+    from bus.reassembler import ReassemblyLimits
+
+    cache = _cache(n_layers=3, tokens=8)  # 512-byte fp16 blobs decoded to 1,024-byte fp32 tensors
+    message = pack_message("q", "t", 3, _entries(cache, query_id="q", sender="t"))
+    reasm = Reassembler()
+    assert [ev.layer for c in read_pack(message) for ev in reasm.add(c)] == [0, 1, 2]
+    held = reasm.query_bytes("q")
+    assert held == 6 * 1024 and [ev for c in read_pack(message) for ev in reasm.add(c)] == []
+    other = _entries(_cache(n_layers=1, tokens=8, seed=1), query_id="q", sender="t")
+    with pytest.raises(ChunkError, match="conflict"):
+        reasm.add(read_pack(pack_message("q", "t", 3, other[:1]))[0])
+    assert reasm.query_bytes("q") == held and set(reasm.completed("q", "t")) == {0, 1, 2}
+    need = 512 + 512 + 1024  # a packed tensor reserves blob, raw copy and output while it decodes
+    limited = Reassembler(ReassemblyLimits(max_bytes_per_query=2 * 1024 + need))  # room for two kept and one more
+    chunks = read_pack(message)
+    for c in chunks[:3]:
+        limited.add(c)
+    with pytest.raises(LimitError, match="bytes"):
+        limited.add(chunks[3])
+    assert limited.query_bytes("q") == 3 * 1024 and set(limited.completed("q", "t")) == {0}
+
+
+def test_a_packs_parts_are_its_message_with_the_blobs_as_views() -> None:
+    from bus.frames import pack_parts
+
+    for tokens in (1, 8):  # 64- and 512-byte fp16 blobs: aligned, nothing pads them
+        entries = _entries(_cache(n_layers=2, tokens=tokens))
+        parts = pack_parts("q-1", "tx_2", 2, entries)
+        assert b"".join(parts) == pack_message("q-1", "tx_2", 2, entries)
+        assert [p.obj for p in parts[1:]] == [memoryview(e.blob).obj for e in entries]  # not copied
+    ragged = _entries({0: (torch.randn(1, 1, 1, 3), torch.randn(1, 1, 1, 3))})  # 6-byte blobs: padded
+    parts = pack_parts("q-1", "tx_2", 1, ragged)
+    assert [len(p) for p in parts[1:]] == [6, 10, 6, 10] and b"".join(parts) == pack_message("q-1", "tx_2", 1, ragged)
+
+
 def test_only_tensors_within_the_pack_limit_come_out_whole() -> None:
     k = torch.randn(1, 2, 40, 16)  # 2,560 bytes at fp16
     small = torch.randn(1, 2, 1, 16)
@@ -195,7 +262,9 @@ def test_a_pack_of_alike_float_tensors_decodes_as_one_block_to_the_same_values(o
     assert block is not None and all(c.block is block for c in chunks) and [c.index for c in chunks] == list(range(8))
     reasm = Reassembler(out_dtype=out_dtype)
     done = [ev for c in chunks for ev in reasm.add(c)]
-    assert block.decoded is not None and block.decoded.shape == (8, 1, 2, 8, 16) and not block.failed
+    assert block.decoded is not None and not block.failed
+    assert len(block.decoded) == 8 and all(t.shape == (1, 2, 8, 16) for t in block.decoded)
+    assert len({t.untyped_storage().data_ptr() for t in block.decoded}) == 1  # views of one buffer
     assert [ev.layer for ev in done] == [0, 1, 2, 3]
     for c, ev in zip(chunks[::2], done, strict=True):
         assert torch.equal(ev.k, decode_blob(c.payload, c.header, out_dtype)) and ev.k.dtype == out_dtype

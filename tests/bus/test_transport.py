@@ -373,6 +373,44 @@ async def test_small_float_layers_encode_in_blocks_and_send_what_layer_by_layer_
     assert calls == ([6] if block_bytes > MB else [1] * 6)  # 6,144 source bytes a layer: one layer a block
 
 
+async def test_packs_of_real_sized_tensors_go_on_the_socket_as_views_and_arrive_as_the_joined_message(
+    nats_client, subject: str, monkeypatch
+) -> None:
+    """A q'-sized stream (23 KB tensors, several to a pack) is published as the pack's head and views of the
+    tensors (no join, no copy), and what arrives is byte for byte what the joined pack would be; a one-token
+    tail's packs (tensors of a few hundred bytes) are joined."""
+    import bus.connect as busconn
+
+    views: list[int] = []
+    real = busconn.publish_views
+
+    async def spy(nc, subj, parts):
+        views.append(len(parts))
+        await real(nc, subj, parts)
+
+    monkeypatch.setattr(busconn, "publish_views", spy)
+    for tokens, as_views in ((60, True), (1, False)):
+        cache = {m: (torch.randn(1, 3, tokens, 64).half(), torch.randn(1, 3, tokens, 64).half()) for m in range(8)}
+        got: list[bytes] = []
+
+        async def on_msg(msg, got=got) -> None:
+            got.append(msg.data)
+
+        sub = await subscribe(nats_client, subject, on_msg)
+        await nats_client.flush()
+        views.clear()
+        report = await send_cache(nats_client, subject, cache, precision="fp16", query_id="q", sender="t")
+        for _ in range(100):
+            if len(got) == report.messages:
+                break
+            await asyncio.sleep(0.05)
+        await sub.unsubscribe()
+        joined = _RecordingClient()
+        await send_cache(joined, "s", cache, precision="fp16", query_id="q", sender="t")  # type: ignore[arg-type]
+        assert got == joined.frames and report.wire_bytes == sum(map(len, got))
+        assert (len(views) == report.messages > 1 and min(views) >= 2) if as_views else views == []
+
+
 async def test_a_nan_in_a_small_float_stream_is_still_a_codec_error() -> None:
     cache = {m: (torch.randn(1, 3, 4, 64), torch.randn(1, 3, 4, 64)) for m in range(6)}
     cache[3][1][0, 0, 0, 0] = float("nan")
