@@ -62,11 +62,18 @@ def _as_u8(t: torch.Tensor) -> np.ndarray:
 
 
 def _nonfinite(data: np.ndarray, dtype: torch.dtype) -> bool:
-    """Whether the float bits in ``data`` (flat uint8) hold NaN or inf: |x| at or above the all-ones exponent."""
-    wide = dtype == torch.float32
-    words = data.view(np.uint32 if wide else np.uint16)
-    sign = 0x80000000 if wide else 0x8000
-    return bool(words.size) and int((words & (sign - 1)).max()) >= _EXPONENT_MASKS[dtype]
+    """Whether the float bits in ``data`` (flat uint8) hold NaN or inf: |x| at or above the all-ones exponent.
+
+    Two read-only reductions, no temporary: read unsigned, a negative NaN/inf is at or above sign | exponent (and
+    only those are); read signed, the negatives fall below zero and a positive NaN/inf is at or above the exponent.
+    """
+    unsigned, signed = (np.uint32, np.int32) if dtype == torch.float32 else (np.uint16, np.int16)
+    words = data.view(unsigned)
+    if not words.size:
+        return False
+    exponent = _EXPONENT_MASKS[dtype]
+    sign = 0x80000000 if dtype == torch.float32 else 0x8000
+    return int(words.max()) >= sign | exponent or int(words.view(signed).max()) >= exponent
 
 
 def _cast_checked(x: torch.Tensor, out_dtype: torch.dtype, what: str) -> torch.Tensor:

@@ -268,3 +268,23 @@ def test_decoding_into_a_narrower_dtype_refuses_overflow() -> None:
     as_bf16 = list(encode_cache(big, precision="bf16", query_id="q", sender="s"))  # bf16 holds 1e6; fp16 does not
     with pytest.raises(ChunkError, match="range of torch.float16"):
         Reassembler(out_dtype=torch.float16).feed(as_bf16[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_the_nan_inf_check_agrees_with_torch_on_every_bit_pattern(dtype: torch.dtype) -> None:
+    """Every 16-bit pattern (fp16, bf16), and for fp32 the patterns around each class boundary and both signs."""
+    from bus.quant import _nonfinite
+
+    if dtype == torch.float32:
+        edges = [0, 1, 0x007FFFFF, 0x00800000, 0x7F7FFFFF, 0x7F800000, 0x7F800001, 0x7FC00000, 0x7FFFFFFF]
+        words = np.array(edges + [w | 0x80000000 for w in edges], dtype=np.uint32)
+    else:
+        words = np.arange(1 << 16, dtype=np.uint16)
+    values = torch.from_numpy(words.view(np.int32 if dtype == torch.float32 else np.int16)).view(dtype)
+    bad = ~torch.isfinite(values.float())
+    assert bad.any() and not bad.all()
+    for word, nonfinite in zip(words, bad.tolist(), strict=True):
+        one = np.array([word], dtype=words.dtype).view(np.uint8)
+        assert _nonfinite(one, dtype) == nonfinite, hex(int(word))
+    finite = words[~bad.numpy()].view(np.uint8)
+    assert not _nonfinite(finite, dtype) and not _nonfinite(finite[:0], dtype)
