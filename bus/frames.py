@@ -27,6 +27,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import xxhash
 from pydantic import ValidationError
@@ -603,6 +604,12 @@ def read_pack(message: Buffer) -> list[Chunk]:
     """Parse and check a tensor pack; each tensor comes out as a one-chunk :class:`Chunk` (``packed=True``: the
     pack's check stands for the chunk and blob checksums, which are 0). Anything wrong is a :class:`ChunkError`
     and nothing of the message is used."""
+    return read_pack_entries(message).chunks()
+
+
+def read_pack_entries(message: Buffer) -> PackRead:
+    """Parse and check a tensor pack as :func:`read_pack` does, its tensors left as entries (no chunk or header
+    object per tensor: ``bus.reassembler.Reassembler.add_pack`` takes them as they are)."""
     view = memoryview(message).cast("B")
     reserved, hlen = _control_prefix(view, PACK_MAGIC, "tensor pack", _PACK_FIXED.size)
     if reserved != 0 or PREFIX.size + hlen > len(view) or (PREFIX.size + hlen) % PAYLOAD_ALIGN:
@@ -642,20 +649,56 @@ def read_pack(message: Buffer) -> list[Chunk]:
         plain = compression == COMPRESSION_CODES.index("none") and not shuffle and sizes[0] % PAYLOAD_ALIGN == 0
         if plain and precision < len(PRECISION_CODES) and PRECISION_CODES[precision] in FLOAT_PRECISIONS:
             block = PackBlock(view[payload:], count)  # the blobs back to back: nothing pads between them
-    chunks, seen = [], set()
-    for i, (row, blob, digest) in enumerate(zip(rows, blobs, digests, strict=True)):
+    entries, seen = [], set()
+    for row, blob, digest in zip(rows, blobs, digests, strict=True):
         tensor, layer = row[0], row[1]
-        if tensor >= len(TENSORS) or layer > MAX_LAYER_INDEX:  # an entry past either is validated to say which
-            header = _entry_header(row, query_id, sender, layers_total)
-        else:
-            header = _alike_header(row, query_id, sender, layers_total)
-            if header.layer != layer or header.tensor != TENSORS[tensor]:
-                header = header.model_copy(update={"layer": layer, "tensor": TENSORS[tensor]})
+        if tensor >= len(TENSORS) or layer > MAX_LAYER_INDEX:
+            _entry_header(row, query_id, sender, layers_total)  # raises, naming the field
+        kind = _alike_header(row, query_id, sender, layers_total)
         if (layer, tensor) in seen:
-            raise ChunkError(f"tensor pack holds layer {header.layer} {header.tensor} twice", reason="malformed")
+            raise ChunkError(f"tensor pack holds layer {layer} {TENSORS[tensor]} twice", reason="malformed")
         seen.add((layer, tensor))
-        chunks.append(Chunk(header, blob, digest, True, block, i))
-    return chunks
+        entries.append(PackedTensor(layer, TENSORS[tensor], kind, blob, digest))
+    return PackRead(query_id, sender, layers_total, entries, block)
+
+
+class PackedTensor(NamedTuple):
+    """One tensor of a checked pack: its layer and K/V, the validated header of its kind (its own but maybe for the
+    layer and K/V: :meth:`header`), its blob and the blob's xxh3_64 digest."""
+
+    layer: int
+    tensor: str
+    kind: KVChunkHeader
+    blob: memoryview
+    digest: int
+
+    def header(self) -> KVChunkHeader:
+        """Its own one-chunk header."""
+        kind = self.kind
+        if kind.layer == self.layer and kind.tensor == self.tensor:
+            return kind
+        return kind.model_copy(update={"layer": self.layer, "tensor": self.tensor})
+
+
+@dataclass(frozen=True)
+class PackRead:
+    """A checked tensor pack (:func:`read_pack_entries`): its stream, its tensors in order, and the block they decode
+    as when they are alike (:class:`PackBlock`)."""
+
+    query_id: str
+    sender: str
+    layers_total: int
+    entries: list[PackedTensor]
+    block: PackBlock | None
+
+    def chunk(self, i: int) -> Chunk:
+        """Tensor ``i`` as a one-chunk :class:`Chunk` with its own header."""
+        e = self.entries[i]
+        return Chunk(e.header(), e.blob, e.digest, True, self.block, i)
+
+    def chunks(self) -> list[Chunk]:
+        """Every tensor as a :class:`Chunk`, in order."""
+        return [self.chunk(i) for i in range(len(self.entries))]
 
 
 _ALIKE_HEADERS: dict[tuple, KVChunkHeader] = {}  # validated pack entry headers by all but layer and K/V

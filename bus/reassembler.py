@@ -18,7 +18,7 @@ import torch
 
 from bus.codec import KVPair, decode_blob, decode_block
 from bus.errors import ChunkError, CodecError, LimitError
-from bus.frames import Buffer, Chunk, PackBlock, StreamCut, blob_hash, identity_seed, read_frame
+from bus.frames import Buffer, Chunk, PackBlock, PackRead, StreamCut, blob_hash, identity_seed, read_frame
 from bus.schemas import KVChunkHeader
 
 log = logging.getLogger(__name__)
@@ -56,12 +56,20 @@ class LayerDone:
 
 @dataclass
 class _Tensor:
-    first: KVChunkHeader
+    first: KVChunkHeader  # its first chunk's header (a packed tensor: the header of its kind, maybe for another layer)
     buf: bytearray | memoryview | None
     crcs: dict[int, tuple[int, int]] = field(default_factory=dict)  # chunk index -> (chunk_hash, payload hash)
     decoded: torch.Tensor | None = None
     reserved: int = 0  # bytes charged to the query
     packed: bool = False  # came whole in a tensor pack, whose check covered it
+
+    def header(self, key: tuple[int, str]) -> KVChunkHeader:
+        """Its first chunk's header, for its ``key`` (layer, K/V)."""
+        first = self.first
+        if (first.layer, first.tensor) == key:
+            return first
+        self.first = first.model_copy(update={"layer": key[0], "tensor": key[1]})
+        return self.first
 
 
 @dataclass
@@ -120,13 +128,11 @@ class Reassembler:
         stream = self._stream(h.query_id, h.sender)
         key = (h.layer, h.tensor)
         state = stream.tensors.get(key)
-        if state is None and chunk.packed:
-            return self._add_packed(chunk, stream, key)
         if state is None:
             state = self._new_tensor(h)
             state.packed = chunk.packed
             stream.tensors[key] = state
-        elif state.first.tensor_fields != h.tensor_fields:
+        elif state.header(key).tensor_fields != h.tensor_fields:
             raise ChunkError(
                 f"chunk {h.chunk} of layer {h.layer} {h.tensor} from {h.sender} conflicts with "
                 "earlier chunks (shape, dtype, size or checksum differ)",
@@ -152,28 +158,44 @@ class Reassembler:
         self._finish_tensor(h, stream, key, state, chunk.block, chunk.index)
         return self._maybe_layer(h, stream)
 
-    def _add_packed(self, chunk: Chunk, stream: _Stream, key: tuple[int, str]) -> list[LayerDone]:
-        """A whole tensor from a tensor pack, the first of its key: what :meth:`add` and :meth:`_finish_tensor` do
-        for it, without the assembly a chunked tensor needs (the pack's check covered its blob)."""
-        h = chunk.header
-        query = self._queries[h.query_id]
-        shape = h.shape
-        keep = shape[0] * shape[1] * shape[2] * shape[3] * self.out_dtype.itemsize
-        need = h.blob_bytes + h.raw_bytes + keep
-        if query.bytes + need > self.limits.max_bytes_per_query:
-            raise LimitError(
-                f"query {h.query_id} would hold {query.bytes + need} bytes; limit {self.limits.max_bytes_per_query}",
-                reason="bytes",
-                query_id=h.query_id,
-            )
-        block = chunk.block
-        decoded = self._from_block(block, h) if block is not None else None
-        tensor = decode_blob(chunk.payload, h, self.out_dtype) if decoded is None else decoded[chunk.index]
-        state = _Tensor(h, None, {0: (h.chunk_hash, chunk.payload_hash)}, tensor, keep, True)
-        stream.tensors[key] = state
-        query.bytes += keep
-        stream.layers_total = max(stream.layers_total, h.layers_total)
-        return self._maybe_layer(h, stream)
+    def add_pack(self, pack: PackRead, done: list[LayerDone] | None = None) -> list[LayerDone]:
+        """Add a checked tensor pack's tensors in order (``bus.frames.read_pack_entries``), as :meth:`add` of each of
+        its chunks would, without a chunk or header object per tensor; return the layers they completed, appended
+        to ``done`` (when given) as each completes. An error on one tensor raises with the tensors before it added
+        (their layers in ``done``), and nothing of it or after it."""
+        if pack.query_id in self._closed:
+            raise ChunkError(f"late chunk for closed query {pack.query_id}", reason="late", query_id=pack.query_id)
+        stream = self._stream(pack.query_id, pack.sender)
+        query = self._queries[pack.query_id]
+        limit = self.limits.max_bytes_per_query
+        block = pack.block
+        done = [] if done is None else done
+        for i, (layer, tensor, kind, blob, digest) in enumerate(pack.entries):
+            key = (layer, tensor)
+            if key in stream.tensors:  # a duplicate or a conflict, judged as any chunk is
+                done += self.add(pack.chunk(i))
+                continue
+            shape = kind.shape
+            keep = shape[0] * shape[1] * shape[2] * shape[3] * self.out_dtype.itemsize
+            need = kind.blob_bytes + kind.raw_bytes + keep  # a blob, a decompressed copy, the output (as _new_tensor)
+            if query.bytes + need > limit:
+                raise LimitError(
+                    f"query {pack.query_id} would hold {query.bytes + need} bytes; limit {limit}",
+                    reason="bytes",
+                    query_id=pack.query_id,
+                )
+            decoded = self._from_block(block, kind) if block is not None else None
+            if decoded is not None:
+                out = decoded[i]
+            elif (kind.layer, kind.tensor) == key:
+                out = decode_blob(blob, kind, self.out_dtype)
+            else:  # its own header: an error names this tensor's layer and K/V
+                out = decode_blob(blob, pack.entries[i].header(), self.out_dtype)
+            stream.tensors[key] = _Tensor(kind, None, {0: (0, digest)}, out, keep, True)
+            query.bytes += keep
+            stream.layers_total = max(stream.layers_total, pack.layers_total)
+            done += self._layer_if_complete(stream, pack.query_id, pack.sender, layer, kind.precision)
+        return done
 
     def cut(self, notice: StreamCut) -> None:
         """Record that a stream ends early: its sender sent only ``notice.layers`` (see :meth:`cut_layers`)."""
@@ -262,21 +284,26 @@ class Reassembler:
         return block.decoded
 
     def _maybe_layer(self, h: KVChunkHeader, stream: _Stream) -> list[LayerDone]:
-        k_state = stream.tensors.get((h.layer, "k"))
-        v_state = stream.tensors.get((h.layer, "v"))
+        return self._layer_if_complete(stream, h.query_id, h.sender, h.layer, h.precision)
+
+    def _layer_if_complete(
+        self, stream: _Stream, query_id: str, sender: str, layer: int, precision: str
+    ) -> list[LayerDone]:
+        k_state = stream.tensors.get((layer, "k"))
+        v_state = stream.tensors.get((layer, "v"))
         if k_state is None or v_state is None or k_state.decoded is None or v_state.decoded is None:
             return []
         k, v = k_state.decoded, v_state.decoded
         if k.shape[:3] != v.shape[:3]:
             raise ChunkError(
-                f"layer {h.layer} from {h.sender}: K {tuple(k.shape)} and V {tuple(v.shape)} "
+                f"layer {layer} from {sender}: K {tuple(k.shape)} and V {tuple(v.shape)} "
                 "disagree on batch, heads or tokens",
                 reason="shape",
-                query_id=h.query_id,
+                query_id=query_id,
             )
-        stream.complete[h.layer] = (k, v)
-        stream.precisions[h.layer] = h.precision
-        done = LayerDone(h.query_id, h.sender, h.layer, k, v, stream.layers_total)
+        stream.complete[layer] = (k, v)
+        stream.precisions[layer] = precision
+        done = LayerDone(query_id, sender, layer, k, v, stream.layers_total)
         if self.on_layer is not None:
             self.on_layer(done)
         return [done]

@@ -45,15 +45,18 @@ from bus.frames import (
     Buffer,
     FrameBuffer,
     PackEntry,
+    PackRead,
     SealedChunk,
     StreamCut,
     cut_frame,
     is_cut,
+    is_pack,
     pack_overhead,
     pack_parts,
     packed_tensor_bytes,
     read_cut,
-    read_message,
+    read_frames,
+    read_pack_entries,
 )
 from bus.quant import FloatFormat, get_format
 from bus.reassembler import LayerDone, Reassembler, ReassemblyLimits
@@ -515,10 +518,16 @@ class KVReceiver:
             return
         parts = None  # the subject's parts, parsed once per message
         try:
-            for chunk in read_message(msg.data):
-                self.stats["frames"] += 1
-                parts = self._check_subject(msg.subject, chunk.header, parts)
-                done += self.reassembler.add(chunk)
+            if is_pack(msg.data):
+                pack = read_pack_entries(msg.data)
+                self.stats["frames"] += len(pack.entries)
+                self._check_subject(msg.subject, pack)
+                self.reassembler.add_pack(pack, done)
+            else:
+                for chunk in read_frames(msg.data):
+                    self.stats["frames"] += 1
+                    parts = self._check_subject(msg.subject, chunk.header, parts)
+                    done += self.reassembler.add(chunk)
         except FedRefineError as exc:
             await self._error(exc, msg.subject)  # the message's frames before this one are kept
         if not done:
@@ -560,9 +569,9 @@ class KVReceiver:
             await self._error(TransportError(f"{name} callback failed: {exc}"), subject)
 
     def _check_subject(
-        self, subject: str, header: KVChunkHeader | StreamCut, parts: SubjectParts | None = None
+        self, subject: str, header: KVChunkHeader | StreamCut | PackRead, parts: SubjectParts | None = None
     ) -> SubjectParts | None:
-        """With ``subjects`` set, a chunk or cut must name the query and sender its subject names (no spoofing).
+        """With ``subjects`` set, a chunk, pack or cut must name the query and sender its subject names (no spoofing).
         Returns the subject's parts (``parts``: already parsed from ``subject``), None without ``subjects``."""
         if self.subjects is None:
             return None

@@ -151,30 +151,81 @@ def test_entries_validated_once_per_kind_are_each_the_header_their_row_validates
         read_pack(message)
 
 
-def test_packed_tensors_are_charged_deduplicated_and_limited_as_chunked_ones() -> None:
+def _add_all(reasm: Reassembler, message: bytes, whole: bool, done: list | None = None) -> list:
+    """A pack's tensors into ``reasm``: as one pack (``add_pack``) or chunk by chunk (``add``); the layers done."""
+    from bus.frames import read_pack_entries
+
+    done = [] if done is None else done
+    if whole:
+        return reasm.add_pack(read_pack_entries(message), done)
+    for c in read_pack(message):
+        done += reasm.add(c)
+    return done
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["add_pack", "add"])
+def test_packed_tensors_are_charged_deduplicated_and_limited_as_chunked_ones(whole: bool) -> None:
     """A pack read twice adds nothing the second time; a packed tensor that differs from one already held is a
-    conflict; a pack that crosses the query's byte limit completes the tensors before the limit, refuses the one
-    that crosses it, and charges the query exactly the decoded tensors it keeps."""
+    conflict; a pack that crosses the query's byte limit completes the tensors before the limit (their layers
+    reported), refuses the one that crosses it, and charges the query exactly the decoded tensors it keeps."""
     from bus.reassembler import ReassemblyLimits
 
     cache = _cache(n_layers=3, tokens=8)  # 512-byte fp16 blobs decoded to 1,024-byte fp32 tensors
     message = pack_message("q", "t", 3, _entries(cache, query_id="q", sender="t"))
     reasm = Reassembler()
-    assert [ev.layer for c in read_pack(message) for ev in reasm.add(c)] == [0, 1, 2]
+    assert [ev.layer for ev in _add_all(reasm, message, whole)] == [0, 1, 2]
     held = reasm.query_bytes("q")
-    assert held == 6 * 1024 and [ev for c in read_pack(message) for ev in reasm.add(c)] == []
+    assert held == 6 * 1024 and _add_all(reasm, message, whole) == []
     other = _entries(_cache(n_layers=1, tokens=8, seed=1), query_id="q", sender="t")
     with pytest.raises(ChunkError, match="conflict"):
-        reasm.add(read_pack(pack_message("q", "t", 3, other[:1]))[0])
+        _add_all(reasm, pack_message("q", "t", 3, other[:1]), whole)
     assert reasm.query_bytes("q") == held and set(reasm.completed("q", "t")) == {0, 1, 2}
     need = 512 + 512 + 1024  # a packed tensor reserves blob, raw copy and output while it decodes
     limited = Reassembler(ReassemblyLimits(max_bytes_per_query=2 * 1024 + need))  # room for two kept and one more
-    chunks = read_pack(message)
-    for c in chunks[:3]:
-        limited.add(c)
+    done: list = []
     with pytest.raises(LimitError, match="bytes"):
-        limited.add(chunks[3])
+        _add_all(limited, message, whole, done)
+    assert [ev.layer for ev in done] == [0]
     assert limited.query_bytes("q") == 3 * 1024 and set(limited.completed("q", "t")) == {0}
+    with pytest.raises(ChunkError, match="late"):
+        limited.close("q") or _add_all(limited, message, whole)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32", "int8", "int4"])
+def test_a_pack_added_whole_is_the_pack_added_chunk_by_chunk(precision: str) -> None:
+    """Alike float tensors (a block), quantized ones (K and V of different kinds) and a second stream's pack:
+    ``add_pack`` completes the same layers with the same tensors, precisions and charged bytes as ``add``."""
+    packs = [
+        pack_message("q", "t", 4, _entries(_cache(n_layers=4, tokens=8), precision, query_id="q", sender="t")),
+        pack_message("q", "u", 2, _entries(_cache(n_layers=2, tokens=3, seed=2), precision, query_id="q", sender="u")),
+    ]
+    by_pack, by_chunk = Reassembler(out_dtype=torch.float16), Reassembler(out_dtype=torch.float16)
+    got = [[(ev.sender, ev.layer) for message in packs for ev in _add_all(r, message, w)] for r, w in
+           ((by_pack, True), (by_chunk, False))]  # fmt: skip
+    assert got[0] == got[1] and len(got[0]) == 6
+    assert by_pack.query_bytes("q") == by_chunk.query_bytes("q") > 0
+    for sender in ("t", "u"):
+        a, b = by_pack.completed("q", sender), by_chunk.completed("q", sender)
+        assert a.keys() == b.keys() and all(torch.equal(a[m][i], b[m][i]) for m in a for i in (0, 1))
+        assert by_pack.layer_precisions("q", sender) == by_chunk.layer_precisions("q", sender)
+
+
+def test_a_nan_in_a_pack_added_whole_fails_its_own_tensor_after_the_ones_before() -> None:
+    """Three alike K tensors, the last with a NaN, added as one pack: the block fails, each decodes alone with the
+    header of its kind (validated for layer 0), the first two are added and charged, the bad one is refused and
+    nothing of it is held; sent again without the NaN it completes."""
+    from bus.frames import read_pack_entries
+
+    ks = [e for e in _entries(_cache(n_layers=3, tokens=8), query_id="q-nan", sender="t-nan") if e.tensor == "k"]
+    pack = read_pack_entries(pack_message("q-nan", "t-nan", 3, [ks[0], ks[1], _nan_entry(ks[2], 2)]))
+    assert pack.block is not None and [e.kind.layer for e in pack.entries] == [0, 0, 0]
+    reasm = Reassembler()
+    done: list = []
+    with pytest.raises(ChunkError, match="NaN/inf"):
+        reasm.add_pack(pack, done)
+    assert pack.block.failed and done == [] and reasm.query_bytes("q-nan") == 2 * 1024  # two fp32 K tensors kept
+    assert reasm.add_pack(read_pack_entries(pack_message("q-nan", "t-nan", 3, ks))) == []  # K only: no layer yet
+    assert reasm.query_bytes("q-nan") == 3 * 1024
 
 
 def test_a_packs_parts_are_its_message_with_the_blobs_as_views() -> None:
