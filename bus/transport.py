@@ -162,35 +162,37 @@ class _Outbox:
         self._pack_size = 0
         self._pack_overhead = pack_overhead(stream[0], stream[1])
 
-    async def put(self, part: SealedChunk | PackEntry) -> None:
-        """Queue one chunk or whole tensor: into the pending pack or shared message, or alone when large."""
-        if isinstance(part, PackEntry):
-            if self._packed:
-                await self._send_frames()  # a message holds frames or a pack, not both
-            size = part.size
-            full = len(self._entries) >= MAX_PACK_ENTRIES
-            if self._entries and (full or self._pack_size + size > self.entry_pack):
-                await self._send_pack()
-            if not self._entries:
-                self._pack_size = self._pack_overhead
-                self.wire += self._pack_overhead
-            self._entries.append(part)
-            self._pack_size += size
-            self.wire += size
-        else:
-            await self._send_pack()
-            if self._packed and len(self._packed) + part.size > self.pack:
-                await self._send_frames()
-            if part.size > self.pack:  # a message of its own: head and payload view queued as they are, if possible
-                if busconn.can_publish_views(self.nc):
-                    await self._send(part.head, part.payload)
-                else:
-                    await self._send(self._buffer.frame(part))
+    async def put_all(self, parts: list[SealedChunk | PackEntry]) -> None:
+        """Queue a layer's chunks or whole tensors in order: a whole tensor into the pending pack (sent first when
+        it is full), a chunk into the shared message or, when large, a message of its own."""
+        for part in parts:
+            if isinstance(part, PackEntry):
+                if self._packed:
+                    await self._send_frames()  # a message holds frames or a pack, not both
+                size = part.size
+                full = len(self._entries) >= MAX_PACK_ENTRIES
+                if self._entries and (full or self._pack_size + size > self.entry_pack):
+                    await self._send_pack()
+                if not self._entries:
+                    self._pack_size = self._pack_overhead
+                    self.wire += self._pack_overhead
+                self._entries.append(part)
+                self._pack_size += size
+                self.wire += size
             else:
-                self._packed += part.head
-                self._packed += part.payload
-            self.wire += part.size
-        self.chunks += 1
+                await self._send_pack()
+                if self._packed and len(self._packed) + part.size > self.pack:
+                    await self._send_frames()
+                if part.size > self.pack:  # a message of its own: head and payload view queued as they are
+                    if busconn.can_publish_views(self.nc):
+                        await self._send(part.head, part.payload)
+                    else:
+                        await self._send(self._buffer.frame(part))
+                else:
+                    self._packed += part.head
+                    self._packed += part.payload
+                self.wire += part.size
+            self.chunks += 1
 
     async def close(self) -> None:
         """Publish what is pending and round-trip a PING: everything reached the server."""
@@ -393,8 +395,7 @@ async def send_cache(
             if i == 0 and compress == "auto" and not any(c.compressed for c in sealed):
                 opts["compress"] = "none"
             pending = encoder.start(*schedule[i + 1]) if i + 1 < len(schedule) else None  # overlaps the publish
-            for part in sealed:
-                await outbox.put(part)
+            await outbox.put_all(sealed)
             await outbox.end_layer()
             sent.append(schedule[i])
             if steer is None or len(sent) == len(schedule):
