@@ -674,10 +674,7 @@ class PackedTensor(NamedTuple):
 
     def header(self) -> KVChunkHeader:
         """Its own one-chunk header."""
-        kind = self.kind
-        if kind.layer == self.layer and kind.tensor == self.tensor:
-            return kind
-        return kind.model_copy(update={"layer": self.layer, "tensor": self.tensor})
+        return self.kind.for_tensor(self.layer, self.tensor)
 
 
 @dataclass(frozen=True)

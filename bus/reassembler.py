@@ -65,10 +65,7 @@ class _Tensor:
 
     def header(self, key: tuple[int, str]) -> KVChunkHeader:
         """Its first chunk's header, for its ``key`` (layer, K/V)."""
-        first = self.first
-        if (first.layer, first.tensor) == key:
-            return first
-        self.first = first.model_copy(update={"layer": key[0], "tensor": key[1]})
+        self.first = self.first.for_tensor(*key)
         return self.first
 
 
@@ -167,7 +164,6 @@ class Reassembler:
             raise ChunkError(f"late chunk for closed query {pack.query_id}", reason="late", query_id=pack.query_id)
         stream = self._stream(pack.query_id, pack.sender)
         query = self._queries[pack.query_id]
-        limit = self.limits.max_bytes_per_query
         block = pack.block
         done = [] if done is None else done
         for i, (layer, tensor, kind, blob, digest) in enumerate(pack.entries):
@@ -175,22 +171,12 @@ class Reassembler:
             if key in stream.tensors:  # a duplicate or a conflict, judged as any chunk is
                 done += self.add(pack.chunk(i))
                 continue
-            shape = kind.shape
-            keep = shape[0] * shape[1] * shape[2] * shape[3] * self.out_dtype.itemsize
-            need = kind.blob_bytes + kind.raw_bytes + keep  # a blob, a decompressed copy, the output (as _new_tensor)
-            if query.bytes + need > limit:
-                raise LimitError(
-                    f"query {pack.query_id} would hold {query.bytes + need} bytes; limit {limit}",
-                    reason="bytes",
-                    query_id=pack.query_id,
-                )
+            _, keep = self._room(pack.query_id, query, kind)
             decoded = self._from_block(block, kind) if block is not None else None
             if decoded is not None:
                 out = decoded[i]
-            elif (kind.layer, kind.tensor) == key:
-                out = decode_blob(blob, kind, self.out_dtype)
-            else:  # its own header: an error names this tensor's layer and K/V
-                out = decode_blob(blob, pack.entries[i].header(), self.out_dtype)
+            else:  # with its own header, so an error names this tensor's layer and K/V
+                out = decode_blob(blob, kind.for_tensor(layer, tensor), self.out_dtype)
             stream.tensors[key] = _Tensor(kind, None, {0: (0, digest)}, out, keep, True)
             query.bytes += keep
             stream.layers_total = max(stream.layers_total, pack.layers_total)
@@ -228,16 +214,22 @@ class Reassembler:
             query.streams[sender] = stream
         return stream
 
-    def _new_tensor(self, h: KVChunkHeader) -> _Tensor:
-        query = self._queries[h.query_id]
-        decoded = h.shape[0] * h.shape[1] * h.shape[2] * h.shape[3] * self.out_dtype.itemsize
-        need = h.blob_bytes + h.raw_bytes + decoded  # blob, a decompressed copy, the output tensor
+    def _room(self, query_id: str, query: _Query, h: KVChunkHeader) -> tuple[int, int]:
+        """Bytes a tensor of ``h`` holds while it decodes (blob, a decompressed copy, the output) and after (the
+        output); a LimitError when the query has no room for the first."""
+        keep = h.shape[0] * h.shape[1] * h.shape[2] * h.shape[3] * self.out_dtype.itemsize
+        need = h.blob_bytes + h.raw_bytes + keep
         if query.bytes + need > self.limits.max_bytes_per_query:
             raise LimitError(
-                f"query {h.query_id} would hold {query.bytes + need} bytes; limit {self.limits.max_bytes_per_query}",
+                f"query {query_id} would hold {query.bytes + need} bytes; limit {self.limits.max_bytes_per_query}",
                 reason="bytes",
-                query_id=h.query_id,
+                query_id=query_id,
             )
+        return need, keep
+
+    def _new_tensor(self, h: KVChunkHeader) -> _Tensor:
+        query = self._queries[h.query_id]
+        need, _ = self._room(h.query_id, query, h)
         query.bytes += need
         # a one-chunk tensor decodes straight from its message (no copy); others assemble into a buffer
         return _Tensor(first=h, buf=bytearray(h.blob_bytes) if h.n_chunks > 1 else None, reserved=need)

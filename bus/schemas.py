@@ -382,6 +382,13 @@ class KVChunkHeader(BaseModel):
             return self.chunk_size
         return self.blob_bytes - self.chunk_size * (self.n_chunks - 1)
 
+    def for_tensor(self, layer: int, tensor: str) -> KVChunkHeader:
+        """This header for another tensor of its kind (a pack entry's ``layer`` and K/V; itself when they are its own).
+        Not validated again: any layer up to ``MAX_LAYER_INDEX`` and K or V are valid wherever the rest is."""
+        if self.layer == layer and self.tensor == tensor:
+            return self
+        return self.model_copy(update={"layer": layer, "tensor": tensor})
+
     @property
     def tensor_fields(self) -> tuple[Any, ...]:
         """Fields every chunk of the same tensor shares (duplicates and conflicts are judged on them)."""
