@@ -217,7 +217,10 @@ class _Outbox:
             self.wire += size - self._pack_size  # the estimate counted the most header padding
             views = size >= PACK_VIEW_BYTES * len(self._entries) and busconn.can_publish_views(self.nc)
             self._entries = []
-            await self._send(*parts) if views else await self._send(b"".join(parts))
+            if views:  # queued as they are; the tensors must not change before the flush (as send_cache says)
+                await self._send(*parts)
+            else:
+                await self._send(b"".join(parts))
 
     async def _send_frames(self) -> None:
         if self._packed:
