@@ -287,7 +287,9 @@ def encode_pack_entries(
     if not alike or first.dim() != 4 or not first.is_floating_point() or not 0 < nbytes <= pack_limit:
         return None
     try:
-        ((data, _),) = fmt.encode(torch.stack([t.detach() for t in tensors]).to("cpu"), "none")
+        with torch.no_grad():
+            stacked = torch.stack(tensors).to("cpu")
+        ((data, _),) = fmt.encode(stacked, "none")
     except CodecError:
         return None
     view = memoryview(data)

@@ -206,9 +206,8 @@ class _Outbox:
         await busconn.flush(self.nc)
 
     async def end_layer(self) -> None:
-        """A layer is queued: on a shaped link its pack goes now, so the link carries the stream layer by layer."""
-        if self.shaper is not None:
-            await self._send_pack()
+        """A layer is queued (on a shaped link): its pack goes now, so the link carries the stream layer by layer."""
+        await self._send_pack()
 
     async def _send_pack(self) -> None:
         if self._entries:
@@ -241,6 +240,9 @@ class _Outbox:
             self._since_flush = 0
 
 
+Encoding = list[SealedChunk | PackEntry] | asyncio.Future[list[SealedChunk | PackEntry]]  # a layer's, or to come
+
+
 class _Encoder:
     """Encodes one layer at a time into sealed chunks: in a worker thread when that overlaps real work (quantizing,
     LZ4 on big tensors), inline otherwise (a plain float cast is cheaper than the GIL hand-offs). Small tensors at a
@@ -255,20 +257,18 @@ class _Encoder:
         self._ready: dict[tuple[int, str], list[SealedChunk | PackEntry]] = {}
         self._refused: set[str] = set()  # precisions whose tensors do not encode as a block
 
-    def start(self, layer: int, precision: str) -> asyncio.Future[list[SealedChunk | PackEntry]]:
-        """A future of the layer's chunks at ``precision``."""
-        k, v = self.layers[layer]
+    def start(self, layer: int, precision: str) -> Encoding:
+        """The layer's chunks at ``precision``: encoded already, or a future of them (encoding in a thread)."""
         ready = self._block(layer, precision)
+        if ready is not None:
+            return ready
+        k, v = self.layers[layer]
         quantized = not isinstance(get_format(precision), FloatFormat)
-        if ready is None and (self.opts["compress"] != "none" or (quantized and not self.small)):
+        if self.opts["compress"] != "none" or (quantized and not self.small):
             return asyncio.ensure_future(
                 asyncio.to_thread(encode_layer_chunks, layer, k, v, precision=precision, **self.opts)
             )
-        done = asyncio.get_running_loop().create_future()
-        done.set_result(
-            ready if ready is not None else encode_layer_chunks(layer, k, v, precision=precision, **self.opts)
-        )
-        return done
+        return encode_layer_chunks(layer, k, v, precision=precision, **self.opts)
 
     def _block(self, layer: int, precision: str) -> list[SealedChunk | PackEntry] | None:
         """The layer's pack entries from a block encoded at once, when its tensors qualify (None: they do not)."""
@@ -309,8 +309,8 @@ def _steered(
     return new
 
 
-async def _cancel(pending: asyncio.Future | None) -> None:
-    if pending is not None and not pending.done():
+async def _cancel(pending: Encoding | None) -> None:
+    if isinstance(pending, asyncio.Future) and not pending.done():
         pending.cancel()
         with contextlib.suppress(BaseException):
             await pending
@@ -394,12 +394,13 @@ async def send_cache(
     try:
         while len(sent) < len(schedule):
             i = len(sent)
-            sealed = await pending  # type: ignore[misc]
+            sealed = await pending if isinstance(pending, asyncio.Future) else pending
             if i == 0 and compress == "auto" and not any(c.compressed for c in sealed):
                 opts["compress"] = "none"
             pending = encoder.start(*schedule[i + 1]) if i + 1 < len(schedule) else None  # overlaps the publish
             await outbox.put_all(sealed)
-            await outbox.end_layer()
+            if shaper is not None:
+                await outbox.end_layer()
             sent.append(schedule[i])
             if steer is None or len(sent) == len(schedule):
                 continue

@@ -411,6 +411,21 @@ async def test_packs_of_real_sized_tensors_go_on_the_socket_as_views_and_arrive_
         assert (len(views) == report.messages > 1 and min(views) >= 2) if as_views else views == []
 
 
+async def test_a_cache_that_requires_grad_sends_the_same_bytes() -> None:
+    """Tensors straight from a model run outside ``no_grad`` (requiring grad): the block and layer-by-layer encoders
+    send what they send for the same values without grad, and no graph is left on them."""
+    plain = {m: (torch.randn(1, 3, 4, 64), torch.randn(1, 3, 4, 64)) for m in range(3)}
+    graded = {m: (k.clone().requires_grad_(), v.clone().requires_grad_()) for m, (k, v) in plain.items()}
+    for precision in ("fp16", "fp32", "int8"):
+        sent = []
+        for cache in (plain, graded):
+            nc = _RecordingClient()
+            await send_cache(nc, "s", cache, precision=precision, query_id="q", sender="t", compress="none")  # type: ignore[arg-type]
+            sent.append(nc.frames)
+        assert sent[0] == sent[1] and sent[0]
+    assert all(t.grad is None and t.grad_fn is None for kv in graded.values() for t in kv)
+
+
 async def test_a_nan_in_a_small_float_stream_is_still_a_codec_error() -> None:
     cache = {m: (torch.randn(1, 3, 4, 64), torch.randn(1, 3, 4, 64)) for m in range(6)}
     cache[3][1][0, 0, 0, 0] = float("nan")
