@@ -153,7 +153,7 @@ class Reassembler:
         if len(state.crcs) < h.n_chunks:
             return []
         self._finish_tensor(h, stream, key, state, chunk.block, chunk.index)
-        return self._maybe_layer(h, stream)
+        return self._layer_if_complete(stream, h.query_id, h.sender, h.layer, h.precision)
 
     def add_pack(self, pack: PackRead, done: list[LayerDone] | None = None) -> list[LayerDone]:
         """Add a checked tensor pack's tensors in order (``bus.frames.read_pack_entries``), as :meth:`add` of each of
@@ -171,7 +171,7 @@ class Reassembler:
             if key in stream.tensors:  # a duplicate or a conflict, judged as any chunk is
                 done += self.add(pack.chunk(i))
                 continue
-            _, keep = self._room(pack.query_id, query, kind)
+            _, keep = self._room(query, kind)
             decoded = self._from_block(block, kind) if block is not None else None
             if decoded is not None:
                 out = decoded[i]
@@ -214,22 +214,22 @@ class Reassembler:
             query.streams[sender] = stream
         return stream
 
-    def _room(self, query_id: str, query: _Query, h: KVChunkHeader) -> tuple[int, int]:
+    def _room(self, query: _Query, h: KVChunkHeader) -> tuple[int, int]:
         """Bytes a tensor of ``h`` holds while it decodes (blob, a decompressed copy, the output) and after (the
         output); a LimitError when the query has no room for the first."""
         keep = h.shape[0] * h.shape[1] * h.shape[2] * h.shape[3] * self.out_dtype.itemsize
         need = h.blob_bytes + h.raw_bytes + keep
         if query.bytes + need > self.limits.max_bytes_per_query:
             raise LimitError(
-                f"query {query_id} would hold {query.bytes + need} bytes; limit {self.limits.max_bytes_per_query}",
+                f"query {h.query_id} would hold {query.bytes + need} bytes; limit {self.limits.max_bytes_per_query}",
                 reason="bytes",
-                query_id=query_id,
+                query_id=h.query_id,
             )
         return need, keep
 
     def _new_tensor(self, h: KVChunkHeader) -> _Tensor:
         query = self._queries[h.query_id]
-        need, _ = self._room(h.query_id, query, h)
+        need, _ = self._room(query, h)
         query.bytes += need
         # a one-chunk tensor decodes straight from its message (no copy); others assemble into a buffer
         return _Tensor(first=h, buf=bytearray(h.blob_bytes) if h.n_chunks > 1 else None, reserved=need)
@@ -274,9 +274,6 @@ class Reassembler:
             except (ChunkError, CodecError):
                 block.failed = True
         return block.decoded
-
-    def _maybe_layer(self, h: KVChunkHeader, stream: _Stream) -> list[LayerDone]:
-        return self._layer_if_complete(stream, h.query_id, h.sender, h.layer, h.precision)
 
     def _layer_if_complete(
         self, stream: _Stream, query_id: str, sender: str, layer: int, precision: str

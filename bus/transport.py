@@ -206,8 +206,9 @@ class _Outbox:
         await busconn.flush(self.nc)
 
     async def end_layer(self) -> None:
-        """A layer is queued (on a shaped link): its pack goes now, so the link carries the stream layer by layer."""
-        await self._send_pack()
+        """A layer is queued: on a shaped link its pack goes now, so the link carries the stream layer by layer."""
+        if self.shaper is not None:
+            await self._send_pack()
 
     async def _send_pack(self) -> None:
         if self._entries:
@@ -399,8 +400,7 @@ async def send_cache(
                 opts["compress"] = "none"
             pending = encoder.start(*schedule[i + 1]) if i + 1 < len(schedule) else None  # overlaps the publish
             await outbox.put_all(sealed)
-            if shaper is not None:
-                await outbox.end_layer()
+            await outbox.end_layer()
             sent.append(schedule[i])
             if steer is None or len(sent) == len(schedule):
                 continue
