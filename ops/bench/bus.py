@@ -1,7 +1,9 @@
 """``python -m ops.bench bus``: raw nats-py publishes vs a KV cache through our transport, same bytes, one run.
 
 Both legs use the same embedded server (authorization and TLS on, an ``admin`` identity, unless ``--insecure``),
-the same two connections (publisher, subscriber) in one process, and the same message size. Raw: the cache's
+the same two connections (publisher, subscriber) in one process, and the same message size; with ``--split`` the
+subscriber is a child process of its own, as a receiver runs apart from its transmitters, so the two ends' work
+overlaps (both legs alike). Raw: the cache's
 fp16 bytes are published as plain messages and counted at a subscriber. KV: ``send_cache`` (fp16, no
 compression: the same bytes) to a ``KVReceiver`` until every layer is reassembled, checksummed and decoded. Legs
 alternate after a warm-up, their order rotating (each leg runs first, second and third equally often); medians
@@ -22,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -31,6 +35,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TypeVar
 
@@ -39,7 +44,7 @@ import torch
 from bus.auth import ClientSecurity
 from bus.cli import nats_argument
 from bus.connect import BusConnections, subscribe, subscribed
-from bus.errors import TransportError
+from bus.errors import BusError, FedRefineError, TransportError
 from bus.frames import header_budget
 from bus.server import DEFAULT_MAX_PAYLOAD, NatsServer
 from bus.transport import DEFAULT_FLUSH_EVERY, DEFAULT_PACK_BYTES, KVReceiver, send_cache
@@ -78,43 +83,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--extra", default="fp16+lz4,int8,int4,int4+deflate", help="extra KV rows (precision[+lz4|+deflate]), or ''"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--split",
+        action="store_true",
+        help="the subscriber in a child process (as a receiver runs apart from its transmitters): the ends overlap",
+    )
     parser.add_argument("--insecure", action="store_true", help="embedded server without authorization or TLS")
+
+
+class _RawCounter:
+    """A raw leg's subscriber: keeps every message (as the KV receiver keeps the cache) until ``total`` bytes came."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.got, self.kept = total, 0, []
+        self.done = asyncio.Event()
+
+    async def on_msg(self, msg) -> None:
+        self.kept.append(msg.data)
+        self.got += len(msg.data)
+        if self.got >= self.total:
+            self.done.set()
+
+    async def wait(self) -> None:
+        try:
+            await asyncio.wait_for(self.done.wait(), DEFAULT_TIMEOUT)
+        except TimeoutError as exc:
+            raise TransportError(f"raw leg lost messages: {self.got} of {self.total} bytes arrived") from exc
+
+
+async def _publish_raw(nc, subject: str, blobs: list[bytes], chunk: int) -> None:
+    """Publish every blob in ``chunk``-byte messages at send_cache's flush cadence (a fair, loss-free baseline)."""
+    since_flush = 0
+    for blob in blobs:
+        view = memoryview(blob)
+        for at in range(0, len(blob), chunk):
+            message = blob if len(blob) <= chunk else bytes(view[at : at + chunk])
+            await nc.publish(subject, message)
+            since_flush += len(message)
+            if since_flush >= DEFAULT_FLUSH_EVERY:
+                await nc.flush()
+                since_flush = 0
+    await nc.flush()
 
 
 async def _raw_leg(conns: BusConnections, blobs: list[bytes], chunk: int) -> float:
     """Publish every blob in ``chunk``-byte messages; seconds until the subscriber has all bytes."""
     assert conns.pub is not None and conns.sub is not None
     subject = f"bench.raw.{uuid.uuid4().hex}"
-    total = sum(len(b) for b in blobs)
-    got = 0
-    done = asyncio.Event()
-    kept = []
-
-    async def on_msg(msg) -> None:
-        nonlocal got
-        kept.append(msg.data)  # a consumer keeps what it receives, as the KV receiver keeps the cache
-        got += len(msg.data)
-        if got >= total:
-            done.set()
-
-    sub = await subscribe(conns.sub, subject, on_msg)
+    counter = _RawCounter(sum(len(b) for b in blobs))
+    sub = await subscribe(conns.sub, subject, counter.on_msg)
     await subscribed(conns.sub)  # as KVReceiver.start(): one flush can return before the server has the SUB
     start = time.perf_counter()
-    since_flush = 0
-    for blob in blobs:
-        view = memoryview(blob)
-        for at in range(0, len(blob), chunk):
-            message = blob if len(blob) <= chunk else bytes(view[at : at + chunk])
-            await conns.pub.publish(subject, message)
-            since_flush += len(message)
-            if since_flush >= DEFAULT_FLUSH_EVERY:  # the same cadence as send_cache: a fair, loss-free baseline
-                await conns.pub.flush()
-                since_flush = 0
-    await conns.pub.flush()
-    try:
-        await asyncio.wait_for(done.wait(), DEFAULT_TIMEOUT)
-    except TimeoutError as exc:
-        raise TransportError(f"raw leg lost messages: {got} of {total} bytes arrived") from exc
+    await _publish_raw(conns.pub, subject, blobs, chunk)
+    await counter.wait()
     seconds = time.perf_counter() - start
     await sub.unsubscribe()
     return seconds
@@ -126,15 +147,147 @@ async def _kv_leg(conns: BusConnections, cache: dict, precision: str, compress: 
     subject = f"bench.kv.{uuid.uuid4().hex}"
     async with KVReceiver(conns.sub, subject, out_dtype=torch.float16) as rx:
         start = time.perf_counter()
-        report = await send_cache(
-            conns.pub, subject, cache, precision=precision, compress=compress, query_id="bench", sender="tx"
-        )
+        report = await _send(conns.pub, subject, cache, precision, compress)
         await rx.wait_complete("bench", "tx", timeout=DEFAULT_TIMEOUT)
         seconds = time.perf_counter() - start
-        if rx.stats["errors"]:
-            raise TransportError(f"KV leg had {rx.stats['errors']} receive errors: {rx.errors[0][1]}")
-        rx.close_query("bench")
+        _check_received(rx)
     return seconds, report.wire_bytes
+
+
+async def _send(nc, subject: str, cache: dict, precision: str, compress: str):
+    return await send_cache(nc, subject, cache, precision=precision, compress=compress, query_id="bench", sender="tx")
+
+
+def _check_received(rx: KVReceiver) -> None:
+    if rx.stats["errors"]:
+        raise TransportError(f"KV leg had {rx.stats['errors']} receive errors: {rx.errors[0][1]}")
+    rx.close_query("bench")
+
+
+Leg = tuple[float, int, float]  # seconds, wire bytes, CPU seconds of both ends
+
+
+class _OneProcess:
+    """Both ends in this process, on one event loop: every cost of either end adds to the leg's time."""
+
+    label = "one process"
+
+    def __init__(self, conns: BusConnections) -> None:
+        self.conns = conns
+
+    async def raw(self, blobs: list[bytes], chunk: int) -> Leg:
+        cpu = time.process_time()  # CPU of this process (all threads): less sensitive to a loaded machine
+        seconds = await _raw_leg(self.conns, blobs, chunk)
+        return seconds, sum(len(b) for b in blobs), time.process_time() - cpu
+
+    async def kv(self, cache: dict, precision: str, compress: str) -> Leg:
+        cpu = time.process_time()
+        seconds, wire = await _kv_leg(self.conns, cache, precision, compress)
+        return seconds, wire, time.process_time() - cpu
+
+
+class _TwoProcesses:
+    """The sender here, the subscriber in a child process with its own connection, as a transmitter and a receiver
+    run: the ends overlap. A leg runs from the first publish (this process's monotonic clock) to the moment the
+    child has every byte (raw) or every layer decoded (KV), on the same system-wide clock."""
+
+    label = "two processes"
+
+    def __init__(self, conns: BusConnections, url: str, security: ClientSecurity | None, threads: int) -> None:
+        self.conns = conns
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked event loop or torch state
+        self._pipe, child_end = ctx.Pipe()
+        self._proc = ctx.Process(target=_subscriber_main, args=(child_end, url, security, threads), daemon=True)
+        self._proc.start()
+        child_end.close()
+
+    async def _reply(self) -> tuple:
+        def recv() -> tuple:
+            if not self._pipe.poll(DEFAULT_TIMEOUT + 30):
+                raise TransportError("the subscriber process did not answer in time")
+            return self._pipe.recv()
+
+        try:
+            reply = await asyncio.to_thread(recv)
+        except EOFError as exc:
+            raise BusError(f"the subscriber process died (exit code {self._proc.exitcode})") from exc
+        if reply[0] == "error":
+            raise TransportError(reply[1])
+        return reply
+
+    async def _leg(self, kind: str, total: int, publish: Callable[[str], Awaitable[int]]) -> Leg:
+        cpu = time.process_time()
+        subject = f"bench.{kind}.{uuid.uuid4().hex}"
+        self._pipe.send((kind, subject, total))
+        await self._reply()  # subscribed, and the server has the subscription
+        start = time.monotonic()
+        wire = await publish(subject)
+        _, end, child_cpu = await self._reply()
+        return end - start, wire, time.process_time() - cpu + child_cpu
+
+    async def raw(self, blobs: list[bytes], chunk: int) -> Leg:
+        assert self.conns.pub is not None
+        total = sum(len(b) for b in blobs)
+
+        async def publish(subject: str) -> int:
+            await _publish_raw(self.conns.pub, subject, blobs, chunk)
+            return total
+
+        return await self._leg("raw", total, publish)
+
+    async def kv(self, cache: dict, precision: str, compress: str) -> Leg:
+        assert self.conns.pub is not None
+
+        async def publish(subject: str) -> int:
+            return (await _send(self.conns.pub, subject, cache, precision, compress)).wire_bytes
+
+        return await self._leg("kv", 0, publish)
+
+    async def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._pipe.send(("stop", "", 0))
+        await asyncio.to_thread(self._proc.join, 10)
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._pipe.close()
+
+
+def _subscriber_main(pipe: Connection, url: str, security: ClientSecurity | None, threads: int) -> None:
+    """The child process of ``--split``: subscribes for each leg the parent names and reports when it is whole."""
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    asyncio.run(_subscriber(pipe, url, security))
+
+
+async def _subscriber(pipe: Connection, url: str, security: ClientSecurity | None) -> None:
+    async with BusConnections(url, name="bench-rx", security=security) as conns:
+        assert conns.sub is not None
+        while True:
+            kind, subject, total = await asyncio.to_thread(pipe.recv)
+            if kind == "stop":
+                return
+            cpu = time.process_time()
+            try:
+                if kind == "raw":
+                    counter = _RawCounter(total)
+                    sub = await subscribe(conns.sub, subject, counter.on_msg)
+                    try:
+                        await subscribed(conns.sub)
+                        pipe.send(("ready",))
+                        await counter.wait()
+                        end = time.monotonic()
+                    finally:
+                        await sub.unsubscribe()
+                else:
+                    async with KVReceiver(conns.sub, subject, out_dtype=torch.float16) as rx:
+                        pipe.send(("ready",))
+                        await rx.wait_complete("bench", "tx", timeout=DEFAULT_TIMEOUT)
+                        end = time.monotonic()
+                        _check_received(rx)
+            except FedRefineError as exc:
+                pipe.send(("error", f"{kind} leg (subscriber process): {exc}"))
+                continue
+            pipe.send(("done", end, time.process_time() - cpu))
 
 
 async def _retry(lost: dict[str, int], name: str, leg: Callable[[], Awaitable[T]]) -> T:
@@ -150,6 +303,55 @@ async def _retry(lost: dict[str, int], name: str, leg: Callable[[], Awaitable[T]
     raise AssertionError("unreachable")
 
 
+async def _legs(
+    args: argparse.Namespace, ends, cache: dict, blobs: list[bytes], packed: list[bytes], chunk: int, pack_chunk: int
+) -> tuple:
+    """Warm every leg up, then alternate them (order rotating) and run the extra precisions."""
+    cache_bytes = sum(len(b) for b in blobs)
+    await ends.raw(blobs, chunk)  # warm-up every leg
+    await ends.raw(packed, pack_chunk)
+    await ends.kv(cache, "fp16", "none")
+    raw_s, packed_s, kv_s, raw_cpu, kv_cpu = [], [], [], [], []
+    wire = 0
+    lost: dict[str, int] = {}
+
+    async def raw() -> None:
+        seconds, _, cpu = await _retry(lost, "raw", lambda: ends.raw(blobs, chunk))
+        raw_s.append(seconds)
+        raw_cpu.append(cpu)
+
+    async def raw_packed() -> None:
+        packed_s.append((await _retry(lost, "raw_packed", lambda: ends.raw(packed, pack_chunk)))[0])
+
+    async def kv() -> None:
+        nonlocal wire
+        seconds, wire, cpu = await _retry(lost, "kv", lambda: ends.kv(cache, "fp16", "none"))
+        kv_s.append(seconds)
+        kv_cpu.append(cpu)
+
+    legs = [raw, raw_packed, kv]
+    for i in range(args.repeats):  # each leg first, second and third equally often: a leg's time depends on
+        for leg in legs[i % 3 :] + legs[: i % 3]:  # the one before it (a KV leg after the packed one: ~+10%)
+            await leg()
+    extra = []
+    for spec in [s for s in args.extra.split(",") if s]:
+        precision, _, comp = spec.partition("+")
+        runs = [
+            await _retry(lost, spec, lambda p=precision, c=comp: ends.kv(cache, p, c or "none"))
+            for _ in range(args.repeats)
+        ]
+        med = statistics.median(r[0] for r in runs)
+        extra.append(
+            {
+                "precision": spec,
+                "wire_bytes": runs[0][1],
+                "seconds": round(med, 4),
+                "effective_mb_s": round(cache_bytes / med / 1e6, 1),
+            }
+        )
+    return raw_s, packed_s, kv_s, raw_cpu, kv_cpu, wire, extra, lost
+
+
 async def _bench(args: argparse.Namespace, url: str, security: ClientSecurity | None = None) -> dict:
     load_before = os.getloadavg()[0]
     if args.real_size:
@@ -162,49 +364,14 @@ async def _bench(args: argparse.Namespace, url: str, security: ClientSecurity | 
         chunk = header_budget(conns.pub.max_payload)  # the payload our chunks carry, for equal message counts
         packed = [b"".join(blobs)]  # the same bytes in messages of the transport's pack size
         pack_chunk = min(chunk, DEFAULT_PACK_BYTES)
-        await _raw_leg(conns, blobs, chunk)  # warm-up every leg
-        await _raw_leg(conns, packed, pack_chunk)
-        await _kv_leg(conns, cache, "fp16", "none")
-        raw_s, packed_s, kv_s, raw_cpu, kv_cpu = [], [], [], [], []
-        wire = 0
-        lost: dict[str, int] = {}
-
-        async def raw() -> None:
-            cpu = time.process_time()  # CPU of this process (all threads): less sensitive to a loaded machine
-            raw_s.append(await _retry(lost, "raw", lambda: _raw_leg(conns, blobs, chunk)))
-            raw_cpu.append(time.process_time() - cpu)
-
-        async def raw_packed() -> None:
-            packed_s.append(await _retry(lost, "raw_packed", lambda: _raw_leg(conns, packed, pack_chunk)))
-
-        async def kv() -> None:
-            nonlocal wire
-            cpu = time.process_time()
-            seconds, wire = await _retry(lost, "kv", lambda: _kv_leg(conns, cache, "fp16", "none"))
-            kv_cpu.append(time.process_time() - cpu)
-            kv_s.append(seconds)
-
-        legs = [raw, raw_packed, kv]
-        for i in range(args.repeats):  # each leg first, second and third equally often: a leg's time depends on
-            for leg in legs[i % 3 :] + legs[: i % 3]:  # the one before it (a KV leg after the packed one: ~+10%)
-                await leg()
-        extra = []
-        for spec in [s for s in args.extra.split(",") if s]:
-            precision, _, comp = spec.partition("+")
-            runs = [
-                await _retry(lost, spec, lambda p=precision, c=comp: _kv_leg(conns, cache, p, c or "none"))
-                for _ in range(args.repeats)
-            ]
-            med = statistics.median(r[0] for r in runs)
-            extra.append(
-                {
-                    "precision": spec,
-                    "wire_bytes": runs[0][1],
-                    "seconds": round(med, 4),
-                    "effective_mb_s": round(cache_bytes / med / 1e6, 1),
-                }
-            )
+        ends = _TwoProcesses(conns, url, security, args.threads) if args.split else _OneProcess(conns)
+        try:
+            result = await _legs(args, ends, cache, blobs, packed, chunk, pack_chunk)
+        finally:
+            if isinstance(ends, _TwoProcesses):
+                await ends.close()
         server_payload = conns.pub.max_payload
+    raw_s, packed_s, kv_s, raw_cpu, kv_cpu, wire, extra, lost = result
     raw_mb_s = cache_bytes / statistics.median(raw_s) / 1e6
     packed_mb_s = cache_bytes / statistics.median(packed_s) / 1e6
     kv_mb_s = cache_bytes / statistics.median(kv_s) / 1e6
@@ -241,14 +408,16 @@ async def _bench(args: argparse.Namespace, url: str, security: ClientSecurity | 
             "head_dim": args.head_dim,
             "dtype": "float16",
         },
+        "ends": ends.label,
         "notes": (
-            "one process, publisher and subscriber connections on one event loop, server on loopback; "
+            f"{ends.label} (one: publisher and subscriber connections on one event loop; two: the subscriber's in a "
+            "child process, a leg timed on the system-wide monotonic clock), server on loopback; "
             "MB/s = 1e6 bytes of the fp16 cache per second, first publish to last byte (raw) or last layer "
             "decoded (KV); KV = fp16 without compression (the same bytes) incl. chunk headers, xxh3 checksums, "
             "NaN/inf checks at both ends, reassembly; raw = Client.publish (copies each payload twice); KV's "
             "one-message chunk frames go on nats-py's queue as views (bus.connect.publish_views, no copy); "
             "pair_ratios = raw/KV seconds of each alternating pair; load_avg = 1-min load before and after; "
-            "client_cpu_ms = median CPU time of this process per leg (publisher, subscriber, encode thread; "
+            "client_cpu_ms = median CPU time per leg of both ends (publisher, subscriber, encode thread; "
             "setup and any re-run included; the server's CPU is not), raw/KV"
         ),
         "torch_threads": args.threads,

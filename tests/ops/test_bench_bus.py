@@ -7,12 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
-def test_bus_bench_reports_both_raw_baselines_for_the_real_tail(tmp_path: Path) -> None:
+
+@pytest.mark.parametrize(("flags", "ends"), [((), "one process"), (("--split",), "two processes")])
+def test_bus_bench_reports_both_raw_baselines_for_the_real_tail(tmp_path: Path, flags: tuple, ends: str) -> None:
     out = tmp_path / "bus.json"
     cmd = [sys.executable, "-m", "ops.bench", "bus", "--real-size", "tail", "--repeats", "2", "--extra", "int4"]
-    subprocess.run([*cmd, "--json", str(out)], check=True, capture_output=True, timeout=120)
+    subprocess.run([*cmd, *flags, "--json", str(out)], check=True, capture_output=True, timeout=120)
     got = json.loads(out.read_text())
+    assert got["ends"] == ends and len(got["raw_seconds"]) == len(got["kv_seconds"]) == 2
+    assert all(0 < s < 20 for s in got["raw_seconds"] + got["kv_seconds"])  # one clock at both ends when split
     assert got["cache"] == {"layers": 30, "kv_heads": 3, "tokens": 1, "head_dim": 64, "dtype": "float16"}
     assert got["cache_bytes"] == 30 * 2 * 3 * 64 * 2 and got["secure"] is True
     assert got["raw_nats_mb_s"] > 0 and got["raw_packed_mb_s"] > 0 and got["kv_transfer_mb_s"] > 0
