@@ -159,18 +159,39 @@ async def publish_views(nc: Client, subject: str, parts: tuple[Buffer, ...]) -> 
     on nats-py's outgoing queue as they are, and the socket writes them from there (TLS encrypts each in place).
 
     ``Client.publish`` copies a payload twice (``PUB`` line + payload, then + CRLF) before the socket write; a KV
-    frame (a header and a megabyte view of the tensor) would be a third copy to assemble. The parts must not
-    change until the queue is flushed (``flush``). Use only where :func:`can_publish_views` holds; the checks of
-    ``publish`` (subject, size) are made here.
+    frame (a header and a megabyte view of the tensor) would be a third copy to assemble. Under TLS each queued
+    part becomes TLS records of its own (up to 16 KB each): for parts much smaller than that,
+    :func:`publish_joined` is cheaper. The parts must not change until the queue is flushed (``flush``). Use only
+    where :func:`can_publish_views` holds; the checks of ``publish`` (subject, size) are made here.
     """
     size = sum(len(p) for p in parts)
+    head = _pub_line(nc, subject, size)
+    await _queue(nc, (head, *parts, _CRLF), len(head) + size + len(_CRLF), size)
+
+
+async def publish_joined(nc: Client, subject: str, parts: tuple[Buffer, ...]) -> None:
+    """Publish one message whose payload is ``parts`` joined, copied once: the PUB line, the parts and the CRLF in
+    one buffer, one entry on nats-py's outgoing queue (``Client.publish`` of a joined payload copies it three
+    times). One entry is what TLS wants for small parts: it encrypts each queued entry into records of its own, and
+    a record costs about as much as encrypting several kilobytes. Use only where :func:`can_publish_views` holds."""
+    size = sum(len(p) for p in parts)
+    head = _pub_line(nc, subject, size)
+    message = b"".join((head, *parts, _CRLF))
+    await _queue(nc, (message,), len(message), size)
+
+
+def _pub_line(nc: Client, subject: str, size: int) -> bytes:
     if not subject or any(c.isspace() for c in subject):
         raise TransportError(f"bad subject {subject!r}", subject=subject)
     if size > nc.max_payload:
         raise TransportError(f"{size}-byte message exceeds the server's max_payload {nc.max_payload}")
-    head = f"PUB {subject}  {size}\r\n".encode()
-    nc._pending.extend((head, *parts, _CRLF))  # one synchronous step: no other publish can land in between
-    nc._pending_data_size += len(head) + size + len(_CRLF)
+    return f"PUB {subject}  {size}\r\n".encode()
+
+
+async def _queue(nc: Client, items: tuple[Buffer, ...], queued: int, size: int) -> None:
+    """Queue one message's buffers on nats-py's outgoing queue and kick its flusher as ``Client.publish`` does."""
+    nc._pending.extend(items)  # one synchronous step: no other publish can land in between
+    nc._pending_data_size += queued
     nc.stats["out_msgs"] += 1
     nc.stats["out_bytes"] += size
     if nc._max_pending_size > 0 and nc._pending_data_size > nc._max_pending_size:

@@ -11,8 +11,10 @@ Copies: encoding hashes and seals chunks whose payloads are views of the encoded
 fp16/bf16/fp32 that is the caller's tensor memory itself). A chunk that fills a message of its own goes on
 nats-py's outgoing queue as its head and that view (``bus.connect.publish_views``): the socket reads the tensor
 memory itself, no copy (``Client.publish`` would copy a payload twice); where that queue is not available (another
-transport) the frame is assembled in one reused :class:`~bus.frames.FrameBuffer` and published. Packs and frames
-that share a message are built, then published. On receipt, one-chunk tensors are decoded in place from the
+transport) the frame is assembled in one reused :class:`~bus.frames.FrameBuffer` and published. A tensor pack of
+large tensors goes the same way (its head, then views); packs of smaller ones and frames that share a message are
+joined once with their PUB line (``bus.connect.publish_joined``: TLS encrypts each queued buffer into records of
+its own, so one buffer beats many small ones). Each message goes to the socket as it is built. On receipt, one-chunk tensors are decoded in place from the
 message bytes; multi-chunk tensors are copied once into their assembly buffer.
 """
 
@@ -71,7 +73,8 @@ DEFAULT_PACK_BYTES = 128 * 1024  # bytes of a tensor pack or of frames sharing o
 # nats-py moves 32-128 KiB messages fastest here; 1 MiB ones take ~1.7x as long for the same bytes
 DEFAULT_PACK_SECONDS = 0.005  # on a shaped link, a shared message carries at most this much of its rate, but a
 # small layer's K and V (bus.frames.LAYER_PACK_TENSOR_BYTES each) share one tensor pack, sent at the layer's end
-PACK_VIEW_BYTES = 4096  # a pack whose tensors average this much goes on the socket as views of them, not joined
+PACK_VIEW_BYTES = 64 * 1024  # a pack whose tensors average this much goes on the socket as views of them, not joined
+# (under TLS a queued view is TLS records of its own: below ~64 KB one copy into one buffer is cheaper)
 BLOCK_BYTES = 8 * 1024 * 1024  # source bytes of small tensors encoded at once (a copy the sender holds meanwhile)
 SMALL_TENSOR_ELEMENTS = 2048  # K/V tensors up to this size are encoded inline and never LZ4-probed by "auto"
 DEFAULT_EXPIRE_INTERVAL = 1.0  # seconds between the receiver's deadline sweeps
@@ -121,13 +124,17 @@ def _honour_cancel() -> None:
         raise asyncio.CancelledError
 
 
-async def _publish(nc: Client, subject: str, parts: tuple[Buffer, ...]) -> None:
-    """One message: a single buffer through ``Client.publish``, several queued as they are (``publish_views``)."""
+async def _publish(nc: Client, subject: str, parts: tuple[Buffer, ...], views: bool = False) -> None:
+    """One message: its parts queued as they are (``views``: large tensors, no copy), or joined with one copy
+    (``publish_joined``: small parts, one entry for TLS to encrypt), or through ``Client.publish`` where nats-py's
+    queue is not the one those expect."""
     try:
-        if len(parts) == 1:
-            await nc.publish(subject, parts[0])
-        else:
+        if not busconn.can_publish_views(nc):
+            await nc.publish(subject, parts[0] if len(parts) == 1 else b"".join(parts))
+        elif views:
             await busconn.publish_views(nc, subject, parts)
+        else:
+            await busconn.publish_joined(nc, subject, parts)
     except nats.errors.MaxPayloadError as exc:
         size = sum(len(p) for p in parts)
         raise TransportError(f"{size}-byte frame exceeds the server's max_payload {nc.max_payload}") from exc
@@ -185,7 +192,7 @@ class _Outbox:
                     await self._send_frames()
                 if part.size > self.pack:  # a message of its own: head and payload view queued as they are
                     if busconn.can_publish_views(self.nc):
-                        await self._send(part.head, part.payload)
+                        await self._send(part.head, part.payload, views=True)
                     else:
                         await self._send(self._buffer.frame(part))
                 else:
@@ -215,24 +222,22 @@ class _Outbox:
             parts = pack_parts(*self.stream, self._entries)
             size = sum(len(p) for p in parts)
             self.wire += size - self._pack_size  # the estimate counted the most header padding
-            views = size >= PACK_VIEW_BYTES * len(self._entries) and busconn.can_publish_views(self.nc)
-            self._entries = []
-            if views:  # queued as they are; the tensors must not change before the flush (as send_cache says)
-                await self._send(*parts)
-            else:
-                await self._send(b"".join(parts))
+            views = size >= PACK_VIEW_BYTES * len(self._entries)
+            self._entries = []  # with views, queued as they are: the tensors must not change before the flush
+            await self._send(*parts, views=views)
 
     async def _send_frames(self) -> None:
         if self._packed:
             await self._send(self._packed)
             self._packed.clear()
 
-    async def _send(self, *parts: Buffer) -> None:
+    async def _send(self, *parts: Buffer, views: bool = False) -> None:
         """Publish one message made of ``parts`` (paced by the shaper), and round-trip a PING when it is due."""
         size = sum(len(p) for p in parts)
         if self.shaper is not None:
             await self.shaper.acquire(size)
-        await _publish(self.nc, self.subject, parts)
+        await _publish(self.nc, self.subject, parts, views)
+        await asyncio.sleep(0)  # nats-py's flusher puts it on the socket now, while the next message is built
         self.messages += 1
         self._since_flush += size
         if self._since_flush >= self.flush_every:

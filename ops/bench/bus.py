@@ -209,7 +209,7 @@ class _TwoProcesses:
 
         try:
             reply = await asyncio.to_thread(recv)
-        except EOFError as exc:
+        except (EOFError, OSError) as exc:
             raise BusError(f"the subscriber process died (exit code {self._proc.exitcode})") from exc
         if reply[0] == "error":
             raise TransportError(reply[1])

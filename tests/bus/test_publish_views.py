@@ -1,5 +1,6 @@
-"""``bus.connect.publish_views``: a message queued as its parts (no copy) arrives as their concatenation, in order
-with ordinary publishes, and a big KV stream sent that way decodes to the same tensors as one sent by copying."""
+"""``bus.connect.publish_views`` / ``publish_joined``: a message queued as its parts (no copy) or joined once with
+its PUB line arrives as their concatenation, in order with ordinary publishes, and a big KV stream sent that way
+decodes to the same tensors as one sent by copying."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from bus.transport import KVReceiver, send_cache
 from tests.conftest import eventually
 
 
-async def test_parts_arrive_joined_and_in_order(nats_server, subject: str) -> None:
+@pytest.mark.parametrize("how", ["views", "joined"])
+async def test_parts_arrive_joined_and_in_order(nats_server, subject: str, how: str) -> None:
     pub = await busconn.connect(nats_server.url, name="pytest-views-pub", security=nats_server.security)
     sub = await busconn.connect(nats_server.url, name="pytest-views-sub", security=nats_server.security)
     try:
@@ -26,7 +28,9 @@ async def test_parts_arrive_joined_and_in_order(nats_server, subject: str) -> No
         assert busconn.can_publish_views(pub)
         big = torch.arange(300_000, dtype=torch.int32).view(torch.uint8).numpy()  # a 1.2 MB view, not bytes
         await pub.publish(subject, b"first")
-        await busconn.publish_views(pub, subject, (b"head:", memoryview(big)))
+        queued = len(pub._pending)
+        await getattr(busconn, f"publish_{how}")(pub, subject, (b"head:", memoryview(big)))
+        assert len(pub._pending) - queued in ((0, 1) if how == "joined" else (0, 4))  # 0: the flusher took it
         await pub.publish(subject, b"last")
         await busconn.flush(pub)
         await eventually(lambda: len(got) == 3, timeout=5.0, what="three messages")
@@ -38,12 +42,14 @@ async def test_parts_arrive_joined_and_in_order(nats_server, subject: str) -> No
         await busconn.close(sub)
 
 
-async def test_a_bad_subject_or_size_is_refused_before_queueing(nats_client, subject: str) -> None:
+@pytest.mark.parametrize("how", ["views", "joined"])
+async def test_a_bad_subject_or_size_is_refused_before_queueing(nats_client, subject: str, how: str) -> None:
     queued = list(nats_client._pending)
+    publish = getattr(busconn, f"publish_{how}")
     with pytest.raises(TransportError, match="bad subject"):
-        await busconn.publish_views(nats_client, "a b", (b"x",))
+        await publish(nats_client, "a b", (b"x",))
     with pytest.raises(TransportError, match="max_payload"):
-        await busconn.publish_views(nats_client, subject, (bytes(nats_client.max_payload + 1),))
+        await publish(nats_client, subject, (bytes(nats_client.max_payload + 1),))
     assert nats_client._pending == queued
 
 

@@ -373,42 +373,49 @@ async def test_small_float_layers_encode_in_blocks_and_send_what_layer_by_layer_
     assert calls == ([6] if block_bytes > MB else [1] * 6)  # 6,144 source bytes a layer: one layer a block
 
 
-async def test_packs_of_real_sized_tensors_go_on_the_socket_as_views_and_arrive_as_the_joined_message(
-    nats_client, subject: str, monkeypatch
+@pytest.mark.parametrize(
+    ("shape", "way"),
+    [((1, 4, 100, 128), "views"), ((1, 3, 60, 64), "joined"), ((1, 3, 1, 64), "joined")],
+    ids=["100-KB tensors", "q'-sized", "one-token tail"],
+)
+async def test_packs_go_on_the_socket_as_views_or_joined_once_and_arrive_as_the_joined_message(
+    nats_client, subject: str, monkeypatch, shape: tuple, way: str
 ) -> None:
-    """A q'-sized stream (23 KB tensors, several to a pack) is published as the pack's head and views of the
-    tensors (no join, no copy), and what arrives is byte for byte what the joined pack would be; a one-token
-    tail's packs (tensors of a few hundred bytes) are joined."""
+    """A pack of large tensors (>= PACK_VIEW_BYTES on average) is queued as its head and views of the tensors (no
+    copy); a pack of smaller ones (a q' at SmolLM2's shape, 23 KB a tensor; a one-token tail) is joined once with its
+    PUB line (one entry for TLS to encrypt). Either way what arrives is byte for byte the joined pack."""
     import bus.connect as busconn
 
-    views: list[int] = []
-    real = busconn.publish_views
+    calls: dict[str, list[int]] = {"views": [], "joined": []}
+    for name in calls:
+        real = getattr(busconn, f"publish_{name}")
 
-    async def spy(nc, subj, parts):
-        views.append(len(parts))
-        await real(nc, subj, parts)
+        async def spy(nc, subj, parts, real=real, name=name):
+            calls[name].append(len(parts))
+            await real(nc, subj, parts)
 
-    monkeypatch.setattr(busconn, "publish_views", spy)
-    for tokens, as_views in ((60, True), (1, False)):
-        cache = {m: (torch.randn(1, 3, tokens, 64).half(), torch.randn(1, 3, tokens, 64).half()) for m in range(8)}
-        got: list[bytes] = []
+        monkeypatch.setattr(busconn, f"publish_{name}", spy)
+    cache = {m: (torch.randn(*shape).half(), torch.randn(*shape).half()) for m in range(8)}
+    got: list[bytes] = []
 
-        async def on_msg(msg, got=got) -> None:
-            got.append(msg.data)
+    async def on_msg(msg) -> None:
+        got.append(msg.data)
 
-        sub = await subscribe(nats_client, subject, on_msg)
-        await nats_client.flush()
-        views.clear()
-        report = await send_cache(nats_client, subject, cache, precision="fp16", query_id="q", sender="t")
-        for _ in range(100):
-            if len(got) == report.messages:
-                break
-            await asyncio.sleep(0.05)
-        await sub.unsubscribe()
-        joined = _RecordingClient()
-        await send_cache(joined, "s", cache, precision="fp16", query_id="q", sender="t")  # type: ignore[arg-type]
-        assert got == joined.frames and report.wire_bytes == sum(map(len, got))
-        assert (len(views) == report.messages > 1 and min(views) >= 2) if as_views else views == []
+    sub = await subscribe(nats_client, subject, on_msg)
+    await nats_client.flush()
+    report = await send_cache(nats_client, subject, cache, precision="fp16", query_id="q", sender="t")
+    for _ in range(100):
+        if len(got) == report.messages:
+            break
+        await asyncio.sleep(0.05)
+    await sub.unsubscribe()
+    joined = _RecordingClient()
+    await send_cache(joined, "s", cache, precision="fp16", query_id="q", sender="t")  # type: ignore[arg-type]
+    assert got == joined.frames and report.wire_bytes == sum(map(len, got))
+    other = "joined" if way == "views" else "views"
+    assert len(calls[way]) == report.messages and calls[other] == []
+    if way == "views":
+        assert report.messages > 1 and min(calls["views"]) >= 2  # a head, then the tensors' views
 
 
 async def test_a_cache_that_requires_grad_sends_the_same_bytes() -> None:
