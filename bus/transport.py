@@ -14,8 +14,9 @@ memory itself, no copy (``Client.publish`` would copy a payload twice); where th
 transport) the frame is assembled in one reused :class:`~bus.frames.FrameBuffer` and published. A tensor pack of
 large tensors goes the same way (its head, then views); packs of smaller ones and frames that share a message are
 joined once with their PUB line (``bus.connect.publish_joined``: TLS encrypts each queued buffer into records of
-its own, so one buffer beats many small ones). Each message goes to the socket as it is built. On receipt, one-chunk tensors are decoded in place from the
-message bytes; multi-chunk tensors are copied once into their assembly buffer.
+its own, so one buffer beats many small ones). Each message goes to the socket as it is built. On receipt,
+one-chunk tensors are decoded in place from the message bytes; multi-chunk tensors are copied once into their
+assembly buffer.
 """
 
 from __future__ import annotations
