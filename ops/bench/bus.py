@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TypeVar
@@ -126,18 +126,41 @@ async def _publish_raw(nc, subject: str, blobs: list[bytes], chunk: int) -> None
     await nc.flush()
 
 
+@contextlib.asynccontextmanager
+async def _raw_subscription(nc, subject: str, total: int) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """A raw leg's subscriber on ``nc``, the server holding its subscription: yields the wait for all its bytes."""
+    counter = _RawCounter(total)
+    sub = await subscribe(nc, subject, counter.on_msg)
+    try:
+        await subscribed(nc)  # as KVReceiver.start(): one flush can return before the server has the SUB
+        yield counter.wait
+    finally:
+        await sub.unsubscribe()
+
+
+@contextlib.asynccontextmanager
+async def _kv_subscription(nc, subject: str) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """A KV leg's receiver on ``nc``: yields the wait for every layer; on leaving, its errors fail the leg."""
+    async with KVReceiver(nc, subject, out_dtype=torch.float16) as rx:
+
+        async def whole() -> None:
+            await rx.wait_complete("bench", "tx", timeout=DEFAULT_TIMEOUT)
+
+        yield whole
+        if rx.stats["errors"]:
+            raise TransportError(f"KV leg had {rx.stats['errors']} receive errors: {rx.errors[0][1]}")
+        rx.close_query("bench")
+
+
 async def _raw_leg(conns: BusConnections, blobs: list[bytes], chunk: int) -> float:
     """Publish every blob in ``chunk``-byte messages; seconds until the subscriber has all bytes."""
     assert conns.pub is not None and conns.sub is not None
     subject = f"bench.raw.{uuid.uuid4().hex}"
-    counter = _RawCounter(sum(len(b) for b in blobs))
-    sub = await subscribe(conns.sub, subject, counter.on_msg)
-    await subscribed(conns.sub)  # as KVReceiver.start(): one flush can return before the server has the SUB
-    start = time.perf_counter()
-    await _publish_raw(conns.pub, subject, blobs, chunk)
-    await counter.wait()
-    seconds = time.perf_counter() - start
-    await sub.unsubscribe()
+    async with _raw_subscription(conns.sub, subject, sum(len(b) for b in blobs)) as whole:
+        start = time.perf_counter()
+        await _publish_raw(conns.pub, subject, blobs, chunk)
+        await whole()
+        seconds = time.perf_counter() - start
     return seconds
 
 
@@ -145,23 +168,16 @@ async def _kv_leg(conns: BusConnections, cache: dict, precision: str, compress: 
     """Send the cache through our transport; seconds until every layer is decoded, and wire bytes."""
     assert conns.pub is not None and conns.sub is not None
     subject = f"bench.kv.{uuid.uuid4().hex}"
-    async with KVReceiver(conns.sub, subject, out_dtype=torch.float16) as rx:
+    async with _kv_subscription(conns.sub, subject) as whole:
         start = time.perf_counter()
         report = await _send(conns.pub, subject, cache, precision, compress)
-        await rx.wait_complete("bench", "tx", timeout=DEFAULT_TIMEOUT)
+        await whole()
         seconds = time.perf_counter() - start
-        _check_received(rx)
     return seconds, report.wire_bytes
 
 
 async def _send(nc, subject: str, cache: dict, precision: str, compress: str):
     return await send_cache(nc, subject, cache, precision=precision, compress=compress, query_id="bench", sender="tx")
-
-
-def _check_received(rx: KVReceiver) -> None:
-    if rx.stats["errors"]:
-        raise TransportError(f"KV leg had {rx.stats['errors']} receive errors: {rx.errors[0][1]}")
-    rx.close_query("bench")
 
 
 Leg = tuple[float, int, float]  # seconds, wire bytes, CPU seconds of both ends
@@ -273,22 +289,15 @@ async def _subscriber(pipe: Connection, url: str, security: ClientSecurity | Non
                 return
             cpu = time.process_time()
             try:
-                if kind == "raw":
-                    counter = _RawCounter(total)
-                    sub = await subscribe(conns.sub, subject, counter.on_msg)
-                    try:
-                        await subscribed(conns.sub)
-                        pipe.send(("ready",))
-                        await counter.wait()
-                        end = time.monotonic()
-                    finally:
-                        await sub.unsubscribe()
-                else:
-                    async with KVReceiver(conns.sub, subject, out_dtype=torch.float16) as rx:
-                        pipe.send(("ready",))
-                        await rx.wait_complete("bench", "tx", timeout=DEFAULT_TIMEOUT)
-                        end = time.monotonic()
-                        _check_received(rx)
+                subscription = (
+                    _raw_subscription(conns.sub, subject, total)
+                    if kind == "raw"
+                    else _kv_subscription(conns.sub, subject)
+                )
+                async with subscription as whole:
+                    pipe.send(("ready",))
+                    await whole()
+                    end = time.monotonic()
             except FedRefineError as exc:
                 pipe.send(("error", f"{kind} leg (subscriber process): {exc}"))
                 continue
