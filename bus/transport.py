@@ -70,8 +70,9 @@ from bus.subjects import SubjectParts, Subjects
 log = logging.getLogger(__name__)
 
 DEFAULT_FLUSH_EVERY = 8 * 1024 * 1024  # bytes published between PING/PONG round trips
-DEFAULT_PACK_BYTES = 128 * 1024  # bytes of a tensor pack or of frames sharing one NATS message (an unshaped link):
-# nats-py moves 32-128 KiB messages fastest here; 1 MiB ones take ~1.7x as long for the same bytes
+DEFAULT_PACK_BYTES = 512 * 1024  # bytes of a tensor pack or of frames sharing one NATS message (an unshaped link):
+# each message costs both ends ~0.2 ms of Python; a BusClient receives 512 KiB ones at full speed (nats-py's own
+# parser took ~1.7x as long for 1 MiB ones as for 128 KiB). A real q' (1.4 MB): 3 messages, not 12
 DEFAULT_PACK_SECONDS = 0.005  # on a shaped link, a shared message carries at most this much of its rate, but a
 # small layer's K and V (bus.frames.LAYER_PACK_TENSOR_BYTES each) share one tensor pack, sent at the layer's end
 PACK_VIEW_BYTES = 64 * 1024  # a pack whose tensors average this much goes on the socket as views of them, not joined

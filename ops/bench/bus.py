@@ -1,7 +1,7 @@
 """``python -m ops.bench bus``: raw nats-py publishes vs a KV cache through our transport, same bytes, one run.
 
 Both legs use the same embedded server (authorization and TLS on, an ``admin`` identity, unless ``--insecure``),
-the same two connections (publisher, subscriber) in one process, and the same message size; with ``--split`` the
+a publisher and a subscriber connection in one process, and the same message size; with ``--split`` the
 subscriber is a child process of its own, as a receiver runs apart from its transmitters, so the two ends' work
 overlaps (both legs alike). Raw: the cache's
 fp16 bytes are published as plain messages and counted at a subscriber. KV: ``send_cache`` (fp16, no
@@ -15,9 +15,13 @@ send, 23 KB in 60 tensors of 384 bytes. There per-tensor work (encoding, validat
 same event loop as both connections) weighs against bytes that nats-py moves in a millisecond or two; at the
 default 59 MB it is amortised. Small tensors travel in tensor packs (one header and check per message).
 
-Two raw baselines: ``raw`` publishes each tensor's bytes as its own message(s), as a plain nats-py sender of a
-cache would; ``raw_packed`` publishes the same bytes concatenated, in messages of the transport's pack size
-(what nats-py does best for small tensors). ``ratio`` is against ``raw``, ``ratio_vs_packed`` against the other.
+Raw legs run on nats-py's own client (``bus.connect.connect(bulk_receive=False)``); the KV leg on the clients every
+agent uses (``bus.connect.BusClient``: a read loop taking a megabyte at a time and a parser that copies a large
+payload once). Three raw baselines: ``raw`` publishes each tensor's bytes as its own message(s), as a plain nats-py
+sender of a cache would; ``raw_packed`` publishes the same bytes concatenated, in messages of the transport's pack
+size (what nats-py does best for small tensors); ``raw_bus`` is ``raw`` received by a ``BusClient``, so the gain of
+the client and the cost of the KV framing show apart. ``ratio`` is against ``raw``, ``ratio_vs_packed`` and
+``ratio_vs_raw_bus`` against the others.
 """
 
 from __future__ import annotations
@@ -152,13 +156,13 @@ async def _kv_subscription(nc, subject: str) -> AsyncIterator[Callable[[], Await
         rx.close_query("bench")
 
 
-async def _raw_leg(conns: BusConnections, blobs: list[bytes], chunk: int) -> float:
+async def _raw_leg(pub, sub, blobs: list[bytes], chunk: int) -> float:
     """Publish every blob in ``chunk``-byte messages; seconds until the subscriber has all bytes."""
-    assert conns.pub is not None and conns.sub is not None
+    assert pub is not None and sub is not None
     subject = f"bench.raw.{uuid.uuid4().hex}"
-    async with _raw_subscription(conns.sub, subject, sum(len(b) for b in blobs)) as whole:
+    async with _raw_subscription(sub, subject, sum(len(b) for b in blobs)) as whole:
         start = time.perf_counter()
-        await _publish_raw(conns.pub, subject, blobs, chunk)
+        await _publish_raw(pub, subject, blobs, chunk)
         await whole()
         seconds = time.perf_counter() - start
     return seconds
@@ -184,21 +188,22 @@ Leg = tuple[float, int, float]  # seconds, wire bytes, CPU seconds of both ends
 
 
 class _OneProcess:
-    """Both ends in this process, on one event loop: every cost of either end adds to the leg's time."""
+    """Both ends in this process, on one event loop: every cost of either end adds to the leg's time. Raw legs on
+    ``stock`` (nats-py's clients), or with ``bus_client`` a raw subscriber on ``bus``'s; KV legs on ``bus``."""
 
     label = "one process"
 
-    def __init__(self, conns: BusConnections) -> None:
-        self.conns = conns
+    def __init__(self, stock: BusConnections, bus: BusConnections) -> None:
+        self.stock, self.bus = stock, bus
 
-    async def raw(self, blobs: list[bytes], chunk: int) -> Leg:
+    async def raw(self, blobs: list[bytes], chunk: int, bus_client: bool = False) -> Leg:
         cpu = time.process_time()  # CPU of this process (all threads): less sensitive to a loaded machine
-        seconds = await _raw_leg(self.conns, blobs, chunk)
+        seconds = await _raw_leg(self.stock.pub, (self.bus if bus_client else self.stock).sub, blobs, chunk)
         return seconds, sum(len(b) for b in blobs), time.process_time() - cpu
 
     async def kv(self, cache: dict, precision: str, compress: str) -> Leg:
         cpu = time.process_time()
-        seconds, wire = await _kv_leg(self.conns, cache, precision, compress)
+        seconds, wire = await _kv_leg(self.bus, cache, precision, compress)
         return seconds, wire, time.process_time() - cpu
 
 
@@ -209,8 +214,10 @@ class _TwoProcesses:
 
     label = "two processes"
 
-    def __init__(self, conns: BusConnections, url: str, security: ClientSecurity | None, threads: int) -> None:
-        self.conns = conns
+    def __init__(
+        self, stock: BusConnections, bus: BusConnections, url: str, security: ClientSecurity | None, threads: int
+    ) -> None:
+        self.stock, self.bus = stock, bus
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked event loop or torch state
         self._pipe, child_end = ctx.Pipe()
         self._proc = ctx.Process(target=_subscriber_main, args=(child_end, url, security, threads), daemon=True)
@@ -246,21 +253,21 @@ class _TwoProcesses:
         _, end, child_cpu = await self._reply()
         return end - start, wire, time.process_time() - cpu + child_cpu
 
-    async def raw(self, blobs: list[bytes], chunk: int) -> Leg:
-        assert self.conns.pub is not None
+    async def raw(self, blobs: list[bytes], chunk: int, bus_client: bool = False) -> Leg:
+        assert self.stock.pub is not None
         total = sum(len(b) for b in blobs)
 
         async def publish(subject: str) -> int:
-            await _publish_raw(self.conns.pub, subject, blobs, chunk)
+            await _publish_raw(self.stock.pub, subject, blobs, chunk)
             return total
 
-        return await self._leg("raw", total, publish)
+        return await self._leg("raw_bus" if bus_client else "raw", total, publish)
 
     async def kv(self, cache: dict, precision: str, compress: str) -> Leg:
-        assert self.conns.pub is not None
+        assert self.bus.pub is not None
 
         async def publish(subject: str) -> int:
-            return (await _send(self.conns.pub, subject, cache, precision, compress)).wire_bytes
+            return (await _send(self.bus.pub, subject, cache, precision, compress)).wire_bytes
 
         return await self._leg("kv", 0, publish)
 
@@ -281,8 +288,10 @@ def _subscriber_main(pipe: Connection, url: str, security: ClientSecurity | None
 
 
 async def _subscriber(pipe: Connection, url: str, security: ClientSecurity | None) -> None:
-    async with BusConnections(url, name="bench-rx", security=security) as conns:
-        assert conns.sub is not None
+    async with (
+        BusConnections(url, name="bench-rx-stock", security=security, bulk_receive=False) as stock,
+        BusConnections(url, name="bench-rx", security=security) as bus,
+    ):
         while True:
             kind, subject, total = await asyncio.to_thread(pipe.recv)
             if kind == "stop":
@@ -290,9 +299,9 @@ async def _subscriber(pipe: Connection, url: str, security: ClientSecurity | Non
             cpu = time.process_time()
             try:
                 subscription = (
-                    _raw_subscription(conns.sub, subject, total)
-                    if kind == "raw"
-                    else _kv_subscription(conns.sub, subject)
+                    _kv_subscription(bus.sub, subject)
+                    if kind == "kv"
+                    else _raw_subscription((stock if kind == "raw" else bus).sub, subject, total)
                 )
                 async with subscription as whole:
                     pipe.send(("ready",))
@@ -324,8 +333,9 @@ async def _legs(
     cache_bytes = sum(len(b) for b in blobs)
     await ends.raw(blobs, chunk)  # warm-up every leg
     await ends.raw(packed, pack_chunk)
+    await ends.raw(blobs, chunk, bus_client=True)
     await ends.kv(cache, "fp16", "none")
-    raw_s, packed_s, kv_s, raw_cpu, kv_cpu = [], [], [], [], []
+    raw_s, packed_s, raw_bus_s, kv_s, raw_cpu, kv_cpu = [], [], [], [], [], []
     wire = 0
     lost: dict[str, int] = {}
 
@@ -337,15 +347,18 @@ async def _legs(
     async def raw_packed() -> None:
         packed_s.append((await _retry(lost, "raw_packed", lambda: ends.raw(packed, pack_chunk)))[0])
 
+    async def raw_bus() -> None:
+        raw_bus_s.append((await _retry(lost, "raw_bus", lambda: ends.raw(blobs, chunk, bus_client=True)))[0])
+
     async def kv() -> None:
         nonlocal wire
         seconds, wire, cpu = await _retry(lost, "kv", lambda: ends.kv(cache, "fp16", "none"))
         kv_s.append(seconds)
         kv_cpu.append(cpu)
 
-    legs = [raw, raw_packed, kv]
-    for i in range(args.repeats):  # each leg first, second and third equally often: a leg's time depends on
-        for leg in legs[i % 3 :] + legs[: i % 3]:  # the one before it (a KV leg after the packed one: ~+10%)
+    legs = [raw, raw_packed, raw_bus, kv]
+    for i in range(args.repeats):  # each leg in each place equally often: a leg's time depends on the one
+        for leg in legs[i % 4 :] + legs[: i % 4]:  # before it (a KV leg after the packed one: ~+10%)
             await leg()
     extra = []
     for spec in [s for s in args.extra.split(",") if s]:
@@ -363,7 +376,7 @@ async def _legs(
                 "effective_mb_s": round(cache_bytes / med / 1e6, 1),
             }
         )
-    return raw_s, packed_s, kv_s, raw_cpu, kv_cpu, wire, extra, lost
+    return raw_s, packed_s, raw_bus_s, kv_s, raw_cpu, kv_cpu, wire, extra, lost
 
 
 async def _bench(args: argparse.Namespace, url: str, security: ClientSecurity | None = None) -> dict:
@@ -373,37 +386,43 @@ async def _bench(args: argparse.Namespace, url: str, security: ClientSecurity | 
     cache = make_cache(args.layers, 1, args.kv_heads, args.tokens, args.head_dim, seed=0)
     blobs = [t.contiguous().view(torch.uint8).numpy().tobytes() for kv in cache.values() for t in kv]
     cache_bytes = sum(len(b) for b in blobs)
-    async with BusConnections(url, name="bench", security=security) as conns:
-        assert conns.pub is not None
-        chunk = header_budget(conns.pub.max_payload)  # the payload our chunks carry, for equal message counts
+    async with (
+        BusConnections(url, name="bench-stock", security=security, bulk_receive=False) as stock,
+        BusConnections(url, name="bench", security=security) as bus,
+    ):
+        assert stock.pub is not None
+        chunk = header_budget(stock.pub.max_payload)  # the payload our chunks carry, for equal message counts
         packed = [b"".join(blobs)]  # the same bytes in messages of the transport's pack size
         pack_chunk = min(chunk, DEFAULT_PACK_BYTES)
-        ends = _TwoProcesses(conns, url, security, args.threads) if args.split else _OneProcess(conns)
+        ends = _TwoProcesses(stock, bus, url, security, args.threads) if args.split else _OneProcess(stock, bus)
         try:
             result = await _legs(args, ends, cache, blobs, packed, chunk, pack_chunk)
         finally:
             if isinstance(ends, _TwoProcesses):
                 await ends.close()
-        server_payload = conns.pub.max_payload
-    raw_s, packed_s, kv_s, raw_cpu, kv_cpu, wire, extra, lost = result
+        server_payload = stock.pub.max_payload
+    raw_s, packed_s, raw_bus_s, kv_s, raw_cpu, kv_cpu, wire, extra, lost = result
     raw_mb_s = cache_bytes / statistics.median(raw_s) / 1e6
     packed_mb_s = cache_bytes / statistics.median(packed_s) / 1e6
+    raw_bus_mb_s = cache_bytes / statistics.median(raw_bus_s) / 1e6
     kv_mb_s = cache_bytes / statistics.median(kv_s) / 1e6
     return {
         "benchmark": "bus",
         "cache_bytes": cache_bytes,
         "raw_nats_mb_s": round(raw_mb_s, 1),
         "raw_packed_mb_s": round(packed_mb_s, 1),
+        "raw_bus_client_mb_s": round(raw_bus_mb_s, 1),
         "kv_transfer_mb_s": round(kv_mb_s, 1),
         "ratio": round(kv_mb_s / raw_mb_s, 3),
         "ratio_vs_packed": round(kv_mb_s / packed_mb_s, 3),
+        "ratio_vs_raw_bus": round(kv_mb_s / raw_bus_mb_s, 3),
         "target_ratio_ge_0.7": kv_mb_s / raw_mb_s >= TARGET_RATIO,
         "kv_wire_bytes": wire,
         "message_payload_bytes": chunk,
         "raw_packed_message_bytes": pack_chunk,
         "server_max_payload": server_payload,
         "repeats": args.repeats,
-        "leg_order": "rotating: raw, raw_packed, kv; then raw_packed, kv, raw; then kv, raw, raw_packed; ...",
+        "leg_order": "rotating: raw, raw_packed, raw_bus, kv; then raw_packed, raw_bus, kv, raw; ...",
         "pair_ratios": [round(r / k, 3) for r, k in zip(raw_s, kv_s, strict=True)],
         "client_cpu_ms": {
             "raw": round(statistics.median(raw_cpu) * 1e3, 1),
@@ -428,8 +447,10 @@ async def _bench(args: argparse.Namespace, url: str, security: ClientSecurity | 
             "child process, a leg timed on the system-wide monotonic clock), server on loopback; "
             "MB/s = 1e6 bytes of the fp16 cache per second, first publish to last byte (raw) or last layer "
             "decoded (KV); KV = fp16 without compression (the same bytes) incl. chunk headers, xxh3 checksums, "
-            "NaN/inf checks at both ends, reassembly; raw = Client.publish (copies each payload twice); KV's "
-            "one-message chunk frames go on nats-py's queue as views (bus.connect.publish_views, no copy); "
+            "NaN/inf checks at both ends, reassembly; raw = nats-py's own clients, Client.publish (copies each "
+            "payload twice); raw_bus = raw received by a bus.connect.BusClient; KV = BusClient at both ends (a "
+            "megabyte read at a time, a large payload copied once on receipt), one-message chunk frames on "
+            "nats-py's queue as views (bus.connect.publish_views, no copy); "
             "pair_ratios = raw/KV seconds of each alternating pair; load_avg = 1-min load before and after; "
             "client_cpu_ms = median CPU time per leg of both ends (publisher, subscriber, encode thread; "
             "setup and any re-run included; the server's CPU is not), raw/KV"

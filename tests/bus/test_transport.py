@@ -209,7 +209,7 @@ async def test_publish_copies_the_payload_before_returning(nats_client, subject:
     assert got == [b"a" * 4096]
 
 
-@pytest.mark.parametrize(("pack", "messages"), [(None, 2), (0, 12), (200_000, 2), (65_536, 6)])
+@pytest.mark.parametrize(("pack", "messages"), [(None, 1), (0, 12), (200_000, 2), (65_536, 6)])
 async def test_send_cache_frames_equal_standalone_frames(nats_client, subject: str, pack, messages) -> None:
     """The frames published (through the reused buffer, or packed several to a message) are byte-identical to
     encode_cache's frames, in order; ``pack_bytes`` decides how many share a message."""
