@@ -630,15 +630,18 @@ def read_pack_entries(message: Buffer) -> PackRead:
     payload = PREFIX.size + hlen
     if payload + sum(_padded(n) for n in sizes) != len(view):
         raise ChunkError("tensor pack length does not match its entries' blobs", reason="malformed")
-    blobs, digests, at = [], [], payload
-    unpadded = all(n % PAYLOAD_ALIGN == 0 for n in sizes)  # blobs back to back: no padding bytes to check
-    for n in sizes:
-        blob = view[at : at + n]
-        blobs.append(blob)
-        digests.append(payload_hash(blob))
-        if not unpadded and any(view[at + n : at + _padded(n)]):
-            raise ChunkError("tensor pack blob padding is not zeros", reason="malformed")
-        at += _padded(n)
+    blobs, at = [], payload
+    if all(n % PAYLOAD_ALIGN == 0 for n in sizes):  # blobs back to back: no padding bytes to check
+        for n in sizes:
+            blobs.append(view[at : at + n])
+            at += n
+    else:
+        for n in sizes:
+            blobs.append(view[at : at + n])
+            if any(view[at + n : at + _padded(n)]):
+                raise ChunkError("tensor pack blob padding is not zeros", reason="malformed")
+            at += _padded(n)
+    digests = [xxhash.xxh3_64_intdigest(blob) for blob in blobs]  # payload_hash of each
     seed = xxhash.xxh3_64_intdigest(struct.pack(f">{count}Q", *digests))
     check = xxhash.xxh3_64_intdigest(head[:check_at], seed=seed) & CHECKSUM_MASK
     if check != _CHUNK_FIELD.unpack_from(head, check_at)[0]:
@@ -650,11 +653,12 @@ def read_pack_entries(message: Buffer) -> PackRead:
         if plain and precision < len(PRECISION_CODES) and PRECISION_CODES[precision] in FLOAT_PRECISIONS:
             block = PackBlock(view[payload:], count)  # the blobs back to back: nothing pads between them
     entries, seen = [], set()
+    alike = _alike_header(rows[0], query_id, sender, layers_total) if block is not None else None
     for row, blob, digest in zip(rows, blobs, digests, strict=True):
         tensor, layer = row[0], row[1]
         if tensor >= len(TENSORS) or layer > MAX_LAYER_INDEX:
             _entry_header(row, query_id, sender, layers_total)  # raises, naming the field
-        kind = _alike_header(row, query_id, sender, layers_total)
+        kind = alike or _alike_header(row, query_id, sender, layers_total)  # a block's rows differ in neither
         if (layer, tensor) in seen:
             raise ChunkError(f"tensor pack holds layer {layer} {TENSORS[tensor]} twice", reason="malformed")
         seen.add((layer, tensor))

@@ -164,23 +164,32 @@ class Reassembler:
             raise ChunkError(f"late chunk for closed query {pack.query_id}", reason="late", query_id=pack.query_id)
         stream = self._stream(pack.query_id, pack.sender)
         query = self._queries[pack.query_id]
-        block = pack.block
+        block, decoded = pack.block, None
         done = [] if done is None else done
+        tensors, rooms = stream.tensors, {}  # rooms: (need, keep) per kind (a pack repeats one or two)
         for i, (layer, tensor, kind, blob, digest) in enumerate(pack.entries):
             key = (layer, tensor)
-            if key in stream.tensors:  # a duplicate or a conflict, judged as any chunk is
+            if key in tensors:  # a duplicate or a conflict, judged as any chunk is
                 done += self.add(pack.chunk(i))
                 continue
-            _, keep = self._room(query, kind)
-            decoded = self._from_block(block, kind) if block is not None else None
+            room = rooms.get(id(kind))
+            if room is None or query.bytes + room[0] > self.limits.max_bytes_per_query:
+                room = rooms[id(kind)] = self._room(query, kind)  # raises when the query has no room
+            keep = room[1]
+            if block is not None and decoded is None:
+                decoded = self._from_block(block, kind)  # once, after the first tensor's room was checked
+                block = None if decoded is None else block
             if decoded is not None:
                 out = decoded[i]
             else:  # with its own header, so an error names this tensor's layer and K/V
                 out = decode_blob(blob, kind.for_tensor(layer, tensor), self.out_dtype)
-            stream.tensors[key] = _Tensor(kind, None, {0: (0, digest)}, out, keep, True)
+            tensors[key] = _Tensor(kind, None, {0: (0, digest)}, out, keep, True)
             query.bytes += keep
-            stream.layers_total = max(stream.layers_total, pack.layers_total)
-            done += self._layer_if_complete(stream, pack.query_id, pack.sender, layer, kind.precision)
+            if stream.layers_total < pack.layers_total:
+                stream.layers_total = pack.layers_total
+            other = tensors.get((layer, "v" if tensor == "k" else "k"))
+            if other is not None and other.decoded is not None:  # the layer's other half is in
+                done += self._layer_if_complete(stream, pack.query_id, pack.sender, layer, kind.precision)
         return done
 
     def cut(self, notice: StreamCut) -> None:
