@@ -279,18 +279,16 @@ def encode_pack_entries(
     if not isinstance(fmt, FloatFormat) or not tensors or not isinstance(tensors[0], torch.Tensor):
         return None
     first = tensors[0]
-    alike = all(
-        isinstance(t, torch.Tensor) and t.shape == first.shape and t.dtype == first.dtype and t.device == first.device
-        for t in tensors
-    )
+    if not all(isinstance(t, torch.Tensor) for t in tensors) or len({t.dtype for t in tensors}) != 1:
+        return None
     nbytes = first.numel() * fmt.itemsize
-    if not alike or first.dim() != 4 or not first.is_floating_point() or not 0 < nbytes <= pack_limit:
+    if first.dim() != 4 or not first.is_floating_point() or not 0 < nbytes <= pack_limit:
         return None
     try:
         with torch.no_grad():
-            stacked = torch.stack(tensors).to("cpu")
+            stacked = torch.stack(tensors).to("cpu")  # refuses tensors of other shapes or devices
         ((data, _),) = fmt.encode(stacked, "none")
-    except CodecError:
+    except (CodecError, RuntimeError):
         return None
     view = memoryview(data)
     like = EncodedTensor(  # what encode_tensor gives each of them, but for its blob

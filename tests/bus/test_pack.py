@@ -387,6 +387,8 @@ def test_a_block_of_pack_entries_is_the_entries_layer_by_layer() -> None:
         [(m, k, v) for m, (k, v) in nan.items()],  # a NaN: layer by layer reports it where it is
         [(0, torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))],  # not 4-D
         [(0, torch.zeros(1, 2, 4, 16, dtype=torch.int32), torch.zeros(1, 2, 4, 16, dtype=torch.int32))],
+        [(0, torch.zeros(1, 2, 4, 16), torch.zeros(1, 2, 5, 16))],  # shapes differ: not one block
+        [(0, torch.zeros(1, 2, 4, 16), "not a tensor")],
     ]
     for bad in refused:
         assert encode_pack_entries(bad, "fp16", 1 << 20) is None
