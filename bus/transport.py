@@ -411,8 +411,9 @@ async def send_cache(
                 opts["compress"] = "none"
             step = [schedule[i]]
             if steer is None and shaper is None:  # nothing decides between layers: queue those encoded already
+                sealed = list(sealed)
                 while i + len(step) < len(schedule) and encoder.ready(*schedule[i + len(step)]):
-                    sealed = [*sealed, *encoder.start(*schedule[i + len(step)])]
+                    sealed += encoder.start(*schedule[i + len(step)])  # ready: a list, not a future
                     step.append(schedule[i + len(step)])
             after = i + len(step)
             pending = encoder.start(*schedule[after]) if after < len(schedule) else None  # overlaps the publish
