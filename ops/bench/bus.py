@@ -59,7 +59,7 @@ from privacy.credentials import CredentialStore
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-TARGET_RATIO = 0.7
+TARGET_RATIO = 0.95  # the transport's target: KV at >= 0.95x raw nats-py for the same bytes
 DEFAULT_TIMEOUT = 20.0  # seconds for one leg
 MAX_ATTEMPTS = 3  # core NATS is at-most-once: a leg that lost a message is run again, and counted
 REAL_SIZE = {"q": (30, 3, 64, 60), "tail": (30, 3, 64, 1)}  # layers, kv heads, head dim, tokens (SmolLM2-135M)
@@ -416,7 +416,7 @@ async def _bench(args: argparse.Namespace, url: str, security: ClientSecurity | 
         "ratio": round(kv_mb_s / raw_mb_s, 3),
         "ratio_vs_packed": round(kv_mb_s / packed_mb_s, 3),
         "ratio_vs_raw_bus": round(kv_mb_s / raw_bus_mb_s, 3),
-        "target_ratio_ge_0.7": kv_mb_s / raw_mb_s >= TARGET_RATIO,
+        "target_ratio_ge_0.95": kv_mb_s / raw_mb_s >= TARGET_RATIO,
         "kv_wire_bytes": wire,
         "message_payload_bytes": chunk,
         "raw_packed_message_bytes": pack_chunk,
