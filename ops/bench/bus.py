@@ -16,7 +16,7 @@ same event loop as both connections) weighs against bytes that nats-py moves in 
 default 59 MB it is amortised. Small tensors travel in tensor packs (one header and check per message).
 
 Raw legs run on nats-py's own client (``bus.connect.connect(bulk_receive=False)``); the KV leg on the clients every
-agent uses (``bus.connect.BusClient``: a read loop taking a megabyte at a time and a parser that copies a large
+agent uses (``bus.client.BusClient``: a read loop taking a megabyte at a time and a parser that copies a large
 payload once). Three raw baselines: ``raw`` publishes each tensor's bytes as its own message(s), as a plain nats-py
 sender of a cache would; ``raw_packed`` publishes the same bytes concatenated, in messages of the transport's pack
 size (what nats-py does best for small tensors); ``raw_bus`` is ``raw`` received by a ``BusClient``, so the gain of
@@ -448,7 +448,7 @@ async def _bench(args: argparse.Namespace, url: str, security: ClientSecurity | 
             "MB/s = 1e6 bytes of the fp16 cache per second, first publish to last byte (raw) or last layer "
             "decoded (KV); KV = fp16 without compression (the same bytes) incl. chunk headers, xxh3 checksums, "
             "NaN/inf checks at both ends, reassembly; raw = nats-py's own clients, Client.publish (copies each "
-            "payload twice); raw_bus = raw received by a bus.connect.BusClient; KV = BusClient at both ends (a "
+            "payload twice); raw_bus = raw received by a bus.client.BusClient; KV = BusClient at both ends (a "
             "megabyte read at a time, a large payload copied once on receipt), one-message chunk frames on "
             "nats-py's queue as views (bus.connect.publish_views, no copy); "
             "pair_ratios = raw/KV seconds of each alternating pair; load_avg = 1-min load before and after; "

@@ -1,4 +1,4 @@
-"""``bus.connect.BulkParser`` / ``BusClient``: the receive path for megabyte messages dispatches exactly what
+"""``bus.client.BulkParser`` / ``BusClient``: the receive path for megabyte messages dispatches exactly what
 nats-py's own parser does, for any way the socket splits the stream, and a real server's large messages arrive
 whole through it."""
 
@@ -10,6 +10,7 @@ import nats.errors
 import pytest
 from nats.protocol.parser import Parser
 
+from bus import client as busclient
 from bus import connect as busconn
 from tests.conftest import eventually
 
@@ -42,7 +43,7 @@ def _msg(sid: int, size: int, reply: str = "", fill: int = 0) -> bytes:
 
 
 def _stream() -> bytes:
-    big = busconn.BULK_MESSAGE_BYTES
+    big = busclient.BULK_MESSAGE_BYTES
     return b"".join(
         [
             b'INFO {"max_payload": 1048576}\r\n',
@@ -82,7 +83,7 @@ async def test_any_split_of_the_stream_dispatches_what_nats_py_does(seed: int) -
     cuts = rng.sample(range(1, len(stream)), k=min(len(stream) - 1, len(stream) // pieces + rng.randint(0, 40)))
     stock, bulk = _Recorder(), _Recorder()
     await _feed(Parser(stock), stream, cuts)
-    await _feed(busconn.BulkParser(bulk), stream, cuts)
+    await _feed(busclient.BulkParser(bulk), stream, cuts)
     assert len(stock.seen) == 12  # +OK dispatches nothing
     assert _as_stock(bulk.seen) == stock.seen
     kinds = {s[1]: s[4] for s in bulk.seen if s[0] == "msg"}  # the payload's type depends only on its size
@@ -91,8 +92,8 @@ async def test_any_split_of_the_stream_dispatches_what_nats_py_does(seed: int) -
 
 
 async def test_a_large_payload_without_its_crlf_is_a_protocol_error() -> None:
-    parser = busconn.BulkParser(_Recorder())
-    size = busconn.BULK_MESSAGE_BYTES
+    parser = busclient.BulkParser(_Recorder())
+    size = busclient.BULK_MESSAGE_BYTES
     await parser.parse(f"MSG kv.1 1 {size}\r\n".encode() + bytes(size // 2))
     with pytest.raises(nats.errors.ProtocolError):
         await parser.parse(bytes(size // 2) + b"XX" + b"PING\r\n")
@@ -100,8 +101,8 @@ async def test_a_large_payload_without_its_crlf_is_a_protocol_error() -> None:
 
 async def test_a_reset_mid_message_drops_it_and_parses_what_follows() -> None:
     rec = _Recorder()
-    parser = busconn.BulkParser(rec)
-    size = busconn.BULK_MESSAGE_BYTES * 2
+    parser = busclient.BulkParser(rec)
+    size = busclient.BULK_MESSAGE_BYTES * 2
     await parser.parse(f"MSG kv.1 1 {size}\r\n".encode() + bytes(size // 3))
     parser.reset()  # nats-py's reconnect
     await parser.parse(_msg(2, 5) + b"PING\r\n")
@@ -112,7 +113,7 @@ async def test_large_messages_arrive_whole_from_a_real_server(nats_server, subje
     pub = await busconn.connect(nats_server.url, name="pytest-bulk-pub", security=nats_server.security)
     sub = await busconn.connect(nats_server.url, name="pytest-bulk-sub", security=nats_server.security)
     try:
-        assert isinstance(sub, busconn.BusClient) and isinstance(sub._ps, busconn.BulkParser)
+        assert isinstance(sub, busclient.BusClient) and isinstance(sub._ps, busclient.BulkParser)
         got: list = []
 
         async def keep(msg) -> None:
@@ -120,7 +121,7 @@ async def test_large_messages_arrive_whole_from_a_real_server(nats_server, subje
 
         await busconn.subscribe(sub, subject, keep)
         await busconn.subscribed(sub)
-        sizes = [3, 900_000, busconn.BULK_MESSAGE_BYTES, 17, 2_000_000, busconn.READ_BYTES + 1]
+        sizes = [3, 900_000, busclient.BULK_MESSAGE_BYTES, 17, 2_000_000, busclient.READ_BYTES + 1]
         sent = [bytes((i * 31 + j) % 256 for j in range(n)) if n < 100 else random.randbytes(n) for i, n in
                 enumerate(sizes)]  # fmt: skip
         for data in sent:
@@ -137,7 +138,7 @@ async def test_large_messages_arrive_whole_from_a_real_server(nats_server, subje
 async def test_the_baseline_client_is_nats_pys_own(nats_server) -> None:
     nc = await busconn.connect(nats_server.url, name="pytest-stock", security=nats_server.security, bulk_receive=False)
     try:
-        assert type(nc) is busconn.Client and type(nc._ps) is Parser
+        assert type(nc) is busclient.Client and type(nc._ps) is Parser
     finally:
         await busconn.close(nc)
 
@@ -145,4 +146,4 @@ async def test_the_baseline_client_is_nats_pys_own(nats_server) -> None:
 @pytest.mark.parametrize("line", [b"MSG kv.1 x 5\r\nhello\r\n", b"HMSG kv.1 x 12 17\r\nNATS/1.0\r\n\r\nhello\r\n"])
 async def test_a_malformed_control_line_is_a_protocol_error(line: bytes) -> None:
     with pytest.raises(nats.errors.ProtocolError):
-        await busconn.BulkParser(_Recorder()).parse(line)
+        await busclient.BulkParser(_Recorder()).parse(line)
