@@ -82,13 +82,17 @@ class TcpProxy:
             return
         loop, self._loop = self._loop, None
 
-        def shutdown() -> None:
+        async def shutdown() -> None:
             self._drop_all()
             if self._server is not None:
                 self._server.close()
+            relays = [t for t in asyncio.all_tasks(loop) if t is not asyncio.current_task()]
+            for task in relays:  # let every relay end before the loop does (no task destroyed while pending)
+                task.cancel()
+            await asyncio.gather(*relays, return_exceptions=True)
             loop.stop()
 
-        loop.call_soon_threadsafe(shutdown)
+        loop.call_soon_threadsafe(lambda: loop.create_task(shutdown()))
         if self._thread is not None:
             self._thread.join(timeout=DEFAULT_START_TIMEOUT)
 

@@ -4,6 +4,7 @@ whole through it."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import nats.errors
@@ -147,3 +148,66 @@ async def test_the_baseline_client_is_nats_pys_own(nats_server) -> None:
 async def test_a_malformed_control_line_is_a_protocol_error(line: bytes) -> None:
     with pytest.raises(nats.errors.ProtocolError):
         await busclient.BulkParser(_Recorder()).parse(line)
+
+
+async def test_a_link_cut_mid_message_drops_it_and_what_follows_arrives_whole(nats_server, subject: str) -> None:
+    """The subscriber's link (a relay) is cut while a large payload is half read: the partial message is never
+    delivered, the client reconnects (nats-py resets the parser), and later messages arrive whole and intact."""
+    from bus.tcpproxy import TcpProxy
+
+    port = int(nats_server.url.rsplit(":", 1)[1])
+    with TcpProxy([("127.0.0.1", port)]) as proxy:
+        pub = await busconn.connect(nats_server.url, name="pytest-cut-pub", security=nats_server.security)
+        sub = await busconn.connect(
+            proxy.url("tls"), name="pytest-cut-sub", security=nats_server.security, reconnect_wait=0.1
+        )
+        try:
+            got: list = []
+
+            async def keep(msg) -> None:
+                got.append(bytes(msg.data))
+
+            await busconn.subscribe(sub, subject, keep)
+            await busconn.subscribed(sub)
+            size = 2_000_000  # more than READ_BYTES: a payload always takes several reads
+
+            def message(i: int) -> bytes:
+                body = random.Random(i).randbytes(size)
+                return i.to_bytes(4, "big") + xxhash_digest(body) + body
+
+            loop = asyncio.get_running_loop()
+            mid_message = False
+            for i in range(20):  # publish until the subscriber is seen half-way through a payload, then cut
+                delivered = len(got)
+                await pub.publish(subject, message(i))
+                await busconn.flush(pub)
+                until = loop.time() + 5.0
+                while sub._ps._bulk is None and len(got) == delivered and loop.time() < until:
+                    await asyncio.sleep(0)
+                if sub._ps._bulk is not None:
+                    mid_message = True
+                    proxy.cut()
+                    break
+            assert mid_message, "never caught the subscriber inside a large payload"
+            await asyncio.sleep(0.3)
+            proxy.restore()
+            await eventually(lambda: sub.is_connected and sub._ps._bulk is None, timeout=10.0, what="a reconnect")
+            await busconn.subscribed(sub)
+            before = len(got)
+            after = [message(1000 + i) for i in range(3)]
+            for data in after:
+                await pub.publish(subject, data)
+            await busconn.flush(pub)
+            await eventually(lambda: len(got) >= before + 3, timeout=10.0, what="the messages after the cut")
+            assert got[before:] == after
+            for data in got:  # nothing partial or spliced was ever delivered
+                assert len(data) == size + 12 and data[4:12] == xxhash_digest(data[12:])
+        finally:
+            await busconn.close(pub)
+            await busconn.close(sub)
+
+
+def xxhash_digest(body: bytes) -> bytes:
+    import xxhash
+
+    return xxhash.xxh3_64_digest(body)
