@@ -1,6 +1,6 @@
 """``bus.client.BulkParser`` / ``BusClient``: the receive path for megabyte messages dispatches exactly what
-nats-py's own parser does, for any way the socket splits the stream, and a real server's large messages arrive
-whole through it."""
+nats-py's own parser does, for any way the socket splits the stream; a real server's large messages arrive whole
+through it; a link cut half-way through one loses that message only."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import random
 
 import nats.errors
 import pytest
+import xxhash
 from nats.protocol.parser import Parser
 
 from bus import client as busclient
 from bus import connect as busconn
+from bus.tcpproxy import TcpProxy
 from tests.conftest import eventually
 
 
@@ -153,8 +155,6 @@ async def test_a_malformed_control_line_is_a_protocol_error(line: bytes) -> None
 async def test_a_link_cut_mid_message_drops_it_and_what_follows_arrives_whole(nats_server, subject: str) -> None:
     """The subscriber's link (a relay) is cut while a large payload is half read: the partial message is never
     delivered, the client reconnects (nats-py resets the parser), and later messages arrive whole and intact."""
-    from bus.tcpproxy import TcpProxy
-
     port = int(nats_server.url.rsplit(":", 1)[1])
     with TcpProxy([("127.0.0.1", port)]) as proxy:
         pub = await busconn.connect(nats_server.url, name="pytest-cut-pub", security=nats_server.security)
@@ -208,6 +208,4 @@ async def test_a_link_cut_mid_message_drops_it_and_what_follows_arrives_whole(na
 
 
 def xxhash_digest(body: bytes) -> bytes:
-    import xxhash
-
     return xxhash.xxh3_64_digest(body)
