@@ -21,7 +21,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from bus.auth import ClientSecurity
-from bus.client import BusClient
+from bus.client import Buffer, BusClient
 from bus.errors import AuthError, ConnectError, TransportError
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,6 @@ DEFAULT_CLOSE_TIMEOUT = 5.0  # seconds a drain may take before the socket is cut
 DEFAULT_ABANDON_TIMEOUT = 1.0  # seconds to wait for nats-py's close to finish once the socket is cut
 
 ErrorCallback = Callable[[Exception], Awaitable[None]]
-Buffer = bytes | bytearray | memoryview
 
 
 def _quiet_error_cb(name: str) -> ErrorCallback:

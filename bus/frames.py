@@ -641,7 +641,7 @@ def read_pack_entries(message: Buffer) -> PackRead:
             if any(view[at + n : at + _padded(n)]):
                 raise ChunkError("tensor pack blob padding is not zeros", reason="malformed")
             at += _padded(n)
-    digests = [xxhash.xxh3_64_intdigest(blob) for blob in blobs]  # payload_hash of each
+    digests = [payload_hash(blob) for blob in blobs]
     seed = xxhash.xxh3_64_intdigest(struct.pack(f">{count}Q", *digests))
     check = xxhash.xxh3_64_intdigest(head[:check_at], seed=seed) & CHECKSUM_MASK
     if check != _CHUNK_FIELD.unpack_from(head, check_at)[0]:

@@ -164,32 +164,27 @@ class Reassembler:
             raise ChunkError(f"late chunk for closed query {pack.query_id}", reason="late", query_id=pack.query_id)
         stream = self._stream(pack.query_id, pack.sender)
         query = self._queries[pack.query_id]
-        block, decoded = pack.block, None
+        block = pack.block
         done = [] if done is None else done
-        tensors, rooms = stream.tensors, {}  # rooms: (need, keep) per kind (a pack repeats one or two)
+        tensors, rooms = stream.tensors, {}  # rooms: _sizes per kind (a pack repeats one or two)
         for i, (layer, tensor, kind, blob, digest) in enumerate(pack.entries):
             key = (layer, tensor)
             if key in tensors:  # a duplicate or a conflict, judged as any chunk is
                 done += self.add(pack.chunk(i))
                 continue
-            room = rooms.get(id(kind))
-            if room is None or query.bytes + room[0] > self.limits.max_bytes_per_query:
-                room = rooms[id(kind)] = self._room(query, kind)  # raises when the query has no room
-            keep = room[1]
-            if block is not None and decoded is None:
-                decoded = self._from_block(block, kind)  # once, after the first tensor's room was checked
-                block = None if decoded is None else block
+            sizes = rooms.get(id(kind))
+            if sizes is None:
+                sizes = rooms[id(kind)] = self._sizes(kind)
+            _, keep = self._room(query, kind, sizes)
+            decoded = self._from_block(block, kind) if block is not None else None
             if decoded is not None:
                 out = decoded[i]
             else:  # with its own header, so an error names this tensor's layer and K/V
                 out = decode_blob(blob, kind.for_tensor(layer, tensor), self.out_dtype)
             tensors[key] = _Tensor(kind, None, {0: (0, digest)}, out, keep, True)
             query.bytes += keep
-            if stream.layers_total < pack.layers_total:
-                stream.layers_total = pack.layers_total
-            other = tensors.get((layer, "v" if tensor == "k" else "k"))
-            if other is not None and other.decoded is not None:  # the layer's other half is in
-                done += self._layer_if_complete(stream, pack.query_id, pack.sender, layer, kind.precision)
+            stream.layers_total = max(stream.layers_total, pack.layers_total)
+            done += self._layer_if_complete(stream, pack.query_id, pack.sender, layer, kind.precision)
         return done
 
     def cut(self, notice: StreamCut) -> None:
@@ -223,11 +218,16 @@ class Reassembler:
             query.streams[sender] = stream
         return stream
 
-    def _room(self, query: _Query, h: KVChunkHeader) -> tuple[int, int]:
+    def _sizes(self, h: KVChunkHeader) -> tuple[int, int]:
         """Bytes a tensor of ``h`` holds while it decodes (blob, a decompressed copy, the output) and after (the
-        output); a LimitError when the query has no room for the first."""
+        output)."""
         keep = h.shape[0] * h.shape[1] * h.shape[2] * h.shape[3] * self.out_dtype.itemsize
-        need = h.blob_bytes + h.raw_bytes + keep
+        return h.blob_bytes + h.raw_bytes + keep, keep
+
+    def _room(self, query: _Query, h: KVChunkHeader, sizes: tuple[int, int] | None = None) -> tuple[int, int]:
+        """:meth:`_sizes` of ``h`` (or ``sizes``, computed already); a LimitError when the query has no room for the
+        first."""
+        need, keep = self._sizes(h) if sizes is None else sizes
         if query.bytes + need > self.limits.max_bytes_per_query:
             raise LimitError(
                 f"query {h.query_id} would hold {query.bytes + need} bytes; limit {self.limits.max_bytes_per_query}",

@@ -92,7 +92,7 @@ class TcpProxy:
             await asyncio.gather(*relays, return_exceptions=True)
             loop.stop()
 
-        loop.call_soon_threadsafe(lambda: loop.create_task(shutdown()))
+        asyncio.run_coroutine_threadsafe(shutdown(), loop)
         if self._thread is not None:
             self._thread.join(timeout=DEFAULT_START_TIMEOUT)
 

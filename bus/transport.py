@@ -265,10 +265,6 @@ class _Encoder:
         self._ready: dict[tuple[int, str], list[SealedChunk | PackEntry]] = {}
         self._refused: set[str] = set()  # precisions whose tensors do not encode as a block
 
-    def ready(self, layer: int, precision: str) -> bool:
-        """Whether the layer at ``precision`` is encoded already (in a block): :meth:`start` returns it at once."""
-        return (layer, precision) in self._ready
-
     def start(self, layer: int, precision: str) -> Encoding:
         """The layer's chunks at ``precision``: encoded already, or a future of them (encoding in a thread)."""
         ready = self._block(layer, precision)
@@ -409,17 +405,10 @@ async def send_cache(
             sealed = await pending if isinstance(pending, asyncio.Future) else pending
             if i == 0 and compress == "auto" and not any(c.compressed for c in sealed):
                 opts["compress"] = "none"
-            step = [schedule[i]]
-            if steer is None and shaper is None:  # nothing decides between layers: queue those encoded already
-                sealed = list(sealed)
-                while i + len(step) < len(schedule) and encoder.ready(*schedule[i + len(step)]):
-                    sealed += encoder.start(*schedule[i + len(step)])  # ready: a list, not a future
-                    step.append(schedule[i + len(step)])
-            after = i + len(step)
-            pending = encoder.start(*schedule[after]) if after < len(schedule) else None  # overlaps the publish
+            pending = encoder.start(*schedule[i + 1]) if i + 1 < len(schedule) else None  # overlaps the publish
             await outbox.put_all(sealed)
             await outbox.end_layer()
-            sent += step
+            sent.append(schedule[i])
             if steer is None or len(sent) == len(schedule):
                 continue
             new = _steered(steer, schedule[i + 1 :], sent, outbox.wire, start)
