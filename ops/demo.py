@@ -201,8 +201,8 @@ def real_setup(
     registry = FuserRegistry(kit.fusers_dir)
     if mode == "c2c" and not registry.has_gate(receiver_fp):
         raise ConfigError(
-            f"this kit has no fusers into {receiver_model} (its translators only): run `python -m ops.real build "
-            f"--receiver-model {receiver_model}`, or ask with --mode translate"
+            f"this kit has no C2C fusers into {receiver_model} (its translators only): run `python -m ops.real build "
+            f"--c2c --receiver-model {receiver_model}`, or ask with --mode translate"
         )
     pool = kit.test_questions()
     questions = random.Random(f"demo-real/{seed}").sample(pool, min(n_questions, len(pool)))
@@ -411,8 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mode",
         choices=("c2c", "translate"),
-        default="c2c",
-        help="--real: c2c (fusers on q' caches) or translate (the devices' notes' caches, translated)",
+        default=None,
+        help="--real: translate (the devices' notes' caches, translated; the default) or c2c (fusers on q' caches: "
+        "`python -m ops.real build --c2c` first)",
     )
     p.add_argument("--questions", type=int, default=DEFAULT_QUESTIONS, help="how many test questions to push")
     p.add_argument("--deadline-ms", type=int, default=DEFAULT_DEADLINE_MS, help="per-question deadline")
@@ -440,6 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("--questions, --deadline-ms and --concurrency must be positive")
         if args.cluster and args.insecure:
             raise ConfigError("--cluster runs secure only (leaf nodes log in with their own identities)")
+        if args.mode is None:
+            args.mode = "translate" if args.real else "c2c"
         if args.tiny:
             setup = tiny_setup(Path(tempfile.mkdtemp(prefix="fedrefine-tiny-")), args.questions)
         elif args.real:

@@ -91,8 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mode",
         choices=["c2c", "translate"],
-        default="c2c",
-        help="--real: c2c (fusers on q' caches) or translate (each device's notes' cache, translated: megabytes)",
+        default=None,
+        help="--real: translate (each device's notes' cache, translated: megabytes; the default) or c2c (fusers on "
+        "q' caches: `python -m ops.real build --c2c`)",
     )
     parser.add_argument(
         "--format", choices=["both", "choice", "text"], default="both", help="--real: which questions to ask"
@@ -191,7 +192,8 @@ def load_world(args: argparse.Namespace) -> World:
     )
     if n < 1:
         raise ConfigError("--questions must be at least 1")
-    mode, fmt = getattr(args, "mode", "c2c"), getattr(args, "format", "both")
+    mode = getattr(args, "mode", None) or ("translate" if args.real else "c2c")
+    fmt = getattr(args, "format", "both")
     if (mode != "c2c" or fmt != "both") and not args.real:
         raise ConfigError("--mode and --format need --real (translators are for pretrained models)")
     if args.real:

@@ -78,8 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mode",
         choices=["c2c", "translate"],
-        default="c2c",
-        help="--real: how every question is asked (translate: each device streams its notes' cache, megabytes)",
+        default=None,
+        help="--real: how every question is asked (translate, the default: each device streams its notes' cache, "
+        "megabytes; c2c: the kit's C2C fusers, `python -m ops.real build --c2c`)",
     )
 
 
@@ -267,7 +268,8 @@ def run(args: argparse.Namespace) -> dict:
         raise ConfigError("--levels, --receivers, --deadline-s and --soak-in-flight must be positive")
     if args.kit is not None and not args.real:
         raise ConfigError("--kit needs --real")
-    if getattr(args, "mode", "c2c") != "c2c" and not args.real:
+    args.mode = getattr(args, "mode", None) or ("translate" if args.real else "c2c")
+    if args.mode != "c2c" and not args.real:
         raise ConfigError("--mode translate needs --real (translators are for pretrained models)")
     if args.real:
         from ops.real.kit import kit_from_args

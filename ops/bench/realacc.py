@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -95,6 +96,12 @@ def row_specs(devices: list[str], precision: str, task: str = "notes") -> list[d
         sends = row["mode"].startswith(("c2c", "translate")) or row["mode"] == "oracle"
         row.setdefault("precision", precision if sends else None)
     return rows
+
+
+def _fuses(spec: dict) -> bool:
+    """Whether a row reads the kit's C2C fusers (c2c modes, the oracle, a self-check over a c2c row)."""
+    mode, label = spec["mode"], spec["label"]
+    return mode.startswith("c2c") or mode == "oracle" or (mode == SELF_CHECK and label.startswith("c2c"))
 
 
 def select_rows(specs: list[dict], wanted: str | None) -> list[dict]:
@@ -309,9 +316,15 @@ def run_real(args: argparse.Namespace) -> dict:
     specs = select_rows(row_specs(task.devices, args.precision, task.name), getattr(args, "rows", None))
     computed = [s for s in specs if s["mode"] not in ("either", SELF_CHECK)]
     derived = [s for s in specs if s["mode"] in ("either", SELF_CHECK)]
-    fusing = [s["label"] for s in specs if s["mode"].startswith("c2c") or s["mode"] == "oracle"]
-    fusing += [s["label"] for s in derived if s["label"].startswith("c2c")]
-    if fusing:
+    fusing = [s["label"] for s in specs if _fuses(s)]
+    if fusing and not fed.fusers and not getattr(args, "rows", None):
+        # every row by default: a kit built without `--c2c` has no C2C fusers, so its rows are those of the other modes
+        note = f"this kit has no C2C fusers (`python -m ops.real build --c2c`); leaving out rows {fusing}"
+        print(f"accuracy --real: {note}", file=sys.stderr)
+        specs = [s for s in specs if not _fuses(s)]
+        computed = [s for s in computed if not _fuses(s)]
+        derived = [s for s in derived if not _fuses(s)]
+    elif fusing:
         fed.need_fusers(f"rows {fusing}")
     thresholds: dict[str, dict[str, float]] = {}
     if any(s["mode"] == SELF_CHECK for s in specs):

