@@ -250,6 +250,39 @@ def read_blocks(path: Path, lines_per_block: int, seed: int) -> list[list[str]]:
     return blocks
 
 
+def rows_checkpoint(out: Path, transmitter, receiver) -> Path:
+    """Where a pair's translator rows are checkpointed as they are computed (``fit_translator_pair``)."""
+    return out / f"rows-{transmitter.fingerprint}-to-{receiver.fingerprint}.pt"
+
+
+def translator_rows_both(a, b, blocks, out: Path, every: int = 100) -> float:
+    """The translator rows of ``a`` into ``b`` and of ``b`` into ``a`` for every block in one pass, each model
+    reading each block once (``fusion.translate.translation_rows_both``: half the prefills of two passes), into the
+    checkpoints ``fit_translator_pair(..., resume=True)`` continues from; resumes itself. Returns its seconds."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from fusion.translate import translation_rows_both
+
+    out.mkdir(parents=True, exist_ok=True)
+    into_a, into_b = rows_checkpoint(out, b, a), rows_checkpoint(out, a, b)
+    rows = [torch.load(p) if p.exists() else ([], []) for p in (into_a, into_b)]
+    done = min(len(rows[0][0]), len(rows[1][0]))
+    rows = [(xs[:done], ys[:done]) for xs, ys in rows]
+    t0 = time.perf_counter()
+    todo = blocks[done:]
+    for n, lines in enumerate(
+        tqdm(todo, desc="translator rows (both directions)", unit="block", initial=done, total=len(blocks))
+    ):
+        for (xs, ys), (x, y) in zip(rows, translation_rows_both(a, b, lines), strict=True):
+            xs.append(x.half())
+            ys.append(y.half())
+        if (n + 1) % every == 0 or n + 1 == len(todo):
+            for path, pair in zip((into_a, into_b), rows, strict=True):
+                torch.save(pair, path)
+    return time.perf_counter() - t0
+
+
 def fit_translator_pair(
     receiver,
     transmitter,
@@ -277,7 +310,7 @@ def fit_translator_pair(
     cfg = TranslatorConfig.for_models(receiver, transmitter, **kwargs)
     registry = FuserRegistry(out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / f"rows-{transmitter.fingerprint}-to-{receiver.fingerprint}.pt"
+    ckpt = rows_checkpoint(out, transmitter, receiver)
     xs, ys = (torch.load(ckpt)) if resume and ckpt.exists() and not cfg.identity else ([], [])
     t0 = time.perf_counter()
     if not cfg.identity:

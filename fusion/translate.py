@@ -278,6 +278,64 @@ def read_translated(receiver: LanguageModel, stem: str, options: Sequence[str], 
 # ---- fitting ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Read:
+    """One model's prefill of note lines then a question in its own frame, keys position-free (rows are made of it)."""
+
+    model: LanguageModel
+    lines: tuple[str, ...]
+    ids: list[int]
+    starts: torch.Tensor  # each token's first character in the framed text
+    start: int  # where the content (the notes block first) starts in the framed text
+    layers: list[KV]  # per layer (position-free K, V), each (1, H, T, D)
+
+
+@torch.no_grad()
+def _read(model: LanguageModel, lines: Sequence[str], question: str) -> _Read:
+    from fusion.formats import notes_content
+
+    content, _ = notes_content(list(lines), question)
+    framed = model.format.frame(content)  # type: ignore[union-attr]
+    enc = model.encode_framed(framed)
+    pre = model.prefill(enc.ids)
+    tables = rope_tables(model, 0, len(enc.ids))
+    layers = [(turn_keys(k, *tables[m], inverse=True), v) for m, (k, v) in enumerate(pre.cache.layers)]
+    starts = torch.tensor([s for s, _ in enc.offsets])
+    return _Read(model, tuple(lines), list(enc.ids), starts, framed.start, layers)
+
+
+def _read_span(read: _Read) -> NoteSpan:
+    """``note_span`` of the read's lines, from the read itself when the frame head and the notes block are
+    tokenized there as ``note_span`` tokenizes them alone (attention is causal: the same keys and values), else
+    read again."""
+    model, fmt = read.model, read.model.format
+    block = notes_block(list(read.lines))
+    enc = model.tokenizer(fmt.head + block, add_special_tokens=fmt.add_special_tokens, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    inside = [i for i, (s, e) in enumerate(offsets) if s >= len(fmt.head) and e > s]
+    if not inside or read.ids[: inside[-1] + 1] != ids[: inside[-1] + 1] or read.start != len(fmt.head):
+        span = note_span(model, read.lines)
+        if span is None:
+            raise FusionError("a training block needs at least one note line")
+        return span
+    index = torch.tensor(inside, device=model.device)
+    layers = {m: (k.index_select(2, index), v.index_select(2, index)) for m, (k, v) in enumerate(read.layers)}
+    return NoteSpan(layers, tuple(offsets[i][1] - len(fmt.head) for i in inside), read.lines)
+
+
+def _rows_of(receiver: _Read, transmitter: _Read) -> tuple[torch.Tensor, torch.Tensor]:
+    span = _read_span(transmitter)
+    cfg = TranslatorConfig.for_models(receiver.model, transmitter.model, rank=1)
+    x = CacheTranslator(TranslatorConfig(**{**cfg.to_dict(), "identity": False})).features(span.layers)
+    index = [int((receiver.starts <= receiver.start + end - 1).nonzero().max()) for end in span.ends]
+    pick = torch.tensor(index, device=receiver.model.device)
+    keys, values = [], []
+    for k, v in receiver.layers:
+        keys.append(k.index_select(2, pick)[0].permute(1, 0, 2).reshape(len(index), -1))  # (n, H*D)
+        values.append(v.index_select(2, pick)[0].permute(1, 0, 2).reshape(len(index), -1))
+    return x, torch.cat(keys + values, dim=1).float().cpu()
+
+
 @torch.no_grad()
 def translation_rows(
     receiver: LanguageModel, transmitter: LanguageModel, lines: Sequence[str], question: str = "What is it?"
@@ -285,31 +343,21 @@ def translation_rows(
     """Training rows of one notes block: the transmitter's features per note token (as ``note_span`` sends them)
     and the receiver's position-free K and V, every layer, at the token covering that token's last character when
     the receiver reads the same notes and a question in its own frame."""
-    from fusion.formats import notes_content
-
-    span = note_span(transmitter, lines)
-    if span is None:
+    if not lines:
         raise FusionError("a training block needs at least one note line")
-    cfg = TranslatorConfig.for_models(receiver, transmitter, rank=1)
-    x = CacheTranslator(TranslatorConfig(**{**cfg.to_dict(), "identity": False})).features(span.layers)
-    content, _ = notes_content(list(lines), question)
-    framed = receiver.format.frame(content)  # type: ignore[union-attr]
-    enc = receiver.encode_framed(framed)
-    pre = receiver.prefill(enc.ids)
-    tables = rope_tables(receiver, 0, len(enc.ids))
-    starts = torch.tensor([s for s, _ in enc.offsets])
-    index = []
-    for end in span.ends:
-        char = framed.start + end - 1
-        index.append(int((starts <= char).nonzero().max()))
-    pick = torch.tensor(index, device=receiver.device)
-    keys, values = [], []
-    for m, (k, v) in enumerate(pre.cache.layers):
-        cos, sin = tables[m]
-        free = turn_keys(k, cos, sin, inverse=True).index_select(2, pick)[0]  # (H, n, D)
-        keys.append(free.permute(1, 0, 2).reshape(len(index), -1))
-        values.append(v.index_select(2, pick)[0].permute(1, 0, 2).reshape(len(index), -1))
-    return x, torch.cat(keys + values, dim=1).float().cpu()
+    return _rows_of(_read(receiver, lines, question), _read(transmitter, lines, question))
+
+
+@torch.no_grad()
+def translation_rows_both(
+    a: LanguageModel, b: LanguageModel, lines: Sequence[str], question: str = "What is it?"
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``translation_rows`` of ``b`` into ``a`` and of ``a`` into ``b`` from one read of the block by each model
+    (a transmitter's note span is a prefix of its own read: half the prefills of the two calls)."""
+    if not lines:
+        raise FusionError("a training block needs at least one note line")
+    read_a, read_b = _read(a, lines, question), _read(b, lines, question)
+    return _rows_of(read_a, read_b), _rows_of(read_b, read_a)
 
 
 @torch.no_grad()

@@ -78,9 +78,12 @@ def _info(kit, as_json: bool) -> str:
     for pair, t in m.get("done", {}).get("translators", {}).items():
         stored = f"{t.get('bytes', t['bytes_fp16']) / 1e6:.1f} MB {t.get('weights', 'fp16')}"
         size = f"{t['params'] / 1e6:.2f}M params ({stored})" if t["params"] else "identity"
+        rows = f"rows {t.get('rows_s')}"
+        if t.get("rows_shared_s") is not None:
+            rows += f" + {t['rows_shared_s']} s before, shared by both directions"
         lines.append(
             f"  translator {pair}: {t['translator']} {size}, held-out R^2 {t.get('r2_heldout')}, "
-            f"{t.get('seconds')} s (rows {t.get('rows_s')}, fit {t.get('fit_s')}, tuning {t.get('tune_s', 0)})"
+            f"{t.get('seconds')} s ({rows}, fit {t.get('fit_s')}, tuning {t.get('tune_s', 0)})"
         )
     lines.append(f"  questions {(kit.root / 'questions' / 'test.jsonl').resolve()}")
     return "\n".join(lines)

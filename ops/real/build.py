@@ -21,7 +21,7 @@ from fusion.examples import FusionItem, combine, receiver_sides, text_targets, t
 from fusion.gate_train import GateTrainConfig, gate_example, train_gate
 from fusion.models import LanguageModel
 from fusion.registry import FuserRegistry
-from fusion.train_cli import TrainRow, fit_pair, fit_translator_pair, fuser_config, to_item
+from fusion.train_cli import TrainRow, fit_pair, fit_translator_pair, fuser_config, to_item, translator_rows_both
 from ops.real.data import (
     train_questions,
     translator_blocks,
@@ -219,6 +219,7 @@ def build_kit(
         write_manifest(root, manifest)
     translators_done = done.setdefault("translators", {})
     blocks = None
+    shared: dict[str, float] = {}  # pair -> seconds of the one pass that made both directions' rows
     for receiver in wanted if "translators" in pair_steps else ():
         for transmitter in names:
             pair = f"{transmitter}->{receiver}"
@@ -230,6 +231,11 @@ def build_kit(
                 tune = translator_tune_items(
                     world, TRANSLATOR_TUNE_QUESTIONS, TRANSLATOR_TUNE_GENERIC, spec.seed, TRANSLATOR_TUNE_SENTENCES
                 )
+                # both directions of a two-model kit to build: one pass reads every block once per model for both
+                cross = [f"{t}->{r}" for r in wanted for t in names if t != r]
+                if len(cross) == 2 and not set(cross) & set(translators_done):
+                    seconds = translator_rows_both(models[names[0]], models[names[1]], blocks, root / "fusers")
+                    shared = dict.fromkeys(cross, round(seconds, 1))
             t0 = time.perf_counter()
             # a small kit (the tests') tunes as many steps as its fusers train
             steps = TRANSLATOR_TUNE_STEPS if spec.steps >= 100 else min(spec.steps, TRANSLATOR_TUNE_STEPS)
@@ -242,12 +248,15 @@ def build_kit(
                 tune_items=tune,
                 tune_steps=steps,
                 weights=TRANSLATOR_WEIGHTS,
+                resume=True,  # rows of an interrupted build, or of the pass above
             )
             translators_done[pair] = result | {
                 "pair": [receiver, transmitter],
                 "seconds": elapsed(t0),
                 "tune_sentences": TRANSLATOR_TUNE_SENTENCES,
             }
+            if pair in shared:
+                translators_done[pair]["rows_shared_s"] = shared[pair]
             write_manifest(root, manifest)
     for entry in translators_done.values() if "translators" in pair_steps else ():
         if entry.get("params") and entry.get("weights", "fp16") != TRANSLATOR_WEIGHTS:

@@ -27,6 +27,7 @@ from fusion.translate import (
     stored_copy,
     translated_prompt,
     translation_rows,
+    translation_rows_both,
     turn_keys,
 )
 
@@ -99,6 +100,54 @@ def test_the_fit_recovers_a_known_low_rank_map_and_reports_held_out_r2() -> None
         fit_translator(cfg, x[:, :5], y)
     with pytest.raises(FuserError, match="do not pair up"):
         fit_translator(cfg, x[:10], y)
+
+
+@pytest.mark.parametrize("pair", [("tiny-qwen3", "tiny-llama"), ("tiny-llama", "tiny-qwen2")])
+def test_one_read_per_model_makes_both_directions_rows(models, pair) -> None:
+    """The kit reads each block once per model for both directions: a transmitter's features come from the prefix
+    of its read that is its note span (causal attention), as close to ``note_span``'s own prefill as float allows."""
+    import dataclasses
+
+    from fusion import translate
+
+    a, b = models[pair[0]], models[pair[1]]
+    lines = NOTES[:2]
+    (x_ba, y_ba), (x_ab, y_ab) = translation_rows_both(a, b, lines)
+    for rx, tx, x, y in ((a, b, x_ba, y_ba), (b, a, x_ab, y_ab)):
+        span = note_span(tx, lines)
+        cfg = TranslatorConfig.for_models(rx, tx, rank=1)
+        sent = CacheTranslator(TranslatorConfig(**{**cfg.to_dict(), "identity": False})).features(span.layers)
+        assert x.shape == sent.shape and torch.allclose(x, sent, atol=1e-4)
+        assert y.shape == (span.num_tokens, cfg.out_features)
+        x2, y2 = translation_rows(rx, tx, lines)
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+        # a read whose notes do not start where note_span's do is read again, not sliced
+        read = translate._read(tx, lines, "What is it?")
+        again = translate._read_span(dataclasses.replace(read, start=read.start + 1))
+        assert again.ends == span.ends and all(torch.equal(again.layers[m][0], span.layers[m][0]) for m in span.layers)
+    with pytest.raises(FusionError, match="at least one note line"):
+        translation_rows_both(a, b, [])
+
+
+def test_the_two_direction_rows_pass_checkpoints_and_resumes(models, tmp_path, monkeypatch) -> None:
+    from fusion import train_cli
+
+    a, b = models["tiny-qwen3"], models["tiny-llama"]
+    blocks = [NOTES[:1], NOTES[1:], NOTES]
+    train_cli.translator_rows_both(a, b, blocks[:2], tmp_path, every=1)  # stopped after two blocks
+    calls = []
+    from fusion import translate
+
+    original = translate.translation_rows_both
+    monkeypatch.setattr(translate, "translation_rows_both", lambda *args: calls.append(args) or original(*args))
+    train_cli.translator_rows_both(a, b, blocks, tmp_path)
+    assert len(calls) == 1  # the third block only
+    for rx, tx in ((a, b), (b, a)):
+        xs, ys = torch.load(train_cli.rows_checkpoint(tmp_path, tx, rx))
+        assert len(xs) == len(ys) == 3
+        for lines, x, y in zip(blocks, xs, ys, strict=True):
+            x2, y2 = translation_rows(rx, tx, lines)
+            assert torch.equal(x, x2.half()) and torch.equal(y, y2.half())
 
 
 def test_rows_fit_save_and_load_for_a_real_pair_shape(models, tmp_path) -> None:

@@ -157,6 +157,9 @@ def test_a_kit_built_on_first_use_has_the_translators_and_the_benchmark_leaves_o
     kit = load_kit(spec)
     done = kit.manifest["done"]
     assert not done["fusers"] and not done["gates"] and len(done["translators"]) == 4
+    # both directions' rows came from one pass, and its checkpoints were used up
+    assert done["translators"]["m1->m2"]["rows_shared_s"] == done["translators"]["m2->m1"]["rows_shared_s"] > 0
+    assert not list(kit.fusers_dir.glob("rows-*.pt"))
     args = argparse.Namespace(
         quick=False, kit=kit.root, receiver_model="m1", questions=None, limit=2, precision="fp16", threads=1, json=None
     )
