@@ -358,7 +358,7 @@ def table(setup: Setup, outcomes: Sequence[Outcome], alone: float | None) -> str
     alone_n = sum(isinstance(o.reply, Answer) and o.reply.alone for o in outcomes)
     lines = [
         f"FedRefine demo: {setup.name}; {len(setup.transmitters)} transmitters; {s['queries']} questions "
-        f"({n_private} private)",
+        f"({n_private} private); {setup.mode} mode",
         f"  answered          {s['answered']}/{s['queries']}"
         + (f"   errors {s['errors']}" if s["errors"] else "")
         + (f"   ({alone_n} alone: the receiver knew, nobody was asked)" if alone_n else ""),
