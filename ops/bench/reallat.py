@@ -1,9 +1,12 @@
-"""``python -m ops.bench latency --real``: text-to-text vs C2C with real generation on the real pair (Fig. 3c).
+"""``python -m ops.bench latency --real``: text-to-text vs translate and C2C with real generation on the real pair
+(Fig. 3c).
 
 Free-text held-out questions of the real kit; four devices with their notes. Text-to-text: each device writes
 its own answer (greedy, up to ``DEFAULT_HINT_TOKENS``) and the receiver reads them before the question, then
-writes its answer. C2C: each device prefills its notes and q', the gate plans, the planned caches go through the
-bus codec at ``--precision``, the receiver fuses them and writes its answer. Private C2C adds the rephrasing.
+writes its answer. Translate: each device whose notes name q''s subject prefills those lines, the caches go through
+the bus codec at ``--precision``, the receiver translates them, reads its question on top and writes its answer.
+C2C (a kit built with ``--c2c``): each device prefills its notes and q', the gate plans, the planned caches go
+through the codec, the receiver fuses them and writes its answer. The private rows add the rephrasing.
 ``refine()`` end to end, in one process and thread (devices one after another; over the bus they run in
 parallel), modes alternating per question, the first ``DEFAULT_WARMUP`` not timed.
 """
@@ -19,7 +22,7 @@ import torch
 from fusion.refine import refine
 from ops.bench.latency import DEFAULT_WARMUP, time_modes
 
-MODES = ("t2t", "c2c", "c2c-private")
+MODES = ("t2t", "translate", "translate-private", "c2c", "c2c-private")  # the C2C rows need the kit's fusers
 
 
 def run_real(args: argparse.Namespace) -> dict:
@@ -30,7 +33,7 @@ def run_real(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     kit = kit_from_args(args)
     fed = kit.federation(args.receiver_model)
-    fed.need_fusers("latency --real (C2C)")
+    modes = MODES if fed.fusers else tuple(m for m in MODES if not m.startswith("c2c"))
     pool = [q for q in kit.test_questions() if q.format == "text"]
     questions = choose(args.questions, pool, 40, random.Random("bench-latency-real"), DEFAULT_WARMUP)
     run = partial(
@@ -40,15 +43,16 @@ def run_real(args: argparse.Namespace) -> dict:
         fusers=fed.fusers,
         gate=fed.gate,
         notes=fed.notes,
+        translators=fed.translators,
         precision=args.precision,
     )
-    rows = time_modes(questions, MODES, run, lambda res, q: res.correct(q), "latency --real", 1)
-    ratio = rows[0]["p50_ms"] / rows[1]["p50_ms"] if rows[1]["p50_ms"] else None
+    rows = time_modes(questions, modes, run, lambda res, q: res.correct(q), "latency --real", 1)
+    p50 = {r["mode"]: r["p50_ms"] for r in rows}
     return {
         "real": True,
         "receiver": args.receiver_model,
         "devices": dict(kit.spec.devices),
         "precision": args.precision,
         "rows": rows,
-        "t2t_over_c2c_p50": round(ratio, 3) if ratio else None,
+        **{f"t2t_over_{m}_p50": round(p50["t2t"] / p50[m], 3) if p50.get(m) else None for m in ("translate", "c2c")},
     }

