@@ -48,7 +48,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -69,6 +69,7 @@ from bus.shaper import LinkShaper
 from bus.steer import DeadlineSteer
 from bus.transport import SendReport, send_cache
 from fusion.c2c import tail_tokens
+from fusion.gate import OfferSummary
 from fusion.kvcache import KVCache
 from fusion.models import LanguageModel
 from fusion.notes import DEFAULT_TOP_K, DeviceNotes
@@ -231,6 +232,7 @@ class TransmitterAgent(Agent):
         hold = min(left + DEFAULT_SEND_GRACE_S, DEFAULT_MAX_HOLD_S)
         self.pending[query.query_id] = _Pending(query, pre, time.monotonic() + hold, inline)
         cache, summary = pre.cache, pre.offer
+        measured = query.mode != "translate"  # a translate offer's model numbers were not measured (prefill_notes)
         offer = Offer(
             query_id=query.query_id,
             transmitter_id=self.id,
@@ -244,9 +246,9 @@ class TransmitterAgent(Agent):
             confidence=min(1.0, max(0.0, 1.0 - summary.p_none)),
             link_rate_bps=self.link_now(),
             rtt_s=self.link.rtt_s,
-            p_none=summary.p_none,
-            p_top=summary.p_top,
-            entropy=summary.entropy,
+            p_none=summary.p_none if measured else None,
+            p_top=summary.p_top if measured else None,
+            entropy=summary.entropy if measured else None,
             coverage=summary.coverage,
             offsets=tuple(pre.offsets),
             inline=inline,
@@ -450,20 +452,30 @@ def prefill_with_inline(
 def prefill_notes(
     name: str, model: LanguageModel, shared: str, notes: DeviceNotes | None = None, top_k: int = DEFAULT_TOP_K
 ) -> tuple[TransmitterPrefill | None, None]:
-    """Translate mode: the offer's summary from ``transmitter_prefill`` as always, but the cache that travels is
-    that of the retrieved note lines that name q''s subject (``fusion.notes.Retrieved.named``;
-    ``fusion.translate.note_span``, keys position-free; no offsets in q').
+    """Translate mode: the cache that travels is that of the retrieved note lines that name q''s subject
+    (``fusion.notes.Retrieved.named``; ``fusion.translate.note_span``, keys position-free; no offsets in q').
     ``(None, None)`` when it has no notes specific to q' (``fusion.notes.Retrieved.specific``: nothing worth
-    translating, and its other lines stay home); never an inline cache."""
+    translating, and its other lines stay home); never an inline cache. The model reads nothing else: the gate
+    weighs translate offers uniformly (docs/TRANSFER.md: the confidence of a prefill of q' after the lines told
+    holders from the rest no better than chance allows), so the offer carries the notes' coverage of q' alone."""
     if notes is None or model.style != "text":
         return None, None
+    t0 = time.perf_counter()
     retrieved = notes.retrieve(shared, top_k)
     span = note_span(model, retrieved.translated)
     if span is None:
         return None, None
-    pre = transmitter_prefill(name, model, shared, retrieved)
     cache = KVCache([span.layers[m] for m in range(len(span.layers))])
-    return replace(pre, cache=cache, offsets=[]), None
+    offer = OfferSummary(
+        fingerprint=model.fingerprint,
+        num_layers=cache.num_layers,
+        num_tokens=cache.num_tokens,
+        p_none=1.0 - retrieved.coverage,  # read as the offer's confidence (the coverage), not a model's belief
+        p_top=0.0,
+        entropy=0.0,
+        coverage=retrieved.coverage,
+    )
+    return TransmitterPrefill(name, shared, cache, [], offer, time.perf_counter() - t0, retrieved.translated), None
 
 
 def ordered_layers(prefill: TransmitterPrefill, layers: Sequence[int]) -> dict:

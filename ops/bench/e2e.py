@@ -17,10 +17,13 @@ secure bus p50 over the plain bus p50 of the same run. ``--insecure`` runs only 
 (four devices with their notes, a rules-only rephraser) against ``refine()`` with the same notes and the same
 rules rephrasing; free-text questions compare the generated text (normalised) for parity and score by exact match.
 Every run reports ``p50_ms`` and ``p50_ms_in_process`` (the same figures as ``bus_p50_ms`` and ``inproc_p50_ms``).
+With ``--real`` every question is asked in translate mode (the notes' caches, translated) unless ``--mode c2c``
+(the kit's C2C fusers); the JSON's ``mode`` says which.
 
 ``--t2t``: Fig. 3c over the bus. Every question is also asked in text-to-text mode (``Ask.mode="t2t"``: each
 transmitter writes its short answer, the receiver reads the hints) through the same federation, the two modes in
-alternating order: ``t2t_p50_ms`` and ``t2t_over_c2c_p50`` (text-to-text p50 over C2C p50, same run), with
+alternating order: ``t2t_p50_ms`` and ``t2t_over_c2c_p50`` (text-to-text p50 over C2C p50, same run;
+``t2t_over_translate_p50`` in translate mode), with
 ``accuracy_t2t`` and ``t2t_bytes_per_query``.
 
 ``--translate``: every question is also asked in translate mode (``Ask.mode="translate"``: each transmitter sends
@@ -69,9 +72,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deadline-s", type=float, default=DEFAULT_DEADLINE_S, help="per-question deadline")
     parser.add_argument("--t2t", action="store_true", help="also text-to-text over the bus (Fig. 3c): t2t_over_c2c_p50")
     parser.add_argument(
+        "--mode",
+        choices=("c2c", "translate"),
+        default=None,
+        help="--real: the mode every question is asked and compared in (translate, the default, or c2c: the kit's "
+        "C2C fusers, `python -m ops.real build --c2c`)",
+    )
+    parser.add_argument(
         "--translate",
         action="store_true",
-        help="also translate mode over the bus (the notes' caches translated): its parity with refine() and p50",
+        help="c2c mode: also translate mode over the bus (the notes' caches translated): its parity with refine() and "
+        "p50",
     )
     secure = parser.add_mutually_exclusive_group()
     secure.add_argument("--tls", action="store_true", help="also a plain federation: overhead_ratio_secure")
@@ -93,8 +104,10 @@ class InProcess:
         # sorted by agent id: the receiver fuses in that order, so floating-point sums match
         self.transmitters = {tid: cache[setup.transmitters[tid]] for tid in sorted(setup.transmitters)}
         registry = FuserRegistry(setup.fusers)
-        self.fusers = {
-            m.fingerprint: registry.load(m.fingerprint, self.receiver.fingerprint) for m in self.transmitters.values()
+        self.fusers = {  # a real kit built without --c2c has translators only
+            m.fingerprint: registry.load(m.fingerprint, self.receiver.fingerprint)
+            for m in self.transmitters.values()
+            if setup.mode == "c2c" or registry.has(m.fingerprint, self.receiver.fingerprint)
         }
         self.gate = load_gate(setup.gate) if setup.gate else None
         self.translators = {
@@ -168,7 +181,7 @@ async def _compare(
         conns[name] = await connect(fed.url, name=f"bench-e2e-{name}", security=security)
     main = next(iter(feds))
     subjects = Subjects(feds[main].prefix)
-    items = items_of(setup.questions)
+    items = items_of(setup.questions, setup.mode)
     nbytes, local_bytes = [], []
     timed: list[tuple[str, float | None, float]] = []  # (kind, bus seconds or None, in-process seconds)
     paths: dict[str, list[float | None]] = {name: [] for name in feds}  # bus seconds per federation
@@ -194,7 +207,7 @@ async def _compare(
             if t2t and not text_first:
                 t2t_reply, t2t_time = await _ask_t2t(conns[main], subjects, item, deadline_s)
             reply, bus_time = replies[main], times[main]
-            ref, local_time = local.answer(question, item.private)
+            ref, local_time = local.answer(question, item.private, mode=setup.mode)
             if translate:
                 t0 = time.perf_counter()
                 tr_reply = await ask_once(
@@ -262,7 +275,9 @@ async def _compare(
         out |= {
             "t2t_answered": len(t2t_times),
             "t2t_p50_ms": round(1000 * t2t_p50, 1) if t2t_p50 is not None else None,
-            "t2t_over_c2c_p50": round(1000 * t2t_p50 / out["p50_ms"], 3) if t2t_p50 and out["p50_ms"] else None,
+            f"t2t_over_{setup.mode}_p50": round(1000 * t2t_p50 / out["p50_ms"], 3)
+            if t2t_p50 and out["p50_ms"]
+            else None,
             "accuracy_t2t": round(t2t_right / len(t2t_times), 4) if t2t_times else None,
             "t2t_bytes_per_query": round(statistics.fmean(t2t_bytes)) if t2t_bytes else 0,
         }
@@ -340,10 +355,15 @@ def run(args: argparse.Namespace) -> dict:
     total = args.questions + args.warmup
     if args.kit is not None and not args.real:
         raise ConfigError("--kit needs --real")
+    mode = getattr(args, "mode", None) or ("translate" if args.real else "c2c")
+    if mode != "c2c" and not args.real:
+        raise ConfigError("--mode translate needs --real (translators are for pretrained models)")
+    if mode == "translate" and args.translate:
+        raise ConfigError("--translate adds translate mode beside c2c mode (--mode c2c); here it is the mode already")
     if args.real:
         from ops.real.kit import kit_from_args
 
-        setup = real_setup(args.receiver_model, total, kit=kit_from_args(args))
+        setup = real_setup(args.receiver_model, total, kit=kit_from_args(args), mode=mode)
         if len(setup.questions) < total:
             raise ConfigError(
                 f"the kit has {len(setup.questions)} held-out questions; --questions + --warmup = {total}"
@@ -362,7 +382,7 @@ def run(args: argparse.Namespace) -> dict:
             servers.append((server, store))
             feds[kind] = Federation(server.url, setup.specs(), store=store).start()
         compared = _compare(feds, setup, local, args.warmup, args.deadline_s, t2t=args.t2t, translate=args.translate)
-        return asyncio.run(compared)
+        return {"mode": mode, **asyncio.run(compared)}
     finally:
         for fed in feds.values():
             fed.stop()

@@ -439,3 +439,23 @@ def test_tuning_batches_group_rows_of_like_length() -> None:
 class NoteSpanStub:
     def __init__(self, n: int) -> None:
         self.num_tokens = n
+
+
+def test_a_translate_offer_costs_the_device_one_read_of_its_named_lines(models, monkeypatch) -> None:
+    """``agents.transmitter.prefill_notes``: the cache of the lines that name q''s subject, as ``note_span`` reads
+    them, and nothing else read (the gate weighs translate offers uniformly); a device without such lines declines."""
+    from agents.transmitter import prefill_notes
+
+    model = models["tiny-llama"]
+    notes = DeviceNotes(NOTES)
+    reads = []
+    original = model.prefill
+    monkeypatch.setattr(model, "prefill", lambda ids: reads.append(ids) or original(ids))
+    pre, inline = prefill_notes("dev", model, "What is the color of Zorbin?", notes)
+    assert inline is None and len(reads) == 1  # one read: the span
+    named = notes.retrieve("What is the color of Zorbin?").translated
+    span = note_span(model, named)
+    assert pre.notes == named and pre.offsets == [] and pre.cache.num_tokens == span.num_tokens
+    assert all(torch.equal(pre.cache.layers[m][0], span.layers[m][0]) for m in span.layers)
+    assert pre.offer.coverage == notes.retrieve("What is the color of Zorbin?").coverage > 0
+    assert prefill_notes("dev", model, "Where does Quillan Vesk live?", notes) == (None, None)  # not specific

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from bus.errors import ConfigError
 from ops.bench.bandwidth import add_arguments, run
 
 ROW_KEYS = {"link", "policy", "deadline_met", "accuracy", "bytes_per_query", "precision_mix", "layers_sent"}
@@ -28,7 +29,7 @@ def test_bandwidth_real_rows(tiny_real_kit, monkeypatch: pytest.MonkeyPatch, tmp
         tiny_real_kit,
         monkeypatch,
         ["--rates", "0.5", "--traces", "wifi-walkout", "--policies", "deadline-aware,examples.policies:MeteredPhone"]
-        + ["--deadline-s", "5", "--json", str(tmp_path / "bw.json")],
+        + ["--deadline-s", "5", "--json", str(tmp_path / "bw.json"), "--mode", "c2c"],
     )
     partial = json.loads((tmp_path / "bw.json").read_text())  # written cell by cell as the sweep goes
     assert partial["partial"] == partial["cells"] == 4 and len(partial["rows"]) == 4
@@ -75,6 +76,17 @@ def test_kit_needs_real(tmp_path) -> None:
         run(parser.parse_args(["--mode", "translate", "--rates", "1"]))
 
 
+def test_e2e_modes_are_checked_before_anything_starts() -> None:
+    from ops.bench import e2e
+
+    parser = argparse.ArgumentParser()
+    e2e.add_arguments(parser)
+    with pytest.raises(ConfigError, match="--mode translate needs --real"):
+        e2e.run(parser.parse_args(["--tiny", "--mode", "translate"]))
+    with pytest.raises(ConfigError, match="the mode already"):
+        e2e.run(parser.parse_args(["--real", "--translate"]))  # --real asks in translate mode unless --mode c2c
+
+
 @pytest.mark.slow
 def test_e2e_real_on_a_tiny_kit(tiny_real_kit, monkeypatch: pytest.MonkeyPatch) -> None:
     """``ops.bench e2e --real --t2t``: the real federation as processes against ``refine()`` with the same notes (seven
@@ -86,6 +98,7 @@ def test_e2e_real_on_a_tiny_kit(tiny_real_kit, monkeypatch: pytest.MonkeyPatch) 
     parser = argparse.ArgumentParser()
     e2e.add_arguments(parser)
     argv = ["--real", "--kit", str(root), "--receiver-model", "m2", "--questions", "3", "--t2t", "--translate"]
+    argv += ["--mode", "c2c"]
     args = parser.parse_args(argv)
     args.warmup = 1
     result = e2e.run(args)
