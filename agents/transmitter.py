@@ -456,8 +456,8 @@ def prefill_notes(
     (``fusion.notes.Retrieved.named``; ``fusion.translate.note_span``, keys position-free; no offsets in q').
     ``(None, None)`` when it has no notes specific to q' (``fusion.notes.Retrieved.specific``: nothing worth
     translating, and its other lines stay home); never an inline cache. The model reads nothing else: the gate
-    weighs translate offers uniformly (docs/TRANSFER.md: the confidence of a prefill of q' after the lines told
-    holders from the rest no better than chance allows), so the offer carries the notes' coverage of q' alone."""
+    weighs translate offers uniformly (docs/TRANSFER.md: the confidence numbers of a prefill of q' after the lines
+    told holders from the rest too weakly to save bytes, AUC 0.65), so the offer carries the notes' coverage of q'."""
     if notes is None or model.style != "text":
         return None, None
     t0 = time.perf_counter()
