@@ -50,6 +50,7 @@ from agents.config import (
 )
 from bus.cli import DEFAULT_NATS_URL, NATS_HELP
 from bus.errors import ConfigError, FedRefineError
+from bus.schemas import Mode
 from bus.subjects import DEFAULT_PREFIX, Subjects
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,11 @@ class GatewayConfig(BaseSettings):
     model_name: str = Field(default=DEFAULT_MODEL_NAME, min_length=1, description="the model id /v1/models lists")
     deadline_ms: int = Field(
         default=DEFAULT_DEADLINE_MS, ge=1, le=MAX_DEADLINE_MS, description="deadline of a request that names none"
+    )
+    mode: Mode = Field(
+        default="c2c",
+        description="how a request that names none is asked: c2c, t2t (text hints) or translate (the devices' notes' "
+        "caches: a real federation whose receiver has translators, as `ops.real build` makes by default)",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="logging level")
 
@@ -136,6 +142,7 @@ class ChatRequest(BaseModel):
     private: bool = False  # extension: rephrase before anything leaves the receiver side
     options: list[str] = Field(default_factory=list)  # extension: answer options (the reply says the letter)
     deadline_ms: int | None = Field(default=None, ge=1, le=MAX_DEADLINE_MS)  # extension
+    mode: Mode | None = None  # extension: c2c, t2t or translate (default: the gateway's --mode)
 
     def question(self) -> str:
         """The last user message's text (ValueError when there is none)."""
@@ -232,7 +239,7 @@ def create_app(nc: Any, cfg: GatewayConfig, token: str | None, watch: Any = None
         except ValueError as exc:
             return fail(400, "bad_request", f"messages: {exc}")
         deadline_s = (body.deadline_ms or cfg.deadline_ms) / 1000
-        item = Item(question, tuple(body.options), body.private)
+        item = Item(question, tuple(body.options), body.private, mode=body.mode or cfg.mode)
         asked = asyncio.ensure_future(ask_once(nc, subjects, item, deadline_s, watch))
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))

@@ -126,6 +126,20 @@ async def test_openai_client_gets_an_answer_with_the_federations_facts(zoo_gatew
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
 
 
+async def test_a_request_names_its_mode(zoo_gateway) -> None:
+    """``"mode"`` (extension; the gateway's ``--mode`` otherwise): text-to-text here, where no cache travels."""
+    url, questions = zoo_gateway
+    q = questions[0]
+    ask = _ask(q)
+    async with AsyncOpenAI(base_url=url, api_key=TOKEN, max_retries=0) as client:
+        reply = await client.chat.completions.create(**{**ask, "extra_body": {**ask["extra_body"], "mode": "t2t"}})
+    facts = reply.model_extra["fedrefine"]
+    assert facts["choice"] in "ABCD" and facts["used"]
+    assert all(u["layers"] == [] and u["precision"] is None and u["bytes"] > 0 for u in facts["used"])  # hints
+    status, body = await _post(f"{url}/chat/completions", {**_ask(q), "mode": "telepathy"})
+    assert status == 400 and "mode" in body["error"]["message"]
+
+
 async def test_openai_client_streams_the_same_answer(zoo_gateway) -> None:
     url, questions = zoo_gateway
     q = questions[1]
@@ -168,3 +182,4 @@ def test_gateway_settings(tmp_path) -> None:
     assert "s3cret" not in repr(parse(["--token", "s3cret"], env={}))
     assert parse(["--no-auth"], env={"FEDREFINE_TOKEN": "x"}).bearer_token() is None
     assert GatewayConfig.model_fields["host"].default == "127.0.0.1"
+    assert parse([], env={}).mode == "c2c" and parse(["--mode", "translate"], env={}).mode == "translate"
