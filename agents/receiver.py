@@ -104,6 +104,7 @@ class ReceiverAgent(Agent):
         self.model_fingerprint = self.model.fingerprint
         self.book = FuserBook(self.model_fingerprint, cfg.fusers, fusers)
         self.translators = TranslatorBook(self.model_fingerprint, cfg.fusers)  # translate asks (same directory)
+        self.fusers_checked = False
         self.open: dict[str, OpenQuery] = {}
         self.closed: OrderedDict[str, None] = OrderedDict()
         self.kv: GuardedKVReceiver | None = None
@@ -248,6 +249,11 @@ class ReceiverAgent(Agent):
         left = t0 + ask.deadline_s - time.monotonic()  # the deadline runs from receipt, queued or not
         assert self.kv is not None
         book = self.translators if ask.mode == "translate" else self.book
+        if ask.mode == "c2c" and not self.fusers_checked:
+            self.fusers_checked = True  # on the first c2c ask: one with no fuser to read is answered alone
+            if not self.book.fingerprints():
+                hint = "; ask with mode translate" if self.translators.fingerprints() else ""
+                log.warning("receiver %s has no C2C fusers: c2c asks are answered alone%s", self.id, hint)
         q = OpenQuery(qid, ask, t0, t0 + ask.deadline_s, time.time() + left, self.kv, book)
         q.queued_s = time.monotonic() - t0 if queued else 0.0
         tracing.QUERY_ID.set(qid)  # every log line about this ask names it

@@ -217,3 +217,22 @@ async def test_twenty_concurrent_queries_are_all_answered(fleet: Fleet) -> None:
     answers = [_answer(r) for r in replies]
     assert len({a.query_id for a in answers}) == 20
     assert all(a.used for a in answers)
+
+
+async def test_a_receiver_without_fusers_says_once_that_c2c_asks_are_answered_alone(
+    fleet: Fleet, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real federation built with translators only, asked in c2c mode: answered alone, and the receiver's log
+    says why once (not on every ask)."""
+    empty = tmp_path / "no-fusers"
+    empty.mkdir()
+    await fleet.receiver(fusers=empty)
+    await fleet.gate(trained=False)
+    await fleet.transmitter("t1", "tiny-llama")
+    await fleet.wait_roster("gate", "transmitter", {"t1"})
+    with caplog.at_level(logging.WARNING, logger="agents.receiver"):
+        for q in QUESTIONS[:2]:
+            a = _answer(await fleet.ask(q))
+            assert not a.used
+    said = [r.getMessage() for r in caplog.records if "no C2C fusers" in r.getMessage()]
+    assert said == ["receiver rx has no C2C fusers: c2c asks are answered alone"]
