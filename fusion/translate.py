@@ -89,16 +89,9 @@ def note_span(model: LanguageModel, lines: Sequence[str]) -> NoteSpan | None:
     """The model's position-free cache of ``notes_block(lines)`` read after its frame head (None: no lines)."""
     if not lines:
         return None
-    fmt = model.format
-    if fmt is None:
+    if model.format is None:
         raise FusionError(f"{model.name} answers by letter (a zoo model); it has no notes to send")
-    block = notes_block(list(lines))
-    enc = model.tokenizer(fmt.head + block, add_special_tokens=fmt.add_special_tokens, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-    start = len(fmt.head)
-    inside = [i for i, (s, e) in enumerate(offsets) if s >= start and e > s]
-    if not inside:
-        raise FusionError(f"{model.name} has no tokens for its notes")
+    ids, inside, ends = _note_tokens(model, lines)
     pre = model.prefill(ids[: inside[-1] + 1])
     index = torch.tensor(inside, device=model.device)
     tables = rope_tables(model, 0, inside[-1] + 1)
@@ -107,7 +100,22 @@ def note_span(model: LanguageModel, lines: Sequence[str]) -> NoteSpan | None:
         cos, sin = tables[m]
         free = turn_keys(k, cos, sin, inverse=True)
         layers[m] = (free.index_select(2, index), v.index_select(2, index))
-    return NoteSpan(layers, tuple(offsets[i][1] - start for i in inside), tuple(lines))
+    return NoteSpan(layers, ends, tuple(lines))
+
+
+def _note_tokens(model: LanguageModel, lines: Sequence[str]) -> tuple[list[int], list[int], tuple[int, ...]]:
+    """The model's tokens of its frame head then ``notes_block(lines)``, the indices of the block's tokens, and where
+    each of those ends (characters into the block)."""
+    fmt = model.format
+    assert fmt is not None
+    block = notes_block(list(lines))
+    enc = model.tokenizer(fmt.head + block, add_special_tokens=fmt.add_special_tokens, return_offsets_mapping=True)
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    start = len(fmt.head)
+    inside = [i for i, (s, e) in enumerate(offsets) if s >= start and e > s]
+    if not inside:
+        raise FusionError(f"{model.name} has no tokens for its notes")
+    return list(enc["input_ids"]), inside, tuple(offsets[i][1] - start for i in inside)
 
 
 # ---- the translator -----------------------------------------------------------------------------
@@ -308,19 +316,16 @@ def _read_span(read: _Read) -> NoteSpan:
     """``note_span`` of the read's lines, from the read itself when the frame head and the notes block are
     tokenized there as ``note_span`` tokenizes them alone (attention is causal: the same keys and values), else
     read again."""
-    model, fmt = read.model, read.model.format
-    block = notes_block(list(read.lines))
-    enc = model.tokenizer(fmt.head + block, add_special_tokens=fmt.add_special_tokens, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-    inside = [i for i, (s, e) in enumerate(offsets) if s >= len(fmt.head) and e > s]
-    if not inside or read.ids[: inside[-1] + 1] != ids[: inside[-1] + 1] or read.start != len(fmt.head):
+    model = read.model
+    ids, inside, ends = _note_tokens(model, read.lines)
+    head = len(model.format.head)  # type: ignore[union-attr]
+    if read.ids[: inside[-1] + 1] != ids[: inside[-1] + 1] or read.start != head:
         span = note_span(model, read.lines)
-        if span is None:
-            raise FusionError("a training block needs at least one note line")
+        assert span is not None  # the read has lines
         return span
     index = torch.tensor(inside, device=model.device)
     layers = {m: (k.index_select(2, index), v.index_select(2, index)) for m, (k, v) in enumerate(read.layers)}
-    return NoteSpan(layers, tuple(offsets[i][1] - len(fmt.head) for i in inside), read.lines)
+    return NoteSpan(layers, ends, read.lines)
 
 
 def _rows_of(receiver: _Read, transmitter: _Read) -> tuple[torch.Tensor, torch.Tensor]:
