@@ -185,14 +185,14 @@ class World:
 def load_world(args: argparse.Namespace) -> World:
     """The tiny setup or the zoo (quick / full) with its questions."""
     from fusion.models import LanguageModel
-    from ops.demo import tiny_setup, zoo_setup
+    from ops.demo import asked_mode, tiny_setup, zoo_setup
 
     n = args.questions or (
         REAL_QUESTIONS if args.real else QUICK_QUESTIONS if args.quick or args.tiny else DEFAULT_QUESTIONS
     )
     if n < 1:
         raise ConfigError("--questions must be at least 1")
-    mode = getattr(args, "mode", None) or ("translate" if args.real else "c2c")
+    mode = asked_mode(getattr(args, "mode", None), args.real)
     fmt = getattr(args, "format", "both")
     if (mode != "c2c" or fmt != "both") and not args.real:
         raise ConfigError("--mode and --format need --real (translators are for pretrained models)")

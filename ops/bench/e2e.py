@@ -51,7 +51,7 @@ from bus.schemas import Answer
 from bus.subjects import Subjects
 from fusion.notes import DeviceNotes
 from ops.ask import ask_once
-from ops.demo import ASKER_ID, Setup, items_of, real_setup, secure_server, tiny_setup, zoo_setup
+from ops.demo import ASKER_ID, Setup, asked_mode, items_of, real_setup, secure_server, tiny_setup, zoo_setup
 
 DEFAULT_QUESTIONS = 40  # questions through each path
 DEFAULT_WARMUP = 2  # questions through each path before measuring
@@ -355,7 +355,7 @@ def run(args: argparse.Namespace) -> dict:
     total = args.questions + args.warmup
     if args.kit is not None and not args.real:
         raise ConfigError("--kit needs --real")
-    mode = getattr(args, "mode", None) or ("translate" if args.real else "c2c")
+    mode = asked_mode(getattr(args, "mode", None), args.real)
     if mode != "c2c" and not args.real:
         raise ConfigError("--mode translate needs --real (translators are for pretrained models)")
     if mode == "translate" and args.translate:

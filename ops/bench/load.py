@@ -42,7 +42,7 @@ from bus.subjects import Subjects
 from ops.ask import ReconnectWatch
 from ops.bench import write_json
 from ops.bench.loadkit import Pump, Shot, latency_row
-from ops.demo import ASKER_ID, Setup, items_of, real_setup, tiny_setup, zoo_setup
+from ops.demo import ASKER_ID, Setup, asked_mode, items_of, real_setup, tiny_setup, zoo_setup
 from privacy.credentials import CredentialStore
 
 DEFAULT_LEVELS = "20,50,200,1000"
@@ -268,7 +268,7 @@ def run(args: argparse.Namespace) -> dict:
         raise ConfigError("--levels, --receivers, --deadline-s and --soak-in-flight must be positive")
     if args.kit is not None and not args.real:
         raise ConfigError("--kit needs --real")
-    args.mode = getattr(args, "mode", None) or ("translate" if args.real else "c2c")
+    args.mode = asked_mode(getattr(args, "mode", None), args.real)
     if args.mode != "c2c" and not args.real:
         raise ConfigError("--mode translate needs --real (translators are for pretrained models)")
     if args.real:
