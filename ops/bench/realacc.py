@@ -314,18 +314,16 @@ def run_real(args: argparse.Namespace) -> dict:
         task.test = [q for q in task.test if set(task.holding(q)) & held_by]
     questions = pick_questions(task.test, args.limit or DEFAULT_PER_FORMAT, kit.spec.seed)
     specs = select_rows(row_specs(task.devices, args.precision, task.name), getattr(args, "rows", None))
-    computed = [s for s in specs if s["mode"] not in ("either", SELF_CHECK)]
-    derived = [s for s in specs if s["mode"] in ("either", SELF_CHECK)]
     fusing = [s["label"] for s in specs if _fuses(s)]
     if fusing and not fed.fusers and not getattr(args, "rows", None):
         # every row by default: a kit built without `--c2c` has no C2C fusers, so its rows are those of the other modes
         note = f"this kit has no C2C fusers (`python -m ops.real build --c2c`); leaving out rows {fusing}"
         print(f"accuracy --real: {note}", file=sys.stderr)
         specs = [s for s in specs if not _fuses(s)]
-        computed = [s for s in computed if not _fuses(s)]
-        derived = [s for s in derived if not _fuses(s)]
     elif fusing:
         fed.need_fusers(f"rows {fusing}")
+    computed = [s for s in specs if s["mode"] not in ("either", SELF_CHECK)]
+    derived = [s for s in specs if s["mode"] in ("either", SELF_CHECK)]
     thresholds: dict[str, dict[str, float]] = {}
     if any(s["mode"] == SELF_CHECK for s in specs):
         n = getattr(args, "calibrate", None)
